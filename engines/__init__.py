@@ -1,0 +1,1 @@
+"""Built artifacts; ships the small default model (engines/default)."""

@@ -1,0 +1,1 @@
+"""ONNX export, parity checks, TensorRT engines and the artifact manifest."""

@@ -1,0 +1,194 @@
+"""Typed configs of the reference models, validated once when built.
+
+Field names follow the original LDM / Stable Diffusion YAML (`unet_config.params`, `ddconfig`), so a
+reader can hold them against the paper's code; diffusers' names are mapped in `checkpoints/`.
+All configs are frozen dataclasses that round-trip through plain JSON dicts (`to_dict`/`from_dict`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config value is invalid; the message names the field and what to do."""
+
+
+def _tuple_fields(cls, data: dict[str, Any]) -> dict[str, Any]:
+    # JSON has no tuples; turn lists back into tuples for fields that hold sequences.
+    out = dict(data)
+    for f in dataclasses.fields(cls):
+        if f.name in out and isinstance(out[f.name], list):
+            out[f.name] = tuple(out[f.name])
+    return out
+
+
+class _JsonConfig:
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls: type[T], data: dict[str, Any]) -> T:
+        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(f"{cls.__name__}: unknown field(s) {unknown}; known fields are {sorted(names)}")
+        return cls(**_tuple_fields(cls, data))  # type: ignore[call-arg]
+
+
+@dataclass(frozen=True)
+class UNetConfig(_JsonConfig):
+    """Time-conditional UNet with SpatialTransformer blocks (LDM paper, Sec. 3.3 and Appendix)."""
+
+    in_channels: int = 4  # latent channels + extra concat channels (inpainting: 4 + 5)
+    out_channels: int = 4
+    model_channels: int = 320
+    channel_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    # Downsampling factors (1, 2, 4, ...) at which SpatialTransformer blocks are used, as in the LDM YAML.
+    attention_resolutions: tuple[int, ...] = (4, 2, 1)
+    # Exactly one of num_heads / num_head_channels is used: SD v1 fixes heads (8), SD v2 fixes head width (64).
+    num_heads: int = 8
+    num_head_channels: int = -1
+    transformer_depth: int = 1
+    context_dim: int | None = 768  # None: no cross-attention (unconditional or class/concat-only model)
+    use_linear_in_transformer: bool = False  # SD v2 projects in/out of the transformer with Linear, v1 with 1x1 conv
+    num_classes: int | None = None  # class-label embedding added to the time embedding
+    dropout: float = 0.0
+    # SD 2.1 computes attention scores in fp32 because fp16 overflows there.
+    upcast_attention: bool = False
+
+    def __post_init__(self) -> None:
+        if self.num_heads <= 0 and self.num_head_channels <= 0:
+            raise ConfigError("UNetConfig: set num_heads > 0 or num_head_channels > 0")
+        if not self.channel_mult:
+            raise ConfigError("UNetConfig: channel_mult must not be empty")
+        if self.model_channels % 32:
+            raise ConfigError("UNetConfig: model_channels must be a multiple of 32 (GroupNorm uses 32 groups)")
+        if self.num_res_blocks < 1:
+            raise ConfigError("UNetConfig: num_res_blocks must be >= 1")
+
+    @property
+    def downsampling_factor(self) -> int:
+        """How much smaller the innermost feature map is than the input; sizes must divide by it."""
+        return 2 ** (len(self.channel_mult) - 1)
+
+    def heads_for(self, channels: int) -> tuple[int, int]:
+        """(heads, head_dim) of a SpatialTransformer with `channels` channels."""
+        if self.num_head_channels > 0:
+            return channels // self.num_head_channels, self.num_head_channels
+        return self.num_heads, channels // self.num_heads
+
+
+@dataclass(frozen=True)
+class AutoencoderConfig(_JsonConfig):
+    """First-stage autoencoder (LDM paper, Sec. 3.1): `ddconfig` plus the regulariser."""
+
+    kind: str = "kl"  # "kl" (KL-regularised) or "vq" (VQ-regularised)
+    in_channels: int = 3
+    out_ch: int = 3
+    ch: int = 128
+    ch_mult: tuple[int, ...] = (1, 2, 4, 4)  # downsampling factor f = 2 ** (len(ch_mult) - 1)
+    num_res_blocks: int = 2
+    attn_resolutions: tuple[int, ...] = ()  # feature-map sizes (at `resolution` input) with attention
+    resolution: int = 256  # nominal input size; only used to place attn_resolutions
+    z_channels: int = 4
+    embed_dim: int = 4  # latent channels the diffusion model sees
+    dropout: float = 0.0
+    n_embed: int = 8192  # VQ codebook size (kind == "vq")
+    beta: float = 0.25  # VQ commitment weight (kind == "vq")
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("kl", "vq"):
+            raise ConfigError(f"AutoencoderConfig.kind must be 'kl' or 'vq', got {self.kind!r}")
+        if self.ch % 32:
+            raise ConfigError("AutoencoderConfig: ch must be a multiple of 32 (GroupNorm uses 32 groups)")
+
+    @property
+    def downsampling_factor(self) -> int:
+        return 2 ** (len(self.ch_mult) - 1)
+
+
+@dataclass(frozen=True)
+class TextEncoderConfig(_JsonConfig):
+    """tau_theta: a CLIP-style text transformer (transformers' CLIPTextConfig fields we use)."""
+
+    vocab_size: int = 49408
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    max_position_embeddings: int = 77
+    hidden_act: str = "quick_gelu"  # SD v1 (OpenAI CLIP); SD v2 (OpenCLIP) uses "gelu"
+    layer_norm_eps: float = 1e-5
+    # Token ids the tokenizer wrapper needs; CLIP pads with eos (v1) or with "!"/0 (v2).
+    bos_token_id: int = 49406
+    eos_token_id: int = 49407
+    pad_token_id: int = 49407
+    projection_dim: int = 512
+
+    def to_transformers(self):  # -> transformers.CLIPTextConfig
+        from transformers import CLIPTextConfig
+
+        return CLIPTextConfig(**self.to_dict())
+
+
+@dataclass(frozen=True)
+class LDMConfig(_JsonConfig):
+    """A whole latent diffusion model: first stage, denoiser, conditioning."""
+
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    text_encoder: TextEncoderConfig | None = field(default_factory=TextEncoderConfig)
+    # z fed to the UNet is scale_factor * E(x); SD v1/v2 use 0.18215 (1/std of latents, paper Sec. 4.3.2).
+    scale_factor: float = 0.18215
+    # How the condition reaches the UNet: "crossattn" (text), "concat" (extra input channels),
+    # "hybrid" (both: inpainting), "class" (label embedding), or "none".
+    conditioning: str = "crossattn"
+
+    def __post_init__(self) -> None:
+        if self.conditioning not in ("crossattn", "concat", "hybrid", "class", "none"):
+            raise ConfigError(f"LDMConfig.conditioning: unknown {self.conditioning!r}")
+        if self.conditioning in ("crossattn", "hybrid") and self.unet.context_dim is None:
+            raise ConfigError("LDMConfig: cross-attention conditioning needs unet.context_dim")
+        if (
+            self.text_encoder is not None
+            and self.unet.context_dim is not None
+            and self.text_encoder.hidden_size != self.unet.context_dim
+        ):
+            raise ConfigError(
+                f"LDMConfig: text_encoder.hidden_size ({self.text_encoder.hidden_size}) must equal "
+                f"unet.context_dim ({self.unet.context_dim})"
+            )
+
+    @property
+    def latent_channels(self) -> int:
+        return self.autoencoder.embed_dim
+
+    @property
+    def latent_factor(self) -> int:
+        return self.autoencoder.downsampling_factor
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LDMConfig:
+        data = dict(data)
+        te = data.get("text_encoder")
+        return cls(
+            unet=UNetConfig.from_dict(data.pop("unet", {})),
+            autoencoder=AutoencoderConfig.from_dict(data.pop("autoencoder", {})),
+            text_encoder=None if te is None else TextEncoderConfig.from_dict(te),
+            **{k: v for k, v in data.items() if k != "text_encoder"},
+        )
+
+    @classmethod
+    def load(cls, path: str | Path) -> LDMConfig:
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text()))
+        except (OSError, json.JSONDecodeError) as e:
+            raise ConfigError(f"cannot read model config {path}: {e}") from e

@@ -1,0 +1,1 @@
+"""Inference backends behind one interface: run(inputs: dict[str, ndarray]) -> dict[str, ndarray]."""

@@ -1,0 +1,1 @@
+"""Trainers for the autoencoder and the latent diffusion model."""
