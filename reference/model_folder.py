@@ -1,0 +1,130 @@
+"""ldm-rt's own model folder: what the trainers write and `export/` reads.
+
+    <folder>/
+      ldm_rt_model.json        {"format": "ldm-rt-model", "format_version": 1, "config": LDMConfig, "info": {...}}
+      unet.safetensors         original SD key layout (EMA weights when trained with EMA)
+      autoencoder.safetensors  original SD key layout
+      text_encoder.safetensors transformers CLIPTextModel keys (absent when the model takes no text)
+      tokenizer.json           self-contained (ldm_rt.runtime.tokenizer.PromptTokenizer.save)
+      scheduler_config.json    diffusers format
+
+Weights are safetensors only: nothing here unpickles.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ldm_rt.runtime.atomic import atomic_directory
+from ldm_rt.runtime.tokenizer import PromptTokenizer
+
+from .checkpoint_errors import CheckpointError
+from .configs import ConfigError, LDMConfig
+from .ldm import LatentDiffusion
+
+FORMAT = "ldm-rt-model"
+FORMAT_VERSION = 1
+MODEL_JSON = "ldm_rt_model.json"
+COMPONENT_FILES = {
+    "unet": "unet.safetensors",
+    "autoencoder": "autoencoder.safetensors",
+    "text_encoder": "text_encoder.safetensors",
+}
+
+
+@dataclass
+class LoadedModel:
+    model: LatentDiffusion
+    tokenizer: PromptTokenizer | None
+    scheduler_config: dict[str, Any]
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def is_model_folder(path: str | Path) -> bool:
+    return (Path(path) / MODEL_JSON).is_file()
+
+
+def save_model_folder(
+    path: str | Path,
+    model: LatentDiffusion,
+    tokenizer: PromptTokenizer | None,
+    scheduler_config: dict[str, Any],
+    info: dict[str, Any] | None = None,
+) -> None:
+    """Write the whole folder atomically: a crash mid-save leaves the previous folder intact."""
+    with atomic_directory(path) as tmp:
+        meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": model.config.to_dict(), "info": info or {}}
+        (tmp / MODEL_JSON).write_text(json.dumps(meta, indent=2) + "\n")
+        for name, filename in COMPONENT_FILES.items():
+            module = getattr(model, name)
+            if module is not None:
+                state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+                save_file(state, str(tmp / filename))
+        if tokenizer is not None:
+            tokenizer.save(tmp / "tokenizer.json")
+        (tmp / "scheduler_config.json").write_text(json.dumps(scheduler_config, indent=2) + "\n")
+
+
+def read_model_json(path: str | Path) -> tuple[LDMConfig, dict[str, Any]]:
+    path = Path(path)
+    try:
+        meta = json.loads((path / MODEL_JSON).read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is not an ldm-rt model folder: {MODEL_JSON} is missing") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path / MODEL_JSON} is not valid JSON ({e}); re-export or re-train the model") from None
+    if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path / MODEL_JSON}: format {meta.get('format')!r} v{meta.get('format_version')} is not "
+            f"{FORMAT!r} v{FORMAT_VERSION}; upgrade ldm-rt"
+        )
+    try:
+        config = LDMConfig.from_dict(meta["config"])
+    except (ConfigError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path / MODEL_JSON}: bad config: {e}") from None
+    return config, meta.get("info", {})
+
+
+def load_model_folder(path: str | Path, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    path = Path(path)
+    config, info = read_model_json(path)
+    model = LatentDiffusion(config)
+    for name, filename in COMPONENT_FILES.items():
+        module = getattr(model, name)
+        if module is None:
+            continue
+        file = path / filename
+        if not file.is_file():
+            raise CheckpointError(f"{file} is missing; the model folder is incomplete")
+        try:
+            state = load_file(str(file))
+        except Exception as e:  # safetensors raises several types for a corrupt file
+            raise CheckpointError(f"{file} is not a readable safetensors file ({e})") from None
+        load_strict(module, state, where=str(file))
+    tokenizer_file = path / "tokenizer.json"
+    tokenizer = PromptTokenizer.from_file(tokenizer_file) if tokenizer_file.is_file() else None
+    if model.text_encoder is not None and tokenizer is None:
+        raise CheckpointError(f"{tokenizer_file} is missing; a text-conditional model needs its tokenizer")
+    scheduler_config = json.loads((path / "scheduler_config.json").read_text())
+    return LoadedModel(model.to(dtype).eval(), tokenizer, scheduler_config, info)
+
+
+def load_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    """load_state_dict that names missing, unexpected and misshaped keys in one CheckpointError."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    misshaped = [f"{k} {tuple(state[k].shape)} != {tuple(own[k].shape)}" for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or misshaped:
+        parts = []
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("misshaped", misshaped)):
+            if keys:
+                parts.append(f"{label} {len(keys)}: {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}")
+        raise CheckpointError(f"{where} does not fit the model: " + "; ".join(parts))
+    module.load_state_dict(state, strict=True)

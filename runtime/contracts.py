@@ -1,0 +1,271 @@
+"""The I/O contract of each exported component, stated once.
+
+Export (ONNX names and dynamic axes), engine building (TensorRT min/opt/max profiles), the runtime
+(what to feed, what comes back) and the tests (sample inputs, tolerances) all derive from these
+objects; the manifest stores them so a consumer of the artifacts needs nothing else.
+
+Conventions every component keeps:
+- float inputs and outputs are float32 in every precision; an fp16 model casts inside the graph;
+- the VAE decoder takes the *scaled* latent (what the UNet works on) and divides by the latent scale
+  factor inside the graph; it returns the image in [-1, 1] (not clamped);
+- the VAE encoder returns the distribution parameters (mean, logvar for KL; the pre-quantisation latent
+  for VQ), unscaled: the runtime takes the mean or a sample, then multiplies by the scale factor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32}
+
+
+class ContractError(ValueError):
+    """Inputs do not fit a component's contract; the message names the tensor and the fix."""
+
+
+@dataclass(frozen=True)
+class Dim:
+    """One symbolic dimension: its name in the ONNX graph and the range the artifacts support."""
+
+    name: str
+    min: int
+    opt: int
+    max: int
+    multiple_of: int = 1  # sizes that are legal must divide by this (e.g. latent H/W by the UNet's factor)
+
+    def __post_init__(self) -> None:
+        if not (1 <= self.min <= self.opt <= self.max):
+            raise ContractError(f"dimension {self.name}: need 1 <= min <= opt <= max, got {self.min}/{self.opt}/{self.max}")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str
+    # Each entry is a fixed size or the name of a Dim of the component; "scale:<dim>:<k>" means k * dim
+    # (an output size that follows an input's, like the decoded image's height).
+    shape: tuple[int | str, ...]
+
+    def resolve(self, sizes: dict[str, int]) -> tuple[int, ...]:
+        out = []
+        for s in self.shape:
+            if isinstance(s, int):
+                out.append(s)
+            elif s.startswith("scale:"):
+                _, dim, k = s.split(":")
+                out.append(sizes[dim] * int(k))
+            else:
+                out.append(sizes[s])
+        return tuple(out)
+
+    def axis_names(self) -> dict[int, str]:
+        """The dynamic axes of this tensor, as torch.onnx.export wants them."""
+        names = {}
+        for i, s in enumerate(self.shape):
+            if isinstance(s, str):
+                names[i] = "{1}_x{2}".format(*s.split(":")) if s.startswith("scale:") else s
+        return names
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Allowed max |ours - reference| <= atol + rtol * max|reference| over a whole output."""
+
+    atol: float
+    rtol: float = 0.0
+
+    def bound(self, reference: np.ndarray) -> float:
+        return self.atol + self.rtol * float(np.max(np.abs(reference)))
+
+
+@dataclass(frozen=True)
+class ComponentContract:
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    dims: tuple[Dim, ...]
+    tolerance: dict[str, Tolerance] = field(default_factory=dict)  # by precision: "fp32", "fp16"
+    # Facts a caller may need besides shapes (latent factor, vocab size, ...), kept with the contract.
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def dim(self, name: str) -> Dim:
+        for d in self.dims:
+            if d.name == name:
+                return d
+        raise KeyError(name)
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        return {t.name: t.axis_names() for t in self.inputs + self.outputs if t.axis_names()}
+
+    def shapes_at(self, which: str) -> dict[str, tuple[int, ...]]:
+        """Input shapes at the profile's "min", "opt" or "max" point (a TensorRT optimisation profile)."""
+        sizes = {d.name: getattr(d, which) for d in self.dims}
+        return {t.name: t.resolve(sizes) for t in self.inputs}
+
+    def sample_inputs(self, sizes: dict[str, int], rng: np.random.Generator, vocab_size: int = 0) -> dict[str, np.ndarray]:
+        """Random inputs at the given sizes (defaults: opt), for export tracing and parity checks."""
+        full = {d.name: d.opt for d in self.dims} | sizes
+        out = {}
+        for t in self.inputs:
+            shape = t.resolve(full)
+            if t.dtype.startswith("int"):
+                high = vocab_size if t.name == "input_ids" else max(self.extra.get("num_classes", 1), 1)
+                out[t.name] = rng.integers(0, max(high, 1), size=shape).astype(DTYPES[t.dtype])
+            elif t.name == "timestep":
+                out[t.name] = rng.uniform(0, 999, size=shape).astype(np.float32)
+            else:
+                out[t.name] = rng.standard_normal(shape).astype(DTYPES[t.dtype])
+        return out
+
+    def check_inputs(self, feeds: dict[str, np.ndarray]) -> None:
+        """Raise ContractError naming the first input whose name, dtype or size does not fit."""
+        expected = {t.name for t in self.inputs}
+        if set(feeds) != expected:
+            raise ContractError(f"{self.name}: inputs {sorted(feeds)} != contract {sorted(expected)}")
+        bound: dict[str, int] = {}
+        for t in self.inputs:
+            arr = feeds[t.name]
+            if arr.dtype != DTYPES[t.dtype]:
+                raise ContractError(f"{self.name}.{t.name}: dtype {arr.dtype} != {t.dtype}")
+            if arr.ndim != len(t.shape):
+                raise ContractError(f"{self.name}.{t.name}: rank {arr.ndim} != {len(t.shape)}")
+            for size, s in zip(arr.shape, t.shape):
+                if isinstance(s, int):
+                    if size != s:
+                        raise ContractError(f"{self.name}.{t.name}: shape {arr.shape} != {t.shape}")
+                    continue
+                if s.startswith("scale:"):  # a pixel size k * dim: check it divides, then check the dim
+                    _, s, k = s.split(":")
+                    if size % int(k):
+                        raise ContractError(f"{self.name}.{t.name}: size {size} is not a multiple of {k}")
+                    size //= int(k)
+                d = self.dim(s)
+                if bound.setdefault(s, size) != size:
+                    raise ContractError(f"{self.name}.{t.name}: dimension {s} is {size} here but {bound[s]} elsewhere")
+                if not (d.min <= size <= d.max) or size % d.multiple_of:
+                    raise ContractError(
+                        f"{self.name}.{t.name}: {s}={size} is outside the artifacts' range "
+                        f"[{d.min}, {d.max}] (multiple of {d.multiple_of}); rebuild with a wider profile"
+                    )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ComponentContract:
+        return cls(
+            name=data["name"],
+            inputs=tuple(TensorSpec(t["name"], t["dtype"], tuple(t["shape"])) for t in data["inputs"]),
+            outputs=tuple(TensorSpec(t["name"], t["dtype"], tuple(t["shape"])) for t in data["outputs"]),
+            dims=tuple(Dim(**d) for d in data["dims"]),
+            tolerance={k: Tolerance(**v) for k, v in data.get("tolerance", {}).items()},
+            extra=dict(data.get("extra", {})),
+        )
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the contracts need to know about a model (read from its config, stored in the manifest)."""
+
+    latent_channels: int
+    latent_factor: int  # image pixels per latent pixel (the autoencoder's f)
+    unet_factor: int  # latent sizes must divide by this (the UNet's downsampling)
+    unet_in_channels: int  # latent_channels + concat-conditioning channels
+    unet_out_channels: int
+    context_length: int | None  # tokenizer max length (None: no text encoder)
+    context_dim: int | None
+    vocab_size: int | None
+    num_classes: int | None
+    autoencoder_kind: str  # "kl" or "vq"
+    scale_factor: float
+
+    @property
+    def pixel_multiple(self) -> int:
+        return self.latent_factor * self.unet_factor
+
+
+@dataclass(frozen=True)
+class ShapeProfile:
+    """Ranges the artifacts are built for, in images per request and pixels (static when min == max)."""
+
+    batch: tuple[int, int, int] = (1, 1, 4)
+    height: tuple[int, int, int] = (64, 64, 128)
+    width: tuple[int, int, int] = (64, 64, 128)
+
+    @classmethod
+    def static(cls, batch: int, height: int, width: int) -> ShapeProfile:
+        return cls((batch,) * 3, (height,) * 3, (width,) * 3)
+
+    @property
+    def is_static(self) -> bool:
+        return len({*self.batch}) == len({*self.height}) == len({*self.width}) == 1
+
+
+def _latent_dim(name: str, pixels: tuple[int, int, int], facts: ModelFacts) -> Dim:
+    f = facts.latent_factor
+    for p in pixels:
+        if p % facts.pixel_multiple:
+            raise ContractError(f"profile size {p} is not a multiple of {facts.pixel_multiple} (latent factor x UNet factor)")
+    return Dim(name, pixels[0] // f, pixels[1] // f, pixels[2] // f, multiple_of=facts.unet_factor)
+
+
+def build_contracts(facts: ModelFacts, profile: ShapeProfile) -> dict[str, ComponentContract]:
+    """The four components' contracts for a model and a shape profile."""
+    f = facts.latent_factor
+    b_min, b_opt, b_max = profile.batch
+    batch = Dim("batch", b_min, b_opt, b_max)
+    # Under classifier-free guidance the UNet sees the unconditional and conditional halves in one call.
+    unet_batch = Dim("unet_batch", b_min, 2 * b_opt, 2 * b_max)
+    h, w = _latent_dim("latent_height", profile.height, facts), _latent_dim("latent_width", profile.width, facts)
+    lc = facts.latent_channels
+    contracts: dict[str, ComponentContract] = {}
+
+    if facts.context_length is not None:
+        length = facts.context_length
+        contracts["text_encoder"] = ComponentContract(
+            name="text_encoder",
+            inputs=(TensorSpec("input_ids", "int64", ("text_batch", length)),),
+            outputs=(TensorSpec("last_hidden_state", "float32", ("text_batch", length, facts.context_dim)),),
+            dims=(Dim("text_batch", b_min, 2 * b_opt, 2 * b_max),),
+            tolerance={"fp32": Tolerance(1e-4), "fp16": Tolerance(2e-2, 1e-2)},
+            extra={"vocab_size": facts.vocab_size},
+        )
+
+    unet_inputs = [
+        TensorSpec("sample", "float32", ("unet_batch", facts.unet_in_channels, "latent_height", "latent_width")),
+        TensorSpec("timestep", "float32", ("unet_batch",)),
+    ]
+    if facts.context_length is not None:
+        unet_inputs.append(TensorSpec("encoder_hidden_states", "float32", ("unet_batch", facts.context_length, facts.context_dim)))
+    if facts.num_classes is not None:
+        unet_inputs.append(TensorSpec("class_labels", "int64", ("unet_batch",)))
+    contracts["unet"] = ComponentContract(
+        name="unet",
+        inputs=tuple(unet_inputs),
+        outputs=(TensorSpec("out_sample", "float32", ("unet_batch", facts.unet_out_channels, "latent_height", "latent_width")),),
+        dims=(unet_batch, h, w),
+        tolerance={"fp32": Tolerance(1e-4), "fp16": Tolerance(2e-2, 1e-2)},
+        extra={"num_classes": facts.num_classes},
+    )
+    contracts["vae_decoder"] = ComponentContract(
+        name="vae_decoder",
+        inputs=(TensorSpec("latent", "float32", ("batch", lc, "latent_height", "latent_width")),),
+        outputs=(TensorSpec("image", "float32", ("batch", 3, f"scale:latent_height:{f}", f"scale:latent_width:{f}")),),
+        dims=(batch, h, w),
+        tolerance={"fp32": Tolerance(1e-4), "fp16": Tolerance(2e-2, 1e-2)},
+        extra={"scale_factor": facts.scale_factor},
+    )
+    moments = 2 * lc if facts.autoencoder_kind == "kl" else lc
+    contracts["vae_encoder"] = ComponentContract(
+        name="vae_encoder",
+        inputs=(TensorSpec("image", "float32", ("batch", 3, f"scale:latent_height:{f}", f"scale:latent_width:{f}")),),
+        outputs=(TensorSpec("latent_parameters", "float32", ("batch", moments, "latent_height", "latent_width")),),
+        dims=(batch, h, w),
+        tolerance={"fp32": Tolerance(1e-4), "fp16": Tolerance(2e-2, 1e-2)},
+        extra={"kind": facts.autoencoder_kind},
+    )
+    return contracts
