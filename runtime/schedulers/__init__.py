@@ -1,1 +1,44 @@
-"""Numpy schedulers with the diffusers scheduler interface, shared by the runtime and the reference."""
+"""Numpy schedulers with the diffusers scheduler interface, shared by the runtime and the reference.
+
+A `Scheduler` is immutable (config + training tables); `set_timesteps(n)` returns a `SchedulerRun`
+holding one sampling loop's state, stepped with an explicit index (see base.py).
+"""
+
+from .base import Scheduler, SchedulerRun, SchedulerStepError
+from .config import SchedulerConfig, SchedulerConfigError
+from .ddim import DDIMScheduler
+from .ddpm import DDPMScheduler
+from .dpm_solver import DPMSolverMultistepScheduler
+from .euler import EulerScheduler
+from .euler_ancestral import EulerAncestralScheduler
+from .lms import LMSScheduler
+from .pndm import PNDMScheduler
+from .registry import (
+    DIFFUSERS_DEFAULTS,
+    DIFFUSERS_SCHEDULERS,
+    SCHEDULERS,
+    make_scheduler,
+    scheduler_from_diffusers_config,
+    scheduler_from_diffusers_json,
+)
+
+__all__ = [
+    "DDIMScheduler",
+    "DDPMScheduler",
+    "DIFFUSERS_DEFAULTS",
+    "DIFFUSERS_SCHEDULERS",
+    "DPMSolverMultistepScheduler",
+    "EulerAncestralScheduler",
+    "EulerScheduler",
+    "LMSScheduler",
+    "PNDMScheduler",
+    "SCHEDULERS",
+    "Scheduler",
+    "SchedulerConfig",
+    "SchedulerConfigError",
+    "SchedulerRun",
+    "SchedulerStepError",
+    "make_scheduler",
+    "scheduler_from_diffusers_config",
+    "scheduler_from_diffusers_json",
+]

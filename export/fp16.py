@@ -1,0 +1,275 @@
+"""Half-precision variants of the components, with fp32 islands where fp16 overflows.
+
+fp16 has 5 exponent bits: anything above 65504 becomes inf, and a GroupNorm/LayerNorm whose input
+is large overflows in its variance (sum of squares) before it normalises. Known spots in the SD family
+are attention scores (SD 2.x, hence `upcast_attention`) and the VAE decoder's last up blocks (the
+SDXL VAE, "fp16-fix"). Rather than hard-coding them, the search below runs the reference in fp16
+with forward hooks on every block and:
+
+1. keeps in fp32 the first block (in execution order, so the innermost one) whose inputs were finite
+   but whose output is not; repeats until the whole output is finite;
+2. if the output is finite but further from the fp32 reference than the contract's fp16 tolerance,
+   re-runs each block in fp32 on the very inputs it saw in fp16 and keeps the block with the largest
+   own error (descending into a child that explains most of it); repeats.
+
+A kept block runs with fp32 weights; hooks cast its floating inputs to fp32 and its outputs back to
+fp16, so exporting the module traces those casts into the graph. Inputs and outputs of every exported
+component stay float32 (the contract); `HalfPrecisionIO` casts inside the graph.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ldm_rt.export.errors import Fp16Error
+from ldm_rt.export.parity import Case, ParityResult
+from ldm_rt.runtime.contracts import ComponentContract, Tolerance
+
+log = logging.getLogger(__name__)
+
+# Block classes whose outputs the search watches (reference UNet/autoencoder, transformers' CLIP).
+BLOCK_TYPES = frozenset(
+    {
+        "ResBlock",  # UNet residual block
+        "SpatialTransformer",
+        "BasicTransformerBlock",
+        "CrossAttention",
+        "FeedForward",
+        "ResnetBlock",  # autoencoder residual block
+        "AttnBlock",
+        "MidBlock",
+        "Upsample",
+        "Downsample",
+        "CLIPEncoderLayer",
+        "CLIPAttention",
+        "CLIPMLP",
+    }
+)
+NORM_TYPES = (nn.GroupNorm, nn.LayerNorm)
+# Always fp32: the VQ nearest-codebook search flips between near-equal distances in fp16, which changes
+# the decoded image by a whole code, not by rounding.
+ALWAYS_FP32 = frozenset({"VectorQuantizer"})
+# Inputs kept float32 inside the fp16 graph: fp16 cannot tell t=999.0 from 999.5 and the sinusoidal
+# embedding (computed in fp32 by the UNet) needs the exact value.
+FP32_INPUTS = frozenset({"timestep"})
+MAX_ISLANDS = 16
+TORCH_FP16_BACKEND = "torch-fp16-cpu"
+# A child block explaining at least this share of its parent's own error is kept instead of the parent.
+DESCEND_SHARE = 0.5
+
+
+def is_watched(module: nn.Module) -> bool:
+    return isinstance(module, NORM_TYPES) or type(module).__name__ in BLOCK_TYPES
+
+
+def _cast(value: Any, dtype: torch.dtype) -> Any:
+    """Cast every floating tensor in a (nested) tuple/list/dict to `dtype`; leave the rest alone."""
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype) if value.is_floating_point() else value
+    if isinstance(value, tuple):
+        items = [_cast(v, dtype) for v in value]
+        return type(value)(*items) if hasattr(value, "_fields") else tuple(items)
+    if isinstance(value, list):
+        return [_cast(v, dtype) for v in value]
+    if isinstance(value, dict):
+        out = copy.copy(value)  # keeps dict subclasses such as transformers' ModelOutput
+        for k in value:
+            out[k] = _cast(value[k], dtype)
+        return out
+    return value
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value] if value.is_floating_point() else []
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _tensors(v)]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _tensors(v)]
+    return []
+
+
+def _all_finite(value: Any) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in _tensors(value))
+
+
+def make_fp32_island(module: nn.Module) -> None:
+    """Run `module` in fp32 inside an fp16 model: fp32 weights, inputs cast up, outputs cast down."""
+    module.float()
+
+    def cast_inputs(_mod, args, kwargs):
+        return _cast(args, torch.float32), _cast(kwargs, torch.float32)
+
+    def cast_outputs(_mod, _args, output):
+        return _cast(output, torch.float16)
+
+    module.register_forward_pre_hook(cast_inputs, with_kwargs=True)
+    module.register_forward_hook(cast_outputs)
+
+
+def _within(name: str, roots: Sequence[str]) -> bool:
+    return any(name == r or name.startswith(r + ".") or r == "" for r in roots)
+
+
+def _normalise(kept: list[str]) -> list[str]:
+    """Drop islands inside other islands (an ancestor kept in fp32 covers its children)."""
+    return [k for k in kept if not any(o != k and _within(k, [o]) for o in kept)]
+
+
+def always_fp32(module: nn.Module) -> list[str]:
+    return [name for name, m in module.named_modules() if type(m).__name__ in ALWAYS_FP32]
+
+
+class HalfPrecisionIO(nn.Module):
+    """A component computing in fp16 with the contract's float32 inputs and outputs (casts in the graph)."""
+
+    def __init__(self, inner: nn.Module, input_names: Sequence[str]) -> None:
+        super().__init__()
+        self.inner = inner
+        self.input_names = tuple(input_names)
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        cast = [
+            x if name in FP32_INPUTS or not x.is_floating_point() else x.half()
+            for name, x in zip(self.input_names, inputs)
+        ]
+        return self.inner(*cast).float()
+
+
+def half_model(reference: nn.Module, contract: ComponentContract, kept_fp32: Sequence[str]) -> HalfPrecisionIO:
+    """A copy of the fp32 export wrapper in fp16, with the named submodules as fp32 islands."""
+    inner = copy.deepcopy(reference).half().eval()
+    for name in _normalise(list(kept_fp32)):
+        make_fp32_island(inner.get_submodule(name))
+    return HalfPrecisionIO(inner, [t.name for t in contract.inputs]).eval()
+
+
+@dataclass
+class _Probe:
+    """Forward hooks on the watched blocks of an fp16 model (outside islands)."""
+
+    model: nn.Module
+    skip: Sequence[str]
+    twins: dict[str, nn.Module] | None = None  # fp32 copies: measure each block's own error
+    first_nonfinite: str | None = None
+    own_error: dict[str, float] = field(default_factory=dict)
+    handles: list[Any] = field(default_factory=list)
+
+    def __enter__(self) -> _Probe:
+        for name, module in self.model.named_modules():
+            if name and is_watched(module) and not _within(name, self.skip):
+                self.handles.append(module.register_forward_hook(self._hook(name), with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self.handles:
+            h.remove()
+
+    def _hook(self, name: str) -> Callable[..., None]:
+        def hook(_mod, args, kwargs, output) -> None:
+            if self.first_nonfinite is None and not _all_finite(output) and _all_finite((args, kwargs)):
+                self.first_nonfinite = name
+            if self.twins is not None and name in self.twins:
+                ref = self.twins[name](*_cast(args, torch.float32), **_cast(kwargs, torch.float32))
+                got, want = _tensors(output), _tensors(ref)
+                if got and want and got[0].shape == want[0].shape:
+                    scale = max(float(want[0].abs().max()), 1e-3)
+                    self.own_error[name] = float((got[0].float() - want[0]).abs().max()) / scale
+
+        return hook
+
+
+@dataclass
+class IslandSearch:
+    kept_fp32: list[str]
+    parity: ParityResult  # the fp16 torch reference (with these islands) against fp32, on every case
+
+
+def _run(model: nn.Module, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(*inputs)
+
+
+def _max_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    diff = (out.float() - ref).abs()
+    return float("inf") if not bool(torch.isfinite(diff).all()) else float(diff.max())
+
+
+def _pick_by_own_error(errors: dict[str, float]) -> str | None:
+    """The block with the largest own error, or a child of it that explains most of that error."""
+    if not errors:
+        return None
+    best = max(errors, key=errors.__getitem__)
+    while True:
+        children = {n: e for n, e in errors.items() if n.startswith(best + ".")}
+        if not children:
+            return best
+        child = max(children, key=children.__getitem__)
+        if children[child] < DESCEND_SHARE * errors[best]:
+            return best
+        best = child
+
+
+def find_fp32_islands(
+    reference: nn.Module,
+    contract: ComponentContract,
+    cases: Sequence[Case],
+    tolerance: Tolerance | None = None,
+    max_islands: int = MAX_ISLANDS,
+) -> IslandSearch:
+    """Blocks of `reference` (an fp32 export wrapper) to keep in fp32 so that its fp16 variant is finite
+    and within `tolerance` (default: the contract's fp16 tolerance) of the fp32 outputs of every case."""
+    tolerance = tolerance or contract.tolerance["fp16"]
+    names = [t.name for t in contract.inputs]
+    sets = [[torch.from_numpy(case.inputs[n]) for n in names] for case in cases]
+    refs = [torch.from_numpy(case.reference) for case in cases]
+    bounds = [tolerance.bound(case.reference) for case in cases]
+    kept = always_fp32(reference)
+    for _ in range(max_islands + 1):
+        model = half_model(reference, contract, kept)
+        errors: list[float] = []
+        culprit = None
+        for x, ref, bound in zip(sets, refs, bounds):
+            with _Probe(model.inner, kept) as probe:
+                err = _max_err(_run(model, x), ref)
+            if probe.first_nonfinite is not None and err == float("inf"):
+                culprit = probe.first_nonfinite
+                log.warning("%s: %s overflows in fp16 (non-finite output); keeping it in fp32", contract.name, culprit)
+                break
+            if err > bound:
+                if err == float("inf"):
+                    raise Fp16Error(
+                        f"{contract.name}: the fp16 output is not finite but no watched block is to blame; "
+                        "build this model without --fp16"
+                    )
+                twins = {n: m for n, m in reference.named_modules() if n and is_watched(m) and not _within(n, kept)}
+                with _Probe(model.inner, kept, twins) as probe:
+                    _run(model, x)
+                culprit = _pick_by_own_error(probe.own_error)
+                if culprit is not None:
+                    log.warning(
+                        "%s: fp16 error %.3g exceeds %.3g; keeping %s (own relative error %.3g) in fp32",
+                        contract.name, err, bound, culprit, probe.own_error[culprit],
+                    )
+                break
+            errors.append(err)
+        if len(errors) == len(sets):
+            parity = ParityResult(contract.name, "fp16", TORCH_FP16_BACKEND, [c.shapes for c in cases], errors, bounds)
+            result = IslandSearch(_normalise(kept), parity)
+            if result.kept_fp32:
+                log.info("%s: fp16 with fp32 islands %s", contract.name, result.kept_fp32)
+            return result
+        if culprit is None:
+            break
+        kept = _normalise(kept + [culprit])
+    raise Fp16Error(
+        f"{contract.name}: fp16 stays beyond its tolerance after keeping {len(kept)} blocks in fp32 "
+        f"({', '.join(kept[:4])}{' ...' if len(kept) > 4 else ''}); build this model without --fp16"
+    )

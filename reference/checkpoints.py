@@ -1,0 +1,510 @@
+"""Load a latent diffusion model from local files: an ldm-rt model folder, a diffusers folder, or an
+original Stable Diffusion v1/v2 single file. Nothing is ever downloaded.
+
+    loaded = load_model("models/sd15.safetensors", tokenizer="models/sd15-tokenizer/")
+    loaded = load_model("models/stable-diffusion-2-1", prediction_type="v_prediction")
+
+What each source gives:
+- ldm-rt model folder (ldm_rt_model.json): everything (see model_folder.py).
+- diffusers folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/): configs through
+  the key-map modules' config converters, weights renamed to the original layout with their explicit key
+  maps; *.safetensors, or *.bin via torch.load(weights_only=True) only where no safetensors exist.
+- single file (.safetensors; .ckpt/.pt only via torch.load(weights_only=True)): the original
+  CompVis/Stability layout, split by prefix; every config is inferred from tensor shapes. Some facts are
+  not in the weights and follow Stable Diffusion: attention heads (v1: 8 heads; v2 and CLIP text towers:
+  64-wide heads), the latent scale factor 0.18215, the SD scheduler (scaled_linear 0.00085..0.012,
+  steps_offset 1), and the prediction type, which the weights cannot reveal: SD 2.x 768-v models
+  predict v, so pass `prediction_type="v_prediction"` for them (default "epsilon"). A single file holds no
+  tokenizer: pass `tokenizer=` (a diffusers tokenizer/ folder or a tokenizer.json).
+
+Pickles are never loaded unrestricted: safetensors first, torch.load(weights_only=True) otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import pickle
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from ldm_rt.runtime.tokenizer import PromptTokenizer, TokenizerError
+
+from .checkpoint_errors import CheckpointError
+from .configs import AutoencoderConfig, ConfigError, LDMConfig, TextEncoderConfig, UNetConfig
+from .keymap_autoencoder import autoencoder_config_from_diffusers, autoencoder_state_dict_from_diffusers
+from .keymap_text_encoder import (
+    IGNORED_HF_KEYS,
+    SD_V1_PREFIX,
+    SD_V2_PREFIX,
+    text_encoder_state_dict_from_openclip,
+)
+from .keymap_unet import unet_config_from_diffusers, unet_state_dict_from_diffusers
+from .ldm import LatentDiffusion
+from .model_folder import LoadedModel, is_model_folder, load_model_folder, load_strict
+from .text_encoder import text_encoder_config_from_transformers
+
+logger = logging.getLogger(__name__)
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+# Keys of an original LatentDiffusion checkpoint that hold no weights we use: the DDPM schedule buffers
+# (the scheduler recomputes them) and EMA bookkeeping.
+IGNORED_SINGLE_FILE_KEYS = frozenset({
+    "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
+    "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
+    "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
+    "logvar", "lvlb_weights",
+})  # fmt: skip
+# The non-EMA UNet is used, as diffusers' converter does by default; model_ema.* holds the EMA copy.
+IGNORED_SINGLE_FILE_PREFIXES = ("model_ema.",)
+
+SD_V1_UNET_HEADS = 8  # SD v1 fixes the head count (CompVis v1-inference.yaml: num_heads 8)
+HEAD_WIDTH = 64  # SD v2 UNet (num_head_channels 64) and CLIP / OpenCLIP text towers
+SD_SCALE_FACTOR = 0.18215
+# The scheduler SD v1/v2 ship with (diffusers' scheduler_config.json of runwayml/stable-diffusion-v1-5,
+# with every field the runtime reads spelled out).
+SD_SCHEDULER_CONFIG: dict[str, Any] = {
+    "_class_name": "PNDMScheduler",
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "trained_betas": None,
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "prediction_type": "epsilon",
+}
+SD_V2_SCHEDULER_CONFIG: dict[str, Any] = {**SD_SCHEDULER_CONFIG, "_class_name": "DDIMScheduler"}
+
+
+def load_model(
+    path: str | Path,
+    *,
+    prediction_type: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    tokenizer: str | Path | PromptTokenizer | None = None,
+) -> LoadedModel:
+    """Load whatever `path` is (ldm-rt model folder, diffusers folder, SD single file).
+
+    prediction_type: "epsilon" | "v_prediction" | "sample" overrides the scheduler config (None keeps
+    the folder's; single files default to "epsilon": pass "v_prediction" for SD 2.x 768-v).
+    tokenizer: required for a single file; overrides a folder's own tokenizer otherwise.
+    """
+    path = Path(path)
+    if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
+        raise CheckpointError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+    own_tokenizer = None if tokenizer is None else _load_tokenizer(tokenizer)
+    if path.is_dir():
+        if is_model_folder(path):
+            loaded = load_model_folder(path, dtype)
+            loaded.info = {**loaded.info, "source_kind": "ldm-rt", "path": str(path)}
+        elif (path / "model_index.json").is_file():
+            loaded = load_diffusers_folder(path, dtype=dtype)
+        else:
+            raise CheckpointError(
+                f"{path} is neither an ldm-rt model folder (ldm_rt_model.json) nor a diffusers folder "
+                "(model_index.json); pass one of those or an SD single file"
+            )
+        if own_tokenizer is not None:
+            loaded.tokenizer = own_tokenizer
+    elif path.is_file():
+        if path.suffix not in SINGLE_FILE_SUFFIXES:
+            raise CheckpointError(f"{path}: unknown checkpoint type {path.suffix!r}; expected one of {SINGLE_FILE_SUFFIXES}")
+        if own_tokenizer is None:
+            raise CheckpointError(
+                f"{path} is a single-file checkpoint and holds no tokenizer: pass tokenizer= a diffusers "
+                "tokenizer/ folder (vocab.json, merges.txt) or a tokenizer.json of the model's CLIP tokenizer"
+            )
+        loaded = load_single_file(path, own_tokenizer, dtype=dtype)
+    else:
+        raise CheckpointError(f"{path} does not exist; pass a model folder, a diffusers folder or an SD single file")
+    if prediction_type is not None:
+        loaded.scheduler_config = {**loaded.scheduler_config, "prediction_type": prediction_type}
+    _check_tokenizer_fits(loaded, path)
+    return loaded
+
+
+# ---- diffusers folder ------------------------------------------------------------------------------
+def load_diffusers_folder(path: str | Path, *, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """A diffusers StableDiffusion(Inpaint)Pipeline folder -> LoadedModel (weights in the original layout)."""
+    path = Path(path)
+    index = _read_json(path / "model_index.json")
+    for part in ("unet", "vae", "scheduler"):
+        if not (path / part).is_dir():
+            raise CheckpointError(f"{path} has no {part}/ folder; a diffusers Stable Diffusion folder needs unet/, vae/ and scheduler/")
+    unet_config = _convert_config(unet_config_from_diffusers, path / "unet" / "config.json")
+    vae_json = _read_json(path / "vae" / "config.json")
+    autoencoder_config = _convert_config(autoencoder_config_from_diffusers, path / "vae" / "config.json", vae_json)
+    text_config = None
+    tokenizer = None
+    if (path / "text_encoder").is_dir():
+        text_config = _convert_config(text_encoder_config_from_transformers, path / "text_encoder" / "config.json")
+        if not (path / "tokenizer").is_dir():
+            raise CheckpointError(f"{path} has a text_encoder/ but no tokenizer/ folder; copy the model's tokenizer/ in")
+        tokenizer = _load_tokenizer(path / "tokenizer")
+        text_config = _with_token_ids(text_config, tokenizer)
+    config = _ldm_config(
+        path / "model_index.json",
+        unet=unet_config,
+        autoencoder=autoencoder_config,
+        text_encoder=text_config,
+        scale_factor=float(vae_json.get("scaling_factor", SD_SCALE_FACTOR)),
+    )
+    model = LatentDiffusion(config)
+
+    unet_sd, unet_file = _read_component_weights(path / "unet")
+    _load(model.unet, _renamed(unet_state_dict_from_diffusers, unet_sd, unet_config, unet_file), unet_file)
+    vae_sd, vae_file = _read_component_weights(path / "vae")
+    _load(model.autoencoder, _renamed(autoencoder_state_dict_from_diffusers, vae_sd, autoencoder_config, vae_file), vae_file)
+    if model.text_encoder is not None:
+        text_sd, text_file = _read_component_weights(path / "text_encoder")
+        _load(model.text_encoder, {k: v for k, v in text_sd.items() if k not in IGNORED_HF_KEYS}, text_file)
+
+    scheduler_config = _read_json(path / "scheduler" / "scheduler_config.json")
+    info = {"source_kind": "diffusers", "path": str(path), "pipeline": index.get("_class_name")}
+    return LoadedModel(model.to(dtype).eval(), tokenizer, scheduler_config, info)
+
+
+def _read_component_weights(folder: Path) -> tuple[dict[str, torch.Tensor], Path]:
+    """The state dict of one diffusers component folder: its *.safetensors (or shards listed in an index),
+    else its *.bin through torch.load(weights_only=True)."""
+    for suffix in (".safetensors", ".bin"):
+        index = sorted(folder.glob(f"*{suffix}.index.json"))
+        if index:
+            shards = sorted(set(_read_json(index[0]).get("weight_map", {}).values()))
+            state: dict[str, torch.Tensor] = {}
+            for shard in shards:
+                state.update(read_state_dict(folder / shard))
+            return state, index[0]
+        files = sorted(folder.glob(f"*{suffix}"))
+        if files:
+            canonical = [f for f in files if f.name in (f"diffusion_pytorch_model{suffix}", f"model{suffix}")]
+            chosen = canonical[0] if canonical else files[0]
+            if len(files) > 1 and not canonical:
+                logger.warning("%s holds several weight files %s; using %s", folder, [f.name for f in files], chosen.name)
+            return read_state_dict(chosen), chosen
+    raise CheckpointError(f"{folder} holds no weights (*.safetensors or *.bin); the diffusers folder is incomplete")
+
+
+# ---- single file -----------------------------------------------------------------------------------
+def load_single_file(
+    path: str | Path, tokenizer: PromptTokenizer, *, dtype: torch.dtype = torch.float32
+) -> LoadedModel:
+    """An original SD v1/v2 single file -> LoadedModel, every config inferred from the tensors' shapes."""
+    path = Path(path)
+    sd = read_state_dict(path)
+    if "state_dict" in sd and isinstance(sd["state_dict"], Mapping):
+        sd = sd["state_dict"]
+    parts = split_single_file(sd, path)
+    v2 = parts["text_layout"] == "openclip"
+
+    unet_config = infer_unet_config(parts["unet"], v2=v2, where=str(path))
+    autoencoder_config = infer_autoencoder_config(parts["autoencoder"], where=str(path))
+    if v2:
+        hidden = parts["text"]["token_embedding.weight"].shape[1] if "token_embedding.weight" in parts["text"] else 0
+        try:
+            text_sd, text_config = text_encoder_state_dict_from_openclip(parts["text"], num_attention_heads=_heads_for_width(hidden))
+        except CheckpointError as e:
+            raise CheckpointError(f"{path}: {e}") from None
+    else:
+        text_sd = parts["text"]
+        text_config = infer_clip_text_config(text_sd, where=str(path))
+    text_config = _with_token_ids(text_config, tokenizer)
+    # SD 2.x computes attention in fp32 where fp16 would overflow; in fp32 this changes nothing.
+    unet_config = dataclasses.replace(unet_config, upcast_attention=v2)
+    config = _ldm_config(path, unet=unet_config, autoencoder=autoencoder_config, text_encoder=text_config, scale_factor=SD_SCALE_FACTOR)
+    model = LatentDiffusion(config)
+    _load(model.unet, parts["unet"], f"{path} (UNet, prefix {UNET_PREFIX})")
+    _load(model.autoencoder, parts["autoencoder"], f"{path} (autoencoder, prefix {VAE_PREFIX})")
+    _load(model.text_encoder, text_sd, f"{path} (text encoder, prefix {SD_V2_PREFIX if v2 else SD_V1_PREFIX})")
+    scheduler_config = dict(SD_V2_SCHEDULER_CONFIG if v2 else SD_SCHEDULER_CONFIG)
+    info = {"source_kind": "single_file", "path": str(path), "variant": "v2" if v2 else "v1"}
+    return LoadedModel(model.to(dtype).eval(), tokenizer, scheduler_config, info)
+
+
+def split_single_file(sd: Mapping[str, Any], where: str | Path) -> dict[str, Any]:
+    """Split an original SD state dict by prefix: {"unet": ..., "autoencoder": ..., "text": ...,
+    "text_layout": "hf" (SD v1, CLIP) | "openclip" (SD v2)}, prefixes stripped."""
+    unet, vae, text_v1, text_v2, unknown = {}, {}, {}, {}, []
+    for key, value in sd.items():
+        if not isinstance(value, torch.Tensor):
+            raise CheckpointError(f"{where}: entry {key!r} is a {type(value).__name__}, not a tensor; this is not a model state dict")
+        if key.startswith(UNET_PREFIX):
+            unet[key[len(UNET_PREFIX):]] = value
+        elif key.startswith(VAE_PREFIX):
+            vae[key[len(VAE_PREFIX):]] = value
+        elif key.startswith(SD_V1_PREFIX):
+            text_v1[key[len(SD_V1_PREFIX):]] = value
+        elif key.startswith(SD_V2_PREFIX):
+            text_v2[key[len(SD_V2_PREFIX):]] = value
+        elif key not in IGNORED_SINGLE_FILE_KEYS and not key.startswith(IGNORED_SINGLE_FILE_PREFIXES):
+            unknown.append(key)
+    if unknown:
+        logger.warning("%s: ignoring %d key(s) outside the UNet, autoencoder and text encoder: %s", where, len(unknown), unknown[:8])
+    if not unet:
+        raise CheckpointError(f"{where} has no {UNET_PREFIX}* keys: it is not an original-layout Stable Diffusion checkpoint")
+    if not vae:
+        raise CheckpointError(f"{where} has no {VAE_PREFIX}* keys: the autoencoder is missing from this checkpoint")
+    if text_v1 and text_v2:
+        raise CheckpointError(f"{where} holds both {SD_V1_PREFIX}* and {SD_V2_PREFIX}* keys; expected one text encoder")
+    if not (text_v1 or text_v2):
+        raise CheckpointError(f"{where} has no text encoder keys ({SD_V1_PREFIX}* for SD v1, {SD_V2_PREFIX}* for SD v2)")
+    if text_v1:
+        # Files written with transformers < 4.13 lack the `text_model.` level.
+        text_v1 = {k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in text_v1.items()}
+        text_v1 = {k: v for k, v in text_v1.items() if k not in IGNORED_HF_KEYS}
+    return {"unet": unet, "autoencoder": vae, "text": text_v1 or text_v2, "text_layout": "hf" if text_v1 else "openclip"}
+
+
+def _shape(sd: Mapping[str, torch.Tensor], key: str, where: str) -> tuple[int, ...]:
+    if key not in sd:
+        raise CheckpointError(f"{where}: key {key} is missing, so the architecture cannot be inferred; the file is incomplete")
+    return tuple(sd[key].shape)
+
+
+def _indices(sd: Mapping[str, torch.Tensor], pattern: str) -> list[int]:
+    """Sorted distinct integers captured by `pattern` (one group) over the keys."""
+    rx = re.compile(pattern)
+    return sorted({int(m.group(1)) for k in sd if (m := rx.match(k))})
+
+
+def _heads_for_width(narrowest: int) -> int | None:
+    """Heads of a 64-wide-head attention layer of width `narrowest`; models narrower than 128 channels
+    (tiny test models) get two heads. None if the width is unknown."""
+    if narrowest <= 0:
+        return None
+    return narrowest // min(HEAD_WIDTH, max(narrowest // 2, 1))
+
+
+def infer_unet_config(sd: Mapping[str, torch.Tensor], *, v2: bool, where: str) -> UNetConfig:
+    """UNetConfig from an original-layout UNet state dict (prefix stripped).
+
+    Heads are not visible in shapes: SD v1 uses 8 heads, SD v2 64-wide heads (min(64, narrowest attention
+    width // 2) for models narrower than 128 channels)."""
+    model_channels, in_channels = _shape(sd, "input_blocks.0.0.weight", where)[:2]
+    out_channels = _shape(sd, "out.2.weight", where)[0]
+    downsamplers = _indices(sd, r"input_blocks\.(\d+)\.0\.op\.weight$")
+    num_res_blocks = downsamplers[0] - 1 if downsamplers else max(_indices(sd, r"input_blocks\.(\d+)\."))
+    levels = len(downsamplers) + 1
+    channel_mult, attention_resolutions, widths = [], [], []
+    for level in range(levels):
+        block = 1 + level * (num_res_blocks + 1)
+        width = _shape(sd, f"input_blocks.{block}.0.out_layers.3.weight", where)[0]
+        channel_mult.append(width // model_channels)
+        if f"input_blocks.{block}.1.proj_in.weight" in sd:
+            attention_resolutions.append(2**level)
+            widths.append(width)
+    mid = "middle_block.1."
+    widths.append(_shape(sd, f"{mid}proj_in.weight", where)[0])
+    context_dim = _shape(sd, f"{mid}transformer_blocks.0.attn2.to_k.weight", where)[1]
+    linear = len(_shape(sd, f"{mid}proj_in.weight", where)) == 2
+    depth = len(_indices(sd, r"middle_block\.1\.transformer_blocks\.(\d+)\."))
+    num_classes = _shape(sd, "label_emb.weight", where)[0] if "label_emb.weight" in sd else None
+    if v2 or context_dim == 1024:
+        narrowest = min(widths)
+        heads, head_channels = -1, narrowest // _heads_for_width(narrowest)
+    else:
+        heads, head_channels = SD_V1_UNET_HEADS, -1
+    try:
+        return UNetConfig(
+            in_channels=in_channels,
+            out_channels=out_channels,
+            model_channels=model_channels,
+            channel_mult=tuple(channel_mult),
+            num_res_blocks=num_res_blocks,
+            attention_resolutions=tuple(attention_resolutions),
+            num_heads=heads,
+            num_head_channels=head_channels,
+            transformer_depth=depth,
+            context_dim=context_dim,
+            use_linear_in_transformer=linear,
+            num_classes=num_classes,
+        )
+    except ConfigError as e:
+        raise CheckpointError(f"{where}: inferred UNet config is invalid ({e})") from None
+
+
+def infer_autoencoder_config(sd: Mapping[str, torch.Tensor], *, where: str, resolution: int = 512) -> AutoencoderConfig:
+    """AutoencoderConfig from an original-layout first-stage state dict (prefix stripped). `resolution`
+    only places attn_resolutions (SD has none) and sets the pipeline's default image size."""
+    ch, in_channels = _shape(sd, "encoder.conv_in.weight", where)[:2]
+    levels = _indices(sd, r"encoder\.down\.(\d+)\.block\.0\.")
+    if not levels:
+        raise CheckpointError(f"{where}: no encoder.down.N.block.0 keys; the autoencoder is incomplete")
+    num_res_blocks = len(_indices(sd, r"encoder\.down\.0\.block\.(\d+)\."))
+    ch_mult = tuple(_shape(sd, f"encoder.down.{i}.block.0.conv2.weight", where)[0] // ch for i in levels)
+    attn = tuple(resolution // 2**i for i in levels if f"encoder.down.{i}.attn.0.q.weight" in sd)
+    z_channels = _shape(sd, "decoder.conv_in.weight", where)[1]
+    embed_dim = _shape(sd, "post_quant_conv.weight", where)[1]
+    vq = "quantize.embedding.weight" in sd
+    try:
+        return AutoencoderConfig(
+            kind="vq" if vq else "kl",
+            in_channels=in_channels,
+            out_ch=_shape(sd, "decoder.conv_out.weight", where)[0],
+            ch=ch,
+            ch_mult=ch_mult,
+            num_res_blocks=num_res_blocks,
+            attn_resolutions=attn,
+            resolution=resolution,
+            z_channels=z_channels,
+            embed_dim=embed_dim,
+            n_embed=_shape(sd, "quantize.embedding.weight", where)[0] if vq else AutoencoderConfig.n_embed,
+        )
+    except ConfigError as e:
+        raise CheckpointError(f"{where}: inferred autoencoder config is invalid ({e})") from None
+
+
+def infer_clip_text_config(sd: Mapping[str, torch.Tensor], *, where: str) -> TextEncoderConfig:
+    """TextEncoderConfig of an SD v1 (OpenAI CLIP, quick_gelu) text encoder in transformers' keys."""
+    vocab_size, hidden = _shape(sd, "text_model.embeddings.token_embedding.weight", where)
+    layers = _indices(sd, r"text_model\.encoder\.layers\.(\d+)\.")
+    return TextEncoderConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=_shape(sd, "text_model.encoder.layers.0.mlp.fc1.weight", where)[0],
+        num_hidden_layers=len(layers),
+        num_attention_heads=_heads_for_width(hidden),
+        max_position_embeddings=_shape(sd, "text_model.embeddings.position_embedding.weight", where)[0],
+        hidden_act="quick_gelu",
+    )
+
+
+# ---- shared pieces ---------------------------------------------------------------------------------
+def read_state_dict(path: str | Path) -> dict[str, Any]:
+    """A safetensors file, or a pickle checkpoint through torch.load(weights_only=True); one-line
+    CheckpointError for an unreadable, truncated or unsafe file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path} does not exist")
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(str(path))
+        except Exception as e:  # safetensors raises several types (SafetensorError, OSError, ...) for a bad file
+            raise CheckpointError(f"{path} is not a readable safetensors file ({e}); re-download or re-convert it") from None
+    if path.suffix in PICKLE_SUFFIXES:
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointError(
+                f"{path} cannot be loaded safely with torch.load(weights_only=True) ({first}); convert it to safetensors"
+            ) from None
+        if not isinstance(data, Mapping):
+            raise CheckpointError(f"{path} holds a {type(data).__name__}, not a state dict")
+        return dict(data)
+    raise CheckpointError(f"{path}: unknown weights format {path.suffix!r}; expected .safetensors or {PICKLE_SUFFIXES}")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing; the model folder is incomplete") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} must hold a JSON object")
+    return data
+
+
+def _convert_config(convert, path: Path, data: dict[str, Any] | None = None):
+    try:
+        return convert(_read_json(path) if data is None else data)
+    except (ConfigError, TypeError) as e:
+        raise CheckpointError(f"{path}: {e}") from None
+
+
+def _ldm_config(where: Path, **fields: Any) -> LDMConfig:
+    unet, text = fields["unet"], fields["text_encoder"]
+    if unet.num_classes is not None:
+        conditioning = "class"
+    elif unet.context_dim is None:
+        conditioning = "none"
+    elif unet.in_channels == 2 * fields["autoencoder"].embed_dim + 1:
+        conditioning = "hybrid"  # inpainting: latent + mask + masked-image latent, and the prompt
+    else:
+        conditioning = "crossattn"
+    if conditioning in ("crossattn", "hybrid") and text is None:
+        raise CheckpointError(f"{where}: the UNet cross-attends to text but the model has no text encoder")
+    try:
+        return LDMConfig(conditioning=conditioning, **fields)
+    except ConfigError as e:
+        raise CheckpointError(f"{where}: {e}") from None
+
+
+def _renamed(convert, sd, config, file: Path) -> dict[str, torch.Tensor]:
+    try:
+        return convert(sd, config)
+    except CheckpointError as e:
+        raise CheckpointError(f"{file}: {e}") from None
+
+
+def _load(module: torch.nn.Module, state: Mapping[str, torch.Tensor], where: str | Path) -> None:
+    load_strict(module, dict(state), where=str(where))
+
+
+def _load_tokenizer(tokenizer: str | Path | PromptTokenizer) -> PromptTokenizer:
+    if isinstance(tokenizer, PromptTokenizer):
+        return tokenizer
+    path = Path(tokenizer)
+    try:
+        if path.is_dir():
+            return PromptTokenizer.from_diffusers_folder(path)
+        return PromptTokenizer.from_file(path)
+    except TokenizerError as e:
+        raise CheckpointError(f"tokenizer {path}: {e}") from None
+
+
+def _with_token_ids(config: TextEncoderConfig, tokenizer: PromptTokenizer) -> TextEncoderConfig:
+    """The text config with the tokenizer's special ids (SD v1.5's config.json carries stale ones)."""
+    return dataclasses.replace(config, bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
+
+
+def _check_tokenizer_fits(loaded: LoadedModel, where: Path) -> None:
+    config = loaded.model.config.text_encoder
+    tokenizer = loaded.tokenizer
+    if config is None or tokenizer is None:
+        return
+    if tokenizer.vocab_size > config.vocab_size:
+        raise CheckpointError(
+            f"{where}: the tokenizer has {tokenizer.vocab_size} tokens but the text encoder embeds {config.vocab_size}; "
+            "pass the tokenizer that belongs to this model"
+        )
+    if tokenizer.max_length > config.max_position_embeddings:
+        raise CheckpointError(
+            f"{where}: the tokenizer pads to {tokenizer.max_length} tokens but the text encoder has "
+            f"{config.max_position_embeddings} positions; pass the tokenizer that belongs to this model"
+        )
+
+
+__all__ = [
+    "CheckpointError",
+    "LoadedModel",
+    "SD_SCHEDULER_CONFIG",
+    "infer_autoencoder_config",
+    "infer_clip_text_config",
+    "infer_unet_config",
+    "load_diffusers_folder",
+    "load_model",
+    "load_single_file",
+    "read_state_dict",
+    "split_single_file",
+]
+
+# Used in docs/tests: a single file's unit count, for sanity in logs.
+_ = math

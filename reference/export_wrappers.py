@@ -1,0 +1,111 @@
+"""The exported functions: one nn.Module per component whose forward maps the contract's inputs, in the
+contract's order, to its output (runtime/contracts.py states names, dtypes and shapes).
+
+The ONNX exporter traces exactly these modules, the torch backend runs them, and the reference
+pipeline samples through them, so all three compute the same function. Contract conventions kept here:
+float inputs and outputs are float32 whatever the weights' dtype (an fp16 module casts inside); the VAE
+decoder takes the *scaled* latent and divides by the scale factor itself; the VAE encoder returns the
+distribution parameters (KL: mean and logvar; VQ: the pre-quantisation latent), unscaled.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .autoencoder import AutoencoderKL, VQModel
+from .ldm import LatentDiffusion
+from .text_encoder import TextEncoder
+from .unet import UNetModel
+
+
+def _dtype_of(module: nn.Module) -> torch.dtype:
+    return next(module.parameters()).dtype
+
+
+class TextEncoderExport(nn.Module):
+    """input_ids (B, L) int64 -> last_hidden_state (B, L, D) float32: tau_theta(y) of the LDM paper."""
+
+    input_names = ("input_ids",)
+    output_names = ("last_hidden_state",)
+
+    def __init__(self, text_encoder: TextEncoder) -> None:
+        super().__init__()
+        self.text_encoder = text_encoder
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.text_encoder(input_ids).float()
+
+
+class UNetExport(nn.Module):
+    """(sample, timestep[, encoder_hidden_states][, class_labels]) -> out_sample, all float32 but labels.
+
+    `sample` (B, in_channels, h, w) already holds any concat conditioning (inpainting: latent, mask,
+    masked-image latent); `timestep` (B,) float32; the optional inputs follow in the contract's order and
+    exist exactly when the UNet has cross-attention / a class embedding, as `input_names` lists.
+    """
+
+    output_names = ("out_sample",)
+
+    def __init__(self, unet: UNetModel) -> None:
+        super().__init__()
+        self.unet = unet
+        self.has_context = unet.config.context_dim is not None
+        self.has_classes = unet.config.num_classes is not None
+        self.input_names = ("sample", "timestep") + ("encoder_hidden_states",) * self.has_context + ("class_labels",) * self.has_classes
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, *conditioning: torch.Tensor) -> torch.Tensor:
+        if len(conditioning) != len(self.input_names) - 2:
+            raise TypeError(f"UNetExport takes inputs {self.input_names}, got {2 + len(conditioning)} tensors")
+        dtype = _dtype_of(self.unet)
+        rest = list(conditioning)
+        context = rest.pop(0).to(dtype) if self.has_context else None
+        labels = rest.pop(0) if self.has_classes else None
+        return self.unet(sample.to(dtype), timestep, context, labels).float()
+
+
+class VaeDecoderExport(nn.Module):
+    """latent (B, C, h, w), scaled as the UNet sees it -> image (B, 3, f*h, f*w) in about [-1, 1]
+    (not clamped): D(z / scale_factor). A VQ decoder quantises first ("absorbed into the decoder")."""
+
+    input_names = ("latent",)
+    output_names = ("image",)
+
+    def __init__(self, autoencoder: AutoencoderKL | VQModel, scale_factor: float) -> None:
+        super().__init__()
+        self.autoencoder = autoencoder
+        self.scale_factor = float(scale_factor)
+
+    def forward(self, latent: torch.Tensor) -> torch.Tensor:
+        z = latent.to(_dtype_of(self.autoencoder)) / self.scale_factor
+        return self.autoencoder.decode(z).float()
+
+
+class VaeEncoderExport(nn.Module):
+    """image (B, 3, H, W) in [-1, 1] -> latent_parameters, unscaled: KL (B, 2C, h, w) = [mean, logvar]
+    along channels (no sampling inside); VQ (B, C, h, w) = the pre-quantisation latent."""
+
+    input_names = ("image",)
+    output_names = ("latent_parameters",)
+
+    def __init__(self, autoencoder: AutoencoderKL | VQModel) -> None:
+        super().__init__()
+        self.autoencoder = autoencoder
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        x = image.to(_dtype_of(self.autoencoder))
+        if isinstance(self.autoencoder, VQModel):
+            return self.autoencoder.encode(x).float()
+        return self.autoencoder.encode_moments(x).float()
+
+
+def export_wrappers(model: LatentDiffusion) -> dict[str, nn.Module]:
+    """The wrapper of every component this model has, by contract name (no text encoder: no entry)."""
+    wrappers: dict[str, nn.Module] = {
+        "unet": UNetExport(model.unet),
+        "vae_decoder": VaeDecoderExport(model.autoencoder, model.scale_factor),
+        "vae_encoder": VaeEncoderExport(model.autoencoder),
+    }
+    if model.text_encoder is not None:
+        wrappers = {"text_encoder": TextEncoderExport(model.text_encoder), **wrappers}
+    return {name: w.eval() for name, w in wrappers.items()}

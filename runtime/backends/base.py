@@ -1,0 +1,96 @@
+"""The backend interface: one session per exported component, chosen explicitly by the caller.
+
+A component is anything with a `contract` (runtime/contracts.py) and `run(inputs) -> outputs`, both
+keyed by the contract's tensor names, float tensors float32 whatever the precision inside. A backend is a
+factory `open_components(artifacts_dir, manifest, precision, providers=None) -> {name: component}`.
+
+ONNX Runtime and TensorRT live in this package; any other backend (the torch reference, "torch") is
+found through the entry-point group "ldm_rt.backends", so the runtime never imports it by name.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from ..contracts import DTYPES, ComponentContract
+from ..manifest import Manifest
+
+ENTRY_POINT_GROUP = "ldm_rt.backends"
+PRECISIONS = ("fp32", "fp16")
+# Built-in backends: name -> module inside this package (imported only when chosen).
+BUILTIN = {"onnxruntime": "onnxruntime_backend", "tensorrt": "tensorrt_backend"}
+
+
+class BackendError(ValueError):
+    """A backend cannot be opened or run; the message names the cause and the alternative."""
+
+
+@runtime_checkable
+class Component(Protocol):
+    contract: ComponentContract
+
+    def run(self, inputs: dict[str, object]) -> dict[str, np.ndarray]: ...
+
+
+@runtime_checkable
+class SupportsUpload(Protocol):
+    """A component that can keep an input on its device across calls (e.g. text embeddings for all
+    UNet steps); `upload` returns a handle `run` accepts in place of the array."""
+
+    def upload(self, name: str, array: np.ndarray) -> object: ...
+
+
+class BackendFactory(Protocol):
+    def __call__(
+        self, artifacts_dir: Path, manifest: Manifest, precision: str, providers: Sequence[str] | None = None
+    ) -> dict[str, Component]: ...
+
+
+def available_backends() -> list[str]:
+    names = set(BUILTIN)
+    names.update(ep.name for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP))
+    return sorted(names)
+
+
+def backend_factory(name: str) -> BackendFactory:
+    """The `open_components` of backend `name`; a BackendError naming the fix if it is not available."""
+    if name in BUILTIN:
+        module = importlib.import_module(f"{__package__}.{BUILTIN[name]}")
+        return module.open_components
+    found = importlib.metadata.entry_points(group=ENTRY_POINT_GROUP, name=name)
+    if not found:
+        hint = " (install the reference models: pip install 'ldm-rt[torch]')" if name == "torch" else ""
+        raise BackendError(f"unknown backend {name!r}{hint}; available: {', '.join(available_backends())}")
+    entry = next(iter(found))
+    try:
+        factory: Callable = entry.load()
+    except ImportError as e:
+        raise BackendError(
+            f"backend {name!r} cannot be imported ({e.name or e} is missing); install its extra "
+            f"(pip install 'ldm-rt[{name}]') or use --backend onnxruntime"
+        ) from None
+    return factory
+
+
+def open_components(
+    backend: str,
+    artifacts_dir: str | Path,
+    manifest: Manifest,
+    precision: str = "fp32",
+    providers: Sequence[str] | None = None,
+) -> dict[str, Component]:
+    if precision not in PRECISIONS:
+        raise BackendError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    return backend_factory(backend)(Path(artifacts_dir), manifest, precision, providers)
+
+
+def placeholder_for(contract: ComponentContract, name: str, shape: tuple[int, ...]) -> np.ndarray:
+    """A zero-stride array of the right dtype and shape, so contract checks apply to device handles too."""
+    spec = next(t for t in contract.inputs if t.name == name)
+    return np.broadcast_to(np.zeros((), DTYPES[spec.dtype]), shape)

@@ -1,0 +1,114 @@
+"""The parameters of one generation request, validated against the artifacts before any work is done."""
+
+from __future__ import annotations
+
+import math
+import operator
+import secrets
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from .manifest import Manifest
+from .schedulers import SCHEDULERS
+
+
+class GenerationError(ValueError):
+    """A generation parameter is invalid for these artifacts; the message names it and the allowed values."""
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    prompts: tuple[str, ...]
+    negative_prompts: tuple[str, ...]  # one per prompt
+    steps: int
+    guidance: float
+    scheduler: str
+    seed: int
+    batch: int  # images per prompt
+    height: int
+    width: int
+    strength: float  # img2img / inpainting: the fraction of the schedule that is run
+
+    @property
+    def images(self) -> int:
+        return len(self.prompts) * self.batch
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _as_prompts(value: str | list[str] | tuple[str, ...], what: str) -> tuple[str, ...]:
+    prompts = (value,) if isinstance(value, str) else tuple(value)
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise GenerationError(f"{what} must be a string or a non-empty list of strings")
+    return prompts
+
+
+def _int(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not hasattr(value, "__index__"):
+        raise GenerationError(f"{what} must be an integer, got {value!r}")
+    return operator.index(value)
+
+
+def make_params(
+    manifest: Manifest,
+    *,
+    prompt: str | list[str],
+    negative_prompt: str | list[str],
+    steps: int,
+    guidance: float,
+    scheduler: str,
+    seed: int | None,
+    batch: int,
+    height: int | None,
+    width: int | None,
+    strength: float,
+) -> GenerationParams:
+    """Check every value against the artifacts (profile, pixel multiple) and fill defaults (size: the
+    profile's optimum; seed: a fresh random one, recorded so the image can be reproduced)."""
+    prompts = _as_prompts(prompt, "prompt")
+    negatives = _as_prompts(negative_prompt, "negative_prompt")
+    if len(negatives) == 1:
+        negatives = negatives * len(prompts)
+    if len(negatives) != len(prompts):
+        raise GenerationError(f"got {len(negatives)} negative prompts for {len(prompts)} prompts; give one, or one per prompt")
+    steps = _int(steps, "steps")
+    if steps < 1:
+        raise GenerationError(f"steps must be >= 1, got {steps}")
+    try:
+        guidance = float(guidance)
+    except (TypeError, ValueError):
+        raise GenerationError(f"guidance must be a number, got {guidance!r}") from None
+    if not math.isfinite(guidance):
+        raise GenerationError(f"guidance must be a finite number, got {guidance}")
+    if scheduler not in SCHEDULERS:
+        raise GenerationError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+    seed = secrets.randbits(63) if seed is None else _int(seed, "seed")
+    if seed < 0:
+        raise GenerationError(f"seed must be >= 0, got {seed}")
+    batch = _int(batch, "batch")
+    if batch < 1:
+        raise GenerationError(f"batch must be >= 1, got {batch}")
+    profile, multiple = manifest.profile, manifest.facts.pixel_multiple
+    images = len(prompts) * batch
+    if not profile.batch[0] <= images <= profile.batch[2]:
+        raise GenerationError(
+            f"{images} images per call ({len(prompts)} prompts x batch {batch}) is outside the artifacts' "
+            f"batch range [{profile.batch[0]}, {profile.batch[2]}]; rebuild with a wider --batch-range"
+        )
+    sizes = {}
+    for name, value, (lo, opt, hi) in (("height", height, profile.height), ("width", width, profile.width)):
+        value = opt if value is None else _int(value, name)
+        if value % multiple or not lo <= value <= hi:
+            raise GenerationError(
+                f"{name} {value} must be a multiple of {multiple} in [{lo}, {hi}] for these artifacts; "
+                f"rebuild with a wider --{name}-range for other sizes"
+            )
+        sizes[name] = value
+    try:
+        strength = float(strength)
+    except (TypeError, ValueError):
+        raise GenerationError(f"strength must be a number, got {strength!r}") from None
+    if not 0.0 < strength <= 1.0:
+        raise GenerationError(f"strength must be in (0, 1], got {strength}")
+    return GenerationParams(prompts, negatives, steps, guidance, scheduler, seed, batch, sizes["height"], sizes["width"], strength)

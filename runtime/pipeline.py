@@ -1,0 +1,252 @@
+"""The lean sampler: text -> latents -> image with numpy, a scheduler and one backend's components.
+
+Latent diffusion sampling (Rombach et al. 2022, Sec. 3.3) with classifier-free guidance (Ho & Salimans
+2022). Load once, generate many:
+
+    pipe = Pipeline.load("engines/build/tiny")                       # manifest hashes checked once
+    result = pipe.generate("a red cube", steps=25, guidance=7.5, seed=1)
+    result.to_pil()[0].save("cube.png")
+
+Thread safety: the object holds only read-only things (artifacts, components whose `run` is thread-safe,
+immutable schedulers); everything a call changes (scheduler run, random generator, timings) is local to
+`generate`, so one Pipeline serves concurrent requests.
+
+Randomness (the same on every backend and in the torch reference, so a seed means one image): one
+`np.random.default_rng(seed)`; the initial noise is drawn first, `standard_normal((B, C, h, w),
+dtype=float32)` (skipped when `latents` is given), then each stochastic scheduler step draws its noise.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from . import guidance as cfg
+from .artifacts import Artifacts
+from .backends.base import Component, SupportsUpload, open_components
+from .images import as_mask_array, as_rgb_array, image_to_model, resize, to_uint8
+from .params import GenerationError, GenerationParams, make_params
+from .schedulers import SCHEDULERS, make_scheduler
+
+log = logging.getLogger(__name__)
+
+# callback(step_index, num_steps, timestep, latents) after every denoising step.
+StepCallback = Callable[[int, int, float, np.ndarray], None]
+
+
+class NonFiniteError(GenerationError):
+    """A component produced NaN or Inf (usually fp16 overflow); the message names the component and step."""
+
+
+@dataclass(frozen=True)
+class Result:
+    images: np.ndarray  # (B, H, W, 3) uint8
+    params: dict[str, Any]  # what produced the images (GenerationParams + model hash, backend, precision)
+    timings: dict[str, Any] = field(default_factory=dict)  # seconds per stage; "unet" is a list per step
+    latents: np.ndarray | None = None  # (B, C, h, w) final scaled latents, before decoding
+
+    def to_pil(self) -> list[Image.Image]:
+        return [Image.fromarray(im) for im in self.images]
+
+
+@dataclass(frozen=True)
+class Start:
+    """The loop's starting point and what inpainting needs at every step."""
+
+    x: np.ndarray  # (B, C, h, w) initial latents
+    noise: np.ndarray  # (B, C, h, w) the unit-variance noise they were made from
+    image_latents: np.ndarray | None = None  # (B, C, h, w) scaled latents of the init image
+    mask: np.ndarray | None = None  # (B, 1, h, w), 1 = repaint
+    masked_image_latents: np.ndarray | None = None  # (B, C, h, w), inpainting UNet only
+
+
+class Pipeline:
+    def __init__(self, artifacts: Artifacts, components: dict[str, Component], backend: str, precision: str) -> None:
+        self.artifacts = artifacts
+        self.components = MappingProxyType(dict(components))
+        self.backend = backend
+        self.precision = precision
+        self.facts = artifacts.manifest.facts
+        self.schedulers = MappingProxyType({name: make_scheduler(name, artifacts.scheduler_config) for name in SCHEDULERS})
+        unet = self.components["unet"].contract
+        if any(t.name == "class_labels" for t in unet.inputs):
+            raise GenerationError("class-conditional models are not supported by the runtime pipeline; sample them with the reference")
+        lc, cin = self.facts.latent_channels, self.facts.unet_in_channels
+        if cin not in (lc, 2 * lc + 1):
+            raise GenerationError(
+                f"a UNet with {cin} input channels for {lc} latent channels (concat conditioning) is not supported by the runtime pipeline"
+            )
+        self.inpainting_unet = cin == 2 * lc + 1
+
+    @classmethod
+    def load(
+        cls,
+        artifacts_dir: str | Path | None = None,
+        backend: str = "onnxruntime",
+        precision: str = "fp32",
+        providers: Sequence[str] | None = None,
+    ) -> Pipeline:
+        """Open an artifacts folder (default: the shipped default model) with one backend; hashes are checked here, once."""
+        artifacts = Artifacts.open(artifacts_dir)
+        components = open_components(backend, artifacts.root, artifacts.manifest, precision, providers)
+        return cls(artifacts, components, backend, precision)
+
+    # ---- one request -------------------------------------------------------------------------------------------
+    def generate(
+        self,
+        prompt: str | list[str] = "",
+        negative_prompt: str | list[str] = "",
+        steps: int = 25,
+        guidance: float = 7.5,
+        scheduler: str = "ddim",
+        seed: int | None = None,
+        batch: int = 1,
+        height: int | None = None,
+        width: int | None = None,
+        latents: np.ndarray | None = None,
+        init_image: np.ndarray | Image.Image | str | Path | None = None,
+        strength: float = 0.8,
+        mask: np.ndarray | Image.Image | str | Path | None = None,
+        callback: StepCallback | None = None,
+    ) -> Result:
+        """Images for `prompt` (`batch` per prompt). `latents`: unit-variance noise (B, C, h, w) used instead
+        of drawing it (multiplied by the scheduler's init_noise_sigma, as diffusers' `latents=`);
+        `init_image` + `strength`: img2img; `mask` (with init_image; 1 = repaint): inpainting."""
+        start_time = time.perf_counter()
+        if init_image is not None and (height is None or width is None):
+            h0, w0 = as_rgb_array(init_image).shape[:2]
+            height, width = height or h0, width or w0
+        p = make_params(
+            self.artifacts.manifest,
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            steps=steps,
+            guidance=guidance,
+            scheduler=scheduler,
+            seed=seed,
+            batch=batch,
+            height=height,
+            width=width,
+            strength=strength,
+        )
+        if mask is not None and init_image is None:
+            raise GenerationError("mask needs init_image: inpainting repaints part of an image")
+        if self.inpainting_unet and init_image is None:
+            raise GenerationError("this is an inpainting model: pass init_image and mask")
+        shape = (p.images, self.facts.latent_channels, p.height // self.facts.latent_factor, p.width // self.facts.latent_factor)
+        if latents is not None:
+            latents = np.asarray(latents)
+            if latents.shape != shape:
+                raise GenerationError(f"latents have shape {latents.shape}, expected {shape} for {p.images} images of {p.height}x{p.width}")
+            if not np.all(np.isfinite(latents)):
+                raise GenerationError("latents contain NaN or Inf")
+            latents = latents.astype(np.float32)
+
+        run = self.schedulers[p.scheduler].set_timesteps(p.steps)
+        if init_image is not None:
+            run = run.with_strength(p.strength)
+        timings: dict[str, Any] = {"unet": []}
+        use_cfg = "text_encoder" in self.components and cfg.uses_uncond(p.guidance)
+        context = self._encode_prompts(p, use_cfg, timings)
+        rng = np.random.default_rng(p.seed)
+        noise = latents if latents is not None else rng.standard_normal(shape, dtype=np.float32)
+        start = self._start(p, run, noise, init_image, mask, timings)
+
+        unet = self.components["unet"]
+        feeds_fixed: dict[str, Any] = {}
+        if context is not None:  # (B or 2B, L, D), read by every step: keep it on the device if the backend can
+            feeds_fixed["encoder_hidden_states"] = unet.upload("encoder_hidden_states", context) if isinstance(unet, SupportsUpload) else context
+        x = start.x
+        for i, t in enumerate(run.timesteps):
+            x_in = run.scale_model_input(x, i)
+            if self.inpainting_unet:
+                x_in = np.concatenate([x_in, start.mask, start.masked_image_latents], axis=1)  # (B, 2C+1, h, w)
+            if use_cfg:
+                x_in = cfg.double(x_in)
+            feeds = {"sample": x_in.astype(np.float32), "timestep": np.full((x_in.shape[0],), t, dtype=np.float32), **feeds_fixed}
+            out = self._call("unet", feeds, timings["unet"], step=i)["out_sample"]
+            eps = cfg.combine(out, p.guidance) if use_cfg else out
+            x = run.step(eps, i, x, generator=rng)
+            if start.mask is not None and not self.inpainting_unet:
+                # Latent blend (RePaint-style, as diffusers' inpainting with a plain UNet): keep the known
+                # region at the noise level of the next step, clean after the last one.
+                known = run.add_noise(start.image_latents, start.noise, i + 1) if i + 1 < len(run.timesteps) else start.image_latents
+                x = start.mask * x + (1.0 - start.mask) * known
+            if callback is not None:
+                callback(i, len(run.timesteps), float(t), x)
+
+        decoded = self._call("vae_decoder", {"latent": x.astype(np.float32)}, timings)["image"]
+        timings["total"] = time.perf_counter() - start_time
+        params = {
+            **p.to_dict(),
+            "model_hash": self.artifacts.model_hash,
+            "backend": self.backend,
+            "precision": self.precision,
+            "mode": "inpaint" if mask is not None else "img2img" if init_image is not None else "txt2img",
+        }
+        return Result(to_uint8(decoded), params, timings, x)
+
+    # ---- stages ----------------------------------------------------------------------------------------------
+    def _call(self, name: str, feeds: dict[str, Any], timings: dict | list, step: int | None = None) -> dict[str, np.ndarray]:
+        """Run one component, time it, and refuse non-finite outputs (naming the component and step)."""
+        t0 = time.perf_counter()
+        outs = self.components[name].run(feeds)
+        elapsed = time.perf_counter() - t0
+        if isinstance(timings, list):
+            timings.append(elapsed)
+        else:
+            timings[name] = timings.get(name, 0.0) + elapsed
+        for key, value in outs.items():
+            if not np.all(np.isfinite(value)):
+                where = f" at step {step}" if step is not None else ""
+                hint = " (fp16 overflow? try --precision fp32)" if self.precision == "fp16" else ""
+                raise NonFiniteError(f"{name} produced non-finite values in {key}{where}{hint}")
+        return outs
+
+    def _encode_prompts(self, p: GenerationParams, use_cfg: bool, timings: dict) -> np.ndarray | None:
+        """Context (B or 2B, L, D), rows [uncond..., cond...] under guidance, each prompt repeated `batch` times."""
+        if "text_encoder" not in self.components:
+            return None
+        tokenizer = self.artifacts.tokenizer
+        # The tokenizer logs a warning for each prompt it truncates (numbered within its list).
+        ids = tokenizer(list(p.prompts)).ids
+        if use_cfg:
+            ids = np.concatenate([tokenizer(list(p.negative_prompts)).ids, ids])  # (2P, L): [uncond, cond]
+        ids = np.repeat(ids, p.batch, axis=0)  # (rows, L), each prompt `batch` times in a row, as diffusers
+        return self._call("text_encoder", {"input_ids": ids}, timings)["last_hidden_state"]
+
+    def _encode_image(self, image: np.ndarray, timings: dict) -> np.ndarray:
+        """(1, 3, H, W) in [-1, 1] -> scaled latent (1, C, h, w): the posterior mean (KL) or the latent (VQ)."""
+        params = self._call("vae_encoder", {"image": image}, timings)["latent_parameters"]
+        mean = params[:, : self.facts.latent_channels]  # KL: [mean, logvar] along channels
+        return (mean * np.float32(self.facts.scale_factor)).astype(np.float32)
+
+    def _start(self, p: GenerationParams, run, noise: np.ndarray, init_image, mask, timings: dict) -> Start:
+        if init_image is None:
+            return Start(noise * np.float32(run.init_noise_sigma), noise)
+        b = p.images
+        pixels = resize(as_rgb_array(init_image), p.height, p.width)
+        image = image_to_model(pixels)  # (1, 3, H, W)
+        image_latents = np.repeat(self._encode_image(image, timings), b, axis=0)  # (B, C, h, w)
+        if mask is None:
+            return Start(run.add_noise(image_latents, noise, 0), noise, image_latents)
+        m = resize(as_mask_array(mask), p.height, p.width)
+        m = (m >= 0.5).astype(np.float32)[None, None]  # (1, 1, H, W), binarised as diffusers
+        f = self.facts.latent_factor
+        latent_mask = np.repeat(m[:, :, ::f, ::f], b, axis=0)  # nearest downsampling, (B, 1, h, w)
+        masked_latents = None
+        if self.inpainting_unet:
+            masked_latents = np.repeat(self._encode_image(image * (m < 0.5), timings), b, axis=0)
+        if p.strength == 1.0:
+            x = noise * np.float32(run.init_noise_sigma)  # pure noise, as diffusers' inpainting at full strength
+        else:
+            x = run.add_noise(image_latents, noise, 0)
+        return Start(x, noise, image_latents, latent_mask, masked_latents)

@@ -1,0 +1,162 @@
+"""DPM-Solver++ multistep (Lu et al. 2022, "DPM-Solver++: Fast Solver for Guided Sampling of Diffusion
+Probabilistic Models", Alg. 2 = 2M; Alg. 3 in the appendix for 3M), diffusers' DPMSolverMultistepScheduler
+with algorithm_type="dpmsolver++".
+
+Symbols: alpha_t, sigma_t of the VP process (x_t = alpha_t x0 + sigma_t eps), log-SNR lambda_t =
+log(alpha_t / sigma_t) = -log(sigma_VE), step size h = lambda_t - lambda_s, and the data predictions
+D = x0_theta(x_s, s) of the last steps (m0 newest, m1, m2 older).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .base import Draw, Scheduler, dynamic_threshold, x0_and_eps
+from .config import train_sigmas
+from .euler import SigmaRun
+from .sigmas import karras_sigmas, sigma_to_t
+
+
+class DPMSolverMultistepScheduler(Scheduler):
+    """DPM-Solver++ of order 1, 2 (2M, the default) or 3 (3M); Karras sigmas with use_karras_sigmas."""
+
+    diffusers_class = "DPMSolverMultistepScheduler"
+    terminal_alpha_bar_floor = True
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        return f"dpmpp-{self.config.solver_order}m" + ("-karras" if self.config.use_karras_sigmas else "")
+
+    def _make_run(self, num_inference_steps: int) -> DPMSolverRun:
+        c = self.config
+        T, n = c.num_train_timesteps, num_inference_steps
+        sigmas_train = train_sigmas(self.alphas_cumprod)  # (T,) float32, ascending in t
+        # 1. timesteps on [0, last_timestep), dropping those whose lambda is below lambda_min_clipped
+        ac = self.alphas_cumprod
+        lambdas = np.log(np.sqrt(ac)) - np.log(np.sqrt(np.float32(1) - ac))  # (T,) float32, descending in t
+        last_timestep = T - int(np.searchsorted(lambdas[::-1], c.lambda_min_clipped))
+        if c.timestep_spacing == "linspace":
+            timesteps = np.linspace(0, last_timestep - 1, n + 1).round()[::-1][:-1].astype(np.int64)
+        elif c.timestep_spacing == "leading":
+            step_ratio = last_timestep // (n + 1)
+            timesteps = (np.arange(0, n + 1) * step_ratio).round()[::-1][:-1].astype(np.int64) + c.steps_offset
+        else:  # trailing
+            timesteps = np.arange(last_timestep, 0, -T / n).round().astype(np.int64) - 1
+        self._check_timesteps(timesteps)
+        # 2. sigmas: read off the training table, or Karras et al. eq. 5 between the table's extremes
+        if c.use_karras_sigmas:
+            sigma_min = c.sigma_min if c.sigma_min is not None else float(sigmas_train[0])
+            sigma_max = c.sigma_max if c.sigma_max is not None else float(sigmas_train[-1])
+            sigmas = karras_sigmas(sigma_min, sigma_max, n)
+            t = sigma_to_t(sigmas, np.log(sigmas_train))
+            # diffusers rounds except for the cosine schedule, where the int cast truncates.
+            timesteps = (t if c.beta_schedule == "squaredcos_cap_v2" else t.round()).astype(np.int64)
+        else:
+            sigmas = np.interp(timesteps, np.arange(T), sigmas_train)
+        sigma_last = float(sigmas_train[0]) if c.final_sigmas_type == "sigma_min" else 0.0
+        sigmas = np.concatenate([sigmas, [sigma_last]]).astype(np.float32)
+        return DPMSolverRun(self, timesteps, n, sigmas)
+
+
+def _vp(sigma: float) -> tuple[float, float]:
+    """(alpha_t, sigma_t) of the VP process at VE noise level sigma."""
+    alpha = 1.0 / np.sqrt(sigma**2 + 1)
+    return alpha, sigma * alpha
+
+
+class DPMSolverRun(SigmaRun):
+    multistep = True
+    accepts_learned_variance = True  # variance channels are dropped, as diffusers does for learned variance
+
+    @property
+    def init_noise_sigma(self) -> float:
+        return 1.0  # DPM-Solver works on VP samples: no input scaling either
+
+    def _scale_model_input(self, sample: np.ndarray, g: int) -> np.ndarray:
+        return sample
+
+    def _add_noise(self, x0: np.ndarray, noise: np.ndarray, g: int) -> np.ndarray:
+        alpha_t, sigma_t = _vp(np.float64(self.sigmas[g]))
+        return alpha_t * x0 + sigma_t * noise
+
+    def _reset_history(self) -> None:
+        self._data_predictions: list[np.ndarray] = []  # D of the last solver_order steps, oldest first
+
+    def solver_order_at(self, g: int, k: int) -> int:
+        """The order diffusers uses at table index g after k steps of this run (warm-up and final steps)."""
+        c = self.config
+        n_all = len(self.all_timesteps)
+        lower_order_final = g == n_all - 1 and (
+            c.euler_at_final or (c.lower_order_final and n_all < 15) or c.final_sigmas_type == "zero"
+        )
+        lower_order_second = g == n_all - 2 and c.lower_order_final and n_all < 15
+        taken = min(k, c.solver_order)  # diffusers' lower_order_nums
+        if c.solver_order == 1 or taken < 1 or lower_order_final:
+            return 1
+        if c.solver_order == 2 or taken < 2 or lower_order_second:
+            return 2
+        return 3
+
+    def _step(self, m: np.ndarray, g: int, k: int, x: np.ndarray, draw: Draw, predicted_variance) -> np.ndarray:
+        """Lu et al. 2022 Alg. 2 (and its order-1 / order-3 siblings) in data-prediction form."""
+        c = self.config
+        # 1. data prediction D = x0_theta(x_s, s) (the "++": solve the ODE in x0 rather than eps)
+        s_ve = np.float64(self.sigmas[g])
+        alpha_s, _ = _vp(s_ve)
+        x0, _ = x0_and_eps(c.prediction_type, m, x, alpha_s**2)
+        if c.thresholding:
+            x0 = dynamic_threshold(x0, c.dynamic_thresholding_ratio, c.sample_max_value)
+        self._data_predictions = (self._data_predictions + [x0])[-c.solver_order :]
+        # 2. order of this step, then the update from sigma_s to sigma_t
+        order = self.solver_order_at(g, k)
+        sigma_ve = [np.float64(self.sigmas[g + 1 - j]) for j in range(order + 1)]  # t, s0, s1, s2
+        if order == 1:
+            return self._first_order(x, sigma_ve)
+        if order == 2:
+            return self._second_order(x, sigma_ve)
+        return self._third_order(x, sigma_ve)
+
+    def _first_order(self, x: np.ndarray, sig: list[float]) -> np.ndarray:
+        """DPM-Solver++(1) (= DDIM): x_t = (sigma_t / sigma_s) x_s - alpha_t (e^{-h} - 1) D0."""
+        (alpha_t, sigma_t), (_, sigma_s) = _vp(sig[0]), _vp(sig[1])
+        d0 = self._data_predictions[-1]
+        # e^{-h} = sigma_VE_t / sigma_VE_s; finite also for the zero tail (x_t = D0 there).
+        exp_neg_h = sig[0] / sig[1]
+        return (sigma_t / sigma_s) * x - alpha_t * (exp_neg_h - 1.0) * d0
+
+    def _second_order(self, x: np.ndarray, sig: list[float]) -> np.ndarray:
+        """DPM-Solver++(2M), Lu et al. 2022 Alg. 2: D1 = (m0 - m1) / r0 with r0 = h_0 / h."""
+        (alpha_t, sigma_t), (_, sigma_s0) = _vp(sig[0]), _vp(sig[1])
+        lam_t, lam_s0, lam_s1 = -np.log(sig[0]), -np.log(sig[1]), -np.log(sig[2])
+        m0, m1 = self._data_predictions[-1], self._data_predictions[-2]
+        h, h_0 = lam_t - lam_s0, lam_s0 - lam_s1
+        r0 = h_0 / h
+        d0, d1 = m0, (1.0 / r0) * (m0 - m1)
+        em1 = np.expm1(-h)  # e^{-h} - 1
+        if self.config.solver_type == "midpoint":
+            return (sigma_t / sigma_s0) * x - alpha_t * em1 * d0 - 0.5 * alpha_t * em1 * d1
+        return (sigma_t / sigma_s0) * x - alpha_t * em1 * d0 + alpha_t * (em1 / h + 1.0) * d1  # heun
+
+    def _third_order(self, x: np.ndarray, sig: list[float]) -> np.ndarray:
+        """DPM-Solver++(3M): second divided difference D2 of the last three data predictions."""
+        (alpha_t, sigma_t), (_, sigma_s0) = _vp(sig[0]), _vp(sig[1])
+        lam_t, lam_s0, lam_s1, lam_s2 = (-np.log(s) for s in sig)
+        m0, m1, m2 = self._data_predictions[-1], self._data_predictions[-2], self._data_predictions[-3]
+        h, h_0, h_1 = lam_t - lam_s0, lam_s0 - lam_s1, lam_s1 - lam_s2
+        r0, r1 = h_0 / h, h_1 / h
+        d1_0, d1_1 = (1.0 / r0) * (m0 - m1), (1.0 / r1) * (m1 - m2)
+        d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
+        d2 = (1.0 / (r0 + r1)) * (d1_0 - d1_1)
+        em1 = np.expm1(-h)
+        return (
+            (sigma_t / sigma_s0) * x
+            - alpha_t * em1 * m0
+            + alpha_t * (em1 / h + 1.0) * d1
+            - alpha_t * ((em1 + h) / h**2 - 0.5) * d2
+        )
+
+    def _tables(self) -> dict[str, Any]:
+        orders = [self.solver_order_at(self.begin_index + k, k) for k in range(len(self.timesteps))]
+        return {"sigmas": self.sigmas.tolist(), "step_orders": orders}

@@ -1,0 +1,62 @@
+"""Linear multistep in sigma (k-diffusion `sample_lms`, Karras et al. 2022 ODE with a fourth-order
+Adams-Bashforth-type rule on a non-uniform grid), diffusers' LMSDiscreteScheduler."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .base import Draw, Scheduler, x0_from_sigma
+from .config import train_sigmas
+from .euler import SigmaRun, interpolated_sigmas
+from .sigmas import karras_sigmas, sigma_to_t
+
+LMS_ORDER = 4
+
+
+def lms_coefficient(sigmas: np.ndarray, order: int, i: int, j: int) -> float:
+    """integral over [sigma_i, sigma_{i+1}] of the Lagrange basis polynomial of node sigma_{i-j} on the
+    nodes sigma_i, ..., sigma_{i-order+1} (k-diffusion `linear_multistep_coeff`), exactly."""
+    nodes = [np.float64(sigmas[i - k]) for k in range(order)]
+    others = [nodes[k] for k in range(order) if k != j]
+    basis = np.polynomial.Polynomial([1.0])
+    if others:
+        basis = np.polynomial.Polynomial.fromroots(others) / np.prod([nodes[j] - o for o in others])
+    antiderivative = basis.integ()
+    return float(antiderivative(np.float64(sigmas[i + 1])) - antiderivative(np.float64(sigmas[i])))
+
+
+class LMSScheduler(Scheduler):
+    """x_{i+1} = x_i + sum_j c_{ij} d_{i-j}, d = (x - D(x; sigma)) / sigma, up to four past derivatives."""
+
+    name = "lms"
+    diffusers_class = "LMSDiscreteScheduler"
+    supports_zero_snr = False
+
+    def _make_run(self, num_inference_steps: int) -> LMSRun:
+        timesteps, sigmas = interpolated_sigmas(self, num_inference_steps)
+        self._check_timesteps(timesteps)
+        if self.config.use_karras_sigmas:
+            # diffusers' LMS ignores sigma_min / sigma_max here and uses the interpolated range.
+            sigmas = karras_sigmas(float(sigmas[-1]), float(sigmas[0]), num_inference_steps)
+            timesteps = sigma_to_t(sigmas, np.log(train_sigmas(self.alphas_cumprod))).astype(np.float32)
+        sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)
+        return LMSRun(self, timesteps, num_inference_steps, sigmas)
+
+
+class LMSRun(SigmaRun):
+    multistep = True
+
+    def _reset_history(self) -> None:
+        self._derivatives: list[np.ndarray] = []  # d of the last LMS_ORDER steps, oldest first
+
+    def _step(self, m: np.ndarray, g: int, k: int, x: np.ndarray, draw: Draw, predicted_variance) -> np.ndarray:
+        # 1. denoised D(x; sigma_i) and derivative d_i
+        sigma = np.float64(self.sigmas[g])
+        x0 = x0_from_sigma(self.config.prediction_type, m, x, sigma)
+        self._derivatives = (self._derivatives + [(x - x0) / sigma])[-LMS_ORDER:]
+        # 2. coefficients; the order follows the table index (diffusers), the sum the derivatives we have
+        order = min(g + 1, LMS_ORDER)
+        used = min(order, len(self._derivatives))
+        coeffs = [lms_coefficient(self.sigmas, order, g, j) for j in range(used)]
+        # 3. x_{i+1} = x_i + sum_j c_j d_{i-j}
+        return x + sum(c * d for c, d in zip(coeffs, reversed(self._derivatives)))

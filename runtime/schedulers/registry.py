@@ -1,0 +1,127 @@
+"""Scheduler names (the CLI's `--scheduler`), diffusers class names, and loading a diffusers
+scheduler_config.json with the defaults of the class it names."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .base import Scheduler
+from .config import SchedulerConfig, SchedulerConfigError
+from .ddim import DDIMScheduler
+from .ddpm import DDPMScheduler
+from .dpm_solver import DPMSolverMultistepScheduler
+from .euler import EulerScheduler
+from .euler_ancestral import EulerAncestralScheduler
+from .lms import LMSScheduler
+from .pndm import PNDMScheduler
+
+
+def _dpmpp_2m(karras: bool) -> Callable[..., Scheduler]:
+    def make(config: SchedulerConfig | None = None) -> Scheduler:
+        config = SchedulerConfig() if config is None else config
+        return DPMSolverMultistepScheduler(dataclasses.replace(config, solver_order=2, use_karras_sigmas=karras))
+
+    return make
+
+
+# CLI name -> factory(config, **options). Only "ddim" takes an option (eta).
+SCHEDULERS: dict[str, Callable[..., Scheduler]] = {
+    "ddpm": DDPMScheduler,
+    "ddim": DDIMScheduler,
+    "euler": EulerScheduler,
+    "euler-a": EulerAncestralScheduler,
+    "dpmpp-2m": _dpmpp_2m(karras=False),
+    "dpmpp-2m-karras": _dpmpp_2m(karras=True),
+    "pndm": PNDMScheduler,
+    "lms": LMSScheduler,
+}
+
+DIFFUSERS_SCHEDULERS: dict[str, type[Scheduler]] = {
+    cls.diffusers_class: cls
+    for cls in (
+        DDPMScheduler,
+        DDIMScheduler,
+        EulerScheduler,
+        EulerAncestralScheduler,
+        DPMSolverMultistepScheduler,
+        PNDMScheduler,
+        LMSScheduler,
+    )
+}
+
+# diffusers' constructor defaults, for the fields each class has: a scheduler_config.json that omits a
+# key means that class's default, not SchedulerConfig's (which is Stable Diffusion v1's).
+_COMMON = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+    "beta_schedule": "linear",
+    "trained_betas": None,
+    "prediction_type": "epsilon",
+    "steps_offset": 0,
+}
+_THRESHOLDING = {"thresholding": False, "dynamic_thresholding_ratio": 0.995, "sample_max_value": 1.0}
+_CLIPPING = {"clip_sample": True, "clip_sample_range": 1.0}
+DIFFUSERS_DEFAULTS: dict[str, dict[str, Any]] = {
+    "DDPMScheduler": {
+        **_COMMON, **_THRESHOLDING, **_CLIPPING,
+        "variance_type": "fixed_small", "timestep_spacing": "leading", "rescale_betas_zero_snr": False,
+    },
+    "DDIMScheduler": {
+        **_COMMON, **_THRESHOLDING, **_CLIPPING,
+        "set_alpha_to_one": True, "timestep_spacing": "leading", "rescale_betas_zero_snr": False,
+    },
+    "PNDMScheduler": {**_COMMON, "skip_prk_steps": False, "set_alpha_to_one": False, "timestep_spacing": "leading"},
+    "EulerDiscreteScheduler": {
+        **_COMMON,
+        "interpolation_type": "linear", "use_karras_sigmas": False, "sigma_min": None, "sigma_max": None,
+        "timestep_spacing": "linspace", "rescale_betas_zero_snr": False, "final_sigmas_type": "zero",
+    },
+    "EulerAncestralDiscreteScheduler": {**_COMMON, "timestep_spacing": "linspace", "rescale_betas_zero_snr": False},
+    "DPMSolverMultistepScheduler": {
+        **_COMMON, **_THRESHOLDING,
+        "solver_order": 2, "algorithm_type": "dpmsolver++", "solver_type": "midpoint", "lower_order_final": True,
+        "euler_at_final": False, "use_karras_sigmas": False, "final_sigmas_type": "zero",
+        "lambda_min_clipped": -math.inf, "variance_type": None, "timestep_spacing": "linspace",
+        "rescale_betas_zero_snr": False,
+    },
+    "LMSDiscreteScheduler": {**_COMMON, "use_karras_sigmas": False, "timestep_spacing": "linspace"},
+}  # fmt: skip
+
+
+def make_scheduler(name: str, config: SchedulerConfig | None = None, **options: Any) -> Scheduler:
+    """The scheduler registered as `name` (see SCHEDULERS) for `config` (default: SD v1's)."""
+    if name not in SCHEDULERS:
+        raise SchedulerConfigError(f"unknown scheduler {name!r}; valid names are {sorted(SCHEDULERS)}")
+    try:
+        return SCHEDULERS[name](config, **options)
+    except TypeError as e:
+        raise SchedulerConfigError(f"scheduler {name!r} does not take options {sorted(options)}: {e}") from e
+
+
+def scheduler_from_diffusers_config(data: dict[str, Any], **options: Any) -> Scheduler:
+    """The scheduler of a diffusers scheduler config dict, by its "_class_name"."""
+    class_name = data.get("_class_name")
+    if class_name not in DIFFUSERS_SCHEDULERS:
+        raise SchedulerConfigError(
+            f"unsupported diffusers scheduler class {class_name!r}; supported: {sorted(DIFFUSERS_SCHEDULERS)} "
+            "(or pick one by name with make_scheduler)"
+        )
+    config = SchedulerConfig.from_dict({**DIFFUSERS_DEFAULTS[class_name], **data})
+    return DIFFUSERS_SCHEDULERS[class_name](config, **options)
+
+
+def scheduler_from_diffusers_json(path: str | Path, **options: Any) -> Scheduler:
+    """The scheduler a diffusers scheduler_config.json describes (class and config)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise SchedulerConfigError(f"cannot read scheduler config {path}: {e}") from e
+    if not isinstance(data, dict):
+        raise SchedulerConfigError(f"scheduler config {path} must hold a JSON object")
+    return scheduler_from_diffusers_config(data, **options)

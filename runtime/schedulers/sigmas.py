@@ -1,0 +1,35 @@
+"""Noise-level (sigma) schedules of the sigma-parametrised samplers (Euler, LMS, DPM-Solver++).
+
+sigma is the VE noise level x = x0 + sigma * eps, sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t)
+(Karras et al. 2022, "Elucidating the Design Space of Diffusion-Based Generative Models", Sec. 2).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+KARRAS_RHO = 7.0  # Karras et al. 2022, eq. 5 and Table 1
+
+
+def karras_sigmas(sigma_min: float, sigma_max: float, num_inference_steps: int) -> np.ndarray:
+    """sigma_i = (sigma_max^(1/rho) + i/(n-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho, Karras et al. eq. 5."""
+    ramp = np.linspace(0, 1, num_inference_steps)
+    min_inv_rho = sigma_min ** (1 / KARRAS_RHO)
+    max_inv_rho = sigma_max ** (1 / KARRAS_RHO)
+    return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** KARRAS_RHO
+
+
+def sigma_to_t(sigmas: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
+    """Fractional training timestep of each sigma: linear interpolation in log sigma (k-diffusion's t(sigma)).
+
+    `log_sigmas` is log of the float32 training sigmas, ascending in t; dtypes follow diffusers'
+    `_sigma_to_t` so the resulting timesteps round the same way.
+    """
+    sigmas = np.asarray(sigmas, dtype=np.float64)
+    log_sigma = np.log(np.maximum(sigmas, 1e-10))  # (n,)
+    dists = log_sigma[None, :] - log_sigmas[:, None]  # (T, n)
+    low_idx = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=log_sigmas.shape[0] - 2)  # (n,)
+    high_idx = low_idx + 1
+    low, high = log_sigmas[low_idx], log_sigmas[high_idx]
+    w = np.clip((low - log_sigma) / (low - high), 0, 1)
+    return (1 - w) * low_idx + w * high_idx

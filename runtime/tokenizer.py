@@ -1,0 +1,283 @@
+"""Prompt -> token ids for the text encoder, with the `tokenizers` library only (no torch, no transformers).
+
+Two vocabularies:
+- CLIP's byte-level BPE (Radford et al. 2021; Sennrich et al. 2016) as Stable Diffusion uses it, built
+  exactly like transformers' CLIPTokenizer so the ids are identical: NFC + whitespace squeeze +
+  lowercase, CLIP's split regex, byte-level alphabet, "</w>" end-of-word suffix, <|startoftext|> ...
+  <|endoftext|>, padded to 77 with <|endoftext|> (SD v1) or "!" (SD v2).
+- a word-level vocabulary for the small text encoder trained jointly with a UNet (`word_level`).
+
+Every tokenizer pads and truncates to a fixed `max_length`: the text encoder's position table is that
+long and exported graphs take (B, max_length). All settings live in the `tokenizers.Tokenizer`, so
+`save` writes one self-contained tokenizer.json that `from_file` restores unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
+from tokenizers.models import BPE, WordLevel
+
+from .atomic import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+BOS = "<|startoftext|>"
+EOS = "<|endoftext|>"
+# The word-level vocabulary's own specials; CLIP has no pad or unk token of its own.
+PAD = "<|pad|>"
+UNK = "<|unk|>"
+CLIP_MAX_LENGTH = 77
+# CLIP's pre-tokenisation pattern (openai/CLIP simple_tokenizer.py), as transformers' CLIPTokenizer has it.
+CLIP_SPLIT = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+# transformers writes this placeholder for "no limit" into tokenizer_config.json.
+UNSET_MODEL_MAX_LENGTH = 10**12
+
+
+class TokenizerError(ValueError):
+    """A tokenizer file is missing, unreadable or inconsistent; the message names the file and the fix."""
+
+
+@dataclass(frozen=True)
+class TokenizedPrompts:
+    ids: np.ndarray  # (B, max_length) int64: bos, tokens, eos, then pad
+    truncated: list[bool]  # per prompt: tokens beyond max_length were dropped
+    dropped: list[int]  # per prompt: how many tokens were dropped
+
+
+def _read_text(path: Path, what: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise TokenizerError(f"{what} {path} does not exist; pass the path of an existing file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise TokenizerError(f"cannot read {what} {path} ({e}); check the file") from None
+
+
+def _read_json(path: Path, what: str) -> Any:
+    try:
+        return json.loads(_read_text(path, what))
+    except json.JSONDecodeError as e:
+        raise TokenizerError(f"{what} {path} is not valid JSON ({e}); re-download or re-export it") from None
+
+
+def _token_content(value: Any) -> str | None:
+    # tokenizer_config.json stores special tokens as strings or as AddedToken dicts.
+    if isinstance(value, dict):
+        return value.get("content")
+    return value
+
+
+def _find_bos_eos(tokenizer: Tokenizer) -> tuple[int, int]:
+    """bos and eos ids from the post-processor, which is what actually inserts them."""
+    processor = json.loads(tokenizer.to_str()).get("post_processor") or {}
+    candidates = processor.get("processors", []) if processor.get("type") == "Sequence" else [processor]
+    for p in candidates:
+        if p.get("type") == "RobertaProcessing":
+            return int(p["cls"][1]), int(p["sep"][1])
+        if p.get("type") == "TemplateProcessing":
+            single = p["single"]
+            first, last = single[0].get("SpecialToken"), single[-1].get("SpecialToken")
+            if first and last:
+                return int(p["special_tokens"][first["id"]]["ids"][0]), int(p["special_tokens"][last["id"]]["ids"][0])
+    raise TokenizerError(
+        "the tokenizer's post-processor does not add a start and an end token; build it with "
+        "PromptTokenizer.from_clip_files or PromptTokenizer.word_level"
+    )
+
+
+class PromptTokenizer:
+    """Fixed-length tokenisation of a batch of prompts: ids (B, max_length) = bos, tokens, eos, pad..."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        """`tokenizer` must already pad and truncate to one fixed length and add bos/eos (the
+        constructors below set that up); everything else is read from it."""
+        padding, truncation = tokenizer.padding, tokenizer.truncation
+        if not padding or padding.get("length") is None or not truncation:
+            raise TokenizerError("the tokenizer does not pad and truncate to a fixed length; pass max_length when loading it")
+        if truncation["max_length"] != padding["length"]:
+            raise TokenizerError(
+                f"the tokenizer truncates to {truncation['max_length']} but pads to {padding['length']}; pass max_length to make them agree"
+            )
+        self._tokenizer = tokenizer
+        self._bos_id, self._eos_id = _find_bos_eos(tokenizer)
+
+    @property
+    def max_length(self) -> int:
+        return int(self._tokenizer.padding["length"])
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tokenizer.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def bos_id(self) -> int:
+        return self._bos_id
+
+    @property
+    def eos_id(self) -> int:
+        return self._eos_id
+
+    @property
+    def pad_id(self) -> int:
+        return int(self._tokenizer.padding["pad_id"])
+
+    def __call__(self, prompts: str | Sequence[str]) -> TokenizedPrompts:
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        encodings = self._tokenizer.encode_batch(list(prompts))
+        ids = np.array([e.ids for e in encodings], dtype=np.int64).reshape(len(encodings), self.max_length)
+        # With stride 0 the overflowing pieces hold exactly the dropped tokens (plus their own specials and pad).
+        dropped = [
+            sum(1 for o in e.overflowing for s, a in zip(o.special_tokens_mask, o.attention_mask) if a and not s)
+            for e in encodings
+        ]
+        for i, n in enumerate(dropped):
+            if n:
+                log.warning(
+                    "prompt %d is too long: %d token(s) beyond the text encoder's %d were dropped (%.40r...)",
+                    i, n, self.max_length, prompts[i],
+                )
+        return TokenizedPrompts(ids=ids, truncated=[n > 0 for n in dropped], dropped=dropped)
+
+    def save(self, path: str | Path) -> None:
+        """Write one self-contained tokenizer.json (vocabulary, padding, truncation, bos/eos template)."""
+        atomic_write_text(path, self._tokenizer.to_str(pretty=True))
+
+    # ---- constructors ----
+
+    @classmethod
+    def from_file(cls, path: str | Path, max_length: int | None = None, pad_token: str | None = None) -> PromptTokenizer:
+        """A tokenizer.json: ours (self-contained), or a transformers one together with max_length and
+        pad_token where it does not fix them itself."""
+        path = Path(path)
+        text = _read_text(path, "tokenizer file")
+        try:
+            tokenizer = Tokenizer.from_str(text)
+        except Exception as e:  # tokenizers raises a bare Exception for every kind of bad file
+            raise TokenizerError(f"{path} is not a valid tokenizer.json ({e}); re-export the model") from None
+        if max_length is not None or pad_token is not None:
+            length = max_length or (tokenizer.padding or {}).get("length")
+            pad = pad_token or (tokenizer.padding or {}).get("pad_token")
+            if length is None or pad is None:
+                raise TokenizerError(f"{path} fixes no padding; pass both max_length and pad_token")
+            _pad_and_truncate(tokenizer, int(length), pad, where=str(path))
+        return cls(tokenizer)
+
+    @classmethod
+    def from_clip_files(
+        cls,
+        vocab_json: str | Path,
+        merges_txt: str | Path,
+        max_length: int = CLIP_MAX_LENGTH,
+        pad_token: str = EOS,
+    ) -> PromptTokenizer:
+        """CLIP's BPE from vocab.json and merges.txt, configured as transformers' CLIPTokenizer."""
+        vocab_json, merges_txt = Path(vocab_json), Path(merges_txt)
+        vocab = _read_json(vocab_json, "CLIP vocabulary")
+        if not isinstance(vocab, dict):
+            raise TokenizerError(f"CLIP vocabulary {vocab_json} must map tokens to ids; re-download vocab.json")
+        merges = _parse_merges(merges_txt)
+        for token, role in ((BOS, "start token"), (EOS, "end token"), (pad_token, "pad token")):
+            if token not in vocab:
+                raise TokenizerError(f"CLIP vocabulary {vocab_json} lacks the {role} {token!r}; pass a token it has or re-download vocab.json")
+        try:
+            model = BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="", end_of_word_suffix="</w>", fuse_unk=False, unk_token=EOS)
+        except Exception as e:  # tokenizers raises a bare Exception for inconsistent vocab/merges
+            raise TokenizerError(f"{vocab_json} and {merges_txt} do not form a BPE model ({e}); use files from the same tokenizer") from None
+        tokenizer = Tokenizer(model)
+        tokenizer.normalizer = normalizers.Sequence(
+            [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
+        )
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(CLIP_SPLIT), behavior="removed", invert=True),
+                pre_tokenizers.ByteLevel(add_prefix_space=False),
+            ]
+        )
+        tokenizer.decoder = decoders.ByteLevel()
+        # As in transformers, the special tokens (the pad token too) are matched in the prompt text first:
+        # a literal "<|endoftext|>" stays one token, and with SD v2's pad "!" every "!" becomes id 0.
+        tokenizer.add_special_tokens(list(dict.fromkeys([BOS, EOS, pad_token])))
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{BOS} $A {EOS}", special_tokens=[(BOS, vocab[BOS]), (EOS, vocab[EOS])]
+        )
+        _pad_and_truncate(tokenizer, max_length, pad_token, where=str(vocab_json))
+        return cls(tokenizer)
+
+    @classmethod
+    def from_diffusers_folder(cls, tokenizer_dir: str | Path) -> PromptTokenizer:
+        """A diffusers `tokenizer/` folder: vocab.json + merges.txt, with the pad token and length from
+        special_tokens_map.json / tokenizer_config.json (SD v1 pads with <|endoftext|>, SD v2 with "!")."""
+        folder = Path(tokenizer_dir)
+        if not folder.is_dir():
+            raise TokenizerError(f"tokenizer folder {folder} does not exist; pass the model's tokenizer/ folder")
+        config = _read_json(folder / "tokenizer_config.json", "tokenizer config") if (folder / "tokenizer_config.json").is_file() else {}
+        special = _read_json(folder / "special_tokens_map.json", "special tokens map") if (folder / "special_tokens_map.json").is_file() else {}
+        pad_token = _token_content(special.get("pad_token")) or _token_content(config.get("pad_token")) or EOS
+        max_length = int(config.get("model_max_length") or CLIP_MAX_LENGTH)
+        if max_length >= UNSET_MODEL_MAX_LENGTH:
+            max_length = CLIP_MAX_LENGTH
+        if (folder / "vocab.json").is_file() or not (folder / "tokenizer.json").is_file():
+            return cls.from_clip_files(folder / "vocab.json", folder / "merges.txt", max_length, pad_token)
+        return cls.from_file(folder / "tokenizer.json", max_length=max_length, pad_token=pad_token)
+
+    @classmethod
+    def word_level(cls, words: Sequence[str], max_length: int) -> PromptTokenizer:
+        """A closed word vocabulary for a small jointly trained text encoder.
+
+        Ids: 0 <|pad|>, 1 <|unk|>, 2 <|startoftext|>, 3 <|endoftext|>, then `words` in order. Prompts are
+        lowercased and split at whitespace and punctuation (each punctuation mark is its own token, so
+        list "," if commas should be seen); unknown words become <|unk|>. Padding uses <|pad|>, not
+        <|endoftext|>, so the encoder can tell the end of a prompt from filler.
+        """
+        specials = [PAD, UNK, BOS, EOS]
+        vocab = {token: i for i, token in enumerate(specials)}
+        tokenizer = Tokenizer(WordLevel(vocab={**vocab, **{w: i + len(specials) for i, w in enumerate(words)}}, unk_token=UNK))
+        tokenizer.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), pre_tokenizers.Punctuation()])
+        bad = [w for w in words if not isinstance(w, str) or _word_pieces(tokenizer, w) != [w]]
+        if bad:
+            raise TokenizerError(f"word_level: {bad[:10]} are not single lowercase words or punctuation marks; split or lowercase them")
+        duplicates = sorted({w for w, n in Counter(words).items() if n > 1} | (set(words) & set(specials)))
+        if duplicates:
+            raise TokenizerError(f"word_level: {duplicates[:10]} appear more than once (or clash with a special token); remove them")
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{BOS} $A {EOS}", special_tokens=[(BOS, vocab[BOS]), (EOS, vocab[EOS])]
+        )
+        _pad_and_truncate(tokenizer, max_length, PAD, where="word_level")
+        return cls(tokenizer)
+
+
+def _word_pieces(tokenizer: Tokenizer, word: str) -> list[str]:
+    return [piece for piece, _ in tokenizer.pre_tokenizer.pre_tokenize_str(tokenizer.normalizer.normalize_str(word))]
+
+
+def _pad_and_truncate(tokenizer: Tokenizer, max_length: int, pad_token: str, where: str) -> None:
+    if max_length < 3:
+        raise TokenizerError(f"{where}: max_length {max_length} leaves no room between start and end tokens; use >= 3")
+    pad_id = tokenizer.token_to_id(pad_token)
+    if pad_id is None:
+        raise TokenizerError(f"{where}: pad token {pad_token!r} is not in the vocabulary; pass a token it has")
+    tokenizer.enable_truncation(max_length=max_length)
+    tokenizer.enable_padding(pad_id=pad_id, pad_token=pad_token, length=max_length)
+
+
+def _parse_merges(path: Path) -> list[tuple[str, str]]:
+    merges = []
+    for number, line in enumerate(_read_text(path, "BPE merges file").splitlines(), start=1):
+        if not line.strip() or (number == 1 and line.startswith("#version")):
+            continue
+        parts = line.split()
+        if len(parts) != 2:
+            raise TokenizerError(f"BPE merges file {path}, line {number}: expected two symbols, got {line!r}; re-download merges.txt")
+        merges.append((parts[0], parts[1]))
+    return merges

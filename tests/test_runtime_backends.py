@@ -1,0 +1,146 @@
+"""Backends without artifacts: selection, the missing-TensorRT line, engine cache-key refusal, ORT session
+options, provider resolution; and request validation against a manifest (runtime/params.py)."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import math
+import sys
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from ldm_rt.runtime.backends import base, onnxruntime_backend, tensorrt_backend
+from ldm_rt.runtime.backends.base import BackendError
+from ldm_rt.runtime.contracts import ModelFacts, ShapeProfile, build_contracts
+from ldm_rt.runtime.manifest import ArtifactError, ComponentEntry, FileEntry, Manifest, PrecisionEntry
+from ldm_rt.runtime.params import GenerationError, make_params
+
+FACTS = ModelFacts(
+    latent_channels=4, latent_factor=2, unet_factor=2, unet_in_channels=4, unet_out_channels=4, context_length=8,
+    context_dim=16, vocab_size=100, num_classes=None, autoencoder_kind="kl", scale_factor=0.18215,
+)
+PROFILE = ShapeProfile(batch=(1, 1, 2), height=(16, 32, 64), width=(16, 32, 64))
+
+
+def fake_manifest() -> Manifest:
+    entry = FileEntry("x", "0" * 64, 1)
+    comps = {
+        name: ComponentEntry(contract, {"fp32": PrecisionEntry(entry)})
+        for name, contract in build_contracts(FACTS, PROFILE).items()
+    }
+    return Manifest(FACTS, PROFILE, comps, entry, entry, {"sha256": "f" * 64}, {})
+
+
+GOOD = dict(prompt="a cat", negative_prompt="", steps=5, guidance=7.5, scheduler="ddim", seed=1, batch=1,
+            height=None, width=None, strength=0.8)
+
+
+def test_params_fill_defaults_from_the_profile():
+    p = make_params(fake_manifest(), **GOOD)
+    assert (p.height, p.width, p.images, p.negative_prompts) == (32, 32, 1, ("",))
+    q = make_params(fake_manifest(), **{**GOOD, "seed": None})
+    r = make_params(fake_manifest(), **{**GOOD, "seed": None})
+    assert q.seed != r.seed and q.seed >= 0  # a fresh seed, recorded in the params
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"steps": 0}, "steps must be >= 1"),
+        ({"steps": 2.5}, "steps must be an integer"),
+        ({"guidance": math.nan}, "guidance must be a finite number"),
+        ({"guidance": math.inf}, "guidance must be a finite number"),
+        ({"scheduler": "heun"}, "unknown scheduler 'heun'"),
+        ({"batch": 0}, "batch must be >= 1"),
+        ({"batch": 3}, "outside the artifacts' batch range"),
+        ({"prompt": ["a", "b"], "batch": 2}, "4 images per call"),
+        ({"height": 30}, "height 30 must be a multiple of 4 in \\[16, 64\\]"),
+        ({"width": 128}, "width 128 must be a multiple of 4"),
+        ({"strength": 0.0}, "strength must be in \\(0, 1\\]"),
+        ({"seed": -1}, "seed must be >= 0"),
+        ({"negative_prompt": ["x", "y"]}, "2 negative prompts for 1 prompts"),
+    ],
+)
+def test_params_reject_bad_values_with_one_line(change, message):
+    with pytest.raises(GenerationError, match=message) as info:
+        make_params(fake_manifest(), **{**GOOD, **change})
+    assert "\n" not in str(info.value)
+
+
+def test_unknown_backend_lists_the_available_ones():
+    with pytest.raises(BackendError, match="unknown backend 'nope'.*onnxruntime.*tensorrt"):
+        base.backend_factory("nope")
+
+
+def test_torch_backend_is_found_only_through_the_entry_point(monkeypatch):
+    queries = []
+
+    def fake_entry_points(group=None, name=None):
+        queries.append((group, name))
+        return ()
+
+    monkeypatch.setattr(importlib.metadata, "entry_points", fake_entry_points)
+    with pytest.raises(BackendError, match=r"unknown backend 'torch' \(install the reference models: pip install 'ldm-rt\[torch\]'\)"):
+        base.backend_factory("torch")
+    assert ("ldm_rt.backends", "torch") in queries
+
+
+def test_a_backend_whose_import_fails_names_the_missing_module(monkeypatch):
+    class Entry:
+        name = "torch"
+
+        def load(self):
+            raise ModuleNotFoundError("No module named 'torch'", name="torch")
+
+    monkeypatch.setattr(importlib.metadata, "entry_points", lambda group=None, name=None: (Entry(),))
+    with pytest.raises(BackendError, match="backend 'torch' cannot be imported \\(torch is missing\\)"):
+        base.backend_factory("torch")
+
+
+def test_bad_precision_is_refused():
+    with pytest.raises(BackendError, match="precision must be one of fp32, fp16"):
+        base.open_components("onnxruntime", ".", fake_manifest(), "int8")
+
+
+@pytest.mark.skipif("tensorrt" in sys.modules or importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed")
+def test_missing_tensorrt_is_one_line_pointing_to_onnxruntime(tmp_path):
+    with pytest.raises(BackendError) as info:
+        base.open_components("tensorrt", tmp_path, fake_manifest(), "fp32")
+    assert str(info.value) == "TensorRT/CUDA not found (python package tensorrt is not installed); use --backend onnxruntime"
+
+
+def test_stale_engine_is_refused_naming_the_field():
+    here = {"tensorrt_version": "10.3.0", "gpu": "NVIDIA L4", "compute_capability": "8.9"}
+    good = {**here, "onnx_sha256": "a" * 64, "precision": "fp16"}
+    tensorrt_backend.check_engine_entry("unet", "fp16", good, "a" * 64, here)
+    for field, value in [("tensorrt_version", "10.0.1"), ("gpu", "NVIDIA A100"), ("compute_capability", "8.0"),
+                         ("onnx_sha256", "b" * 64), ("precision", "fp32")]:
+        with pytest.raises(ArtifactError, match=f"unet fp16 TensorRT engine was built for {field}=") as info:
+            tensorrt_backend.check_engine_entry("unet", "fp16", {**good, field: value}, "a" * 64, here)
+        assert "\n" not in str(info.value)
+
+
+def test_session_options_and_providers():
+    so = onnxruntime_backend.session_options()
+    assert so.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    assert so.execution_mode == ort.ExecutionMode.ORT_SEQUENTIAL and so.enable_mem_pattern
+    assert 1 <= so.intra_op_num_threads == onnxruntime_backend.physical_cores()
+    assert onnxruntime_backend.resolve_providers(["cpu"]) == ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        assert onnxruntime_backend.resolve_providers(None) == ["CPUExecutionProvider"]
+        with pytest.raises(BackendError, match="onnxruntime has no CUDAExecutionProvider"):
+            onnxruntime_backend.resolve_providers(["cuda"])
+
+
+def test_missing_precision_names_the_fix(tmp_path):
+    with pytest.raises(BackendError, match="has no fp16 text_encoder \\(built: fp32\\); rebuild with --fp16"):
+        onnxruntime_backend.open_components(tmp_path, fake_manifest(), "fp16")
+
+
+def test_placeholder_has_the_contract_dtype_and_no_memory():
+    contract = build_contracts(FACTS, PROFILE)["unet"]
+    p = base.placeholder_for(contract, "encoder_hidden_states", (2, 8, 16))
+    assert p.dtype == np.float32 and p.shape == (2, 8, 16) and p.strides == (0, 0, 0)

@@ -1,0 +1,231 @@
+"""Fixtures for the runtime tests (imported by tests/test_runtime_*.py; holds only self-checks itself).
+
+`synthetic_artifacts`: a complete artifacts folder (manifest, ONNX files, tokenizer, scheduler config)
+whose four components are small closed-form ONNX graphs written with onnx.helper: no torch, no export,
+built in well under a second. The runtime's mechanics (loop, guidance, img2img, errors, CLI, threads,
+HTTP) are tested on it; parity with the torch reference and diffusers uses real exported tiny models.
+
+The synthetic model (numpy twin in `SyntheticModel`, so tests can check the ONNX graphs and the pipeline):
+    text_encoder: E[input_ids]                                           (B, L, D)
+    unet:         tanh(W_s * sample) + mean_L(ctx) @ W_c + 0.1 sin(t / 100)  (per channel; 1x1 conv W_s)
+    vae_decoder:  nearest-upsample(W_d * (latent / scale), f)             (B, 3, H, W)
+    vae_encoder:  W_e * avgpool(image, f)                                 (B, 2C, h, w): [mean, logvar]
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from ldm_rt.runtime.contracts import ModelFacts, ShapeProfile, build_contracts
+from ldm_rt.runtime.manifest import ComponentEntry, FileEntry, Manifest, PrecisionEntry
+from ldm_rt.runtime.tokenizer import PromptTokenizer
+
+WORDS = ("a", "red", "blue", "green", "cube", "ball", "cat", "dog", "on", "the", "table", "blurry", "ugly")
+CONTEXT_LENGTH = 8
+LATENT_CHANNELS = 4
+FACTOR = 2  # latent factor; the "UNet" downsamples once more, so sizes are multiples of 4
+SCALE = 0.5
+PROFILE = ShapeProfile(batch=(1, 1, 4), height=(8, 16, 32), width=(8, 16, 32))
+SCHEDULER_CONFIG = {
+    "_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
+    "prediction_type": "epsilon", "timestep_spacing": "leading", "clip_sample": False,
+}
+
+
+@dataclass(frozen=True)
+class SyntheticModel:
+    embedding: np.ndarray  # (vocab, D)
+    w_sample: np.ndarray  # (C, Cin)
+    w_context: np.ndarray  # (D, C)
+    w_decoder: np.ndarray  # (3, C)
+    w_encoder: np.ndarray  # (2C, 3)
+
+    @classmethod
+    def random(cls, vocab: int, in_channels: int, seed: int = 0) -> SyntheticModel:
+        rng = np.random.default_rng(seed)
+        c, d = LATENT_CHANNELS, 8
+        return cls(
+            rng.standard_normal((vocab, d)).astype(np.float32),
+            (rng.standard_normal((c, in_channels)) / np.sqrt(in_channels)).astype(np.float32),
+            (rng.standard_normal((d, c)) * 0.5).astype(np.float32),
+            (rng.standard_normal((3, c)) * 0.01).astype(np.float32),  # keeps images mid-range under guidance
+            (rng.standard_normal((2 * c, 3)) * 0.5).astype(np.float32),
+        )
+
+    # numpy twins of the ONNX graphs
+    def text_encoder(self, ids: np.ndarray) -> np.ndarray:
+        return self.embedding[ids]
+
+    def unet(self, sample: np.ndarray, timestep: np.ndarray, context: np.ndarray) -> np.ndarray:
+        x = np.tanh(np.einsum("oc,bchw->bohw", self.w_sample, sample))
+        c = (context.mean(axis=1) @ self.w_context)[:, :, None, None]
+        return (x + c + 0.1 * np.sin(timestep / 100.0)[:, None, None, None]).astype(np.float32)
+
+    def vae_decoder(self, latent: np.ndarray) -> np.ndarray:
+        x = np.einsum("oc,bchw->bohw", self.w_decoder, latent / np.float32(SCALE))
+        return x.repeat(FACTOR, axis=2).repeat(FACTOR, axis=3)
+
+    def vae_encoder(self, image: np.ndarray) -> np.ndarray:
+        b, c, h, w = image.shape
+        pooled = image.reshape(b, c, h // FACTOR, FACTOR, w // FACTOR, FACTOR).mean(axis=(3, 5))  # (B, 3, h, w)
+        return np.einsum("oc,bchw->bohw", self.w_encoder, pooled)
+
+
+def _init(name: str, array: np.ndarray) -> onnx.TensorProto:
+    return numpy_helper.from_array(np.ascontiguousarray(array), name)
+
+
+def _graph_model(nodes, name, inputs, outputs, initializers) -> onnx.ModelProto:
+    graph = helper.make_graph(nodes, name, inputs, outputs, initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def _vi(name: str, dtype: int, shape: list) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, dtype, shape)
+
+
+def onnx_models(m: SyntheticModel, in_channels: int) -> dict[str, onnx.ModelProto]:
+    f32, i64 = TensorProto.FLOAT, TensorProto.INT64
+    c = LATENT_CHANNELS
+    text = _graph_model(
+        [helper.make_node("Gather", ["E", "input_ids"], ["last_hidden_state"], axis=0)],
+        "text_encoder",
+        [_vi("input_ids", i64, ["text_batch", CONTEXT_LENGTH])],
+        [_vi("last_hidden_state", f32, ["text_batch", CONTEXT_LENGTH, 8])],
+        [_init("E", m.embedding)],
+    )
+    unet = _graph_model(
+        [
+            helper.make_node("Conv", ["sample", "Ws"], ["conv"]),
+            helper.make_node("Tanh", ["conv"], ["x"]),
+            helper.make_node("ReduceMean", ["encoder_hidden_states"], ["ctx_mean"], axes=[1], keepdims=0),
+            helper.make_node("MatMul", ["ctx_mean", "Wc"], ["ctx_proj"]),
+            helper.make_node("Unsqueeze", ["ctx_proj", "axes23"], ["ctx4"]),
+            helper.make_node("Div", ["timestep", "hundred"], ["t_scaled"]),
+            helper.make_node("Sin", ["t_scaled"], ["t_sin"]),
+            helper.make_node("Mul", ["t_sin", "tenth"], ["t_term"]),
+            helper.make_node("Unsqueeze", ["t_term", "axes123"], ["t4"]),
+            helper.make_node("Add", ["x", "ctx4"], ["xc"]),
+            helper.make_node("Add", ["xc", "t4"], ["out_sample"]),
+        ],
+        "unet",
+        [
+            _vi("sample", f32, ["unet_batch", in_channels, "latent_height", "latent_width"]),
+            _vi("timestep", f32, ["unet_batch"]),
+            _vi("encoder_hidden_states", f32, ["unet_batch", CONTEXT_LENGTH, 8]),
+        ],
+        [_vi("out_sample", f32, ["unet_batch", c, "latent_height", "latent_width"])],
+        [
+            _init("Ws", m.w_sample[:, :, None, None]),
+            _init("Wc", m.w_context),
+            _init("axes23", np.array([2, 3], np.int64)),
+            _init("axes123", np.array([1, 2, 3], np.int64)),
+            _init("hundred", np.array(100.0, np.float32)),
+            _init("tenth", np.array(0.1, np.float32)),
+        ],
+    )
+    decoder = _graph_model(
+        [
+            helper.make_node("Div", ["latent", "scale"], ["z"]),
+            helper.make_node("Conv", ["z", "Wd"], ["rgb"]),
+            helper.make_node("Resize", ["rgb", "", "scales"], ["image"], mode="nearest"),
+        ],
+        "vae_decoder",
+        [_vi("latent", f32, ["batch", c, "latent_height", "latent_width"])],
+        [_vi("image", f32, ["batch", 3, "latent_height_x2", "latent_width_x2"])],
+        [
+            _init("scale", np.array(SCALE, np.float32)),
+            _init("Wd", m.w_decoder[:, :, None, None]),
+            _init("scales", np.array([1, 1, FACTOR, FACTOR], np.float32)),
+        ],
+    )
+    encoder = _graph_model(
+        [
+            helper.make_node("AveragePool", ["image"], ["pooled"], kernel_shape=[FACTOR, FACTOR], strides=[FACTOR, FACTOR]),
+            helper.make_node("Conv", ["pooled", "We"], ["latent_parameters"]),
+        ],
+        "vae_encoder",
+        [_vi("image", f32, ["batch", 3, "latent_height_x2", "latent_width_x2"])],
+        [_vi("latent_parameters", f32, ["batch", 2 * c, "latent_height", "latent_width"])],
+        [_init("We", m.w_encoder[:, :, None, None])],
+    )
+    return {"text_encoder": text, "unet": unet, "vae_decoder": decoder, "vae_encoder": encoder}
+
+
+def build_synthetic_artifacts(root: Path, inpainting: bool = False, seed: int = 0) -> tuple[Path, SyntheticModel]:
+    """Write an artifacts folder at `root` (fp32 only) and return it with the numpy twin of its model."""
+    root.mkdir(parents=True, exist_ok=True)
+    tokenizer = PromptTokenizer.word_level(list(WORDS), max_length=CONTEXT_LENGTH)
+    in_channels = 2 * LATENT_CHANNELS + 1 if inpainting else LATENT_CHANNELS
+    model = SyntheticModel.random(tokenizer.vocab_size, in_channels, seed)
+    facts = ModelFacts(
+        latent_channels=LATENT_CHANNELS, latent_factor=FACTOR, unet_factor=2, unet_in_channels=in_channels,
+        unet_out_channels=LATENT_CHANNELS, context_length=CONTEXT_LENGTH, context_dim=8,
+        vocab_size=tokenizer.vocab_size, num_classes=None, autoencoder_kind="kl", scale_factor=SCALE,
+    )
+    contracts = build_contracts(facts, PROFILE)
+    (root / "onnx" / "fp32").mkdir(parents=True, exist_ok=True)
+    components = {}
+    for name, proto in onnx_models(model, in_channels).items():
+        rel = f"onnx/fp32/{name}.onnx"
+        onnx.save(proto, root / rel)
+        parity = {"shapes": [], "max_abs_err": [0.0], "bound": 1e-4, "passed": True}
+        components[name] = ComponentEntry(contracts[name], {"fp32": PrecisionEntry(FileEntry.of(root, rel), parity)})
+    tokenizer.save(root / "tokenizer.json")
+    (root / "scheduler_config.json").write_text(json.dumps(SCHEDULER_CONFIG))
+    manifest = Manifest(
+        facts, PROFILE, components, FileEntry.of(root, "tokenizer.json"), FileEntry.of(root, "scheduler_config.json"),
+        source={"kind": "synthetic", "path": "tests/test_runtime_fixtures.py", "sha256": f"{seed:064x}"},
+        tools={"onnx": onnx.__version__}, created="test",
+    )
+    manifest.write(root)
+    return root, model
+
+
+_CACHE: dict[tuple[str, bool], tuple[Path, SyntheticModel]] = {}
+
+
+def synthetic(tmp_path_factory: pytest.TempPathFactory, inpainting: bool = False) -> tuple[Path, SyntheticModel]:
+    """One synthetic artifacts folder per session and variant (module fixtures of several files share it)."""
+    key = (str(tmp_path_factory.getbasetemp()), inpainting)
+    if key not in _CACHE:
+        root = tmp_path_factory.mktemp("synthetic_inpaint" if inpainting else "synthetic") / "artifacts"
+        _CACHE[key] = build_synthetic_artifacts(root, inpainting)
+    return _CACHE[key]
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """PSNR in dB of two uint8 images (inf when equal)."""
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+def test_synthetic_onnx_graphs_match_their_numpy_twins(tmp_path):
+    import onnxruntime as ort
+
+    root, m = build_synthetic_artifacts(tmp_path / "a", inpainting=True)
+    rng = np.random.default_rng(0)
+    sess = {n: ort.InferenceSession(str(root / f"onnx/fp32/{n}.onnx"), providers=["CPUExecutionProvider"]) for n in ("text_encoder", "unet", "vae_decoder", "vae_encoder")}
+    ids = rng.integers(0, m.embedding.shape[0], (2, CONTEXT_LENGTH))
+    np.testing.assert_allclose(sess["text_encoder"].run(None, {"input_ids": ids})[0], m.text_encoder(ids), rtol=1e-6)
+    sample = rng.standard_normal((2, 9, 4, 6), dtype=np.float32)
+    t = np.array([999.0, 1.0], np.float32)
+    ctx = rng.standard_normal((2, CONTEXT_LENGTH, 8), dtype=np.float32)
+    got = sess["unet"].run(None, {"sample": sample, "timestep": t, "encoder_hidden_states": ctx})[0]
+    np.testing.assert_allclose(got, m.unet(sample, t, ctx), rtol=1e-5, atol=1e-5)
+    latent = rng.standard_normal((1, 4, 4, 6), dtype=np.float32)
+    np.testing.assert_allclose(sess["vae_decoder"].run(None, {"latent": latent})[0], m.vae_decoder(latent), rtol=1e-5, atol=1e-5)
+    image = rng.standard_normal((1, 3, 8, 12), dtype=np.float32)
+    np.testing.assert_allclose(sess["vae_encoder"].run(None, {"image": image})[0], m.vae_encoder(image), rtol=1e-5, atol=1e-5)
+    assert Manifest.read(root).facts.unet_in_channels == 9

@@ -1,0 +1,396 @@
+"""Tiny random Stable-Diffusion-shaped models for tests (export, runtime, benchmark and reference tests).
+
+Everything is built locally in a folder the caller gives: nothing is downloaded. diffusers and
+transformers are used here only as test oracles to write the diffusers-layout folder; the
+single-file and ldm-rt layouts are then derived from it with ldm-rt's own key maps.
+
+    make_tiny_diffusers_sd(path, variant="v1" | "v2" | "inpaint")  # diffusers StableDiffusionPipeline folder
+    make_tiny_single_file(diffusers_path, out_file, variant)         # original SD single file (.safetensors/.ckpt)
+    make_tiny_ldm_rt_model(path)                                     # ldm-rt model folder (word-level tokenizer)
+
+The random weights are drawn with a wider spread than a fresh init (norms included) and the
+conditioning paths are amplified, so that a change of prompt, guidance, scheduler or step count moves the
+final 8-bit image far more than any parity tolerance: a parity test on these models is sensitive.
+
+Session-scoped fixtures (`tiny_sd_v1`, `tiny_sd_v2`, `tiny_sd_inpaint`, `tiny_ldm_rt_model`, ...) are at the
+end; register them for the whole suite with `pytest_plugins = ["tiny_models"]` in tests/conftest.py.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+# Image size the tiny models are built for (the VAE halves it once, the UNet once more): any multiple of 4 works.
+TINY_IMAGE_SIZE = 32
+TINY_CONTEXT_DIM = 32  # CLIP hidden size == UNet cross_attention_dim
+TINY_TEXT_HEADS = 2  # hidden 32 -> head width 16
+TINY_MAX_LENGTH = 77  # CLIP context length, as in SD
+# SD v1 fixes 8 attention heads; SD v2 fixes the head width (64 in the real model). The tiny v2 UNet
+# (widths 32, 64) uses width-16 heads, which `reference/checkpoints.py` infers for models this narrow.
+TINY_V1_UNET_HEADS = 8
+TINY_V2_UNET_HEAD_WIDTH = 16
+SCALE_FACTOR = 0.18215
+ATTN2_GAIN = 4.0  # cross-attention value/output weights scaled up so the prompt visibly matters
+VARIANTS = ("v1", "v2", "inpaint")
+
+# Words with a BPE merge chain in the tiny vocabulary; anything else still tokenises, byte by byte.
+TINY_WORDS = (
+    "a", "an", "the", "of", "on", "in", "with", "and", "photo", "painting", "portrait", "cat", "dog", "horse",
+    "astronaut", "riding", "red", "blue", "green", "car", "house", "tree", "mountain", "lake", "sunset", "city",
+    "night", "blurry", "ugly", "low", "quality", "bad", "oil", "watercolor", "detailed", "sky", "castle",
+)
+
+
+# ---- tokenizer files -------------------------------------------------------------------------------
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2 / CLIP's reversible byte -> printable unicode map (the BPE alphabet)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs)))
+
+
+def tiny_clip_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """A CLIP-style BPE vocabulary in CLIP's order: 256 byte symbols, the same with "</w>", the merge
+    results of TINY_WORDS, then <|startoftext|> and <|endoftext|> (the last two ids, as in CLIP)."""
+    symbols = list(_bytes_to_unicode().values())
+    vocab: dict[str, int] = {}
+    for s in symbols + [s + "</w>" for s in symbols]:
+        vocab[s] = len(vocab)
+    merges: list[tuple[str, str]] = []
+    for word in TINY_WORDS:
+        if len(word) < 2:
+            continue
+        parts = list(word[:-1]) + [word[-1] + "</w>"]
+        current = parts[0]
+        for part in parts[1:]:
+            if (current, part) not in merges:
+                merges.append((current, part))
+            current += part
+            vocab.setdefault(current, len(vocab))
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return vocab, merges
+
+
+def write_tiny_clip_tokenizer(folder: str | Path, pad_token: str = "<|endoftext|>") -> Path:
+    """A diffusers `tokenizer/` folder in the layout SD repositories ship (vocab.json, merges.txt,
+    tokenizer_config.json, special_tokens_map.json). SD v1 pads with <|endoftext|>, SD v2 with "!"."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab, merges = tiny_clip_vocab()
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n")
+    specials = {
+        "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+        "pad_token": pad_token,
+    }
+    (folder / "special_tokens_map.json").write_text(json.dumps(specials, indent=2))
+    config = {**specials, "model_max_length": TINY_MAX_LENGTH, "do_lower_case": True, "tokenizer_class": "CLIPTokenizer"}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    return folder
+
+
+# ---- random weights --------------------------------------------------------------------------------
+def _randomise(module: torch.nn.Module, generator: torch.Generator, gain: float = 1.0) -> None:
+    """Redraw every parameter: weights N(0, gain^2 / fan_in), norm scales 1 + N(0, 0.2^2), biases
+    N(0, 0.1^2), embeddings N(0, 1). A fresh init leaves norms at (1, 0) and many biases at 0, which
+    would let a parity test pass with those parameters wired wrongly."""
+    with torch.no_grad():
+        for sub in module.modules():
+            for name, p in sub.named_parameters(recurse=False):
+                if isinstance(sub, torch.nn.Embedding):  # token / position / class embeddings
+                    p.copy_(torch.randn(p.shape, generator=generator))
+                elif isinstance(sub, (torch.nn.GroupNorm, torch.nn.LayerNorm)) and name == "weight":
+                    p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=generator))
+                elif p.ndim >= 2:
+                    fan_in = math.prod(p.shape[1:])
+                    p.copy_(torch.randn(p.shape, generator=generator) * gain / math.sqrt(fan_in))
+                else:
+                    p.copy_(0.1 * torch.randn(p.shape, generator=generator))
+
+
+def _strengthen_unet(unet: torch.nn.Module) -> None:
+    """Make the prompt and the timestep matter: in a random UNet the cross-attention values and the
+    time embedding are small next to the residual stream, so a new prompt barely moves the image."""
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if ".attn2.to_v." in name or ".attn2.to_out.0." in name:
+                p.mul_(ATTN2_GAIN)
+            elif name.startswith("time_embedding.") and name.endswith("weight"):
+                p.mul_(2.0)
+        # Keep eps of order 1: the sampler divides by sqrt(alpha_bar) ~ 0.07 at the first steps.
+        unet.conv_out.weight.mul_(0.5)
+
+
+def _diffusers_unet_config(variant: str) -> dict:
+    config = dict(
+        sample_size=TINY_IMAGE_SIZE // 2,
+        in_channels=9 if variant == "inpaint" else 4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        cross_attention_dim=TINY_CONTEXT_DIM,
+        norm_num_groups=32,
+    )
+    if variant == "v2":
+        # diffusers reads attention_head_dim as heads per level: width / head width.
+        config.update(
+            attention_head_dim=[32 // TINY_V2_UNET_HEAD_WIDTH, 64 // TINY_V2_UNET_HEAD_WIDTH],
+            use_linear_projection=True,
+            upcast_attention=True,
+        )
+    else:
+        config.update(attention_head_dim=TINY_V1_UNET_HEADS)
+    return config
+
+
+def _text_config(variant: str, vocab_size: int, pad_id: int, bos_id: int, eos_id: int):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=TINY_CONTEXT_DIM,
+        intermediate_size=64,
+        num_hidden_layers=3 if variant == "v2" else 2,
+        num_attention_heads=TINY_TEXT_HEADS,
+        max_position_embeddings=TINY_MAX_LENGTH,
+        hidden_act="gelu" if variant == "v2" else "quick_gelu",
+        layer_norm_eps=1e-5,
+        bos_token_id=bos_id,
+        eos_token_id=eos_id,
+        pad_token_id=pad_id,
+        projection_dim=TINY_CONTEXT_DIM,
+    )
+
+
+def sd_scheduler_config(variant: str, prediction_type: str = "epsilon") -> dict:
+    """The scheduler_config.json SD v1 (PNDM) / v2 (DDIM) ship, as diffusers writes it."""
+    return {
+        "_class_name": "DDIMScheduler" if variant == "v2" else "PNDMScheduler",
+        "_diffusers_version": "0.42.1",
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "num_train_timesteps": 1000,
+        "clip_sample": False,
+        "set_alpha_to_one": False,
+        "skip_prk_steps": True,
+        "steps_offset": 1,
+        "prediction_type": prediction_type,
+        "timestep_spacing": "leading",
+        "trained_betas": None,
+    }
+
+
+def make_tiny_diffusers_sd(
+    path: str | Path, variant: str = "v1", seed: int = 0, prediction_type: str = "epsilon"
+) -> Path:
+    """Write a diffusers-layout Stable Diffusion folder with random weights and return its path.
+
+    variant "v1": OpenAI-CLIP-style text encoder (quick_gelu), 8 heads, conv proj_in, PNDM config;
+    "v2": OpenCLIP-style (gelu, 3 layers), fixed head width, linear proj_in, DDIM config, "!" padding;
+    "inpaint": v1 with a 9-channel UNet (latent + mask + masked-image latent), an Inpaint pipeline.
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(seed)
+
+    unet = UNet2DConditionModel(**_diffusers_unet_config(variant))
+    _randomise(unet, generator)
+    _strengthen_unet(unet)
+    unet.save_pretrained(path / "unet", safe_serialization=True)
+
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=TINY_IMAGE_SIZE,
+        scaling_factor=SCALE_FACTOR,
+    )
+    _randomise(vae, generator)
+    with torch.no_grad():
+        vae.decoder.conv_out.weight.mul_(1.0)  # decoded pixels spread over [-1, 1]: a low-contrast image hides differences
+    vae.save_pretrained(path / "vae", safe_serialization=True)
+
+    pad_token = "!" if variant == "v2" else "<|endoftext|>"
+    write_tiny_clip_tokenizer(path / "tokenizer", pad_token=pad_token)
+    vocab, _ = tiny_clip_vocab()
+    config = _text_config(variant, len(vocab), vocab[pad_token], vocab["<|startoftext|>"], vocab["<|endoftext|>"])
+    text_encoder = CLIPTextModel(config)
+    _randomise(text_encoder, generator)
+    text_encoder.save_pretrained(path / "text_encoder", safe_serialization=True)
+
+    (path / "scheduler").mkdir(exist_ok=True)
+    (path / "scheduler" / "scheduler_config.json").write_text(
+        json.dumps(sd_scheduler_config(variant, prediction_type), indent=2)
+    )
+    pipeline = "StableDiffusionInpaintPipeline" if variant == "inpaint" else "StableDiffusionPipeline"
+    scheduler_class = sd_scheduler_config(variant)["_class_name"]
+    model_index = {
+        "_class_name": pipeline,
+        "_diffusers_version": "0.42.1",
+        "feature_extractor": [None, None],
+        "requires_safety_checker": False,
+        "safety_checker": [None, None],
+        "scheduler": ["diffusers", scheduler_class],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+    (path / "model_index.json").write_text(json.dumps(model_index, indent=2))
+    return path
+
+
+def _load_safetensors(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    (file,) = sorted(folder.glob("*.safetensors"))
+    return load_file(str(file))
+
+
+def single_file_state_dict(diffusers_path: str | Path, variant: str, seed: int = 1) -> dict[str, torch.Tensor]:
+    """The original SD single-file state dict of a tiny diffusers folder, converted with ldm-rt's key maps.
+
+    v2 text encoders are written in OpenCLIP layout with one extra random last block (SD v2 uses the
+    penultimate layer, so the loader must drop it), as the real SD v2 files are. Also adds the DDPM
+    buffers and EMA bookkeeping real files carry, which a loader must skip.
+    """
+    from ldm_rt.reference.keymap_autoencoder import autoencoder_config_from_diffusers, autoencoder_state_dict_from_diffusers
+    from ldm_rt.reference.keymap_unet import unet_config_from_diffusers, unet_state_dict_from_diffusers
+
+    src = Path(diffusers_path)
+    unet_config = unet_config_from_diffusers(json.loads((src / "unet" / "config.json").read_text()))
+    vae_config = autoencoder_config_from_diffusers(json.loads((src / "vae" / "config.json").read_text()))
+    out: dict[str, torch.Tensor] = {}
+    for k, v in unet_state_dict_from_diffusers(_load_safetensors(src / "unet"), unet_config).items():
+        out["model.diffusion_model." + k] = v
+    for k, v in autoencoder_state_dict_from_diffusers(_load_safetensors(src / "vae"), vae_config).items():
+        out["first_stage_model." + k] = v
+    text = _load_safetensors(src / "text_encoder")
+    if variant == "v2":
+        from ldm_rt.reference.keymap_text_encoder import text_encoder_state_dict_to_openclip
+
+        openclip = text_encoder_state_dict_to_openclip(text, extra_layers=1, seed=seed)
+        out.update({"cond_stage_model.model." + k: v for k, v in openclip.items()})
+    else:
+        out.update({"cond_stage_model.transformer." + k: v for k, v in text.items()})
+        positions = text["text_model.embeddings.position_embedding.weight"].shape[0]
+        out["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(positions)[None]
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    out["betas"] = betas.float()
+    out["alphas_cumprod"] = torch.cumprod(1 - betas, 0).float()
+    out["model_ema.decay"] = torch.tensor(0.9999)
+    out["model_ema.num_updates"] = torch.tensor(0, dtype=torch.int32)
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def make_tiny_single_file(diffusers_path: str | Path, out_file: str | Path, variant: str = "v1") -> Path:
+    """Convert a tiny diffusers folder to an original-layout SD single file: `.safetensors`, or `.ckpt`
+    (a torch.save of {"state_dict": ...} with tensors only, loadable with weights_only=True)."""
+    out_file = Path(out_file)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    sd = single_file_state_dict(diffusers_path, variant)
+    if out_file.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(sd, str(out_file))
+    elif out_file.suffix == ".ckpt":
+        torch.save({"state_dict": sd, "global_step": 0}, out_file)
+    else:
+        raise ValueError(f"out_file must end in .safetensors or .ckpt, got {out_file.name}")
+    return out_file
+
+
+def make_tiny_ldm_rt_model(path: str | Path, seed: int = 0, max_length: int = 16) -> Path:
+    """An ldm-rt model folder: a random LatentDiffusion (UNet 32/64, KL autoencoder 32/64, 2-layer text
+    encoder of width 32) with a word-level tokenizer over TINY_WORDS, the paper's jointly trained tau_theta."""
+    from ldm_rt.reference.configs import AutoencoderConfig, LDMConfig, TextEncoderConfig, UNetConfig
+    from ldm_rt.reference.ldm import LatentDiffusion
+    from ldm_rt.reference.model_folder import save_model_folder
+    from ldm_rt.runtime.tokenizer import PromptTokenizer
+
+    tokenizer = PromptTokenizer.word_level(list(TINY_WORDS), max_length=max_length)
+    config = LDMConfig(
+        unet=UNetConfig(
+            model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(1,),
+            num_heads=4, context_dim=TINY_CONTEXT_DIM,
+        ),
+        autoencoder=AutoencoderConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, resolution=TINY_IMAGE_SIZE),
+        text_encoder=TextEncoderConfig(
+            vocab_size=tokenizer.vocab_size, hidden_size=TINY_CONTEXT_DIM, intermediate_size=64,
+            num_hidden_layers=2, num_attention_heads=TINY_TEXT_HEADS, max_position_embeddings=max_length,
+            hidden_act="gelu", bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
+            pad_token_id=tokenizer.pad_id, projection_dim=TINY_CONTEXT_DIM,
+        ),
+        scale_factor=SCALE_FACTOR,
+    )
+    torch.manual_seed(seed)
+    model = LatentDiffusion(config)
+    generator = torch.Generator().manual_seed(seed)
+    _randomise(model, generator)
+    with torch.no_grad():
+        for name, p in model.unet.named_parameters():
+            if ".attn2.to_v." in name or ".attn2.to_out.0." in name:
+                p.mul_(3.0)
+        model.unet.out[2].weight.mul_(0.5)
+        model.autoencoder.decoder.conv_out.weight.mul_(0.5)
+    save_model_folder(path, model, tokenizer, sd_scheduler_config("v1"), info={"origin": "tests/tiny_models.py"})
+    return Path(path)
+
+
+# ---- session-scoped fixtures (register with pytest_plugins = ["tiny_models"]) ------------------------
+@pytest.fixture(scope="session")
+def tiny_sd_v1(tmp_path_factory) -> Path:
+    return make_tiny_diffusers_sd(tmp_path_factory.mktemp("tiny_sd_v1"), "v1")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_v2(tmp_path_factory) -> Path:
+    """SD-v2-shaped, v-prediction (as SD 2.x 768-v)."""
+    return make_tiny_diffusers_sd(tmp_path_factory.mktemp("tiny_sd_v2"), "v2", prediction_type="v_prediction")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_inpaint(tmp_path_factory) -> Path:
+    return make_tiny_diffusers_sd(tmp_path_factory.mktemp("tiny_sd_inpaint"), "inpaint")
+
+
+@pytest.fixture(scope="session")
+def tiny_single_file_v1(tiny_sd_v1, tmp_path_factory) -> Path:
+    return make_tiny_single_file(tiny_sd_v1, tmp_path_factory.mktemp("single_v1") / "tiny-v1.safetensors", "v1")
+
+
+@pytest.fixture(scope="session")
+def tiny_single_file_v2(tiny_sd_v2, tmp_path_factory) -> Path:
+    return make_tiny_single_file(tiny_sd_v2, tmp_path_factory.mktemp("single_v2") / "tiny-v2.safetensors", "v2")
+
+
+@pytest.fixture(scope="session")
+def tiny_ldm_rt_model(tmp_path_factory) -> Path:
+    return make_tiny_ldm_rt_model(tmp_path_factory.mktemp("tiny_ldm_rt") / "model")

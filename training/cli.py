@@ -1,0 +1,67 @@
+"""The command line shared by the trainers: --config, --out, --resume, --set key=value.
+
+A user error raised while setting up or running (bad config, unreadable data, a checkpoint that does not
+fit: the ValueError subclasses in USER_ERRORS) is printed as one line and the process exits with status 2;
+anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ldm_rt.reference.checkpoint_errors import CheckpointError
+from ldm_rt.reference.configs import ConfigError
+
+from .checkpoint import TrainCheckpointError
+from .config_loading import TrainConfigError
+from .data_folder import DataError
+from .perceptual import PerceptualWeightsError
+
+USER_ERRORS = (TrainConfigError, ConfigError, DataError, TrainCheckpointError, PerceptualWeightsError, CheckpointError)
+
+
+@dataclass(frozen=True)
+class RunArgs:
+    config: Path | None
+    out: Path
+    resume: bool
+    overrides: list[str]
+
+
+def parse_args(argv: list[str] | None, description: str, extra: Callable[[argparse.ArgumentParser], None] | None = None):
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", type=Path, help="JSON config file (keys of the trainer's config dataclass)")
+    parser.add_argument("--out", type=Path, required=True, help="run folder: checkpoint, samples, metrics, final model")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. --set lr=1e-4 --set model.ch=64")
+    if extra is not None:
+        extra(parser)
+    return parser.parse_args(argv)
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def quiet_unless_main(is_main: bool) -> None:
+    """Only rank 0 reports progress; the other processes log warnings and errors only."""
+    if not is_main:
+        logging.getLogger("ldm_rt").setLevel(logging.WARNING)
+
+
+def run_main(fn: Callable[[], object]) -> int:
+    """Run a trainer's main body; a user error is one line on stderr and exit status 2."""
+    try:
+        fn()
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; resume with --resume", file=sys.stderr)
+        return 130
+    return 0
