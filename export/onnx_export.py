@@ -56,6 +56,7 @@ def export_component(wrapper: nn.Module, contract: ComponentContract, path: Path
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", FutureWarning)
+        warnings.filterwarnings("ignore", message="Constant folding - Only steps=1", category=UserWarning)
         try:
             with torch.no_grad():
                 torch.onnx.export(

@@ -55,4 +55,6 @@ def check_state_dict(
     listed = "; ".join(problems[:MAX_LISTED_KEYS])
     more = f"; ... and {len(problems) - MAX_LISTED_KEYS} more" if len(problems) > MAX_LISTED_KEYS else ""
     fix = hint or "check that the checkpoint and the model config describe the same architecture"
-    raise CheckpointError(f"{component} state dict does not match the model ({len(problems)} problems): {listed}{more}. {fix}")
+    raise CheckpointError(
+        f"{component} state dict does not match the model ({len(problems)} problems): {listed}{more}. {fix}"
+    )

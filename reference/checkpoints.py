@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import pickle
 import re
 from collections.abc import Mapping
@@ -172,7 +171,7 @@ def load_diffusers_folder(path: str | Path, *, dtype: torch.dtype = torch.float3
     _load(model.autoencoder, _renamed(autoencoder_state_dict_from_diffusers, vae_sd, autoencoder_config, vae_file), vae_file)
     if model.text_encoder is not None:
         text_sd, text_file = _read_component_weights(path / "text_encoder")
-        _load(model.text_encoder, {k: v for k, v in text_sd.items() if k not in IGNORED_HF_KEYS}, text_file)
+        _load(model.text_encoder, hf_text_keys(text_sd), text_file)
 
     scheduler_config = _read_json(path / "scheduler" / "scheduler_config.json")
     info = {"source_kind": "diffusers", "path": str(path), "pipeline": index.get("_class_name")}
@@ -215,9 +214,9 @@ def load_single_file(
     unet_config = infer_unet_config(parts["unet"], v2=v2, where=str(path))
     autoencoder_config = infer_autoencoder_config(parts["autoencoder"], where=str(path))
     if v2:
-        hidden = parts["text"]["token_embedding.weight"].shape[1] if "token_embedding.weight" in parts["text"] else 0
+        hidden = _shape(parts["text"], "token_embedding.weight", f"{path} (prefix {SD_V2_PREFIX})")[1]
         try:
-            text_sd, text_config = text_encoder_state_dict_from_openclip(parts["text"], num_attention_heads=_heads_for_width(hidden))
+            text_sd, text_config = text_encoder_state_dict_from_openclip(parts["text"], num_attention_heads=hidden // _head_width(hidden))
         except CheckpointError as e:
             raise CheckpointError(f"{path}: {e}") from None
     else:
@@ -263,11 +262,14 @@ def split_single_file(sd: Mapping[str, Any], where: str | Path) -> dict[str, Any
         raise CheckpointError(f"{where} holds both {SD_V1_PREFIX}* and {SD_V2_PREFIX}* keys; expected one text encoder")
     if not (text_v1 or text_v2):
         raise CheckpointError(f"{where} has no text encoder keys ({SD_V1_PREFIX}* for SD v1, {SD_V2_PREFIX}* for SD v2)")
-    if text_v1:
-        # Files written with transformers < 4.13 lack the `text_model.` level.
-        text_v1 = {k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in text_v1.items()}
-        text_v1 = {k: v for k, v in text_v1.items() if k not in IGNORED_HF_KEYS}
-    return {"unet": unet, "autoencoder": vae, "text": text_v1 or text_v2, "text_layout": "hf" if text_v1 else "openclip"}
+    return {"unet": unet, "autoencoder": vae, "text": hf_text_keys(text_v1) if text_v1 else text_v2, "text_layout": "hf" if text_v1 else "openclip"}
+
+
+def hf_text_keys(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CLIPTextModel weights with the canonical `text_model.` level (transformers < 4.13 and >= 5 save
+    them without it) and without the position_ids buffer some files carry."""
+    out = {k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in sd.items()}
+    return {k: v for k, v in out.items() if k not in IGNORED_HF_KEYS}
 
 
 def _shape(sd: Mapping[str, torch.Tensor], key: str, where: str) -> tuple[int, ...]:
@@ -282,12 +284,10 @@ def _indices(sd: Mapping[str, torch.Tensor], pattern: str) -> list[int]:
     return sorted({int(m.group(1)) for k in sd if (m := rx.match(k))})
 
 
-def _heads_for_width(narrowest: int) -> int | None:
-    """Heads of a 64-wide-head attention layer of width `narrowest`; models narrower than 128 channels
-    (tiny test models) get two heads. None if the width is unknown."""
-    if narrowest <= 0:
-        return None
-    return narrowest // min(HEAD_WIDTH, max(narrowest // 2, 1))
+def _head_width(narrowest: int) -> int:
+    """64-wide heads, as SD v2 and CLIP build them; a model narrower than 128 channels (a tiny test
+    model) gets two heads at its narrowest attention layer instead."""
+    return min(HEAD_WIDTH, max(narrowest // 2, 1))
 
 
 def infer_unet_config(sd: Mapping[str, torch.Tensor], *, v2: bool, where: str) -> UNetConfig:
@@ -315,8 +315,7 @@ def infer_unet_config(sd: Mapping[str, torch.Tensor], *, v2: bool, where: str) -
     depth = len(_indices(sd, r"middle_block\.1\.transformer_blocks\.(\d+)\."))
     num_classes = _shape(sd, "label_emb.weight", where)[0] if "label_emb.weight" in sd else None
     if v2 or context_dim == 1024:
-        narrowest = min(widths)
-        heads, head_channels = -1, narrowest // _heads_for_width(narrowest)
+        heads, head_channels = -1, _head_width(min(widths))
     else:
         heads, head_channels = SD_V1_UNET_HEADS, -1
     try:
@@ -378,7 +377,7 @@ def infer_clip_text_config(sd: Mapping[str, torch.Tensor], *, where: str) -> Tex
         hidden_size=hidden,
         intermediate_size=_shape(sd, "text_model.encoder.layers.0.mlp.fc1.weight", where)[0],
         num_hidden_layers=len(layers),
-        num_attention_heads=_heads_for_width(hidden),
+        num_attention_heads=hidden // _head_width(hidden),
         max_position_embeddings=_shape(sd, "text_model.embeddings.position_embedding.weight", where)[0],
         hidden_act="quick_gelu",
     )
@@ -505,6 +504,3 @@ __all__ = [
     "read_state_dict",
     "split_single_file",
 ]
-
-# Used in docs/tests: a single file's unit count, for sanity in logs.
-_ = math

@@ -127,14 +127,17 @@ def unet_config_from_diffusers(cfg: Mapping[str, Any]) -> UNetConfig:
     """UNetConfig from a diffusers `unet/config.json` dict of an SD-family UNet2DConditionModel."""
     name = cfg.get("_class_name", "UNet2DConditionModel")
     if name != "UNet2DConditionModel":
-        raise ConfigError(f"diffusers UNet config: _class_name {name!r} is not supported; expected UNet2DConditionModel")
+        raise ConfigError(
+            f"diffusers UNet config: _class_name {name!r} is not supported; expected UNet2DConditionModel"
+        )
     for key, default in _DIFFUSERS_DEFAULTS.items():
         if key in cfg and cfg[key] != default:
             raise ConfigError(
                 f"diffusers UNet config: {key}={cfg[key]!r} is not supported by the reference UNet "
                 f"(only {default!r}, as in Stable Diffusion 1.x/2.x)"
             )
-    unknown = sorted(k for k in cfg if not k.startswith("_") and k not in _DIFFUSERS_DEFAULTS and k not in _DIFFUSERS_READ)
+    known = _DIFFUSERS_DEFAULTS.keys() | _DIFFUSERS_READ
+    unknown = sorted(k for k in cfg if not k.startswith("_") and k not in known)
     if unknown:
         logger.warning("diffusers UNet config: ignoring unknown option(s) %s", unknown)
 
@@ -142,7 +145,9 @@ def unet_config_from_diffusers(cfg: Mapping[str, Any]) -> UNetConfig:
     down = list(cfg.get("down_block_types", ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)))
     up = list(cfg.get("up_block_types", ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3))
     if not (len(widths) == len(down) == len(up)):
-        raise ConfigError("diffusers UNet config: block_out_channels, down_block_types, up_block_types differ in length")
+        raise ConfigError(
+            "diffusers UNet config: block_out_channels, down_block_types and up_block_types differ in length"
+        )
     bad = [t for t in down if t not in _DOWN_TYPES] + [t for t in up if t not in _UP_TYPES]
     if bad:
         raise ConfigError(f"diffusers UNet config: block type(s) {bad} not supported; use (CrossAttn)Down/UpBlock2D")
@@ -196,7 +201,8 @@ def _module_prefixes(config: UNetConfig) -> list[tuple[str, str, bool]]:
             if has_attn:
                 out.append((f"output_blocks.{block}.1", f"up_blocks.{i}.attentions.{j}", False))
         if i < levels - 1:
-            out.append((f"output_blocks.{i * (n + 1) + n}.{2 if has_attn else 1}", f"up_blocks.{i}.upsamplers.0", False))
+            upsample = f"output_blocks.{i * (n + 1) + n}.{2 if has_attn else 1}"  # after the transformer, if any
+            out.append((upsample, f"up_blocks.{i}.upsamplers.0", False))
     return out
 
 

@@ -183,7 +183,9 @@ class UNetModel(nn.Module):
             nn.Conv2d(c.model_channels, c.out_channels, 3, padding=1),
         )
 
-    def _check_inputs(self, x: torch.Tensor, context: torch.Tensor | None, y: torch.Tensor | None) -> None:
+    def _check_inputs(
+        self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None, y: torch.Tensor | None
+    ) -> None:
         c = self.config
         if c.num_classes is not None and y is None:
             raise UNetInputError(f"UNetModel: config.num_classes={c.num_classes}, so pass class labels y of shape (B,)")
@@ -204,6 +206,11 @@ class UNetModel(nn.Module):
                 f"UNetModel: x must be (B, {c.in_channels}, H, W) with H and W multiples of {f}, "
                 f"got {tuple(x.shape)}; pad or resize the latent"
             )
+        if timesteps.numel() not in (1, x.shape[0]):
+            raise UNetInputError(
+                f"UNetModel: timesteps must be a scalar or have one entry per sample ({x.shape[0]}), "
+                f"got shape {tuple(timesteps.shape)}"
+            )
         if context is not None and (context.ndim != 3 or context.shape[-1] != c.context_dim):
             raise UNetInputError(
                 f"UNetModel: context must be (B, T, {c.context_dim}), got {tuple(context.shape)}"
@@ -216,9 +223,9 @@ class UNetModel(nn.Module):
         context: torch.Tensor | None = None,
         y: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        self._check_inputs(x, context, y)
         if not isinstance(timesteps, torch.Tensor):
             timesteps = torch.tensor(timesteps, device=x.device)
+        self._check_inputs(x, timesteps, context, y)
         timesteps = timesteps.reshape(-1).expand(x.shape[0])  # (B,); a scalar or (1,) is broadcast
         emb = self.time_embed(timestep_embedding(timesteps, self.config.model_channels).to(x.dtype))  # (B, 4*C)
         if self.config.num_classes is not None:

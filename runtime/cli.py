@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch", type=int, default=1, help="images to generate (default 1)")
     s.add_argument("--latents", type=Path, default=None, help="FILE.npy of unit-variance initial noise (B, C, H/f, W/f) instead of drawing it")
     s.add_argument("--init-image", type=Path, default=None, help="image to start from (img2img; with --mask, inpainting)")
-    s.add_argument("--strength", type=float, default=0.8, help="img2img: fraction of the schedule to run, in (0, 1] (default 0.8)")
+    s.add_argument("--strength", type=float, default=None, help="fraction of the schedule to run from the init image, in (0, 1] (default 0.8; 1.0 with --mask)")
     s.add_argument("--mask", type=Path, default=None, help="inpainting mask image: white = repaint, black = keep")
     s.add_argument("--out", type=Path, default=Path("sample.png"), help="output PNG; a batch writes NAME_0.png, NAME_1.png, ... (default sample.png)")
     s.add_argument("--grid", action="store_true", help="write a batch as one grid image at --out")

@@ -73,8 +73,8 @@ def resize(arr: np.ndarray, height: int, width: int) -> np.ndarray:
 
 def image_to_model(arr: np.ndarray) -> np.ndarray:
     """(H, W, 3) uint8 -> (1, 3, H, W) float32 in [-1, 1], the VAE encoder's input."""
-    x = arr.astype(np.float32) / 127.5 - 1.0
-    return x.transpose(2, 0, 1)[None]  # (1, 3, H, W)
+    x = arr.astype(np.float32) / np.float32(255.0) * np.float32(2.0) - np.float32(1.0)  # diffusers' order of operations
+    return np.ascontiguousarray(x.transpose(2, 0, 1)[None])  # (1, 3, H, W)
 
 
 def grid(images: np.ndarray, cols: int | None = None) -> np.ndarray:

@@ -38,6 +38,9 @@ from .schedulers import SCHEDULERS, make_scheduler
 
 log = logging.getLogger(__name__)
 
+# diffusers' defaults: img2img keeps 80 % of the steps; inpainting starts from pure noise.
+IMG2IMG_STRENGTH = 0.8
+INPAINT_STRENGTH = 1.0
 # callback(step_index, num_steps, timestep, latents) after every denoising step.
 StepCallback = Callable[[int, int, float, np.ndarray], None]
 
@@ -113,86 +116,79 @@ class Pipeline:
         width: int | None = None,
         latents: np.ndarray | None = None,
         init_image: np.ndarray | Image.Image | str | Path | None = None,
-        strength: float = 0.8,
+        strength: float | None = None,
         mask: np.ndarray | Image.Image | str | Path | None = None,
         callback: StepCallback | None = None,
     ) -> Result:
         """Images for `prompt` (`batch` per prompt). `latents`: unit-variance noise (B, C, h, w) used instead
         of drawing it (multiplied by the scheduler's init_noise_sigma, as diffusers' `latents=`);
-        `init_image` + `strength`: img2img; `mask` (with init_image; 1 = repaint): inpainting."""
+        `init_image` + `strength` (default 0.8): img2img; `mask` with init_image (1 = repaint; strength
+        default 1.0, pure noise): inpainting. Same conventions as reference/pipeline.py."""
         start_time = time.perf_counter()
-        if init_image is not None and (height is None or width is None):
-            h0, w0 = as_rgb_array(init_image).shape[:2]
-            height, width = height or h0, width or w0
-        p = make_params(
-            self.artifacts.manifest,
-            prompt=prompt,
-            negative_prompt=negative_prompt,
-            steps=steps,
-            guidance=guidance,
-            scheduler=scheduler,
-            seed=seed,
-            batch=batch,
-            height=height,
-            width=width,
-            strength=strength,
-        )
         if mask is not None and init_image is None:
             raise GenerationError("mask needs init_image: inpainting repaints part of an image")
-        if self.inpainting_unet and init_image is None:
+        if self.inpainting_unet and mask is None:
             raise GenerationError("this is an inpainting model: pass init_image and mask")
-        shape = (p.images, self.facts.latent_channels, p.height // self.facts.latent_factor, p.width // self.facts.latent_factor)
-        if latents is not None:
-            latents = np.asarray(latents)
-            if latents.shape != shape:
-                raise GenerationError(f"latents have shape {latents.shape}, expected {shape} for {p.images} images of {p.height}x{p.width}")
-            if not np.all(np.isfinite(latents)):
-                raise GenerationError("latents contain NaN or Inf")
-            latents = latents.astype(np.float32)
+        if strength is None:
+            strength = INPAINT_STRENGTH if mask is not None else IMG2IMG_STRENGTH
+        init = as_rgb_array(init_image) if init_image is not None else None
+        if init is not None:  # img2img defaults to the image's own size
+            height, width = height or init.shape[0], width or init.shape[1]
+        p = make_params(
+            self.artifacts.manifest, prompt=prompt, negative_prompt=negative_prompt, steps=steps, guidance=guidance,
+            scheduler=scheduler, seed=seed, batch=batch, height=height, width=width, strength=strength,
+        )
+        f = self.facts.latent_factor
+        shape = (p.images, self.facts.latent_channels, p.height // f, p.width // f)
+        latents = None if latents is None else checked_latents(latents, shape)
 
         run = self.schedulers[p.scheduler].set_timesteps(p.steps)
-        if init_image is not None:
+        if init is not None:
             run = run.with_strength(p.strength)
         timings: dict[str, Any] = {"unet": []}
         use_cfg = "text_encoder" in self.components and cfg.uses_uncond(p.guidance)
         context = self._encode_prompts(p, use_cfg, timings)
         rng = np.random.default_rng(p.seed)
-        noise = latents if latents is not None else rng.standard_normal(shape, dtype=np.float32)
-        start = self._start(p, run, noise, init_image, mask, timings)
-
-        unet = self.components["unet"]
-        feeds_fixed: dict[str, Any] = {}
-        if context is not None:  # (B or 2B, L, D), read by every step: keep it on the device if the backend can
-            feeds_fixed["encoder_hidden_states"] = unet.upload("encoder_hidden_states", context) if isinstance(unet, SupportsUpload) else context
-        x = start.x
-        for i, t in enumerate(run.timesteps):
-            x_in = run.scale_model_input(x, i)
-            if self.inpainting_unet:
-                x_in = np.concatenate([x_in, start.mask, start.masked_image_latents], axis=1)  # (B, 2C+1, h, w)
-            if use_cfg:
-                x_in = cfg.double(x_in)
-            feeds = {"sample": x_in.astype(np.float32), "timestep": np.full((x_in.shape[0],), t, dtype=np.float32), **feeds_fixed}
-            out = self._call("unet", feeds, timings["unet"], step=i)["out_sample"]
-            eps = cfg.combine(out, p.guidance) if use_cfg else out
-            x = run.step(eps, i, x, generator=rng)
-            if start.mask is not None and not self.inpainting_unet:
-                # Latent blend (RePaint-style, as diffusers' inpainting with a plain UNet): keep the known
-                # region at the noise level of the next step, clean after the last one.
-                known = run.add_noise(start.image_latents, start.noise, i + 1) if i + 1 < len(run.timesteps) else start.image_latents
-                x = start.mask * x + (1.0 - start.mask) * known
-            if callback is not None:
-                callback(i, len(run.timesteps), float(t), x)
-
-        decoded = self._call("vae_decoder", {"latent": x.astype(np.float32)}, timings)["image"]
+        noise = latents if latents is not None else rng.standard_normal(shape, dtype=np.float32)  # drawn first
+        start = self._start(p, run, noise, init, mask, timings)
+        x = self._denoise(p, run, start, context, use_cfg, rng, timings, callback)
+        decoded = self._call("vae_decoder", {"latent": x}, timings)["image"]
         timings["total"] = time.perf_counter() - start_time
         params = {
             **p.to_dict(),
             "model_hash": self.artifacts.model_hash,
             "backend": self.backend,
             "precision": self.precision,
-            "mode": "inpaint" if mask is not None else "img2img" if init_image is not None else "txt2img",
+            "mode": "inpaint" if mask is not None else "img2img" if init is not None else "txt2img",
         }
         return Result(to_uint8(decoded), params, timings, x)
+
+    def _denoise(self, p: GenerationParams, run, start: Start, context, use_cfg: bool, rng, timings: dict, callback) -> np.ndarray:
+        """The sampling loop: guided UNet call per step, scheduler step, inpainting blend. Returns final latents."""
+        unet = self.components["unet"]
+        fixed: dict[str, Any] = {}
+        if context is not None:  # (B or 2B, L, D), read by every step: kept on the device if the backend can
+            fixed["encoder_hidden_states"] = unet.upload("encoder_hidden_states", context) if isinstance(unet, SupportsUpload) else context
+        x = start.x
+        for i, t in enumerate(run.timesteps):
+            x_in = run.scale_model_input(x, i)
+            if self.inpainting_unet:
+                x_in = np.concatenate([x_in, start.mask, start.masked_image_latents], axis=1)  # (B, 2C+1, h, w)
+            if use_cfg:
+                x_in = cfg.double(x_in)  # (2B, ...) [uncond, cond]
+            feeds = {"sample": x_in.astype(np.float32), "timestep": np.full((x_in.shape[0],), t, dtype=np.float32), **fixed}
+            out = self._call("unet", feeds, timings["unet"], step=i)["out_sample"]
+            eps = cfg.combine(out, p.guidance) if use_cfg else out
+            x = run.step(eps, i, x, generator=rng)
+            if start.mask is not None and not self.inpainting_unet:
+                # Latent blend (as diffusers' inpainting with a plain UNet): the known region is put back at
+                # the next step's noise level, and clean after the last step.
+                last = i + 1 == len(run.timesteps)
+                known = start.image_latents if last else run.add_noise(start.image_latents, start.noise, i + 1)
+                x = (start.mask * x + (1.0 - start.mask) * known).astype(np.float32)
+            if callback is not None:
+                callback(i, len(run.timesteps), float(t), x)
+        return x.astype(np.float32)
 
     # ---- stages ----------------------------------------------------------------------------------------------
     def _call(self, name: str, feeds: dict[str, Any], timings: dict | list, step: int | None = None) -> dict[str, np.ndarray]:
@@ -229,11 +225,12 @@ class Pipeline:
         mean = params[:, : self.facts.latent_channels]  # KL: [mean, logvar] along channels
         return (mean * np.float32(self.facts.scale_factor)).astype(np.float32)
 
-    def _start(self, p: GenerationParams, run, noise: np.ndarray, init_image, mask, timings: dict) -> Start:
-        if init_image is None:
+    def _start(self, p: GenerationParams, run, noise: np.ndarray, init: np.ndarray | None, mask, timings: dict) -> Start:
+        """Initial latents: scaled noise (txt2img), or the init image's latents noised to the first kept step."""
+        if init is None:
             return Start(noise * np.float32(run.init_noise_sigma), noise)
         b = p.images
-        pixels = resize(as_rgb_array(init_image), p.height, p.width)
+        pixels = resize(init, p.height, p.width)
         image = image_to_model(pixels)  # (1, 3, H, W)
         image_latents = np.repeat(self._encode_image(image, timings), b, axis=0)  # (B, C, h, w)
         if mask is None:
@@ -250,3 +247,13 @@ class Pipeline:
         else:
             x = run.add_noise(image_latents, noise, 0)
         return Start(x, noise, image_latents, latent_mask, masked_latents)
+
+
+def checked_latents(latents: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    latents = np.asarray(latents)
+    if latents.shape != shape:
+        b, _, h, w = shape
+        raise GenerationError(f"latents have shape {latents.shape}, expected {shape} for {b} images with latents of {h}x{w}")
+    if not np.all(np.isfinite(latents)):
+        raise GenerationError("latents contain NaN or Inf")
+    return latents.astype(np.float32)

@@ -161,7 +161,8 @@ def test_conversion_names_missing_extra_and_misshaped_keys():
     with pytest.raises(CheckpointError, match=r"unexpected down_blocks\.0\.attentions\.0\.proj_in\.weight \[3\]"):
         unet_state_dict_from_diffusers(extra, TINY)
     bad = dict(theirs, **{"conv_out.weight": torch.zeros(4, 64, 3, 3)})
-    with pytest.raises(CheckpointError, match=r"shape of conv_out\.weight: checkpoint \[4, 64, 3, 3\], model \[4, 32, 3, 3\]"):
+    mismatch = r"shape of conv_out\.weight: checkpoint \[4, 64, 3, 3\], model \[4, 32, 3, 3\]"
+    with pytest.raises(CheckpointError, match=mismatch):
         unet_state_dict_from_diffusers(bad, TINY)
     ours = _tiny_state_dict()
     del ours["label_emb.weight"]

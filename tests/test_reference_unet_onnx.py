@@ -58,7 +58,8 @@ def test_tiny_unet_exports_with_dynamic_shapes(tmp_path):
         y = torch.randint(0, 3, (b,), generator=g)
         with torch.no_grad():
             expected = model(x, timesteps, context, y).numpy()
-        (got,) = session.run(None, {"x": x.numpy(), "timesteps": timesteps.numpy(), "context": context.numpy(), "y": y.numpy()})
+        feeds = {"x": x.numpy(), "timesteps": timesteps.numpy(), "context": context.numpy(), "y": y.numpy()}
+        (got,) = session.run(None, feeds)
         assert got.shape == (b, 4, h, w)
         assert np.abs(expected).mean() > 0.05
         np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)

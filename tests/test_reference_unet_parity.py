@@ -6,7 +6,12 @@ import pytest
 import torch
 
 from ldm_rt.reference.attention import CrossAttention
-from ldm_rt.reference.keymap_unet import load_unet_state_dict, unet_config_from_diffusers, unet_state_dict_from_diffusers
+from ldm_rt.reference.configs import UNetConfig
+from ldm_rt.reference.keymap_unet import (
+    load_unet_state_dict,
+    unet_config_from_diffusers,
+    unet_state_dict_from_diffusers,
+)
 from ldm_rt.reference.unet import UNetInputError, UNetModel, timestep_embedding
 
 diffusers = pytest.importorskip("diffusers")
@@ -169,6 +174,8 @@ def test_inputs_that_do_not_fit_the_config_are_rejected(small_unet):
         small_unet(torch.randn(2, 3, 8, 8), t, context)
     with pytest.raises(UNetInputError, match=r"\(B, T, 32\)"):
         small_unet(x, t, torch.randn(2, 7, 16))
+    with pytest.raises(UNetInputError, match="timesteps"):
+        small_unet(x, torch.tensor([1, 2, 3]), context)
     class_unet = UNetModel(unet_config_from_diffusers(dict(TINY_V1, num_class_embeds=3)))
     with pytest.raises(UNetInputError, match="class labels"):
         class_unet(x, t, context)
@@ -183,3 +190,18 @@ def test_upcast_attention_keeps_half_precision_io():
     got = attn.half()(x.half(), context.half())
     assert got.dtype == torch.float16
     torch.testing.assert_close(got.float(), expected, atol=2e-2, rtol=0)
+
+
+@torch.no_grad()
+def test_model_without_context_self_attends():
+    config = UNetConfig(
+        model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(2,), num_heads=4,
+        context_dim=None, num_classes=4,
+    )
+    model = UNetModel(config).eval()
+    attn2 = model.middle_block[1].transformer_blocks[0].attn2
+    assert attn2.to_k.weight.shape == (64, 64)  # keys come from the features themselves
+    x = torch.randn(2, 4, 8, 8)
+    assert model(x, torch.tensor([5, 6]), y=torch.tensor([0, 3])).shape == (2, 4, 8, 8)
+    with pytest.raises(UNetInputError, match="context_dim is None"):
+        model(x, torch.tensor([5, 6]), torch.randn(2, 3, 64), y=torch.tensor([0, 3]))

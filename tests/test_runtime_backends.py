@@ -112,15 +112,32 @@ def test_missing_tensorrt_is_one_line_pointing_to_onnxruntime(tmp_path):
     assert str(info.value) == "TensorRT/CUDA not found (python package tensorrt is not installed); use --backend onnxruntime"
 
 
-def test_stale_engine_is_refused_naming_the_field():
-    here = {"tensorrt_version": "10.3.0", "gpu": "NVIDIA L4", "compute_capability": "8.9"}
-    good = {**here, "onnx_sha256": "a" * 64, "precision": "fp16"}
-    tensorrt_backend.check_engine_entry("unet", "fp16", good, "a" * 64, here)
-    for field, value in [("tensorrt_version", "10.0.1"), ("gpu", "NVIDIA A100"), ("compute_capability", "8.0"),
-                         ("onnx_sha256", "b" * 64), ("precision", "fp32")]:
-        with pytest.raises(ArtifactError, match=f"unet fp16 TensorRT engine was built for {field}=") as info:
-            tensorrt_backend.check_engine_entry("unet", "fp16", {**good, field: value}, "a" * 64, here)
-        assert "\n" not in str(info.value)
+def engine_record(key_fields):
+    from ldm_rt.export.tensorrt_build import EngineSpec, GpuInfo
+
+    spec = EngineSpec(gpu=GpuInfo(**key_fields.pop("gpu")), **key_fields)
+    return {"key": spec.key, "precision": spec.precision, "engine": {}, "tensorrt_version": spec.tensorrt_version,
+            "gpu": {"name": spec.gpu.name, "compute_capability": spec.gpu.compute_capability},
+            "profile": spec.profile, "flags": spec.flags}
+
+
+def test_engine_key_agrees_with_export_and_stale_engines_are_refused():
+    gpu = {"name": "NVIDIA L4", "compute_capability": "8.9"}
+    fields = dict(component="unet", precision="fp16", onnx_sha256="a" * 64, tensorrt_version="10.3.0", gpu=dict(gpu),
+                  profile={"sample": [[1, 4, 8, 8], [2, 4, 8, 8], [8, 4, 16, 16]]}, flags={"static": False, "fp16": False})
+    record = engine_record(dict(fields))
+    records = {record["key"]: record}
+    assert tensorrt_backend.select_engine("unet", "fp16", records, "a" * 64, "10.3.0", gpu) is record
+    for args, message in [
+        (("a" * 64, "10.0.1", gpu), "built for TensorRT 10.3.0, this is 10.0.1"),
+        (("a" * 64, "10.3.0", {**gpu, "name": "NVIDIA A100"}), "built for GPU"),
+        (("b" * 64, "10.3.0", gpu), "built for another ONNX file or build settings"),
+    ]:
+        with pytest.raises(ArtifactError, match=message) as info:
+            tensorrt_backend.select_engine("unet", "fp16", records, *args)
+        assert "\n" not in str(info.value) and "use --backend onnxruntime" in str(info.value)
+    with pytest.raises(BackendError, match="no fp32 TensorRT engine for unet"):
+        tensorrt_backend.select_engine("unet", "fp32", records, "a" * 64, "10.3.0", gpu)
 
 
 def test_session_options_and_providers():

@@ -7,7 +7,10 @@ we also pass to our `step(noise=...)`.
 
 from __future__ import annotations
 
+import ast
+import functools
 import importlib
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -44,7 +47,7 @@ PRESETS = {
     "cosine-trailing": dict(beta_schedule="squaredcos_cap_v2", timestep_spacing="trailing"),
     "sd1-linspace": dict(SD1, timestep_spacing="linspace"),
 }
-STEPS = (1, 7, 25, 50)
+STEPS = (1, 7, 25)  # plus 50 steps for the SD v1 config; 15 is where DPM's lower_order_final switches
 
 
 # ---- the fixed toy model and the noise feed ----------------------------------------------------------
@@ -74,6 +77,24 @@ def feed(monkeypatch):
     return noise
 
 
+@functools.cache
+def img2img_get_timesteps():
+    """StableDiffusionImg2ImgPipeline.get_timesteps, compiled from diffusers' source file: importing the
+    pipeline module would import transformers (seconds) for one eight-line method."""
+    path = Path(diffusers.__file__).parent / "pipelines" / "stable_diffusion" / "pipeline_stable_diffusion_img2img.py"
+    tree = ast.parse(path.read_text())
+    (method,) = [
+        node
+        for cls in tree.body
+        if isinstance(cls, ast.ClassDef) and cls.name == "StableDiffusionImg2ImgPipeline"
+        for node in cls.body
+        if isinstance(node, ast.FunctionDef) and node.name == "get_timesteps"
+    ]
+    namespace: dict = {}
+    exec(compile(ast.Module(body=[method], type_ignores=[]), str(path), "exec"), namespace)
+    return namespace["get_timesteps"]
+
+
 def make_pair(kind: str, config: dict, **options):
     theirs = getattr(diffusers, CLASSES[kind]).from_config(config)
     ours = scheduler_from_diffusers_config({"_class_name": CLASSES[kind], **config}, **options)
@@ -83,7 +104,8 @@ def make_pair(kind: str, config: dict, **options):
 def assert_close(ref: np.ndarray, ours: np.ndarray, ref_in: np.ndarray, what: str) -> None:
     # rtol 1e-5; atol relative to the magnitude of the step's operands (float32 rounding in diffusers).
     scale = max(1.0, float(np.abs(ref).max()), float(np.abs(ref_in).max()))
-    np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5 * scale, err_msg=what)
+    if ours.shape != ref.shape or not np.all(np.abs(ours - ref) <= 1e-5 * scale + 1e-5 * np.abs(ref)):
+        np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5 * scale, err_msg=what)  # the report
 
 
 def assert_same_timesteps(theirs, ours) -> None:
@@ -108,9 +130,7 @@ def run_trajectory(
         x_ref = torch.from_numpy(unit) * theirs.init_noise_sigma
         x = unit * run.init_noise_sigma
     else:
-        from diffusers import StableDiffusionImg2ImgPipeline
-
-        timesteps, _ = StableDiffusionImg2ImgPipeline.get_timesteps(SimpleNamespace(scheduler=theirs), n, strength, "cpu")
+        timesteps, _ = img2img_get_timesteps()(SimpleNamespace(scheduler=theirs), n, strength, "cpu")
         run = run.with_strength(strength)
         x0 = (0.5 * rng.standard_normal(shape)).astype(np.float32)
         x_ref = theirs.add_noise(torch.from_numpy(x0), torch.from_numpy(unit), timesteps[:1].repeat(shape[0]))
@@ -143,6 +163,11 @@ def test_trajectory_matches_diffusers(kind, preset, n, feed):
     if kind == "pndm" and not PRESETS[preset].get("skip_prk_steps", False) and n < 4:
         pytest.skip("diffusers' PNDM with its Runge-Kutta warm-up needs >= 4 steps (ours raises, tested elsewhere)")
     run_trajectory(kind, PRESETS[preset], n, feed)
+
+
+@pytest.mark.parametrize("kind", sorted(CLASSES))
+def test_sd1_50_step_trajectory_matches_diffusers(kind, feed):
+    run_trajectory(kind, SD1, 50, feed)
 
 
 EXTRA_CASES = {
@@ -182,7 +207,7 @@ EXTRA_CASES = {
 }
 
 
-@pytest.mark.parametrize("n", (4, 7, 50))
+@pytest.mark.parametrize("n", (5, 25))
 @pytest.mark.parametrize("case", sorted(EXTRA_CASES))
 def test_trajectory_matches_diffusers_extra_configs(case, n, feed):
     kind, config, options = EXTRA_CASES[case]
@@ -207,7 +232,7 @@ STRENGTH_CASES = [
 ] + [("dpm", "karras"), ("euler", "karras"), ("lms", "karras")]
 
 
-@pytest.mark.parametrize("n,strength", [(7, 0.5), (25, 0.8), (50, 0.3), (20, 0.99), (10, 1.0)])
+@pytest.mark.parametrize("n,strength", [(7, 0.5), (25, 0.8), (10, 1.0)])
 @pytest.mark.parametrize("kind,preset", STRENGTH_CASES, ids=[f"{k}-{p}" for k, p in STRENGTH_CASES])
 def test_img2img_matches_diffusers(kind, preset, n, strength, feed):
     config = dict(SD1, use_karras_sigmas=True) if preset == "karras" else PRESETS[preset]
@@ -243,11 +268,12 @@ def test_timesteps_sigmas_and_init_sigma_match_diffusers(kind, preset):
     config = TABLE_CONFIGS[preset]
     theirs, ours = make_pair(kind, config)
     np.testing.assert_allclose(ours.alphas_cumprod, theirs.alphas_cumprod.numpy(), rtol=2e-6)
-    for n in (*range(1, 41), 50, 77, 100, 999, 1000):
+    for n in (1, 2, 3, 4, 5, 6, 7, 10, 13, 14, 15, 16, 20, 25, 33, 50, 77, 100, 999, 1000):
         if kind == "pndm" and n < 4 and not ours.config.skip_prk_steps:
             continue
-        if n == 1000 and ours.config.timestep_spacing == "leading" and ours.config.steps_offset:
-            continue  # timestep 1000 is out of range: diffusers indexes past its table, we raise
+        if kind in ("ddim", "ddpm", "pndm") and n == 1000 and ours.config.timestep_spacing == "leading":
+            if ours.config.steps_offset:
+                continue  # timestep 1000: diffusers indexes past alphas_cumprod, we raise (tested elsewhere)
         theirs.set_timesteps(n)
         run = ours.set_timesteps(n)
         assert_same_timesteps(theirs.timesteps, run.timesteps)
@@ -255,3 +281,33 @@ def test_timesteps_sigmas_and_init_sigma_match_diffusers(kind, preset):
             np.testing.assert_allclose(run.sigmas, theirs.sigmas.numpy(), rtol=2e-6, atol=0, err_msg=f"n={n}")
         np.testing.assert_allclose(run.init_noise_sigma, float(theirs.init_noise_sigma), rtol=1e-6)
         assert run.order == theirs.order
+
+
+# ---- configs written by diffusers ---------------------------------------------------------------------------
+@pytest.mark.parametrize("class_name", sorted(CLASSES.values()))
+def test_diffusers_defaults_table_matches_diffusers(class_name):
+    import dataclasses
+    import inspect
+
+    from ldm_rt.runtime.schedulers import DIFFUSERS_DEFAULTS, SchedulerConfig
+
+    signature = inspect.signature(getattr(diffusers, class_name).__init__).parameters
+    ours = {f.name for f in dataclasses.fields(SchedulerConfig)}
+    expected = {k: p.default for k, p in signature.items() if k in ours}
+    assert DIFFUSERS_DEFAULTS[class_name] == expected
+
+
+@pytest.mark.parametrize("kind", sorted(CLASSES))
+def test_config_saved_by_diffusers_loads_with_the_same_values(kind, tmp_path):
+    config = dict(SD1, prediction_type="v_prediction", timestep_spacing="trailing")
+    if kind in ("euler", "dpm", "lms"):
+        config["use_karras_sigmas"] = True
+    theirs = getattr(diffusers, CLASSES[kind]).from_config(config)
+    theirs.save_config(tmp_path)
+    from ldm_rt.runtime.schedulers import scheduler_from_diffusers_json
+
+    ours = scheduler_from_diffusers_json(tmp_path / "scheduler_config.json")
+    assert type(ours).diffusers_class == CLASSES[kind]
+    for key, value in ours.config.to_dict().items():
+        if key in theirs.config:
+            assert value == theirs.config[key], key

@@ -174,8 +174,16 @@ def _text_config(variant: str, vocab_size: int, pad_id: int, bos_id: int, eos_id
         bos_token_id=bos_id,
         eos_token_id=eos_id,
         pad_token_id=pad_id,
-        projection_dim=TINY_CONTEXT_DIM,
     )
+
+
+def _canonical_text_keys(file: Path) -> None:
+    """transformers 5 saves CLIPTextModel without the `text_model.` level; real SD folders (written by
+    4.x) have it, and both transformers versions read it. Write what the real folders hold."""
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(str(file))
+    save_file({k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in sd.items()}, str(file), metadata={"format": "pt"})
 
 
 def sd_scheduler_config(variant: str, prediction_type: str = "epsilon") -> dict:
@@ -244,6 +252,7 @@ def make_tiny_diffusers_sd(
     text_encoder = CLIPTextModel(config)
     _randomise(text_encoder, generator)
     text_encoder.save_pretrained(path / "text_encoder", safe_serialization=True)
+    _canonical_text_keys(path / "text_encoder" / "model.safetensors")
 
     (path / "scheduler").mkdir(exist_ok=True)
     (path / "scheduler" / "scheduler_config.json").write_text(
@@ -295,8 +304,18 @@ def single_file_state_dict(diffusers_path: str | Path, variant: str, seed: int =
     text = _load_safetensors(src / "text_encoder")
     if variant == "v2":
         from ldm_rt.reference.keymap_text_encoder import text_encoder_state_dict_to_openclip
+        from ldm_rt.reference.text_encoder import text_encoder_config_from_transformers
 
-        openclip = text_encoder_state_dict_to_openclip(text, extra_layers=1, seed=seed)
+        text_config = text_encoder_config_from_transformers(json.loads((src / "text_encoder" / "config.json").read_text()))
+        openclip = text_encoder_state_dict_to_openclip(text, text_config)
+        # SD v2 conditions on the penultimate layer: append a random last block the loader must drop.
+        generator = torch.Generator().manual_seed(seed)
+        last = f"transformer.resblocks.{text_config.num_hidden_layers}."
+        for k, v in list(openclip.items()):
+            if k.startswith("transformer.resblocks.0."):
+                openclip[last + k[len("transformer.resblocks.0."):]] = torch.randn(v.shape, generator=generator) * 0.1
+        openclip["text_projection"] = torch.randn(text_config.hidden_size, text_config.projection_dim, generator=generator)
+        openclip["logit_scale"] = torch.tensor(4.6052)
         out.update({"cond_stage_model.model." + k: v for k, v in openclip.items()})
     else:
         out.update({"cond_stage_model.transformer." + k: v for k, v in text.items()})
@@ -346,7 +365,7 @@ def make_tiny_ldm_rt_model(path: str | Path, seed: int = 0, max_length: int = 16
             vocab_size=tokenizer.vocab_size, hidden_size=TINY_CONTEXT_DIM, intermediate_size=64,
             num_hidden_layers=2, num_attention_heads=TINY_TEXT_HEADS, max_position_embeddings=max_length,
             hidden_act="gelu", bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
-            pad_token_id=tokenizer.pad_id, projection_dim=TINY_CONTEXT_DIM,
+            pad_token_id=tokenizer.pad_id,
         ),
         scale_factor=SCALE_FACTOR,
     )

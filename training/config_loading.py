@@ -72,10 +72,12 @@ def build(cls: type[T], data: dict[str, Any], prefix: str, default: Any = None) 
     values = {}
     for name, value in data.items():
         tp = hints[name]
+        current = getattr(default, name)
         if dataclasses.is_dataclass(tp):
-            current = getattr(default, name)
             merged = {**dataclasses.asdict(current), **value} if isinstance(value, dict) else value
             values[name] = build(tp, merged, f"{prefix}{name}.", default=current)
+        elif typing.get_origin(tp) is dict and isinstance(value, dict) and isinstance(current, dict):
+            values[name] = {**current, **value}  # a free-form section (e.g. a scheduler config) also merges
         else:
             values[name] = check_value(f"{prefix}{name}", value, tp)
     try:
@@ -104,6 +106,9 @@ def check_value(name: str, value: Any, tp: Any) -> Any:
             item_types = [args[0]] * len(value) if len(args) == 2 and args[1] is Ellipsis else list(args)
             if len(item_types) == len(value):
                 return tuple(check_value(f"{name}[{i}]", v, t) for i, (v, t) in enumerate(zip(value, item_types)))
+    elif origin is dict:
+        if isinstance(value, dict):
+            return value
     elif tp is bool:
         if isinstance(value, bool):
             return value

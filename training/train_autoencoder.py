@@ -11,9 +11,7 @@ RUN/ receives checkpoint/ (resumable state), autoencoder/ (the weights train_ldm
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +34,7 @@ from .images import save_grid
 from .losses_autoencoder import AutoencoderLoss, AutoencoderLossConfig
 from .optim import clip_and_step, make_adamw, set_lr, warmup_lr
 from .perceptual import VGGPerceptualLoss
+from .run_folder import TrainResult, append_metrics, ensure_dir
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +125,7 @@ def evaluate(ae: nn.Module, heldout, count: int, device: torch.device, batch_siz
     return float(torch.cat(values).mean())
 
 
-def train(config: AutoencoderTrainConfig, out_dir: str | Path, resume: bool = False) -> dict[str, float]:
+def train(config: AutoencoderTrainConfig, out_dir: str | Path, resume: bool = False) -> TrainResult:
     out_dir = Path(out_dir)
     ctx = distributed.init_distributed(config.device)
     torch.set_num_threads(config.threads)
@@ -240,17 +239,7 @@ def train(config: AutoencoderTrainConfig, out_dir: str | Path, resume: bool = Fa
     bar.close()
     distributed.barrier(ctx)
     distributed.shutdown(ctx)
-    return metrics
-
-
-def append_metrics(out_dir: Path, row: dict) -> None:
-    with open(out_dir / "metrics.jsonl", "a") as f:
-        f.write(json.dumps({k: (round(v, 6) if isinstance(v, float) and math.isfinite(v) else v) for k, v in row.items()}) + "\n")
-
-
-def ensure_dir(path: Path) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return TrainResult(step, metrics, modules)
 
 
 def config_for_run(args) -> AutoencoderTrainConfig:

@@ -4,8 +4,8 @@ tensorrt and cuda-python are imported when this backend is opened, never at impo
 runtime installs and runs without them. An engine is used only if its cache key still describes this
 machine and these artifacts (TensorRT version, GPU, ONNX hash, precision, profile): a mismatch is a
 one-line error naming the field, never a silent load of a stale engine. Device buffers are allocated
-once at the profile's maximum shapes; with static profiles each shape's launch is captured into a CUDA
-graph and replayed.
+once at the profile's maximum shapes; an engine built with a static profile (--static-shape) has its
+launch captured into a CUDA graph once and replayed.
 
 NOTE: written against TensorRT 10 and cuda-python 12; this machine has no GPU, so it is not run by the
 test suite (tests marked `gpu` cover it where a GPU exists).
@@ -13,6 +13,7 @@ test suite (tests marked `gpu` cover it where a GPU exists).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import threading
@@ -29,8 +30,6 @@ from .base import BackendError
 log = logging.getLogger(__name__)
 
 MISSING = "TensorRT/CUDA not found ({what}); use --backend onnxruntime"
-# The engine entry fields that must equal this machine's values (export/tensorrt_build.py writes them).
-KEY_FIELDS = ("tensorrt_version", "gpu", "compute_capability")
 
 
 def import_tensorrt() -> tuple[Any, Any]:
@@ -58,21 +57,49 @@ def check(cudart: Any, result: Any) -> Any:
 
 
 def device_description(cudart: Any) -> dict[str, str]:
+    """{"name", "compute_capability"} of the current GPU, as the engine records store it."""
     device = check(cudart, cudart.cudaGetDevice())
     props = check(cudart, cudart.cudaGetDeviceProperties(device))
-    return {"gpu": props.name.decode().rstrip("\x00"), "compute_capability": f"{props.major}.{props.minor}"}
+    name = props.name.decode(errors="replace") if isinstance(props.name, bytes) else str(props.name)
+    return {"name": name.rstrip("\x00"), "compute_capability": f"{props.major}.{props.minor}"}
 
 
-def check_engine_entry(component: str, precision: str, entry: dict[str, Any], onnx_sha256: str, here: dict[str, str]) -> None:
-    """Refuse an engine built for another TensorRT, GPU, ONNX file or precision."""
-    expected = {**here, "onnx_sha256": onnx_sha256, "precision": precision}
-    for name, value in expected.items():
-        built = entry.get(name)
-        if built != value:
-            raise ArtifactError(
-                f"{component} {precision} TensorRT engine was built for {name}={built!r}, this is {value!r}; "
-                "rebuild the engines (python export/build_engines.py) or use --backend onnxruntime"
-            )
+def engine_key(component: str, precision: str, onnx_sha256: str, tensorrt_version: str, gpu: dict[str, str],
+               profile: dict[str, Any], flags: dict[str, Any]) -> str:
+    """The engine cache key: sha256 of everything an engine depends on, as export/tensorrt_build.py's
+    EngineSpec.key computes it (tests/test_runtime_backends.py checks the two agree)."""
+    spec = {
+        "component": component, "precision": precision, "onnx_sha256": onnx_sha256, "tensorrt_version": tensorrt_version,
+        "gpu": gpu, "profile": profile, "flags": flags,
+    }
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+
+
+def select_engine(component: str, precision: str, records: dict[str, dict[str, Any]], onnx_sha256: str,
+                  tensorrt_version: str, gpu: dict[str, str]) -> dict[str, Any]:
+    """The engine record of `precision` whose cache key matches this machine and this ONNX file; an
+    ArtifactError naming what differs when none does (a stale engine is never loaded)."""
+    candidates = [r for r in records.values() if r.get("precision") == precision]
+    if not candidates:
+        raise BackendError(
+            f"no {precision} TensorRT engine for {component} in the artifacts; build engines with "
+            "python export/build_engines.py on this GPU, or use --backend onnxruntime"
+        )
+    for record in candidates:
+        key = engine_key(component, precision, onnx_sha256, tensorrt_version, gpu, record.get("profile", {}), record.get("flags", {}))
+        if key == record.get("key"):
+            return record
+    record = candidates[0]
+    if record.get("tensorrt_version") != tensorrt_version:
+        what = f"TensorRT {record.get('tensorrt_version')}, this is {tensorrt_version}"
+    elif record.get("gpu") != gpu:
+        what = f"GPU {record.get('gpu')}, this is {gpu}"
+    else:
+        what = "another ONNX file or build settings"
+    raise ArtifactError(
+        f"the {component} {precision} TensorRT engine was built for {what}; rebuild the engines "
+        "(python export/build_engines.py) or use --backend onnxruntime"
+    )
 
 
 class TrtComponent:
@@ -136,21 +163,19 @@ def open_components(
     trt, cudart = import_tensorrt()
     if check(cudart, cudart.cudaGetDeviceCount()) == 0:
         raise BackendError(MISSING.format(what="no CUDA GPU visible"))
-    here = {"tensorrt_version": trt.__version__, **device_description(cudart)}
+    gpu = device_description(cudart)
     runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
     components = {}
     for name, entry in manifest.components.items():
-        engine_entry = entry.engines.get(precision)
-        if not engine_entry or precision not in entry.precisions:
-            raise BackendError(
-                f"{artifacts_dir} has no {precision} TensorRT engine for {name}; build engines with "
-                "python export/build_engines.py on this GPU, or use --backend onnxruntime"
-            )
-        check_engine_entry(name, precision, engine_entry, entry.precisions[precision].onnx.sha256, here)
+        if precision not in entry.precisions:
+            raise BackendError(f"{artifacts_dir} has no {precision} {name}; rebuild with --fp16 or use --precision fp32")
+        onnx_sha256 = entry.precisions[precision].onnx.sha256
+        engine_entry = select_engine(name, precision, entry.engines, onnx_sha256, trt.__version__, gpu)
         path = manifest.verify_file(artifacts_dir, FileEntry(**engine_entry["engine"]))
         engine = runtime.deserialize_cuda_engine(path.read_bytes())
         if engine is None:
             raise ArtifactError(f"{path} is not a TensorRT engine this TensorRT can load; rebuild the engines")
         log.info("opened %s (%s) engine %s: %s", name, precision, path.name, json.dumps(engine_entry.get("profile", {})))
-        components[name] = TrtComponent(trt, cudart, engine, entry.contract, use_cuda_graph=manifest.profile.is_static)
+        static = bool(engine_entry.get("flags", {}).get("static"))  # one shape per input: replay a CUDA graph
+        components[name] = TrtComponent(trt, cudart, engine, entry.contract, use_cuda_graph=static)
     return components

@@ -94,7 +94,9 @@ class Scheduler:
         raise NotImplementedError
 
     def _check_timesteps(self, timesteps: np.ndarray) -> None:
-        # "leading" + steps_offset can step past the last training timestep (e.g. 1000 steps, offset 1).
+        # For schedulers that index alphas_cumprod by timestep: "leading" + steps_offset can step past
+        # the last training timestep (1000 steps, offset 1), where diffusers fails with an IndexError.
+        # Sigma schedulers interpolate (and clamp) instead, as diffusers does, so they skip this check.
         if len(timesteps) and (timesteps.max() > self.config.num_train_timesteps - 1 or timesteps.min() < 0):
             raise SchedulerConfigError(
                 f"{self.name}: timesteps {timesteps.min()}..{timesteps.max()} fall outside the training range "

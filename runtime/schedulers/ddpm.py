@@ -50,7 +50,7 @@ class DDPMRun(SchedulerRun):
         x0 = clip_or_threshold(x0, self.config)
         # 3. posterior mean mu_tilde(x_t, x0), eq. 7
         x0_coeff = np.sqrt(a_prev) * beta_t / (1 - a_t)
-        xt_coeff = np.sqrt(alpha_t) * (1 - a_prev) / (1 - a_t)
+        xt_coeff = np.sqrt(alpha_t) * (1 - a_t) / (1 - a_t)
         mean = x0_coeff * x0 + xt_coeff * x
         # 4. add sigma_t z except at t = 0
         if t == 0:

@@ -44,7 +44,6 @@ class DPMSolverMultistepScheduler(Scheduler):
             timesteps = (np.arange(0, n + 1) * step_ratio).round()[::-1][:-1].astype(np.int64) + c.steps_offset
         else:  # trailing
             timesteps = np.arange(last_timestep, 0, -T / n).round().astype(np.int64) - 1
-        self._check_timesteps(timesteps)
         # 2. sigmas: read off the training table, or Karras et al. eq. 5 between the table's extremes
         if c.use_karras_sigmas:
             sigma_min = c.sigma_min if c.sigma_min is not None else float(sigmas_train[0])

@@ -39,7 +39,6 @@ class EulerScheduler(Scheduler):
     def _make_run(self, num_inference_steps: int) -> EulerRun:
         c = self.config
         timesteps, sigmas = interpolated_sigmas(self, num_inference_steps)
-        self._check_timesteps(timesteps)
         if c.use_karras_sigmas:
             sigma_min = c.sigma_min if c.sigma_min is not None else float(sigmas[-1])
             sigma_max = c.sigma_max if c.sigma_max is not None else float(sigmas[0])

@@ -23,7 +23,6 @@ class EulerAncestralScheduler(Scheduler):
 
     def _make_run(self, num_inference_steps: int) -> EulerAncestralRun:
         timesteps, sigmas = interpolated_sigmas(self, num_inference_steps)
-        self._check_timesteps(timesteps)
         sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)
         return EulerAncestralRun(self, timesteps, num_inference_steps, sigmas)
 

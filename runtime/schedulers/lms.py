@@ -34,7 +34,6 @@ class LMSScheduler(Scheduler):
 
     def _make_run(self, num_inference_steps: int) -> LMSRun:
         timesteps, sigmas = interpolated_sigmas(self, num_inference_steps)
-        self._check_timesteps(timesteps)
         if self.config.use_karras_sigmas:
             # diffusers' LMS ignores sigma_min / sigma_max here and uses the interpolated range.
             sigmas = karras_sigmas(float(sigmas[-1]), float(sigmas[0]), num_inference_steps)

@@ -1,0 +1,115 @@
+"""The model an export starts from: loaded weights, the facts the contracts need, and where it came from.
+
+A source is anything `ldm_rt.reference.checkpoints.load_model` reads: an ldm-rt model folder (the
+default is the shipped one, `ldm_rt.engines` default/model), a diffusers folder, or an SD single file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.resources
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from ldm_rt.export.errors import SourceError
+from ldm_rt.reference.checkpoints import load_model
+from ldm_rt.reference.model_folder import LoadedModel
+from ldm_rt.runtime.contracts import ModelFacts
+from ldm_rt.runtime.manifest import sha256_file
+
+log = logging.getLogger(__name__)
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
+
+
+def default_model_dir() -> Path:
+    """The shipped default model (package data of ldm_rt.engines)."""
+    return Path(str(importlib.resources.files("ldm_rt.engines"))) / "default" / "model"
+
+
+@dataclass
+class Source:
+    loaded: LoadedModel
+    facts: ModelFacts
+    kind: str  # "ldm-rt", "diffusers" or "single_file"
+    path: Path
+    sha256: str  # over the weight files only: the same weights give the same hash whatever the configs say
+    name: str  # for default output folders: the folder name or the file stem
+
+    def to_manifest(self) -> dict[str, str]:
+        return {"kind": self.kind, "path": str(self.path), "sha256": self.sha256, "name": self.name}
+
+
+def weights_sha256(path: Path) -> str:
+    """sha256 of a single weight file; for a folder, sha256 over (relative path, file sha256) of every
+    weight file in it, sorted, so renaming or changing any of them changes the hash."""
+    if path.is_file():
+        return sha256_file(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+    if not files:
+        raise SourceError(f"{path} holds no weight files ({', '.join(WEIGHT_SUFFIXES)}); pass a complete model")
+    h = hashlib.sha256()
+    for p in files:
+        h.update(f"{p.relative_to(path).as_posix()}\0{sha256_file(p)}\n".encode())
+    return h.hexdigest()
+
+
+def model_facts(loaded: LoadedModel) -> ModelFacts:
+    """What the contracts need, read from the model's config and tokenizer."""
+    config = loaded.model.config
+    text = config.text_encoder
+    if text is not None:
+        # The tokenizer fixes the sequence length the graphs take; without one, the position table does.
+        length = loaded.tokenizer.max_length if loaded.tokenizer is not None else text.max_position_embeddings
+    return ModelFacts(
+        latent_channels=config.latent_channels,
+        latent_factor=config.latent_factor,
+        unet_factor=config.unet.downsampling_factor,
+        unet_in_channels=config.unet.in_channels,
+        unet_out_channels=config.unet.out_channels,
+        context_length=None if text is None else int(length),
+        context_dim=None if text is None else config.unet.context_dim,
+        vocab_size=None if text is None else text.vocab_size,
+        num_classes=config.unet.num_classes,
+        autoencoder_kind=config.autoencoder.kind,
+        scale_factor=float(config.scale_factor),
+    )
+
+
+def load_source(
+    path: str | Path | None = None,
+    *,
+    tokenizer: str | Path | None = None,
+    prediction_type: str | None = None,
+) -> Source:
+    """Load the model at `path` (default: the shipped default model) in fp32 for export."""
+    if path is None:
+        path = default_model_dir()
+        if not path.is_dir():
+            raise SourceError(
+                f"the shipped default model is missing ({path}); pass --model with an ldm-rt model folder, "
+                "a diffusers folder or an SD single file"
+            )
+    path = Path(path)
+    if not path.exists():
+        raise SourceError(f"{path} does not exist; pass --model with an ldm-rt model folder, a diffusers folder or an SD single file")
+    try:
+        loaded = load_model(path, prediction_type=prediction_type, tokenizer=tokenizer)
+    except (ValueError, OSError) as e:
+        # CheckpointError / ConfigError / TokenizerError are ValueErrors with one-line messages already.
+        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SourceError(f"cannot load {path}: {text}") from None
+    kind = loaded.info.get("source_kind") or ("single_file" if path.is_file() else "ldm-rt")
+    if loaded.model.text_encoder is not None and loaded.tokenizer is None:
+        raise SourceError(f"{path} has a text encoder but no tokenizer; pass --tokenizer PATH")
+    source = Source(
+        loaded=loaded,
+        facts=model_facts(loaded),
+        kind=kind,
+        path=path.resolve(),
+        sha256=weights_sha256(path),
+        name=path.stem if path.is_file() else path.resolve().name,
+    )
+    log.info("source %s (%s), weights sha256 %s", path, kind, source.sha256[:12])
+    return source

@@ -1,0 +1,157 @@
+"""The PyTorch reference networks behind the runtime's backend interface (`--backend torch`).
+
+Each component is a `TorchComponent`: `run(inputs: dict[str, ndarray]) -> dict[str, ndarray]` keyed by the
+contract's tensor names (runtime/contracts.py), computing the export wrapper the ONNX graph was traced
+from, so the torch backend and the ONNX files compute the same function.
+
+The runtime never imports this module by name: it finds `open_components` through the entry point
+group "ldm_rt.backends", name "torch" (pyproject.toml:
+`[project.entry-points."ldm_rt.backends"] torch = "ldm_rt.reference.torch_backend:open_components"`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ldm_rt.runtime.backends.base import BackendError
+from ldm_rt.runtime.contracts import ComponentContract, ModelFacts, ShapeProfile, build_contracts
+from ldm_rt.runtime.manifest import Manifest
+
+from .export_wrappers import export_wrappers
+from .model_folder import LoadedModel
+
+logger = logging.getLogger(__name__)
+
+PRECISION_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+# The reference has no engine limits: accept any batch up to this and any size the model divides.
+UNLIMITED_BATCH = 64
+UNLIMITED_PIXELS = 4096
+
+
+class TorchComponent:
+    """One component of the reference model behind the contract's `run` interface. Inputs are checked
+    against the contract (names, dtypes, ranges), outputs are float32 numpy arrays."""
+
+    def __init__(self, module: Callable[..., torch.Tensor], contract: ComponentContract, device: str | torch.device = "cpu") -> None:
+        self.module = module
+        self.contract = contract
+        self.device = torch.device(device)
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.contract.check_inputs(inputs)
+        args = [torch.from_numpy(np.ascontiguousarray(inputs[t.name])).to(self.device) for t in self.contract.inputs]
+        with torch.inference_mode():
+            out = self.module(*args)
+        return {self.contract.outputs[0].name: out.detach().to("cpu", torch.float32).numpy()}
+
+    def __repr__(self) -> str:
+        return f"TorchComponent({self.contract.name}, device={self.device})"
+
+
+def model_facts(loaded: LoadedModel) -> ModelFacts:
+    """The ModelFacts the contracts need, read from a loaded model's config and tokenizer."""
+    config = loaded.model.config
+    has_text = config.text_encoder is not None
+    if config.unet.context_dim is not None and not has_text:
+        raise BackendError("the UNet cross-attends but the model has no text encoder; the runtime contracts cannot express that")
+    if has_text and loaded.tokenizer is None:
+        raise BackendError("the model has a text encoder but no tokenizer; load it with its tokenizer")
+    return ModelFacts(
+        latent_channels=config.latent_channels,
+        latent_factor=config.latent_factor,
+        unet_factor=config.unet.downsampling_factor,
+        unet_in_channels=config.unet.in_channels,
+        unet_out_channels=config.unet.out_channels,
+        context_length=loaded.tokenizer.max_length if has_text else None,
+        context_dim=config.unet.context_dim if has_text else None,
+        vocab_size=config.text_encoder.vocab_size if has_text else None,
+        num_classes=config.unet.num_classes,
+        autoencoder_kind=config.autoencoder.kind,
+        scale_factor=float(config.scale_factor),
+    )
+
+
+def unlimited_profile(facts: ModelFacts) -> ShapeProfile:
+    """A profile as wide as the reference allows: batch 1..64, sizes from one multiple up to ~4096 px."""
+    m = facts.pixel_multiple
+    top = max(m, UNLIMITED_PIXELS // m * m)
+    opt = min(top, max(m, 512 // m * m))
+    return ShapeProfile(batch=(1, 1, UNLIMITED_BATCH), height=(m, opt, top), width=(m, opt, top))
+
+
+def torch_components(
+    loaded: LoadedModel,
+    contracts: dict[str, ComponentContract] | None = None,
+    device: str | torch.device = "cpu",
+) -> dict[str, TorchComponent]:
+    """text_encoder (if any), unet, vae_decoder, vae_encoder of `loaded` as TorchComponents. Without
+    `contracts` they accept any shape the model supports (unlimited_profile)."""
+    if contracts is None:
+        facts = model_facts(loaded)
+        contracts = build_contracts(facts, unlimited_profile(facts))
+    loaded.model.to(device)
+    wrappers = export_wrappers(loaded.model)
+    missing = sorted(set(contracts) - set(wrappers))
+    if missing:
+        raise BackendError(f"the contracts list {missing} but the model has no such component; rebuild the artifacts from this model")
+    return {name: TorchComponent(wrappers[name], contract, device) for name, contract in contracts.items()}
+
+
+def open_components(
+    artifacts_dir: Path,
+    manifest: Manifest,
+    precision: str = "fp32",
+    providers: Sequence[str] | None = None,
+) -> dict[str, TorchComponent]:
+    """The "torch" backend factory: load the model the artifacts were exported from (manifest.source) and
+    serve it under the artifacts' contracts. CUDA when torch sees a GPU, else CPU; `providers` is ONNX
+    Runtime's notion and is ignored here."""
+    from .checkpoints import load_model
+
+    if precision not in PRECISION_DTYPES:
+        raise BackendError(f"precision must be one of {sorted(PRECISION_DTYPES)}, got {precision!r}")
+    source = _source_path(Path(artifacts_dir), manifest.source)
+    options: dict[str, Any] = {}
+    if manifest.source.get("prediction_type"):
+        options["prediction_type"] = manifest.source["prediction_type"]
+    if manifest.source.get("tokenizer"):
+        options["tokenizer"] = _resolve(Path(artifacts_dir), manifest.source["tokenizer"])
+    elif source.is_file() and manifest.tokenizer is not None:
+        options["tokenizer"] = Path(artifacts_dir) / manifest.tokenizer.file  # a single file's tokenizer was copied in
+    loaded = load_model(source, dtype=PRECISION_DTYPES[precision], **options)
+    facts = model_facts(loaded)
+    if facts != manifest.facts:
+        raise BackendError(
+            f"the source model {source} no longer matches the artifacts in {artifacts_dir} "
+            f"(facts {facts} != {manifest.facts}); rebuild the artifacts"
+        )
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    contracts = {name: entry.contract for name, entry in manifest.components.items()}
+    logger.info("torch backend: %s from %s on %s (%s)", sorted(contracts), source, device, precision)
+    return torch_components(loaded, contracts, device)
+
+
+def _resolve(root: Path, value: str) -> Path:
+    path = Path(value)
+    return path if path.is_absolute() else root / path
+
+
+def _source_path(root: Path, source: dict[str, Any]) -> Path:
+    """The source model's path from the manifest: absolute, or relative to the artifacts folder."""
+    value = source.get("path")
+    if not value:
+        raise BackendError(f"{root / 'manifest.json'} records no source model path; the torch backend needs the source weights")
+    path = Path(value)
+    for candidate in (path,) if path.is_absolute() else (root / path, path):
+        if candidate.exists():
+            return candidate
+    raise BackendError(
+        f"the source model {value} of {root} is not there any more; the torch backend needs the source weights "
+        "(use --backend onnxruntime to run the exported graphs)"
+    )

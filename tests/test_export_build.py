@@ -1,0 +1,286 @@
+"""End to end: tiny models through `build_engines.py` (in-process), and what a finished folder must hold."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from google.protobuf import text_format
+from tiny_models import make_tiny_diffusers_sd, make_tiny_ldm_rt_model
+from tritonclient.grpc import model_config_pb2
+
+import ldm_rt.export.build as build_module
+from ldm_rt.export.build_engines import main, options_from_args, parser
+from ldm_rt.export.errors import TensorRTUnavailable
+from ldm_rt.export.parity import ort_session
+from ldm_rt.reference.export_wrappers import export_wrappers
+from ldm_rt.reference.model_folder import load_model_folder
+from ldm_rt.runtime.artifacts import Artifacts
+from ldm_rt.runtime.contracts import ShapeProfile
+from ldm_rt.runtime.manifest import MANIFEST, Manifest
+
+# Small profile: latent sizes 4..12 (pixel multiple 4 for the tiny models), UNet batch up to 4.
+PROFILE = ["--batch-range", "1:1:2", "--height-range", "8:16:24", "--width-range", "8:16:24"]
+HAVE_TENSORRT = importlib.util.find_spec("tensorrt") is not None
+
+
+@dataclass
+class Run:
+    code: int
+    stdout: str
+    stderr: str
+
+
+def run_cli(args: list[str]) -> Run:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(args)
+    return Run(code, out.getvalue(), err.getvalue())
+
+
+@dataclass
+class Built:
+    model: Path
+    out: Path
+    triton: Path | None
+    run: Run
+
+
+@pytest.fixture(scope="module")
+def ldm_rt_build(tmp_path_factory) -> Built:
+    """The tiny ldm-rt model with --fp16 and no --onnx-only: without TensorRT this ends in exit 1."""
+    root = tmp_path_factory.mktemp("export_ldm_rt")
+    model = make_tiny_ldm_rt_model(root / "model")
+    out, triton = root / "artifacts", root / "triton"
+    run = run_cli(["--model", str(model), "--out", str(out), "--fp16", "--triton-repo", str(triton), *PROFILE])
+    return Built(model, out, triton, run)
+
+
+@pytest.fixture(scope="module")
+def diffusers_build(tmp_path_factory) -> Built:
+    """The tiny diffusers-layout SD v1 folder with --fp16 --onnx-only."""
+    root = tmp_path_factory.mktemp("export_diffusers")
+    model = make_tiny_diffusers_sd(root / "sd", "v1")
+    out = root / "artifacts"
+    run = run_cli(["--model", str(model), "--out", str(out), "--fp16", "--onnx-only", *PROFILE])
+    return Built(model, out, None, run)
+
+
+@pytest.fixture(params=["ldm_rt", "diffusers"])
+def built(request, ldm_rt_build, diffusers_build) -> Built:
+    return {"ldm_rt": ldm_rt_build, "diffusers": diffusers_build}[request.param]
+
+
+@pytest.mark.skipif(HAVE_TENSORRT, reason="TensorRT is installed: the no-TensorRT exit path cannot be shown here")
+def test_fp16_without_tensorrt_finishes_onnx_then_exits_1_with_the_line(ldm_rt_build):
+    run = ldm_rt_build.run
+    expected = TensorRTUnavailable.for_folder("the tensorrt package is not installed", str(ldm_rt_build.out))
+    assert run.code == 1, run.stderr
+    assert run.stderr.strip().splitlines()[-1] == str(expected)
+    assert str(expected).startswith("TensorRT/CUDA not found: ")
+    assert f"(`ldm-rt sample --model {ldm_rt_build.out}`)" in str(expected)
+    manifest = Manifest.read(ldm_rt_build.out)  # the ONNX build is finished and usable
+    assert manifest.tensorrt["status"] == "unavailable"
+    assert set(manifest.components["unet"].precisions) == {"fp32", "fp16"}
+
+
+def test_onnx_only_exits_0(diffusers_build):
+    run = diffusers_build.run
+    assert run.code == 0, run.stderr
+    assert "unet" in run.stdout and "fp16" in run.stdout  # the parity table is printed
+    assert Manifest.read(diffusers_build.out).tensorrt["status"] == "skipped"
+
+
+def test_manifest_is_valid_and_every_hash_verifies(built):
+    m = Manifest.read(built.out)
+    assert set(m.components) == {"text_encoder", "unet", "vae_decoder", "vae_encoder"}
+    for name, entry in m.components.items():
+        assert entry.contract.name == name
+        for precision, pe in entry.precisions.items():
+            assert pe.onnx.file == f"onnx/{precision}/{name}.onnx"
+            m.verify_file(built.out, pe.onnx)
+    m.verify_file(built.out, m.scheduler)
+    m.verify_file(built.out, m.tokenizer)
+    assert m.source["kind"] == ("ldm-rt" if built.triton else "diffusers")
+    assert len(m.source["sha256"]) == 64
+    assert m.profile == ShapeProfile((1, 1, 2), (8, 16, 24), (8, 16, 24))
+    assert m.facts.latent_factor == 2 and m.facts.unet_factor == 2 and m.facts.context_dim == 32
+    assert {"torch", "onnx", "onnxruntime", "polygraphy"} <= set(m.tools)
+    scheduler = json.loads((built.out / "scheduler_config.json").read_text())
+    assert scheduler["beta_schedule"] == "scaled_linear"
+    # Nothing besides the listed files and the manifest (no temp files left behind).
+    listed = {pe.onnx.file for e in m.components.values() for pe in e.precisions.values()}
+    listed |= {m.scheduler.file, m.tokenizer.file, MANIFEST}
+    present = {p.relative_to(built.out).as_posix() for p in built.out.rglob("*") if p.is_file()}
+    assert present == listed
+
+
+def test_a_changed_file_fails_verification(ldm_rt_build, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(ldm_rt_build.out, copy)
+    with open(copy / "onnx" / "fp32" / "unet.onnx", "ab") as f:
+        f.write(b"\0")
+    m = Manifest.read(copy)
+    with pytest.raises(ValueError, match="does not match the manifest"):
+        m.verify_file(copy, m.components["unet"].precisions["fp32"].onnx)
+
+
+def test_every_onnx_passes_the_checker_with_the_contract_io(built):
+    m = Manifest.read(built.out)
+    for name, entry in m.components.items():
+        for precision, pe in entry.precisions.items():
+            path = built.out / pe.onnx.file
+            onnx.checker.check_model(str(path), full_check=True)
+            model = onnx.load(str(path))
+            assert [i.name for i in model.graph.input] == [t.name for t in entry.contract.inputs]
+            assert [o.name for o in model.graph.output] == [t.name for t in entry.contract.outputs]
+            # float32 I/O in every precision; fp16 weights inside the fp16 graph.
+            float_io = [v for v in [*model.graph.input, *model.graph.output] if v.name != "input_ids"]
+            assert all(v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT for v in float_io)
+            weights = {t.data_type for t in model.graph.initializer if len(t.dims) >= 2}
+            expect = onnx.TensorProto.FLOAT16 if precision == "fp16" else onnx.TensorProto.FLOAT
+            assert expect in weights, f"{name} {precision}"
+            assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 17
+
+
+def test_parity_numbers_are_recorded_and_within_bounds(built):
+    m = Manifest.read(built.out)
+    for name, entry in m.components.items():
+        fp32, fp16 = entry.precisions["fp32"].parity, entry.precisions["fp16"].parity
+        for p in (fp32, fp16, fp16["torch_fp16"]):
+            assert p["passed"] is True
+            assert len(p["shapes"]) == len(p["max_abs_err"]) == len(p["bound"]) >= 3  # min, opt, max, odd
+            assert all(e <= b for e, b in zip(p["max_abs_err"], p["bound"]))
+        assert max(fp32["max_abs_err"]) < 1e-4, name
+        # fp16 genuinely differs from fp32 (the check would notice a precision mix-up) yet stays in bounds.
+        assert min(fp16["torch_fp16"]["max_abs_err"]) > 1e-5, name
+        assert entry.precisions["fp16"].kept_fp32 == []  # nothing overflows in these tiny models
+        assert len({json.dumps(s) for s in fp32["shapes"]}) == len(fp32["shapes"])  # distinct points
+
+
+def test_triton_repository_configs_parse(ldm_rt_build):
+    m = Manifest.read(ldm_rt_build.out)
+    repo = ldm_rt_build.triton
+    models = sorted(p.name for p in repo.iterdir())
+    assert models == sorted(f"{c}{s}" for c in m.components for s in ("", "_fp16"))
+    dtypes = {"float32": model_config_pb2.TYPE_FP32, "int64": model_config_pb2.TYPE_INT64}
+    for name in models:
+        config = text_format.Parse((repo / name / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+        contract = m.components[name.removesuffix("_fp16")].contract
+        assert config.name == name and config.platform == "onnxruntime_onnx" and config.max_batch_size == 0
+        assert [t.name for t in config.input] == [t.name for t in contract.inputs]
+        assert [t.name for t in config.output] == [t.name for t in contract.outputs]
+        for got, spec in zip([*config.input, *config.output], [*contract.inputs, *contract.outputs]):
+            assert got.data_type == dtypes[spec.dtype]
+            assert list(got.dims) == [s if isinstance(s, int) else -1 for s in spec.shape]
+        assert (repo / name / "1" / "model.onnx").is_file()
+
+
+def test_artifacts_open_in_the_runtime_and_match_the_reference(ldm_rt_build):
+    art = Artifacts.open(ldm_rt_build.out)
+    contract = art.manifest.components["vae_decoder"].contract
+    latent = np.random.default_rng(7).standard_normal((2, 4, 10, 6)).astype(np.float32)  # a shape no check used
+    contract.check_inputs({"latent": latent})
+    (got,) = ort_session(ldm_rt_build.out / "onnx/fp32/vae_decoder.onnx").run(None, {"latent": latent})
+    wrapper = export_wrappers(load_model_folder(ldm_rt_build.model).model)["vae_decoder"]
+    with torch.no_grad():
+        want = wrapper(torch.from_numpy(latent)).numpy()
+    assert got.shape == (2, 3, 20, 12)
+    np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+def _flaky_check_onnx(calls_before_failing: int):
+    real = build_module.check_onnx
+    calls = {"n": 0}
+
+    def check(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > calls_before_failing:
+            raise KeyboardInterrupt  # as if the user pressed Ctrl-C mid-build
+        return real(*args, **kwargs)
+
+    return check
+
+
+def test_interrupted_build_leaves_no_finished_looking_folder(ldm_rt_build, tmp_path, monkeypatch):
+    monkeypatch.setattr(build_module, "check_onnx", _flaky_check_onnx(1))
+    fresh = tmp_path / "fresh"
+    with pytest.raises(KeyboardInterrupt):
+        main(["--model", str(ldm_rt_build.model), "--out", str(fresh), "--onnx-only", *PROFILE])
+    assert not fresh.exists()
+    assert list(tmp_path.iterdir()) == []  # the temp folder is gone too
+
+    # Interrupting a rebuild keeps the previous finished folder exactly as it was.
+    previous = tmp_path / "previous"
+    shutil.copytree(ldm_rt_build.out, previous)
+    before = (previous / MANIFEST).read_bytes()
+    monkeypatch.setattr(build_module, "check_onnx", _flaky_check_onnx(0))
+    with pytest.raises(KeyboardInterrupt):
+        main(["--model", str(ldm_rt_build.model), "--out", str(previous), "--onnx-only", *PROFILE])
+    assert (previous / MANIFEST).read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["previous"]
+
+
+def _one_line_error(run: Run) -> str:
+    assert run.code == 2
+    assert "Traceback" not in run.stderr
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1, run.stderr
+    assert lines[0].startswith("build_engines.py: error: ")
+    return lines[0]
+
+
+def test_corrupt_source_is_a_one_line_error(ldm_rt_build, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(ldm_rt_build.model, model)
+    unet = model / "unet.safetensors"
+    unet.write_bytes(unet.read_bytes()[:1000])  # truncated download
+    line = _one_line_error(run_cli(["--model", str(model), "--out", str(tmp_path / "out"), "--onnx-only"]))
+    assert "unet.safetensors" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_source_and_unfit_profile_are_one_line_errors(ldm_rt_build, tmp_path):
+    line = _one_line_error(run_cli(["--model", str(tmp_path / "nope"), "--out", str(tmp_path / "out")]))
+    assert "does not exist" in line
+    # 10 px is not a multiple of the tiny model's latent factor x UNet factor (4).
+    args = ["--model", str(ldm_rt_build.model), "--out", str(tmp_path / "out"), "--height-range", "8:10:24"]
+    line = _one_line_error(run_cli(args))
+    assert "multiple of 4" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_argument_errors_exit_2(capsys):
+    for bad in (["--height-range", "64:32:128"], ["--batch-range", "1:x:4"], ["--batch", "2"]):
+        with pytest.raises(SystemExit) as e:
+            main(bad)
+        assert e.value.code == 2
+        assert "Traceback" not in capsys.readouterr().err
+
+
+def test_help_lists_every_flag():
+    text = parser().format_help()
+    for flag in (
+        "--model", "--out", "--fp16", "--onnx-only", "--static-shape", "--batch", "--height", "--width",
+        "--batch-range", "--height-range", "--width-range", "--triton-repo", "--tokenizer", "--prediction-type",
+        "--refit", "--timing-cache",
+    ):  # fmt: skip
+        assert flag in text, flag
+
+
+def test_static_shape_options():
+    p = parser()
+    options = options_from_args(p.parse_args(["--static-shape", "--batch", "2", "--height", "32"]), p)
+    assert options.profile == ShapeProfile.static(2, 32, 64)  # width: OPT of the default range
+    assert options.static_shape and options.profile.is_static
+    options = options_from_args(p.parse_args(["--height-range", "32"]), p)
+    assert options.profile.height == (32, 32, 32) and not options.static_shape

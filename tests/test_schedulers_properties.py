@@ -1,0 +1,269 @@
+"""Properties every scheduler satisfies (no oracle needed): timestep order and count, an exact model
+leads back to x0, explicit randomness, independent runs, errors on misuse."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from ldm_rt.runtime.schedulers import (
+    SCHEDULERS,
+    SchedulerConfig,
+    SchedulerConfigError,
+    SchedulerStepError,
+    make_scheduler,
+)
+from ldm_rt.runtime.schedulers.config import train_sigmas
+
+NAMES = sorted(SCHEDULERS)
+VARIANTS = {name: (name, {}) for name in NAMES} | {"ddim-eta": ("ddim", {"eta": 0.7})}
+STOCHASTIC = ("ddpm", "euler-a", "ddim-eta")
+MULTISTEP = ("dpmpp-2m", "dpmpp-2m-karras", "pndm", "lms")
+SHAPE = (2, 4, 8, 8)
+
+
+def make(variant: str, config: SchedulerConfig | None = None):
+    name, options = VARIANTS[variant]
+    return make_scheduler(name, config or SchedulerConfig(), **options)
+
+
+def toy_model(x, t):
+    return (0.1 * x * np.cos(float(t) / 100) + 0.05 * np.sin(x)).astype(np.float32)
+
+
+def sample(run, x, *, seed=None, noises=None, model=toy_model):
+    """The whole loop; returns every intermediate sample."""
+    rng = None if seed is None else np.random.default_rng(seed)
+    out = []
+    for i, t in enumerate(run.timesteps):
+        noise = None if noises is None else noises[i]
+        x = run.step(model(run.scale_model_input(x, i), t), i, x, generator=rng, noise=noise)
+        out.append(x)
+    return out
+
+
+def oracle_model(scheduler, x0, prediction_type):
+    """The exact denoiser for data x0: eps (or v) that makes x_in = sqrt(a_t) x0 + sqrt(1 - a_t) eps."""
+    sigmas = train_sigmas(scheduler.alphas_cumprod).astype(np.float64)
+
+    def model(x_in, t):
+        sigma = np.interp(float(t), np.arange(len(sigmas)), sigmas)  # fractional t: as the sigma schedulers read it
+        a = 1 / (1 + sigma**2)
+        eps = (x_in - np.sqrt(a) * x0) / np.sqrt(1 - a)
+        if prediction_type == "epsilon":
+            return eps.astype(np.float32)
+        return (np.sqrt(a) * eps - np.sqrt(1 - a) * x0).astype(np.float32)  # v
+
+    return model
+
+
+# ---- timesteps --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+@pytest.mark.parametrize("n", [1, 2, 10, 50, 500])
+@pytest.mark.parametrize("name", NAMES)
+def test_timesteps_decrease_and_count(name, n, spacing):
+    run = make_scheduler(name, SchedulerConfig(timestep_spacing=spacing)).set_timesteps(n)
+    t = np.asarray(run.timesteps, dtype=np.float64)
+    assert run.timesteps.dtype in (np.int64, np.float32)
+    assert t.min() >= 0 and t.max() <= 999
+    assert len(run) == len(run.timesteps)
+    assert np.all(np.diff(t) <= 0)
+    if hasattr(run, "sigmas"):
+        assert len(run.sigmas) == len(t) + 1 and run.sigmas[-1] == 0
+        assert np.all(np.diff(run.sigmas) < 0)
+    if name == "pndm":
+        # PLMS re-evaluates its second timestep once (a two-evaluation first step): n + 1 entries.
+        assert len(t) == (n + 1 if n > 1 else 1)
+        assert np.sum(np.diff(t) == 0) == (1 if n > 1 else 0)
+    else:
+        assert len(t) == n
+        if name != "dpmpp-2m-karras":  # diffusers rounds Karras timesteps: the tail repeats 0, 1, ...
+            assert np.all(np.diff(t) < 0)
+
+
+def test_pndm_runge_kutta_warmup_timesteps():
+    run = make_scheduler("pndm", SchedulerConfig(skip_prk_steps=False)).set_timesteps(10)
+    # 3 Runge-Kutta steps of 4 evaluations over the last 4 timesteps' span, then PLMS on the rest
+    assert len(run.prk_timesteps) == 12 and len(run.timesteps) == 12 + 10 - 3
+    assert np.all(np.diff(run.timesteps) <= 0)
+
+
+# ---- an exact model denoises ---------------------------------------------------------------------------
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("n", [1, 5, 50])
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_oracle_model_recovers_x0(variant, n, prediction_type):
+    # set_alpha_to_one: DDIM/PNDM end at alpha_bar = 1 (else at alpha_bar_0, 3 % noise left by design).
+    scheduler = make(variant, SchedulerConfig(set_alpha_to_one=True, prediction_type=prediction_type))
+    rng = np.random.default_rng(0)
+    x0 = np.tanh(rng.standard_normal(SHAPE)).astype(np.float32)
+    run = scheduler.set_timesteps(n)
+    x = run.init_noise_sigma * rng.standard_normal(SHAPE).astype(np.float32)
+    x = sample(run, x, seed=1, model=oracle_model(scheduler, x0, prediction_type))[-1]
+    tol = 2e-5
+    if (variant, prediction_type) == ("pndm", "v_prediction"):
+        # PLMS combines v predictions of different timesteps before converting them to eps (as diffusers
+        # does); v is not constant along the trajectory, so the combination is exact only as n grows.
+        tol = {1: 2e-5, 5: 0.1, 50: 2e-3}[n]
+    assert np.abs(x - x0).max() < tol
+
+
+# ---- randomness ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_same_seed_same_result_and_explicit_randomness(variant):
+    scheduler = make(variant)
+    x = np.random.default_rng(0).standard_normal(SHAPE).astype(np.float32)
+    a = sample(scheduler.set_timesteps(8), x, seed=3)
+    b = sample(scheduler.set_timesteps(8), x, seed=3)
+    c = sample(scheduler.set_timesteps(8), x, seed=4)
+    assert all(np.array_equal(p, q) for p, q in zip(a, b))
+    assert scheduler.is_stochastic == (variant in STOCHASTIC)
+    if variant in STOCHASTIC:
+        assert not np.allclose(a[-1], c[-1])
+        with pytest.raises(SchedulerStepError, match="stochastic"):
+            sample(scheduler.set_timesteps(8), x)  # no generator, no noise
+        # a noise array is the other explicit source, and it is what the step consumes
+        noises = [np.random.default_rng(i).standard_normal(SHAPE).astype(np.float32) for i in range(8)]
+        d = sample(scheduler.set_timesteps(8), x, noises=noises)
+        e = sample(scheduler.set_timesteps(8), x, noises=[z * 2 for z in noises])
+        assert not np.allclose(d[0], e[0])
+    else:
+        assert all(np.array_equal(p, q) for p, q in zip(a, c))
+        assert all(np.array_equal(p, q) for p, q in zip(a, sample(scheduler.set_timesteps(8), x)))
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_interleaved_runs_equal_sequential_runs(variant):
+    scheduler = make(variant)
+    rng = np.random.default_rng(0)
+    xa, xb = (rng.standard_normal(SHAPE).astype(np.float32) for _ in range(2))
+    noises = [rng.standard_normal(SHAPE).astype(np.float32) for _ in range(11)]  # PNDM: 11 steps
+    expected_a = sample(scheduler.set_timesteps(10), xa, noises=noises)
+    expected_b = sample(scheduler.set_timesteps(10).with_strength(0.6), xb, noises=noises)
+    run_a, run_b = scheduler.set_timesteps(10), scheduler.set_timesteps(10).with_strength(0.6)
+    for i in range(len(run_a)):
+        xa = run_a.step(toy_model(run_a.scale_model_input(xa, i), run_a.timesteps[i]), i, xa, noise=noises[i])
+        if i < len(run_b):
+            xb = run_b.step(toy_model(run_b.scale_model_input(xb, i), run_b.timesteps[i]), i, xb, noise=noises[i])
+        np.testing.assert_array_equal(xa, expected_a[i])
+    np.testing.assert_array_equal(xb, expected_b[-1])
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_run_reuse_restarts_at_step_zero_and_dtypes(variant):
+    scheduler = make(variant)
+    run = scheduler.set_timesteps(6)
+    x = np.random.default_rng(0).standard_normal(SHAPE).astype(np.float32)
+    first = sample(run, x, seed=0)
+    assert all(s.dtype == np.float32 for s in first)
+    assert run.scale_model_input(x.astype(np.float64), 0).dtype == np.float32
+    again = sample(run, x, seed=0)  # step 0 clears the multistep history
+    assert all(np.array_equal(p, q) for p, q in zip(first, again))
+
+
+def test_scheduler_tables_are_immutable():
+    scheduler = make_scheduler("euler")
+    run = scheduler.set_timesteps(10)
+    for array in (scheduler.betas, scheduler.alphas_cumprod, run.timesteps, run.sigmas):
+        with pytest.raises(ValueError):
+            array[0] = 0
+    with pytest.raises(AttributeError):
+        scheduler.config.beta_end = 0.5  # frozen dataclass
+
+
+# ---- img2img ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", NAMES)
+def test_with_strength_keeps_the_last_steps(name):
+    run = make_scheduler(name).set_timesteps(20)
+    part = run.with_strength(0.3)
+    assert part.begin_index == 14
+    np.testing.assert_array_equal(part.timesteps, run.timesteps[14:])
+    assert run.with_strength(1.0).begin_index == 0
+    x0 = np.zeros(SHAPE, np.float32)
+    noise = np.ones(SHAPE, np.float32)
+    # the noise level of add_noise decreases along the run
+    levels = [float(part.add_noise(x0, noise, i).max()) for i in range(len(part))]
+    assert np.all(np.diff(levels) < 0)
+
+
+# ---- tables for native ports -------------------------------------------------------------------------
+@pytest.mark.parametrize("name", NAMES)
+def test_tables_are_json_and_complete(name):
+    run = make_scheduler(name).set_timesteps(12).with_strength(0.5)
+    tables = json.loads(json.dumps(run.tables()))
+    assert tables["scheduler"] == name
+    assert SchedulerConfig.from_dict(tables["config"]) == run.config
+    assert tables["timesteps"] == run.timesteps.tolist()
+    assert tables["begin_index"] == run.begin_index == len(tables["all_timesteps"]) - len(tables["timesteps"])
+    assert len(tables["alphas_cumprod"]) == run.config.num_train_timesteps
+    if "sigmas" in tables:
+        assert len(tables["sigmas"]) == len(tables["all_timesteps"]) + 1
+    if name.startswith("dpmpp"):
+        assert tables["step_orders"][0] == 1 and set(tables["step_orders"]) <= {1, 2}
+
+
+# ---- misuse ------------------------------------------------------------------------------------------------
+def one_line(excinfo) -> str:
+    message = str(excinfo.value)
+    assert "\n" not in message and message
+    return message
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_step_index_out_of_range(name):
+    run = make_scheduler(name).set_timesteps(5)
+    x = np.zeros(SHAPE, np.float32)
+    for bad in (len(run), -1):
+        with pytest.raises(SchedulerStepError) as e:
+            run.step(x, bad, x, generator=np.random.default_rng(0))
+        assert "out of range" in one_line(e)
+    with pytest.raises(SchedulerStepError):
+        run.add_noise(x, x, len(run))
+    with pytest.raises(SchedulerStepError):
+        run.scale_model_input(x, 1.0)
+
+
+@pytest.mark.parametrize("name", MULTISTEP)
+def test_multistep_runs_must_step_in_order(name):
+    run = make_scheduler(name).set_timesteps(10)
+    x = np.zeros(SHAPE, np.float32)
+    run.step(x, 0, x)
+    with pytest.raises(SchedulerStepError) as e:
+        run.step(x, 2, x)
+    assert "in order" in one_line(e)
+
+
+def test_step_argument_errors():
+    run = make_scheduler("euler-a").set_timesteps(5)
+    x = np.zeros(SHAPE, np.float32)
+    with pytest.raises(SchedulerStepError, match="not both"):
+        run.step(x, 0, x, generator=np.random.default_rng(0), noise=x)
+    with pytest.raises(SchedulerStepError, match="noise has shape"):
+        run.step(x, 0, x, noise=x[:1])
+    with pytest.raises(SchedulerStepError, match="model_output has shape"):
+        run.step(x[:, :2], 0, x, noise=x)
+
+
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda: make_scheduler("heun"), "valid names are"),
+        (lambda: make_scheduler("euler").set_timesteps(0), "num_inference_steps"),
+        (lambda: make_scheduler("euler").set_timesteps(1001), "num_inference_steps"),
+        (lambda: make_scheduler("ddim").set_timesteps(1000), "training range"),  # leading + steps_offset 1
+        (lambda: make_scheduler("ddim", eta=-1), "eta"),
+        (lambda: make_scheduler("euler", eta=0.5), "does not take options"),
+        (lambda: make_scheduler("pndm", SchedulerConfig(skip_prk_steps=False)).set_timesteps(3), ">= 4"),
+        (lambda: make_scheduler("euler-a", SchedulerConfig(prediction_type="sample")), "prediction_type"),
+        (lambda: make_scheduler("lms", SchedulerConfig(rescale_betas_zero_snr=True)), "rescale_betas_zero_snr"),
+        (lambda: make_scheduler("euler").set_timesteps(10).with_strength(0.0), "strength"),
+        (lambda: make_scheduler("euler").set_timesteps(10).with_strength(1.5), "strength"),
+        (lambda: make_scheduler("euler").set_timesteps(10).with_strength(0.05), "no denoising step"),
+    ],
+)
+def test_misuse_raises_one_line_error(call, match):
+    with pytest.raises(SchedulerConfigError) as e:
+        call()
+    assert match in one_line(e)

@@ -1,0 +1,404 @@
+"""Train a latent diffusion model (Rombach et al. 2022) on the latents of a frozen autoencoder:
+
+    L_LDM = E_{E(x), y, eps ~ N(0, I), t} || eps - eps_theta(z_t, t, tau_theta(y)) ||^2          (paper eq. 3)
+
+with t uniform over all T training steps, z_t = sqrt(a_t) z_0 + sqrt(1 - a_t) eps (a = alpha_bar of the
+scheduler's training table), or the v target sqrt(a_t) eps - sqrt(1 - a_t) z_0 (Salimans & Ho 2022).
+The text encoder tau_theta is trained jointly, or kept frozen when it comes from a model folder; the
+condition is dropped to the empty prompt (or a null class) with probability `cond_drop_prob` so the
+model also learns the unconditional score for classifier-free guidance (Ho & Salimans 2022).
+
+    python -m ldm_rt.training.train_ldm --config training/configs/default_ldm.json --ae AE_RUN/autoencoder --out RUN
+    torchrun --nproc_per_node 2 -m ldm_rt.training.train_ldm ...      # one process per device
+    python -m ldm_rt.training.train_ldm --out RUN --resume [--set steps=200000]
+
+RUN/ receives checkpoint/ (resumable state), model/ (EMA weights as an ldm-rt model folder with tokenizer
+and scheduler_config.json), samples/*.png (guided samples of fixed prompts) and metrics.jsonl.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from ldm_rt.reference.configs import LDMConfig, TextEncoderConfig, UNetConfig
+from ldm_rt.reference.ldm import LatentDiffusion
+from ldm_rt.reference.model_folder import load_model_folder, save_model_folder
+from ldm_rt.runtime.schedulers.config import SchedulerConfigError
+from ldm_rt.runtime.schedulers.registry import scheduler_from_diffusers_config
+from ldm_rt.runtime.tokenizer import PromptTokenizer, TokenizerError
+
+from . import distributed
+from .autoencoder_folder import load_autoencoder
+from .checkpoint import flatten_state, has_checkpoint, load_checkpoint, restore_state, rng_states, save_checkpoint, set_rng_states, step_seed
+from .cli import parse_args, quiet_unless_main, run_main, setup_logging
+from .config_loading import TrainConfigError, load_config, read_json, to_dict
+from .data_folder import list_images
+from .data_shapes import ShapesDataset, vocabulary
+from .datasets import DataConfig, get_batch, make_dataset, shard_indices
+from .ema import EMA
+from .images import save_grid
+from .optim import clip_and_step, make_adamw, set_lr, warmup_lr
+from .run_folder import TrainResult, append_metrics, ensure_dir
+from .sampling import sample
+
+logger = logging.getLogger(__name__)
+
+
+def default_unet() -> UNetConfig:
+    # ~2 M parameters on 16x16x4 latents; transformers at 16x16, 8x8 and 4x4 (ds 1, 2, 4).
+    return UNetConfig(
+        in_channels=4, out_channels=4, model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=1,
+        attention_resolutions=(1, 2, 4), num_heads=4, context_dim=128,
+    )  # fmt: skip
+
+
+def default_text_encoder() -> TextEncoderConfig:
+    # ~0.4 M parameters; vocab_size and the bos/eos/pad ids are taken from the tokenizer at build time.
+    return TextEncoderConfig(
+        vocab_size=64, hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=16, hidden_act="gelu", bos_token_id=2, eos_token_id=3, pad_token_id=0, projection_dim=128,
+    )  # fmt: skip
+
+
+def default_scheduler() -> dict[str, Any]:
+    # Stable Diffusion v1's training schedule, as a diffusers scheduler_config.json (what the model folder ships).
+    return {
+        "_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_schedule": "scaled_linear",
+        "beta_start": 0.00085, "beta_end": 0.012, "prediction_type": "epsilon", "clip_sample": False,
+        "set_alpha_to_one": False, "steps_offset": 1, "timestep_spacing": "leading",
+    }  # fmt: skip
+
+
+DEFAULT_PROMPTS = (
+    "a large red circle in the center on a white background",
+    "a small blue square on the left on a black background",
+    "a large yellow triangle at the top on a gray background",
+    "a small green circle on the right on a white background",
+    "a large purple square at the bottom on a gray background",
+    "a small orange triangle in the center on a black background",
+    "a large green triangle on the left on a white background",
+    "a small red square at the top on a gray background",
+)
+
+
+@dataclass(frozen=True)
+class LDMTrainConfig:
+    unet: UNetConfig = field(default_factory=default_unet)
+    text_encoder: TextEncoderConfig = field(default_factory=default_text_encoder)
+    conditioning: str = "crossattn"  # "crossattn" (text) or "class" (shapes: colour x shape label, unet.num_classes = 19)
+    scheduler: dict[str, Any] = field(default_factory=default_scheduler)  # diffusers format; prediction_type: epsilon | v_prediction
+    data: DataConfig = field(default_factory=DataConfig)
+    ae: str | None = None  # autoencoder folder (train_autoencoder's RUN/autoencoder) or an ldm-rt model folder; --ae sets it
+    text_encoder_from: str | None = None  # ldm-rt model folder whose text encoder + tokenizer are used, frozen
+    scale_factor: float | None = None  # None: 1 / std of the latents of the first `scale_batches` batches
+    scale_batches: int = 4
+    cond_drop_prob: float = 0.1  # classifier-free guidance: share of samples trained with the empty prompt
+    ema_decay: float = 0.999
+    steps: int = 100000
+    batch_size: int = 32  # per process
+    lr: float = 5e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.01
+    warmup_steps: int = 500
+    grad_clip: float = 1.0  # global norm; <= 0 disables
+    seed: int = 0
+    device: str = "auto"
+    threads: int = 2
+    log_every: int = 50
+    sample_every: int = 2000
+    sample_prompts: tuple[str, ...] = DEFAULT_PROMPTS
+    sample_steps: int = 25
+    sample_guidance: float = 5.0
+    checkpoint_minutes: float = 5.0  # checkpoint and model folder; also written at the end
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "threads", "log_every", "sample_every", "sample_steps", "scale_batches"):
+            if getattr(self, name) < 1:
+                raise TrainConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.cond_drop_prob < 1.0:
+            raise TrainConfigError(f"cond_drop_prob must be in [0, 1), got {self.cond_drop_prob}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise TrainConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.lr <= 0:
+            raise TrainConfigError(f"lr must be > 0, got {self.lr}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise TrainConfigError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
+        if self.conditioning not in ("crossattn", "class"):
+            raise TrainConfigError(f"conditioning must be 'crossattn' or 'class', got {self.conditioning!r}")
+        if self.conditioning == "class":
+            if self.data.kind != "shapes":
+                raise TrainConfigError("conditioning 'class' needs labelled data: set data.kind to 'shapes'")
+            if self.unet.num_classes != ShapesDataset.num_classes + 1 or self.unet.context_dim is not None:
+                raise TrainConfigError(
+                    f"conditioning 'class' needs unet.num_classes = {ShapesDataset.num_classes + 1} (the last is the "
+                    "null class for guidance) and unet.context_dim = null"
+                )
+        elif self.unet.context_dim != self.text_encoder.hidden_size and self.text_encoder_from is None:
+            raise TrainConfigError(f"unet.context_dim ({self.unet.context_dim}) must equal text_encoder.hidden_size ({self.text_encoder.hidden_size})")
+        if self.scale_factor is not None and self.scale_factor <= 0:
+            raise TrainConfigError(f"scale_factor must be > 0 or null, got {self.scale_factor}")
+        try:
+            scheduler_from_diffusers_config(self.scheduler)
+        except SchedulerConfigError as e:
+            raise TrainConfigError(f"scheduler: {e}") from None
+
+
+class Denoiser(nn.Module):
+    """The trained networks in one module, so DDP averages all their gradients: eps_theta and, when
+    trained jointly, tau_theta (paper eq. 3)."""
+
+    def __init__(self, unet: nn.Module, text_encoder: nn.Module | None) -> None:
+        super().__init__()
+        self.unet = unet
+        self.text_encoder = text_encoder
+
+    def forward(self, z_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None, ids: torch.Tensor | None, y: torch.Tensor | None) -> torch.Tensor:
+        if ids is not None:
+            context = self.text_encoder(ids)  # (B, L, D)
+        return self.unet(z_t, t, context=context, y=y)
+
+
+def caption_vocabulary(folder: str) -> list[str]:
+    """Every lowercase word and punctuation mark of the .txt captions in an image folder, in order of first use."""
+    words: dict[str, None] = {}
+    for image in list_images(folder):
+        caption = image.with_suffix(".txt")
+        if caption.is_file():
+            for w in re.findall(r"\w+|[^\w\s]", caption.read_text(encoding="utf-8").lower()):
+                words.setdefault(w, None)
+    return list(words)
+
+
+def make_tokenizer(config: LDMTrainConfig) -> PromptTokenizer:
+    """Word-level tokenizer over the caption grammar (shapes) or the folder's caption words."""
+    words = vocabulary() if config.data.kind == "shapes" else caption_vocabulary(config.data.path)  # type: ignore[arg-type]
+    try:
+        return PromptTokenizer.word_level(words, max_length=config.text_encoder.max_position_embeddings)
+    except TokenizerError as e:
+        raise TrainConfigError(f"cannot build the caption tokenizer: {e}") from None
+
+
+def latents_of(ae: nn.Module, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Unscaled latents z_0 = E(x): a posterior sample (KL, as the LDM repo trains) or the pre-quantisation
+    latents (VQ)."""
+    if ae.config.kind == "kl":
+        return ae.encode(x).sample(generator)
+    return ae.encode(x)
+
+
+@torch.no_grad()
+def estimate_scale_factor(ae: nn.Module, dataset, batches: int, batch_size: int, device: torch.device, seed: int) -> float:
+    """1 / std of the first batches' latents, how SD arrived at 0.18215 (paper Sec. 4.3.2, "rescale")."""
+    generator = torch.Generator(device).manual_seed(seed)
+    z = [latents_of(ae, get_batch(dataset, range(i * batch_size, (i + 1) * batch_size)).images.to(device), generator) for i in range(batches)]
+    return float(1.0 / torch.cat(z).float().std())
+
+
+def ldm_config_for(config: LDMTrainConfig, ae_config, text_config: TextEncoderConfig | None, scale_factor: float) -> LDMConfig:
+    """The model's config; the UNet's in/out channels follow the autoencoder's latent channels."""
+    unet = dataclasses.replace(config.unet, in_channels=ae_config.embed_dim, out_channels=ae_config.embed_dim)
+    return LDMConfig(unet=unet, autoencoder=ae_config, text_encoder=text_config, scale_factor=scale_factor, conditioning=config.conditioning)
+
+
+def train(config: LDMTrainConfig, out_dir: str | Path, resume: bool = False) -> TrainResult:
+    out_dir = Path(out_dir)
+    ctx = distributed.init_distributed(config.device)
+    torch.set_num_threads(config.threads)
+    quiet_unless_main(ctx.is_main)
+    if ctx.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    if not resume and has_checkpoint(out_dir):
+        raise TrainConfigError(f"{out_dir} already holds a checkpoint; pass --resume to continue it or choose a new --out")
+    dataset = make_dataset(config.data, "train")
+    global_batch = config.batch_size * ctx.world_size
+    text = config.conditioning == "crossattn"
+
+    # Conditioning: a frozen text encoder + tokenizer from a model folder, or a new one trained jointly.
+    tokenizer, frozen_text = None, None
+    if text and config.text_encoder_from:
+        loaded = load_model_folder(config.text_encoder_from)
+        tokenizer, frozen_text = loaded.tokenizer, loaded.model.text_encoder
+        if frozen_text is None:
+            raise TrainConfigError(f"text_encoder_from {config.text_encoder_from} has no text encoder; point it at a text-conditional model")
+        text_config = frozen_text.config
+    elif text:
+        tokenizer = make_tokenizer(config)
+        text_config = dataclasses.replace(
+            config.text_encoder, vocab_size=tokenizer.vocab_size, bos_token_id=tokenizer.bos_id,
+            eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id,
+        )  # fmt: skip
+    else:
+        text_config = None
+
+    # The frozen first stage, and the latent scale factor (estimated once, then kept in the checkpoint).
+    step, position, metrics = 0, 0, {}
+    if resume:
+        tensors, meta = load_checkpoint(out_dir)
+        ldm_config = LDMConfig.from_dict(meta["ldm_config"])
+    else:
+        if not config.ae:
+            raise TrainConfigError("no autoencoder given: pass --ae AE_RUN/autoencoder (or set ae in the config)")
+        ae, ae_info = load_autoencoder(config.ae)
+        ae = ae.to(ctx.device)
+        scale = config.scale_factor or estimate_scale_factor(ae, dataset, config.scale_batches, config.batch_size, ctx.device, config.seed)
+        ldm_config = ldm_config_for(config, ae.config, text_config, scale)
+        if ctx.is_main:
+            logger.info("autoencoder from %s (%s); latent scale factor %.5f%s", config.ae, ae_info, scale, "" if config.scale_factor else " (1/std of the first latents)")
+
+    torch.manual_seed(config.seed)
+    model = LatentDiffusion(ldm_config).to(ctx.device)
+    if not resume:
+        model.autoencoder.load_state_dict(ae.state_dict())
+        if frozen_text is not None:
+            model.text_encoder.load_state_dict(frozen_text.state_dict())
+    model.autoencoder.requires_grad_(False).eval()
+    trained_text = model.text_encoder if text and not config.text_encoder_from else None
+    if model.text_encoder is not None and trained_text is None:
+        model.text_encoder.requires_grad_(False).eval()
+    denoiser = Denoiser(model.unet, trained_text)
+    ema = EMA(denoiser, config.ema_decay).to(ctx.device)
+    opt = make_adamw(denoiser.parameters(), config.lr, config.betas, config.weight_decay)
+    modules = {"ldm": model, "ema": ema}
+    if resume:
+        restore_state(modules, {"opt": opt}, tensors, meta, where=str(out_dir))
+        step, position, metrics = meta["step"], meta["data_position"], meta.get("metrics", {})
+        set_rng_states(meta["rng"])
+        if ctx.is_main:
+            logger.info("resumed %s at step %d (data position %d)", out_dir, step, position)
+    if ctx.is_main:
+        n = {k: sum(p.numel() for p in m.parameters()) / 1e6 for k, m in (("unet", model.unet), ("autoencoder", model.autoencoder), ("text encoder", model.text_encoder)) if m is not None}
+        logger.info("parameters (M): %s; text encoder %s; %d process(es) x batch %d", {k: round(v, 3) for k, v in n.items()},
+                    "trained jointly" if trained_text is not None else "frozen" if text else "none", ctx.world_size, config.batch_size)
+
+    scheduler = scheduler_from_diffusers_config(config.scheduler)
+    alphas_cumprod = torch.tensor(scheduler.alphas_cumprod, dtype=torch.float32, device=ctx.device)  # training table, (T,)
+    T = len(alphas_cumprod)
+    prediction = scheduler.config.prediction_type
+    null_label = ShapesDataset.num_classes  # the last class index stands for "no condition"
+    latent_shape = (ldm_config.latent_channels, config.data.resolution // ldm_config.latent_factor, config.data.resolution // ldm_config.latent_factor)
+    empty_ids = torch.from_numpy(tokenizer([""]).ids).to(ctx.device) if tokenizer is not None else None
+    ddp_denoiser = distributed.wrap(denoiser, ctx)
+
+    def ema_model() -> LatentDiffusion:
+        averaged = copy.deepcopy(model).eval()
+        Denoiser(averaged.unet, averaged.text_encoder if trained_text is not None else None).load_state_dict(ema.state_for(denoiser))
+        return averaged
+
+    def write_outputs() -> None:
+        tensors, meta = flatten_state(modules, {"opt": opt})
+        meta.update(config=to_dict(config), ldm_config=ldm_config.to_dict(), step=step, data_position=position, rng=rng_states(), metrics=metrics)
+        save_checkpoint(out_dir, tensors, meta)
+        info = {"step": step, "trainer": "ldm_rt.training.train_ldm", "data": to_dict(config.data), "ema_decay": config.ema_decay}
+        save_model_folder(out_dir / "model", ema_model(), tokenizer, config.scheduler, info)
+        logger.info("step %d: checkpoint and model folder written to %s", step, out_dir)
+
+    def write_samples() -> None:
+        averaged = ema_model()
+        if text:
+            images = sample(averaged, scheduler, latent_shape, config.sample_steps, config.sample_guidance, config.seed,
+                            tokenizer=tokenizer, prompts=list(config.sample_prompts))  # fmt: skip
+        else:
+            labels = list(range(min(8, ShapesDataset.num_classes)))
+            images = sample(averaged, scheduler, latent_shape, config.sample_steps, config.sample_guidance, config.seed, labels=labels, null_label=null_label)
+        save_grid(images, ensure_dir(out_dir / "samples") / f"step_{step:07d}.png", nrow=8)
+
+    last_checkpoint = time.monotonic()
+    tick, tick_step = time.monotonic(), step
+    bar = tqdm(total=config.steps, initial=step, disable=not ctx.is_main, desc="ldm", dynamic_ncols=True)
+    with logging_redirect_tqdm():
+        while step < config.steps:
+            # Everything random in this step (latent sample, t, noise, condition dropout) derives from (seed, step, rank).
+            torch.manual_seed(step_seed(config.seed, step, ctx.rank))
+            generator = torch.Generator(ctx.device).manual_seed(step_seed(config.seed, step, ctx.rank) + 1)
+            batch = get_batch(dataset, shard_indices(position, global_batch, ctx.rank, ctx.world_size))
+            position += global_batch
+            set_lr(opt, warmup_lr(step, config.lr, config.warmup_steps))
+            b = len(batch.captions)
+
+            with torch.no_grad():
+                z0 = latents_of(model.autoencoder, batch.images.to(ctx.device), generator) * ldm_config.scale_factor
+            drop = torch.rand(b, generator=generator, device=ctx.device) < config.cond_drop_prob
+            ids = y = context = None
+            if text:
+                ids = torch.from_numpy(tokenizer(batch.captions).ids).to(ctx.device)
+                ids = torch.where(drop[:, None], empty_ids, ids)  # dropped: the empty prompt
+                if trained_text is None:
+                    with torch.no_grad():
+                        context = model.text_encoder(ids)
+                    ids = None
+            else:
+                labels = batch.labels.to(ctx.device)
+                y = torch.where(drop, torch.full_like(labels, null_label), labels)
+            t = torch.randint(0, T, (b,), generator=generator, device=ctx.device)
+            noise = torch.randn(z0.shape, generator=generator, device=ctx.device)
+            a = alphas_cumprod[t].view(-1, 1, 1, 1)  # (B, 1, 1, 1)
+            z_t = a.sqrt() * z0 + (1 - a).sqrt() * noise  # q(z_t | z_0), the forward process at integer t
+            target = noise if prediction == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * z0
+
+            pred = ddp_denoiser(z_t, t, context, ids, y)
+            loss = F.mse_loss(pred.float(), target)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = clip_and_step(opt, denoiser, config.grad_clip)
+            ema.update(denoiser)
+            step += 1
+
+            if step % config.log_every == 0 or step == config.steps:
+                logs = distributed.mean_over_ranks({"loss": loss.item(), "grad_norm": grad_norm}, ctx)
+                now = time.monotonic()
+                logs["it_per_s"] = (step - tick_step) / max(now - tick, 1e-9)
+                tick, tick_step = now, step
+                if ctx.is_main:
+                    metrics = {"loss": logs["loss"]}
+                    bar.set_postfix(loss=f"{logs['loss']:.4f}", refresh=False)
+                    append_metrics(out_dir, {"step": step, **logs})
+                    logger.info("step %d loss %.4f %.2f it/s", step, logs["loss"], logs["it_per_s"])
+            if ctx.is_main and (step % config.sample_every == 0 or step == config.steps):
+                write_samples()
+            due = time.monotonic() - last_checkpoint > config.checkpoint_minutes * 60
+            if distributed.broadcast_flag(due, ctx) or step == config.steps:
+                if ctx.is_main:
+                    write_outputs()
+                last_checkpoint = time.monotonic()
+            bar.update(1)
+    bar.close()
+    distributed.barrier(ctx)
+    distributed.shutdown(ctx)
+    return TrainResult(step, metrics, modules)
+
+
+def config_for_run(args) -> LDMTrainConfig:
+    """--config (or, when resuming without one, the checkpoint's config) plus --set overrides and --ae."""
+    if args.config is not None:
+        data = read_json(args.config)
+    elif args.resume:
+        data = load_checkpoint(args.out)[1]["config"]
+    else:
+        data = {}
+    overrides = list(args.overrides)
+    if args.ae is not None:
+        overrides.append(f"ae={args.ae}")
+    return load_config(LDMTrainConfig, data, overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv, __doc__.splitlines()[0], extra=lambda p: p.add_argument("--ae", help="the frozen autoencoder: AE_RUN/autoencoder or an ldm-rt model folder"))
+    setup_logging()
+    return run_main(lambda: train(config_for_run(args), args.out, resume=args.resume))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
