@@ -34,12 +34,13 @@ ORT_FP16_NOTE = (
 
 
 def _odd_size(d: Dim) -> int:
-    """A legal size strictly inside the range, other than opt, preferably an odd multiple of the step."""
+    """The smallest legal size strictly inside the range other than opt, preferably an odd multiple of
+    the step (an odd batch, a latent size that halves to an odd size); opt when the range has none."""
     step = d.multiple_of
     inside = [v for v in range(d.min + 1, d.max) if v % step == 0 and v != d.opt]
     odd = [v for v in inside if (v // step) % 2 == 1]
     pool = odd or inside
-    return pool[len(pool) // 2] if pool else d.opt
+    return pool[0] if pool else d.opt
 
 
 def parity_points(contract: ComponentContract) -> list[dict[str, int]]:
@@ -125,6 +126,8 @@ def ort_session(path: Path) -> ort.InferenceSession:
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3  # fp16 constant-folding notices are expected, not the user's concern
+    # The build alternates ONNX Runtime and torch on the same cores: idle ORT threads must not spin.
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
 
 

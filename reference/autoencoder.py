@@ -62,10 +62,11 @@ class AttnBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.norm(x)
         channels = h.shape[1]
-        q = self.q(h).flatten(2).transpose(1, 2)  # (B, hw, C)
+        # Scale q before the product (not the scores after it) so fp16 scores stay in range.
+        q = self.q(h).flatten(2).transpose(1, 2) * channels**-0.5  # (B, hw, C)
         k = self.k(h).flatten(2)  # (B, C, hw)
         v = self.v(h).flatten(2)  # (B, C, hw)
-        scores = torch.bmm(q, k) * channels**-0.5  # (B, hw_query, hw_key)
+        scores = torch.bmm(q, k)  # (B, hw_query, hw_key)
         # Softmax in fp32: the VAE's attention is a known fp16 overflow spot; a no-op in fp32.
         weights = torch.softmax(scores.float(), dim=-1).to(v.dtype)
         out = torch.bmm(v, weights.transpose(1, 2))  # (B, C, hw_query)

@@ -57,16 +57,18 @@ def autoencoder_config_from_diffusers(cfg: Mapping[str, Any]) -> AutoencoderConf
     up = list(cfg.get("up_block_types", ("UpDecoderBlock2D",) * levels))
     if len(down) != levels or len(up) != levels:
         raise ConfigError(f"autoencoder config: need {levels} down_block_types and up_block_types (one per block_out_channels)")
-    for name in down:
-        if name not in ENCODER_BLOCKS:
-            raise ConfigError(f"autoencoder config: down block {name!r} is not supported; use one of {sorted(ENCODER_BLOCKS)}")
-    for name in up:
-        if name not in DECODER_BLOCKS:
-            raise ConfigError(f"autoencoder config: up block {name!r} is not supported; use one of {sorted(DECODER_BLOCKS)}")
+    unknown = [n for n in down if n not in ENCODER_BLOCKS] + [n for n in up if n not in DECODER_BLOCKS]
+    if unknown:
+        raise ConfigError(
+            f"autoencoder config: block type(s) {unknown} are not supported; "
+            f"use {sorted(ENCODER_BLOCKS)} (down) and {sorted(DECODER_BLOCKS)} (up)"
+        )
     encoder_attn = [ENCODER_BLOCKS[name] for name in down]
     decoder_attn = [DECODER_BLOCKS[name] for name in reversed(up)]  # up_blocks run from the lowest resolution
     if encoder_attn != decoder_attn:
-        raise ConfigError("autoencoder config: encoder and decoder put attention at different levels; the original layout cannot express that")
+        raise ConfigError(
+            "autoencoder config: encoder and decoder put attention at different levels; the original layout cannot express that"
+        )
 
     sample_size = cfg.get("sample_size", 256)
     resolution = int(sample_size[0] if isinstance(sample_size, (list, tuple)) else sample_size)
@@ -144,7 +146,7 @@ def _module_map(config: AutoencoderConfig) -> dict[str, str]:
     return pairs
 
 
-def expected_shapes(config: AutoencoderConfig) -> dict[str, tuple[int, ...]]:
+def autoencoder_parameter_shapes(config: AutoencoderConfig) -> dict[str, tuple[int, ...]]:
     """Our key -> shape, from the model built on the meta device (no memory, no init cost)."""
     with torch.device("meta"):
         model = AutoencoderKL(config) if config.kind == "kl" else VQModel(config)
@@ -153,9 +155,13 @@ def expected_shapes(config: AutoencoderConfig) -> dict[str, tuple[int, ...]]:
 
 def autoencoder_key_map(config: AutoencoderConfig) -> dict[str, str]:
     """One entry per tensor: our key -> diffusers key."""
+    return _key_map(config, autoencoder_parameter_shapes(config))
+
+
+def _key_map(config: AutoencoderConfig, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, str]:
     modules = _module_map(config)
     out = {}
-    for key in expected_shapes(config):
+    for key in shapes:
         module, _, param = key.rpartition(".")
         out[key] = f"{modules[module]}.{param}"
     return out
@@ -182,17 +188,15 @@ def autoencoder_state_dict_from_diffusers(
 ) -> dict[str, torch.Tensor]:
     """diffusers AutoencoderKL / VQModel state dict -> ours (original layout). Raises CheckpointError
     naming every missing, unexpected or misshaped key."""
+    shapes = autoencoder_parameter_shapes(config)
+    key_map = _key_map(config, shapes)
+    linear = {theirs for ours, theirs in key_map.items() if _is_linear_as_conv(ours)}
     sd = {_modernise_attention_names(k): v for k, v in sd.items()}
-    shapes = expected_shapes(config)
-    key_map = autoencoder_key_map(config)
-    # Check in diffusers' names first, so the message names keys as they appear in the file.
-    expected_theirs = {
-        theirs: (shapes[ours][:2] if _is_linear_as_conv(ours) else shapes[ours]) for ours, theirs in key_map.items()
-    }
-    linear_keys = {theirs for ours, theirs in key_map.items() if _is_linear_as_conv(ours)}
     # Some converted files keep the attention projections conv-shaped [C, C, 1, 1]; accept both.
-    sd = {k: v.flatten(1) if k in linear_keys and v.dim() == 4 and v.shape[2:] == (1, 1) else v for k, v in sd.items()}
-    check_state_dict(expected_theirs, sd, "diffusers autoencoder", hint="check that the diffusers config matches these weights")
+    sd = {k: v.flatten(1) if k in linear and v.dim() == 4 and v.shape[2:] == (1, 1) else v for k, v in sd.items()}
+    # Check in diffusers' names, so the message names keys as they appear in the file.
+    expected = {theirs: shapes[ours][:2] if theirs in linear else shapes[ours] for ours, theirs in key_map.items()}
+    check_state_dict(expected, sd, "diffusers autoencoder", hint="check that the diffusers config matches these weights")
     return {ours: sd[theirs].reshape(shapes[ours]) for ours, theirs in key_map.items()}
 
 
@@ -201,11 +205,9 @@ def autoencoder_state_dict_to_diffusers(
 ) -> dict[str, torch.Tensor]:
     """Ours (original layout) -> diffusers AutoencoderKL / VQModel naming; the inverse of
     `autoencoder_state_dict_from_diffusers`."""
-    shapes = expected_shapes(config)
+    shapes = autoencoder_parameter_shapes(config)
     check_state_dict(shapes, sd, "autoencoder", hint="check that the AutoencoderConfig matches these weights")
-    key_map = autoencoder_key_map(config)
     return {
-        theirs: (sd[ours].reshape(shapes[ours][:2]) if _is_linear_as_conv(ours) else sd[ours])
-        for ours, theirs in key_map.items()
+        theirs: sd[ours].reshape(shapes[ours][:2]) if _is_linear_as_conv(ours) else sd[ours]
+        for ours, theirs in _key_map(config, shapes).items()
     }
-

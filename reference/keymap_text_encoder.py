@@ -52,7 +52,7 @@ QKV = ("q_proj", "k_proj", "v_proj")
 RESBLOCK = "transformer.resblocks."
 
 
-def expected_shapes(config: TextEncoderConfig) -> dict[str, tuple[int, ...]]:
+def text_encoder_parameter_shapes(config: TextEncoderConfig) -> dict[str, tuple[int, ...]]:
     """TextEncoder key -> shape, from the model built on the meta device."""
     with torch.device("meta"):
         model = TextEncoder(config)
@@ -133,7 +133,7 @@ def text_encoder_state_dict_from_openclip(
     unexpected = sorted(k for k in sd if k not in used and k not in IGNORED_OPENCLIP_KEYS)
     if unexpected:
         raise CheckpointError(f"OpenCLIP text encoder: {len(unexpected)} unexpected key(s): {', '.join(unexpected[:10])}")
-    check_state_dict(expected_shapes(config), out, "OpenCLIP text encoder")
+    check_state_dict(text_encoder_parameter_shapes(config), out, "OpenCLIP text encoder")
     return out, config
 
 
@@ -142,7 +142,7 @@ def text_encoder_state_dict_to_openclip(
 ) -> dict[str, torch.Tensor]:
     """TextEncoder keys -> OpenCLIP text-tower keys (no prefix, no text_projection), every layer kept.
     Used to build fixtures; `from_openclip(..., drop_last_layer=False)` inverts it exactly."""
-    check_state_dict(expected_shapes(config), sd, "text encoder")
+    check_state_dict(text_encoder_parameter_shapes(config), sd, "text encoder")
     out = {ours: sd[theirs] for ours, theirs in OPENCLIP_GLOBALS.items()}
     for n in range(config.num_hidden_layers):
         src, dst = f"text_model.encoder.layers.{n}.", f"{RESBLOCK}{n}."

@@ -69,6 +69,10 @@ def _read_json(path: Path, what: str) -> Any:
         raise TokenizerError(f"{what} {path} is not valid JSON ({e}); re-download or re-export it") from None
 
 
+def _read_optional_json(path: Path, what: str) -> dict[str, Any]:
+    return _read_json(path, what) if path.is_file() else {}
+
+
 def _token_content(value: Any) -> str | None:
     # tokenizer_config.json stores special tokens as strings or as AddedToken dicts.
     if isinstance(value, dict):
@@ -190,7 +194,10 @@ class PromptTokenizer:
             if token not in vocab:
                 raise TokenizerError(f"CLIP vocabulary {vocab_json} lacks the {role} {token!r}; pass a token it has or re-download vocab.json")
         try:
-            model = BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="", end_of_word_suffix="</w>", fuse_unk=False, unk_token=EOS)
+            model = BPE(
+                vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="", end_of_word_suffix="</w>",
+                fuse_unk=False, unk_token=EOS,
+            )
         except Exception as e:  # tokenizers raises a bare Exception for inconsistent vocab/merges
             raise TokenizerError(f"{vocab_json} and {merges_txt} do not form a BPE model ({e}); use files from the same tokenizer") from None
         tokenizer = Tokenizer(model)
@@ -220,8 +227,8 @@ class PromptTokenizer:
         folder = Path(tokenizer_dir)
         if not folder.is_dir():
             raise TokenizerError(f"tokenizer folder {folder} does not exist; pass the model's tokenizer/ folder")
-        config = _read_json(folder / "tokenizer_config.json", "tokenizer config") if (folder / "tokenizer_config.json").is_file() else {}
-        special = _read_json(folder / "special_tokens_map.json", "special tokens map") if (folder / "special_tokens_map.json").is_file() else {}
+        config = _read_optional_json(folder / "tokenizer_config.json", "tokenizer config")
+        special = _read_optional_json(folder / "special_tokens_map.json", "special tokens map")
         pad_token = _token_content(special.get("pad_token")) or _token_content(config.get("pad_token")) or EOS
         max_length = int(config.get("model_max_length") or CLIP_MAX_LENGTH)
         if max_length >= UNSET_MODEL_MAX_LENGTH:
@@ -241,10 +248,11 @@ class PromptTokenizer:
         """
         specials = [PAD, UNK, BOS, EOS]
         vocab = {token: i for i, token in enumerate(specials)}
-        tokenizer = Tokenizer(WordLevel(vocab={**vocab, **{w: i + len(specials) for i, w in enumerate(words)}}, unk_token=UNK))
+        vocab.update({w: i + len(specials) for i, w in enumerate(words)})
+        tokenizer = Tokenizer(WordLevel(vocab=vocab, unk_token=UNK))
         tokenizer.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
         tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), pre_tokenizers.Punctuation()])
-        bad = [w for w in words if not isinstance(w, str) or _word_pieces(tokenizer, w) != [w]]
+        bad = [w for w in words if _word_pieces(tokenizer, w) != [w]]
         if bad:
             raise TokenizerError(f"word_level: {bad[:10]} are not single lowercase words or punctuation marks; split or lowercase them")
         duplicates = sorted({w for w, n in Counter(words).items() if n > 1} | (set(words) & set(specials)))

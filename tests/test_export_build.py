@@ -15,13 +15,14 @@ import onnx
 import pytest
 import torch
 from google.protobuf import text_format
-from tiny_models import make_tiny_diffusers_sd, make_tiny_ldm_rt_model
+from tiny_models import make_tiny_diffusers_sd, make_tiny_ldm_rt_model, make_tiny_single_file
 from tritonclient.grpc import model_config_pb2
 
 import ldm_rt.export.build as build_module
 from ldm_rt.export.build_engines import main, options_from_args, parser
 from ldm_rt.export.errors import TensorRTUnavailable
 from ldm_rt.export.parity import ort_session
+from ldm_rt.export.sources import load_source
 from ldm_rt.reference.export_wrappers import export_wrappers
 from ldm_rt.reference.model_folder import load_model_folder
 from ldm_rt.runtime.artifacts import Artifacts
@@ -212,7 +213,7 @@ def _flaky_check_onnx(calls_before_failing: int):
 
 
 def test_interrupted_build_leaves_no_finished_looking_folder(ldm_rt_build, tmp_path, monkeypatch):
-    monkeypatch.setattr(build_module, "check_onnx", _flaky_check_onnx(1))
+    monkeypatch.setattr(build_module, "check_onnx", _flaky_check_onnx(0))
     fresh = tmp_path / "fresh"
     with pytest.raises(KeyboardInterrupt):
         main(["--model", str(ldm_rt_build.model), "--out", str(fresh), "--onnx-only", *PROFILE])
@@ -257,6 +258,16 @@ def test_missing_source_and_unfit_profile_are_one_line_errors(ldm_rt_build, tmp_
     line = _one_line_error(run_cli(args))
     assert "multiple of 4" in line
     assert not (tmp_path / "out").exists()
+
+
+def test_single_file_needs_a_tokenizer_and_takes_the_prediction_type(diffusers_build, tmp_path):
+    single = make_tiny_single_file(diffusers_build.model, tmp_path / "tiny-v1.safetensors", "v1")
+    line = _one_line_error(run_cli(["--model", str(single), "--out", str(tmp_path / "out"), "--onnx-only"]))
+    assert "tokenizer" in line
+    source = load_source(single, tokenizer=diffusers_build.model / "tokenizer", prediction_type="v_prediction")
+    assert source.kind == "single_file" and source.name == "tiny-v1"
+    assert source.loaded.scheduler_config["prediction_type"] == "v_prediction"
+    assert source.facts == Manifest.read(diffusers_build.out).facts  # same model as the diffusers folder
 
 
 def test_argument_errors_exit_2(capsys):

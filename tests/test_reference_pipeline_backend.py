@@ -126,7 +126,14 @@ def test_open_components_refuses_a_stale_or_missing_source(loaded, tiny_sd_v1, t
 def test_entry_point_finds_the_torch_backend():
     from ldm_rt.runtime.backends.base import backend_factory
 
-    assert backend_factory("torch") is open_components
+    try:
+        factory = backend_factory("torch")
+    except BackendError as e:
+        pytest.fail(
+            f"{e}: pyproject.toml needs [project.entry-points.\"ldm_rt.backends\"] "
+            'torch = "ldm_rt.reference.torch_backend:open_components" (then pip install -e . again)'
+        )
+    assert factory is open_components
 
 
 def test_runtime_sampler_on_torch_backend_equals_reference(loaded, tiny_sd_v1, tmp_path):
@@ -138,8 +145,17 @@ def test_runtime_sampler_on_torch_backend_equals_reference(loaded, tiny_sd_v1, t
     manifest = write_artifacts(tmp_path / "artifacts", loaded, tiny_sd_v1)
     runtime = Pipeline(Artifacts.open(tmp_path / "artifacts"), open_components(tmp_path / "artifacts", manifest, "fp32"), "torch", "fp32")
     ref = ReferencePipeline(loaded)
-    for scheduler in ("dpmpp-2m", "euler-a"):
-        args = dict(prompt=["a red car", "a photo of a cat"], negative_prompt="blurry", steps=4, guidance=7.5, scheduler=scheduler, seed=3, height=32, width=32)
-        a = runtime.generate(**args).images
-        b = ref(**args).images
-        assert np.max(np.abs(a.astype(int) - b.astype(int))) <= 1
+    image = np.random.default_rng(4).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    mask = np.zeros((32, 32), np.uint8)
+    mask[8:24, 4:20] = 255
+    cases = [
+        dict(scheduler="dpmpp-2m"),
+        dict(scheduler="euler-a"),  # stochastic: per-step noise from the same generator
+        dict(scheduler="ddim", init_image=image, strength=0.6),
+        dict(scheduler="euler", init_image=image, mask=mask, strength=0.7),  # latent blend
+    ]
+    for case in cases:
+        args = dict(prompt=["a red car", "a photo of a cat"], negative_prompt="blurry", steps=4, guidance=7.5, seed=3, height=32, width=32, **case)
+        a, b = runtime.generate(**args), ref(**args)
+        assert np.max(np.abs(a.images.astype(int) - b.images.astype(int))) <= 1, case
+        np.testing.assert_allclose(a.latents, b.latents, rtol=0, atol=1e-5)

@@ -9,7 +9,7 @@ import torch
 from ldm_rt.reference.checkpoint_errors import CheckpointError
 from ldm_rt.reference.configs import ConfigError, TextEncoderConfig
 from ldm_rt.reference.keymap_text_encoder import (
-    expected_shapes,
+    text_encoder_parameter_shapes,
     text_encoder_state_dict_from_openclip,
     text_encoder_state_dict_from_sd_v1,
     text_encoder_state_dict_to_openclip,
@@ -144,7 +144,7 @@ def test_real_sd_v2_openclip_layout_on_meta():
 
 
 def test_sd_v1_layout():
-    shapes = expected_shapes(TextEncoderConfig())
+    shapes = text_encoder_parameter_shapes(TextEncoderConfig())
     # SD v1's 197 cond_stage_model.transformer.* tensors less the position_ids buffer.
     assert len(shapes) == 196
     assert shapes["text_model.embeddings.token_embedding.weight"] == (49408, 768)

@@ -229,3 +229,26 @@ def test_synthetic_onnx_graphs_match_their_numpy_twins(tmp_path):
     image = rng.standard_normal((1, 3, 8, 12), dtype=np.float32)
     np.testing.assert_allclose(sess["vae_encoder"].run(None, {"image": image})[0], m.vae_encoder(image), rtol=1e-5, atol=1e-5)
     assert Manifest.read(root).facts.unet_in_channels == 9
+
+
+# ---- real exports of the tiny torch models (tests/tiny_models.py through ldm_rt.export) --------------------------
+# The same options as tests/test_export_build.py's builds, so one session fixture could serve both.
+EXPORT_PROFILE = ShapeProfile(batch=(1, 1, 2), height=(8, 16, 24), width=(8, 16, 24))
+_EXPORTS: dict[tuple[str, str], tuple[Path, Path]] = {}
+
+
+def exported(tmp_path_factory: pytest.TempPathFactory, which: str) -> tuple[Path, Path]:
+    """(source model, artifacts folder with fp32 + fp16 ONNX) for "sd-v1" (diffusers layout) or "ldm-rt";
+    built once per session."""
+    from tiny_models import make_tiny_diffusers_sd, make_tiny_ldm_rt_model
+
+    from ldm_rt.export.build import BuildOptions, build
+
+    key = (str(tmp_path_factory.getbasetemp()), which)
+    if key not in _EXPORTS:
+        root = tmp_path_factory.mktemp(f"runtime_export_{which}")
+        model = make_tiny_diffusers_sd(root / "sd", "v1") if which == "sd-v1" else make_tiny_ldm_rt_model(root / "model")
+        out = root / "artifacts"
+        build(BuildOptions(model=model, out=out, profile=EXPORT_PROFILE, fp16=True, onnx_only=True, progress=False))
+        _EXPORTS[key] = (model, out)
+    return _EXPORTS[key]

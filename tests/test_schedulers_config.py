@@ -94,7 +94,8 @@ def test_bad_values_raise_one_line_error(bad, match):
 
 
 def test_neutral_values_of_unsupported_options_are_accepted():
-    config = SchedulerConfig.from_dict({"use_exponential_sigmas": False, "use_beta_sigmas": None, "timestep_type": "discrete"})
+    neutral = {"use_exponential_sigmas": False, "use_beta_sigmas": None, "timestep_type": "discrete"}
+    config = SchedulerConfig.from_dict(neutral)
     assert config == SchedulerConfig()
 
 

@@ -192,7 +192,7 @@ def test_with_strength_keeps_the_last_steps(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_tables_are_json_and_complete(name):
     run = make_scheduler(name).set_timesteps(12).with_strength(0.5)
-    tables = json.loads(json.dumps(run.tables()))
+    tables = json.loads(json.dumps(run.tables(), allow_nan=False))  # strict JSON for native ports
     assert tables["scheduler"] == name
     assert SchedulerConfig.from_dict(tables["config"]) == run.config
     assert tables["timesteps"] == run.timesteps.tolist()

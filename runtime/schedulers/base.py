@@ -56,7 +56,9 @@ class Scheduler:
     def __init__(self, config: SchedulerConfig | None = None) -> None:
         config = SchedulerConfig() if config is None else config
         if not isinstance(config, SchedulerConfig):
-            raise SchedulerConfigError(f"{type(self).__name__}: expected a SchedulerConfig, got {type(config).__name__}")
+            raise SchedulerConfigError(
+                f"{type(self).__name__}: expected a SchedulerConfig, got {type(config).__name__}"
+            )
         self.config = config
         if config.prediction_type not in self.prediction_types:
             raise SchedulerConfigError(
@@ -192,7 +194,7 @@ class SchedulerRun:
     def with_strength(self, strength: float) -> SchedulerRun:
         """A fresh run that skips the first steps, as StableDiffusionImg2ImgPipeline.get_timesteps does:
         it keeps int(num_inference_steps * strength) steps of the full schedule."""
-        if not isinstance(strength, (int, float, np.floating)) or not 0.0 < strength <= 1.0:
+        if isinstance(strength, bool) or not isinstance(strength, (int, float, np.floating)) or not 0 < strength <= 1:
             raise SchedulerConfigError(f"strength must be in (0, 1], got {strength!r}")
         n = self.num_inference_steps
         init_timestep = min(int(n * strength), n)
@@ -252,7 +254,9 @@ class SchedulerRun:
     # ---- helpers -------------------------------------------------------------------------------------
     def _global_index(self, i: int, what: str) -> int:
         if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
-            raise SchedulerStepError(f"{what}: the step index must be an int (from enumerate(run.timesteps)), got {i!r}")
+            raise SchedulerStepError(
+                f"{what}: the step index must be an int (from enumerate(run.timesteps)), got {i!r}"
+            )
         if not 0 <= i < len(self.timesteps):
             raise SchedulerStepError(
                 f"{what}: step index {i} is out of range for a run of {len(self.timesteps)} steps; "
@@ -272,6 +276,35 @@ class SchedulerRun:
         ):
             return m[:, :c], m[:, c:]  # (B, C, ...) prediction, (B, C, ...) variance
         raise SchedulerStepError(f"model_output has shape {m.shape} but the sample has {x.shape}; they must match")
+
+
+class SigmaRun(SchedulerRun):
+    """A run over a VE sigma table (one entry per step plus the tail after the last step): Euler, Euler
+    ancestral, LMS and DPM-Solver++ (which overrides the VE conventions below with VP ones)."""
+
+    def __init__(self, scheduler: Scheduler, timesteps: np.ndarray, num_inference_steps: int, sigmas: np.ndarray):
+        super().__init__(scheduler, timesteps, num_inference_steps)
+        self.sigmas = readonly(sigmas)
+
+    @property
+    def init_noise_sigma(self) -> float:
+        # x_T = sigma_max N(0, I); diffusers uses sqrt(sigma_max^2 + 1) for "leading" spacing, whose
+        # first timestep is below T - 1 (computed in float32 as diffusers does).
+        sigma_max = float(np.max(self.sigmas))
+        if self.config.timestep_spacing in ("linspace", "trailing"):
+            return sigma_max
+        return float(np.sqrt(np.float32(sigma_max) ** 2 + 1))
+
+    def _scale_model_input(self, sample: np.ndarray, g: int) -> np.ndarray:
+        # The model was trained on VP inputs x / sqrt(sigma^2 + 1) (Karras et al. 2022, Table 1, c_in).
+        sigma = np.float64(self.sigmas[g])
+        return sample / np.sqrt(sigma**2 + 1)
+
+    def _add_noise(self, x0: np.ndarray, noise: np.ndarray, g: int) -> np.ndarray:
+        return x0 + noise * np.float64(self.sigmas[g])  # VE: x = x0 + sigma eps
+
+    def _tables(self) -> dict[str, Any]:
+        return {"sigmas": self.sigmas.tolist()}
 
 
 # ---- shared maths ----------------------------------------------------------------------------------------

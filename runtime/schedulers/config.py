@@ -1,8 +1,9 @@
 """Scheduler config (the fields of a diffusers scheduler_config.json that matter), beta schedules and
 timestep spacing, shared by every scheduler.
 
-Tables follow diffusers bit-for-bit where cheap: betas and alphas_cumprod are stored as float32, as the
-torch tensors diffusers keeps; derived quantities are computed from those float32 values.
+Tables are stored as float32, as the torch tensors diffusers keeps, and derived from those float32
+values. torch's float32 linspace rounds some betas one ulp differently from numpy's, which moves
+sampling trajectories by ~1e-7 relative; everything else follows diffusers' formulas and dtypes.
 """
 
 from __future__ import annotations
@@ -80,9 +81,12 @@ class SchedulerConfig:
     solver_type: str = "midpoint"  # DPM-Solver++ second-order update: midpoint | heun
     lower_order_final: bool = True  # DPM: lower order for the last steps when there are fewer than 15
     euler_at_final: bool = False  # DPM: first-order last step always
-    lambda_min_clipped: float = -math.inf  # DPM: drop timesteps whose log-SNR lambda is below this
+    # DPM: drop timesteps whose log-SNR lambda is below this; null in JSON means -inf (no clipping).
+    lambda_min_clipped: float = -math.inf
 
     def __post_init__(self) -> None:
+        if self.lambda_min_clipped is None:
+            object.__setattr__(self, "lambda_min_clipped", -math.inf)
         _check_types(self)
         if self.trained_betas is not None and not isinstance(self.trained_betas, tuple):
             object.__setattr__(self, "trained_betas", tuple(float(b) for b in self.trained_betas))
@@ -103,8 +107,8 @@ class SchedulerConfig:
                     f"trained_betas has {len(self.trained_betas)} values but num_train_timesteps is "
                     f"{self.num_train_timesteps}; give one beta per training timestep"
                 )
-            if not all(0.0 < b < 1.0 for b in self.trained_betas):
-                raise SchedulerConfigError("trained_betas must all lie in (0, 1)")
+            if not all(0.0 < b <= 1.0 for b in self.trained_betas):
+                raise SchedulerConfigError("trained_betas must all lie in (0, 1]")
         elif not 0.0 < self.beta_start <= self.beta_end < 1.0:
             raise SchedulerConfigError(
                 f"need 0 < beta_start <= beta_end < 1, got beta_start={self.beta_start}, beta_end={self.beta_end}"
@@ -124,9 +128,12 @@ class SchedulerConfig:
 
     # ---- JSON ----------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
+        """Plain JSON values (no Infinity, which strict JSON parsers of native ports reject)."""
         d = dataclasses.asdict(self)
         if d["trained_betas"] is not None:
             d["trained_betas"] = list(d["trained_betas"])
+        if math.isinf(d["lambda_min_clipped"]) and d["lambda_min_clipped"] < 0:
+            d["lambda_min_clipped"] = None
         return d
 
     @classmethod
@@ -175,7 +182,7 @@ def _check_types(config: SchedulerConfig) -> None:
             ok = isinstance(value, bool)
         elif isinstance(default, int):
             ok = isinstance(value, int) and not isinstance(value, bool)
-        elif isinstance(default, float) or default is None and f.name in ("sigma_min", "sigma_max"):
+        elif isinstance(default, float) or (default is None and f.name in ("sigma_min", "sigma_max")):
             ok = isinstance(value, _FLOAT) and not isinstance(value, bool)
         elif isinstance(default, str):
             ok = isinstance(value, str)
@@ -252,12 +259,9 @@ def spaced_timesteps(config: SchedulerConfig, num_inference_steps: int, round_li
     """
     T, n = config.num_train_timesteps, num_inference_steps
     if config.timestep_spacing == "linspace":
-        t = np.linspace(0, T - 1, n)
         if round_linspace:
-            t = t.round()
-        else:
-            t = np.linspace(0, T - 1, n, dtype=np.float32).astype(np.float64)
-        return t[::-1].copy()
+            return np.linspace(0, T - 1, n).round()[::-1].copy()
+        return np.linspace(0, T - 1, n, dtype=np.float32)[::-1].astype(np.float64)
     if config.timestep_spacing == "leading":
         step_ratio = T // n
         return (np.arange(0, n) * step_ratio).round()[::-1].astype(np.float64) + config.steps_offset

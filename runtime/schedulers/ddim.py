@@ -49,7 +49,9 @@ class DDIMRun(SchedulerRun):
         alpha_prod_t_prev = float(s.alphas_cumprod[prev_t]) if prev_t >= 0 else s.final_alpha_cumprod
         return alpha_prod_t, alpha_prod_t_prev
 
-    def _step(self, m: np.ndarray, g: int, k: int, x: np.ndarray, draw: Draw, predicted_variance) -> np.ndarray:
+    def _step(
+        self, m: np.ndarray, g: int, k: int, x: np.ndarray, draw: Draw, predicted_variance: np.ndarray | None
+    ) -> np.ndarray:
         """Song et al. 2021 eq. 12:
         x_{t-1} = sqrt(a_{t-1}) x0_hat + sqrt(1 - a_{t-1} - sigma_t^2) eps_hat + sigma_t z,
         sigma_t = eta sqrt((1 - a_{t-1}) / (1 - a_t)) sqrt(1 - a_t / a_{t-1})  (eq. 16), a = alpha_bar."""

@@ -37,7 +37,9 @@ class DDPMRun(SchedulerRun):
         ac = self.scheduler.alphas_cumprod
         return t, float(ac[t]), float(ac[prev_t]) if prev_t >= 0 else 1.0
 
-    def _step(self, m: np.ndarray, g: int, k: int, x: np.ndarray, draw: Draw, predicted_variance) -> np.ndarray:
+    def _step(
+        self, m: np.ndarray, g: int, k: int, x: np.ndarray, draw: Draw, predicted_variance: np.ndarray | None
+    ) -> np.ndarray:
         """Ho et al. 2020 eq. 6-7 with alpha_t := alpha_bar_t / alpha_bar_{t'} for the strided step t -> t':
         mu = sqrt(a_{t'}) beta_t / (1 - a_t) x0_hat + sqrt(alpha_t) (1 - a_{t'}) / (1 - a_t) x_t,
         x_{t'} = mu + sigma_t z, beta_tilde = (1 - a_{t'}) / (1 - a_t) beta_t  (a = alpha_bar)."""
@@ -50,7 +52,7 @@ class DDPMRun(SchedulerRun):
         x0 = clip_or_threshold(x0, self.config)
         # 3. posterior mean mu_tilde(x_t, x0), eq. 7
         x0_coeff = np.sqrt(a_prev) * beta_t / (1 - a_t)
-        xt_coeff = np.sqrt(alpha_t) * (1 - a_t) / (1 - a_t)
+        xt_coeff = np.sqrt(alpha_t) * (1 - a_prev) / (1 - a_t)
         mean = x0_coeff * x0 + xt_coeff * x
         # 4. add sigma_t z except at t = 0
         if t == 0:

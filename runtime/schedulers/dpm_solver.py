@@ -13,9 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from .base import Draw, Scheduler, dynamic_threshold, x0_and_eps
+from .base import Draw, Scheduler, SigmaRun, dynamic_threshold, x0_and_eps
 from .config import train_sigmas
-from .euler import SigmaRun
 from .sigmas import karras_sigmas, sigma_to_t
 
 
@@ -98,7 +97,9 @@ class DPMSolverRun(SigmaRun):
             return 2
         return 3
 
-    def _step(self, m: np.ndarray, g: int, k: int, x: np.ndarray, draw: Draw, predicted_variance) -> np.ndarray:
+    def _step(
+        self, m: np.ndarray, g: int, k: int, x: np.ndarray, draw: Draw, predicted_variance: np.ndarray | None
+    ) -> np.ndarray:
         """Lu et al. 2022 Alg. 2 (and its order-1 / order-3 siblings) in data-prediction form."""
         c = self.config
         # 1. data prediction D = x0_theta(x_s, s) (the "++": solve the ODE in x0 rather than eps)

@@ -3,30 +3,11 @@ diffusers' EulerDiscreteScheduler."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 
-from .base import Draw, Scheduler, SchedulerRun, x0_from_sigma
-from .config import SchedulerConfig, spaced_timesteps, train_sigmas
-from .sigmas import karras_sigmas, sigma_to_t
-
-
-def interpolated_sigmas(scheduler: Scheduler, num_inference_steps: int) -> tuple[np.ndarray, np.ndarray]:
-    """(timesteps, sigmas) of the spaced float timesteps, sigma read off the training table by linear
-    interpolation in t (float64, before the tail is appended)."""
-    timesteps = spaced_timesteps(scheduler.config, num_inference_steps, round_linspace=False).astype(np.float32)
-    sigmas = train_sigmas(scheduler.alphas_cumprod)
-    return timesteps, np.interp(timesteps, np.arange(len(sigmas)), sigmas)
-
-
-def sigma_run_init_noise(config: SchedulerConfig, sigmas: np.ndarray) -> float:
-    """x_T = sigma_max * N(0, I) for linspace/trailing, sqrt(sigma_max^2 + 1) for leading (diffusers' rule:
-    leading never reaches t = T - 1, so the first sample is treated as VP-scaled)."""
-    sigma_max = float(np.max(sigmas))
-    if config.timestep_spacing in ("linspace", "trailing"):
-        return sigma_max
-    return float(np.sqrt(np.float32(sigma_max) ** 2 + 1))
+from .base import Draw, Scheduler, SigmaRun, x0_from_sigma
+from .config import train_sigmas
+from .sigmas import interpolated_sigmas, karras_sigmas, sigma_to_t
 
 
 class EulerScheduler(Scheduler):
@@ -38,7 +19,7 @@ class EulerScheduler(Scheduler):
 
     def _make_run(self, num_inference_steps: int) -> EulerRun:
         c = self.config
-        timesteps, sigmas = interpolated_sigmas(self, num_inference_steps)
+        timesteps, sigmas = interpolated_sigmas(c, self.alphas_cumprod, num_inference_steps)
         if c.use_karras_sigmas:
             sigma_min = c.sigma_min if c.sigma_min is not None else float(sigmas[-1])
             sigma_max = c.sigma_max if c.sigma_max is not None else float(sigmas[0])
@@ -52,32 +33,10 @@ class EulerScheduler(Scheduler):
         return EulerRun(self, timesteps, num_inference_steps, sigmas)
 
 
-class SigmaRun(SchedulerRun):
-    """A run over a sigma table (n + 1 entries, the last one the tail after the final step)."""
-
-    def __init__(self, scheduler: Scheduler, timesteps: np.ndarray, num_inference_steps: int, sigmas: np.ndarray):
-        super().__init__(scheduler, timesteps, num_inference_steps)
-        self.sigmas = sigmas.copy()
-        self.sigmas.flags.writeable = False
-
-    @property
-    def init_noise_sigma(self) -> float:
-        return sigma_run_init_noise(self.config, self.sigmas)
-
-    def _scale_model_input(self, sample: np.ndarray, g: int) -> np.ndarray:
-        # The model was trained on VP inputs x / sqrt(sigma^2 + 1) (Karras et al. 2022, Table 1, c_in).
-        sigma = np.float64(self.sigmas[g])
-        return sample / np.sqrt(sigma**2 + 1)
-
-    def _add_noise(self, x0: np.ndarray, noise: np.ndarray, g: int) -> np.ndarray:
-        return x0 + noise * np.float64(self.sigmas[g])
-
-    def _tables(self) -> dict[str, Any]:
-        return {"sigmas": self.sigmas.tolist()}
-
-
 class EulerRun(SigmaRun):
-    def _step(self, m: np.ndarray, g: int, k: int, x: np.ndarray, draw: Draw, predicted_variance) -> np.ndarray:
+    def _step(
+        self, m: np.ndarray, g: int, k: int, x: np.ndarray, draw: Draw, predicted_variance: np.ndarray | None
+    ) -> np.ndarray:
         """Karras et al. 2022 Alg. 2 with S_churn = 0: d_i = (x_i - D(x_i; sigma_i)) / sigma_i,
         x_{i+1} = x_i + (sigma_{i+1} - sigma_i) d_i."""
         # 1. sigma_i, sigma_{i+1}

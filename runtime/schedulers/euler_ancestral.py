@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import Draw, Scheduler, x0_from_sigma
-from .euler import SigmaRun, interpolated_sigmas
+from .base import Draw, Scheduler, SigmaRun, x0_from_sigma
+from .sigmas import interpolated_sigmas
 
 
 class EulerAncestralScheduler(Scheduler):
@@ -22,13 +22,15 @@ class EulerAncestralScheduler(Scheduler):
         return True
 
     def _make_run(self, num_inference_steps: int) -> EulerAncestralRun:
-        timesteps, sigmas = interpolated_sigmas(self, num_inference_steps)
+        timesteps, sigmas = interpolated_sigmas(self.config, self.alphas_cumprod, num_inference_steps)
         sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)
         return EulerAncestralRun(self, timesteps, num_inference_steps, sigmas)
 
 
 class EulerAncestralRun(SigmaRun):
-    def _step(self, m: np.ndarray, g: int, k: int, x: np.ndarray, draw: Draw, predicted_variance) -> np.ndarray:
+    def _step(
+        self, m: np.ndarray, g: int, k: int, x: np.ndarray, draw: Draw, predicted_variance: np.ndarray | None
+    ) -> np.ndarray:
         """sigma_up = sqrt(s'^2 (s^2 - s'^2) / s^2), sigma_down = sqrt(s'^2 - sigma_up^2) for s -> s';
         x' = x + (sigma_down - s) (x - D(x; s)) / s + sigma_up z."""
         # 1. sigma_i -> sigma_{i+1} split into a deterministic part and fresh noise

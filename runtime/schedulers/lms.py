@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import Draw, Scheduler, x0_from_sigma
+from .base import Draw, Scheduler, SigmaRun, x0_from_sigma
 from .config import train_sigmas
-from .euler import SigmaRun, interpolated_sigmas
-from .sigmas import karras_sigmas, sigma_to_t
+from .sigmas import interpolated_sigmas, karras_sigmas, sigma_to_t
 
 LMS_ORDER = 4
 
@@ -33,7 +32,7 @@ class LMSScheduler(Scheduler):
     supports_zero_snr = False
 
     def _make_run(self, num_inference_steps: int) -> LMSRun:
-        timesteps, sigmas = interpolated_sigmas(self, num_inference_steps)
+        timesteps, sigmas = interpolated_sigmas(self.config, self.alphas_cumprod, num_inference_steps)
         if self.config.use_karras_sigmas:
             # diffusers' LMS ignores sigma_min / sigma_max here and uses the interpolated range.
             sigmas = karras_sigmas(float(sigmas[-1]), float(sigmas[0]), num_inference_steps)
@@ -48,7 +47,9 @@ class LMSRun(SigmaRun):
     def _reset_history(self) -> None:
         self._derivatives: list[np.ndarray] = []  # d of the last LMS_ORDER steps, oldest first
 
-    def _step(self, m: np.ndarray, g: int, k: int, x: np.ndarray, draw: Draw, predicted_variance) -> np.ndarray:
+    def _step(
+        self, m: np.ndarray, g: int, k: int, x: np.ndarray, draw: Draw, predicted_variance: np.ndarray | None
+    ) -> np.ndarray:
         # 1. denoised D(x; sigma_i) and derivative d_i
         sigma = np.float64(self.sigmas[g])
         x0 = x0_from_sigma(self.config.prediction_type, m, x, sigma)

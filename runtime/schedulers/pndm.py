@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from .base import Draw, Scheduler, SchedulerRun, SchedulerStepError
-from .config import SchedulerConfigError, spaced_timesteps
+from .base import Draw, Scheduler, SchedulerRun, SchedulerStepError, readonly
+from .config import SchedulerConfig, SchedulerConfigError, spaced_timesteps
 
 PNDM_ORDER = 4  # the PRK warm-up spans the last 4 timesteps (3 RK steps of 4 evaluations)
 
@@ -24,7 +24,7 @@ class PNDMScheduler(Scheduler):
     prediction_types = ("epsilon", "v_prediction")
     supports_zero_snr = False
 
-    def __init__(self, config=None) -> None:
+    def __init__(self, config: SchedulerConfig | None = None) -> None:
         super().__init__(config)
         self.final_alpha_cumprod = 1.0 if self.config.set_alpha_to_one else float(self.alphas_cumprod[0])
 
@@ -55,15 +55,16 @@ class PNDMRun(SchedulerRun):
 
     def __init__(self, scheduler: PNDMScheduler, timesteps: np.ndarray, num_inference_steps: int, prk: np.ndarray):
         super().__init__(scheduler, timesteps, num_inference_steps)
-        self.prk_timesteps = prk.copy()
-        self.prk_timesteps.flags.writeable = False
+        self.prk_timesteps = readonly(prk)
 
     def _reset_history(self) -> None:
         self._ets: list[np.ndarray] = []  # eps of earlier PLMS/PRK steps, oldest first
         self._cur_sample: np.ndarray | None = None  # x at the start of a multi-evaluation step
         self._cur_eps: np.ndarray | float = 0.0  # PRK: running weighted sum of the stage evaluations
 
-    def _step(self, m: np.ndarray, g: int, k: int, x: np.ndarray, draw: Draw, predicted_variance) -> np.ndarray:
+    def _step(
+        self, m: np.ndarray, g: int, k: int, x: np.ndarray, draw: Draw, predicted_variance: np.ndarray | None
+    ) -> np.ndarray:
         t = int(self.all_timesteps[g])
         if k < len(self.prk_timesteps) and not self.config.skip_prk_steps:
             return self._step_prk(m, t, k, x)

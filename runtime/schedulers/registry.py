@@ -29,7 +29,9 @@ def _dpmpp_2m(karras: bool) -> Callable[..., Scheduler]:
     return make
 
 
-# CLI name -> factory(config, **options). Only "ddim" takes an option (eta).
+# CLI name -> factory(config, **options); OPTIONS lists the keyword options a name accepts.
+OPTIONS: dict[str, tuple[str, ...]] = {"ddim": ("eta",)}
+_CLASS_OPTIONS: dict[str, tuple[str, ...]] = {"DDIMScheduler": ("eta",)}
 SCHEDULERS: dict[str, Callable[..., Scheduler]] = {
     "ddpm": DDPMScheduler,
     "ddim": DDIMScheduler,
@@ -98,10 +100,12 @@ def make_scheduler(name: str, config: SchedulerConfig | None = None, **options: 
     """The scheduler registered as `name` (see SCHEDULERS) for `config` (default: SD v1's)."""
     if name not in SCHEDULERS:
         raise SchedulerConfigError(f"unknown scheduler {name!r}; valid names are {sorted(SCHEDULERS)}")
-    try:
-        return SCHEDULERS[name](config, **options)
-    except TypeError as e:
-        raise SchedulerConfigError(f"scheduler {name!r} does not take options {sorted(options)}: {e}") from e
+    unknown = sorted(set(options) - set(OPTIONS.get(name, ())))
+    if unknown:
+        raise SchedulerConfigError(
+            f"scheduler {name!r} does not take options {unknown}; it takes {list(OPTIONS.get(name, ()))}"
+        )
+    return SCHEDULERS[name](config, **options)
 
 
 def scheduler_from_diffusers_config(data: dict[str, Any], **options: Any) -> Scheduler:
@@ -112,6 +116,9 @@ def scheduler_from_diffusers_config(data: dict[str, Any], **options: Any) -> Sch
             f"unsupported diffusers scheduler class {class_name!r}; supported: {sorted(DIFFUSERS_SCHEDULERS)} "
             "(or pick one by name with make_scheduler)"
         )
+    unknown = sorted(set(options) - set(_CLASS_OPTIONS.get(class_name, ())))
+    if unknown:
+        raise SchedulerConfigError(f"{class_name} does not take options {unknown}")
     config = SchedulerConfig.from_dict({**DIFFUSERS_DEFAULTS[class_name], **data})
     return DIFFUSERS_SCHEDULERS[class_name](config, **options)
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .config import SchedulerConfig, spaced_timesteps, train_sigmas
+
 KARRAS_RHO = 7.0  # Karras et al. 2022, eq. 5 and Table 1
 
 
@@ -33,3 +35,13 @@ def sigma_to_t(sigmas: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
     low, high = log_sigmas[low_idx], log_sigmas[high_idx]
     w = np.clip((low - log_sigma) / (low - high), 0, 1)
     return (1 - w) * low_idx + w * high_idx
+
+
+def interpolated_sigmas(
+    config: SchedulerConfig, alphas_cumprod: np.ndarray, num_inference_steps: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(timesteps, sigmas) for Euler-type samplers: float32 spaced timesteps (not rounded) and the
+    training sigmas linearly interpolated at them (float64, without the tail)."""
+    timesteps = spaced_timesteps(config, num_inference_steps, round_linspace=False).astype(np.float32)
+    sigmas = train_sigmas(alphas_cumprod)
+    return timesteps, np.interp(timesteps, np.arange(len(sigmas)), sigmas)

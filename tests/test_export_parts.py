@@ -1,0 +1,175 @@
+"""Parts of the export toolchain on small inputs: parity points and failures, graph clean-up, Triton
+configs with engines, source hashing and model facts."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from google.protobuf import text_format
+from tiny_models import make_tiny_ldm_rt_model
+from torch import nn
+from tritonclient.grpc import model_config_pb2
+
+from ldm_rt.export import sources
+from ldm_rt.export.errors import ParityError, SourceError
+from ldm_rt.export.graph_cleanup import clean_model
+from ldm_rt.export.onnx_export import export_component
+from ldm_rt.export.parity import check_onnx, format_table, parity_points, reference_cases, sample_sets
+from ldm_rt.export.sources import load_source, weights_sha256
+from ldm_rt.export.tensorrt_build import GpuInfo, TensorRTInfo, build_engine, engine_spec
+from ldm_rt.export.triton_repo import config_pbtxt, write_triton_repo
+from ldm_rt.reference.export_wrappers import export_wrappers
+from ldm_rt.runtime.contracts import ComponentContract, Dim, ModelFacts, ShapeProfile, TensorSpec, Tolerance, build_contracts
+from ldm_rt.runtime.manifest import ComponentEntry, FileEntry, Manifest, PrecisionEntry
+
+FACTS = ModelFacts(4, 8, 8, 4, 4, 77, 768, 49408, 10, "kl", 0.18215)
+
+
+def toy_contract() -> ComponentContract:
+    return ComponentContract(
+        name="vae_decoder",
+        inputs=(TensorSpec("latent", "float32", ("batch", 4, "latent_height", "latent_width")),),
+        outputs=(TensorSpec("image", "float32", ("batch", 3, "scale:latent_height:2", "scale:latent_width:2")),),
+        dims=(Dim("batch", 1, 1, 3), Dim("latent_height", 4, 8, 12, 2), Dim("latent_width", 4, 8, 12, 2)),
+        tolerance={"fp32": Tolerance(1e-4), "fp16": Tolerance(2e-2, 1e-2)},
+    )
+
+
+class ToyDecoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.norm = nn.GroupNorm(2, 4)
+        self.conv = nn.Conv2d(4, 3, 3, padding=1)
+
+    def forward(self, latent: torch.Tensor) -> torch.Tensor:
+        return nn.functional.interpolate(self.conv(self.norm(latent)), scale_factor=2.0, mode="nearest")
+
+
+def test_parity_points_cover_min_opt_max_and_an_odd_legal_size():
+    points = parity_points(toy_contract())
+    assert points[:3] == [
+        {"batch": 1, "latent_height": 4, "latent_width": 4},
+        {"batch": 1, "latent_height": 8, "latent_width": 8},
+        {"batch": 3, "latent_height": 12, "latent_width": 12},
+    ]
+    odd = points[3]
+    assert odd == {"batch": 2, "latent_height": 6, "latent_width": 6}  # 6 = 3 x the step 2, inside the range
+    unet = build_contracts(FACTS, ShapeProfile((1, 1, 4), (512, 512, 1024), (512, 768, 1024)))["unet"]
+    odd = parity_points(unet)[-1]
+    assert odd["unet_batch"] == 3 and odd["latent_height"] == 72  # 9 x 8: odd multiple of the UNet factor
+    # A static profile has nothing in between: the points collapse to the one or two real shapes.
+    static = build_contracts(FACTS, ShapeProfile.static(1, 512, 512))
+    assert parity_points(static["vae_decoder"]) == [{"batch": 1, "latent_height": 64, "latent_width": 64}]
+    assert len(parity_points(static["unet"])) == 2  # uncond-only batch 1 and the guided batch 2
+
+
+def test_parity_passes_for_a_faithful_export_and_fails_in_one_line_for_a_wrong_one(tmp_path):
+    contract, model = toy_contract(), ToyDecoder().eval()
+    path = tmp_path / "vae_decoder.onnx"
+    export_component(model, contract, path)
+    cases = reference_cases(model, contract, sample_sets(contract))
+    good = check_onnx(path, contract, "fp32", cases)
+    assert good.passed and max(good.max_abs_err) < 1e-5
+    assert [s["latent"][0] for s in good.shapes] == [1, 1, 3, 2]
+
+    proto = onnx.load(str(path))
+    for t in proto.graph.initializer:
+        if t.name.endswith("conv.bias"):
+            bias = onnx.numpy_helper.to_array(t) + np.float32(1e-3)  # a 1e-3 shift: small, but 10x the bound
+            t.CopyFrom(onnx.numpy_helper.from_array(bias.astype(np.float32), t.name))
+    onnx.save(proto, str(path))
+    bad = check_onnx(path, contract, "fp32", cases)
+    assert not bad.passed
+    with pytest.raises(ParityError) as e:
+        bad.raise_if_failed("report it")
+    line = str(e.value)
+    assert "\n" not in line
+    for part in ("vae_decoder", "fp32", "latent=1x4x4x4", "max abs error 0.001", "bound 0.0001", "report it"):
+        assert part in line, part
+    table = format_table([good, bad])
+    assert table.count("\n") == 3 and "NO" in table.splitlines()[-1]
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+def test_cleanup_removes_shape_arithmetic_and_keeps_the_function(tmp_path):
+    contract, model = toy_contract(), ToyDecoder().eval()
+    path = tmp_path / "raw.onnx"
+    with torch.no_grad():
+        torch.onnx.export(
+            model, (torch.randn(1, 4, 8, 8),), str(path), dynamo=False, opset_version=17,
+            input_names=["latent"], output_names=["image"], dynamic_axes=contract.dynamic_axes(),
+            do_constant_folding=False,
+        )  # fmt: skip
+    raw = onnx.load(str(path))
+    clean = clean_model(raw)
+    assert len(clean.graph.node) < len(raw.graph.node)
+    assert not any(n.op_type in ("Identity", "Constant") for n in clean.graph.node)
+    onnx.checker.check_model(clean, full_check=True)
+    x = np.random.default_rng(1).standard_normal((2, 4, 6, 10)).astype(np.float32)
+    run = [ort.InferenceSession(m.SerializeToString()).run(None, {"latent": x})[0] for m in (raw, clean)]
+    np.testing.assert_allclose(run[0], run[1], atol=1e-6)
+
+
+def test_config_pbtxt_for_every_contract_parses():
+    for name, contract in build_contracts(FACTS, ShapeProfile()).items():
+        text = config_pbtxt(name, "onnxruntime_onnx", contract)
+        config = text_format.Parse(text, model_config_pb2.ModelConfig())
+        assert [t.name for t in config.input] == [t.name for t in contract.inputs]
+        if name == "unet":  # the class-conditional UNet has an int64 label input
+            labels = next(t for t in config.input if t.name == "class_labels")
+            assert labels.data_type == model_config_pb2.TYPE_INT64 and list(labels.dims) == [-1]
+        if name == "text_encoder":
+            assert list(config.input[0].dims) == [-1, 77]
+
+
+def test_triton_repository_adds_tensorrt_plans_when_engines_exist(tmp_path):
+    contract, model = toy_contract(), ToyDecoder().eval()
+    art = tmp_path / "art"
+    export_component(model, contract, art / "onnx" / "fp32" / "vae_decoder.onnx")
+    (art / "scheduler_config.json").write_text("{}")
+    onnx_entry = FileEntry.of(art, "onnx/fp32/vae_decoder.onnx")
+    info = TensorRTInfo("10.3.0", GpuInfo("NVIDIA L4", "8.9"))
+    spec = engine_spec(contract, "fp32", onnx_entry.sha256, info)
+
+    def fake_builder(onnx_path, spec, plan_path, timing_cache):
+        plan_path.write_bytes(b"plan")
+
+    record = build_engine(art / onnx_entry.file, spec, art / "engines", builder=fake_builder)
+    Manifest(
+        facts=FACTS, profile=ShapeProfile(), components={"vae_decoder": ComponentEntry(contract, {"fp32": PrecisionEntry(onnx_entry)}, {record["key"]: record})},
+        tokenizer=None, scheduler=FileEntry.of(art, "scheduler_config.json"), source={}, tools={},
+    ).write(art)  # fmt: skip
+    repo = tmp_path / "triton"
+    assert write_triton_repo(art, repo) == ["vae_decoder", "vae_decoder_trt_fp32"]
+    config = text_format.Parse((repo / "vae_decoder_trt_fp32" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    assert config.platform == "tensorrt_plan" and config.max_batch_size == 0
+    assert list(config.output[0].dims) == [-1, 3, -1, -1]
+    assert (repo / "vae_decoder_trt_fp32" / "1" / "model.plan").read_bytes() == b"plan"
+
+
+def test_missing_default_model_is_a_source_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(sources, "default_model_dir", lambda: tmp_path / "engines" / "default" / "model")
+    with pytest.raises(SourceError, match="the shipped default model is missing .*; pass --model"):
+        load_source(None)
+
+
+def test_source_hash_facts_and_errors(tmp_path):
+    model = make_tiny_ldm_rt_model(tmp_path / "model")
+    source = load_source(model)
+    assert source.kind == "ldm-rt" and source.name == "model"
+    assert source.facts == ModelFacts(4, 2, 2, 4, 4, 16, 32, source.loaded.tokenizer.vocab_size, None, "kl", 0.18215)
+    assert set(export_wrappers(source.loaded.model)) == set(build_contracts(source.facts, ShapeProfile((1, 1, 1), (8, 8, 8), (8, 8, 8))))
+    # The hash covers the weights, not the configs: a config edit keeps it, a weight edit changes it.
+    copy = tmp_path / "copy"
+    shutil.copytree(model, copy)
+    (copy / "scheduler_config.json").write_text("{}")
+    assert weights_sha256(copy) == source.sha256
+    with open(copy / "unet.safetensors", "ab") as f:
+        f.write(b" ")
+    assert weights_sha256(copy) != source.sha256

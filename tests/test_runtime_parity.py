@@ -1,0 +1,126 @@
+"""Parity of the runtime on exported tiny models: ONNX Runtime fp32 vs the torch ReferencePipeline and vs
+diffusers' StableDiffusionPipeline (the same random weights, the same noise), ONNX Runtime fp16 within a
+stated PSNR, and the torch backend found through its entry point.
+
+Thresholds (8-bit images, PSNR in dB): fp32 >= 50 (measured: identical or ~83 dB, i.e. a rare 1-level
+rounding difference); fp16 >= 40 (measured ~55 dB on these models; fp16 rounding in every layer compounds
+over the steps, and real models differ more than tiny ones). Each test also shows it would fail: our image
+with the prompt, guidance, scheduler or step count changed is < 40 dB from the oracle's.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+
+import numpy as np
+import pytest
+from test_runtime_fixtures import exported, psnr
+
+from ldm_rt.runtime.pipeline import Pipeline
+
+torch = pytest.importorskip("torch")
+
+SIZE, STEPS, SEED = 16, 8, 3
+BASE = dict(prompt="a photo of a red car", negative_prompt="blurry", steps=STEPS, guidance=7.5, seed=SEED, height=SIZE, width=SIZE)
+CHANGES = ({"prompt": "a painting of a blue house"}, {"guidance": 3.0}, {"steps": STEPS - 2}, "scheduler")
+FP32_DB, FP16_DB, SENSITIVE_DB = 50.0, 40.0, 40.0
+
+
+def other_scheduler(name: str) -> str:
+    # Deterministic samplers give near-identical images on these models (ddim vs euler ~58 dB); a stochastic
+    # one differs clearly, and vice versa.
+    return "ddim" if name in ("euler-a", "ddpm") else "euler-a"
+
+
+def assert_sensitive(pipe: Pipeline, oracle_image: np.ndarray, scheduler: str, **kw) -> None:
+    """Our image with one parameter changed must be far from the oracle's image for the original ones."""
+    for change in CHANGES:
+        args = {**BASE, **kw, "scheduler": scheduler}
+        args.update({"scheduler": other_scheduler(scheduler)} if change == "scheduler" else change)
+        assert psnr(pipe.generate(**args).images, oracle_image) < SENSITIVE_DB, change
+
+
+@pytest.fixture(scope="module")
+def sd(tmp_path_factory):
+    return exported(tmp_path_factory, "sd-v1")
+
+
+@pytest.fixture(scope="module")
+def ort32(sd):
+    return Pipeline.load(sd[1])
+
+
+@pytest.fixture(scope="module")
+def reference(sd):
+    from ldm_rt.reference.checkpoints import load_model
+    from ldm_rt.reference.pipeline import ReferencePipeline
+
+    return ReferencePipeline(load_model(sd[0]))
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "euler-a", "dpmpp-2m", "pndm"])
+def test_onnxruntime_fp32_matches_the_torch_reference(ort32, reference, scheduler):
+    ref = reference(scheduler=scheduler, **BASE).images
+    ours = ort32.generate(scheduler=scheduler, **BASE).images
+    assert psnr(ours, ref) >= FP32_DB
+    assert_sensitive(ort32, ref, scheduler)
+
+
+def test_onnxruntime_fp32_matches_the_reference_for_img2img_and_inpainting(ort32, reference):
+    rng = np.random.default_rng(0)
+    init = rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+    mask = np.zeros((SIZE, SIZE), np.float32)
+    mask[:, SIZE // 2 :] = 1.0
+    for extra in ({"init_image": init, "strength": 0.6}, {"init_image": init, "mask": mask, "strength": 0.9}):
+        ref = reference(scheduler="dpmpp-2m", **BASE, **extra).images
+        ours = ort32.generate(scheduler="dpmpp-2m", **BASE, **extra).images
+        assert psnr(ours, ref) >= FP32_DB, sorted(extra)
+        assert psnr(ort32.generate(scheduler="dpmpp-2m", **{**BASE, "prompt": "a cat"}, **extra).images, ref) < SENSITIVE_DB
+
+
+def test_onnxruntime_fp16_is_within_the_stated_psnr(sd, reference):
+    ort16 = Pipeline.load(sd[1], precision="fp16")
+    for scheduler in ("ddim", "euler-a"):
+        ref = reference(scheduler=scheduler, **BASE).images
+        assert psnr(ort16.generate(scheduler=scheduler, **BASE).images, ref) >= FP16_DB, scheduler
+    assert psnr(ort16.generate(scheduler="ddim", **{**BASE, "guidance": 3.0}).images, reference(scheduler="ddim", **BASE).images) < SENSITIVE_DB
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "euler"])
+def test_onnxruntime_fp32_matches_diffusers_stable_diffusion_pipeline(sd, ort32, scheduler):
+    diffusers = pytest.importorskip("diffusers")
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(sd[0], safety_checker=None, requires_safety_checker=False)
+    cls = {"ddim": diffusers.DDIMScheduler, "euler": diffusers.EulerDiscreteScheduler}[scheduler]
+    pipe.scheduler = cls.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    latents = np.random.default_rng(SEED).standard_normal((1, 4, SIZE // 2, SIZE // 2), dtype=np.float32)
+    with torch.no_grad():
+        images = pipe(BASE["prompt"], negative_prompt=BASE["negative_prompt"], num_inference_steps=STEPS,
+                      guidance_scale=BASE["guidance"], latents=torch.from_numpy(latents), height=SIZE, width=SIZE,
+                      output_type="np").images
+    theirs = np.round(images * 255).astype(np.uint8)
+    ours = ort32.generate(scheduler=scheduler, latents=latents, **{**BASE, "seed": 12345})  # the noise is `latents`
+    assert psnr(ours.images, theirs) >= FP32_DB
+    assert_sensitive(ort32, theirs, scheduler)
+
+
+def test_ldm_rt_model_matches_its_reference(tmp_path_factory):
+    from ldm_rt.reference.checkpoints import load_model
+    from ldm_rt.reference.pipeline import ReferencePipeline
+
+    model, artifacts = exported(tmp_path_factory, "ldm-rt")
+    ours, ref = Pipeline.load(artifacts), ReferencePipeline(load_model(model))
+    kw = {**BASE, "prompt": "a red cat on a blue car", "negative_prompt": "ugly"}
+    for scheduler in ("ddim", "dpmpp-2m-karras"):
+        expected = ref(scheduler=scheduler, **kw).images
+        assert psnr(ours.generate(scheduler=scheduler, **kw).images, expected) >= FP32_DB, scheduler
+    assert psnr(ours.generate(scheduler="dpmpp-2m-karras", **{**kw, "prompt": "a green dog"}).images, expected) < SENSITIVE_DB
+
+
+def test_torch_backend_through_the_entry_point_matches_onnxruntime(sd, ort32):
+    if not importlib.metadata.entry_points(group="ldm_rt.backends", name="torch"):
+        pytest.skip("the 'torch' entry point of group ldm_rt.backends is not registered (pyproject.toml)")
+    pipe = Pipeline.load(sd[1], backend="torch")
+    assert type(pipe.components["unet"]).__name__ == "TorchComponent"
+    a = pipe.generate(scheduler="euler-a", **BASE).images
+    assert psnr(a, ort32.generate(scheduler="euler-a", **BASE).images) >= FP32_DB
