@@ -112,7 +112,7 @@ def _export_component(
 def _build_engines(
     components: dict[str, ComponentEntry], root: Path, previous: Path, info: TensorRTInfo, options: BuildOptions
 ) -> None:
-    for name, entry in components.items():
+    for entry in components.values():
         for precision, pe in entry.precisions.items():
             spec = engine_spec(entry.contract, precision, pe.onnx.sha256, info, static=options.static_shape, refit=options.refit)
             record = build_engine(

@@ -76,8 +76,11 @@ def save_model(model: onnx.ModelProto, path: Path) -> list[Path]:
     path = Path(path)
     if needs_external_data(model):
         data = path.with_name(path.name + ".data")
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name)
-        return [path, data]
+        # Tensors under 1 kB (shape constants among them) stay inline, where shape inference can read them.
+        onnx.save_model(
+            model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name, size_threshold=1024
+        )
+        return [path, data] if data.is_file() else [path]
     onnx.save_model(model, str(path))
     return [path]
 
@@ -91,9 +94,10 @@ def check_model_file(path: Path) -> None:
         raise OnnxExportError(f"{path} fails the ONNX checker: {first}; report this with the model config") from None
 
 
-def clean_file(path: Path) -> list[Path]:
-    """Load, clean, re-save and check an ONNX file in place; returns the files it now consists of."""
-    model = onnx.load(str(path), load_external_data=True)
-    files = save_model(clean_model(model), path)
-    check_model_file(path)
+def clean_file(src: Path, dst: Path) -> list[Path]:
+    """Load `src` (with any external data beside it), clean it, save it as `dst` and check `dst`;
+    returns the files written."""
+    model = onnx.load(str(src), load_external_data=True)
+    files = save_model(clean_model(model), dst)
+    check_model_file(dst)
     return files

@@ -12,6 +12,7 @@ node (TensorRT fuses it).
 from __future__ import annotations
 
 import logging
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -47,6 +48,18 @@ def export_component(wrapper: nn.Module, contract: ComponentContract, path: Path
     Returns the files written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    # The tracer writes a >2 GiB model as one file per tensor beside its output: trace into a scratch
+    # folder, so only the cleaned model (and at most one .data file) lands next to `path`.
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.stem}.") as scratch:
+        traced = Path(scratch) / path.name
+        _trace(wrapper, contract, traced, opset)
+        files = clean_file(traced, path)
+    _check_io(path, contract)
+    log.info("exported %s -> %s", contract.name, path)
+    return files
+
+
+def _trace(wrapper: nn.Module, contract: ComponentContract, path: Path, opset: int) -> None:
     input_names = [t.name for t in contract.inputs]
     output_names = [t.name for t in contract.outputs]
     with warnings.catch_warnings():
@@ -74,10 +87,6 @@ def export_component(wrapper: nn.Module, contract: ComponentContract, path: Path
             raise OnnxExportError(
                 f"torch.onnx.export failed for {contract.name} ({_first_line(e)}); report this with the model config"
             ) from None
-    files = clean_file(path)
-    _check_io(path, contract)
-    log.info("exported %s -> %s", contract.name, path)
-    return files
 
 
 def _check_io(path: Path, contract: ComponentContract) -> None:

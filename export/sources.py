@@ -84,6 +84,7 @@ def load_source(
     prediction_type: str | None = None,
 ) -> Source:
     """Load the model at `path` (default: the shipped default model) in fp32 for export."""
+    name = "default" if path is None else None
     if path is None:
         path = default_model_dir()
         if not path.is_dir():
@@ -93,7 +94,9 @@ def load_source(
             )
     path = Path(path)
     if not path.exists():
-        raise SourceError(f"{path} does not exist; pass --model with an ldm-rt model folder, a diffusers folder or an SD single file")
+        raise SourceError(
+            f"{path} does not exist; pass --model with an ldm-rt model folder, a diffusers folder or an SD single file"
+        )
     try:
         loaded = load_model(path, prediction_type=prediction_type, tokenizer=tokenizer)
     except (ValueError, OSError) as e:
@@ -109,7 +112,7 @@ def load_source(
         kind=kind,
         path=path.resolve(),
         sha256=weights_sha256(path),
-        name=path.stem if path.is_file() else path.resolve().name,
+        name=name or (path.stem if path.is_file() else path.resolve().name),
     )
     log.info("source %s (%s), weights sha256 %s", path, kind, source.sha256[:12])
     return source

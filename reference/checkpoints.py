@@ -241,8 +241,8 @@ def split_single_file(sd: Mapping[str, Any], where: str | Path) -> dict[str, Any
     unet, vae, text_v1, text_v2, unknown = {}, {}, {}, {}, []
     for key, value in sd.items():
         if not isinstance(value, torch.Tensor):
-            raise CheckpointError(f"{where}: entry {key!r} is a {type(value).__name__}, not a tensor; this is not a model state dict")
-        if key.startswith(UNET_PREFIX):
+            unknown.append(key)  # training bookkeeping (global_step, epoch, ...) in a flat checkpoint
+        elif key.startswith(UNET_PREFIX):
             unet[key[len(UNET_PREFIX):]] = value
         elif key.startswith(VAE_PREFIX):
             vae[key[len(VAE_PREFIX):]] = value

@@ -185,6 +185,8 @@ class ReferencePipeline:
         labels = None
         if class_labels is not None:
             labels = torch.from_numpy(np.repeat(np.asarray(class_labels, dtype=np.int64).reshape(-1), batch))  # (B,)
+            if use_cfg:
+                labels = torch.cat([labels, labels])  # (2B,): the same labels in both halves
 
         rng = np.random.default_rng(seed)
         noise = noise_in if noise_in is not None else rng.standard_normal(shape, dtype=np.float32)

@@ -155,15 +155,29 @@ def sample(args: argparse.Namespace) -> int:
         write_png(path, image, text | ({"batch_index": k} if len(images) > 1 else {}))
         print(path)
     if args.verbose:
-        t = result.timings
-        unet = t.get("unet", [])
-        print(
-            f"timings: text_encoder {t.get('text_encoder', 0.0):.3f}s, vae_encoder {t.get('vae_encoder', 0.0):.3f}s, "
-            f"unet {sum(unet):.3f}s ({len(unet)} steps, {sum(unet) / max(len(unet), 1):.3f}s/step), "
-            f"vae_decoder {t.get('vae_decoder', 0.0):.3f}s, total {t.get('total', 0.0):.3f}s",
-            file=sys.stderr,
-        )
+        print(format_timings(result.timings), file=sys.stderr)
     return 0
+
+
+def format_timings(timings: dict) -> str:
+    """One line: seconds per stage in pipeline order; the UNet as total, steps and mean per step."""
+    parts = []
+    for stage in ("text_encoder", "vae_encoder", "unet", "vae_decoder", "total"):
+        if stage not in timings:
+            continue
+        value = timings[stage]
+        if isinstance(value, list):
+            parts.append(f"{stage} {sum(value):.3f}s ({len(value)} steps, {sum(value) / max(len(value), 1):.3f}s/step)")
+        else:
+            parts.append(f"{stage} {value:.3f}s")
+    return "timings: " + ", ".join(parts)
+
+
+def worst(value: object) -> str:
+    """The largest of a parity figure recorded per shape (or a single figure), for display."""
+    values = value if isinstance(value, list) else [value]
+    numbers = [v for v in values if isinstance(v, (int, float))]
+    return f"{max(numbers):.2e}" if numbers else "?"
 
 
 def describe(manifest: Manifest, root: Path) -> list[str]:
@@ -185,11 +199,12 @@ def describe(manifest: Manifest, root: Path) -> list[str]:
         lines.append(f"  {name}: ({ins}) -> ({outs})")
         for precision, pe in entry.precisions.items():
             par = pe.parity
-            err = par.get("max_abs_err")
-            err_s = f"{max(err):.2e}" if isinstance(err, list) and err else f"{err:.2e}" if isinstance(err, (int, float)) else "?"
             status = "passed" if par.get("passed") else "FAILED" if par.get("passed") is False else "not checked"
             kept = f", kept fp32: {', '.join(pe.kept_fp32)}" if pe.kept_fp32 else ""
-            lines.append(f"    {precision}: {pe.onnx.file} ({pe.onnx.bytes / 1e6:.1f} MB), parity max err {err_s} bound {par.get('bound', '?')} {status}{kept}")
+            lines.append(
+                f"    {precision}: {pe.onnx.file} ({pe.onnx.bytes / 1e6:.1f} MB), parity max |err| "
+                f"{worst(par.get('max_abs_err'))} (bound {worst(par.get('bound'))}) {status}{kept}"
+            )
         if entry.engines:
             lines.append(f"    tensorrt engines: {', '.join(sorted(entry.engines))}")
     lines.append(f"tensorrt: {manifest.tensorrt.get('status', 'not built') if manifest.tensorrt else 'not built'}")

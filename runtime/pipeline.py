@@ -79,9 +79,8 @@ class Pipeline:
         self.precision = precision
         self.facts = artifacts.manifest.facts
         self.schedulers = MappingProxyType({name: make_scheduler(name, artifacts.scheduler_config) for name in SCHEDULERS})
-        unet = self.components["unet"].contract
-        if any(t.name == "class_labels" for t in unet.inputs):
-            raise GenerationError("class-conditional models are not supported by the runtime pipeline; sample them with the reference")
+        unet_inputs = {t.name for t in self.components["unet"].contract.inputs}
+        self.num_classes = self.facts.num_classes if "class_labels" in unet_inputs else None
         lc, cin = self.facts.latent_channels, self.facts.unet_in_channels
         if cin not in (lc, 2 * lc + 1):
             raise GenerationError(
@@ -118,12 +117,14 @@ class Pipeline:
         init_image: np.ndarray | Image.Image | str | Path | None = None,
         strength: float | None = None,
         mask: np.ndarray | Image.Image | str | Path | None = None,
+        class_labels: int | Sequence[int] | None = None,
         callback: StepCallback | None = None,
     ) -> Result:
         """Images for `prompt` (`batch` per prompt). `latents`: unit-variance noise (B, C, h, w) used instead
         of drawing it (multiplied by the scheduler's init_noise_sigma, as diffusers' `latents=`);
         `init_image` + `strength` (default 0.8): img2img; `mask` with init_image (1 = repaint; strength
-        default 1.0, pure noise): inpainting. Same conventions as reference/pipeline.py."""
+        default 1.0, pure noise): inpainting. `class_labels` (one per prompt) for class-conditional
+        models. Same conventions as reference/pipeline.py."""
         start_time = time.perf_counter()
         if mask is not None and init_image is None:
             raise GenerationError("mask needs init_image: inpainting repaints part of an image")
@@ -134,10 +135,17 @@ class Pipeline:
         init = as_rgb_array(init_image) if init_image is not None else None
         if init is not None:  # img2img defaults to the image's own size
             height, width = height or init.shape[0], width or init.shape[1]
+        labels = self._class_labels(class_labels)
+        if labels is not None and isinstance(prompt, str) and len(labels) > 1:
+            prompt = [prompt] * len(labels)  # one (empty) prompt per label
+        if "text_encoder" not in self.components and any(prompt if not isinstance(prompt, str) else [prompt]):
+            raise GenerationError("this model has no text encoder and takes no prompt; pass prompt=''")
         p = make_params(
             self.artifacts.manifest, prompt=prompt, negative_prompt=negative_prompt, steps=steps, guidance=guidance,
             scheduler=scheduler, seed=seed, batch=batch, height=height, width=width, strength=strength,
         )
+        if labels is not None and len(labels) != len(p.prompts):
+            raise GenerationError(f"{len(labels)} class labels for {len(p.prompts)} prompts; pass one per prompt")
         f = self.facts.latent_factor
         shape = (p.images, self.facts.latent_channels, p.height // f, p.width // f)
         latents = None if latents is None else checked_latents(latents, shape)
@@ -151,7 +159,9 @@ class Pipeline:
         rng = np.random.default_rng(p.seed)
         noise = latents if latents is not None else rng.standard_normal(shape, dtype=np.float32)  # drawn first
         start = self._start(p, run, noise, init, mask, timings)
-        x = self._denoise(p, run, start, context, use_cfg, rng, timings, callback)
+        if labels is not None:
+            labels = np.repeat(labels, p.batch)  # (B,)
+        x = self._denoise(p, run, start, context, labels, use_cfg, rng, timings, callback)
         decoded = self._call("vae_decoder", {"latent": x}, timings)["image"]
         timings["total"] = time.perf_counter() - start_time
         params = {
@@ -161,14 +171,18 @@ class Pipeline:
             "precision": self.precision,
             "mode": "inpaint" if mask is not None else "img2img" if init is not None else "txt2img",
         }
+        if labels is not None:
+            params["class_labels"] = labels.tolist()
         return Result(to_uint8(decoded), params, timings, x)
 
-    def _denoise(self, p: GenerationParams, run, start: Start, context, use_cfg: bool, rng, timings: dict, callback) -> np.ndarray:
+    def _denoise(self, p: GenerationParams, run, start: Start, context, labels, use_cfg: bool, rng, timings: dict, callback) -> np.ndarray:
         """The sampling loop: guided UNet call per step, scheduler step, inpainting blend. Returns final latents."""
         unet = self.components["unet"]
         fixed: dict[str, Any] = {}
         if context is not None:  # (B or 2B, L, D), read by every step: kept on the device if the backend can
             fixed["encoder_hidden_states"] = unet.upload("encoder_hidden_states", context) if isinstance(unet, SupportsUpload) else context
+        if labels is not None:
+            fixed["class_labels"] = cfg.double(labels) if use_cfg else labels  # (B or 2B,) int64
         x = start.x
         for i, t in enumerate(run.timesteps):
             x_in = run.scale_model_input(x, i)
@@ -206,6 +220,18 @@ class Pipeline:
                 hint = " (fp16 overflow? try --precision fp32)" if self.precision == "fp16" else ""
                 raise NonFiniteError(f"{name} produced non-finite values in {key}{where}{hint}")
         return outs
+
+    def _class_labels(self, class_labels: int | Sequence[int] | None) -> np.ndarray | None:
+        if self.num_classes is None:
+            if class_labels is not None:
+                raise GenerationError("this model is not class-conditional; drop class_labels")
+            return None
+        if class_labels is None:
+            raise GenerationError(f"this model is class-conditional: pass class_labels (ints in [0, {self.num_classes}))")
+        labels = np.asarray(class_labels).reshape(-1)
+        if labels.dtype.kind not in "iu" or labels.size == 0 or labels.min() < 0 or labels.max() >= self.num_classes:
+            raise GenerationError(f"class_labels must be ints in [0, {self.num_classes}), got {class_labels!r}")
+        return labels.astype(np.int64)
 
     def _encode_prompts(self, p: GenerationParams, use_cfg: bool, timings: dict) -> np.ndarray | None:
         """Context (B or 2B, L, D), rows [uncond..., cond...] under guidance, each prompt repeated `batch` times."""

@@ -34,3 +34,6 @@ def pytest_collection_modifyitems(config, items):
         skip = pytest.mark.skip(reason=f"GPU test: {reason}")
         for item in gpu_items:
             item.add_marker(skip)
+
+# Session-scoped tiny models (diffusers-layout, single-file, ldm-rt folder) shared by every test file.
+pytest_plugins = ["tiny_models"]

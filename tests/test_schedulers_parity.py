@@ -269,7 +269,9 @@ def test_timesteps_sigmas_and_init_sigma_match_diffusers(kind, preset):
     config = TABLE_CONFIGS[preset]
     theirs, ours = make_pair(kind, config)
     np.testing.assert_allclose(ours.alphas_cumprod, theirs.alphas_cumprod.numpy(), rtol=2e-6)
-    for n in (1, 2, 3, 4, 5, 6, 7, 10, 13, 14, 15, 16, 20, 25, 33, 50, 77, 100, 999, 1000):
+    for n in (1, 2, 3, 4, 5, 7, 10, 14, 15, 16, 25, 33, 50, 77, 100, 1000):
+        if n == 1000 and ours.config.use_karras_sigmas:
+            continue  # diffusers inverts 1000 sigmas one by one: slow, and nothing new
         if kind == "pndm" and n < 4 and not ours.config.skip_prk_steps:
             continue
         if kind in ("ddim", "ddpm", "pndm") and n == 1000 and ours.config.timestep_spacing == "leading":

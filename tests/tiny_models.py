@@ -104,8 +104,8 @@ def write_tiny_clip_tokenizer(folder: str | Path, pad_token: str = "<|endoftext|
 
 
 # ---- random weights --------------------------------------------------------------------------------
-def _randomise(module: torch.nn.Module, generator: torch.Generator, gain: float = 1.0) -> None:
-    """Redraw every parameter: weights N(0, gain^2 / fan_in), norm scales 1 + N(0, 0.2^2), biases
+def _randomise(module: torch.nn.Module, generator: torch.Generator) -> None:
+    """Redraw every parameter: weights N(0, 1 / fan_in), norm scales 1 + N(0, 0.2^2), biases
     N(0, 0.1^2), embeddings N(0, 1). A fresh init leaves norms at (1, 0) and many biases at 0, which
     would let a parity test pass with those parameters wired wrongly."""
     with torch.no_grad():
@@ -117,22 +117,24 @@ def _randomise(module: torch.nn.Module, generator: torch.Generator, gain: float 
                     p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=generator))
                 elif p.ndim >= 2:
                     fan_in = math.prod(p.shape[1:])
-                    p.copy_(torch.randn(p.shape, generator=generator) * gain / math.sqrt(fan_in))
+                    p.copy_(torch.randn(p.shape, generator=generator) / math.sqrt(fan_in))
                 else:
                     p.copy_(0.1 * torch.randn(p.shape, generator=generator))
 
 
 def _strengthen_unet(unet: torch.nn.Module) -> None:
     """Make the prompt and the timestep matter: in a random UNet the cross-attention values and the
-    time embedding are small next to the residual stream, so a new prompt barely moves the image."""
+    time embedding are small next to the residual stream, so a new prompt barely moves the image.
+    Works on both layouts (diffusers: time_embedding.*, conv_out; ours: time_embed.*, out.2)."""
     with torch.no_grad():
         for name, p in unet.named_parameters():
             if ".attn2.to_v." in name or ".attn2.to_out.0." in name:
                 p.mul_(ATTN2_GAIN)
-            elif name.startswith("time_embedding.") and name.endswith("weight"):
+            elif name.startswith(("time_embedding.", "time_embed.")) and name.endswith("weight"):
                 p.mul_(2.0)
-        # Keep eps of order 1: the sampler divides by sqrt(alpha_bar) ~ 0.07 at the first steps.
-        unet.conv_out.weight.mul_(0.5)
+            elif name in ("conv_out.weight", "out.2.weight"):
+                # Keep eps of order 1: the sampler divides by sqrt(alpha_bar) ~ 0.07 at the first steps.
+                p.mul_(0.5)
 
 
 def _diffusers_unet_config(variant: str) -> dict:
@@ -240,9 +242,7 @@ def make_tiny_diffusers_sd(
         sample_size=TINY_IMAGE_SIZE,
         scaling_factor=SCALE_FACTOR,
     )
-    _randomise(vae, generator)
-    with torch.no_grad():
-        vae.decoder.conv_out.weight.mul_(1.0)  # decoded pixels spread over [-1, 1]: a low-contrast image hides differences
+    _randomise(vae, generator)  # fan-in scaling spreads decoded pixels over about [-1, 1]: few clipped values
     vae.save_pretrained(path / "vae", safe_serialization=True)
 
     pad_token = "!" if variant == "v2" else "<|endoftext|>"
@@ -369,16 +369,10 @@ def make_tiny_ldm_rt_model(path: str | Path, seed: int = 0, max_length: int = 16
         ),
         scale_factor=SCALE_FACTOR,
     )
-    torch.manual_seed(seed)
     model = LatentDiffusion(config)
     generator = torch.Generator().manual_seed(seed)
     _randomise(model, generator)
-    with torch.no_grad():
-        for name, p in model.unet.named_parameters():
-            if ".attn2.to_v." in name or ".attn2.to_out.0." in name:
-                p.mul_(3.0)
-        model.unet.out[2].weight.mul_(0.5)
-        model.autoencoder.decoder.conv_out.weight.mul_(0.5)
+    _strengthen_unet(model.unet)
     save_model_folder(path, model, tokenizer, sd_scheduler_config("v1"), info={"origin": "tests/tiny_models.py"})
     return Path(path)
 

@@ -36,7 +36,7 @@ class EulerAncestralRun(SigmaRun):
         # 1. sigma_i -> sigma_{i+1} split into a deterministic part and fresh noise
         s, s_next = np.float64(self.sigmas[g]), np.float64(self.sigmas[g + 1])
         sigma_up = np.sqrt(s_next**2 * (s**2 - s_next**2) / s**2)
-        sigma_down = np.sqrt(s_next**2 - sigma_up**2)
+        sigma_down = np.sqrt(max(s_next**2 - sigma_up**2, 0.0))  # = s'^2 / s; max() guards rounding
         # 2. denoised D(x; s) and the ODE derivative
         x0 = x0_from_sigma(self.config.prediction_type, m, x, s)
         d = (x - x0) / s

@@ -25,7 +25,7 @@ def lms_coefficient(sigmas: np.ndarray, order: int, i: int, j: int) -> float:
 
 
 class LMSScheduler(Scheduler):
-    """x_{i+1} = x_i + sum_j c_{ij} d_{i-j}, d = (x - D(x; sigma)) / sigma, up to four past derivatives."""
+    """Linear multistep over the ODE derivatives d = (x - D(x; sigma)) / sigma of up to four past steps."""
 
     name = "lms"
     diffusers_class = "LMSDiscreteScheduler"
@@ -50,6 +50,8 @@ class LMSRun(SigmaRun):
     def _step(
         self, m: np.ndarray, g: int, k: int, x: np.ndarray, draw: Draw, predicted_variance: np.ndarray | None
     ) -> np.ndarray:
+        """x_{i+1} = x_i + sum_j c_ij d_{i-j}, c_ij = integral_{sigma_i}^{sigma_{i+1}} l_j(s) ds over the
+        Lagrange basis l_j on the last `order` sigmas (k-diffusion `sample_lms`)."""
         # 1. denoised D(x; sigma_i) and derivative d_i
         sigma = np.float64(self.sigmas[g])
         x0 = x0_from_sigma(self.config.prediction_type, m, x, sigma)
