@@ -126,8 +126,20 @@ def _normalise(kept: list[str]) -> list[str]:
     return [k for k in kept if not any(o != k and _within(k, [o]) for o in kept)]
 
 
-def always_fp32(module: nn.Module) -> list[str]:
-    return [name for name, m in module.named_modules() if type(m).__name__ in ALWAYS_FP32]
+def always_fp32(module: nn.Module, inputs: Sequence[torch.Tensor]) -> list[str]:
+    """Submodules of an ALWAYS_FP32 class that this component actually runs (the VAE encoder holds the
+    quantiser too, but never calls it)."""
+    candidates = {name: m for name, m in module.named_modules() if type(m).__name__ in ALWAYS_FP32}
+    if not candidates:
+        return []
+    called: list[str] = []
+    handles = [m.register_forward_hook(lambda *_a, n=name: called.append(n)) for name, m in candidates.items()]
+    try:
+        _run(module, inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return sorted(set(called))
 
 
 class HalfPrecisionIO(nn.Module):
@@ -238,7 +250,7 @@ def find_fp32_islands(
     sets = [[torch.from_numpy(case.inputs[n]) for n in names] for case in cases]
     refs = [torch.from_numpy(case.reference) for case in cases]
     bounds = [tolerance.bound(case.reference) for case in cases]
-    kept = always_fp32(reference)
+    kept = always_fp32(reference, sets[0])
     for _ in range(max_islands + 1):
         model = half_model(reference, contract, kept)
         errors: list[float] = []

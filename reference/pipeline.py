@@ -283,11 +283,8 @@ class ReferencePipeline:
         if self.model.text_encoder is None:
             return None, [False] * len(prompts)
         texts = negatives + prompts if use_cfg else prompts
-        tokens = self.tokenizer(texts)
+        tokens = self.tokenizer(texts)  # logs a warning for each prompt it truncates
         truncated = list(tokens.truncated[-len(prompts):])
-        for i, cut in enumerate(tokens.truncated):
-            if cut:
-                logger.warning("%s %r is longer than %d tokens and was truncated", "prompt" if i >= len(texts) - len(prompts) else "negative prompt", texts[i][:60], self.tokenizer.max_length)
         ids = np.repeat(np.asarray(tokens.ids, dtype=np.int64), batch, axis=0)  # (rows, L)
         with torch.inference_mode():
             return self.components["text_encoder"](torch.from_numpy(ids)), truncated

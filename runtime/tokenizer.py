@@ -147,7 +147,7 @@ class PromptTokenizer:
         for i, n in enumerate(dropped):
             if n:
                 log.warning(
-                    "prompt %d is too long: %d token(s) beyond the text encoder's %d were dropped (%.40r...)",
+                    "prompt %d was truncated: %d token(s) beyond the text encoder's %d were dropped (%.40r...)",
                     i, n, self.max_length, prompts[i],
                 )
         return TokenizedPrompts(ids=ids, truncated=[n > 0 for n in dropped], dropped=dropped)

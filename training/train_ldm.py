@@ -34,8 +34,10 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ldm_rt.reference.configs import LDMConfig, TextEncoderConfig, UNetConfig
+from ldm_rt.reference.attention import SpatialTransformer
 from ldm_rt.reference.ldm import LatentDiffusion
 from ldm_rt.reference.model_folder import load_model_folder, save_model_folder
+from ldm_rt.reference.unet import ResBlock, UNetModel
 from ldm_rt.runtime.schedulers.config import SchedulerConfigError
 from ldm_rt.runtime.schedulers.registry import scheduler_from_diffusers_config
 from ldm_rt.runtime.tokenizer import PromptTokenizer, TokenizerError
@@ -171,6 +173,21 @@ class Denoiser(nn.Module):
         return self.unet(z_t, t, context=context, y=y)
 
 
+@torch.no_grad()
+def zero_init_outputs(unet: UNetModel) -> None:
+    """Zero the last layer of every residual branch and of the UNet, as the original openaimodel's
+    `zero_module` does: each block starts as the identity and the initial prediction is 0."""
+    layers = [unet.out[-1]]
+    for module in unet.modules():
+        if isinstance(module, ResBlock):
+            layers.append(module.out_layers[-1])
+        elif isinstance(module, SpatialTransformer):
+            layers.append(module.proj_out)
+    for layer in layers:
+        nn.init.zeros_(layer.weight)
+        nn.init.zeros_(layer.bias)
+
+
 def caption_vocabulary(folder: str) -> list[str]:
     """Every lowercase word and punctuation mark of the .txt captions in an image folder, in order of first use."""
     words: dict[str, None] = {}
@@ -261,6 +278,7 @@ def train(config: LDMTrainConfig, out_dir: str | Path, resume: bool = False) -> 
     torch.manual_seed(config.seed)
     model = LatentDiffusion(ldm_config).to(ctx.device)
     if not resume:
+        zero_init_outputs(model.unet)
         model.autoencoder.load_state_dict(ae.state_dict())
         if frozen_text is not None:
             model.text_encoder.load_state_dict(frozen_text.state_dict())
