@@ -40,8 +40,15 @@ def _range(text: str) -> tuple[int, int, int]:
     return lo, opt, hi
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (the full usage is one --help away)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}; see --help\n")
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _OneLineParser(
         prog=PROG,
         description="Export a latent diffusion model to ONNX (fp32, optionally fp16), check parity against the "
         "PyTorch reference, build TensorRT engines when TensorRT and a GPU are present, and write an "

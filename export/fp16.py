@@ -118,7 +118,7 @@ def make_fp32_island(module: nn.Module) -> None:
 
 
 def _within(name: str, roots: Sequence[str]) -> bool:
-    return any(name == r or name.startswith(r + ".") or r == "" for r in roots)
+    return any(name == r or name.startswith(r + ".") for r in roots)
 
 
 def _normalise(kept: list[str]) -> list[str]:
@@ -288,7 +288,8 @@ def find_fp32_islands(
         if culprit is None:
             break
         kept = _normalise(kept + [culprit])
+    tried = f"after keeping {len(kept)} blocks in fp32 ({', '.join(kept[:4])}{' ...' if len(kept) > 4 else ''})"
     raise Fp16Error(
-        f"{contract.name}: fp16 stays beyond its tolerance after keeping {len(kept)} blocks in fp32 "
-        f"({', '.join(kept[:4])}{' ...' if len(kept) > 4 else ''}); build this model without --fp16"
+        f"{contract.name}: fp16 stays beyond its tolerance {tried if kept else 'and no single block is to blame'}; "
+        "build this model without --fp16"
     )

@@ -58,6 +58,7 @@ class PrecisionEntry:
     onnx: FileEntry
     parity: dict[str, Any] = field(default_factory=dict)  # {"shapes": [...], "max_abs_err": [...], "bound": ..., "passed": bool}
     kept_fp32: list[str] = field(default_factory=list)  # nodes/blocks left in fp32 because fp16 overflowed
+    external_data: FileEntry | None = None  # <component>.onnx.data when the model passes protobuf's 2 GB
 
 
 @dataclass
@@ -96,7 +97,9 @@ class Manifest:
         comps = {}
         for name, c in d["components"].items():
             precisions = {
-                p: PrecisionEntry(entry(v["onnx"]), v.get("parity", {}), list(v.get("kept_fp32", [])))
+                p: PrecisionEntry(
+                    entry(v["onnx"]), v.get("parity", {}), list(v.get("kept_fp32", [])), entry(v.get("external_data"))
+                )
                 for p, v in c["precisions"].items()
             }
             comps[name] = ComponentEntry(ComponentContract.from_dict(c["contract"]), precisions, c.get("engines", {}))

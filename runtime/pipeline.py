@@ -18,7 +18,6 @@ dtype=float32)` (skipped when `latents` is given), then each stochastic schedule
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -35,8 +34,6 @@ from .backends.base import Component, SupportsUpload, open_components
 from .images import as_mask_array, as_rgb_array, image_to_model, resize, to_uint8
 from .params import GenerationError, GenerationParams, make_params
 from .schedulers import SCHEDULERS, make_scheduler
-
-log = logging.getLogger(__name__)
 
 # diffusers' defaults: img2img keeps 80 % of the steps; inpainting starts from pure noise.
 IMG2IMG_STRENGTH = 0.8

@@ -251,38 +251,20 @@ def test_synthetic_onnx_graphs_match_their_numpy_twins(tmp_path):
     assert Manifest.read(root).facts.unet_in_channels == 9
 
 
-# ---- real exports of the tiny torch models (tests/tiny_models.py through ldm_rt.export) --------------------------
+# ---- real exports of the tiny torch models (tests/tiny_models.py fixtures, through ldm_rt.export) ----------------
 # The profile of tests/test_export_build.py's builds, so one session fixture could serve both.
 EXPORT_PROFILE = ShapeProfile(batch=(1, 1, 2), height=(8, 16, 24), width=(8, 16, 24))
-_EXPORTS: dict[tuple[str, str], tuple[Path, Path]] = {}
+_EXPORTS: dict[tuple[str, str, bool], Path] = {}
 
 
-def exported(tmp_path_factory: pytest.TempPathFactory, which: str) -> tuple[Path, Path]:
-    """(source model, artifacts folder) for "sd-v1" (diffusers layout; fp32 + fp16 ONNX) or "ldm-rt" (fp32
-    only: the fp16 overflow search is the slow part of a build, and one fp16 model is enough here); built
-    once per session."""
-    from tiny_models import make_tiny_diffusers_sd, make_tiny_ldm_rt_model
-
+def exported(tmp_path_factory: pytest.TempPathFactory, source: Path, fp16: bool) -> Path:
+    """The artifacts folder of `source` (a tiny_models fixture's model) with fp32 ONNX, plus fp16 when asked
+    (the fp16 overflow search is the slow part of a build); built once per session."""
     from ldm_rt.export.build import BuildOptions, build
 
-    key = (str(tmp_path_factory.getbasetemp()), which)
+    key = (str(tmp_path_factory.getbasetemp()), str(source), fp16)
     if key not in _EXPORTS:
-        root = tmp_path_factory.mktemp(f"runtime_export_{which}")
-        model = make_tiny_diffusers_sd(root / "sd", "v1") if which == "sd-v1" else make_tiny_ldm_rt_model(root / "model")
-        out = root / "artifacts"
-        build(BuildOptions(model=model, out=out, profile=EXPORT_PROFILE, fp16=which == "sd-v1", onnx_only=True, progress=False))
-        _EXPORTS[key] = (model, out)
+        out = tmp_path_factory.mktemp(f"runtime_export_{Path(source).name}") / "artifacts"
+        build(BuildOptions(model=Path(source), out=out, profile=EXPORT_PROFILE, fp16=fp16, onnx_only=True, progress=False))
+        _EXPORTS[key] = out
     return _EXPORTS[key]
-
-
-def test_synthetic_class_variant_has_no_text_encoder(tmp_path):
-    import onnxruntime as ort
-
-    root, m = build_synthetic_artifacts(tmp_path / "c", "class")
-    manifest = Manifest.read(root)
-    assert "text_encoder" not in manifest.components and manifest.tokenizer is None and manifest.facts.num_classes == NUM_CLASSES
-    sess = ort.InferenceSession(str(root / "onnx/fp32/unet.onnx"), providers=["CPUExecutionProvider"])
-    sample = np.random.default_rng(1).standard_normal((2, 4, 4, 4), dtype=np.float32)
-    t, labels = np.array([10.0, 500.0], np.float32), np.array([0, 4], np.int64)
-    got = sess.run(None, {"sample": sample, "timestep": t, "class_labels": labels})[0]
-    np.testing.assert_allclose(got, m.unet(sample, t, labels=labels), rtol=1e-5, atol=1e-5)

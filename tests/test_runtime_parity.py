@@ -41,8 +41,9 @@ def assert_sensitive(pipe: Pipeline, oracle_image: np.ndarray, scheduler: str, *
 
 
 @pytest.fixture(scope="module")
-def sd(tmp_path_factory):
-    return exported(tmp_path_factory, "sd-v1")
+def sd(tmp_path_factory, tiny_sd_v1):
+    """(diffusers-layout tiny SD v1 folder, its artifacts with fp32 and fp16 ONNX)."""
+    return tiny_sd_v1, exported(tmp_path_factory, tiny_sd_v1, fp16=True)
 
 
 @pytest.fixture(scope="module")
@@ -104,12 +105,12 @@ def test_onnxruntime_fp32_matches_diffusers_stable_diffusion_pipeline(sd, ort32,
     assert_sensitive(ort32, theirs, scheduler)
 
 
-def test_ldm_rt_model_matches_its_reference(tmp_path_factory):
+def test_ldm_rt_model_matches_its_reference(tmp_path_factory, tiny_ldm_rt_model):
     from ldm_rt.reference.checkpoints import load_model
     from ldm_rt.reference.pipeline import ReferencePipeline
 
-    model, artifacts = exported(tmp_path_factory, "ldm-rt")
-    ours, ref = Pipeline.load(artifacts), ReferencePipeline(load_model(model))
+    artifacts = exported(tmp_path_factory, tiny_ldm_rt_model, fp16=False)
+    ours, ref = Pipeline.load(artifacts), ReferencePipeline(load_model(tiny_ldm_rt_model))
     kw = {**BASE, "prompt": "a red cat on a blue car", "negative_prompt": "ugly"}
     expected = ref(scheduler="dpmpp-2m-karras", **kw).images
     assert psnr(ours.generate(scheduler="dpmpp-2m-karras", **kw).images, expected) >= FP32_DB

@@ -1,0 +1,130 @@
+"""cpp/: the C++ library that embeds the Python runtime, built with CMake and driven through its example.
+
+The build (cmake + g++, pybind11 from the test environment) runs in a background thread while the artifacts
+are prepared: the shipped default model when it exists, else the tiny model exported by the shared fixture.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from test_runtime_fixtures import exported
+
+from ldm_rt.runtime.artifacts import default_artifacts_dir
+from ldm_rt.runtime.cli import main as ldm_rt_main
+from ldm_rt.runtime.manifest import MANIFEST, ArtifactError
+from ldm_rt.runtime.params import GenerationError
+from ldm_rt.runtime.pipeline import Pipeline
+
+CPP = Path(__file__).resolve().parents[1] / "cpp"
+STEPS = "3"
+
+
+class Build(threading.Thread):
+    """cmake configure + build of cpp/ into `out`; `log` holds both commands' output."""
+
+    def __init__(self, out: Path) -> None:
+        super().__init__(daemon=True)
+        self.out, self.log, self.ok = out, "", False
+
+    def run(self) -> None:
+        commands = [
+            ["cmake", "-S", str(CPP), "-B", str(self.out), f"-DPython_EXECUTABLE={sys.executable}"],
+            ["cmake", "--build", str(self.out), "--parallel", "2"],
+        ]
+        for cmd in commands:
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            self.log += f"$ {' '.join(cmd)}\n{done.stdout}{done.stderr}"
+            if done.returncode != 0:
+                return
+        self.ok = True
+
+
+@pytest.fixture(scope="module")
+def build(tmp_path_factory):
+    missing = [tool for tool in ("cmake", "g++") if shutil.which(tool) is None]
+    if missing:
+        pytest.skip(f"{' and '.join(missing)} not installed: the C++ library cannot be built here")
+    thread = Build(tmp_path_factory.mktemp("cpp_build"))
+    thread.start()
+    return thread
+
+
+@pytest.fixture(scope="module")
+def artifacts(build, tmp_path_factory) -> Path:
+    default = default_artifacts_dir()
+    if (default / MANIFEST).is_file():
+        return default
+    return exported(tmp_path_factory, "ldm-rt")[1]
+
+
+@pytest.fixture(scope="module")
+def generate(build, artifacts) -> Path:
+    build.join(timeout=540)
+    assert build.ok, f"the C++ build failed:\n{build.log[-4000:]}"
+    return build.out / "generate"
+
+
+@pytest.fixture(scope="module")
+def pipe(artifacts) -> Pipeline:
+    return Pipeline.load(artifacts)
+
+
+def run_generate(exe: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=300)
+
+
+def read_ppm(path: Path) -> np.ndarray:
+    magic, size, depth, data = path.read_bytes().split(b"\n", 3)
+    assert magic == b"P6" and depth == b"255"
+    w, h = map(int, size.split())
+    return np.frombuffer(data, np.uint8).reshape(h, w, 3)
+
+
+def test_same_seed_gives_the_pixels_of_ldm_rt_sample(generate, artifacts, tmp_path, capsys):
+    args = ["--model", str(artifacts), "--prompt", "a red car", "--negative-prompt", "blurry", "--steps", STEPS, "--guidance", "5", "--seed", "7"]
+    done = run_generate(generate, *args, "--out", str(tmp_path / "cpp.ppm"))
+    assert done.returncode == 0, done.stderr
+    assert ldm_rt_main(["sample", *args, "--out", str(tmp_path / "py.png")]) == 0
+    expected = np.asarray(Image.open(tmp_path / "py.png").convert("RGB"))
+    got = read_ppm(tmp_path / "cpp.ppm")
+    np.testing.assert_array_equal(got, expected)
+    assert expected.std() > 1  # a real image, not a constant that any seed would match
+
+
+def test_threads_share_one_pipeline_and_each_image_equals_the_single_threaded_one(generate, artifacts, pipe, tmp_path):
+    done = run_generate(
+        generate, "--model", str(artifacts), "--prompt", "a blue house", "--steps", STEPS, "--seed", "11",
+        "--scheduler", "euler-a", "--threads", "3", "--out", str(tmp_path / "t.raw"),
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [str(tmp_path / f"t_{k}.raw") for k in range(3)]
+    images = []
+    for k in range(3):
+        expected = pipe.generate("a blue house", steps=int(STEPS), seed=11 + k, scheduler="euler-a").images[0]
+        got = np.frombuffer((tmp_path / f"t_{k}.raw").read_bytes(), np.uint8)
+        np.testing.assert_array_equal(got, expected.ravel(), err_msg=f"thread {k} (seed {11 + k})")
+        images.append(got.tobytes())
+    assert len(set(images)) == 3  # the seeds really differ
+
+
+def test_a_bad_argument_is_the_runtimes_one_line_error_and_exit_2(generate, artifacts, pipe, tmp_path):
+    with pytest.raises(GenerationError) as expected:
+        pipe.generate("a cat", steps=0, seed=1)
+    out = tmp_path / "never.ppm"
+    done = run_generate(generate, "--model", str(artifacts), "--prompt", "a cat", "--steps", "0", "--seed", "1", "--out", str(out))
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [f"generate: error: {expected.value}"]
+    assert not out.exists()
+    with pytest.raises(ArtifactError) as expected:
+        Pipeline.load(tmp_path / "no_such_model")
+    done = run_generate(generate, "--model", str(tmp_path / "no_such_model"), "--out", str(out))
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [f"generate: error: {expected.value}"]
