@@ -84,28 +84,36 @@ def tool_versions() -> dict[str, str]:
     return versions
 
 
+def _external(root: Path, files: list[Path]) -> FileEntry | None:
+    """The manifest entry of an ONNX file's external weights (<component>.onnx.data), if it has any."""
+    data = [f for f in files if f.suffix == ".data"]
+    return FileEntry.of(root, data[0].relative_to(root).as_posix()) if data else None
+
+
 def _export_component(
     name: str, source: Source, contract: ComponentContract, root: Path, options: BuildOptions, results: list[ParityResult]
 ) -> ComponentEntry:
     wrapper = export_wrappers(source.loaded.model)[name]
     rel32 = f"onnx/fp32/{name}.onnx"
-    export_component(wrapper, contract, root / rel32, options.opset)
+    files32 = export_component(wrapper, contract, root / rel32, options.opset)
     cases = reference_cases(wrapper, contract, sample_sets(contract))
     fp32 = check_onnx(root / rel32, contract, "fp32", cases)
     results.append(fp32)
     fp32.raise_if_failed(FP32_FIX)
-    precisions = {"fp32": PrecisionEntry(FileEntry.of(root, rel32), parity=fp32.to_dict())}
+    precisions = {"fp32": PrecisionEntry(FileEntry.of(root, rel32), parity=fp32.to_dict(), external_data=_external(root, files32))}
     if options.fp16:
         search = find_fp32_islands(wrapper, contract, cases)
         results.append(search.parity)
         search.parity.raise_if_failed(FP16_FIX)
         rel16 = f"onnx/fp16/{name}.onnx"
-        export_component(half_model(wrapper, contract, search.kept_fp32), contract, root / rel16, options.opset)
+        files16 = export_component(half_model(wrapper, contract, search.kept_fp32), contract, root / rel16, options.opset)
         fp16 = check_onnx(root / rel16, contract, "fp16", cases)
         results.append(fp16)
         fp16.raise_if_failed(FP16_FIX)
         parity = {**fp16.to_dict(), "torch_fp16": search.parity.to_dict(), "note": ORT_FP16_NOTE}
-        precisions["fp16"] = PrecisionEntry(FileEntry.of(root, rel16), parity=parity, kept_fp32=search.kept_fp32)
+        precisions["fp16"] = PrecisionEntry(
+            FileEntry.of(root, rel16), parity=parity, kept_fp32=search.kept_fp32, external_data=_external(root, files16)
+        )
     return ComponentEntry(contract, precisions)
 
 

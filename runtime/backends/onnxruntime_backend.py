@@ -112,6 +112,8 @@ def open_components(
                 f"{artifacts_dir} has no {precision} {name} (built: {built}); rebuild with --fp16 or use --precision fp32"
             )
         path = manifest.verify_file(artifacts_dir, entry.precisions[precision].onnx)
+        if entry.precisions[precision].external_data is not None:
+            manifest.verify_file(artifacts_dir, entry.precisions[precision].external_data)
         try:
             session = ort.InferenceSession(str(path), sess_options=options, providers=chosen)
         except Exception as e:  # onnxruntime's pybind errors share no narrower base class
