@@ -35,6 +35,7 @@ from ldm_rt.reference.export_wrappers import export_wrappers
 from ldm_rt.runtime.atomic import atomic_directory
 from ldm_rt.runtime.contracts import ComponentContract, ContractError, ShapeProfile, build_contracts
 from ldm_rt.runtime.manifest import ComponentEntry, FileEntry, Manifest, PrecisionEntry
+from ldm_rt.runtime.sampler_spec import sampler_spec
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +179,8 @@ def build(options: BuildOptions) -> BuildResult:
             tensorrt={**tensorrt, "static_shape": options.static_shape},
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         )
+        # Everything a native port needs besides the models (docs/sampler_spec.md).
+        manifest.sampler_spec = sampler_spec(source.loaded.scheduler_config, manifest=manifest)
         manifest.write(tmp)  # last: its presence marks the folder finished
     log.info("artifacts written to %s", out)
 

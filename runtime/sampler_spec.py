@@ -25,8 +25,8 @@ import numpy as np
 
 from .atomic import atomic_write_text
 from .manifest import GUIDANCE, Manifest
-from .schedulers import SCHEDULERS, SchedulerConfig, SchedulerConfigError, make_scheduler
-from .schedulers.lms import LMS_ORDER, lms_coefficient
+from .schedulers import SCHEDULERS, Scheduler, SchedulerConfig, SchedulerConfigError, SchedulerRun, make_scheduler
+from .schedulers.lms import LMS_ORDER, LMSRun, lms_coefficient
 
 SPEC_FORMAT = "ldm-rt-sampler-spec"
 VECTORS_FORMAT = "ldm-rt-sampler-vectors"
@@ -82,17 +82,20 @@ def f32(values: Any) -> Any:
 # ---- the spec ------------------------------------------------------------------------------------------
 def sampler_spec(
     scheduler_config: SchedulerConfig | dict[str, Any],
-    step_counts: Sequence[int] = DEFAULT_STEP_COUNTS,
+    step_counts: Sequence[int] | None = None,
     schedulers: Sequence[str] = tuple(SCHEDULERS),
     manifest: Manifest | None = None,
 ) -> dict[str, Any]:
     """Per scheduler and step count: timesteps, sigmas / alpha_bar per step, init_noise_sigma, which steps
     draw noise, and the formula parameters; with a manifest also the model facts, tokenizer file,
-    component contracts and guidance convention. JSON-ready (strict: no NaN or Infinity)."""
+    component contracts and guidance convention. JSON-ready (strict: no NaN or Infinity).
+    `step_counts` defaults to those of DEFAULT_STEP_COUNTS the config's num_train_timesteps allows."""
     config = scheduler_config if isinstance(scheduler_config, SchedulerConfig) else SchedulerConfig.from_dict(scheduler_config)
     unknown = [name for name in schedulers if name not in SCHEDULERS]
     if unknown:
         raise SamplerSpecError(f"unknown schedulers {unknown}; choose from {', '.join(SCHEDULERS)}")
+    if step_counts is None:
+        step_counts = [n for n in DEFAULT_STEP_COUNTS if n <= config.num_train_timesteps] or [config.num_train_timesteps]
     counts = [int(n) for n in step_counts]
     if not counts or any(not 1 <= n <= config.num_train_timesteps for n in counts):
         raise SamplerSpecError(f"step_counts must be ints in [1, {config.num_train_timesteps}], got {list(step_counts)}")
@@ -119,10 +122,11 @@ def _scheduler_entry(name: str, config: SchedulerConfig, counts: list[int], base
     except SchedulerConfigError as e:
         return {"unsupported": str(e)}
     first = scheduler.set_timesteps(counts[0])
+    shared = config.to_dict()
     entry: dict[str, Any] = {
         "diffusers_class": scheduler.diffusers_class,
         # Fields this name sets over the shared config (dpmpp-2m* fix solver_order and Karras sigmas).
-        "config_overrides": {k: v for k, v in scheduler.config.to_dict().items() if v != config.to_dict()[k]},
+        "config_overrides": {k: v for k, v in scheduler.config.to_dict().items() if v != shared[k]},
         "stochastic": scheduler.is_stochastic,
         "multistep": first.multistep,
     }
@@ -134,8 +138,8 @@ def _scheduler_entry(name: str, config: SchedulerConfig, counts: list[int], base
     for n in counts:
         try:
             runs[str(n)] = _run_entry(scheduler.set_timesteps(n))
-        except SchedulerConfigError as e:
-            runs[str(n)] = {"unsupported": str(e)}
+        except (SchedulerConfigError, ZeroDivisionError) as e:  # the runtime refuses (or fails) this run too
+            runs[str(n)] = {"unsupported": str(e) or type(e).__name__}
     entry["runs"] = runs
     return entry
 
@@ -144,19 +148,19 @@ def _scheduler_entry(name: str, config: SchedulerConfig, counts: list[int], base
 _SHARED_KEYS = {"scheduler", "diffusers_class", "config", "alphas_cumprod", "all_timesteps", "begin_index", "eta"}
 
 
-def _run_entry(run) -> dict[str, Any]:
+def _run_entry(run: SchedulerRun) -> dict[str, Any]:
     """One run's tables; arrays indexed by step i (begin_index is 0), sigmas have one more entry (the tail)."""
     out: dict[str, Any] = {}
     for key, value in run.tables().items():
         if key in _SHARED_KEYS:
             continue
         key = key.removeprefix("all_")  # a fresh run starts at 0, so "all_*" tables are per step
-        if isinstance(value, list) and value and isinstance(value[0], float) or isinstance(value, float):
+        if isinstance(value, float) or (isinstance(value, list) and value and isinstance(value[0], float)):
             value = f32(value)
         out[key] = value
     out["timesteps"] = f32(run.timesteps) if run.timesteps.dtype.kind == "f" else run.timesteps.tolist()
     out["noise_steps"] = noise_steps(run)
-    if type(run).__name__ == "LMSRun":
+    if isinstance(run, LMSRun):
         out["lms_coefficients"] = [
             [lms_coefficient(run.sigmas, min(i + 1, LMS_ORDER), i, j) for j in range(min(i + 1, LMS_ORDER))]
             for i in range(len(run.timesteps))
@@ -177,8 +181,10 @@ class RecordingGenerator:
         return z
 
 
-def noise_steps(run) -> list[int]:
+def noise_steps(run: SchedulerRun) -> list[int]:
     """The step indices at which this run draws noise (stepped on a one-element sample by the scheduler itself)."""
+    if not run.scheduler.is_stochastic:
+        return []
     probe = run.scheduler.set_timesteps(run.num_inference_steps)
     recorder = RecordingGenerator(np.random.default_rng(0))
     x = np.ones((1, 1, 1, 1), np.float32)
@@ -238,7 +244,7 @@ def golden_vectors() -> dict[str, Any]:
     }
 
 
-def _vector_case(config_name: str, name: str, scheduler, n: int) -> dict[str, Any]:
+def _vector_case(config_name: str, name: str, scheduler: Scheduler, n: int) -> dict[str, Any]:
     rng = np.random.default_rng(VECTOR_SEED)
     noise = rng.standard_normal(VECTOR_SHAPE, dtype=np.float32)  # drawn first, as Pipeline.generate
     run = scheduler.set_timesteps(n)
@@ -291,7 +297,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--write-vectors", type=Path, metavar="PATH", help="write the golden vectors (JSON) to PATH")
     parser.add_argument("--model", type=Path, help="artifacts folder whose spec to write (default: the shipped default model)")
-    parser.add_argument("--steps", type=int, nargs="+", default=list(DEFAULT_STEP_COUNTS), help="step counts to tabulate")
+    parser.add_argument("--steps", type=int, nargs="+", default=None, help=f"step counts to tabulate (default {' '.join(map(str, DEFAULT_STEP_COUNTS))})")
     parser.add_argument("--out", type=Path, help="spec output file (default: stdout)")
     args = parser.parse_args(argv)
     try:

@@ -58,11 +58,11 @@ def build(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def artifacts(build, tmp_path_factory) -> Path:
+def artifacts(build, tmp_path_factory, request) -> Path:
     default = default_artifacts_dir()
     if (default / MANIFEST).is_file():
         return default
-    return exported(tmp_path_factory, "ldm-rt")[1]
+    return exported(tmp_path_factory, request.getfixturevalue("tiny_ldm_rt_model"), fp16=False)
 
 
 @pytest.fixture(scope="module")

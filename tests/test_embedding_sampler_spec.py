@@ -160,6 +160,11 @@ def test_zero_snr_configs_mark_unsupported_schedulers_and_own_tables():
     spec = sampler_spec(config, step_counts=(5,))
     assert "unsupported" in spec["schedulers"]["pndm"] and "rescale_betas_zero_snr" in spec["schedulers"]["pndm"]["unsupported"]
     assert spec["alphas_cumprod"][-1] == 0.0 and np.float32(spec["schedulers"]["euler"]["alphas_cumprod"][-1]) == np.float32(2.0**-24)
+    # Default step counts stop at num_train_timesteps; a run the runtime refuses is marked, not fatal.
+    with np.errstate(divide="ignore", invalid="ignore"):  # 20 of 20 steps repeat sigmas: degenerate on purpose
+        short = sampler_spec(SchedulerConfig(num_train_timesteps=20))
+    assert list(short["schedulers"]["ddim"]["runs"]) == ["10", "20"]
+    assert "outside the training range" in short["schedulers"]["ddim"]["runs"]["20"]["unsupported"]
     with pytest.raises(SamplerSpecError, match="step_counts"):
         sampler_spec(config, step_counts=(0,))
     with pytest.raises(SamplerSpecError, match="unknown schedulers"):
