@@ -18,7 +18,6 @@ machine (no GPU); tests/test_export_tensorrt.py has @pytest.mark.gpu tests that 
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import json
 import logging
@@ -30,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ldm_rt.export.errors import ExportError, TensorRTUnavailable
+from ldm_rt.runtime.backends.tensorrt_backend import engine_key
 from ldm_rt.runtime.contracts import ComponentContract
 from ldm_rt.runtime.manifest import FileEntry, sha256_file
 
@@ -107,7 +107,9 @@ class EngineSpec:
 
     @property
     def key(self) -> str:
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+        # One formula, the runtime's: it recomputes the key to refuse stale engines.
+        d = self.to_dict()
+        return engine_key(d["component"], d["precision"], d["onnx_sha256"], d["tensorrt_version"], d["gpu"], d["profile"], d["flags"])
 
     @property
     def stem(self) -> str:

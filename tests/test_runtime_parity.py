@@ -124,3 +124,20 @@ def test_torch_backend_through_the_entry_point_matches_onnxruntime(sd, ort32):
     assert type(pipe.components["unet"]).__name__ == "TorchComponent"
     a = pipe.generate(scheduler="euler-a", **BASE).images
     assert psnr(a, ort32.generate(scheduler="euler-a", **BASE).images) >= FP32_DB
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("static_shape", [False, True])
+def test_tensorrt_backend_matches_onnxruntime(tmp_path, tiny_sd_v1, ort32, static_shape):
+    """Engines built by export on this GPU; static profiles also exercise the CUDA-graph replay. TensorRT
+    may use TF32 for fp32 convolutions on Ampere and later, hence the fp16-like floor for both."""
+    from test_runtime_fixtures import EXPORT_PROFILE
+
+    from ldm_rt.export.build import BuildOptions, build
+
+    out = tmp_path / "artifacts"
+    build(BuildOptions(model=tiny_sd_v1, out=out, profile=EXPORT_PROFILE, fp16=True, static_shape=static_shape, progress=False))
+    expected = ort32.generate(scheduler="ddim", **BASE).images  # BASE is the profile's opt shape
+    for precision in ("fp32", "fp16"):
+        pipe = Pipeline.load(out, backend="tensorrt", precision=precision)
+        assert psnr(pipe.generate(scheduler="ddim", **BASE).images, expected) >= FP16_DB, precision
