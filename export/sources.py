@@ -55,28 +55,6 @@ def weights_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def model_facts(loaded: LoadedModel) -> ModelFacts:
-    """What the contracts need, read from the model's config and tokenizer."""
-    config = loaded.model.config
-    text = config.text_encoder
-    if text is not None:
-        # The tokenizer fixes the sequence length the graphs take; without one, the position table does.
-        length = loaded.tokenizer.max_length if loaded.tokenizer is not None else text.max_position_embeddings
-    return ModelFacts(
-        latent_channels=config.latent_channels,
-        latent_factor=config.latent_factor,
-        unet_factor=config.unet.downsampling_factor,
-        unet_in_channels=config.unet.in_channels,
-        unet_out_channels=config.unet.out_channels,
-        context_length=None if text is None else int(length),
-        context_dim=None if text is None else config.unet.context_dim,
-        vocab_size=None if text is None else text.vocab_size,
-        num_classes=config.unet.num_classes,
-        autoencoder_kind=config.autoencoder.kind,
-        scale_factor=float(config.scale_factor),
-    )
-
-
 def load_source(
     path: str | Path | None = None,
     *,
@@ -108,7 +86,7 @@ def load_source(
         raise SourceError(f"{path} has a text encoder but no tokenizer; pass --tokenizer PATH")
     source = Source(
         loaded=loaded,
-        facts=model_facts(loaded),
+        facts=loaded.facts(),
         kind=kind,
         path=path.resolve(),
         sha256=weights_sha256(path),

@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ldm_rt.runtime.atomic import atomic_directory
+from ldm_rt.runtime.contracts import ModelFacts
 from ldm_rt.runtime.tokenizer import PromptTokenizer
 
 from .checkpoint_errors import CheckpointError
@@ -44,6 +45,29 @@ class LoadedModel:
     tokenizer: PromptTokenizer | None
     scheduler_config: dict[str, Any]
     info: dict[str, Any] = field(default_factory=dict)
+
+    def facts(self) -> ModelFacts:
+        """What the component contracts need to know about this model (runtime/contracts.py)."""
+        config = self.model.config
+        has_text = config.text_encoder is not None
+        if config.unet.context_dim is not None and not has_text:
+            raise CheckpointError("the UNet cross-attends but the model has no text encoder; the contracts cannot express that")
+        if has_text and self.tokenizer is None:
+            raise CheckpointError("the model has a text encoder but no tokenizer; load it with its tokenizer")
+        return ModelFacts(
+            latent_channels=config.latent_channels,
+            latent_factor=config.latent_factor,
+            unet_factor=config.unet.downsampling_factor,
+            unet_in_channels=config.unet.in_channels,
+            unet_out_channels=config.unet.out_channels,
+            # The tokenizer fixes the sequence length the graphs take.
+            context_length=self.tokenizer.max_length if has_text else None,
+            context_dim=config.unet.context_dim if has_text else None,
+            vocab_size=config.text_encoder.vocab_size if has_text else None,
+            num_classes=config.unet.num_classes,
+            autoencoder_kind=config.autoencoder.kind,
+            scale_factor=float(config.scale_factor),
+        )
 
 
 def is_model_folder(path: str | Path) -> bool:

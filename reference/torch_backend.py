@@ -54,29 +54,6 @@ class TorchComponent:
         return f"TorchComponent({self.contract.name}, device={self.device})"
 
 
-def model_facts(loaded: LoadedModel) -> ModelFacts:
-    """The ModelFacts the contracts need, read from a loaded model's config and tokenizer."""
-    config = loaded.model.config
-    has_text = config.text_encoder is not None
-    if config.unet.context_dim is not None and not has_text:
-        raise BackendError("the UNet cross-attends but the model has no text encoder; the runtime contracts cannot express that")
-    if has_text and loaded.tokenizer is None:
-        raise BackendError("the model has a text encoder but no tokenizer; load it with its tokenizer")
-    return ModelFacts(
-        latent_channels=config.latent_channels,
-        latent_factor=config.latent_factor,
-        unet_factor=config.unet.downsampling_factor,
-        unet_in_channels=config.unet.in_channels,
-        unet_out_channels=config.unet.out_channels,
-        context_length=loaded.tokenizer.max_length if has_text else None,
-        context_dim=config.unet.context_dim if has_text else None,
-        vocab_size=config.text_encoder.vocab_size if has_text else None,
-        num_classes=config.unet.num_classes,
-        autoencoder_kind=config.autoencoder.kind,
-        scale_factor=float(config.scale_factor),
-    )
-
-
 def unlimited_profile(facts: ModelFacts) -> ShapeProfile:
     """A profile as wide as the reference allows: batch 1..64, sizes from one multiple up to ~4096 px."""
     m = facts.pixel_multiple
@@ -93,7 +70,7 @@ def torch_components(
     """text_encoder (if any), unet, vae_decoder, vae_encoder of `loaded` as TorchComponents. Without
     `contracts` they accept any shape the model supports (unlimited_profile)."""
     if contracts is None:
-        facts = model_facts(loaded)
+        facts = loaded.facts()
         contracts = build_contracts(facts, unlimited_profile(facts))
     loaded.model.to(device)
     wrappers = export_wrappers(loaded.model)
@@ -125,7 +102,7 @@ def open_components(
     elif source.is_file() and manifest.tokenizer is not None:
         options["tokenizer"] = Path(artifacts_dir) / manifest.tokenizer.file  # a single file's tokenizer was copied in
     loaded = load_model(source, dtype=PRECISION_DTYPES[precision], **options)
-    facts = model_facts(loaded)
+    facts = loaded.facts()
     if facts != manifest.facts:
         raise BackendError(
             f"the source model {source} no longer matches the artifacts in {artifacts_dir} "

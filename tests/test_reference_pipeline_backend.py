@@ -13,7 +13,7 @@ from tiny_models import tiny_sd_v1, tiny_single_file_v1  # noqa: F401  (session 
 
 from ldm_rt.reference.checkpoints import load_model
 from ldm_rt.reference.pipeline import ReferencePipeline
-from ldm_rt.reference.torch_backend import model_facts, open_components, torch_components
+from ldm_rt.reference.torch_backend import open_components, torch_components
 from ldm_rt.runtime.backends.base import BackendError
 from ldm_rt.runtime.contracts import ContractError, ShapeProfile, build_contracts
 from ldm_rt.runtime.manifest import ComponentEntry, FileEntry, Manifest
@@ -83,7 +83,7 @@ def write_artifacts(root, loaded, source, profile=ShapeProfile(batch=(1, 1, 2), 
     root.mkdir(parents=True, exist_ok=True)
     loaded.tokenizer.save(root / "tokenizer.json")
     (root / "scheduler_config.json").write_text(json.dumps(loaded.scheduler_config))
-    facts = model_facts(loaded)
+    facts = loaded.facts()
     contracts = build_contracts(facts, profile)
     manifest = Manifest(
         facts=facts,

@@ -46,7 +46,7 @@ def test_training_raises_heldout_psnr_and_writes_the_autoencoder(tmp_path):
     heldout = make_dataset(config.data, "heldout")
     before = evaluate(initial, heldout, config.eval_images, torch.device("cpu"), 4)
     result = train(config, tmp_path / "run")
-    assert result.metrics["heldout_psnr"] > before + 3, (before, result.metrics)
+    assert result.metrics["heldout_psnr"] > before + 1.5, (before, result.metrics)
     ae, info = load_autoencoder(tmp_path / "run" / "autoencoder")
     assert info["step"] == 30 and evaluate(ae, heldout, config.eval_images, torch.device("cpu"), 4) == pytest.approx(info["heldout_psnr"], abs=1e-4)
     assert (tmp_path / "run" / "samples" / "step_0000030.png").is_file()

@@ -6,7 +6,6 @@ without them the trainer is a single plain process. Only rank 0 logs, draws prog
 
 from __future__ import annotations
 
-import logging
 import os
 from dataclasses import dataclass
 
@@ -14,9 +13,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-
-logger = logging.getLogger(__name__)
-
 
 @dataclass(frozen=True)
 class DistContext:
@@ -46,7 +42,6 @@ def init_distributed(device: str = "auto") -> DistContext:
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
     if use_cuda:
         torch.cuda.set_device(local_rank)
-    logger.info("process %d of %d started", rank, world_size)
     return DistContext(rank, world_size, torch.device(f"cuda:{local_rank}" if use_cuda else "cpu"))
 
 

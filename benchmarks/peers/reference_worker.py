@@ -1,0 +1,53 @@
+"""Peer: ldm-rt's PyTorch reference pipeline (eager, CPU), loaded from the same source folder ldm-rt exported.
+
+ReferencePipeline keeps the runtime's conventions (numpy noise drawn first, DDIM from the model's scheduler
+config, one batched UNet call of [uncond, cond]), so with the same seed its images match ldm-rt's up to
+float error. Stages are timed with forward hooks on the export wrappers it samples through.
+"""
+
+from __future__ import annotations
+
+import time
+
+T_START = time.perf_counter()
+
+from worker_common import StageClock, measure, run_worker, save_uint8  # noqa: E402
+
+
+def main(spec: dict) -> dict:
+    import numpy as np
+    import torch
+
+    from ldm_rt.reference.pipeline import ReferencePipeline
+
+    import_s = time.perf_counter() - T_START
+    torch.set_num_threads(int(spec["threads"]))
+    t0 = time.perf_counter()
+    pipe = ReferencePipeline.from_path(spec["model"])
+    load_s = time.perf_counter() - t0
+
+    clock = StageClock()
+    for stage in ("text_encoder", "unet", "vae_decoder"):
+        if stage in pipe.components:
+            started: list[float] = []
+            module = pipe.components[stage]
+            module.register_forward_pre_hook(lambda *_, s=started: s.append(time.perf_counter()))
+            module.register_forward_hook(lambda *_, s=started, name=stage: clock.add(name, time.perf_counter() - s.pop()))
+    latents = np.load(spec["noise_file"]) if spec.get("noise_file") else None
+
+    def generate():
+        return pipe(
+            spec["prompt"], negative_prompt=spec["negative_prompt"], steps=spec["steps"], guidance=spec["guidance"],
+            scheduler=spec["scheduler"], seed=spec["seed"], latents=latents, height=spec["height"], width=spec["width"],
+            batch=spec["batch"],
+        ).images
+
+    result = measure(spec, generate, clock, lambda images: save_uint8(spec.get("image_out"), images))
+    import importlib.metadata as md
+
+    versions = {name: md.version(name) for name in ("torch", "transformers")}
+    return {"import_s": import_s, "load_s": load_s, "threads": torch.get_num_threads(), "versions": versions, **result}
+
+
+if __name__ == "__main__":
+    run_worker(main)

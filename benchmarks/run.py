@@ -1,0 +1,127 @@
+"""One command: ldm-rt against its reference, diffusers and Optimum, side by side, written to benchmarks/results/.
+
+    python benchmarks/run.py                    # everything (first run: makes the Optimum venv and the exports)
+    python benchmarks/run.py --quick            # 1 timed run, 4 steps, 128x128 only: a check that all peers run
+    python benchmarks/run.py --fresh-venv       # also measure the install footprint in fresh virtual environments
+
+Workloads (benchmarks/workloads.py): the SD-v1-shaped model at reduced width at each --sizes (batch 1) and the
+shipped default model at batch 1 and 4 (skipped, and said so, while its artifacts do not exist). Peers:
+ldm-rt on ONNX Runtime CPU (CUDA and TensorRT where present), the PyTorch reference, diffusers'
+StableDiffusionPipeline, Optimum's ORTStableDiffusionPipeline in benchmarks/.venv-optimum. The harness is
+ldm_rt.runtime.bench (also `ldm-rt bench`); this script makes the models and names the peers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE / "peers"))
+
+import optimum_env  # noqa: E402
+import workloads  # noqa: E402
+
+from ldm_rt.runtime import bench  # noqa: E402
+
+RESULTS = HERE / "results"
+log = logging.getLogger("benchmarks")
+
+
+def peers_for(prepared: workloads.Prepared, optimum_python: Path | None) -> tuple[bench.Peer, ...]:
+    """ldm-rt first (the others' images are compared with its), then the torch peers and Optimum, then GPU."""
+    peers = [bench.ours_peer(prepared.artifacts)]
+    for name, model in (("reference", prepared.reference_source), ("diffusers", prepared.diffusers_source)):
+        reason = None if model is not None else f"no {name} source for this model"
+        if name == "diffusers" and model is None and prepared.optimum_reason:
+            reason = prepared.optimum_reason
+        peers.append(bench.Peer(name, (sys.executable, str(HERE / "peers" / f"{name}_worker.py")), str(model or ""), skip_reason=reason))
+    if prepared.optimum_model is not None and optimum_python is not None:
+        peers.append(bench.Peer("optimum", (str(optimum_python), str(HERE / "peers" / "optimum_worker.py")), str(prepared.optimum_model)))
+    else:
+        peers.append(bench.Peer("optimum", skip_reason=prepared.optimum_reason or "Optimum environment not available"))
+    peers += bench.gpu_peers(prepared.artifacts)
+    return tuple(peers)
+
+
+def fresh_venv_footprint(log_file: Path) -> dict[str, dict]:
+    """site-packages size of fresh venvs: `pip install .` (runtime only) and `pip install .[torch]` (torch pinned)."""
+    out = {}
+    for label, target in (("fresh venv: pip install . (runtime only)", str(workloads.ROOT)),
+                          ("fresh venv: pip install .[torch]", f"{workloads.ROOT}[torch]")):
+        with tempfile.TemporaryDirectory() as tmp, open(log_file, "a") as f:
+            venv = Path(tmp) / "venv"
+            subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, stdout=f, stderr=subprocess.STDOUT)
+            pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "-c", str(workloads.ROOT / "constraints.txt"), target]
+            if subprocess.run(pip, stdout=f, stderr=subprocess.STDOUT).returncode != 0:
+                out[label] = {"mb": None, "packages": 0, "has_torch": False, "missing": [f"pip failed; see {log_file}"]}
+                continue
+            site = next((venv / "lib").glob("python*/site-packages"))
+            size = sum(p.stat().st_size for p in site.rglob("*") if p.is_file() and not p.is_symlink())
+            dists = list(site.glob("*.dist-info"))
+            out[label] = {"mb": size / 1e6, "packages": len(dists), "has_torch": any(d.name.startswith("torch-") for d in dists), "missing": []}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[128, 256], help="SD-shaped image sizes (default 128 256)")
+    parser.add_argument("--default-batches", type=int, nargs="+", default=[1, 4], help="default-model batch sizes (default 1 4)")
+    parser.add_argument("--steps", type=int, default=20, help="DDIM steps (default 20)")
+    parser.add_argument("--runs", type=int, default=3, help="timed calls per peer, median reported (default 3)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed calls first (default 1)")
+    parser.add_argument("--quick", action="store_true", help="1 run, 4 steps, the smallest size: check that every peer runs")
+    parser.add_argument("--no-optimum", action="store_true", help="skip the Optimum peer (no venv is made)")
+    parser.add_argument("--fresh-venv", action="store_true", help="also measure fresh venvs' site-packages (needs the package index)")
+    parser.add_argument("--no-profile", action="store_true", help="skip the ONNX Runtime profile of ldm-rt's UNet")
+    parser.add_argument("--results", type=Path, default=RESULTS, help=f"results folder (default {RESULTS})")
+    parser.add_argument("--name", default="latest", help="file name stem of the results (default latest)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    if args.quick:
+        args.runs, args.steps, args.sizes = 1, 4, [min(args.sizes)]
+
+    workloads.WORK.mkdir(parents=True, exist_ok=True)
+    optimum_python, optimum_reason = None, None
+    if args.no_optimum:
+        optimum_reason = "not run (--no-optimum)"
+    else:
+        try:
+            log.info("Optimum environment: %s", optimum_env.DEFAULT_VENV)
+            optimum_python = optimum_env.create(log_file=workloads.WORK / "optimum_env.log")
+        except optimum_env.OptimumEnvError as e:
+            optimum_reason = str(e)
+
+    sd = workloads.prepare_sd_shaped(workloads.SDShape(), tuple(args.sizes), optimum_python, optimum_reason)
+    sd_runs = tuple(bench.RunSpec(s, s, batch=1, steps=args.steps, runs=args.runs, warmup=args.warmup) for s in args.sizes)
+    default = workloads.prepare_default()
+    items = [bench.Workload(sd.name, sd.description, sd.artifacts, sd_runs, peers_for(sd, optimum_python), sd.config)]
+    if default.skip_reason is not None:
+        items.insert(0, bench.Workload(default.name, default.description, None, (), (), skip_reason=default.skip_reason))
+    else:
+        from ldm_rt.runtime.manifest import Manifest
+
+        profile = Manifest.read(default.artifacts).profile
+        runs = tuple(bench.RunSpec(profile.height[1], profile.width[1], batch=b, steps=args.steps, runs=args.runs, warmup=args.warmup,
+                                   prompt="a red circle on a white background") for b in args.default_batches)
+        items.insert(0, bench.Workload(default.name, default.description, default.artifacts, runs, peers_for(default, optimum_python)))
+
+    footprint = bench.install_footprint()
+    if args.fresh_venv:
+        footprint.update(fresh_venv_footprint(workloads.WORK / "fresh_venv.log"))
+    notes = ["Install footprint: bytes of the files each installed distribution lists (its RECORD), over the dependency "
+             "closure of each setup in this environment" + ("; 'fresh venv' rows: du of site-packages of new venvs." if args.fresh_venv else ".")]
+    report = bench.run_benchmark(items, workloads.WORK, profile=not args.no_profile, footprint=footprint, notes=notes)
+    paths = bench.write_report(report, args.results, args.name)
+    print(bench.render_markdown(report))
+    print(f"wrote {paths['json']}, {paths['markdown']}, {paths['readme']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,233 @@
+"""The models the benchmark measures, made locally: nothing is downloaded.
+
+- `sd-shaped`: a Stable-Diffusion-v1-shaped model at reduced width with random weights, written as a
+  diffusers-layout folder with diffusers itself (UNet2DConditionModel with SD v1's block types, 2 layers
+  per block, 8 heads; AutoencoderKL f=8 with SD's 4 levels; a CLIP text encoder with 77 tokens), a DDIM
+  scheduler config and the tiny CLIP BPE tokenizer of tests/tiny_models.py. ldm-rt exports it with
+  export/build.py; the reference and diffusers load the folder itself; Optimum exports it with its own
+  exporter inside its virtual environment.
+- `default`: the shipped default model (engines/default), measured at batch 1 and 4 when its artifacts exist.
+
+Built folders are cached under benchmarks/work/<name>/ (gitignored), keyed by the config they were made from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+WORK = Path(__file__).resolve().parent / "work"
+PEERS = Path(__file__).resolve().parent / "peers"
+
+log = logging.getLogger("benchmarks.workloads")
+
+
+@dataclass(frozen=True)
+class SDShape:
+    """SD v1's architecture with every width divided down to fit 2 CPU cores (SD v1: UNet 320/640/1280/1280,
+    cross-attention 768; VAE 128/256/512/512; CLIP ViT-L/14 text encoder 768 wide, 12 layers)."""
+
+    unet_channels: tuple[int, ...] = (64, 128, 256, 256)
+    unet_layers_per_block: int = 2
+    unet_heads: int = 8  # SD v1 fixes 8 heads at every level
+    text_hidden: int = 256  # == the UNet's cross_attention_dim
+    text_layers: int = 6
+    text_heads: int = 4  # 64-wide heads, as CLIP's
+    text_intermediate: int = 1024
+    vae_channels: tuple[int, ...] = (32, 64, 128, 128)
+    vae_layers_per_block: int = 2
+    max_length: int = 77
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def scheduler_config() -> dict[str, Any]:
+    """SD's training schedule with DDIM, as diffusers writes scheduler_config.json."""
+    return {
+        "_class_name": "DDIMScheduler", "_diffusers_version": "0.42.1", "beta_start": 0.00085, "beta_end": 0.012,
+        "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "clip_sample": False, "set_alpha_to_one": False,
+        "steps_offset": 1, "prediction_type": "epsilon", "timestep_spacing": "leading", "trained_betas": None,
+    }
+
+
+def _tiny_models():
+    """tests/tiny_models.py: its CLIP BPE tokenizer writer (tests/ is a flat folder, not a package)."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    try:
+        import tiny_models
+    finally:
+        sys.path.pop(0)
+    return tiny_models
+
+
+def make_sd_shaped(folder: Path, shape: SDShape) -> Path:
+    """Write the diffusers-layout folder of `shape` (random weights, seeded) and return it."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tiny = _tiny_models()
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(shape.seed)
+    unet = UNet2DConditionModel(
+        sample_size=32, in_channels=4, out_channels=4, block_out_channels=shape.unet_channels,
+        layers_per_block=shape.unet_layers_per_block, attention_head_dim=shape.unet_heads,
+        cross_attention_dim=shape.text_hidden, norm_num_groups=32,
+        down_block_types=("CrossAttnDownBlock2D",) * (len(shape.unet_channels) - 1) + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (len(shape.unet_channels) - 1),
+    )
+    unet.save_pretrained(folder / "unet", safe_serialization=True)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=shape.vae_channels,
+        layers_per_block=shape.vae_layers_per_block, norm_num_groups=32, sample_size=256, scaling_factor=0.18215,
+        down_block_types=("DownEncoderBlock2D",) * len(shape.vae_channels), up_block_types=("UpDecoderBlock2D",) * len(shape.vae_channels),
+    )
+    vae.save_pretrained(folder / "vae", safe_serialization=True)
+    tiny.write_tiny_clip_tokenizer(folder / "tokenizer")
+    vocab, _ = tiny.tiny_clip_vocab()
+    text = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(vocab), hidden_size=shape.text_hidden, intermediate_size=shape.text_intermediate,
+        num_hidden_layers=shape.text_layers, num_attention_heads=shape.text_heads, max_position_embeddings=shape.max_length,
+        hidden_act="quick_gelu", bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
+        pad_token_id=vocab["<|endoftext|>"],
+    ))
+    text.save_pretrained(folder / "text_encoder", safe_serialization=True)
+    tiny._canonical_text_keys(folder / "text_encoder" / "model.safetensors")
+    (folder / "scheduler").mkdir(exist_ok=True)
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler_config(), indent=2))
+    (folder / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1", "feature_extractor": [None, None],
+        "requires_safety_checker": False, "safety_checker": [None, None], "scheduler": ["diffusers", "DDIMScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+    }, indent=2))
+    return folder
+
+
+def parameter_counts(folder: Path) -> dict[str, float]:
+    """Millions of parameters per component of a diffusers folder (from its safetensors headers)."""
+    from safetensors import safe_open
+
+    counts = {}
+    for part in ("unet", "vae", "text_encoder"):
+        total = 0
+        for file in (folder / part).glob("*.safetensors"):
+            with safe_open(str(file), "pt") as f:
+                for key in f.keys():
+                    n = 1
+                    for d in f.get_slice(key).get_shape():
+                        n *= d
+                    total += n
+        counts[part] = total / 1e6
+    return counts
+
+
+def _cached(folder: Path, key: dict[str, Any], make) -> Path:
+    """`make(folder)` unless folder/.made.json already records `key` (an interrupted build is redone)."""
+    stamp = folder.parent / f".{folder.name}.made.json"
+    if folder.exists() and stamp.is_file() and json.loads(stamp.read_text()) == key:
+        return folder
+    if folder.exists():
+        shutil.rmtree(folder)
+    make(folder)
+    stamp.write_text(json.dumps(key, sort_keys=True))
+    return folder
+
+
+def build_ours(source: Path, out: Path, heights: tuple[int, int, int], batch: tuple[int, int, int], key: dict[str, Any]) -> Path:
+    """ldm-rt's fp32 ONNX artifacts of `source` (export/build.py, parity checks included)."""
+    from ldm_rt.export.build import BuildOptions, build
+    from ldm_rt.runtime.contracts import ShapeProfile
+
+    def make(folder: Path) -> None:
+        log.info("exporting %s with ldm-rt -> %s", source, folder)
+        build(BuildOptions(model=source, out=folder, profile=ShapeProfile(batch, heights, heights), onnx_only=True, progress=False))
+
+    return _cached(out, {**key, "profile": [list(batch), list(heights)]}, make)
+
+
+def build_optimum(python: Path, source: Path, out: Path, key: dict[str, Any], log_file: Path) -> Path:
+    """Optimum's ONNX export of the diffusers folder, run by the Optimum venv's python."""
+
+    def make(folder: Path) -> None:
+        log.info("exporting %s with Optimum -> %s", source, folder)
+        with open(log_file, "a") as f:
+            done = subprocess.run([str(python), str(PEERS / "optimum_env.py"), "export", str(source), str(folder)], stdout=f, stderr=subprocess.STDOUT)
+        if done.returncode != 0:
+            raise RuntimeError(f"Optimum's export of {source} failed; see {log_file}")
+
+    return _cached(out, key, make)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """One model ready for every peer: the diffusers folder, ldm-rt's artifacts, Optimum's export (or why not)."""
+
+    name: str
+    description: str
+    config: dict[str, Any]
+    artifacts: Path | None
+    reference_source: Path | None
+    diffusers_source: Path | None
+    optimum_model: Path | None
+    optimum_reason: str | None = None
+    skip_reason: str | None = None
+
+
+def prepare_sd_shaped(shape: SDShape, sizes: tuple[int, ...], optimum_python: Path | None, optimum_reason: str | None) -> Prepared:
+    """Make (or reuse) the SD-shaped diffusers folder, ldm-rt's export of it and Optimum's."""
+    root = WORK / "sd-shaped"
+    root.mkdir(parents=True, exist_ok=True)
+    key = {"shape": shape.to_dict(), "diffusers": _version("diffusers")}
+    source = _cached(root / "diffusers", key, lambda folder: make_sd_shaped(folder, shape))
+    heights = (min(sizes), min(sizes), max(sizes))
+    artifacts = build_ours(source, root / "artifacts", heights, (1, 1, 1), key)
+    optimum = None
+    if optimum_python is not None:
+        try:
+            optimum = build_optimum(optimum_python, source, root / "optimum", key, root / "optimum_export.log")
+        except RuntimeError as e:
+            optimum_reason = str(e)
+    params = parameter_counts(source)
+    config = {"sd_shaped": True, **shape.to_dict(), "params_millions": {k: round(v, 2) for k, v in params.items()}}
+    description = (
+        f"SD-v1-shaped model, random weights: UNet {params['unet']:.1f} M parameters (block_out_channels "
+        f"{list(shape.unet_channels)}, {shape.unet_layers_per_block} layers per block, {shape.unet_heads} heads, cross-attention "
+        f"{shape.text_hidden}), VAE {params['vae']:.1f} M (f=8, {list(shape.vae_channels)}), CLIP text encoder "
+        f"{params['text_encoder']:.1f} M ({shape.text_layers} layers, width {shape.text_hidden}, {shape.max_length} tokens)."
+    )
+    return Prepared("sd-shaped", description, config, artifacts, source, source, optimum, optimum_reason)
+
+
+def prepare_default() -> Prepared:
+    """The shipped default model: its artifacts and model folder inside ldm_rt.engines, if built yet."""
+    from ldm_rt.runtime.artifacts import default_artifacts_dir
+    from ldm_rt.runtime.manifest import MANIFEST
+
+    artifacts = default_artifacts_dir()
+    model = artifacts.parent / "model"
+    description = "The shipped default model (engines/default): trained, word-level tokenizer."
+    if not (artifacts / MANIFEST).is_file():
+        reason = f"engines/default/artifacts does not exist yet ({artifacts}); build it with export/build_engines.py, then rerun"
+        return Prepared("default", description, {}, None, None, None, None, skip_reason=reason)
+    reason = "the default model has a word-level tokenizer and no diffusers-layout export; diffusers and Optimum cannot load it"
+    return Prepared("default", description, {}, artifacts, model if model.is_dir() else None, None, None, optimum_reason=reason)
+
+
+def _version(name: str) -> str | None:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None

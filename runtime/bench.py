@@ -1,0 +1,826 @@
+"""`ldm-rt bench`: ldm-rt against the pipelines users would pick instead, side by side in one run.
+
+Every peer (ldm-rt on ONNX Runtime, the PyTorch reference, diffusers, Optimum) runs in its own process,
+started fresh for each workload, so that its peak resident memory (the child's ru_maxrss from wait4) and
+its cold start (harness clock before the process starts -> the peer's first image, imports included) are
+its own. A peer is any command that takes `--spec JSON` and prints one line `LDMRT_BENCH {json}` (the
+protocol of benchmarks/peers/worker_common.py); ldm-rt's own worker is this module
+(`python -m ldm_rt.runtime.bench worker`). This process imports numpy and onnxruntime only: torch peers
+are other interpreters.
+
+Measured per peer and run: end-to-end latency (median of N timed calls after warm-up) per image, per-stage
+latency (text encoder per call, UNet per step, VAE decoder per call), peak RSS, cold start, and each as a
+ratio peer / ldm-rt (> 1: ldm-rt is faster or smaller). In the same run: the machine's float32 matmul peak
+(numpy, best of several: the roofline), the UNet's FLOPs per step (counted from the exported graph's Conv,
+MatMul and Gemm shapes as ONNX Runtime's profiler records them), GFLOP/s of every peer's UNet step and its
+share of the peak, and where ldm-rt's UNet time goes (ONNX Runtime profiler, time per op type).
+"""
+
+from __future__ import annotations
+
+import time
+
+T_START = time.perf_counter()  # before the heavy imports: the worker reports its import time from here
+
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import importlib.metadata  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import os  # noqa: E402
+import platform  # noqa: E402
+import re  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import threading  # noqa: E402
+from collections.abc import Callable, Sequence  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from datetime import datetime, timezone  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+SCHEMA = "ldm-rt-bench/1"
+RESULT_PREFIX = "LDMRT_BENCH "  # the last stdout line of a worker: this prefix, then its JSON result
+OURS = "ours"
+# Peers in table order; the label says what runs.
+PEER_LABELS = {
+    OURS: "ldm-rt (ONNX Runtime CPU)",
+    "ours-cuda": "ldm-rt (ONNX Runtime CUDA)",
+    "ours-tensorrt": "ldm-rt (TensorRT FP16)",
+    "reference": "ldm-rt reference (PyTorch eager)",
+    "diffusers": "diffusers StableDiffusionPipeline (PyTorch)",
+    "optimum": "Optimum ORTStableDiffusionPipeline (ONNX Runtime CPU)",
+}
+TORCH_PEERS = ("reference", "diffusers")
+# Ops whose multiply-adds are counted; everything else (norms, softmax, elementwise) is memory-bound and
+# small next to them in a UNet.
+FLOP_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
+# The GPU protocol ONNX Runtime and NVIDIA publish numbers with (not runnable on a machine without CUDA).
+GPU_PROTOCOL = {"height": 512, "width": 512, "steps": 50, "guidance": 7.5, "batch": 1, "scheduler": "ddim"}
+# Targets of issue 7 (CPU): minimum ratio peer / ours for latency and cold start; UNet share of matmul peak.
+TARGETS = {"latency": {"reference": 2.0, "diffusers": 2.0, "optimum": 1.3}, "cold_start": {"reference": 5.0, "diffusers": 5.0}, "peak_fraction": 0.5}
+
+
+class BenchError(ValueError):
+    """The benchmark cannot run as asked; the message names the cause and the fix."""
+
+
+# ---- what is run ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RunSpec:
+    """One measured configuration: every peer generates exactly this."""
+
+    height: int
+    width: int
+    batch: int = 1  # images per call (one prompt, `batch` images: diffusers' num_images_per_prompt)
+    steps: int = 20
+    guidance: float = 7.5  # classifier-free guidance: every peer batches [uncond, cond] into one UNet call
+    scheduler: str = "ddim"  # DDIM with eta 0: deterministic, so the peers' images can be compared
+    prompt: str = "a photo of an astronaut riding a horse on the moon"
+    negative_prompt: str = ""
+    seed: int = 0
+    runs: int = 3  # N timed calls; the median is reported
+    warmup: int = 1  # untimed calls first; the first of them is the cold-start image
+
+    def __post_init__(self) -> None:
+        if self.runs < 1 or self.warmup < 1:
+            raise BenchError(f"runs and warmup must be >= 1 (got runs={self.runs}, warmup={self.warmup})")
+
+    @property
+    def title(self) -> str:
+        return f"{self.width}x{self.height}, batch {self.batch}, {self.steps} steps"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A competitor: the command that runs it (the spec is appended as --spec JSON) and the model it loads."""
+
+    name: str
+    argv: tuple[str, ...] = ()
+    model: str = ""  # artifacts folder, model folder, diffusers folder or Optimum ONNX folder
+    skip_reason: str | None = None  # set when it cannot run here; shown in the table instead of numbers
+    extra: dict[str, Any] = field(default_factory=dict)  # peer-specific spec fields (backend, providers)
+
+    @property
+    def label(self) -> str:
+        return PEER_LABELS.get(self.name, self.name)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One model measured at one or more run specs; `artifacts` is ldm-rt's build of it (the FLOP count and
+    the noise shape come from its manifest)."""
+
+    name: str
+    description: str
+    artifacts: Path | None
+    runs: tuple[RunSpec, ...]
+    peers: tuple[Peer, ...]
+    config: dict[str, Any] = field(default_factory=dict)  # the model's configuration, printed with the results
+    skip_reason: str | None = None
+
+
+def ours_peer(artifacts: Path | str, name: str = OURS, backend: str = "onnxruntime", providers: Sequence[str] | None = None) -> Peer:
+    extra = {"backend": backend, "providers": list(providers) if providers else ["cpu"]}
+    return Peer(name, (sys.executable, "-m", "ldm_rt.runtime.bench", "worker"), str(artifacts), extra=extra)
+
+
+def gpu_peers(artifacts: Path | str) -> list[Peer]:
+    """ldm-rt on ONNX Runtime CUDA and on TensorRT: ready where a CUDA GPU is, marked not run elsewhere."""
+    import onnxruntime as ort
+
+    cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+    reason = None if cuda else "no CUDA GPU on this machine: not run (GPU protocol: 512x512, 50 DDIM steps, guidance 7.5, batch 1)"
+    return [
+        dataclasses.replace(ours_peer(artifacts, "ours-cuda", providers=["cuda"]), skip_reason=reason),
+        dataclasses.replace(ours_peer(artifacts, "ours-tensorrt", backend="tensorrt"), skip_reason=reason),
+    ]
+
+
+def peer_scripts_dir() -> Path | None:
+    """benchmarks/peers of the source checkout this runtime is installed from (editable installs), if any."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "peers"
+    return path if (path / "worker_common.py").is_file() else None
+
+
+# ---- ldm-rt's own worker -----------------------------------------------------------------------------------
+def ours_worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """Load the artifacts, generate warm-up + timed calls; stage times from Result.timings."""
+    from .backends.onnxruntime_backend import physical_cores
+    from .pipeline import Pipeline
+
+    import_s = time.perf_counter() - T_START
+    t0 = time.perf_counter()
+    pipe = Pipeline.load(spec["model"], backend=spec.get("backend", "onnxruntime"), providers=spec.get("providers"))
+    load_s = time.perf_counter() - t0
+    latents = np.load(spec["noise_file"]) if spec.get("noise_file") else None
+
+    def generate() -> tuple[np.ndarray, dict[str, Any]]:
+        r = pipe.generate(
+            spec["prompt"], negative_prompt=spec["negative_prompt"], steps=spec["steps"], guidance=spec["guidance"],
+            scheduler=spec["scheduler"], seed=spec["seed"], batch=spec["batch"], height=spec["height"],
+            width=spec["width"], latents=latents,
+        )
+        stages = {"text_encoder": r.timings.get("text_encoder", 0.0), "unet": list(r.timings["unet"]), "vae_decoder": r.timings["vae_decoder"]}
+        return r.images, stages
+
+    t0 = time.perf_counter()
+    images, _ = generate()
+    out: dict[str, Any] = {"first_image_s": time.perf_counter() - t0, "first_image_at": time.time()}
+    if spec.get("image_out"):
+        np.save(spec["image_out"], images, allow_pickle=False)
+    for _ in range(int(spec["warmup"]) - 1):
+        generate()
+    runs = []
+    for _ in range(int(spec["runs"])):
+        t0 = time.perf_counter()
+        _, stages = generate()
+        runs.append({"total": time.perf_counter() - t0, **stages})
+    versions = {"onnxruntime": _version("onnxruntime"), "numpy": np.__version__, "ldm-rt": _version("ldm-rt")}
+    return {"import_s": import_s, "load_s": load_s, "threads": physical_cores(), "versions": versions, **out, "runs": runs}
+
+
+def worker_main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ldm_rt.runtime.bench worker")
+    parser.add_argument("--spec", required=True)
+    spec = json.loads(parser.parse_args(argv).spec)
+    try:
+        result = {"status": "ok", **ours_worker(spec)}
+    except (ValueError, OSError) as e:  # the library's one-line errors; anything else is a bug and shows its traceback
+        result = {"status": "failed", "error": f"{type(e).__name__}: {e}"}
+    print(RESULT_PREFIX + json.dumps(result), flush=True)
+    return 0 if result["status"] == "ok" else 1
+
+
+# ---- running a peer --------------------------------------------------------------------------------------------
+def run_peer(peer: Peer, spec: dict[str, Any], log_path: Path, timeout: float) -> dict[str, Any]:
+    """Start the peer's process, wait for it, and return its result with peak RSS and cold start added."""
+    argv = [*peer.argv, "--spec", json.dumps(spec)]
+    with open(log_path, "w") as err:
+        started = time.time()
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err, text=True)
+        timer = threading.Timer(timeout, proc.kill)
+        timer.start()
+        try:
+            stdout = proc.stdout.read() if proc.stdout is not None else ""
+            # wait4, not wait: its rusage is this child's own peak resident set.
+            _, status, usage = os.wait4(proc.pid, 0)
+        finally:
+            timer.cancel()
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        ended = time.time()
+    lines = [line for line in stdout.splitlines() if line.startswith(RESULT_PREFIX)]
+    if not lines:
+        what = f"killed after {timeout:.0f} s" if proc.returncode < 0 else f"exit status {proc.returncode}"
+        return {"status": "failed", "error": f"no result ({what}); see {log_path}", "wall_s": ended - started}
+    result = json.loads(lines[-1][len(RESULT_PREFIX):])
+    result["peak_rss_mb"] = usage.ru_maxrss / 1024.0  # Linux reports kilobytes
+    result["wall_s"] = ended - started
+    if "first_image_at" in result:
+        result["cold_start_s"] = result["first_image_at"] - started
+    if result.get("status") != "ok":
+        result["error"] = f"{result.get('error', 'failed')}; see {log_path}"
+    return result
+
+
+def summarize(raw: dict[str, Any], batch: int) -> dict[str, Any]:
+    """Medians over the timed runs: latency per call and per image, text encoder, UNet per step, VAE decoder."""
+    runs = raw["runs"]
+    steps = [s for r in runs for s in r["unet"]]
+    latency = statistics.median(r["total"] for r in runs)
+    return {
+        "latency_s": latency,
+        "latency_per_image_s": latency / batch,
+        "text_encoder_s": statistics.median(r["text_encoder"] for r in runs),
+        "unet_step_s": statistics.median(steps) if steps else None,
+        "unet_calls_per_run": len(runs[0]["unet"]),
+        "vae_decoder_s": statistics.median(r["vae_decoder"] for r in runs),
+        "peak_rss_mb": raw.get("peak_rss_mb"),
+        "cold_start_s": raw.get("cold_start_s"),
+        "import_s": raw.get("import_s"),
+        "load_s": raw.get("load_s"),
+        "first_image_s": raw.get("first_image_s"),
+        "threads": raw.get("threads"),
+        "versions": raw.get("versions", {}),
+        "runs": runs,
+    }
+
+
+RATIO_FIELDS = {"latency": "latency_per_image_s", "unet_step": "unet_step_s", "peak_rss": "peak_rss_mb", "cold_start": "cold_start_s"}
+
+
+def add_ratios(peers: dict[str, dict[str, Any]]) -> None:
+    """Each ok peer's value / ldm-rt's for the RATIO_FIELDS (> 1: ldm-rt is faster or smaller)."""
+    ours = peers.get(OURS, {})
+    for result in peers.values():
+        if result.get("status") != "ok" or ours.get("status") != "ok":
+            continue
+        result["vs_ours"] = {
+            key: (result[f] / ours[f] if result.get(f) and ours.get(f) else None) for key, f in RATIO_FIELDS.items()
+        }
+
+
+def image_difference(ours_file: Path, peer_file: Path) -> dict[str, float] | None:
+    """Mean and max |difference| of the first images in 8-bit levels: the peers computed the same thing."""
+    if not (ours_file.is_file() and peer_file.is_file()):
+        return None
+    a, b = np.load(ours_file).astype(np.int16), np.load(peer_file).astype(np.int16)
+    if a.shape != b.shape:
+        return {"mean_abs": float("nan"), "max_abs": float("nan")}
+    d = np.abs(a - b)
+    return {"mean_abs": float(d.mean()), "max_abs": float(d.max())}
+
+
+def run_workload(workload: Workload, out_dir: Path, peak_gflops: float | None, timeout: float, profile: bool) -> dict[str, Any]:
+    """All peers on every run spec of one workload; one fresh process per peer and spec."""
+    from .manifest import Manifest
+
+    entry: dict[str, Any] = {"name": workload.name, "description": workload.description, "config": workload.config, "runs": []}
+    if workload.skip_reason is not None:
+        entry["skipped"] = workload.skip_reason
+        log.warning("workload %s skipped: %s", workload.name, workload.skip_reason)
+        return entry
+    manifest = Manifest.read(workload.artifacts)
+    facts = manifest.facts
+    work = out_dir / "work" / workload.name
+    work.mkdir(parents=True, exist_ok=True)
+    threads = _physical_cores()
+    for spec in workload.runs:
+        tag = f"{spec.width}x{spec.height}_b{spec.batch}"
+        f = facts.latent_factor
+        noise = np.random.default_rng(spec.seed).standard_normal((spec.batch, facts.latent_channels, spec.height // f, spec.width // f), dtype=np.float32)
+        noise_file = work / f"noise_{tag}.npy"
+        np.save(noise_file, noise)
+        rows = spec.batch * (2 if spec.guidance != 1.0 and facts.context_length is not None else 1)
+        flops = unet_flops(workload.artifacts, rows, spec.height // f, spec.width // f)
+        run: dict[str, Any] = {"spec": spec.to_dict(), "title": spec.title, "unet_rows": rows, "unet_flops": flops["total"], "unet_flops_by_op": flops["by_op"], "peers": {}}
+        for peer in workload.peers:
+            if peer.skip_reason is not None:
+                run["peers"][peer.name] = {"status": "skipped", "label": peer.label, "reason": peer.skip_reason}
+                continue
+            log.info("%s %s: %s", workload.name, tag, peer.label)
+            worker_spec = {**spec.to_dict(), "model": peer.model, "threads": threads, "noise_file": str(noise_file),
+                           "image_out": str(work / f"image_{tag}_{peer.name}.npy"), **peer.extra}
+            raw = run_peer(peer, worker_spec, work / f"{tag}_{peer.name}.log", timeout)
+            result: dict[str, Any] = {"status": raw.get("status", "failed"), "label": peer.label, "model": peer.model}
+            if result["status"] == "ok":
+                result.update(summarize(raw, spec.batch))
+                if result["unet_step_s"]:
+                    result["unet_gflops"] = flops["total"] / result["unet_step_s"] / 1e9
+                    result["peak_fraction"] = result["unet_gflops"] / peak_gflops if peak_gflops else None
+                if peer.name != OURS:
+                    result["image_vs_ours"] = image_difference(work / f"image_{tag}_{OURS}.npy", work / f"image_{tag}_{peer.name}.npy")
+            else:
+                result["error"] = raw.get("error", "failed")
+                log.warning("%s failed: %s", peer.label, result["error"])
+            run["peers"][peer.name] = result
+        add_ratios(run["peers"])
+        if profile and run["peers"].get(OURS, {}).get("status") == "ok":
+            run["ours_profile"] = op_profile(workload.artifacts, rows, spec.height // f, spec.width // f)
+        entry["runs"].append(run)
+    return entry
+
+
+# ---- machine, roofline, FLOPs, profile, footprint ----------------------------------------------------------------
+def _physical_cores() -> int:
+    from .backends.onnxruntime_backend import physical_cores
+
+    return physical_cores()
+
+
+def _version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU model, cores, RAM, OS and the versions of what the peers run on (read from metadata, not imported)."""
+    cpu = platform.processor() or "?"
+    flags: list[str] = []
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and cpu in ("?", "x86_64", ""):
+                cpu = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and not flags:
+                flags = [f for f in line.split(":", 1)[1].split() if f in ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile")]
+    except OSError:
+        pass
+    ram = None
+    try:
+        kb = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1))
+        ram = kb / 1024**2
+    except (OSError, AttributeError):
+        pass
+    versions = {name: _version(name) for name in ("ldm-rt", "numpy", "onnxruntime", "torch", "diffusers", "transformers")}
+    return {
+        "cpu": cpu, "cpu_flags": flags, "logical_cores": os.cpu_count(), "physical_cores": _physical_cores(), "ram_gib": ram,
+        "os": platform.platform(), "python": platform.python_version(), "versions": {"python": platform.python_version(), **versions},
+    }
+
+
+def matmul_peak(n: int = 2048, repeats: int = 7) -> dict[str, Any]:
+    """The machine's float32 matmul roofline: 2 n^3 / best time of numpy's (BLAS) n x n product, all cores."""
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((n, n), dtype=np.float32), rng.standard_normal((n, n), dtype=np.float32)
+    c = np.empty((n, n), np.float32)
+    np.matmul(a, b, out=c)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        np.matmul(a, b, out=c)
+        best = min(best, time.perf_counter() - t0)
+    return {"gflops": 2 * n**3 / best / 1e9, "n": n, "repeats": repeats, "best_s": best}
+
+
+def _node_events(profile_file: str) -> list[dict[str, Any]]:
+    events = json.loads(Path(profile_file).read_text())
+    return [e for e in events if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time")]
+
+
+def _unet_file(artifacts: Path) -> tuple[Path, Any]:
+    """The fp32 UNet graph of an artifacts folder and its manifest entry (contract)."""
+    from .manifest import Manifest
+
+    entry = Manifest.read(artifacts).components["unet"]
+    return Path(artifacts) / entry.precisions["fp32"].onnx.file, entry
+
+
+def _unet_feeds(entry, rows: int, h: int, w: int) -> dict[str, np.ndarray]:
+    sizes = {"unet_batch": rows, "latent_height": h, "latent_width": w}
+    return entry.contract.sample_inputs(sizes, np.random.default_rng(0))
+
+
+def conv_matmul_flops(events: list[dict[str, Any]]) -> dict[str, float]:
+    """FLOPs (2 per multiply-add) of the Conv/MatMul/Gemm nodes in profiler events, by op type.
+
+    Conv: 2 * |output| * |weight| / C_out (weight (C_out, C_in/groups, kh, kw)); MatMul: 2 * |output| * K;
+    Gemm: 2 * |output| * K with K = |A| / M."""
+    by_op: dict[str, float] = {}
+    for e in events:
+        op = e["args"].get("op_name")
+        if op not in FLOP_OPS:
+            continue
+        ins = [next(iter(t.values())) for t in e["args"].get("input_type_shape", [])]
+        outs = [next(iter(t.values())) for t in e["args"].get("output_type_shape", [])]
+        if not ins or not outs:
+            continue
+        out_size = float(np.prod(outs[0]))
+        if op in ("Conv", "ConvTranspose"):
+            weight = ins[1]
+            per_out = float(np.prod(weight)) / weight[0] if op == "Conv" else float(np.prod(weight[1:]))
+            flops = 2.0 * out_size * per_out if op == "Conv" else 2.0 * float(np.prod(ins[0])) * per_out
+        elif op == "MatMul":
+            flops = 2.0 * out_size * ins[0][-1]
+        else:
+            flops = 2.0 * out_size * float(np.prod(ins[0])) / outs[0][0]
+        by_op[op] = by_op.get(op, 0.0) + flops
+    return by_op
+
+
+def graph_flops(onnx_path: Path | str, feeds: dict[str, np.ndarray]) -> dict[str, Any]:
+    """FLOPs of one run of an ONNX graph on `feeds`, from one profiled run of the unoptimised graph (the
+    exported ops with their real shapes; fusions would hide them)."""
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        so.enable_profiling = True
+        so.profile_file_prefix = str(Path(tmp) / "flops")
+        so.log_severity_level = 3
+        session = ort.InferenceSession(str(onnx_path), sess_options=so, providers=["CPUExecutionProvider"])
+        session.run(None, feeds)
+        by_op = conv_matmul_flops(_node_events(session.end_profiling()))
+    return {"total": sum(by_op.values()), "by_op": by_op}
+
+
+def unet_flops(artifacts: Path, rows: int, h: int, w: int) -> dict[str, Any]:
+    """FLOPs of one UNet call with `rows` rows (2 x batch under guidance) at latent size h x w."""
+    path, entry = _unet_file(artifacts)
+    return graph_flops(path, _unet_feeds(entry, rows, h, w))
+
+
+def op_profile(artifacts: Path, rows: int, h: int, w: int, repeats: int = 3, top: int = 8) -> dict[str, Any]:
+    """Where ldm-rt's UNet step spends its time: ONNX Runtime's profiler on the runtime's own session
+    options, time per op type over `repeats` calls after one warm-up, layout conversions named."""
+    import onnxruntime as ort
+
+    from .backends.onnxruntime_backend import session_options
+
+    with tempfile.TemporaryDirectory() as tmp:
+        so = session_options()
+        so.enable_profiling = True
+        so.profile_file_prefix = str(Path(tmp) / "ops")
+        path, entry = _unet_file(artifacts)
+        session = ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+        feeds = _unet_feeds(entry, rows, h, w)
+        session.run(None, feeds)
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            session.run(None, feeds)
+        step_s = (time.perf_counter() - t0) / repeats
+        events = json.loads(Path(session.end_profiling()).read_text())
+    runs = sorted((e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"), key=lambda e: e["ts"])
+    timed = runs[-repeats:]
+    in_timed = [e for e in events if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time")
+                and any(r["ts"] <= e["ts"] <= r["ts"] + r["dur"] for r in timed)]
+    per_op: dict[str, float] = {}
+    for e in in_timed:
+        per_op[e["args"]["op_name"]] = per_op.get(e["args"]["op_name"], 0.0) + e["dur"] / 1e6 / repeats
+    node_total = sum(per_op.values()) or 1.0
+    ranked = sorted(per_op.items(), key=lambda kv: -kv[1])
+    return {
+        "step_s": step_s,
+        "kernel_s": node_total,
+        "threads": so.intra_op_num_threads,
+        "ops": [{"op": op, "s": s, "share": s / node_total} for op, s in ranked[:top]],
+        "layout_share": sum(s for op, s in per_op.items() if op.startswith("Reorder")) / node_total,
+    }
+
+
+def _requirement_names(dist: importlib.metadata.Distribution, extras: Sequence[str]) -> list[str]:
+    names = []
+    for req in dist.requires or []:
+        name = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)", req).group(1)
+        marker = req.split(";", 1)[1] if ";" in req else ""
+        extra = re.search(r"extra\s*==\s*['\"]([^'\"]+)['\"]", marker)
+        if extra is not None:
+            if extra.group(1) in extras:
+                names.append(name)
+        elif not marker or _marker_holds(marker):
+            names.append(name)
+    return names
+
+
+def _marker_holds(marker: str) -> bool:
+    """An environment marker (python_version, sys_platform, ...) evaluated here; kept when it cannot be."""
+    try:
+        from packaging.markers import Marker
+    except ImportError:  # packaging is not a runtime dependency: count the requirement if it is installed
+        return True
+    return Marker(marker).evaluate()
+
+
+def _closure(roots: dict[str, Sequence[str]]) -> dict[str, int]:
+    """Installed distributions reachable from `roots` (name -> extras), with their on-disk bytes."""
+    sizes: dict[str, int] = {}
+    todo = list(roots.items())
+    while todo:
+        name, extras = todo.pop()
+        key = re.sub(r"[-_.]+", "-", name).lower()
+        if key in sizes:
+            continue
+        try:
+            dist = importlib.metadata.distribution(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue  # a marker-only dependency of another platform, or not installed here
+        total = 0
+        for f in dist.files or []:
+            try:
+                total += dist.locate_file(f).stat().st_size
+            except OSError:
+                continue
+        sizes[key] = total
+        todo.extend((n, ()) for n in _requirement_names(dist, extras))
+    return sizes
+
+
+def install_footprint() -> dict[str, Any]:
+    """On-disk size of the installed packages each way of running needs (files listed in their metadata,
+    dependencies followed): ldm-rt runtime-only, ldm-rt with torch, and diffusers' torch pipeline."""
+    setups = {
+        "ldm-rt runtime (numpy + onnxruntime)": {"ldm-rt": ()},
+        "ldm-rt with torch (reference)": {"ldm-rt": ("torch",)},
+        "diffusers + torch + transformers": {"diffusers": (), "torch": (), "transformers": ()},
+    }
+    out = {}
+    for label, roots in setups.items():
+        sizes = _closure(roots)
+        missing = [r for r in roots if re.sub(r"[-_.]+", "-", r).lower() not in sizes]
+        out[label] = {"mb": sum(sizes.values()) / 1e6, "packages": len(sizes), "has_torch": "torch" in sizes, "missing": missing}
+    return out
+
+
+# ---- the whole run -----------------------------------------------------------------------------------------------
+def run_benchmark(workloads: Sequence[Workload], out_dir: Path, *, timeout: float = 3600.0, profile: bool = True,
+                  footprint: dict[str, Any] | None = None, notes: Sequence[str] = (), matmul_n: int = 2048) -> dict[str, Any]:
+    """Measure every workload; returns the report (write it with `write_report`)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    load_start = os.getloadavg()
+    started = datetime.now(timezone.utc)
+    peak = matmul_peak(matmul_n)
+    log.info("matmul peak %.1f GFLOP/s", peak["gflops"])
+    entries = [run_workload(w, out_dir, peak["gflops"], timeout, profile) for w in workloads]
+    peak_after = matmul_peak(matmul_n)
+    report = {
+        "schema": SCHEMA,
+        "created": started.isoformat(timespec="seconds"),
+        "duration_s": (datetime.now(timezone.utc) - started).total_seconds(),
+        "machine": {**machine_info(), "load_average_start": load_start, "load_average_end": os.getloadavg()},
+        "matmul_peak": {**peak, "gflops_at_end": peak_after["gflops"]},
+        "footprint": footprint if footprint is not None else install_footprint(),
+        "workloads": entries,
+        "notes": list(notes),
+    }
+    report["targets"] = evaluate_targets(report)
+    return report
+
+
+def evaluate_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Issue 7's CPU targets, each at its worst over every run where both sides ran."""
+    checks: dict[str, dict[str, Any]] = {}
+
+    def note(key: str, text: str, value: float | None, goal: float, higher_is_better: bool = True) -> None:
+        if value is None:
+            return
+        c = checks.setdefault(key, {"target": text, "worst": value, "goal": goal})
+        c["worst"] = min(c["worst"], value) if higher_is_better else max(c["worst"], value)
+        c["met"] = c["worst"] >= goal if higher_is_better else c["worst"] <= goal
+
+    for w in report["workloads"]:
+        for run in w.get("runs", []):
+            peers = run["peers"]
+            ours = peers.get(OURS, {})
+            if ours.get("status") != "ok":
+                continue
+            for name, goal in TARGETS["latency"].items():
+                ratio = peers.get(name, {}).get("vs_ours", {}).get("latency")
+                note(f"latency_{name}", f"ldm-rt >= {goal}x faster end-to-end than {PEER_LABELS[name]}", ratio, goal)
+            for name, goal in TARGETS["cold_start"].items():
+                ratio = peers.get(name, {}).get("vs_ours", {}).get("cold_start")
+                note(f"cold_{name}", f"cold start >= {goal}x faster than {PEER_LABELS[name]}", ratio, goal)
+            others = [p.get("vs_ours", {}).get("peak_rss") for n, p in peers.items() if n != OURS and p.get("status") == "ok"]
+            if others and all(r is not None for r in others):
+                note("memory", "lower peak memory than every peer (min peer / ldm-rt > 1)", min(others), 1.0 + 1e-9)
+            if w.get("config", {}).get("sd_shaped"):
+                note("roofline", f"UNet step >= {TARGETS['peak_fraction']:.0%} of the matmul peak (SD-shaped workload)", ours.get("peak_fraction"), TARGETS["peak_fraction"])
+    return [{"key": k, **v} for k, v in checks.items()]
+
+
+def write_report(report: dict[str, Any], results_dir: Path, name: str = "latest") -> dict[str, Path]:
+    """<name>.json, <name>.md (the full tables) and <name>.readme.md (the README's performance section)."""
+    from .atomic import atomic_write_text
+
+    results_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": results_dir / f"{name}.json", "markdown": results_dir / f"{name}.md", "readme": results_dir / f"{name}.readme.md"}
+    atomic_write_text(paths["json"], json.dumps(report, indent=2) + "\n")
+    atomic_write_text(paths["markdown"], render_markdown(report))
+    atomic_write_text(paths["readme"], render_readme_section(report))
+    return paths
+
+
+# ---- rendering ----------------------------------------------------------------------------------------------------
+def _num(value: float | None, fmt: str = "{:.2f}", scale: float = 1.0) -> str:
+    return "–" if value is None else fmt.format(value * scale)
+
+
+def _ratio(result: dict[str, Any], key: str) -> str:
+    value = result.get("vs_ours", {}).get(key)
+    return "–" if value is None else f"{value:.2f}x"
+
+
+def machine_line(report: dict[str, Any]) -> str:
+    m = report["machine"]
+    v = m["versions"]
+    load = f"load average {m['load_average_start'][0]:.1f} at start, {m['load_average_end'][0]:.1f} at end"
+    soft = ", ".join(f"{k} {v[k]}" for k in ("python", "numpy", "onnxruntime", "torch", "diffusers") if v.get(k))
+    return (f"{m['cpu']} ({', '.join(m['cpu_flags']) or 'no AVX2'}), {m['physical_cores']} physical / {m['logical_cores']} logical cores, "
+            f"{_num(m['ram_gib'], '{:.1f}')} GiB RAM; {load}; {soft}")
+
+
+def peak_line(report: dict[str, Any]) -> str:
+    p = report["matmul_peak"]
+    return (f"matmul peak (numpy float32 {p['n']}x{p['n']}, best of {p['repeats']}, all cores): {p['gflops']:.1f} GFLOP/s "
+            f"at start, {p['gflops_at_end']:.1f} at end")
+
+
+def _run_table(run: dict[str, Any]) -> list[str]:
+    head = ("| peer | latency / image (s) | vs ldm-rt | text enc (ms) | UNet / step (ms) | VAE dec (ms) | peak RSS (MB) | vs ldm-rt "
+            "| cold start (s) | vs ldm-rt | UNet GFLOP/s | % of peak | image Δ vs ldm-rt (mean / max, 8-bit) |")
+    lines = [head, "|" + " --- |" * head.count(" | ") + " --- |"]
+    for result in run["peers"].values():
+        if result["status"] != "ok":
+            why = result.get("reason") or result.get("error", "failed")
+            lines.append(f"| {result['label']} | {result['status']}: {why} |" + " |" * 12)
+            continue
+        diff = result.get("image_vs_ours")
+        diff_text = "–" if not diff else f"{diff['mean_abs']:.2f} / {diff['max_abs']:.0f}"
+        lines.append(
+            f"| {result['label']} | {_num(result['latency_per_image_s'], '{:.3f}')} | {_ratio(result, 'latency')} "
+            f"| {_num(result['text_encoder_s'], '{:.1f}', 1e3)} | {_num(result['unet_step_s'], '{:.1f}', 1e3)} "
+            f"| {_num(result['vae_decoder_s'], '{:.1f}', 1e3)} | {_num(result['peak_rss_mb'], '{:.0f}')} | {_ratio(result, 'peak_rss')} "
+            f"| {_num(result['cold_start_s'], '{:.2f}')} | {_ratio(result, 'cold_start')} | {_num(result.get('unet_gflops'), '{:.1f}')} "
+            f"| {_num(result.get('peak_fraction'), '{:.0f}%', 100)} | {diff_text} |"
+        )
+    return lines
+
+
+def _profile_lines(profile: dict[str, Any]) -> list[str]:
+    ops = ", ".join(f"{o['op']} {o['share']:.0%}" for o in profile["ops"])
+    return [f"ldm-rt UNet profile (ONNX Runtime profiler, {profile['threads']} intra-op threads, {profile['step_s'] * 1e3:.1f} ms/call): "
+            f"{ops}; layout conversions (Reorder*) {profile['layout_share']:.0%}"]
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    s = report["workloads"][0]["runs"][0]["spec"] if report["workloads"] and report["workloads"][0].get("runs") else None
+    lines = [f"# ldm-rt benchmark, {report['created']}", "", f"Machine: {machine_line(report)}.", "", f"Roofline: {peak_line(report)}.", ""]
+    if s is not None:
+        lines += [f"Protocol: prompt \"{s['prompt']}\", negative \"{s['negative_prompt']}\", {s['scheduler'].upper()} (eta 0), guidance {s['guidance']}, "
+                  f"the same initial noise for every peer; median of {s['runs']} timed calls after {s['warmup']} warm-up "
+                  "(the first warm-up is the cold-start image); each peer in a fresh process per row. Ratios are peer / ldm-rt "
+                  "(> 1: ldm-rt is faster or smaller).", ""]
+    for w in report["workloads"]:
+        lines += [f"## {w['name']}", "", w["description"], ""]
+        if w.get("skipped"):
+            lines += [f"Skipped: {w['skipped']}", ""]
+            continue
+        if w.get("config"):
+            lines += ["```json", json.dumps(w["config"], indent=None, sort_keys=True), "```", ""]
+        for run in w["runs"]:
+            gflop = run["unet_flops"] / 1e9
+            lines += [f"### {run['title']} (UNet: {gflop:.2f} GFLOP per call of {run['unet_rows']} rows)", ""]
+            lines += _run_table(run) + [""]
+            if run.get("ours_profile"):
+                lines += _profile_lines(run["ours_profile"]) + [""]
+    lines += ["## Install footprint", "", "| install | packages | size (MB) | torch |", "| --- | --- | --- | --- |"]
+    for label, f in report["footprint"].items():
+        lines.append(f"| {label} | {f['packages']} | {f['mb']:.0f} | {'yes' if f['has_torch'] else 'no'} |")
+    lines += ["", "## Targets (issue 7, CPU)", "", "| target | worst measured | met |", "| --- | --- | --- |"]
+    for t in report["targets"]:
+        shown = f"{t['worst']:.0%}" if t["key"] == "roofline" else f"{t['worst']:.2f}x"
+        lines.append(f"| {t['target']} | {shown} | {'yes' if t['met'] else 'no'} |")
+    for n in report.get("notes", []):
+        lines += ["", n]
+    return "\n".join(lines) + "\n"
+
+
+def render_readme_section(report: dict[str, Any]) -> str:
+    """The README's performance section: one compact table per workload, the machine, the targets."""
+    lines = ["## Performance", "", f"Measured by `python benchmarks/run.py` on {report['created'][:10]}: {machine_line(report)}. "
+             f"{peak_line(report).capitalize()}. Full tables, per-stage times and the JSON: `benchmarks/results/`.", ""]
+    for w in report["workloads"]:
+        if w.get("skipped"):
+            lines += [f"**{w['name']}**: not measured ({w['skipped']}).", ""]
+            continue
+        lines += [f"**{w['name']}**: {w['description']}", "",
+                  "| run | peer | s / image | vs ldm-rt | UNet ms / step | peak RSS MB | cold start s | UNet % of peak |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for run in w["runs"]:
+            for result in run["peers"].values():
+                if result["status"] != "ok":
+                    continue
+                lines.append(
+                    f"| {run['title']} | {result['label']} | {_num(result['latency_per_image_s'], '{:.3f}')} | {_ratio(result, 'latency')} "
+                    f"| {_num(result['unet_step_s'], '{:.1f}', 1e3)} | {_num(result['peak_rss_mb'], '{:.0f}')} "
+                    f"| {_num(result['cold_start_s'], '{:.2f}')} | {_num(result.get('peak_fraction'), '{:.0f}%', 100)} |"
+                )
+        lines.append("")
+    foot = "; ".join(f"{label}: {f['mb']:.0f} MB" for label, f in report["footprint"].items())
+    lines += [f"Install footprint (installed files of each setup's packages): {foot}.", ""]
+    missed = [t for t in report["targets"] if not t["met"]]
+    met = [t for t in report["targets"] if t["met"]]
+    if met:
+        lines.append("Targets met: " + "; ".join(t["target"] for t in met) + ".")
+    if missed:
+        lines.append("Targets missed: " + "; ".join(f"{t['target']} (worst {t['worst']:.2f})" for t in missed) + ".")
+    return "\n".join(lines) + "\n"
+
+
+# ---- `ldm-rt bench` ------------------------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `ldm-rt bench` options (runtime/cli.py adds them to its subcommand)."""
+    parser.add_argument("--model", type=Path, default=None, help="artifacts folder (default: the shipped default model)")
+    parser.add_argument("--source", type=Path, default=None, help="the model the PyTorch reference loads (default: the shipped default model folder)")
+    parser.add_argument("--diffusers-source", type=Path, default=None, help="the same weights as a diffusers folder, for the diffusers peer")
+    parser.add_argument("--optimum-model", type=Path, default=None, help="Optimum's ONNX export of them, for the Optimum peer")
+    parser.add_argument("--optimum-python", type=Path, default=None, help="python of the Optimum virtual environment (benchmarks/peers/optimum_env.py)")
+    parser.add_argument("--torch-python", type=Path, default=None, help="python with torch for the torch peers (default: this one, if it has torch)")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 4], help="batch sizes to measure (default 1 4)")
+    parser.add_argument("--height", type=int, default=None, help="image height (default: the artifacts' optimum)")
+    parser.add_argument("--width", type=int, default=None, help="image width (default: the artifacts' optimum)")
+    parser.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
+    parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance (default 7.5)")
+    parser.add_argument("--runs", type=int, default=3, help="timed calls per peer; the median is reported (default 3)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed calls first (default 1)")
+    parser.add_argument("--no-profile", action="store_true", help="skip the ONNX Runtime profile of ldm-rt's UNet")
+    parser.add_argument("--timeout", type=float, default=3600.0, help="seconds before a peer process is killed (default 3600)")
+    parser.add_argument("--results", type=Path, default=Path("bench-results"), help="folder for <name>.json/.md (default ./bench-results)")
+    parser.add_argument("--name", default="latest", help="file name stem of the results (default latest)")
+
+
+def _torch_python(requested: Path | None) -> Path | None:
+    if requested is not None:
+        return requested
+    import importlib.util
+
+    return Path(sys.executable) if importlib.util.find_spec("torch") is not None else None
+
+
+def cli_workload(args: argparse.Namespace) -> Workload:
+    """The workload `ldm-rt bench` measures: one artifacts folder, its source for the torch peers."""
+    from .artifacts import default_artifacts_dir
+    from .manifest import Manifest
+
+    artifacts = args.model if args.model is not None else default_artifacts_dir()
+    default_model = artifacts.parent / "model" if args.model is None else None
+    try:
+        manifest = Manifest.read(artifacts)
+    except ValueError as e:
+        return Workload("model", str(artifacts), None, (), (), skip_reason=str(e))
+    height = args.height or manifest.profile.height[1]
+    width = args.width or manifest.profile.width[1]
+    runs = tuple(RunSpec(height, width, batch=b, steps=args.steps, guidance=args.guidance, runs=args.runs, warmup=args.warmup) for b in args.batch)
+    scripts = peer_scripts_dir()
+    torch_python = _torch_python(args.torch_python)
+    source = args.source or default_model
+    peers = [ours_peer(artifacts)]
+    for name, model, python in (("reference", source, torch_python), ("diffusers", args.diffusers_source, torch_python),
+                                ("optimum", args.optimum_model, args.optimum_python)):
+        reason = None
+        if scripts is None:
+            reason = "the peer workers live in a source checkout (benchmarks/peers); run `python benchmarks/run.py` there"
+        elif python is None:
+            reason = "no python with torch: pass --torch-python" if name != "optimum" else "pass --optimum-python (benchmarks/peers/optimum_env.py create)"
+        elif model is None or not Path(model).exists():
+            reason = {"reference": "pass --source", "diffusers": "pass --diffusers-source", "optimum": "pass --optimum-model"}[name]
+        argv = (str(python), str(scripts / f"{name}_worker.py")) if reason is None else ()
+        peers.append(Peer(name, argv, str(model or ""), skip_reason=reason))
+    peers += gpu_peers(artifacts)
+    return Workload(artifacts.name, f"artifacts {artifacts}", artifacts, runs, tuple(peers), config={"manifest_source": manifest.source})
+
+
+def bench_command(args: argparse.Namespace) -> int:
+    """`ldm-rt bench`: measure, print the table, write JSON + markdown to --results."""
+    workload = cli_workload(args)
+    if workload.skip_reason is not None:
+        raise BenchError(workload.skip_reason)
+    report = run_benchmark([workload], args.results, timeout=args.timeout, profile=not args.no_profile)
+    paths = write_report(report, args.results, args.name)
+    print(render_markdown(report))
+    print(f"wrote {paths['json']}, {paths['markdown']}, {paths['readme']}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["worker"]:
+        return worker_main(argv[1:])
+    parser = argparse.ArgumentParser(prog="python -m ldm_rt.runtime.bench", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    return bench_command(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,198 @@
+"""The benchmark harness (ldm_rt.runtime.bench + benchmarks/peers) on tiny models, N=1: the schema of the
+JSON and the tables, ratios computed side by side from the peers' own numbers, the FLOP counter against
+hand-counted graphs, and the torch peers computing the same images from the same noise. No timing asserts."""
+
+from __future__ import annotations
+
+import json
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+from test_runtime_fixtures import synthetic
+
+from ldm_rt.runtime import bench
+from ldm_rt.runtime.manifest import Manifest
+
+ROOT = Path(__file__).resolve().parents[1]
+PEERS = ROOT / "benchmarks" / "peers"
+
+# A stand-in peer speaking the worker protocol through benchmarks/peers/worker_common.py, with fixed stage
+# times, so the ratios it gets can be checked against what it reported.
+STUB = f"""
+import sys, time
+sys.path.insert(0, {str(PEERS)!r})
+from worker_common import StageClock, measure, run_worker
+
+def main(spec):
+    if spec.get("fail"):
+        raise RuntimeError("stub asked to fail")
+    clock = StageClock()
+    def generate():
+        clock.add("text_encoder", 0.003)
+        for _ in range(spec["steps"]):
+            clock.add("unet", 0.002)
+        clock.add("vae_decoder", 0.004)
+        time.sleep(0.01)
+        return None
+    return {{"import_s": 0.0, "load_s": 0.0, "threads": 1, "versions": {{"stub": "1"}}, **measure(spec, generate, clock, lambda images: None)}}
+
+run_worker(main)
+"""
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bench")
+    artifacts, _ = synthetic(tmp_path_factory)
+    stub = tmp / "stub_worker.py"
+    stub.write_text(STUB)
+    peers = (
+        bench.ours_peer(artifacts),
+        bench.Peer("diffusers", (sys.executable, str(stub)), "stub-model"),
+        bench.Peer("optimum", (sys.executable, str(stub)), "stub-model", extra={"fail": True}),
+        bench.Peer("reference", skip_reason="not installed in this test"),
+        *bench.gpu_peers(artifacts),
+    )
+    runs = (bench.RunSpec(16, 16, batch=1, steps=3, runs=1, prompt="a red cube"), bench.RunSpec(16, 16, batch=2, steps=2, runs=2, prompt="a red cube"))
+    workloads = [
+        bench.Workload("synthetic", "closed-form test model", artifacts, runs, peers, {"sd_shaped": True}),
+        bench.Workload("default", "the shipped default model", None, (), (), skip_reason="engines/default/artifacts does not exist yet"),
+    ]
+    footprint = {"runtime only": {"mb": 200.0, "packages": 20, "has_torch": False, "missing": []}}
+    result = bench.run_benchmark(workloads, tmp / "out", timeout=300, footprint=footprint, matmul_n=512)
+    paths = bench.write_report(result, tmp / "results", "smoke")
+    return result, paths
+
+
+def test_report_schema_and_files(report):
+    result, paths = report
+    assert result["schema"] == bench.SCHEMA
+    assert {"cpu", "physical_cores", "logical_cores", "ram_gib", "versions", "load_average_start"} <= set(result["machine"])
+    assert result["matmul_peak"]["gflops"] > 0
+    assert json.loads(paths["json"].read_text()) == json.loads(json.dumps(result))
+    synthetic_w, default_w = result["workloads"]
+    assert default_w["skipped"].startswith("engines/default/artifacts does not exist")
+    assert [r["spec"]["batch"] for r in synthetic_w["runs"]] == [1, 2]
+    for run in synthetic_w["runs"]:
+        assert run["unet_flops"] > 0 and run["unet_rows"] == 2 * run["spec"]["batch"]  # guidance doubles the rows
+        assert list(run["peers"]) == ["ours", "diffusers", "optimum", "reference", "ours-cuda", "ours-tensorrt"]
+        ours = run["peers"]["ours"]
+        assert ours["status"] == "ok" and len(ours["runs"]) == run["spec"]["runs"]
+        assert ours["unet_calls_per_run"] == run["spec"]["steps"]
+        assert ours["peak_rss_mb"] > 10 and ours["cold_start_s"] >= ours["first_image_s"] > 0
+        assert set(ours["versions"]) >= {"onnxruntime", "numpy"}
+        assert run["ours_profile"]["ops"] and abs(sum(o["share"] for o in run["ours_profile"]["ops"])) <= 1.0 + 1e-9
+
+
+def test_ratios_are_peer_over_ours_from_the_same_run(report):
+    result, _ = report
+    for run in result["workloads"][0]["runs"]:
+        ours, stub = run["peers"]["ours"], run["peers"]["diffusers"]
+        assert stub["status"] == "ok"
+        assert stub["unet_step_s"] == pytest.approx(0.002) and stub["text_encoder_s"] == pytest.approx(0.003)
+        assert stub["latency_per_image_s"] == pytest.approx(stub["latency_s"] / run["spec"]["batch"])
+        for key, field in bench.RATIO_FIELDS.items():
+            assert stub["vs_ours"][key] == pytest.approx(stub[field] / ours[field])
+        assert ours["vs_ours"]["latency"] == pytest.approx(1.0)
+        assert stub["unet_gflops"] == pytest.approx(run["unet_flops"] / 0.002 / 1e9)
+
+
+def test_failed_and_skipped_peers_are_reported_not_dropped(report):
+    result, paths = report
+    run = result["workloads"][0]["runs"][0]
+    assert run["peers"]["optimum"]["status"] == "failed" and "stub asked to fail" in run["peers"]["optimum"]["error"]
+    assert run["peers"]["reference"] == {"status": "skipped", "label": bench.PEER_LABELS["reference"], "reason": "not installed in this test"}
+    assert run["peers"]["ours-cuda"]["status"] == "skipped"
+    text = paths["markdown"].read_text()
+    assert "failed: RuntimeError: stub asked to fail" in text and "skipped: not installed in this test" in text
+    assert "skipped: no CUDA GPU" in text or "CUDAExecutionProvider" in str(bench.gpu_peers)
+
+
+def test_markdown_and_readme_tables(report):
+    result, paths = report
+    md = paths["markdown"].read_text()
+    rows = [line for line in md.splitlines() if line.startswith("| ldm-rt (ONNX Runtime CPU) |")]
+    assert len(rows) == 2 and all(row.count("|") == 14 for row in rows)
+    assert "## Targets (issue 7, CPU)" in md and "Machine: " in md and "matmul peak" in md
+    readme = paths["readme"].read_text()
+    assert readme.startswith("## Performance") and readme == bench.render_readme_section(result)
+    assert "| 16x16, batch 2, 2 steps | diffusers StableDiffusionPipeline (PyTorch) |" in readme
+    assert "**default**: not measured" in readme
+
+
+def test_targets_take_the_worst_run():
+    def run(latency_ratio, cold_ratio, rss_ratio, fraction):
+        return {"peers": {"ours": {"status": "ok", "peak_fraction": fraction},
+                          "diffusers": {"status": "ok", "vs_ours": {"latency": latency_ratio, "cold_start": cold_ratio, "peak_rss": rss_ratio}}}}
+
+    report = {"workloads": [{"config": {"sd_shaped": True}, "runs": [run(3.0, 6.0, 1.5, 0.6), run(1.5, 7.0, 0.9, 0.4)]}]}
+    targets = {t["key"]: t for t in bench.evaluate_targets(report)}
+    assert targets["latency_diffusers"]["worst"] == 1.5 and not targets["latency_diffusers"]["met"]
+    assert targets["cold_diffusers"]["worst"] == 6.0 and targets["cold_diffusers"]["met"]
+    assert targets["memory"]["worst"] == 0.9 and not targets["memory"]["met"]
+    assert targets["roofline"]["worst"] == 0.4 and not targets["roofline"]["met"]
+
+
+def test_flop_counter_against_hand_count(tmp_path):
+    """Conv (3x3, pad 1, groups 1), a batched MatMul and a transposed Gemm: 2 FLOPs per multiply-add."""
+    conv_w = helper.make_tensor("w", TensorProto.FLOAT, (8, 3, 3, 3), np.zeros(8 * 27, np.float32))
+    gemm_b = helper.make_tensor("gb", TensorProto.FLOAT, (2, 6), np.zeros(12, np.float32))
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1]),
+        helper.make_node("MatMul", ["a", "b"], ["c"]),
+        helper.make_node("Gemm", ["g", "gb"], ["h"], transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes, "flops",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, (1, 3, 16, 16)), helper.make_tensor_value_info("a", TensorProto.FLOAT, (2, 5, 7)),
+         helper.make_tensor_value_info("b", TensorProto.FLOAT, (7, 4)), helper.make_tensor_value_info("g", TensorProto.FLOAT, (3, 6))],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("y", "c", "h")],
+        initializer=[conv_w, gemm_b],
+    )
+    path = tmp_path / "flops.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9), path)
+    rng = np.random.default_rng(0)
+    feeds = {"x": rng.standard_normal((1, 3, 16, 16), dtype=np.float32), "a": rng.standard_normal((2, 5, 7), dtype=np.float32),
+             "b": rng.standard_normal((7, 4), dtype=np.float32), "g": rng.standard_normal((3, 6), dtype=np.float32)}
+    got = bench.graph_flops(path, feeds)["by_op"]
+    assert got == {"Conv": 2 * (8 * 16 * 16) * (3 * 3 * 3), "MatMul": 2 * (2 * 5 * 4) * 7, "Gemm": 2 * (3 * 2) * 6}
+
+
+def test_footprint_of_the_runtime_install_has_no_torch():
+    import importlib.metadata
+
+    runtime = bench._closure({"ldm-rt": ()})
+    assert "torch" not in runtime and {"numpy", "onnxruntime", "tokenizers", "pillow"} <= set(runtime)
+    assert all(size > 0 for name, size in runtime.items() if name != "ldm-rt")
+    assert "torch" in bench._requirement_names(importlib.metadata.distribution("ldm-rt"), ("torch",))
+
+
+def test_torch_peers_compute_the_same_images(tiny_sd_v1, tmp_path):
+    """The reference and diffusers workers on one diffusers folder, with the same noise and DDIM: the same image."""
+    steps = 2
+    noise = np.random.default_rng(0).standard_normal((1, 4, 16, 16), dtype=np.float32)
+    np.save(tmp_path / "noise.npy", noise)
+    spec = {**bench.RunSpec(32, 32, steps=steps, runs=1).to_dict(), "model": str(tiny_sd_v1), "threads": 2,
+            "noise_file": str(tmp_path / "noise.npy")}
+
+    def run(name: str) -> dict:
+        peer = bench.Peer(name, (sys.executable, str(PEERS / f"{name}_worker.py")), str(tiny_sd_v1))
+        return bench.run_peer(peer, {**spec, "image_out": str(tmp_path / f"{name}.npy")}, tmp_path / f"{name}.log", timeout=300)
+
+    names = ("reference", "diffusers")
+    with ThreadPoolExecutor(2) as pool:  # both at once: most of their time is importing torch
+        results = dict(zip(names, pool.map(run, names)))
+    images = {}
+    for name, raw in results.items():
+        assert raw["status"] == "ok", (tmp_path / f"{name}.log").read_text()[-2000:]
+        assert raw["peak_rss_mb"] > 50 and raw["cold_start_s"] > raw["first_image_s"]
+        assert [len(r["unet"]) for r in raw["runs"]] == [steps] and raw["runs"][0]["text_encoder"] > 0 and raw["runs"][0]["vae_decoder"] > 0
+        images[name] = np.load(tmp_path / f"{name}.npy")
+    assert images["reference"].shape == (1, 32, 32, 3)
+    diff = np.abs(images["reference"].astype(int) - images["diffusers"].astype(int))
+    assert diff.max() <= 2 and images["reference"].std() > 5  # the same non-trivial image
