@@ -36,10 +36,9 @@ log = logging.getLogger("benchmarks")
 def peers_for(prepared: workloads.Prepared, optimum_python: Path | None) -> tuple[bench.Peer, ...]:
     """ldm-rt first (the others' images are compared with its), then the torch peers and Optimum, then GPU."""
     peers = [bench.ours_peer(prepared.artifacts)]
-    for name, model in (("reference", prepared.reference_source), ("diffusers", prepared.diffusers_source)):
-        reason = None if model is not None else f"no {name} source for this model"
-        if name == "diffusers" and model is None and prepared.optimum_reason:
-            reason = prepared.optimum_reason
+    for name, model, why in (("reference", prepared.reference_source, "no model folder for the reference"),
+                             ("diffusers", prepared.diffusers_source, prepared.diffusers_reason)):
+        reason = None if model is not None else why or "no diffusers-layout folder"
         peers.append(bench.Peer(name, (sys.executable, str(HERE / "peers" / f"{name}_worker.py")), str(model or ""), skip_reason=reason))
     if prepared.optimum_model is not None and optimum_python is not None:
         peers.append(bench.Peer("optimum", (str(optimum_python), str(HERE / "peers" / "optimum_worker.py")), str(prepared.optimum_model)))
@@ -70,7 +69,7 @@ def fresh_venv_footprint(log_file: Path) -> dict[str, dict]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[128, 256], help="SD-shaped image sizes (default 128 256)")
+    parser.add_argument("--sizes", type=int, nargs="+", default=list(workloads.SD_SIZES), help="SD-shaped image sizes (default 128 256)")
     parser.add_argument("--default-batches", type=int, nargs="+", default=[1, 4], help="default-model batch sizes (default 1 4)")
     parser.add_argument("--steps", type=int, default=20, help="DDIM steps (default 20)")
     parser.add_argument("--runs", type=int, default=3, help="timed calls per peer, median reported (default 3)")
@@ -99,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
 
     sd = workloads.prepare_sd_shaped(workloads.SDShape(), tuple(args.sizes), optimum_python, optimum_reason)
     sd_runs = tuple(bench.RunSpec(s, s, batch=1, steps=args.steps, runs=args.runs, warmup=args.warmup) for s in args.sizes)
-    default = workloads.prepare_default()
+    default = workloads.prepare_default(optimum_python, optimum_reason)
     items = [bench.Workload(sd.name, sd.description, sd.artifacts, sd_runs, peers_for(sd, optimum_python), sd.config)]
     if default.skip_reason is not None:
         items.insert(0, bench.Workload(default.name, default.description, None, (), (), skip_reason=default.skip_reason))
@@ -109,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         profile = Manifest.read(default.artifacts).profile
         runs = tuple(bench.RunSpec(profile.height[1], profile.width[1], batch=b, steps=args.steps, runs=args.runs, warmup=args.warmup,
                                    prompt="a red circle on a white background") for b in args.default_batches)
-        items.insert(0, bench.Workload(default.name, default.description, default.artifacts, runs, peers_for(default, optimum_python)))
+        items.insert(0, bench.Workload(default.name, default.description, default.artifacts, runs, peers_for(default, optimum_python), default.config))
 
     footprint = bench.install_footprint()
     if args.fresh_venv:

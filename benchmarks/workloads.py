@@ -28,6 +28,7 @@ WORK = Path(__file__).resolve().parent / "work"
 PEERS = Path(__file__).resolve().parent / "peers"
 
 log = logging.getLogger("benchmarks.workloads")
+SD_SIZES = (128, 256)  # the SD-shaped model's two resolutions: cost growth with resolution
 
 
 @dataclass(frozen=True)
@@ -135,12 +136,13 @@ def parameter_counts(folder: Path) -> dict[str, float]:
 def _cached(folder: Path, key: dict[str, Any], make) -> Path:
     """`make(folder)` unless folder/.made.json already records `key` (an interrupted build is redone)."""
     stamp = folder.parent / f".{folder.name}.made.json"
-    if folder.exists() and stamp.is_file() and json.loads(stamp.read_text()) == key:
+    text = json.dumps(key, sort_keys=True)
+    if folder.exists() and stamp.is_file() and stamp.read_text() == text:
         return folder
     if folder.exists():
         shutil.rmtree(folder)
     make(folder)
-    stamp.write_text(json.dumps(key, sort_keys=True))
+    stamp.write_text(text)
     return folder
 
 
@@ -171,7 +173,8 @@ def build_optimum(python: Path, source: Path, out: Path, key: dict[str, Any], lo
 
 @dataclass(frozen=True)
 class Prepared:
-    """One model ready for every peer: the diffusers folder, ldm-rt's artifacts, Optimum's export (or why not)."""
+    """One model ready for every peer: ldm-rt's artifacts, the source the reference loads, the diffusers
+    folder, Optimum's export (or why a peer cannot have one)."""
 
     name: str
     description: str
@@ -180,6 +183,7 @@ class Prepared:
     reference_source: Path | None
     diffusers_source: Path | None
     optimum_model: Path | None
+    diffusers_reason: str | None = None
     optimum_reason: str | None = None
     skip_reason: str | None = None
 
@@ -190,7 +194,8 @@ def prepare_sd_shaped(shape: SDShape, sizes: tuple[int, ...], optimum_python: Pa
     root.mkdir(parents=True, exist_ok=True)
     key = {"shape": shape.to_dict(), "diffusers": _version("diffusers")}
     source = _cached(root / "diffusers", key, lambda folder: make_sd_shaped(folder, shape))
-    heights = (min(sizes), min(sizes), max(sizes))
+    # One profile whatever sizes this run measures, so a --quick run reuses the full run's export.
+    heights = (min(*sizes, *SD_SIZES), min(SD_SIZES), max(*sizes, *SD_SIZES))
     artifacts = build_ours(source, root / "artifacts", heights, (1, 1, 1), key)
     optimum = None
     if optimum_python is not None:
@@ -206,13 +211,16 @@ def prepare_sd_shaped(shape: SDShape, sizes: tuple[int, ...], optimum_python: Pa
         f"{shape.text_hidden}), VAE {params['vae']:.1f} M (f=8, {list(shape.vae_channels)}), CLIP text encoder "
         f"{params['text_encoder']:.1f} M ({shape.text_layers} layers, width {shape.text_hidden}, {shape.max_length} tokens)."
     )
-    return Prepared("sd-shaped", description, config, artifacts, source, source, optimum, optimum_reason)
+    return Prepared("sd-shaped", description, config, artifacts, source, source, optimum, optimum_reason=optimum_reason)
 
 
-def prepare_default() -> Prepared:
-    """The shipped default model: its artifacts and model folder inside ldm_rt.engines, if built yet."""
+def prepare_default(optimum_python: Path | None, optimum_reason: str | None) -> Prepared:
+    """The shipped default model: its artifacts and model folder inside ldm_rt.engines (if built yet), and the
+    same weights as a diffusers folder (benchmarks/diffusers_layout.py) for diffusers and Optimum."""
+    from diffusers_layout import ldm_rt_to_diffusers
+
     from ldm_rt.runtime.artifacts import default_artifacts_dir
-    from ldm_rt.runtime.manifest import MANIFEST
+    from ldm_rt.runtime.manifest import MANIFEST, Manifest
 
     artifacts = default_artifacts_dir()
     model = artifacts.parent / "model"
@@ -220,8 +228,30 @@ def prepare_default() -> Prepared:
     if not (artifacts / MANIFEST).is_file():
         reason = f"engines/default/artifacts does not exist yet ({artifacts}); build it with export/build_engines.py, then rerun"
         return Prepared("default", description, {}, None, None, None, None, skip_reason=reason)
-    reason = "the default model has a word-level tokenizer and no diffusers-layout export; diffusers and Optimum cannot load it"
-    return Prepared("default", description, {}, artifacts, model if model.is_dir() else None, None, None, optimum_reason=reason)
+    if not model.is_dir():
+        return Prepared("default", description, {}, artifacts, None, None, None, "no engines/default/model folder", "no engines/default/model folder")
+    root = WORK / "default"
+    root.mkdir(parents=True, exist_ok=True)
+    key = {"weights": Manifest.read(artifacts).source.get("sha256"), "diffusers": _version("diffusers")}
+    try:
+        source = _cached(root / "diffusers", key, lambda folder: ldm_rt_to_diffusers(model, folder))
+    except ValueError as e:
+        return Prepared("default", description, {}, artifacts, model, None, None, str(e), str(e))
+    optimum = None
+    if optimum_python is not None:
+        try:
+            optimum = build_optimum(optimum_python, source, root / "optimum", key, root / "optimum_export.log")
+        except RuntimeError as e:
+            optimum_reason = str(e)
+    config, _ = _model_json(model)
+    return Prepared("default", description, config, artifacts, model, source, optimum, optimum_reason=optimum_reason)
+
+
+def _model_json(model: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    from ldm_rt.reference.model_folder import read_model_json
+
+    config, info = read_model_json(model)
+    return config.to_dict(), info
 
 
 def _version(name: str) -> str | None:

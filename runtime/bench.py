@@ -1,7 +1,7 @@
 """`ldm-rt bench`: ldm-rt against the pipelines users would pick instead, side by side in one run.
 
 Every peer (ldm-rt on ONNX Runtime, the PyTorch reference, diffusers, Optimum) runs in its own process,
-started fresh for each workload, so that its peak resident memory (the child's ru_maxrss from wait4) and
+started fresh for each workload, so that its peak resident memory (VmHWM, read by the worker at its end) and
 its cold start (harness clock before the process starts -> the peer's first image, imports included) are
 its own. A peer is any command that takes `--spec JSON` and prints one line `LDMRT_BENCH {json}` (the
 protocol of benchmarks/peers/worker_common.py); ldm-rt's own worker is this module
@@ -153,8 +153,31 @@ def peer_scripts_dir() -> Path | None:
 
 
 # ---- ldm-rt's own worker -----------------------------------------------------------------------------------
-def ours_worker(spec: dict[str, Any]) -> dict[str, Any]:
-    """Load the artifacts, generate warm-up + timed calls; stage times from Result.timings."""
+def emit(message: dict[str, Any]) -> None:
+    print(RESULT_PREFIX + json.dumps(message), flush=True)
+
+
+def serve(generate: Callable[[], tuple[np.ndarray, dict[str, Any]]], save_first: Callable[[np.ndarray], None], info: dict[str, Any]) -> None:
+    """The worker side of the protocol (the same as benchmarks/peers/worker_common.py): the first image, a
+    "ready" line, then one answer per stdin command (warmup | run | exit), a "final" line last."""
+    t0 = time.perf_counter()
+    images, _ = generate()
+    first_image_s = time.perf_counter() - t0
+    emit({"event": "ready", "first_image_s": first_image_s, "first_image_at": time.time(), **info})
+    save_first(images)
+    for line in sys.stdin:
+        command = line.strip()
+        if command == "exit":
+            break
+        t0 = time.perf_counter()
+        _, stages = generate()
+        total = time.perf_counter() - t0
+        emit({"event": "run", "total": total, **stages} if command == "run" else {"event": "done"})
+    emit({"event": "final", "status": "ok", "peak_rss_mb": peak_rss_mb()})
+
+
+def ours_worker(spec: dict[str, Any]) -> None:
+    """Load the artifacts and serve the harness; stage times come from Result.timings."""
     from .backends.onnxruntime_backend import physical_cores
     from .pipeline import Pipeline
 
@@ -170,23 +193,26 @@ def ours_worker(spec: dict[str, Any]) -> dict[str, Any]:
             scheduler=spec["scheduler"], seed=spec["seed"], batch=spec["batch"], height=spec["height"],
             width=spec["width"], latents=latents,
         )
-        stages = {"text_encoder": r.timings.get("text_encoder", 0.0), "unet": list(r.timings["unet"]), "vae_decoder": r.timings["vae_decoder"]}
-        return r.images, stages
+        return r.images, {"text_encoder": r.timings.get("text_encoder", 0.0), "unet": list(r.timings["unet"]), "vae_decoder": r.timings["vae_decoder"]}
 
-    t0 = time.perf_counter()
-    images, _ = generate()
-    out: dict[str, Any] = {"first_image_s": time.perf_counter() - t0, "first_image_at": time.time()}
-    if spec.get("image_out"):
-        np.save(spec["image_out"], images, allow_pickle=False)
-    for _ in range(int(spec["warmup"]) - 1):
-        generate()
-    runs = []
-    for _ in range(int(spec["runs"])):
-        t0 = time.perf_counter()
-        _, stages = generate()
-        runs.append({"total": time.perf_counter() - t0, **stages})
+    def save_first(images: np.ndarray) -> None:
+        if spec.get("image_out"):
+            np.save(spec["image_out"], images, allow_pickle=False)
+
     versions = {"onnxruntime": _version("onnxruntime"), "numpy": np.__version__, "ldm-rt": _version("ldm-rt")}
-    return {"import_s": import_s, "load_s": load_s, "threads": physical_cores(), "versions": versions, **out, "runs": runs}
+    serve(generate, save_first, {"import_s": import_s, "load_s": load_s, "threads": physical_cores(), "versions": versions})
+
+
+def peak_rss_mb() -> float | None:
+    """This process's peak resident set (VmHWM, Linux), read at the end of a worker. The parent's ru_maxrss
+    from wait4 would not do: Linux carries the forked pre-exec image's high-water mark (the harness's own
+    size) into the child's."""
+    try:
+        text = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    found = re.search(r"VmHWM:\s+(\d+) kB", text)
+    return int(found.group(1)) / 1024.0 if found else None
 
 
 def worker_main(argv: Sequence[str]) -> int:
@@ -194,42 +220,108 @@ def worker_main(argv: Sequence[str]) -> int:
     parser.add_argument("--spec", required=True)
     spec = json.loads(parser.parse_args(argv).spec)
     try:
-        result = {"status": "ok", **ours_worker(spec)}
+        ours_worker(spec)
     except (ValueError, OSError) as e:  # the library's one-line errors; anything else is a bug and shows its traceback
-        result = {"status": "failed", "error": f"{type(e).__name__}: {e}"}
-    print(RESULT_PREFIX + json.dumps(result), flush=True)
-    return 0 if result["status"] == "ok" else 1
+        emit({"event": "final", "status": "failed", "error": f"{type(e).__name__}: {e}"})
+        return 1
+    return 0
 
 
-# ---- running a peer --------------------------------------------------------------------------------------------
-def run_peer(peer: Peer, spec: dict[str, Any], log_path: Path, timeout: float) -> dict[str, Any]:
-    """Start the peer's process, wait for it, and return its result with peak RSS and cold start added."""
-    argv = [*peer.argv, "--spec", json.dumps(spec)]
-    with open(log_path, "w") as err:
-        started = time.time()
-        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err, text=True)
-        timer = threading.Timer(timeout, proc.kill)
+# ---- running the peers -------------------------------------------------------------------------------------------
+class PeerFailed(RuntimeError):
+    """A peer process failed or stopped answering; the message says why and where its log is."""
+
+
+class PeerProcess:
+    """One live peer process: started once per run spec, asked for one call at a time (see serve())."""
+
+    def __init__(self, peer: Peer, spec: dict[str, Any], log_path: Path, timeout: float) -> None:
+        self.peer, self.log_path, self.timeout = peer, log_path, timeout
+        self.log = open(log_path, "w")
+        self.started = time.time()
+        self.proc = subprocess.Popen([*peer.argv, "--spec", json.dumps(spec)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self.log, text=True)
+
+    def _read(self) -> dict[str, Any]:
+        """The next protocol line; PeerFailed on a failure report, an early exit or a timeout (the process is killed)."""
+        timer = threading.Timer(self.timeout, self.proc.kill)
         timer.start()
         try:
-            stdout = proc.stdout.read() if proc.stdout is not None else ""
-            # wait4, not wait: its rusage is this child's own peak resident set.
-            _, status, usage = os.wait4(proc.pid, 0)
+            for line in self.proc.stdout:
+                if line.startswith(RESULT_PREFIX):
+                    message = json.loads(line[len(RESULT_PREFIX):])
+                    if message.get("status") == "failed":
+                        raise PeerFailed(f"{message.get('error', 'failed')}; see {self.log_path}")
+                    return message
         finally:
             timer.cancel()
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        ended = time.time()
-    lines = [line for line in stdout.splitlines() if line.startswith(RESULT_PREFIX)]
-    if not lines:
-        what = f"killed after {timeout:.0f} s" if proc.returncode < 0 else f"exit status {proc.returncode}"
-        return {"status": "failed", "error": f"no result ({what}); see {log_path}", "wall_s": ended - started}
-    result = json.loads(lines[-1][len(RESULT_PREFIX):])
-    result["peak_rss_mb"] = usage.ru_maxrss / 1024.0  # Linux reports kilobytes
-    result["wall_s"] = ended - started
-    if "first_image_at" in result:
-        result["cold_start_s"] = result["first_image_at"] - started
-    if result.get("status") != "ok":
-        result["error"] = f"{result.get('error', 'failed')}; see {log_path}"
-    return result
+        code = self.proc.wait()
+        what = f"killed after {self.timeout:.0f} s without an answer" if code < 0 else f"exited with status {code}"
+        raise PeerFailed(f"{what}; see {self.log_path}")
+
+    def ready(self) -> dict[str, Any]:
+        message = self._read()
+        message["cold_start_s"] = message["first_image_at"] - self.started
+        return message
+
+    def ask(self, command: str) -> dict[str, Any]:
+        try:
+            self.proc.stdin.write(command + "\n")
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            pass  # the read below reports how the process ended
+        return self._read()
+
+    def finish(self) -> dict[str, Any]:
+        final = self.ask("exit")
+        self.close()
+        return final
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+def run_peers(peers: Sequence[Peer], specs: dict[str, dict[str, Any]], logs: dict[str, Path], warmup: int, runs: int,
+              timeout: float) -> dict[str, dict[str, Any]]:
+    """All peers for one run spec, interleaved: each is started (one at a time, so cold starts do not overlap)
+    and kept alive; then every warm-up and timed round asks each live peer for one call in turn."""
+    raw: dict[str, dict[str, Any]] = {}
+    live: dict[str, PeerProcess] = {}
+    for peer in peers:
+        log.info("starting %s", peer.label)
+        process = PeerProcess(peer, specs[peer.name], logs[peer.name], timeout)
+        try:
+            raw[peer.name] = {"status": "ok", **process.ready(), "runs": []}
+            live[peer.name] = process
+        except PeerFailed as e:
+            raw[peer.name] = {"status": "failed", "error": str(e)}
+            process.close()
+    rounds = [("warmup", i) for i in range(warmup - 1)] + [("run", i) for i in range(runs)]
+    for command, i in rounds:
+        log.info("%s %d: %s", command, i + 1, ", ".join(live))
+        for name, process in list(live.items()):
+            try:
+                answer = process.ask(command)
+            except PeerFailed as e:
+                raw[name] = {"status": "failed", "error": str(e)}
+                process.close()
+                del live[name]
+                continue
+            if command == "run":
+                raw[name]["runs"].append({k: v for k, v in answer.items() if k != "event"})
+    for name, process in live.items():
+        try:
+            raw[name]["peak_rss_mb"] = process.finish().get("peak_rss_mb")
+        except PeerFailed as e:
+            raw[name] = {"status": "failed", "error": str(e)}
+            process.close()
+    return raw
 
 
 def summarize(raw: dict[str, Any], batch: int) -> dict[str, Any]:
@@ -259,14 +351,27 @@ RATIO_FIELDS = {"latency": "latency_per_image_s", "unet_step": "unet_step_s", "p
 
 
 def add_ratios(peers: dict[str, dict[str, Any]]) -> None:
-    """Each ok peer's value / ldm-rt's for the RATIO_FIELDS (> 1: ldm-rt is faster or smaller)."""
+    """Each ok peer's value / ldm-rt's (> 1: ldm-rt is faster or smaller). Latency and UNet step are the
+    median over rounds of the ratio within a round (both measured back to back), which cancels a load that
+    drifts between rounds; peak RSS and cold start are single measurements."""
     ours = peers.get(OURS, {})
+    if ours.get("status") != "ok":
+        return
     for result in peers.values():
-        if result.get("status") != "ok" or ours.get("status") != "ok":
+        if result.get("status") != "ok":
             continue
+        pairs = list(zip(result["runs"], ours["runs"]))
+        step = lambda r: statistics.median(r["unet"]) if r["unet"] else None  # noqa: E731
         result["vs_ours"] = {
-            key: (result[f] / ours[f] if result.get(f) and ours.get(f) else None) for key, f in RATIO_FIELDS.items()
+            "latency": statistics.median(a["total"] / b["total"] for a, b in pairs) if pairs else None,
+            "unet_step": statistics.median(step(a) / step(b) for a, b in pairs) if pairs and step(pairs[0][1]) else None,
+            "peak_rss": _over(result.get("peak_rss_mb"), ours.get("peak_rss_mb")),
+            "cold_start": _over(result.get("cold_start_s"), ours.get("cold_start_s")),
         }
+
+
+def _over(a: float | None, b: float | None) -> float | None:
+    return a / b if a and b else None
 
 
 def image_difference(ours_file: Path, peer_file: Path) -> dict[str, float] | None:
@@ -281,7 +386,7 @@ def image_difference(ours_file: Path, peer_file: Path) -> dict[str, float] | Non
 
 
 def run_workload(workload: Workload, out_dir: Path, peak_gflops: float | None, timeout: float, profile: bool) -> dict[str, Any]:
-    """All peers on every run spec of one workload; one fresh process per peer and spec."""
+    """All peers on every run spec of one workload: fresh processes per spec, calls interleaved across peers."""
     from .manifest import Manifest
 
     entry: dict[str, Any] = {"name": workload.name, "description": workload.description, "config": workload.config, "runs": []}
@@ -289,43 +394,44 @@ def run_workload(workload: Workload, out_dir: Path, peak_gflops: float | None, t
         entry["skipped"] = workload.skip_reason
         log.warning("workload %s skipped: %s", workload.name, workload.skip_reason)
         return entry
-    manifest = Manifest.read(workload.artifacts)
-    facts = manifest.facts
+    facts = Manifest.read(workload.artifacts).facts
     work = out_dir / "work" / workload.name
     work.mkdir(parents=True, exist_ok=True)
     threads = _physical_cores()
+    f = facts.latent_factor
     for spec in workload.runs:
         tag = f"{spec.width}x{spec.height}_b{spec.batch}"
-        f = facts.latent_factor
+        log.info("%s %s", workload.name, spec.title)
         noise = np.random.default_rng(spec.seed).standard_normal((spec.batch, facts.latent_channels, spec.height // f, spec.width // f), dtype=np.float32)
         noise_file = work / f"noise_{tag}.npy"
         np.save(noise_file, noise)
         rows = spec.batch * (2 if spec.guidance != 1.0 and facts.context_length is not None else 1)
         flops = unet_flops(workload.artifacts, rows, spec.height // f, spec.width // f)
-        run: dict[str, Any] = {"spec": spec.to_dict(), "title": spec.title, "unet_rows": rows, "unet_flops": flops["total"], "unet_flops_by_op": flops["by_op"], "peers": {}}
+        run: dict[str, Any] = {"spec": spec.to_dict(), "title": spec.title, "unet_rows": rows, "unet_flops": flops["total"],
+                               "unet_flops_by_op": flops["by_op"], "peers": {}}
+        runnable = [p for p in workload.peers if p.skip_reason is None]
+        specs = {p.name: {**spec.to_dict(), "model": p.model, "threads": threads, "noise_file": str(noise_file),
+                          "image_out": str(work / f"image_{tag}_{p.name}.npy"), **p.extra} for p in runnable}
+        raw = run_peers(runnable, specs, {p.name: work / f"{tag}_{p.name}.log" for p in runnable}, spec.warmup, spec.runs, timeout)
         for peer in workload.peers:
             if peer.skip_reason is not None:
                 run["peers"][peer.name] = {"status": "skipped", "label": peer.label, "reason": peer.skip_reason}
                 continue
-            log.info("%s %s: %s", workload.name, tag, peer.label)
-            worker_spec = {**spec.to_dict(), "model": peer.model, "threads": threads, "noise_file": str(noise_file),
-                           "image_out": str(work / f"image_{tag}_{peer.name}.npy"), **peer.extra}
-            raw = run_peer(peer, worker_spec, work / f"{tag}_{peer.name}.log", timeout)
-            result: dict[str, Any] = {"status": raw.get("status", "failed"), "label": peer.label, "model": peer.model}
+            result: dict[str, Any] = {"status": raw[peer.name]["status"], "label": peer.label, "model": peer.model}
             if result["status"] == "ok":
-                result.update(summarize(raw, spec.batch))
+                result.update(summarize(raw[peer.name], spec.batch))
                 if result["unet_step_s"]:
                     result["unet_gflops"] = flops["total"] / result["unet_step_s"] / 1e9
                     result["peak_fraction"] = result["unet_gflops"] / peak_gflops if peak_gflops else None
                 if peer.name != OURS:
                     result["image_vs_ours"] = image_difference(work / f"image_{tag}_{OURS}.npy", work / f"image_{tag}_{peer.name}.npy")
             else:
-                result["error"] = raw.get("error", "failed")
+                result["error"] = raw[peer.name]["error"]
                 log.warning("%s failed: %s", peer.label, result["error"])
             run["peers"][peer.name] = result
         add_ratios(run["peers"])
         if profile and run["peers"].get(OURS, {}).get("status") == "ok":
-            run["ours_profile"] = op_profile(workload.artifacts, rows, spec.height // f, spec.width // f)
+            run["ours_profile"] = op_profile(workload.artifacts, rows, spec.height // f, spec.width // f, flops["by_op"])
         entry["runs"].append(run)
     return entry
 
@@ -451,9 +557,17 @@ def unet_flops(artifacts: Path, rows: int, h: int, w: int) -> dict[str, Any]:
     return graph_flops(path, _unet_feeds(entry, rows, h, w))
 
 
-def op_profile(artifacts: Path, rows: int, h: int, w: int, repeats: int = 3, top: int = 8) -> dict[str, Any]:
+# family: (kernels that run it after ONNX Runtime's fusions, exported ops whose FLOPs were counted);
+# NCHWc convolutions keep the name Conv.
+FLOP_FAMILIES = {"Conv": (("Conv", "FusedConv", "ConvTranspose"), ("Conv", "ConvTranspose")),
+                 "MatMul": (("MatMul", "FusedMatMul", "Gemm"), ("MatMul", "Gemm"))}
+
+
+def op_profile(artifacts: Path, rows: int, h: int, w: int, flops_by_op: dict[str, float] | None = None,
+               repeats: int = 3, top: int = 8) -> dict[str, Any]:
     """Where ldm-rt's UNet step spends its time: ONNX Runtime's profiler on the runtime's own session
-    options, time per op type over `repeats` calls after one warm-up, layout conversions named."""
+    options, time per op type over `repeats` calls after one warm-up, layout conversions named, and the
+    GFLOP/s the convolution and matrix-multiply kernels reach on their own."""
     import onnxruntime as ort
 
     from .backends.onnxruntime_backend import session_options
@@ -480,11 +594,17 @@ def op_profile(artifacts: Path, rows: int, h: int, w: int, repeats: int = 3, top
         per_op[e["args"]["op_name"]] = per_op.get(e["args"]["op_name"], 0.0) + e["dur"] / 1e6 / repeats
     node_total = sum(per_op.values()) or 1.0
     ranked = sorted(per_op.items(), key=lambda kv: -kv[1])
+    families = {}
+    for family, (kernels, counted) in FLOP_FAMILIES.items():
+        seconds = sum(per_op.get(op, 0.0) for op in kernels)
+        flops = sum((flops_by_op or {}).get(op, 0.0) for op in counted)
+        families[family] = {"s": seconds, "share": seconds / node_total, "gflops": flops / seconds / 1e9 if seconds and flops else None}
     return {
         "step_s": step_s,
         "kernel_s": node_total,
         "threads": so.intra_op_num_threads,
         "ops": [{"op": op, "s": s, "share": s / node_total} for op, s in ranked[:top]],
+        "families": families,
         "layout_share": sum(s for op, s in per_op.items() if op.startswith("Reorder")) / node_total,
     }
 
@@ -668,18 +788,21 @@ def _run_table(run: dict[str, Any]) -> list[str]:
 
 def _profile_lines(profile: dict[str, Any]) -> list[str]:
     ops = ", ".join(f"{o['op']} {o['share']:.0%}" for o in profile["ops"])
+    fams = "; ".join(f"{name} kernels {f['share']:.0%} of kernel time at {_num(f['gflops'], '{:.1f}')} GFLOP/s"
+                     for name, f in profile.get("families", {}).items())
     return [f"ldm-rt UNet profile (ONNX Runtime profiler, {profile['threads']} intra-op threads, {profile['step_s'] * 1e3:.1f} ms/call): "
-            f"{ops}; layout conversions (Reorder*) {profile['layout_share']:.0%}"]
+            f"{ops}; layout conversions (Reorder*) {profile['layout_share']:.0%}. {fams}."]
 
 
 def render_markdown(report: dict[str, Any]) -> str:
-    s = report["workloads"][0]["runs"][0]["spec"] if report["workloads"] and report["workloads"][0].get("runs") else None
+    s = next((w["runs"][0]["spec"] for w in report["workloads"] if w.get("runs")), None)
     lines = [f"# ldm-rt benchmark, {report['created']}", "", f"Machine: {machine_line(report)}.", "", f"Roofline: {peak_line(report)}.", ""]
     if s is not None:
         lines += [f"Protocol: prompt \"{s['prompt']}\", negative \"{s['negative_prompt']}\", {s['scheduler'].upper()} (eta 0), guidance {s['guidance']}, "
                   f"the same initial noise for every peer; median of {s['runs']} timed calls after {s['warmup']} warm-up "
-                  "(the first warm-up is the cold-start image); each peer in a fresh process per row. Ratios are peer / ldm-rt "
-                  "(> 1: ldm-rt is faster or smaller).", ""]
+                  "(the first warm-up is the cold-start image). Every peer runs in its own fresh process per table, all kept "
+                  "alive and asked for one call each in turn, so load changes hit every peer alike. Ratios are peer / ldm-rt "
+                  "(> 1: ldm-rt is faster or smaller); latency and UNet-step ratios are the median of the per-round ratios.", ""]
     for w in report["workloads"]:
         lines += [f"## {w['name']}", "", w["description"], ""]
         if w.get("skipped"):
@@ -707,8 +830,13 @@ def render_markdown(report: dict[str, Any]) -> str:
 
 def render_readme_section(report: dict[str, Any]) -> str:
     """The README's performance section: one compact table per workload, the machine, the targets."""
+    peak = peak_line(report)
+    s = next((w["runs"][0]["spec"] for w in report["workloads"] if w.get("runs")), None)
+    protocol = "" if s is None else (
+        f"Same weights, prompt, {s['scheduler'].upper()} (eta 0), {s['steps']} steps, guidance {s['guidance']} and initial noise for "
+        f"every peer; median of {s['runs']} timed calls, interleaved across peers; \"vs ldm-rt\" is peer / ldm-rt (> 1: ldm-rt is faster). ")
     lines = ["## Performance", "", f"Measured by `python benchmarks/run.py` on {report['created'][:10]}: {machine_line(report)}. "
-             f"{peak_line(report).capitalize()}. Full tables, per-stage times and the JSON: `benchmarks/results/`.", ""]
+             f"{peak[0].upper() + peak[1:]}. {protocol}Full tables, per-stage times and the JSON: `benchmarks/results/`.", ""]
     for w in report["workloads"]:
         if w.get("skipped"):
             lines += [f"**{w['name']}**: not measured ({w['skipped']}).", ""]

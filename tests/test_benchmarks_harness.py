@@ -5,8 +5,8 @@ hand-counted graphs, and the torch peers computing the same images from the same
 from __future__ import annotations
 
 import json
+import statistics
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -26,9 +26,9 @@ PEERS = ROOT / "benchmarks" / "peers"
 STUB = f"""
 import sys, time
 sys.path.insert(0, {str(PEERS)!r})
-from worker_common import StageClock, measure, run_worker
+from worker_common import StageClock, run_worker
 
-def main(spec):
+def prepare(spec):
     if spec.get("fail"):
         raise RuntimeError("stub asked to fail")
     clock = StageClock()
@@ -38,10 +38,10 @@ def main(spec):
             clock.add("unet", 0.002)
         clock.add("vae_decoder", 0.004)
         time.sleep(0.01)
-        return None
-    return {{"import_s": 0.0, "load_s": 0.0, "threads": 1, "versions": {{"stub": "1"}}, **measure(spec, generate, clock, lambda images: None)}}
+        return [[[[0, 0, 0]]]]  # one 1x1 image
+    return generate, clock, {{"import_s": 0.0, "load_s": 0.0, "threads": 1, "versions": {{"stub": "1"}}}}
 
-run_worker(main)
+run_worker(prepare)
 """
 
 
@@ -96,8 +96,14 @@ def test_ratios_are_peer_over_ours_from_the_same_run(report):
         assert stub["status"] == "ok"
         assert stub["unet_step_s"] == pytest.approx(0.002) and stub["text_encoder_s"] == pytest.approx(0.003)
         assert stub["latency_per_image_s"] == pytest.approx(stub["latency_s"] / run["spec"]["batch"])
-        for key, field in bench.RATIO_FIELDS.items():
-            assert stub["vs_ours"][key] == pytest.approx(stub[field] / ours[field])
+        # Latency and UNet step: median over rounds of the within-round ratio; memory and cold start: one each.
+        rounds = list(zip(stub["runs"], ours["runs"]))
+        assert len(rounds) == run["spec"]["runs"]
+        assert stub["vs_ours"]["latency"] == pytest.approx(statistics.median(a["total"] / b["total"] for a, b in rounds))
+        assert stub["vs_ours"]["unet_step"] == pytest.approx(
+            statistics.median(statistics.median(a["unet"]) / statistics.median(b["unet"]) for a, b in rounds))
+        assert stub["vs_ours"]["peak_rss"] == pytest.approx(stub["peak_rss_mb"] / ours["peak_rss_mb"])
+        assert stub["vs_ours"]["cold_start"] == pytest.approx(stub["cold_start_s"] / ours["cold_start_s"])
         assert ours["vs_ours"]["latency"] == pytest.approx(1.0)
         assert stub["unet_gflops"] == pytest.approx(run["unet_flops"] / 0.002 / 1e9)
 
@@ -172,21 +178,25 @@ def test_footprint_of_the_runtime_install_has_no_torch():
     assert "torch" in bench._requirement_names(importlib.metadata.distribution("ldm-rt"), ("torch",))
 
 
-def test_torch_peers_compute_the_same_images(tiny_sd_v1, tmp_path):
-    """The reference and diffusers workers on one diffusers folder, with the same noise and DDIM: the same image."""
+def test_torch_peers_compute_the_same_images(tiny_ldm_rt_model, tmp_path):
+    """The default-model path: an ldm-rt model folder converted to diffusers' layout (benchmarks/diffusers_layout.py);
+    the reference worker on the original and the diffusers worker on the conversion, with the same noise and
+    DDIM, must draw the same image."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from diffusers_layout import ldm_rt_to_diffusers
+    finally:
+        sys.path.pop(0)
+    converted = ldm_rt_to_diffusers(tiny_ldm_rt_model, tmp_path / "diffusers")
     steps = 2
     noise = np.random.default_rng(0).standard_normal((1, 4, 16, 16), dtype=np.float32)
     np.save(tmp_path / "noise.npy", noise)
-    spec = {**bench.RunSpec(32, 32, steps=steps, runs=1).to_dict(), "model": str(tiny_sd_v1), "threads": 2,
-            "noise_file": str(tmp_path / "noise.npy")}
+    spec = {**bench.RunSpec(32, 32, steps=steps, runs=1, prompt="a red cat").to_dict(), "threads": 2, "noise_file": str(tmp_path / "noise.npy")}
 
-    def run(name: str) -> dict:
-        peer = bench.Peer(name, (sys.executable, str(PEERS / f"{name}_worker.py")), str(tiny_sd_v1))
-        return bench.run_peer(peer, {**spec, "image_out": str(tmp_path / f"{name}.npy")}, tmp_path / f"{name}.log", timeout=300)
-
-    names = ("reference", "diffusers")
-    with ThreadPoolExecutor(2) as pool:  # both at once: most of their time is importing torch
-        results = dict(zip(names, pool.map(run, names)))
+    peers = [bench.Peer("reference", (sys.executable, str(PEERS / "reference_worker.py")), str(tiny_ldm_rt_model)),
+             bench.Peer("diffusers", (sys.executable, str(PEERS / "diffusers_worker.py")), str(converted))]
+    specs = {p.name: {**spec, "model": p.model, "image_out": str(tmp_path / f"{p.name}.npy")} for p in peers}
+    results = bench.run_peers(peers, specs, {p.name: tmp_path / f"{p.name}.log" for p in peers}, warmup=1, runs=1, timeout=300)
     images = {}
     for name, raw in results.items():
         assert raw["status"] == "ok", (tmp_path / f"{name}.log").read_text()[-2000:]

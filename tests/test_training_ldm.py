@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,13 +19,16 @@ from safetensors.torch import load_file
 from ldm_rt.reference.autoencoder import AutoencoderKL
 from ldm_rt.reference.configs import AutoencoderConfig, LDMConfig
 from ldm_rt.reference.ldm import LatentDiffusion
+from ldm_rt.reference.text_encoder import TextEncoder
+from ldm_rt.reference.unet import UNetModel
 from ldm_rt.reference.model_folder import load_model_folder
 from ldm_rt.runtime.schedulers.registry import scheduler_from_diffusers_json
-from ldm_rt.training.autoencoder_folder import load_autoencoder, save_autoencoder
-from ldm_rt.training.config_loading import TrainConfigError, load_config, to_dict
-from ldm_rt.training.data_shapes import ShapesDataset
+from ldm_rt.training.autoencoder_folder import build_autoencoder, load_autoencoder, save_autoencoder
+from ldm_rt.training.config_loading import TrainConfigError, load_config, read_json, to_dict
+from ldm_rt.training.data_shapes import ShapesDataset, vocabulary
 from ldm_rt.training.datasets import DataConfig, get_batch, make_dataset
-from ldm_rt.training.train_ldm import LDMTrainConfig, estimate_scale_factor, main, train
+from ldm_rt.training.train_autoencoder import AutoencoderTrainConfig
+from ldm_rt.training.train_ldm import LDMTrainConfig, estimate_scale_factor, main, make_tokenizer, train
 
 # 32x32 shapes through a random f=2 autoencoder -> 16x16x4 latents; a ~0.3 M-parameter UNet.
 TINY = {
@@ -174,3 +179,24 @@ def test_two_ddp_processes_end_with_identical_weights(tmp_path, ae_folder):
     ldm_config = LDMConfig.from_dict(json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())["ldm_config"])
     initial = LatentDiffusion(ldm_config).state_dict()
     assert not torch.equal(initial["unet.out.2.weight"], rank0["unet.out.2.weight"])
+
+
+def test_default_configs_load_and_fit_the_size_budget():
+    """The shipped model: ~3 M parameters in all, so fp32 weights plus fp32 and fp16 ONNX copies stay under 50 MB."""
+    configs = Path(__file__).resolve().parents[1] / "training" / "configs"
+    ae_config = load_config(AutoencoderTrainConfig, read_json(configs / "default_autoencoder.json"))
+    ldm_config = load_config(LDMTrainConfig, read_json(configs / "default_ldm.json"))
+    tokenizer = make_tokenizer(ldm_config)
+    assert tokenizer.vocab_size == len(vocabulary()) + 4
+    text_config = dataclasses.replace(ldm_config.text_encoder, vocab_size=tokenizer.vocab_size)
+
+    def count(module):
+        return sum(p.numel() for p in module.parameters())
+
+    sizes = {
+        "autoencoder": count(build_autoencoder(ae_config.model)),
+        "unet": count(UNetModel(ldm_config.unet)),
+        "text_encoder": count(TextEncoder(text_config)),
+    }
+    assert sizes["autoencoder"] <= 1.0e6 and sizes["unet"] <= 2.5e6 and sizes["text_encoder"] <= 0.5e6, sizes
+    assert sum(sizes.values()) * (4 + 4 + 2) < 50e6  # bytes: fp32 weights, fp32 ONNX, fp16 ONNX

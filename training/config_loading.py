@@ -74,8 +74,7 @@ def build(cls: type[T], data: dict[str, Any], prefix: str, default: Any = None) 
         tp = hints[name]
         current = getattr(default, name)
         if dataclasses.is_dataclass(tp):
-            merged = {**dataclasses.asdict(current), **value} if isinstance(value, dict) else value
-            values[name] = build(tp, merged, f"{prefix}{name}.", default=current)
+            values[name] = build(tp, value, f"{prefix}{name}.", default=current)
         elif typing.get_origin(tp) is dict and isinstance(value, dict) and isinstance(current, dict):
             values[name] = {**current, **value}  # a free-form section (e.g. a scheduler config) also merges
         else:

@@ -152,7 +152,7 @@ class ShapesDataset:
     num_classes = len(COLORS) * len(SHAPES)
 
     def __init__(self, seed: int = 0, resolution: int = RESOLUTION, say_probability: float = 0.7) -> None:
-        if resolution % SUPERSAMPLE and resolution < 8:
+        if resolution < 8:
             raise ValueError(f"shapes resolution {resolution} is too small; use 32 or more")
         self.seed = seed
         self.resolution = resolution

@@ -13,7 +13,8 @@ model also learns the unconditional score for classifier-free guidance (Ho & Sal
     python -m ldm_rt.training.train_ldm --out RUN --resume [--set steps=200000]
 
 RUN/ receives checkpoint/ (resumable state), model/ (EMA weights as an ldm-rt model folder with tokenizer
-and scheduler_config.json), samples/*.png (guided samples of fixed prompts) and metrics.jsonl.
+and scheduler_config.json), samples/*.png (EMA samples of fixed prompts with guidance, through the
+reference pipeline's DDIM) and metrics.jsonl.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from ldm_rt.reference.configs import LDMConfig, TextEncoderConfig, UNetConfig
 from ldm_rt.reference.attention import SpatialTransformer
 from ldm_rt.reference.ldm import LatentDiffusion
 from ldm_rt.reference.model_folder import load_model_folder, save_model_folder
+from ldm_rt.reference.pipeline import ReferencePipeline
 from ldm_rt.reference.unet import ResBlock, UNetModel
 from ldm_rt.runtime.schedulers.config import SchedulerConfigError
 from ldm_rt.runtime.schedulers.registry import scheduler_from_diffusers_config
@@ -54,7 +56,6 @@ from .ema import EMA
 from .images import save_grid
 from .optim import clip_and_step, make_adamw, set_lr, warmup_lr
 from .run_folder import TrainResult, append_metrics, ensure_dir
-from .sampling import sample
 
 logger = logging.getLogger(__name__)
 
@@ -306,7 +307,6 @@ def train(config: LDMTrainConfig, out_dir: str | Path, resume: bool = False) -> 
     T = len(alphas_cumprod)
     prediction = scheduler.config.prediction_type
     null_label = ShapesDataset.num_classes  # the last class index stands for "no condition"
-    latent_shape = (ldm_config.latent_channels, config.data.resolution // ldm_config.latent_factor, config.data.resolution // ldm_config.latent_factor)
     empty_ids = torch.from_numpy(tokenizer([""]).ids).to(ctx.device) if tokenizer is not None else None
     ddp_denoiser = distributed.wrap(denoiser, ctx)
 
@@ -324,13 +324,13 @@ def train(config: LDMTrainConfig, out_dir: str | Path, resume: bool = False) -> 
         logger.info("step %d: checkpoint and model folder written to %s", step, out_dir)
 
     def write_samples() -> None:
-        averaged = ema_model()
+        pipe = ReferencePipeline(model=ema_model(), tokenizer=tokenizer, scheduler_config=config.scheduler)
+        size = {"height": config.data.resolution, "width": config.data.resolution}
         if text:
-            images = sample(averaged, scheduler, latent_shape, config.sample_steps, config.sample_guidance, config.seed,
-                            tokenizer=tokenizer, prompts=list(config.sample_prompts))  # fmt: skip
-        else:
-            labels = list(range(min(8, ShapesDataset.num_classes)))
-            images = sample(averaged, scheduler, latent_shape, config.sample_steps, config.sample_guidance, config.seed, labels=labels, null_label=null_label)
+            out = pipe(list(config.sample_prompts), steps=config.sample_steps, guidance=config.sample_guidance, seed=config.seed, output="float", **size)
+        else:  # the reference pipeline runs class-conditional models unguided
+            out = pipe("", class_labels=list(range(8)), steps=config.sample_steps, seed=config.seed, output="float", **size)
+        images = torch.from_numpy(out.images).permute(0, 3, 1, 2) * 2 - 1  # (B, 3, H, W) in [-1, 1]
         save_grid(images, ensure_dir(out_dir / "samples") / f"step_{step:07d}.png", nrow=8)
 
     last_checkpoint = time.monotonic()

@@ -8,11 +8,12 @@ wrapper around `vae.decode`.
 
 from __future__ import annotations
 
+import importlib.metadata as md
 import time
 
 T_START = time.perf_counter()
 
-from worker_common import StageClock, measure, run_worker, save_uint8, to_uint8  # noqa: E402
+from worker_common import StageClock, run_worker, to_uint8  # noqa: E402
 
 
 def hook_stage(module, clock: StageClock, stage: str) -> None:
@@ -22,7 +23,7 @@ def hook_stage(module, clock: StageClock, stage: str) -> None:
     module.register_forward_hook(lambda *_: clock.add(stage, time.perf_counter() - started.pop()))
 
 
-def main(spec: dict) -> dict:
+def prepare(spec: dict):
     import numpy as np
     import torch
     from diffusers import DDIMScheduler, StableDiffusionPipeline
@@ -50,10 +51,9 @@ def main(spec: dict) -> dict:
         )
         return to_uint8(out.images)
 
-    result = measure(spec, generate, clock, lambda images: save_uint8(spec.get("image_out"), images))
-    versions = {"torch": torch.__version__, "diffusers": __import__("diffusers").__version__, "transformers": __import__("transformers").__version__}
-    return {"import_s": import_s, "load_s": load_s, "threads": torch.get_num_threads(), "versions": versions, **result}
+    versions = {name: md.version(name) for name in ("torch", "diffusers", "transformers")}
+    return generate, clock, {"import_s": import_s, "load_s": load_s, "threads": torch.get_num_threads(), "versions": versions}
 
 
 if __name__ == "__main__":
-    run_worker(main)
+    run_worker(prepare)

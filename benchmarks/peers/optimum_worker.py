@@ -8,14 +8,15 @@ the `forward` of the text encoder, UNet and VAE decoder sessions.
 
 from __future__ import annotations
 
+import importlib.metadata as md
 import time
 
 T_START = time.perf_counter()
 
-from worker_common import StageClock, measure, run_worker, save_uint8, to_uint8  # noqa: E402
+from worker_common import StageClock, run_worker, to_uint8  # noqa: E402
 
 
-def main(spec: dict) -> dict:
+def prepare(spec: dict):
     import numpy as np
     import torch
     from diffusers import DDIMScheduler
@@ -43,13 +44,10 @@ def main(spec: dict) -> dict:
         )
         return to_uint8(out.images)
 
-    result = measure(spec, generate, clock, lambda images: save_uint8(spec.get("image_out"), images))
-    import importlib.metadata as md
-
     versions = {name: md.version(name) for name in ("optimum-onnx", "optimum", "onnxruntime", "diffusers", "transformers", "torch")}
     threads = pipe.unet.session.get_session_options().intra_op_num_threads or "ORT default (physical cores)"
-    return {"import_s": import_s, "load_s": load_s, "threads": threads, "versions": versions, **result}
+    return generate, clock, {"import_s": import_s, "load_s": load_s, "threads": threads, "versions": versions}
 
 
 if __name__ == "__main__":
-    run_worker(main)
+    run_worker(prepare)

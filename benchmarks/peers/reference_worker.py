@@ -7,14 +7,15 @@ float error. Stages are timed with forward hooks on the export wrappers it sampl
 
 from __future__ import annotations
 
+import importlib.metadata as md
 import time
 
 T_START = time.perf_counter()
 
-from worker_common import StageClock, measure, run_worker, save_uint8  # noqa: E402
+from worker_common import StageClock, run_worker  # noqa: E402
 
 
-def main(spec: dict) -> dict:
+def prepare(spec: dict):
     import numpy as np
     import torch
 
@@ -42,12 +43,9 @@ def main(spec: dict) -> dict:
             batch=spec["batch"],
         ).images
 
-    result = measure(spec, generate, clock, lambda images: save_uint8(spec.get("image_out"), images))
-    import importlib.metadata as md
-
     versions = {name: md.version(name) for name in ("torch", "transformers")}
-    return {"import_s": import_s, "load_s": load_s, "threads": torch.get_num_threads(), "versions": versions, **result}
+    return generate, clock, {"import_s": import_s, "load_s": load_s, "threads": torch.get_num_threads(), "versions": versions}
 
 
 if __name__ == "__main__":
-    run_worker(main)
+    run_worker(prepare)

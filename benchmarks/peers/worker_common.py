@@ -1,11 +1,18 @@
-"""What every peer worker shares: read the run spec, time stages, report one JSON line.
+"""What every peer worker shares: read the run spec, time stages, answer the harness one call at a time.
 
 Standard library (and numpy) only: the Optimum worker imports this inside its own virtual environment,
-where ldm_rt is not installed. The protocol mirrors `ldm_rt.runtime.bench` (RESULT_PREFIX, the spec and
-result fields); tests/test_benchmarks_harness.py runs every worker through the harness to keep them in step.
+where ldm_rt is not installed. The protocol mirrors `ldm_rt.runtime.bench.serve` (the ldm-rt worker's
+copy); tests/test_benchmarks_harness.py runs workers of both kinds through the harness to keep them in step.
 
     python <peer>_worker.py --spec '{"model": ..., "steps": 20, ...}'
-    -> stdout, last line: LDMRT_BENCH {"status": "ok", "first_image_at": ..., "runs": [...], ...}
+    stdout  LDMRT_BENCH {"event": "ready", "first_image_at": ..., ...}   after loading and the first image
+    stdin   warmup | run | exit, one per line; each answered by one LDMRT_BENCH line:
+            {"event": "done"} | {"event": "run", "total": s, "text_encoder": s, "unet": [s, ...], "vae_decoder": s}
+            | {"event": "final", "status": "ok", "peak_rss_mb": ...}
+    any failure: LDMRT_BENCH {"event": "final", "status": "failed", "error": "..."} and exit status 1
+
+The harness keeps every peer's process alive and asks for one timed call from each in turn, so a change of
+load on a shared machine hits every peer alike instead of whichever ran at that moment.
 """
 
 from __future__ import annotations
@@ -20,18 +27,16 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 RESULT_PREFIX = "LDMRT_BENCH "
-# The stages every peer reports per timed run (seconds); "unet" is a list, one entry per denoising step.
-STAGES = ("text_encoder", "unet", "vae_decoder")
 
 
 def read_spec(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description="one benchmark worker: runs a pipeline and prints LDMRT_BENCH {json}")
+    parser = argparse.ArgumentParser(description="one benchmark worker (see worker_common.py for the protocol)")
     parser.add_argument("--spec", required=True, help="the run spec as JSON (see ldm_rt.runtime.bench.RunSpec)")
     return json.loads(parser.parse_args(argv).spec)
 
 
-def emit(result: dict[str, Any]) -> None:
-    print(RESULT_PREFIX + json.dumps(result), flush=True)
+def emit(message: dict[str, Any]) -> None:
+    print(RESULT_PREFIX + json.dumps(message), flush=True)
 
 
 class StageClock:
@@ -39,6 +44,7 @@ class StageClock:
 
     def __init__(self) -> None:
         self.times: dict[str, Any] = {}
+        self.reset()
 
     def reset(self) -> None:
         self.times = {"text_encoder": 0.0, "unet": [], "vae_decoder": 0.0}
@@ -67,41 +73,53 @@ class StageClock:
         return timed
 
 
-def measure(spec: dict[str, Any], generate: Callable[[], Any], clock: StageClock, save_first: Callable[[Any], None]) -> dict[str, Any]:
-    """Warm-up calls (the first one is the cold-start image), then `runs` timed calls of `generate`.
-
-    `generate` runs the whole pipeline once and returns its images; `clock` is filled by the peer's hooks."""
-    out: dict[str, Any] = {}
+def serve(generate: Callable[[], Any], clock: StageClock, save_first: Callable[[Any], None], info: dict[str, Any]) -> None:
+    """The first image (the cold-start one), then answer warmup/run/exit from stdin until told to exit."""
     clock.reset()
     t0 = time.perf_counter()
     images = generate()
-    out["first_image_s"] = time.perf_counter() - t0
-    out["first_image_at"] = time.time()  # the harness subtracts its own start time: cold start incl. imports
+    first_image_s = time.perf_counter() - t0
+    # Wall clock: the harness subtracts its own start time, so cold start includes interpreter start and imports.
+    emit({"event": "ready", "first_image_s": first_image_s, "first_image_at": time.time(), **info})
     save_first(images)
-    for _ in range(max(int(spec.get("warmup", 1)) - 1, 0)):
-        clock.reset()
-        generate()
-    runs = []
-    for _ in range(int(spec["runs"])):
+    for line in sys.stdin:
+        command = line.strip()
+        if command == "exit":
+            break
         clock.reset()
         t0 = time.perf_counter()
         generate()
         total = time.perf_counter() - t0
-        runs.append({"total": total, **clock.times})
-    out["runs"] = runs
-    return out
+        emit({"event": "run", "total": total, **clock.times} if command == "run" else {"event": "done"})
+    emit({"event": "final", "status": "ok", "peak_rss_mb": peak_rss_mb()})
 
 
-def run_worker(main: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
-    """Call `main(spec)` and print its result; any failure is reported as one JSON line (exit status 1)."""
+def run_worker(prepare: Callable[[dict[str, Any]], tuple[Callable[[], Any], StageClock, dict[str, Any]]]) -> None:
+    """`prepare(spec)` loads the pipeline and returns (generate, clock, info); then serve the harness.
+    Any failure is reported as the final line (exit status 1)."""
     spec = read_spec()
     try:
-        result = main(spec)
+        generate, clock, info = prepare(spec)
+        serve(generate, clock, lambda images: save_uint8(spec.get("image_out"), images), info)
     except Exception as e:  # a worker reports every failure to the harness instead of dying silently
         traceback.print_exc(file=sys.stderr)
-        emit({"status": "failed", "error": f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"})
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        emit({"event": "final", "status": "failed", "error": f"{type(e).__name__}: {first}"})
         sys.exit(1)
-    emit({"status": "ok", **result})
+
+
+def peak_rss_mb() -> float | None:
+    """This process's peak resident set (VmHWM), read last. Not the parent's ru_maxrss from wait4: Linux
+    carries the pre-exec (forked) image's high-water mark into it, so every child would report at least the
+    harness's own size."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return None
 
 
 def save_uint8(path: str | None, images: Any) -> None:
