@@ -1,12 +1,13 @@
 """`ldm-rt bench`: ldm-rt against the pipelines users would pick instead, side by side in one run.
 
 Every peer (ldm-rt on ONNX Runtime, the PyTorch reference, diffusers, Optimum) runs in its own process,
-started fresh for each workload, so that its peak resident memory (VmHWM, read by the worker at its end) and
+started fresh for each run spec, so that its peak resident memory (VmHWM, read by the worker at its end) and
 its cold start (harness clock before the process starts -> the peer's first image, imports included) are
-its own. A peer is any command that takes `--spec JSON` and prints one line `LDMRT_BENCH {json}` (the
-protocol of benchmarks/peers/worker_common.py); ldm-rt's own worker is this module
-(`python -m ldm_rt.runtime.bench worker`). This process imports numpy and onnxruntime only: torch peers
-are other interpreters.
+its own. The processes stay alive and are asked for one call each in turn, so a load that drifts on a
+shared machine hits every peer alike. A peer is any command that takes `--spec JSON` and speaks the
+line protocol of benchmarks/peers/worker_common.py (`serve` below is ldm-rt's side of it, run as
+`python -m ldm_rt.runtime.bench worker`). This process imports numpy and onnxruntime only: torch peers are
+other interpreters.
 
 Measured per peer and run: end-to-end latency (median of N timed calls after warm-up) per image, per-stage
 latency (text encoder per call, UNet per step, VAE decoder per call), peak RSS, cold start, and each as a
