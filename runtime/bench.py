@@ -633,6 +633,20 @@ def _marker_holds(marker: str) -> bool:
     return Marker(marker).evaluate()
 
 
+def _distribution_bytes(dist: importlib.metadata.Distribution) -> int:
+    """Bytes of a distribution's files: the sizes its RECORD states, stat() for entries that state none."""
+    total = 0
+    for f in dist.files or []:
+        if f.size is not None:
+            total += f.size
+            continue
+        try:
+            total += dist.locate_file(f).stat().st_size
+        except OSError:
+            continue
+    return total
+
+
 def _closure(roots: dict[str, Sequence[str]]) -> dict[str, int]:
     """Installed distributions reachable from `roots` (name -> extras), with their on-disk bytes."""
     sizes: dict[str, int] = {}
@@ -646,13 +660,7 @@ def _closure(roots: dict[str, Sequence[str]]) -> dict[str, int]:
             dist = importlib.metadata.distribution(name)
         except importlib.metadata.PackageNotFoundError:
             continue  # a marker-only dependency of another platform, or not installed here
-        total = 0
-        for f in dist.files or []:
-            try:
-                total += dist.locate_file(f).stat().st_size
-            except OSError:
-                continue
-        sizes[key] = total
+        sizes[key] = _distribution_bytes(dist)
         todo.extend((n, ()) for n in _requirement_names(dist, extras))
     return sizes
 
@@ -669,7 +677,9 @@ def install_footprint() -> dict[str, Any]:
     for label, roots in setups.items():
         sizes = _closure(roots)
         missing = [r for r in roots if re.sub(r"[-_.]+", "-", r).lower() not in sizes]
-        out[label] = {"mb": sum(sizes.values()) / 1e6, "packages": len(sizes), "has_torch": "torch" in sizes, "missing": missing}
+        largest = sorted(sizes.items(), key=lambda kv: -kv[1])[:5]
+        out[label] = {"mb": sum(sizes.values()) / 1e6, "packages": len(sizes), "has_torch": "torch" in sizes, "missing": missing,
+                      "largest_mb": {name: round(size / 1e6, 1) for name, size in largest}}
     return out
 
 
@@ -817,9 +827,10 @@ def render_markdown(report: dict[str, Any]) -> str:
             lines += _run_table(run) + [""]
             if run.get("ours_profile"):
                 lines += _profile_lines(run["ours_profile"]) + [""]
-    lines += ["## Install footprint", "", "| install | packages | size (MB) | torch |", "| --- | --- | --- | --- |"]
+    lines += ["## Install footprint", "", "| install | packages | size (MB) | torch | largest (MB) |", "| --- | --- | --- | --- | --- |"]
     for label, f in report["footprint"].items():
-        lines.append(f"| {label} | {f['packages']} | {f['mb']:.0f} | {'yes' if f['has_torch'] else 'no'} |")
+        largest = ", ".join(f"{k} {v:.0f}" for k, v in f.get("largest_mb", {}).items())
+        lines.append(f"| {label} | {f['packages']} | {_num(f['mb'], '{:.0f}')} | {'yes' if f['has_torch'] else 'no'} | {largest} |")
     lines += ["", "## Targets (issue 7, CPU)", "", "| target | worst measured | met |", "| --- | --- | --- |"]
     for t in report["targets"]:
         shown = f"{t['worst']:.0%}" if t["key"] == "roofline" else f"{t['worst']:.2f}x"
@@ -855,7 +866,7 @@ def render_readme_section(report: dict[str, Any]) -> str:
                     f"| {_num(result['cold_start_s'], '{:.2f}')} | {_num(result.get('peak_fraction'), '{:.0f}%', 100)} |"
                 )
         lines.append("")
-    foot = "; ".join(f"{label}: {f['mb']:.0f} MB" for label, f in report["footprint"].items())
+    foot = "; ".join(f"{label}: {_num(f['mb'], '{:.0f}')} MB" for label, f in report["footprint"].items())
     lines += [f"Install footprint (installed files of each setup's packages): {foot}.", ""]
     missed = [t for t in report["targets"] if not t["met"]]
     met = [t for t in report["targets"] if t["met"]]
@@ -875,6 +886,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--optimum-model", type=Path, default=None, help="Optimum's ONNX export of them, for the Optimum peer")
     parser.add_argument("--optimum-python", type=Path, default=None, help="python of the Optimum virtual environment (benchmarks/peers/optimum_env.py)")
     parser.add_argument("--torch-python", type=Path, default=None, help="python with torch for the torch peers (default: this one, if it has torch)")
+    parser.add_argument("--prompt", default="a red circle on a white background", help="the prompt every peer draws")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 4], help="batch sizes to measure (default 1 4)")
     parser.add_argument("--height", type=int, default=None, help="image height (default: the artifacts' optimum)")
     parser.add_argument("--width", type=int, default=None, help="image width (default: the artifacts' optimum)")
@@ -909,7 +921,8 @@ def cli_workload(args: argparse.Namespace) -> Workload:
         return Workload("model", str(artifacts), None, (), (), skip_reason=str(e))
     height = args.height or manifest.profile.height[1]
     width = args.width or manifest.profile.width[1]
-    runs = tuple(RunSpec(height, width, batch=b, steps=args.steps, guidance=args.guidance, runs=args.runs, warmup=args.warmup) for b in args.batch)
+    runs = tuple(RunSpec(height, width, batch=b, steps=args.steps, guidance=args.guidance, runs=args.runs, warmup=args.warmup,
+                         prompt=args.prompt) for b in args.batch)
     scripts = peer_scripts_dir()
     torch_python = _torch_python(args.torch_python)
     source = args.source or default_model
@@ -934,7 +947,12 @@ def bench_command(args: argparse.Namespace) -> int:
     workload = cli_workload(args)
     if workload.skip_reason is not None:
         raise BenchError(workload.skip_reason)
-    report = run_benchmark([workload], args.results, timeout=args.timeout, profile=not args.no_profile)
+    previous = log.level
+    log.setLevel(logging.INFO)  # a run takes minutes: show its progress whatever the CLI's log level
+    try:
+        report = run_benchmark([workload], args.results, timeout=args.timeout, profile=not args.no_profile)
+    finally:
+        log.setLevel(previous)
     paths = write_report(report, args.results, args.name)
     print(render_markdown(report))
     print(f"wrote {paths['json']}, {paths['markdown']}, {paths['readme']}")

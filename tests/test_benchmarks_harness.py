@@ -16,7 +16,6 @@ from onnx import TensorProto, helper
 from test_runtime_fixtures import synthetic
 
 from ldm_rt.runtime import bench
-from ldm_rt.runtime.manifest import Manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 PEERS = ROOT / "benchmarks" / "peers"
@@ -206,3 +205,18 @@ def test_torch_peers_compute_the_same_images(tiny_ldm_rt_model, tmp_path):
     assert images["reference"].shape == (1, 32, 32, 3)
     diff = np.abs(images["reference"].astype(int) - images["diffusers"].astype(int))
     assert diff.max() <= 2 and images["reference"].std() > 5  # the same non-trivial image
+
+
+def test_bench_command_on_one_artifacts_folder(tmp_path_factory, tmp_path, capsys):
+    """`ldm-rt bench --model DIR` (ldm_rt.runtime.bench.main): ldm-rt measured, every peer it was not given a
+    model for listed as skipped with the option that would add it."""
+    artifacts, _ = synthetic(tmp_path_factory)
+    code = bench.main(["--model", str(artifacts), "--batch", "1", "--steps", "2", "--runs", "1", "--height", "16", "--width", "16",
+                       "--prompt", "a red cube", "--no-profile", "--results", str(tmp_path), "--name", "cli"])
+    assert code == 0
+    report = json.loads((tmp_path / "cli.json").read_text())
+    (run,) = report["workloads"][0]["runs"]
+    assert run["spec"]["prompt"] == "a red cube" and run["peers"]["ours"]["status"] == "ok"
+    assert run["peers"]["reference"] == {"status": "skipped", "label": bench.PEER_LABELS["reference"], "reason": "pass --source"}
+    assert run["peers"]["optimum"]["status"] == "skipped" and "--optimum" in run["peers"]["optimum"]["reason"]
+    assert "| ldm-rt (ONNX Runtime CPU) |" in capsys.readouterr().out
