@@ -17,8 +17,8 @@ from pathlib import Path
 from ldm_rt.reference.checkpoint_errors import CheckpointError
 from ldm_rt.reference.configs import ConfigError
 
-from .checkpoint import TrainCheckpointError
-from .config_loading import TrainConfigError
+from .checkpoint import TrainCheckpointError, load_checkpoint
+from .config_loading import TrainConfigError, load_config, read_json
 from .data_folder import DataError
 from .perceptual import PerceptualWeightsError
 
@@ -42,6 +42,17 @@ def parse_args(argv: list[str] | None, description: str, extra: Callable[[argpar
     if extra is not None:
         extra(parser)
     return parser.parse_args(argv)
+
+
+def config_for_run(cls, args, extra_overrides: list[str] | tuple[str, ...] = ()):
+    """--config (or, when resuming without one, the checkpoint's config) plus --set overrides."""
+    if args.config is not None:
+        data = read_json(args.config)
+    elif args.resume:
+        data = load_checkpoint(args.out)[1]["config"]
+    else:
+        data = {}
+    return load_config(cls, data, [*args.overrides, *extra_overrides])
 
 
 def setup_logging() -> None:

@@ -26,8 +26,8 @@ from ldm_rt.reference.configs import AutoencoderConfig
 from . import distributed
 from .autoencoder_folder import build_autoencoder, save_autoencoder
 from .checkpoint import flatten_state, has_checkpoint, load_checkpoint, restore_state, rng_states, save_checkpoint, set_rng_states, step_seed
-from .cli import parse_args, quiet_unless_main, run_main, setup_logging
-from .config_loading import TrainConfigError, load_config, read_json, to_dict
+from .cli import config_for_run, parse_args, quiet_unless_main, run_main, setup_logging
+from .config_loading import TrainConfigError, to_dict
 from .datasets import DataConfig, get_batch, make_dataset, shard_indices
 from .discriminator import NLayerDiscriminator
 from .images import save_grid
@@ -242,21 +242,10 @@ def train(config: AutoencoderTrainConfig, out_dir: str | Path, resume: bool = Fa
     return TrainResult(step, metrics, modules)
 
 
-def config_for_run(args) -> AutoencoderTrainConfig:
-    """--config (or, when resuming without one, the checkpoint's config) plus --set overrides."""
-    if args.config is not None:
-        data = read_json(args.config)
-    elif args.resume:
-        data = load_checkpoint(args.out)[1]["config"]
-    else:
-        data = {}
-    return load_config(AutoencoderTrainConfig, data, args.overrides)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv, __doc__.splitlines()[0])
     setup_logging()
-    return run_main(lambda: train(config_for_run(args), args.out, resume=args.resume))
+    return run_main(lambda: train(config_for_run(AutoencoderTrainConfig, args), args.out, resume=args.resume))
 
 
 if __name__ == "__main__":

@@ -47,8 +47,8 @@ from ldm_rt.runtime.tokenizer import PromptTokenizer, TokenizerError
 from . import distributed
 from .autoencoder_folder import load_autoencoder
 from .checkpoint import flatten_state, has_checkpoint, load_checkpoint, restore_state, rng_states, save_checkpoint, set_rng_states, step_seed
-from .cli import parse_args, quiet_unless_main, run_main, setup_logging
-from .config_loading import TrainConfigError, load_config, read_json, to_dict
+from .cli import config_for_run, parse_args, quiet_unless_main, run_main, setup_logging
+from .config_loading import TrainConfigError, to_dict
 from .data_folder import list_images
 from .data_shapes import ShapesDataset, vocabulary
 from .datasets import DataConfig, get_batch, make_dataset, shard_indices
@@ -398,24 +398,10 @@ def train(config: LDMTrainConfig, out_dir: str | Path, resume: bool = False) -> 
     return TrainResult(step, metrics, modules)
 
 
-def config_for_run(args) -> LDMTrainConfig:
-    """--config (or, when resuming without one, the checkpoint's config) plus --set overrides and --ae."""
-    if args.config is not None:
-        data = read_json(args.config)
-    elif args.resume:
-        data = load_checkpoint(args.out)[1]["config"]
-    else:
-        data = {}
-    overrides = list(args.overrides)
-    if args.ae is not None:
-        overrides.append(f"ae={args.ae}")
-    return load_config(LDMTrainConfig, data, overrides)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv, __doc__.splitlines()[0], extra=lambda p: p.add_argument("--ae", help="the frozen autoencoder: AE_RUN/autoencoder or an ldm-rt model folder"))
     setup_logging()
-    return run_main(lambda: train(config_for_run(args), args.out, resume=args.resume))
+    return run_main(lambda: train(config_for_run(LDMTrainConfig, args, [] if args.ae is None else [f"ae={args.ae}"]), args.out, resume=args.resume))
 
 
 if __name__ == "__main__":
