@@ -35,7 +35,7 @@ def unet_config_to_diffusers(config: UNetConfig) -> dict[str, Any]:
         "transformer_layers_per_block": config.transformer_depth,
         "use_linear_projection": config.use_linear_in_transformer,
         "upcast_attention": config.upcast_attention,
-        "norm_num_groups": 32,
+        "norm_num_groups": config.norm_num_groups,
     }
     if config.num_classes is not None:
         out["num_class_embeds"] = config.num_classes

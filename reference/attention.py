@@ -14,7 +14,6 @@ from torch import nn
 
 # LayerNorm eps is PyTorch's default in the original; the SpatialTransformer GroupNorm uses 1e-6.
 SPATIAL_NORM_EPS = 1e-6
-NORM_GROUPS = 32
 
 
 class CrossAttention(nn.Module):
@@ -133,11 +132,12 @@ class SpatialTransformer(nn.Module):
         use_linear: bool = False,
         dropout: float = 0.0,
         upcast: bool = False,
+        norm_groups: int = 32,
     ) -> None:
         super().__init__()
         inner_dim = heads * dim_head
         self.use_linear = use_linear
-        self.norm = nn.GroupNorm(NORM_GROUPS, in_channels, eps=SPATIAL_NORM_EPS)
+        self.norm = nn.GroupNorm(norm_groups, in_channels, eps=SPATIAL_NORM_EPS)
         if use_linear:
             self.proj_in: nn.Module = nn.Linear(in_channels, inner_dim)
             self.proj_out: nn.Module = nn.Linear(inner_dim, in_channels)

@@ -63,14 +63,20 @@ class UNetConfig(_JsonConfig):
     dropout: float = 0.0
     # SD 2.1 computes attention scores in fp32 because fp16 overflows there.
     upcast_attention: bool = False
+    # GroupNorm groups of every ResBlock/SpatialTransformer (diffusers' name). SD uses 32; a narrow UNet
+    # wants fewer: with 32 channels, 32 groups is per-channel normalisation, which erases absolute colour.
+    norm_num_groups: int = 32
 
     def __post_init__(self) -> None:
         if self.num_heads <= 0 and self.num_head_channels <= 0:
             raise ConfigError("UNetConfig: set num_heads > 0 or num_head_channels > 0")
         if not self.channel_mult:
             raise ConfigError("UNetConfig: channel_mult must not be empty")
-        if self.model_channels % 32:
-            raise ConfigError("UNetConfig: model_channels must be a multiple of 32 (GroupNorm uses 32 groups)")
+        if self.norm_num_groups < 1 or self.model_channels % self.norm_num_groups:
+            raise ConfigError(
+                f"UNetConfig: model_channels ({self.model_channels}) must be a multiple of norm_num_groups "
+                f"({self.norm_num_groups}); change one of them"
+            )
         if self.num_res_blocks < 1:
             raise ConfigError("UNetConfig: num_res_blocks must be >= 1")
 

@@ -50,7 +50,6 @@ _DIFFUSERS_DEFAULTS: dict[str, Any] = {
     "downsample_padding": 1,
     "mid_block_scale_factor": 1,
     "act_fn": "silu",
-    "norm_num_groups": 32,
     "norm_eps": 1e-5,
     "reverse_transformer_layers_per_block": None,
     "encoder_hid_dim": None,
@@ -79,8 +78,8 @@ _DIFFUSERS_DEFAULTS: dict[str, Any] = {
 # Keys that carry no architecture (or that we read explicitly below).
 _DIFFUSERS_READ = {
     "sample_size", "in_channels", "out_channels", "down_block_types", "up_block_types", "block_out_channels",
-    "layers_per_block", "cross_attention_dim", "transformer_layers_per_block", "attention_head_dim",
-    "use_linear_projection", "num_class_embeds", "upcast_attention", "dropout",
+    "layers_per_block", "norm_num_groups", "cross_attention_dim", "transformer_layers_per_block",
+    "attention_head_dim", "use_linear_projection", "num_class_embeds", "upcast_attention", "dropout",
     "addition_embed_type_num_heads",  # only used by addition_embed_type, which we reject
 }
 _DOWN_TYPES = {"DownBlock2D": False, "CrossAttnDownBlock2D": True}  # -> has attention
@@ -173,6 +172,7 @@ def unet_config_from_diffusers(cfg: Mapping[str, Any]) -> UNetConfig:
         num_classes=cfg.get("num_class_embeds"),
         dropout=float(cfg.get("dropout", 0.0)),
         upcast_attention=bool(cfg.get("upcast_attention", False)),
+        norm_num_groups=int(cfg.get("norm_num_groups", 32)),
     )
 
 

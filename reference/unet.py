@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import NORM_GROUPS, SpatialTransformer
+from .attention import SpatialTransformer
 from .configs import ConfigError, UNetConfig
 
 RESBLOCK_NORM_EPS = 1e-5
@@ -46,16 +46,18 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: int = MAX_
 class ResBlock(nn.Module):
     """Residual block with the time embedding added between its two convolutions (Ho et al. 2020, App. B)."""
 
-    def __init__(self, channels: int, emb_channels: int, out_channels: int, dropout: float = 0.0) -> None:
+    def __init__(
+        self, channels: int, emb_channels: int, out_channels: int, dropout: float = 0.0, norm_groups: int = 32
+    ) -> None:
         super().__init__()
         self.in_layers = nn.Sequential(
-            nn.GroupNorm(NORM_GROUPS, channels, eps=RESBLOCK_NORM_EPS),
+            nn.GroupNorm(norm_groups, channels, eps=RESBLOCK_NORM_EPS),
             nn.SiLU(),
             nn.Conv2d(channels, out_channels, 3, padding=1),
         )
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
         self.out_layers = nn.Sequential(
-            nn.GroupNorm(NORM_GROUPS, out_channels, eps=RESBLOCK_NORM_EPS),
+            nn.GroupNorm(norm_groups, out_channels, eps=RESBLOCK_NORM_EPS),
             nn.SiLU(),
             nn.Dropout(dropout),
             nn.Conv2d(out_channels, out_channels, 3, padding=1),
@@ -138,8 +140,11 @@ class UNetModel(nn.Module):
                 )
             return SpatialTransformer(
                 ch, heads, dim_head, c.transformer_depth, c.context_dim, c.use_linear_in_transformer,
-                c.dropout, c.upcast_attention,
+                c.dropout, c.upcast_attention, c.norm_num_groups,
             )
+
+        def resblock(ch_in: int, ch_out: int) -> ResBlock:
+            return ResBlock(ch_in, time_embed_dim, ch_out, c.dropout, c.norm_num_groups)
 
         self.input_blocks = nn.ModuleList(
             [TimestepEmbedSequential(nn.Conv2d(c.in_channels, c.model_channels, 3, padding=1))]
@@ -149,7 +154,7 @@ class UNetModel(nn.Module):
         ds = 1  # current downsampling factor; attention_resolutions lists the ones with transformers
         for level, mult in enumerate(c.channel_mult):
             for _ in range(c.num_res_blocks):
-                layers: list[nn.Module] = [ResBlock(ch, time_embed_dim, mult * c.model_channels, c.dropout)]
+                layers: list[nn.Module] = [resblock(ch, mult * c.model_channels)]
                 ch = mult * c.model_channels
                 if ds in c.attention_resolutions:
                     layers.append(transformer(ch))
@@ -161,14 +166,14 @@ class UNetModel(nn.Module):
                 ds *= 2
 
         self.middle_block = TimestepEmbedSequential(
-            ResBlock(ch, time_embed_dim, ch, c.dropout), transformer(ch), ResBlock(ch, time_embed_dim, ch, c.dropout)
+            resblock(ch, ch), transformer(ch), resblock(ch, ch)
         )
 
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(c.channel_mult))):
             for i in range(c.num_res_blocks + 1):
                 skip = skip_channels.pop()
-                layers = [ResBlock(ch + skip, time_embed_dim, c.model_channels * mult, c.dropout)]
+                layers = [resblock(ch + skip, c.model_channels * mult)]
                 ch = c.model_channels * mult
                 if ds in c.attention_resolutions:
                     layers.append(transformer(ch))
@@ -178,7 +183,7 @@ class UNetModel(nn.Module):
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
 
         self.out = nn.Sequential(
-            nn.GroupNorm(NORM_GROUPS, ch, eps=RESBLOCK_NORM_EPS),
+            nn.GroupNorm(c.norm_num_groups, ch, eps=RESBLOCK_NORM_EPS),
             nn.SiLU(),
             nn.Conv2d(c.model_channels, c.out_channels, 3, padding=1),
         )

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from . import bench
 from .images import grid, write_png
 from .manifest import Manifest
 from .schedulers import SCHEDULERS
@@ -74,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="describe an artifacts folder", description="Describe an artifacts folder: components, precisions, profiles, parity.")
     i.add_argument("--model", type=Path, default=None, help="artifacts folder (default: the shipped default model)")
     i.add_argument("--json", action="store_true", help="print the whole manifest as JSON")
+
+    b = sub.add_parser("bench", help="speed and memory against the PyTorch pipelines", description=bench.__doc__.split("\n\n")[0])
+    bench.add_arguments(b)
     return parser
 
 
@@ -236,7 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     library.addHandler(handler)
     library.setLevel(logging.INFO if verbose else logging.WARNING)
     try:
-        return {"sample": sample, "info": info}[args.command](args)
+        return {"sample": sample, "info": info, "bench": bench.bench_command}[args.command](args)
     except USER_ERRORS as e:
         if verbose:
             library.exception("details of the error below")

@@ -74,7 +74,7 @@ def test_config_from_real_sd_configs():
         ({"class_embed_type": "timestep"}, "class_embed_type"),
         ({"time_cond_proj_dim": 256}, "time_cond_proj_dim"),
         ({"act_fn": "gelu"}, "act_fn"),
-        ({"norm_num_groups": 16}, "norm_num_groups"),
+        ({"norm_num_groups": 7}, "norm_num_groups"),
         ({"_class_name": "UNet2DModel"}, "_class_name"),
         ({"transformer_layers_per_block": [1, 2, 10, 10]}, "transformer_layers_per_block"),
         ({"down_block_types": ["AttnDownBlock2D"] + _DOWN[1:]}, "AttnDownBlock2D"),

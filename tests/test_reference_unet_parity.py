@@ -113,6 +113,16 @@ def test_sd_v2_shaped_matches_diffusers():
 
 
 @torch.no_grad()
+def test_fewer_norm_groups_match_diffusers():
+    # The default model's narrow UNet uses 8 groups; a mis-threaded group count changes every GroupNorm.
+    theirs, ours = _pair(dict(TINY_V1, norm_num_groups=8), seed=5)
+    assert ours.config.norm_num_groups == 8
+    assert all(m.num_groups == 8 for m in ours.modules() if isinstance(m, torch.nn.GroupNorm))
+    x, t, context = _inputs(2, 4, 8, 8)
+    torch.testing.assert_close(ours(x, t, context), theirs(x, t, encoder_hidden_states=context).sample, atol=TOL, rtol=0)
+
+
+@torch.no_grad()
 def test_class_conditional_matches_diffusers():
     theirs, ours = _pair(dict(TINY_V1, num_class_embeds=10), seed=3)
     x, t, context = _inputs(2, 4, 8, 8)
