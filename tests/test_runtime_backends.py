@@ -145,6 +145,7 @@ def test_session_options_and_providers():
     assert so.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     assert so.execution_mode == ort.ExecutionMode.ORT_SEQUENTIAL and so.enable_mem_pattern
     assert 1 <= so.intra_op_num_threads == onnxruntime_backend.physical_cores()
+    assert so.get_session_config_entry("session.intra_op.allow_spinning") == "0"
     assert onnxruntime_backend.resolve_providers(["cpu"]) == ["CPUExecutionProvider"]
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         assert onnxruntime_backend.resolve_providers(None) == ["CPUExecutionProvider"]

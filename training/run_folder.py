@@ -7,7 +7,13 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from torch import nn
+
+from . import distributed
+from .checkpoint import has_checkpoint
+from .cli import quiet_unless_main
+from .config_loading import TrainConfigError
 
 
 @dataclass
@@ -26,3 +32,16 @@ def append_metrics(out_dir: Path, row: dict) -> None:
     """One JSON line per log event in RUN/metrics.jsonl (a resumed run appends after the old lines)."""
     with open(out_dir / "metrics.jsonl", "a") as f:
         f.write(json.dumps({k: (round(v, 6) if isinstance(v, float) and math.isfinite(v) else v) for k, v in row.items()}) + "\n")
+
+
+def start_run(device: str, threads: int, out_dir: Path, resume: bool) -> distributed.DistContext:
+    """Join the process group (if launched by torchrun), set threads, and claim `out_dir` on rank 0:
+    a fresh run refuses a folder that already holds a checkpoint, so nothing is overwritten by accident."""
+    ctx = distributed.init_distributed(device)
+    torch.set_num_threads(threads)
+    quiet_unless_main(ctx.is_main)
+    if ctx.is_main:
+        ensure_dir(out_dir)
+    if not resume and has_checkpoint(out_dir):
+        raise TrainConfigError(f"{out_dir} already holds a checkpoint; pass --resume to continue it or choose a new --out")
+    return ctx

@@ -25,8 +25,8 @@ from ldm_rt.reference.configs import AutoencoderConfig
 
 from . import distributed
 from .autoencoder_folder import build_autoencoder, save_autoencoder
-from .checkpoint import flatten_state, has_checkpoint, load_checkpoint, restore_state, rng_states, save_checkpoint, set_rng_states, step_seed
-from .cli import config_for_run, parse_args, quiet_unless_main, run_main, setup_logging
+from .checkpoint import flatten_state, load_checkpoint, restore_state, rng_states, save_checkpoint, set_rng_states, step_seed
+from .cli import config_for_run, parse_args, run_main, setup_logging
 from .config_loading import TrainConfigError, to_dict
 from .datasets import DataConfig, get_batch, make_dataset, shard_indices
 from .discriminator import NLayerDiscriminator
@@ -34,7 +34,7 @@ from .images import save_grid
 from .losses_autoencoder import AutoencoderLoss, AutoencoderLossConfig
 from .optim import clip_and_step, make_adamw, set_lr, warmup_lr
 from .perceptual import VGGPerceptualLoss
-from .run_folder import TrainResult, append_metrics, ensure_dir
+from .run_folder import TrainResult, append_metrics, ensure_dir, start_run
 
 logger = logging.getLogger(__name__)
 
@@ -127,13 +127,7 @@ def evaluate(ae: nn.Module, heldout, count: int, device: torch.device, batch_siz
 
 def train(config: AutoencoderTrainConfig, out_dir: str | Path, resume: bool = False) -> TrainResult:
     out_dir = Path(out_dir)
-    ctx = distributed.init_distributed(config.device)
-    torch.set_num_threads(config.threads)
-    quiet_unless_main(ctx.is_main)
-    if ctx.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    if not resume and has_checkpoint(out_dir):
-        raise TrainConfigError(f"{out_dir} already holds a checkpoint; pass --resume to continue it or choose a new --out")
+    ctx = start_run(config.device, config.threads, out_dir, resume)
 
     # Data: an unlimited index stream; each step takes the next global batch, each process every world-th item.
     dataset = make_dataset(config.data, "train")

@@ -46,8 +46,8 @@ from ldm_rt.runtime.tokenizer import PromptTokenizer, TokenizerError
 
 from . import distributed
 from .autoencoder_folder import load_autoencoder
-from .checkpoint import flatten_state, has_checkpoint, load_checkpoint, restore_state, rng_states, save_checkpoint, set_rng_states, step_seed
-from .cli import config_for_run, parse_args, quiet_unless_main, run_main, setup_logging
+from .checkpoint import flatten_state, load_checkpoint, restore_state, rng_states, save_checkpoint, set_rng_states, step_seed
+from .cli import config_for_run, parse_args, run_main, setup_logging
 from .config_loading import TrainConfigError, to_dict
 from .data_folder import list_images
 from .data_shapes import ShapesDataset, vocabulary
@@ -55,7 +55,7 @@ from .datasets import DataConfig, get_batch, make_dataset, shard_indices
 from .ema import EMA
 from .images import save_grid
 from .optim import clip_and_step, make_adamw, set_lr, warmup_lr
-from .run_folder import TrainResult, append_metrics, ensure_dir
+from .run_folder import TrainResult, append_metrics, ensure_dir, start_run
 
 logger = logging.getLogger(__name__)
 
@@ -233,13 +233,7 @@ def ldm_config_for(config: LDMTrainConfig, ae_config, text_config: TextEncoderCo
 
 def train(config: LDMTrainConfig, out_dir: str | Path, resume: bool = False) -> TrainResult:
     out_dir = Path(out_dir)
-    ctx = distributed.init_distributed(config.device)
-    torch.set_num_threads(config.threads)
-    quiet_unless_main(ctx.is_main)
-    if ctx.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    if not resume and has_checkpoint(out_dir):
-        raise TrainConfigError(f"{out_dir} already holds a checkpoint; pass --resume to continue it or choose a new --out")
+    ctx = start_run(config.device, config.threads, out_dir, resume)
     dataset = make_dataset(config.data, "train")
     global_batch = config.batch_size * ctx.world_size
     text = config.conditioning == "crossattn"
