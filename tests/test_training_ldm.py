@@ -28,6 +28,8 @@ from ldm_rt.training.config_loading import TrainConfigError, load_config, read_j
 from ldm_rt.training.data_shapes import ShapesDataset, vocabulary
 from ldm_rt.training.datasets import DataConfig, get_batch, make_dataset
 from ldm_rt.training.train_autoencoder import AutoencoderTrainConfig
+from ldm_rt.training import latent_cache
+from ldm_rt.training.latent_cache import first_stage_output
 from ldm_rt.training.train_ldm import LDMTrainConfig, estimate_scale_factor, main, make_tokenizer, train
 
 # 32x32 shapes through a random f=2 autoencoder -> 16x16x4 latents; a ~0.3 M-parameter UNet.
@@ -106,6 +108,39 @@ def test_resume_continues_exactly(tmp_path, ae_folder):
     assert max((a[k].double() - b[k].double()).abs().max().item() for k in a) <= 1e-6
 
 
+def _state(run):
+    return load_file(str(run / "checkpoint" / "state.safetensors"))
+
+
+def _max_diff(a, b):
+    assert a.keys() == b.keys()
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+
+
+def test_latent_cache_encodes_each_image_once_and_resumes_exactly(tmp_path, ae_folder, monkeypatch):
+    encoded = []
+
+    def counting(ae, images):
+        encoded.append(len(images))
+        return first_stage_output(ae, images)
+
+    monkeypatch.setattr(latent_cache, "first_stage_output", counting)
+    # 8 cached items = 2 steps of 4: steps 3 and 4 reread steps 1 and 2's encodings.
+    train(tiny(ae_folder, steps=4, latent_cache=8), tmp_path / "straight")
+    assert encoded == [4, 4]
+    # The first pass is the uncached computation, so a cached run starts exactly like an uncached one.
+    train(tiny(ae_folder, steps=2), tmp_path / "uncached")
+    train(tiny(ae_folder, steps=2, latent_cache=8), tmp_path / "cached")
+    assert _max_diff(_state(tmp_path / "uncached"), _state(tmp_path / "cached")) == 0
+    # Resuming mid-way through the second pass starts with an empty cache and must not notice.
+    train(tiny(ae_folder, steps=3, latent_cache=8), tmp_path / "resumed")
+    train(tiny(ae_folder, steps=4, latent_cache=8), tmp_path / "resumed", resume=True)
+    assert _max_diff(_state(tmp_path / "straight"), _state(tmp_path / "resumed")) <= 1e-6
+    # And the second pass really does revisit the data: a longer uncached run sees new images instead.
+    train(tiny(ae_folder, steps=4), tmp_path / "unlimited")
+    assert _max_diff(_state(tmp_path / "straight"), _state(tmp_path / "unlimited")) > 1e-4
+
+
 def test_class_conditioning_with_v_prediction(tmp_path, ae_folder):
     config = tiny(
         ae_folder, steps=2, conditioning="class", sample_every=2,
@@ -133,6 +168,7 @@ def test_frozen_text_encoder_from_a_model_folder_stays_fixed(tmp_path, ae_folder
         ({"unet.context_dim": 64}, "context_dim"),
         ({"scheduler.beta_schedule": "cubic"}, "beta_schedule"),
         ({"cond_drop_prob": 1.5}, "cond_drop_prob"),
+        ({"latent_cache": 6}, "multiple of batch_size"),
     ],
 )
 def test_bad_ldm_config_is_rejected(ae_folder, overrides, message):

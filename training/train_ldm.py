@@ -54,6 +54,7 @@ from .data_shapes import ShapesDataset, vocabulary
 from .datasets import DataConfig, get_batch, make_dataset, shard_indices
 from .ema import EMA
 from .images import save_grid
+from .latent_cache import LatentCache, first_stage_output, latents_from
 from .optim import clip_and_step, make_adamw, set_lr, warmup_lr
 from .run_folder import TrainResult, append_metrics, ensure_dir, start_run
 
@@ -126,6 +127,8 @@ class LDMTrainConfig:
     sample_steps: int = 25
     sample_guidance: float = 5.0
     checkpoint_minutes: float = 5.0  # checkpoint and model folder; also written at the end
+    # Cycle the data over its first N items and encode each once (latent_cache.py); 0: unlimited, encode every step.
+    latent_cache: int = 0
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "threads", "log_every", "sample_every", "sample_steps", "scale_batches"):
@@ -151,6 +154,10 @@ class LDMTrainConfig:
                 )
         elif self.unet.context_dim != self.text_encoder.hidden_size and self.text_encoder_from is None:
             raise TrainConfigError(f"unet.context_dim ({self.unet.context_dim}) must equal text_encoder.hidden_size ({self.text_encoder.hidden_size})")
+        if self.latent_cache < 0 or self.latent_cache % self.batch_size:
+            raise TrainConfigError(f"latent_cache must be 0 or a multiple of batch_size ({self.batch_size}), got {self.latent_cache}")
+        if self.latent_cache and self.data.random_flip:
+            raise TrainConfigError("latent_cache keeps one encoding per image, which random_flip would change: disable one of them")
         if self.scale_factor is not None and self.scale_factor <= 0:
             raise TrainConfigError(f"scale_factor must be > 0 or null, got {self.scale_factor}")
         try:
@@ -209,19 +216,14 @@ def make_tokenizer(config: LDMTrainConfig) -> PromptTokenizer:
         raise TrainConfigError(f"cannot build the caption tokenizer: {e}") from None
 
 
-def latents_of(ae: nn.Module, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Unscaled latents z_0 = E(x): a posterior sample (KL, as the LDM repo trains) or the pre-quantisation
-    latents (VQ)."""
-    if ae.config.kind == "kl":
-        return ae.encode(x).sample(generator)
-    return ae.encode(x)
-
-
 @torch.no_grad()
 def estimate_scale_factor(ae: nn.Module, dataset, batches: int, batch_size: int, device: torch.device, seed: int) -> float:
     """1 / std of the first batches' latents, how SD arrived at 0.18215 (paper Sec. 4.3.2, "rescale")."""
     generator = torch.Generator(device).manual_seed(seed)
-    z = [latents_of(ae, get_batch(dataset, range(i * batch_size, (i + 1) * batch_size)).images.to(device), generator) for i in range(batches)]
+    z = [
+        latents_from(ae, first_stage_output(ae, get_batch(dataset, range(i * batch_size, (i + 1) * batch_size)).images.to(device)), generator)
+        for i in range(batches)
+    ]
     return float(1.0 / torch.cat(z).float().std())
 
 
@@ -236,6 +238,8 @@ def train(config: LDMTrainConfig, out_dir: str | Path, resume: bool = False) -> 
     ctx = start_run(config.device, config.threads, out_dir, resume)
     dataset = make_dataset(config.data, "train")
     global_batch = config.batch_size * ctx.world_size
+    if config.latent_cache % global_batch:
+        raise TrainConfigError(f"latent_cache ({config.latent_cache}) must be a multiple of the global batch ({global_batch}) so every pass cuts the same batches")
     text = config.conditioning == "crossattn"
 
     # Conditioning: a frozen text encoder + tokenizer from a model folder, or a new one trained jointly.
@@ -327,6 +331,7 @@ def train(config: LDMTrainConfig, out_dir: str | Path, resume: bool = False) -> 
         images = torch.from_numpy(out.images).permute(0, 3, 1, 2) * 2 - 1  # (B, 3, H, W) in [-1, 1]
         save_grid(images, ensure_dir(out_dir / "samples") / f"step_{step:07d}.png", nrow=8)
 
+    cache = LatentCache(config.latent_cache)
     last_checkpoint = time.monotonic()
     tick, tick_step = time.monotonic(), step
     bar = tqdm(total=config.steps, initial=step, disable=not ctx.is_main, desc="ldm", dynamic_ncols=True)
@@ -335,13 +340,13 @@ def train(config: LDMTrainConfig, out_dir: str | Path, resume: bool = False) -> 
             # Everything random in this step (latent sample, t, noise, condition dropout) derives from (seed, step, rank).
             torch.manual_seed(step_seed(config.seed, step, ctx.rank))
             generator = torch.Generator(ctx.device).manual_seed(step_seed(config.seed, step, ctx.rank) + 1)
-            batch = get_batch(dataset, shard_indices(position, global_batch, ctx.rank, ctx.world_size))
+            batch = cache.batch(dataset, shard_indices(position, global_batch, ctx.rank, ctx.world_size), model.autoencoder, ctx.device)
             position += global_batch
             set_lr(opt, warmup_lr(step, config.lr, config.warmup_steps))
             b = len(batch.captions)
 
             with torch.no_grad():
-                z0 = latents_of(model.autoencoder, batch.images.to(ctx.device), generator) * ldm_config.scale_factor
+                z0 = latents_from(model.autoencoder, batch.first_stage, generator) * ldm_config.scale_factor
             drop = torch.rand(b, generator=generator, device=ctx.device) < config.cond_drop_prob
             ids = y = context = None
             if text:
