@@ -191,6 +191,8 @@ def classify_image(rgb: np.ndarray) -> ShapeAttributes:
     distance = np.sqrt(((img - bg_rgb) ** 2).sum(axis=2))  # (H, W)
     mask = distance > 0.5 * max(float(distance.max()), 1.0)
     ys, xs = np.nonzero(mask)
+    if not len(xs):
+        raise ValueError("classify_image found no shape: every pixel is as close to the background as the farthest one")
     color = _nearest(np.median(img[mask], axis=0), COLORS)
 
     cx, cy = (xs.mean() + 0.5) / w, (ys.mean() + 0.5) / h
