@@ -1,5 +1,9 @@
 """Command line of the export build: `python export/build_engines.py --model SRC --out DIR [--fp16] ...`.
 
+With no --model and no --out it rebuilds the shipped default model's artifacts in place
+(engines/default/model -> engines/default/artifacts, replaced atomically); with --model and no --out it
+writes engines/build/<source name>.
+
 Exit codes: 0 finished (with engines, or ONNX only with --onnx-only); 1 the ONNX artifacts are finished
 but TensorRT/CUDA is missing, so no engines were built; 2 nothing was built (bad arguments, unreadable
 source, failed export or parity), with one line on stderr saying why.
@@ -19,6 +23,7 @@ from ldm_rt.export.build import BuildOptions, build
 from ldm_rt.export.errors import ExportError
 from ldm_rt.export.onnx_export import OPSET
 from ldm_rt.export.parity import format_table
+from ldm_rt.runtime.artifacts import default_artifacts_dir
 from ldm_rt.runtime.contracts import ContractError, ShapeProfile
 from ldm_rt.runtime.manifest import ArtifactError
 
@@ -52,7 +57,8 @@ def parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Export a latent diffusion model to ONNX (fp32, optionally fp16), check parity against the "
         "PyTorch reference, build TensorRT engines when TensorRT and a GPU are present, and write an "
-        "artifacts folder with manifest.json.",
+        "artifacts folder with manifest.json. With no arguments it rebuilds the shipped default model's "
+        "artifacts in place (engines/default/model -> engines/default/artifacts).",
         epilog="Exit status: 0 done; 1 ONNX artifacts done but TensorRT/CUDA not found; 2 error (nothing built).",
     )
     src = p.add_argument_group("source")
@@ -64,7 +70,8 @@ def parser() -> argparse.ArgumentParser:
                      help="what the UNet predicts; single files cannot tell (SD 2.x 768-v: v_prediction)")
     out = p.add_argument_group("output")
     out.add_argument("--out", type=Path, metavar="DIR", help="artifacts folder (replaced atomically); default: "
-                     "engines/build/<source name> in the ldm_rt.engines package")
+                     "without --model, the shipped artifacts engines/default/artifacts (a rebuild in place); with "
+                     "--model, engines/build/<source name>; both in the ldm_rt.engines package")
     out.add_argument("--triton-repo", type=Path, metavar="DIR", help="also write a Triton model repository here")
     prec = p.add_argument_group("precision and engines")
     prec.add_argument("--fp16", action="store_true", help="also export fp16 ONNX (fp32 islands where fp16 overflows) "
@@ -102,9 +109,12 @@ def options_from_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> B
         if any(v is not None for v in fixed):
             p.error("--batch/--height/--width need --static-shape; for a dynamic profile use --batch-range etc.")
         profile = ShapeProfile(args.batch_range, args.height_range, args.width_range)
+    out = args.out
+    if out is None and args.model is None:
+        out = default_artifacts_dir()  # the shipped model's artifacts are rebuilt where the runtime finds them
     return BuildOptions(
         model=args.model,
-        out=args.out,
+        out=out,
         profile=profile,
         static_shape=args.static_shape,
         fp16=args.fp16,
