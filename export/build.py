@@ -6,6 +6,7 @@ finished build, and an interrupted build leaves nothing that looks like one.
 
     <out>/manifest.json
     <out>/onnx/fp32/<component>.onnx, <out>/onnx/fp16/<component>.onnx
+    <out>/onnx/fp32/<component>.onnxruntime.onnx   (attention fused for ONNX Runtime, when there is any)
     <out>/engines/<component>.<precision>.<key>.plan + .json   (when TensorRT built them)
     <out>/tokenizer.json, <out>/scheduler_config.json
 """
@@ -17,7 +18,7 @@ import importlib.resources
 import json
 import logging
 import platform
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -27,14 +28,15 @@ from tqdm import tqdm
 from ldm_rt.export.errors import ExportError, TensorRTUnavailable
 from ldm_rt.export.fp16 import find_fp32_islands, half_model
 from ldm_rt.export.onnx_export import OPSET, export_component
-from ldm_rt.export.parity import ORT_FP16_NOTE, ParityResult, check_onnx, reference_cases, sample_sets
+from ldm_rt.export.ort_attention import write_ort_variant
+from ldm_rt.export.parity import ORT_FP16_NOTE, Case, ParityResult, check_onnx, reference_cases, sample_sets
 from ldm_rt.export.sources import Source, load_source
 from ldm_rt.export.tensorrt_build import TensorRTInfo, build_engine, engine_spec, probe_tensorrt
 from ldm_rt.export.triton_repo import write_triton_repo
 from ldm_rt.reference.export_wrappers import export_wrappers
 from ldm_rt.runtime.atomic import atomic_directory
 from ldm_rt.runtime.contracts import ComponentContract, ContractError, ShapeProfile, build_contracts
-from ldm_rt.runtime.manifest import ComponentEntry, FileEntry, Manifest, PrecisionEntry
+from ldm_rt.runtime.manifest import ComponentEntry, FileEntry, Manifest, OrtVariant, PrecisionEntry
 from ldm_rt.runtime.sampler_spec import sampler_spec
 
 log = logging.getLogger(__name__)
@@ -42,6 +44,11 @@ log = logging.getLogger(__name__)
 TOOLS = ("ldm-rt", "torch", "transformers", "onnx", "onnxruntime", "polygraphy", "onnx-graphsurgeon", "tensorrt")
 FP32_FIX = "the exported graph does not compute the reference function; report this with the model config"
 FP16_FIX = "rebuild without --fp16 (fp32 artifacts are unaffected)"
+ORT_FIX = (
+    "the attention rewrite for ONNX Runtime changed the function; report this with the model config "
+    "(BuildOptions(ort_variant=False) skips the rewrite)"
+)
+ORT_VARIANT_BACKEND = "onnxruntime-fused"
 
 
 def default_out_dir(source_name: str) -> Path:
@@ -64,6 +71,7 @@ class BuildOptions:
     timing_cache: Path | None = None
     opset: int = OPSET
     progress: bool = True
+    ort_variant: bool = True  # also write the fp32 files with attention fused for ONNX Runtime (export/ort_attention.py)
 
 
 @dataclass
@@ -91,6 +99,21 @@ def _external(root: Path, files: list[Path]) -> FileEntry | None:
     return FileEntry.of(root, data[0].relative_to(root).as_posix()) if data else None
 
 
+def _ort_variant(
+    name: str, root: Path, rel: str, contract: ComponentContract, cases: list[Case], results: list[ParityResult]
+) -> OrtVariant | None:
+    """The ONNX Runtime variant beside the fp32 file `rel`, parity-checked; None when nothing fuses.
+    fp32 only: ONNX Runtime's CPU MultiHeadAttention kernel is float32."""
+    rel_ort = rel.removesuffix(".onnx") + ".onnxruntime.onnx"
+    fused = write_ort_variant(root / rel, root / rel_ort)
+    if not fused:
+        return None
+    parity = replace(check_onnx(root / rel_ort, contract, "fp32", cases), backend=ORT_VARIANT_BACKEND)
+    results.append(parity)
+    parity.raise_if_failed(ORT_FIX)
+    return OrtVariant(FileEntry.of(root, rel_ort), parity=parity.to_dict(), fused=fused)
+
+
 def _export_component(
     name: str, source: Source, contract: ComponentContract, root: Path, options: BuildOptions, results: list[ParityResult]
 ) -> ComponentEntry:
@@ -101,7 +124,10 @@ def _export_component(
     fp32 = check_onnx(root / rel32, contract, "fp32", cases)
     results.append(fp32)
     fp32.raise_if_failed(FP32_FIX)
-    precisions = {"fp32": PrecisionEntry(FileEntry.of(root, rel32), parity=fp32.to_dict(), external_data=_external(root, files32))}
+    ort = _ort_variant(name, root, rel32, contract, cases, results) if options.ort_variant else None
+    precisions = {
+        "fp32": PrecisionEntry(FileEntry.of(root, rel32), parity=fp32.to_dict(), external_data=_external(root, files32), ort=ort)
+    }
     if options.fp16:
         search = find_fp32_islands(wrapper, contract, cases)
         results.append(search.parity)

@@ -497,12 +497,14 @@ def _node_events(profile_file: str) -> list[dict[str, Any]]:
     return [e for e in events if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time")]
 
 
-def _unet_file(artifacts: Path) -> tuple[Path, Any]:
-    """The fp32 UNet graph of an artifacts folder and its manifest entry (contract)."""
+def _unet_file(artifacts: Path, as_run: bool = False) -> tuple[Path, Any]:
+    """The fp32 UNet graph of an artifacts folder and its manifest entry (contract). FLOPs are counted on the
+    portable graph; `as_run` gives the file the ONNX Runtime backend runs (the fused-attention variant if built)."""
     from .manifest import Manifest
 
     entry = Manifest.read(artifacts).components["unet"]
-    return Path(artifacts) / entry.precisions["fp32"].onnx.file, entry
+    fp32 = entry.precisions["fp32"]
+    return Path(artifacts) / (fp32.ort.onnx.file if as_run and fp32.ort else fp32.onnx.file), entry
 
 
 def _unet_feeds(entry, rows: int, h: int, w: int) -> dict[str, np.ndarray]:
@@ -561,9 +563,9 @@ def unet_flops(artifacts: Path, rows: int, h: int, w: int) -> dict[str, Any]:
 
 
 # family: (kernels that run it after ONNX Runtime's fusions, exported ops whose FLOPs were counted);
-# NCHWc convolutions keep the name Conv.
+# NCHWc convolutions keep the name Conv; fused attention runs the attention MatMuls of the portable graph.
 FLOP_FAMILIES = {"Conv": (("Conv", "FusedConv", "ConvTranspose"), ("Conv", "ConvTranspose")),
-                 "MatMul": (("MatMul", "FusedMatMul", "Gemm"), ("MatMul", "Gemm"))}
+                 "MatMul": (("MatMul", "FusedMatMul", "Gemm", "MultiHeadAttention"), ("MatMul", "Gemm"))}
 
 
 def op_profile(artifacts: Path, rows: int, h: int, w: int, flops_by_op: dict[str, float] | None = None,
@@ -579,7 +581,7 @@ def op_profile(artifacts: Path, rows: int, h: int, w: int, flops_by_op: dict[str
         so = session_options()
         so.enable_profiling = True
         so.profile_file_prefix = str(Path(tmp) / "ops")
-        path, entry = _unet_file(artifacts)
+        path, entry = _unet_file(artifacts, as_run=True)
         session = ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
         feeds = _unet_feeds(entry, rows, h, w)
         session.run(None, feeds)

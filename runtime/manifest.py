@@ -52,6 +52,17 @@ class FileEntry:
 
 
 @dataclass
+class OrtVariant:
+    """An ONNX Runtime-only rewrite of a precision's ONNX file (contrib ops fused in, export/ort_attention.py),
+    parity-checked against the reference like the portable file. It shares the portable file's external
+    data, if any. Only the ONNX Runtime backend reads it; TensorRT and ports read the portable file."""
+
+    onnx: FileEntry
+    parity: dict[str, Any] = field(default_factory=dict)
+    fused: dict[str, int] = field(default_factory=dict)  # contrib op -> node count, e.g. {"MultiHeadAttention": 32}
+
+
+@dataclass
 class PrecisionEntry:
     """One ONNX file of a component at one precision, with its parity against the reference."""
 
@@ -59,6 +70,7 @@ class PrecisionEntry:
     parity: dict[str, Any] = field(default_factory=dict)  # {"shapes": [...], "max_abs_err": [...], "bound": ..., "passed": bool}
     kept_fp32: list[str] = field(default_factory=list)  # nodes/blocks left in fp32 because fp16 overflowed
     external_data: FileEntry | None = None  # <component>.onnx.data when the model passes protobuf's 2 GB
+    ort: OrtVariant | None = None  # the ONNX Runtime variant, when the graph had something to fuse
 
 
 @dataclass
@@ -94,11 +106,15 @@ class Manifest:
         def entry(e: dict[str, Any] | None) -> FileEntry | None:
             return None if e is None else FileEntry(**e)
 
+        def variant(v: dict[str, Any] | None) -> OrtVariant | None:
+            return None if v is None else OrtVariant(FileEntry(**v["onnx"]), v.get("parity", {}), dict(v.get("fused", {})))
+
         comps = {}
         for name, c in d["components"].items():
             precisions = {
                 p: PrecisionEntry(
-                    entry(v["onnx"]), v.get("parity", {}), list(v.get("kept_fp32", [])), entry(v.get("external_data"))
+                    entry(v["onnx"]), v.get("parity", {}), list(v.get("kept_fp32", [])), entry(v.get("external_data")),
+                    variant(v.get("ort")),
                 )
                 for p, v in c["precisions"].items()
             }

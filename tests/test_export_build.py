@@ -120,6 +120,7 @@ def test_manifest_is_valid_and_every_hash_verifies(built):
     assert scheduler["beta_schedule"] == "scaled_linear"
     # Nothing besides the listed files and the manifest (no temp files left behind).
     listed = {pe.onnx.file for e in m.components.values() for pe in e.precisions.values()}
+    listed |= {pe.ort.onnx.file for e in m.components.values() for pe in e.precisions.values() if pe.ort}
     listed |= {m.scheduler.file, m.tokenizer.file, MANIFEST}
     present = {p.relative_to(built.out).as_posix() for p in built.out.rglob("*") if p.is_file()}
     assert present == listed

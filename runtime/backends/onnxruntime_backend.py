@@ -1,7 +1,9 @@
 """ONNX Runtime backend: one InferenceSession per component, CPU or CUDA execution provider.
 
-Sessions are configured once (all graph optimisations, intra-op threads = physical cores, sequential
-execution, memory pattern) and shared: `InferenceSession.run` is thread-safe, so one Pipeline serves
+Each component opens the ONNX Runtime variant of its file when the build wrote one (attention fused into
+com.microsoft.MultiHeadAttention: less memory, a smaller graph; runtime/manifest.OrtVariant), else the
+portable ONNX. Sessions are configured once (all graph optimisations, intra-op threads = physical cores,
+sequential execution, memory pattern) and shared: `InferenceSession.run` is thread-safe, so one Pipeline serves
 concurrent requests without a lock. On CUDA, inputs and outputs go through IO binding, and `upload`
 keeps a tensor that every step reads (the text embeddings) on the device for the whole loop.
 """
@@ -17,7 +19,7 @@ import numpy as np
 import onnxruntime as ort
 
 from ..contracts import ComponentContract
-from ..manifest import ArtifactError, Manifest
+from ..manifest import ArtifactError, Manifest, PrecisionEntry
 from .base import BackendError, placeholder_for
 
 log = logging.getLogger(__name__)
@@ -102,10 +104,36 @@ class OrtComponent:
         return dict(zip(self.output_names, binding.copy_outputs_to_cpu()))
 
 
+def _session(path: Path, options: ort.SessionOptions, providers: list[str]) -> ort.InferenceSession:
+    try:
+        return ort.InferenceSession(str(path), sess_options=options, providers=providers)
+    except Exception as e:  # onnxruntime's pybind errors share no narrower base class
+        raise ArtifactError(f"{path} cannot be loaded by onnxruntime ({type(e).__name__}); rebuild the artifacts") from None
+
+
+def _open(
+    artifacts_dir: Path, manifest: Manifest, pe: PrecisionEntry, fused: bool, options: ort.SessionOptions, providers: list[str]
+) -> tuple[ort.InferenceSession, str]:
+    """The session of the ONNX Runtime variant when there is one (and `fused`), else of the portable file;
+    and the file it was opened from."""
+    if pe.external_data is not None:
+        manifest.verify_file(artifacts_dir, pe.external_data)  # shared by both files
+    if fused and pe.ort is not None:
+        path = manifest.verify_file(artifacts_dir, pe.ort.onnx)
+        try:
+            return _session(path, options, providers), pe.ort.onnx.file
+        except ArtifactError as e:
+            # Both files compute the same parity-checked function; an onnxruntime build without the
+            # contrib ops can still run the portable one.
+            log.warning("%s; using the portable %s instead", e, pe.onnx.file)
+    return _session(manifest.verify_file(artifacts_dir, pe.onnx), options, providers), pe.onnx.file
+
+
 def open_components(
-    artifacts_dir: Path, manifest: Manifest, precision: str, providers: Sequence[str] | None = None
+    artifacts_dir: Path, manifest: Manifest, precision: str, providers: Sequence[str] | None = None, fused: bool = True
 ) -> dict[str, OrtComponent]:
-    """Sessions for every component of the artifacts at `precision`, files checked against the manifest."""
+    """Sessions for every component of the artifacts at `precision`, files checked against the manifest.
+    `fused=False` opens the portable ONNX files even where an ONNX Runtime variant exists."""
     chosen = resolve_providers(providers)
     options = session_options()
     components = {}
@@ -115,13 +143,7 @@ def open_components(
             raise BackendError(
                 f"{artifacts_dir} has no {precision} {name} (built: {built}); rebuild with --fp16 or use --precision fp32"
             )
-        path = manifest.verify_file(artifacts_dir, entry.precisions[precision].onnx)
-        if entry.precisions[precision].external_data is not None:
-            manifest.verify_file(artifacts_dir, entry.precisions[precision].external_data)
-        try:
-            session = ort.InferenceSession(str(path), sess_options=options, providers=chosen)
-        except Exception as e:  # onnxruntime's pybind errors share no narrower base class
-            raise ArtifactError(f"{path} cannot be loaded by onnxruntime ({type(e).__name__}); rebuild the artifacts") from None
-        log.info("opened %s (%s) on %s", name, precision, session.get_providers()[0])
+        session, file = _open(artifacts_dir, manifest, entry.precisions[precision], fused, options, chosen)
+        log.info("opened %s (%s) from %s on %s", name, precision, file, session.get_providers()[0])
         components[name] = OrtComponent(session, entry.contract)
     return components
