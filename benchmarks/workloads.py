@@ -146,6 +146,20 @@ def _cached(folder: Path, key: dict[str, Any], make) -> Path:
     return folder
 
 
+def export_code_sha256() -> str:
+    """Hash of the code that makes ldm-rt's artifacts (export/, reference/): a changed exporter rebuilds them."""
+    import hashlib
+
+    import ldm_rt.export
+    import ldm_rt.reference
+
+    h = hashlib.sha256()
+    for package in (ldm_rt.export, ldm_rt.reference):
+        for path in sorted(Path(package.__path__[0]).glob("*.py")):
+            h.update(path.name.encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()
+
+
 def build_ours(source: Path, out: Path, heights: tuple[int, int, int], batch: tuple[int, int, int], key: dict[str, Any]) -> Path:
     """ldm-rt's fp32 ONNX artifacts of `source` (export/build.py, parity checks included)."""
     from ldm_rt.export.build import BuildOptions, build
@@ -155,7 +169,7 @@ def build_ours(source: Path, out: Path, heights: tuple[int, int, int], batch: tu
         log.info("exporting %s with ldm-rt -> %s", source, folder)
         build(BuildOptions(model=source, out=folder, profile=ShapeProfile(batch, heights, heights), onnx_only=True, progress=False))
 
-    return _cached(out, {**key, "profile": [list(batch), list(heights)]}, make)
+    return _cached(out, {**key, "profile": [list(batch), list(heights)], "export_code": export_code_sha256()}, make)
 
 
 def build_optimum(python: Path, source: Path, out: Path, key: dict[str, Any], log_file: Path) -> Path:
