@@ -185,6 +185,16 @@ def build_optimum(python: Path, source: Path, out: Path, key: dict[str, Any], lo
     return _cached(out, key, make)
 
 
+def optimum_export(python: Path | None, reason: str | None, source: Path, root: Path, key: dict[str, Any]) -> tuple[Path | None, str | None]:
+    """(Optimum's export of `source`, None) or (None, why there is none): no Optimum venv, or its export failed."""
+    if python is None:
+        return None, reason
+    try:
+        return build_optimum(python, source, root / "optimum", key, root / "optimum_export.log"), None
+    except RuntimeError as e:
+        return None, str(e)
+
+
 @dataclass(frozen=True)
 class Prepared:
     """One model ready for every peer: ldm-rt's artifacts, the source the reference loads, the diffusers
@@ -211,12 +221,7 @@ def prepare_sd_shaped(shape: SDShape, sizes: tuple[int, ...], optimum_python: Pa
     # One profile whatever sizes this run measures, so a --quick run reuses the full run's export.
     heights = (min(*sizes, *SD_SIZES), min(SD_SIZES), max(*sizes, *SD_SIZES))
     artifacts = build_ours(source, root / "artifacts", heights, (1, 1, 1), key)
-    optimum = None
-    if optimum_python is not None:
-        try:
-            optimum = build_optimum(optimum_python, source, root / "optimum", key, root / "optimum_export.log")
-        except RuntimeError as e:
-            optimum_reason = str(e)
+    optimum, optimum_reason = optimum_export(optimum_python, optimum_reason, source, root, key)
     params = parameter_counts(source)
     config = {"sd_shaped": True, **shape.to_dict(), "params_millions": {k: round(v, 2) for k, v in params.items()}}
     description = (
@@ -251,12 +256,7 @@ def prepare_default(optimum_python: Path | None, optimum_reason: str | None) -> 
         source = _cached(root / "diffusers", key, lambda folder: ldm_rt_to_diffusers(model, folder))
     except ValueError as e:
         return Prepared("default", description, {}, artifacts, model, None, None, str(e), str(e))
-    optimum = None
-    if optimum_python is not None:
-        try:
-            optimum = build_optimum(optimum_python, source, root / "optimum", key, root / "optimum_export.log")
-        except RuntimeError as e:
-            optimum_reason = str(e)
+    optimum, optimum_reason = optimum_export(optimum_python, optimum_reason, source, root, key)
     config, _ = _model_json(model)
     return Prepared("default", description, config, artifacts, model, source, optimum, optimum_reason=optimum_reason)
 

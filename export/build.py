@@ -99,9 +99,7 @@ def _external(root: Path, files: list[Path]) -> FileEntry | None:
     return FileEntry.of(root, data[0].relative_to(root).as_posix()) if data else None
 
 
-def _ort_variant(
-    name: str, root: Path, rel: str, contract: ComponentContract, cases: list[Case], results: list[ParityResult]
-) -> OrtVariant | None:
+def _ort_variant(root: Path, rel: str, contract: ComponentContract, cases: list[Case], results: list[ParityResult]) -> OrtVariant | None:
     """The ONNX Runtime variant beside the fp32 file `rel`, parity-checked; None when nothing fuses.
     fp32 only: ONNX Runtime's CPU MultiHeadAttention kernel is float32."""
     rel_ort = rel.removesuffix(".onnx") + ".onnxruntime.onnx"
@@ -124,7 +122,7 @@ def _export_component(
     fp32 = check_onnx(root / rel32, contract, "fp32", cases)
     results.append(fp32)
     fp32.raise_if_failed(FP32_FIX)
-    ort = _ort_variant(name, root, rel32, contract, cases, results) if options.ort_variant else None
+    ort = _ort_variant(root, rel32, contract, cases, results) if options.ort_variant else None
     precisions = {
         "fp32": PrecisionEntry(FileEntry.of(root, rel32), parity=fp32.to_dict(), external_data=_external(root, files32), ort=ort)
     }
