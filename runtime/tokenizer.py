@@ -73,6 +73,13 @@ def _read_optional_json(path: Path, what: str) -> dict[str, Any]:
     return _read_json(path, what) if path.is_file() else {}
 
 
+def _tokenizer_from_str(text: str, where: str) -> Tokenizer:
+    try:
+        return Tokenizer.from_str(text)
+    except Exception as e:  # tokenizers raises a bare Exception for every kind of bad file
+        raise TokenizerError(f"{where} is not a valid tokenizer.json ({e}); re-export the model") from None
+
+
 def _token_content(value: Any) -> str | None:
     # tokenizer_config.json stores special tokens as strings or as AddedToken dicts.
     if isinstance(value, dict):
@@ -152,9 +159,12 @@ class PromptTokenizer:
                 )
         return TokenizedPrompts(ids=ids, truncated=[n > 0 for n in dropped], dropped=dropped)
 
+    def to_str(self) -> str:
+        """The self-contained tokenizer.json text (vocabulary, padding, truncation, bos/eos template)."""
+        return self._tokenizer.to_str(pretty=True)
+
     def save(self, path: str | Path) -> None:
-        """Write one self-contained tokenizer.json (vocabulary, padding, truncation, bos/eos template)."""
-        atomic_write_text(path, self._tokenizer.to_str(pretty=True))
+        atomic_write_text(path, self.to_str())
 
     # ---- constructors ----
 
@@ -163,11 +173,7 @@ class PromptTokenizer:
         """A tokenizer.json: ours (self-contained), or a transformers one together with max_length and
         pad_token where it does not fix them itself."""
         path = Path(path)
-        text = _read_text(path, "tokenizer file")
-        try:
-            tokenizer = Tokenizer.from_str(text)
-        except Exception as e:  # tokenizers raises a bare Exception for every kind of bad file
-            raise TokenizerError(f"{path} is not a valid tokenizer.json ({e}); re-export the model") from None
+        tokenizer = _tokenizer_from_str(_read_text(path, "tokenizer file"), str(path))
         if max_length is not None or pad_token is not None:
             length = max_length or (tokenizer.padding or {}).get("length")
             pad = pad_token or (tokenizer.padding or {}).get("pad_token")
@@ -175,6 +181,11 @@ class PromptTokenizer:
                 raise TokenizerError(f"{path} fixes no padding; pass both max_length and pad_token")
             _pad_and_truncate(tokenizer, int(length), pad, where=str(path))
         return cls(tokenizer)
+
+    @classmethod
+    def from_str(cls, text: str, where: str = "tokenizer text") -> PromptTokenizer:
+        """The inverse of to_str."""
+        return cls(_tokenizer_from_str(text, where))
 
     @classmethod
     def from_clip_files(

@@ -22,7 +22,7 @@ from ldm_rt.reference.ldm import LatentDiffusion
 from ldm_rt.reference.text_encoder import TextEncoder
 from ldm_rt.reference.unet import UNetModel
 from ldm_rt.reference.model_folder import load_model_folder
-from ldm_rt.runtime.schedulers.registry import scheduler_from_diffusers_json
+from ldm_rt.runtime.schedulers.registry import scheduler_from_diffusers_config, scheduler_from_diffusers_json
 from ldm_rt.training.autoencoder_folder import build_autoencoder, load_autoencoder, save_autoencoder
 from ldm_rt.training.config_loading import TrainConfigError, load_config, read_json, to_dict
 from ldm_rt.training.data_shapes import ShapesDataset, vocabulary
@@ -161,6 +161,41 @@ def test_frozen_text_encoder_from_a_model_folder_stays_fixed(tmp_path, ae_folder
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+def fine_tune(init, **overrides) -> LDMTrainConfig:
+    zero_snr_v = {"scheduler.prediction_type": "v_prediction", "scheduler.rescale_betas_zero_snr": True, "scheduler.timestep_spacing": "trailing"}
+    settings = {**zero_snr_v, "init_from": str(init), **overrides}
+    return load_config(LDMTrainConfig, TINY, [f"{k}={json.dumps(v)}" for k, v in settings.items()])
+
+
+def test_fine_tuning_starts_from_the_folder_and_resumes_without_it(tmp_path, ae_folder):
+    train(tiny(ae_folder, steps=2, lr=1e-2), tmp_path / "first")
+    init = tmp_path / "first" / "model"
+    start = load_model_folder(init)
+
+    # A negligible learning rate: after one step every weight is still the folder's, objective and all new.
+    train(fine_tune(init, steps=1, lr=1e-12), tmp_path / "still")
+    still = load_model_folder(tmp_path / "still" / "model")
+    for name in ("unet", "text_encoder", "autoencoder"):
+        before, after = getattr(start.model, name).state_dict(), getattr(still.model, name).state_dict()
+        assert max((before[k] - after[k]).abs().max().item() for k in before) < 1e-6, name
+    assert still.model.config == start.model.config and still.tokenizer.to_str() == start.tokenizer.to_str()
+    assert still.scheduler_config["prediction_type"] == "v_prediction" and still.scheduler_config["rescale_betas_zero_snr"]
+    assert still.info["init_from"]["path"] == str(init) and still.info["init_from"]["info"]["step"] == 2
+
+    # Resuming takes weights and tokenizer from the checkpoint, so it is exact even once the folder is gone.
+    train(fine_tune(init, steps=4), tmp_path / "straight")
+    train(fine_tune(init, steps=2), tmp_path / "resumed")
+    init.rename(tmp_path / "moved")
+    train(fine_tune(init, steps=4), tmp_path / "resumed", resume=True)
+    assert _max_diff(_state(tmp_path / "straight"), _state(tmp_path / "resumed")) <= 1e-6
+    assert _max_diff(_state(tmp_path / "straight"), _state(tmp_path / "still")) > 1e-4  # it did train
+    assert load_model_folder(tmp_path / "resumed" / "model").info["init_from"]["info"]["step"] == 2
+
+    (tmp_path / "moved").rename(init)
+    with pytest.raises(TrainConfigError, match=r"unet.num_res_blocks 2 vs 1"):
+        train(fine_tune(init, steps=1, **{"unet.num_res_blocks": 2}), tmp_path / "mismatch")
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
@@ -169,6 +204,7 @@ def test_frozen_text_encoder_from_a_model_folder_stays_fixed(tmp_path, ae_folder
         ({"scheduler.beta_schedule": "cubic"}, "beta_schedule"),
         ({"cond_drop_prob": 1.5}, "cond_drop_prob"),
         ({"latent_cache": 6}, "multiple of batch_size"),
+        ({"init_from": "some/model"}, "init_from brings its own autoencoder"),
     ],
 )
 def test_bad_ldm_config_is_rejected(ae_folder, overrides, message):
@@ -236,3 +272,14 @@ def test_default_configs_load_and_fit_the_size_budget():
     }
     assert sizes["autoencoder"] <= 1.0e6 and sizes["unet"] <= 2.5e6 and sizes["text_encoder"] <= 0.5e6, sizes
     assert sum(sizes.values()) * (4 + 4 + 2) < 50e6  # bytes: fp32 weights, fp32 ONNX, fp16 ONNX
+
+
+def test_the_zero_snr_stage_fine_tunes_the_same_architecture():
+    """Stage 2 of the default model (Lin et al. 2024): v-prediction on a zero-terminal-SNR schedule, from the
+    stage-1 model folder, so its architecture must be stage 1's."""
+    configs = Path(__file__).resolve().parents[1] / "training" / "configs"
+    stage1 = load_config(LDMTrainConfig, read_json(configs / "default_ldm.json"))
+    stage2 = load_config(LDMTrainConfig, read_json(configs / "default_ldm_zero_snr.json"), ["init_from=RUN/model"])
+    assert (stage2.unet, stage2.text_encoder, stage2.data) == (stage1.unet, stage1.text_encoder, stage1.data)
+    schedule = scheduler_from_diffusers_config(stage2.scheduler)
+    assert schedule.alphas_cumprod[-1] == 0.0 and stage2.scheduler["prediction_type"] == "v_prediction"

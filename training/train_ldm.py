@@ -107,6 +107,10 @@ class LDMTrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     ae: str | None = None  # autoencoder folder (train_autoencoder's RUN/autoencoder) or an ldm-rt model folder; --ae sets it
     text_encoder_from: str | None = None  # ldm-rt model folder whose text encoder + tokenizer are used, frozen
+    # ldm-rt model folder to fine-tune: its weights (UNet, text encoder, autoencoder), tokenizer and scale factor
+    # start the run; unet/text_encoder must describe its architecture. The scheduler (the objective) is this
+    # config's, so a model can move to v-prediction or zero terminal SNR (Lin et al. 2024 fine-tuned SD 2.1 so).
+    init_from: str | None = None
     scale_factor: float | None = None  # None: 1 / std of the latents of the first `scale_batches` batches
     scale_batches: int = 4
     cond_drop_prob: float = 0.1  # classifier-free guidance: share of samples trained with the empty prompt
@@ -158,6 +162,8 @@ class LDMTrainConfig:
             raise TrainConfigError(f"latent_cache must be 0 or a multiple of batch_size ({self.batch_size}), got {self.latent_cache}")
         if self.latent_cache and self.data.random_flip:
             raise TrainConfigError("latent_cache keeps one encoding per image, which random_flip would change: disable one of them")
+        if self.init_from is not None and (self.ae is not None or self.text_encoder_from is not None or self.scale_factor is not None):
+            raise TrainConfigError("init_from brings its own autoencoder, text encoder and scale factor: drop ae / text_encoder_from / scale_factor (or init_from)")
         if self.scale_factor is not None and self.scale_factor <= 0:
             raise TrainConfigError(f"scale_factor must be > 0 or null, got {self.scale_factor}")
         try:
@@ -233,6 +239,25 @@ def ldm_config_for(config: LDMTrainConfig, ae_config, text_config: TextEncoderCo
     return LDMConfig(unet=unet, autoencoder=ae_config, text_encoder=text_config, scale_factor=scale_factor, conditioning=config.conditioning)
 
 
+def _differences(wanted, found, skip: tuple[str, ...] = ()) -> list[str]:
+    return [f"{f.name} {getattr(wanted, f.name)!r} vs {getattr(found, f.name)!r}" for f in dataclasses.fields(wanted) if f.name not in skip and getattr(wanted, f.name) != getattr(found, f.name)]
+
+
+def load_init(config: LDMTrainConfig):
+    """The model folder a fine-tuning run starts from, checked against the config's architecture."""
+    init = load_model_folder(config.init_from)
+    found = init.model.config
+    if found.conditioning != config.conditioning or (found.text_encoder is None) != (config.conditioning != "crossattn"):
+        raise TrainConfigError(f"init_from {config.init_from} is conditioned by {found.conditioning!r}, the config by {config.conditioning!r}; make them agree")
+    problems = [f"unet.{d}" for d in _differences(config.unet, found.unet, skip=("in_channels", "out_channels"))]
+    if found.text_encoder is not None:
+        token_fields = ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id")  # the folder's tokenizer sets them
+        problems += [f"text_encoder.{d}" for d in _differences(config.text_encoder, found.text_encoder, skip=token_fields)]
+    if problems:
+        raise TrainConfigError(f"init_from {config.init_from} does not match the config ({'; '.join(problems)}): set those keys to the folder's values")
+    return init
+
+
 def train(config: LDMTrainConfig, out_dir: str | Path, resume: bool = False) -> TrainResult:
     out_dir = Path(out_dir)
     ctx = start_run(config.device, config.threads, out_dir, resume)
@@ -242,9 +267,17 @@ def train(config: LDMTrainConfig, out_dir: str | Path, resume: bool = False) -> 
         raise TrainConfigError(f"latent_cache ({config.latent_cache}) must be a multiple of the global batch ({global_batch}) so every pass cuts the same batches")
     text = config.conditioning == "crossattn"
 
+    tensors, meta = load_checkpoint(out_dir) if resume else ({}, {})
     # Conditioning: a frozen text encoder + tokenizer from a model folder, or a new one trained jointly.
     tokenizer, frozen_text = None, None
-    if text and config.text_encoder_from:
+    init = load_init(config) if config.init_from and not resume else None
+    init_info = None if init is None else init.info  # recorded in the model folder (on resume: in the checkpoint)
+    if init is not None:
+        tokenizer = init.tokenizer
+        text_config = init.model.config.text_encoder
+    elif text and config.init_from:  # resuming a fine-tuning run: weights and tokenizer come from the checkpoint
+        tokenizer, text_config = PromptTokenizer.from_str(meta["tokenizer"], f"{out_dir} checkpoint"), None
+    elif text and config.text_encoder_from:
         loaded = load_model_folder(config.text_encoder_from)
         tokenizer, frozen_text = loaded.tokenizer, loaded.model.text_encoder
         if frozen_text is None:
@@ -262,8 +295,11 @@ def train(config: LDMTrainConfig, out_dir: str | Path, resume: bool = False) -> 
     # The frozen first stage, and the latent scale factor (estimated once, then kept in the checkpoint).
     step, position, metrics = 0, 0, {}
     if resume:
-        tensors, meta = load_checkpoint(out_dir)
         ldm_config = LDMConfig.from_dict(meta["ldm_config"])
+    elif init is not None:
+        ldm_config = init.model.config
+        if ctx.is_main:
+            logger.info("fine-tuning %s (step %s; latent scale factor %.5f)", config.init_from, init.info.get("step", "?"), ldm_config.scale_factor)
     else:
         if not config.ae:
             raise TrainConfigError("no autoencoder given: pass --ae AE_RUN/autoencoder (or set ae in the config)")
@@ -276,7 +312,9 @@ def train(config: LDMTrainConfig, out_dir: str | Path, resume: bool = False) -> 
 
     torch.manual_seed(config.seed)
     model = LatentDiffusion(ldm_config).to(ctx.device)
-    if not resume:
+    if init is not None:
+        model.load_state_dict(init.model.state_dict())
+    elif not resume:
         zero_init_outputs(model.unet)
         model.autoencoder.load_state_dict(ae.state_dict())
         if frozen_text is not None:
@@ -292,6 +330,7 @@ def train(config: LDMTrainConfig, out_dir: str | Path, resume: bool = False) -> 
     if resume:
         restore_state(modules, {"opt": opt}, tensors, meta, where=str(out_dir))
         step, position, metrics = meta["step"], meta["data_position"], meta.get("metrics", {})
+        init_info = meta.get("init_info")
         set_rng_states(meta["rng"])
         if ctx.is_main:
             logger.info("resumed %s at step %d (data position %d)", out_dir, step, position)
@@ -315,9 +354,13 @@ def train(config: LDMTrainConfig, out_dir: str | Path, resume: bool = False) -> 
 
     def write_outputs() -> None:
         tensors, meta = flatten_state(modules, {"opt": opt})
-        meta.update(config=to_dict(config), ldm_config=ldm_config.to_dict(), step=step, data_position=position, rng=rng_states(), metrics=metrics)
+        meta.update(config=to_dict(config), ldm_config=ldm_config.to_dict(), step=step, data_position=position, rng=rng_states(), metrics=metrics, init_info=init_info)
+        if config.init_from and tokenizer is not None:  # not rebuilt from the config on resume: kept with the state
+            meta["tokenizer"] = tokenizer.to_str()
         save_checkpoint(out_dir, tensors, meta)
         info = {"step": step, "trainer": "ldm_rt.training.train_ldm", "data": to_dict(config.data), "ema_decay": config.ema_decay}
+        if config.init_from:
+            info["init_from"] = {"path": str(config.init_from), **({"info": init_info} if init_info else {})}
         save_model_folder(out_dir / "model", ema_model(), tokenizer, config.scheduler, info)
         logger.info("step %d: checkpoint and model folder written to %s", step, out_dir)
 
