@@ -6,7 +6,6 @@ default is the shipped one, `ldm_rt.engines` default/model), a diffusers folder,
 
 from __future__ import annotations
 
-import hashlib
 import importlib.resources
 import logging
 from dataclasses import dataclass
@@ -16,11 +15,11 @@ from ldm_rt.export.errors import SourceError
 from ldm_rt.reference.checkpoints import load_model
 from ldm_rt.reference.model_folder import LoadedModel
 from ldm_rt.runtime.contracts import ModelFacts
-from ldm_rt.runtime.manifest import sha256_file
+from ldm_rt.runtime.manifest import WEIGHT_SUFFIXES
+from ldm_rt.runtime.manifest import weights_sha256 as manifest_weights_sha256
 
 log = logging.getLogger(__name__)
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
 
 
 def default_model_dir() -> Path:
@@ -42,17 +41,10 @@ class Source:
 
 
 def weights_sha256(path: Path) -> str:
-    """sha256 of a single weight file; for a folder, sha256 over (relative path, file sha256) of every
-    weight file in it, sorted, so renaming or changing any of them changes the hash."""
-    if path.is_file():
-        return sha256_file(path)
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
-    if not files:
+    """runtime.manifest.weights_sha256, refusing a folder with no weights in it."""
+    if path.is_dir() and not any(p.suffix in WEIGHT_SUFFIXES for p in path.rglob("*") if p.is_file()):
         raise SourceError(f"{path} holds no weight files ({', '.join(WEIGHT_SUFFIXES)}); pass a complete model")
-    h = hashlib.sha256()
-    for p in files:
-        h.update(f"{p.relative_to(path).as_posix()}\0{sha256_file(p)}\n".encode())
-    return h.hexdigest()
+    return manifest_weights_sha256(path)
 
 
 def load_source(

@@ -39,6 +39,23 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
+
+
+def weights_sha256(path: str | Path) -> str:
+    """The hash a manifest records as its source: sha256 of a single weight file; for a folder, sha256 over
+    (relative path, file sha256) of every weight file in it, sorted, so renaming or changing any of them
+    changes the hash. A folder without weight files hashes to the empty digest; callers that need weights
+    check for them."""
+    path = Path(path)
+    if path.is_file():
+        return sha256_file(path)
+    h = hashlib.sha256()
+    for p in sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES):
+        h.update(f"{p.relative_to(path).as_posix()}\0{sha256_file(p)}\n".encode())
+    return h.hexdigest()
+
+
 @dataclass
 class FileEntry:
     file: str  # relative to the artifacts folder

@@ -28,7 +28,6 @@ README) and DIR/samples.png (a grid of generated images, each prompt printed und
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import math
@@ -46,7 +45,7 @@ from tqdm import tqdm
 
 from ldm_rt.runtime.atomic import atomic_write_text
 from ldm_rt.runtime.images import write_png
-from ldm_rt.runtime.manifest import MANIFEST, sha256_file
+from ldm_rt.runtime.manifest import MANIFEST, weights_sha256
 from ldm_rt.runtime.schedulers import SCHEDULERS
 
 from .data_shapes import BACKGROUNDS, COLORS, POSITIONS, SHAPES, SIZES, ShapeAttributes, caption_for, classify_image, sample_attributes
@@ -185,15 +184,6 @@ def model_kind(path: Path) -> str:
     )
 
 
-def folder_weights_sha256(path: Path) -> str:
-    """sha256 over (relative path, file sha256) of the folder's .safetensors files: the hash export records
-    as the artifacts' source, so a snapshot and its export report the same value."""
-    h = hashlib.sha256()
-    for p in sorted(path.rglob("*.safetensors")):
-        h.update(f"{p.relative_to(path).as_posix()}\0{sha256_file(p)}\n".encode())
-    return h.hexdigest()
-
-
 def torch_ae_psnr(ae_path: Path) -> Callable[[DataConfig, int, int], float]:
     """Held-out PSNR exactly as train_autoencoder reports it (its `evaluate`), for an autoencoder folder or
     an ldm-rt model folder's autoencoder."""
@@ -225,7 +215,7 @@ def model_folder_sampler(path: Path, steps: int, guidance: float, scheduler: str
         out = pipe(list(prompts), steps=steps, guidance=guidance, scheduler=scheduler, seed=seeds[0], latents=latents, height=resolution, width=resolution)
         return out.images
 
-    return Sampler("model_folder", generate, resolution, folder_weights_sha256(path), dict(info), torch_ae_psnr(path))
+    return Sampler("model_folder", generate, resolution, weights_sha256(path), dict(info), torch_ae_psnr(path))
 
 
 def artifacts_sampler(path: Path, steps: int, guidance: float, scheduler: str) -> Sampler:
