@@ -34,6 +34,7 @@ from .backends.base import Component, SupportsUpload, open_components
 from .images import as_mask_array, as_rgb_array, image_to_model, resize, to_uint8
 from .params import GenerationError, GenerationParams, make_params
 from .schedulers import SCHEDULERS, make_scheduler
+from .schedulers.config import SchedulerConfigError
 
 # diffusers' defaults: img2img keeps 80 % of the steps; inpainting starts from pure noise.
 IMG2IMG_STRENGTH = 0.8
@@ -75,7 +76,17 @@ class Pipeline:
         self.backend = backend
         self.precision = precision
         self.facts = artifacts.manifest.facts
-        self.schedulers = MappingProxyType({name: make_scheduler(name, artifacts.scheduler_config) for name in SCHEDULERS})
+        # Every scheduler that takes the model's schedule; the rest (e.g. pndm under zero terminal SNR) fail
+        # when asked for, with the reason, instead of refusing the whole model.
+        schedulers, self._unusable = {}, {}
+        for name in SCHEDULERS:
+            try:
+                schedulers[name] = make_scheduler(name, artifacts.scheduler_config)
+            except SchedulerConfigError as e:
+                self._unusable[name] = str(e)
+        if not schedulers:
+            raise SchedulerConfigError(next(iter(self._unusable.values())))
+        self.schedulers = MappingProxyType(schedulers)
         unet_inputs = {t.name for t in self.components["unet"].contract.inputs}
         self.num_classes = self.facts.num_classes if "class_labels" in unet_inputs else None
         lc, cin = self.facts.latent_channels, self.facts.unet_in_channels
@@ -147,6 +158,8 @@ class Pipeline:
         shape = (p.images, self.facts.latent_channels, p.height // f, p.width // f)
         latents = None if latents is None else checked_latents(latents, shape)
 
+        if p.scheduler in self._unusable:
+            raise GenerationError(self._unusable[p.scheduler])
         run = self.schedulers[p.scheduler].set_timesteps(p.steps)
         if init is not None:
             run = run.with_strength(p.strength)

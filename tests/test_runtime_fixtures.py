@@ -178,10 +178,12 @@ def onnx_models(m: SyntheticModel, in_channels: int, variant: str) -> dict[str, 
     return models if variant == "class" else {"text_encoder": text, **models}
 
 
-def build_synthetic_artifacts(root: Path, variant: str = "text", seed: int = 0) -> tuple[Path, SyntheticModel]:
+def build_synthetic_artifacts(
+    root: Path, variant: str = "text", seed: int = 0, scheduler_config: dict | None = None
+) -> tuple[Path, SyntheticModel]:
     """Write an artifacts folder at `root` (fp32 only) and return it with the numpy twin of its model.
     variant: "text" (prompt-conditioned), "inpaint" (UNet with mask and masked-image channels) or "class"
-    (class labels, no text encoder)."""
+    (class labels, no text encoder); scheduler_config defaults to SCHEDULER_CONFIG."""
     root.mkdir(parents=True, exist_ok=True)
     tokenizer = PromptTokenizer.word_level(list(WORDS), max_length=CONTEXT_LENGTH)
     in_channels = 2 * LATENT_CHANNELS + 1 if variant == "inpaint" else LATENT_CHANNELS
@@ -203,7 +205,7 @@ def build_synthetic_artifacts(root: Path, variant: str = "text", seed: int = 0) 
         components[name] = ComponentEntry(contracts[name], {"fp32": PrecisionEntry(FileEntry.of(root, rel), parity)})
     if text:
         tokenizer.save(root / "tokenizer.json")
-    (root / "scheduler_config.json").write_text(json.dumps(SCHEDULER_CONFIG))
+    (root / "scheduler_config.json").write_text(json.dumps(scheduler_config or SCHEDULER_CONFIG))
     manifest = Manifest(
         facts, PROFILE, components, FileEntry.of(root, "tokenizer.json") if text else None, FileEntry.of(root, "scheduler_config.json"),
         source={"kind": "synthetic", "path": "tests/test_runtime_fixtures.py", "sha256": f"{seed:064x}"},

@@ -8,7 +8,7 @@ import threading
 
 import numpy as np
 import pytest
-from test_runtime_fixtures import LATENT_CHANNELS, SCHEDULER_CONFIG, psnr, synthetic
+from test_runtime_fixtures import LATENT_CHANNELS, SCHEDULER_CONFIG, build_synthetic_artifacts, psnr, synthetic
 
 from ldm_rt.runtime.images import image_to_model, to_uint8
 from ldm_rt.runtime.params import GenerationError
@@ -233,3 +233,16 @@ def test_class_conditional_model_takes_labels_and_no_prompt(tmp_path_factory):
             pipe.generate(steps=2, **kwargs)
     with pytest.raises(GenerationError, match="not class-conditional"):
         Pipeline.load(synthetic(tmp_path_factory)[0]).generate("a cat", steps=2, class_labels=[1])
+
+
+def test_a_zero_terminal_snr_model_refuses_only_the_schedulers_that_cannot_take_it(tmp_path):
+    """pndm and lms have no rescale_betas_zero_snr (as in diffusers): asking for them is the error, not loading."""
+    zero_snr = {**SCHEDULER_CONFIG, "prediction_type": "v_prediction", "rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
+    root, _ = build_synthetic_artifacts(tmp_path / "artifacts", scheduler_config=zero_snr)
+    pipe = Pipeline.load(root)
+    assert "pndm" not in pipe.schedulers and "lms" not in pipe.schedulers and "ddim" in pipe.schedulers
+    for name in ("ddim", "euler", "dpmpp-2m"):
+        images = pipe.generate("a cat", steps=3, seed=0, scheduler=name).images.astype(np.float32)
+        assert np.isfinite(images).all() and images.std() > 0, name
+    with pytest.raises(GenerationError, match=r"^pndm \(PNDMScheduler\) has no rescale_betas_zero_snr; .* use ddim"):
+        pipe.generate("a cat", steps=2, scheduler="pndm")
