@@ -11,6 +11,7 @@ model also learns the unconditional score for classifier-free guidance (Ho & Sal
     python -m ldm_rt.training.train_ldm --config training/configs/default_ldm.json --ae AE_RUN/autoencoder --out RUN
     torchrun --nproc_per_node 2 -m ldm_rt.training.train_ldm ...      # one process per device
     python -m ldm_rt.training.train_ldm --out RUN --resume [--set steps=200000]
+    python -m ldm_rt.training.train_ldm --config training/configs/default_ldm_zero_snr.json --set init_from=RUN/model --out RUN2   # fine-tune
 
 RUN/ receives checkpoint/ (resumable state), model/ (EMA weights as an ldm-rt model folder with tokenizer
 and scheduler_config.json), samples/*.png (EMA samples of fixed prompts with guidance, through the
