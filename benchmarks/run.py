@@ -34,8 +34,8 @@ log = logging.getLogger("benchmarks")
 
 
 def peers_for(prepared: workloads.Prepared, optimum_python: Path | None) -> tuple[bench.Peer, ...]:
-    """ldm-rt first (the others' images are compared with its), then the torch peers and Optimum, then GPU."""
-    peers = [bench.ours_peer(prepared.artifacts)]
+    """ldm-rt first (the others' images are compared with its; then on OpenVINO), the torch peers, Optimum, GPU."""
+    peers = [bench.ours_peer(prepared.artifacts), bench.openvino_peer(prepared.artifacts)]
     for name, model, why in (("reference", prepared.reference_source, "no model folder for the reference"),
                              ("diffusers", prepared.diffusers_source, prepared.diffusers_reason)):
         reason = None if model is not None else why or "no diffusers-layout folder"

@@ -69,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--grid", action="store_true", help="write a batch as one grid image at --out")
     s.add_argument("--backend", default="onnxruntime", choices=BACKENDS, help="inference backend (default onnxruntime)")
     s.add_argument("--precision", default="fp32", choices=("fp32", "fp16"), help="which built precision to run (default fp32)")
+    s.add_argument(
+        "--provider", default=None, choices=("cpu", "cuda", "openvino"),
+        help="onnxruntime execution provider (default: cuda when present, else cpu; openvino needs ldm-rt[openvino])",
+    )  # fmt: skip
     s.add_argument("--model", type=Path, default=None, help="artifacts folder (default: the shipped default model)")
     s.add_argument("--verbose", action="store_true", help="log loading details and print per-stage timings")
 
@@ -111,7 +115,9 @@ def sample(args: argparse.Namespace) -> int:
     latents = load_latents(args.latents) if args.latents is not None else None
     if args.mask is not None and args.init_image is None:
         raise CliError("--mask needs --init-image: inpainting repaints part of an image")
-    pipe = Pipeline.load(args.model, backend=args.backend, precision=args.precision)
+    if args.provider is not None and args.backend != "onnxruntime":
+        raise CliError(f"--provider chooses an onnxruntime execution provider; drop it or use --backend onnxruntime (not {args.backend})")
+    pipe = Pipeline.load(args.model, backend=args.backend, precision=args.precision, providers=None if args.provider is None else [args.provider])
 
     bar: tqdm | None = None
 

@@ -1,4 +1,5 @@
-"""ONNX Runtime backend: one InferenceSession per component, CPU or CUDA execution provider.
+"""ONNX Runtime backend: one InferenceSession per component on the CPU or CUDA execution provider, or on
+OpenVINO's (an ONNX Runtime plugin in its own wheel, `pip install 'ldm-rt[openvino]'`; x86 CPUs, Intel GPUs).
 
 Each component opens the ONNX Runtime variant of its file when the build wrote one (attention fused into
 com.microsoft.MultiHeadAttention: less memory, a smaller graph; runtime/manifest.OrtVariant), else the
@@ -10,6 +11,7 @@ keeps a tensor that every step reads (the text embeddings) on the device for the
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 from collections.abc import Sequence
@@ -25,6 +27,9 @@ from .base import BackendError, placeholder_for
 log = logging.getLogger(__name__)
 
 PROVIDER_ALIASES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+# Execution providers that come as ONNX Runtime plugins in their own wheel, registered at run time:
+# alias -> (EP name, module with get_library_path(), the extra that installs it).
+PLUGIN_PROVIDERS = {"openvino": ("OpenVINOExecutionProvider", "onnxruntime_ep_openvino", "ldm-rt[openvino]")}
 
 
 def physical_cores() -> int:
@@ -50,6 +55,26 @@ def session_options() -> ort.SessionOptions:
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.log_severity_level = 3  # warnings about unused initialisers etc. are not the user's concern
     return so
+
+
+def plugin_devices(alias: str) -> list:
+    """The devices of a plugin execution provider, its library registered with ONNX Runtime once per process."""
+    ep_name, module_name, extra = PLUGIN_PROVIDERS[alias]
+    devices = [d for d in ort.get_ep_devices() if d.ep_name == ep_name]
+    if devices:
+        return devices
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        raise BackendError(f"the {alias} provider needs the {module_name} plugin: pip install '{extra}'") from None
+    try:
+        ort.register_execution_provider_library(ep_name, module.get_library_path())
+    except Exception as e:  # onnxruntime's pybind errors share no narrower base class
+        raise BackendError(f"onnxruntime {ort.__version__} cannot load the {ep_name} plugin ({e}); install onnxruntime >= 1.23") from None
+    devices = [d for d in ort.get_ep_devices() if d.ep_name == ep_name]
+    if not devices:
+        raise BackendError(f"the {ep_name} plugin found no device on this machine; use the cpu provider")
+    return devices
 
 
 def resolve_providers(providers: Sequence[str] | None) -> list[str]:
@@ -104,7 +129,7 @@ class OrtComponent:
         return dict(zip(self.output_names, binding.copy_outputs_to_cpu()))
 
 
-def _session(path: Path, options: ort.SessionOptions, providers: list[str]) -> ort.InferenceSession:
+def _session(path: Path, options: ort.SessionOptions, providers: list[str] | None) -> ort.InferenceSession:
     try:
         return ort.InferenceSession(str(path), sess_options=options, providers=providers)
     except Exception as e:  # onnxruntime's pybind errors share no narrower base class
@@ -112,7 +137,7 @@ def _session(path: Path, options: ort.SessionOptions, providers: list[str]) -> o
 
 
 def _open(
-    artifacts_dir: Path, manifest: Manifest, pe: PrecisionEntry, fused: bool, options: ort.SessionOptions, providers: list[str]
+    artifacts_dir: Path, manifest: Manifest, pe: PrecisionEntry, fused: bool, options: ort.SessionOptions, providers: list[str] | None
 ) -> tuple[ort.InferenceSession, str]:
     """The session of the ONNX Runtime variant when there is one (and `fused`), else of the portable file;
     and the file it was opened from."""
@@ -134,8 +159,16 @@ def open_components(
 ) -> dict[str, OrtComponent]:
     """Sessions for every component of the artifacts at `precision`, files checked against the manifest.
     `fused=False` opens the portable ONNX files even where an ONNX Runtime variant exists."""
-    chosen = resolve_providers(providers)
     options = session_options()
+    plugin = [p.lower() for p in providers or () if p.lower() in PLUGIN_PROVIDERS]
+    if plugin:
+        # A plugin EP is chosen through the session options (ONNX Runtime falls back to its CPU provider for
+        # nodes the plugin does not take). It compiles the portable graph: the fused variant's contrib op
+        # (com.microsoft.MultiHeadAttention) would split the graph between the two providers.
+        options.add_provider_for_devices(plugin_devices(plugin[0])[:1], {"num_of_threads": str(physical_cores())})
+        chosen, fused = None, False
+    else:
+        chosen = resolve_providers(providers)
     components = {}
     for name, entry in manifest.components.items():
         if precision not in entry.precisions:
