@@ -12,6 +12,7 @@ keeps a tensor that every step reads (the text embeddings) on the device for the
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import os
 from collections.abc import Sequence
@@ -165,7 +166,10 @@ def open_components(
         # A plugin EP is chosen through the session options (ONNX Runtime falls back to its CPU provider for
         # nodes the plugin does not take). It compiles the portable graph: the fused variant's contrib op
         # (com.microsoft.MultiHeadAttention) would split the graph between the two providers.
-        options.add_provider_for_devices(plugin_devices(plugin[0])[:1], {"num_of_threads": str(physical_cores())})
+        # Its own thread count (it ignores the intra-op setting). On CPUs with AMX it computes in bf16 unless
+        # told INFERENCE_PRECISION_HINT f32, which measured slower than the CPU provider: that speed is the point.
+        threads = json.dumps({"CPU": {"INFERENCE_NUM_THREADS": str(physical_cores())}})
+        options.add_provider_for_devices(plugin_devices(plugin[0])[:1], {"load_config": threads})
         chosen, fused = None, False
     else:
         chosen = resolve_providers(providers)
