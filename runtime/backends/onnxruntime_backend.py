@@ -61,9 +61,9 @@ def session_options() -> ort.SessionOptions:
 def plugin_devices(alias: str) -> list:
     """The devices of a plugin execution provider, its library registered with ONNX Runtime once per process."""
     ep_name, module_name, extra = PLUGIN_PROVIDERS[alias]
-    devices = [d for d in ort.get_ep_devices() if d.ep_name == ep_name]
-    if devices:
-        return devices
+    found = [d for d in ort.get_ep_devices() if d.ep_name == ep_name]
+    if found:  # registered earlier in this process
+        return found
     try:
         module = importlib.import_module(module_name)
     except ImportError:
@@ -72,10 +72,10 @@ def plugin_devices(alias: str) -> list:
         ort.register_execution_provider_library(ep_name, module.get_library_path())
     except Exception as e:  # onnxruntime's pybind errors share no narrower base class
         raise BackendError(f"onnxruntime {ort.__version__} cannot load the {ep_name} plugin ({e}); install onnxruntime >= 1.23") from None
-    devices = [d for d in ort.get_ep_devices() if d.ep_name == ep_name]
-    if not devices:
+    found = [d for d in ort.get_ep_devices() if d.ep_name == ep_name]
+    if not found:
         raise BackendError(f"the {ep_name} plugin found no device on this machine; use the cpu provider")
-    return devices
+    return found
 
 
 def resolve_providers(providers: Sequence[str] | None) -> list[str]:
