@@ -73,6 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--provider", default=None, choices=("cpu", "cuda", "openvino"),
         help="onnxruntime execution provider (default: cuda when present, else cpu; openvino needs ldm-rt[openvino])",
     )  # fmt: skip
+    s.add_argument("--threads", type=int, default=None, help="CPU threads per operator (default: one per physical core)")
+    s.add_argument(
+        "--no-spin", action="store_true",
+        help="idle CPU threads sleep instead of spin-waiting: slower on idle cores, much faster when other processes share them",
+    )  # fmt: skip
     s.add_argument("--model", type=Path, default=None, help="artifacts folder (default: the shipped default model)")
     s.add_argument("--verbose", action="store_true", help="log loading details and print per-stage timings")
 
@@ -115,9 +120,18 @@ def sample(args: argparse.Namespace) -> int:
     latents = load_latents(args.latents) if args.latents is not None else None
     if args.mask is not None and args.init_image is None:
         raise CliError("--mask needs --init-image: inpainting repaints part of an image")
+    if args.threads is not None and args.threads < 1:
+        raise CliError(f"--threads must be at least 1, got {args.threads}; leave it out for one per physical core")
     if args.provider is not None and args.backend != "onnxruntime":
         raise CliError(f"--provider chooses an onnxruntime execution provider; drop it or use --backend onnxruntime (not {args.backend})")
-    pipe = Pipeline.load(args.model, backend=args.backend, precision=args.precision, providers=None if args.provider is None else [args.provider])
+    pipe = Pipeline.load(
+        args.model,
+        backend=args.backend,
+        precision=args.precision,
+        providers=None if args.provider is None else [args.provider],
+        threads=args.threads,
+        spin=not args.no_spin,
+    )
 
     bar: tqdm | None = None
 

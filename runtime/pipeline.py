@@ -30,7 +30,7 @@ from PIL import Image
 
 from . import guidance as cfg
 from .artifacts import Artifacts
-from .backends.base import Component, SupportsUpload, open_components
+from .backends.base import Component, CpuThreads, SupportsUpload, open_components
 from .images import as_mask_array, as_rgb_array, image_to_model, resize, to_uint8
 from .params import GenerationError, GenerationParams, make_params
 from .schedulers import SCHEDULERS, make_scheduler
@@ -103,10 +103,15 @@ class Pipeline:
         backend: str = "onnxruntime",
         precision: str = "fp32",
         providers: Sequence[str] | None = None,
+        threads: int | None = None,
+        spin: bool = True,
     ) -> Pipeline:
-        """Open an artifacts folder (default: the shipped default model) with one backend; hashes are checked here, once."""
+        """Open an artifacts folder (default: the shipped default model) with one backend; hashes are checked here, once.
+        `threads`: CPU threads per operator (default: one per physical core); `spin=False` when other
+        processes share the cores (backends/base.CpuThreads says why)."""
+        cpu = CpuThreads(threads, spin)  # validated before anything is opened
         artifacts = Artifacts.open(artifacts_dir)
-        components = open_components(backend, artifacts.root, artifacts.manifest, precision, providers)
+        components = open_components(backend, artifacts.root, artifacts.manifest, precision, providers, cpu)
         return cls(artifacts, components, backend, precision)
 
     # ---- one request -------------------------------------------------------------------------------------------

@@ -145,12 +145,28 @@ def test_session_options_and_providers():
     assert so.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     assert so.execution_mode == ort.ExecutionMode.ORT_SEQUENTIAL and so.enable_mem_pattern
     assert 1 <= so.intra_op_num_threads == onnxruntime_backend.physical_cores()
-    assert so.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert so.get_session_config_entry("session.intra_op.allow_spinning") == "1"  # ONNX Runtime's default
+    shared = onnxruntime_backend.session_options(base.CpuThreads(count=3, spin=False))
+    assert shared.intra_op_num_threads == 3 and shared.get_session_config_entry("session.intra_op.allow_spinning") == "0"
     assert onnxruntime_backend.resolve_providers(["cpu"]) == ["CPUExecutionProvider"]
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         assert onnxruntime_backend.resolve_providers(None) == ["CPUExecutionProvider"]
         with pytest.raises(BackendError, match="onnxruntime has no CUDAExecutionProvider"):
             onnxruntime_backend.resolve_providers(["cuda"])
+
+
+@pytest.mark.parametrize("count", [0, -2, 1.5, True, "4"])
+def test_bad_thread_counts_are_refused(count):
+    with pytest.raises(BackendError, match="threads must be a whole number >= 1"):
+        base.CpuThreads(count=count)
+
+
+def test_a_plugin_provider_mixed_with_another_is_refused(tmp_path):
+    # ONNX Runtime would take the plugin and silently drop CUDA; nothing is opened before the refusal.
+    with pytest.raises(BackendError, match="the openvino provider cannot be combined with cuda; ask for one provider"):
+        onnxruntime_backend.open_components(tmp_path, fake_manifest(), "fp32", ["openvino", "cuda"])
+    with pytest.raises(BackendError, match="cannot be combined with CUDAExecutionProvider"):
+        onnxruntime_backend.open_components(tmp_path, fake_manifest(), "fp32", ["OpenVINO", "CUDAExecutionProvider", "cpu"])
 
 
 def test_missing_precision_names_the_fix(tmp_path):

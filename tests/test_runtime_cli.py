@@ -53,6 +53,9 @@ def test_same_seed_same_png_pixels_and_batch_outputs(model_dir, tmp_path, capsys
     assert run_cli(args + ["--out", tmp_path / "a.png"], capsys)[0] == 0
     assert run_cli(args + ["--out", tmp_path / "b.png"], capsys)[0] == 0
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "a.png")), np.asarray(Image.open(tmp_path / "b.png")))
+    # Threading changes the speed, not the image.
+    assert run_cli(args + ["--threads", 1, "--no-spin", "--out", tmp_path / "c.png"], capsys)[0] == 0
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "a.png")), np.asarray(Image.open(tmp_path / "c.png")))
     code, stdout, _ = run_cli(args + ["--batch", 3, "--out", tmp_path / "many.png"], capsys)
     assert code == 0 and stdout.split() == [str(tmp_path / f"many_{k}.png") for k in range(3)]
     assert read_png_text(tmp_path / "many_2.png")["batch_index"] == "2"
@@ -122,6 +125,7 @@ BAD_INPUTS = {
     "unknown-backend": (["--backend", "jax"], "argument --backend: invalid choice: 'jax'"),
     "tensorrt-missing": (["--backend", "tensorrt"], "TensorRT/CUDA not found"),
     "fp16-not-built": (["--precision", "fp16"], "has no fp16"),
+    "threads-zero": (["--threads", 0], "--threads must be at least 1, got 0"),
 }
 
 

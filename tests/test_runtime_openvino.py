@@ -4,6 +4,7 @@ it and draws what the CPU provider draws; without the plugin the error names the
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 
 import numpy as np
@@ -17,11 +18,16 @@ from ldm_rt.runtime.pipeline import Pipeline
 PROMPTS = ["a small blue square at the top on a gray background", "a large red circle on the left on a white background"]
 
 
-def test_the_default_model_on_openvino_matches_the_cpu_provider(caplog):
+def test_the_default_model_on_openvino_matches_the_cpu_provider(caplog, monkeypatch):
     pytest.importorskip("onnxruntime_ep_openvino", reason="the OpenVINO plugin is not installed (pip install 'ldm-rt[openvino]')")
     cpu = Pipeline.load(providers=["cpu"])
+    given = []
+    real = ort.SessionOptions.add_provider_for_devices
+    monkeypatch.setattr(ort.SessionOptions, "add_provider_for_devices", lambda so, devices, opts: given.append(opts) or real(so, devices, opts))
     with caplog.at_level(logging.INFO, logger=onnxruntime_backend.__name__):
-        ov = Pipeline.load(providers=["openvino"])
+        ov = Pipeline.load(providers=["openvino"], threads=1)
+    # The thread count reaches the plugin through its load_config (it ignores the intra-op setting).
+    assert given and all(json.loads(o["load_config"]) == {"CPU": {"INFERENCE_NUM_THREADS": "1"}} for o in given)
     assert all(c.session.get_providers()[0] == "OpenVINOExecutionProvider" for c in ov.components.values())
     # The portable UNet, not the ONNX Runtime variant whose contrib op OpenVINO would hand back to the CPU.
     assert "opened unet (fp32) from onnx/fp32/unet.onnx on OpenVINOExecutionProvider" in caplog.text

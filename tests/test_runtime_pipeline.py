@@ -169,6 +169,16 @@ def test_latent_blend_inpainting_keeps_the_unmasked_region(art, pipe):
     assert repaint.params["mode"] == "inpaint"
 
 
+def test_thread_settings_reach_every_session(tmp_path_factory):
+    root, _ = synthetic(tmp_path_factory)
+    for threads, spin in ((1, False), (2, True)):
+        pipe = Pipeline.load(root, threads=threads, spin=spin)
+        for c in pipe.components.values():
+            so = c.session.get_session_options()
+            assert so.intra_op_num_threads == threads
+            assert so.get_session_config_entry("session.intra_op.allow_spinning") == ("1" if spin else "0")
+
+
 def test_inpainting_unet_gets_mask_and_masked_image_channels(tmp_path_factory):
     root, _ = synthetic(tmp_path_factory, "inpaint")
     pipe = Pipeline.load(root)

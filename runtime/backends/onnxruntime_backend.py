@@ -3,8 +3,8 @@ OpenVINO's (an ONNX Runtime plugin in its own wheel, `pip install 'ldm-rt[openvi
 
 Each component opens the ONNX Runtime variant of its file when the build wrote one (attention fused into
 com.microsoft.MultiHeadAttention: less memory, a smaller graph; runtime/manifest.OrtVariant), else the
-portable ONNX. Sessions are configured once (all graph optimisations, intra-op threads = physical cores,
-sequential execution, memory pattern) and shared: `InferenceSession.run` is thread-safe, so one Pipeline serves
+portable ONNX. Sessions are configured once (all graph optimisations, intra-op threads = physical cores
+unless told otherwise, spinning as `CpuThreads` says, sequential execution, memory pattern) and shared: `InferenceSession.run` is thread-safe, so one Pipeline serves
 concurrent requests without a lock. On CUDA, inputs and outputs go through IO binding, and `upload`
 keeps a tensor that every step reads (the text embeddings) on the device for the whole loop.
 """
@@ -23,7 +23,7 @@ import onnxruntime as ort
 
 from ..contracts import ComponentContract
 from ..manifest import ArtifactError, Manifest, PrecisionEntry
-from .base import BackendError, placeholder_for
+from .base import BackendError, CpuThreads, placeholder_for
 
 log = logging.getLogger(__name__)
 
@@ -44,16 +44,16 @@ def physical_cores() -> int:
     return len(cores) or os.cpu_count() or 1
 
 
-def session_options() -> ort.SessionOptions:
+def session_options(threads: CpuThreads = CpuThreads()) -> ort.SessionOptions:
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.intra_op_num_threads = physical_cores()
+    so.intra_op_num_threads = threads.count or physical_cores()
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.enable_mem_pattern = True
-    # Idle intra-op threads sleep instead of spin-waiting: a service shares its cores (other workers, the
-    # VAE/text encoder of another request), and spinning threads then steal them. Measured on 2 shared cores
-    # (benchmarks/, 128 px, 20 steps): 4.10 s/image spinning vs 1.94 s/image without.
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # Spinning is ONNX Runtime's default; said explicitly so both settings are visible in one place.
+    # Measured on 2 cores (benchmarks/, SD-shaped UNet, 128 px): 18 % faster per step idle; 2.1x slower
+    # (4.10 vs 1.94 s/image) when a training run shares the cores.
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if threads.spin else "0")
     so.log_severity_level = 3  # warnings about unused initialisers etc. are not the user's concern
     return so
 
@@ -156,20 +156,30 @@ def _open(
 
 
 def open_components(
-    artifacts_dir: Path, manifest: Manifest, precision: str, providers: Sequence[str] | None = None, fused: bool = True
+    artifacts_dir: Path,
+    manifest: Manifest,
+    precision: str,
+    providers: Sequence[str] | None = None,
+    threads: CpuThreads = CpuThreads(),
+    fused: bool = True,
 ) -> dict[str, OrtComponent]:
     """Sessions for every component of the artifacts at `precision`, files checked against the manifest.
     `fused=False` opens the portable ONNX files even where an ONNX Runtime variant exists."""
-    options = session_options()
+    options = session_options(threads)
     plugin = [p.lower() for p in providers or () if p.lower() in PLUGIN_PROVIDERS]
+    others = [p for p in providers or () if p.lower() not in PLUGIN_PROVIDERS and PROVIDER_ALIASES.get(p.lower(), p) != "CPUExecutionProvider"]
+    if plugin and (others or len(plugin) > 1):
+        # A plugin is chosen through the session options, the others through the providers list; ONNX
+        # Runtime would take the plugin and silently drop the rest.
+        raise BackendError(f"the {plugin[0]} provider cannot be combined with {', '.join(others + plugin[1:])}; ask for one provider (cpu is always the fallback)")
     if plugin:
         # A plugin EP is chosen through the session options (ONNX Runtime falls back to its CPU provider for
         # nodes the plugin does not take). It compiles the portable graph: the fused variant's contrib op
         # (com.microsoft.MultiHeadAttention) would split the graph between the two providers.
         # Its own thread count (it ignores the intra-op setting). On CPUs with AMX it computes in bf16 unless
         # told INFERENCE_PRECISION_HINT f32, which measured slower than the CPU provider: that speed is the point.
-        threads = json.dumps({"CPU": {"INFERENCE_NUM_THREADS": str(physical_cores())}})
-        options.add_provider_for_devices(plugin_devices(plugin[0])[:1], {"load_config": threads})
+        load_config = json.dumps({"CPU": {"INFERENCE_NUM_THREADS": str(threads.count or physical_cores())}})
+        options.add_provider_for_devices(plugin_devices(plugin[0])[:1], {"load_config": load_config})
         chosen, fused = None, False
     else:
         chosen = resolve_providers(providers)

@@ -25,7 +25,7 @@ import numpy as np
 
 from ..contracts import DTYPES, ComponentContract
 from ..manifest import ArtifactError, FileEntry, Manifest
-from .base import BackendError
+from .base import BackendError, CpuThreads
 
 log = logging.getLogger(__name__)
 
@@ -157,9 +157,9 @@ class TrtComponent:
 
 
 def open_components(
-    artifacts_dir: Path, manifest: Manifest, precision: str, providers: Sequence[str] | None = None
+    artifacts_dir: Path, manifest: Manifest, precision: str, providers: Sequence[str] | None = None, threads: CpuThreads = CpuThreads()
 ) -> dict[str, TrtComponent]:
-    """Engines for every component at `precision`; `providers` is unused (ONNX Runtime's notion)."""
+    """Engines for every component at `precision`; `providers` and `threads` are unused (the GPU computes)."""
     trt, cudart = import_tensorrt()
     if check(cudart, cudart.cudaGetDeviceCount()) == 0:
         raise BackendError(MISSING.format(what="no CUDA GPU visible"))
