@@ -578,28 +578,58 @@ FLOP_FAMILIES = {"Conv": (("Conv", "FusedConv", "ConvTranspose"), ("Conv", "Conv
                  "MatMul": (("MatMul", "FusedMatMul", "Gemm", "MultiHeadAttention"), ("MatMul", "Gemm"))}
 
 
+# What each op type is, for the "where the time goes" table; anything unlisted is "other" (elementwise
+# arithmetic, activations, reshapes, concatenations: the memory-bound rest).
+OP_CATEGORIES = {
+    "attention": ("MultiHeadAttention", "Attention", "Softmax"),
+    "convolution": ("Conv", "FusedConv", "ConvTranspose"),
+    "matmul": ("MatMul", "FusedMatMul", "Gemm"),
+    "normalisation": ("InstanceNormalization", "LayerNormalization", "SkipLayerNormalization", "GroupNorm", "GroupNormalization"),
+    "layout": ("ReorderInput", "ReorderOutput"),
+}
+
+
+def _interleaved_medians(sessions: dict[Any, Any], feeds: dict[str, np.ndarray], repeats: int) -> dict[Any, float]:
+    """Median seconds per call of each session, the sessions taking turns so load changes hit all alike."""
+    times: dict[Any, list[float]] = {k: [] for k in sessions}
+    for s in sessions.values():
+        s.run(None, feeds)
+    for _ in range(repeats):
+        for k, s in sessions.items():
+            t0 = time.perf_counter()
+            s.run(None, feeds)
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def op_profile(artifacts: Path, rows: int, h: int, w: int, flops_by_op: dict[str, float] | None = None,
                repeats: int = 3, top: int = 8) -> dict[str, Any]:
     """Where ldm-rt's UNet step spends its time: ONNX Runtime's profiler on the runtime's own session
-    options, time per op type over `repeats` calls after one warm-up, layout conversions named, and the
-    GFLOP/s the convolution and matrix-multiply kernels reach on their own."""
+    options, time per op type and per category over `repeats` calls after one warm-up, the GFLOP/s the
+    convolution and matrix-multiply kernels reach on their own, and how the step scales from one thread
+    to all (timed without the profiler, whose per-node cost would distort it)."""
     import onnxruntime as ort
 
+    from .backends.base import CpuThreads
     from .backends.onnxruntime_backend import session_options
 
+    path, entry = _unet_file(artifacts, as_run=True)
+    feeds = _unet_feeds(entry, rows, h, w)
     with tempfile.TemporaryDirectory() as tmp:
         so = session_options()
         so.enable_profiling = True
         so.profile_file_prefix = str(Path(tmp) / "ops")
-        path, entry = _unet_file(artifacts, as_run=True)
         session = ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
-        feeds = _unet_feeds(entry, rows, h, w)
         session.run(None, feeds)
         t0 = time.perf_counter()
         for _ in range(repeats):
             session.run(None, feeds)
         step_s = (time.perf_counter() - t0) / repeats
         events = json.loads(Path(session.end_profiling()).read_text())
+    threads = so.intra_op_num_threads
+    plain = {n: ort.InferenceSession(str(path), sess_options=session_options(CpuThreads(n)), providers=["CPUExecutionProvider"])
+             for n in sorted({1, threads})}
+    scaling = _interleaved_medians(plain, feeds, max(repeats, 3))
     runs = sorted((e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"), key=lambda e: e["ts"])
     timed = runs[-repeats:]
     in_timed = [e for e in events if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time")
@@ -614,13 +644,18 @@ def op_profile(artifacts: Path, rows: int, h: int, w: int, flops_by_op: dict[str
         seconds = sum(per_op.get(op, 0.0) for op in kernels)
         flops = sum((flops_by_op or {}).get(op, 0.0) for op in counted)
         families[family] = {"s": seconds, "share": seconds / node_total, "gflops": flops / seconds / 1e9 if seconds and flops else None}
+    categories = {name: sum(per_op.get(op, 0.0) for op in ops) / node_total for name, ops in OP_CATEGORIES.items()}
+    categories["other"] = max(0.0, 1.0 - sum(categories.values()))
     return {
         "step_s": step_s,
         "kernel_s": node_total,
-        "threads": so.intra_op_num_threads,
+        "threads": threads,
+        "nodes": len({e["name"] for e in in_timed}),
         "ops": [{"op": op, "s": s, "share": s / node_total} for op, s in ranked[:top]],
         "families": families,
-        "layout_share": sum(s for op, s in per_op.items() if op.startswith("Reorder")) / node_total,
+        "categories": categories,
+        "layout_share": categories["layout"],
+        "scaling": {"one_thread_s": scaling[1], "all_threads_s": scaling[threads], "speedup": scaling[1] / scaling[threads]},
     }
 
 
@@ -846,8 +881,34 @@ def _profile_lines(profile: dict[str, Any]) -> list[str]:
     ops = ", ".join(f"{o['op']} {o['share']:.0%}" for o in profile["ops"])
     fams = "; ".join(f"{name} kernels {f['share']:.0%} of kernel time at {_num(f['gflops'], '{:.1f}')} GFLOP/s"
                      for name, f in profile.get("families", {}).items())
-    return [f"ldm-rt UNet profile (ONNX Runtime profiler, {profile['threads']} intra-op threads, {profile['step_s'] * 1e3:.1f} ms/call): "
-            f"{ops}; layout conversions (Reorder*) {profile['layout_share']:.0%}. {fams}."]
+    line = (f"ldm-rt UNet profile (ONNX Runtime profiler, {profile['threads']} intra-op threads, {profile['step_s'] * 1e3:.1f} ms/call): "
+            f"{ops}; layout conversions (Reorder*) {profile['layout_share']:.0%}. {fams}.")
+    if profile.get("categories"):
+        line += " By kind: " + ", ".join(f"{k} {v:.0%}" for k, v in profile["categories"].items()) + "."
+    if profile.get("scaling"):
+        sc = profile["scaling"]
+        line += (f" Without the profiler: {sc['one_thread_s'] * 1e3:.1f} ms/call on 1 thread, {sc['all_threads_s'] * 1e3:.1f} on "
+                 f"{profile['threads']} ({sc['speedup']:.2f}x).")
+    return [line]
+
+
+def _where_time_goes(report: dict[str, Any]) -> list[str]:
+    """One row per run with an ldm-rt profile: the UNet step's time by kind of op, its kernels' GFLOP/s, thread scaling."""
+    rows = [(w, run) for w in report["workloads"] for run in w.get("runs", []) if run.get("ours_profile", {}).get("categories")]
+    if not rows:
+        return []
+    kinds = list(rows[0][1]["ours_profile"]["categories"])
+    threads = rows[0][1]["ours_profile"]["threads"]
+    lines = [f"Where ldm-rt's UNet step goes (ONNX Runtime CPU provider; share of kernel time by the profiler; step times without it):", "",
+             f"| workload | run | ms / step, 1 thread | {threads} threads | speed-up | " + " | ".join(kinds) + " | Conv GFLOP/s | MatMul GFLOP/s |",
+             "| --- | --- | --- | --- | --- | " + " | ".join("---" for _ in kinds) + " | --- | --- |"]
+    for w, run in rows:
+        prof = run["ours_profile"]
+        sc, fam = prof["scaling"], prof.get("families", {})
+        lines.append(f"| {w['name']} | {run['title']} | {sc['one_thread_s'] * 1e3:.1f} | {sc['all_threads_s'] * 1e3:.1f} | {sc['speedup']:.2f}x | "
+                     + " | ".join(f"{prof['categories'][k]:.0%}" for k in kinds)
+                     + f" | {_num(fam.get('Conv', {}).get('gflops'), '{:.0f}')} | {_num(fam.get('MatMul', {}).get('gflops'), '{:.0f}')} |")
+    return lines + [""]
 
 
 def render_markdown(report: dict[str, Any]) -> str:
@@ -915,6 +976,7 @@ def render_readme_section(report: dict[str, Any]) -> str:
                     f"| {_num(result['cold_start_s'], '{:.2f}')} | {_num(result.get('peak_fraction'), '{:.0f}%', 100)} |"
                 )
         lines.append("")
+    lines += _where_time_goes(report)
     foot = "; ".join(f"{label}: {_num(f['mb'], '{:.0f}')} MB" for label, f in report["footprint"].items())
     lines += [f"Install footprint (installed files of each setup's packages): {foot}.", ""]
     missed = [t for t in report["targets"] if not t["met"]]

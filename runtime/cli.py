@@ -74,10 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="onnxruntime execution provider (default: cuda when present, else cpu; openvino needs ldm-rt[openvino])",
     )  # fmt: skip
     s.add_argument("--threads", type=int, default=None, help="CPU threads per operator (default: one per physical core)")
-    s.add_argument(
-        "--no-spin", action="store_true",
-        help="idle CPU threads sleep instead of spin-waiting: slower on idle cores, much faster when other processes share them",
-    )  # fmt: skip
+    s.add_argument("--spin", action="store_true", help="idle CPU threads spin-wait between operators (default: they sleep)")
     s.add_argument("--model", type=Path, default=None, help="artifacts folder (default: the shipped default model)")
     s.add_argument("--verbose", action="store_true", help="log loading details and print per-stage timings")
 
@@ -130,7 +127,7 @@ def sample(args: argparse.Namespace) -> int:
         precision=args.precision,
         providers=None if args.provider is None else [args.provider],
         threads=args.threads,
-        spin=not args.no_spin,
+        spin=args.spin,
     )
 
     bar: tqdm | None = None

@@ -104,11 +104,11 @@ class Pipeline:
         precision: str = "fp32",
         providers: Sequence[str] | None = None,
         threads: int | None = None,
-        spin: bool = True,
+        spin: bool = False,
     ) -> Pipeline:
         """Open an artifacts folder (default: the shipped default model) with one backend; hashes are checked here, once.
-        `threads`: CPU threads per operator (default: one per physical core); `spin=False` when other
-        processes share the cores (backends/base.CpuThreads says why)."""
+        `threads`: CPU threads per operator (default: one per physical core); `spin`: idle threads
+        spin-wait between operators (off by default: backends/base.CpuThreads says why)."""
         cpu = CpuThreads(threads, spin)  # validated before anything is opened
         artifacts = Artifacts.open(artifacts_dir)
         components = open_components(backend, artifacts.root, artifacts.manifest, precision, providers, cpu)

@@ -85,7 +85,12 @@ def test_report_schema_and_files(report):
         assert ours["unet_calls_per_run"] == run["spec"]["steps"]
         assert ours["peak_rss_mb"] > 10 and ours["cold_start_s"] >= ours["first_image_s"] > 0
         assert set(ours["versions"]) >= {"onnxruntime", "numpy"}
-        assert run["ours_profile"]["ops"] and abs(sum(o["share"] for o in run["ours_profile"]["ops"])) <= 1.0 + 1e-9
+        prof = run["ours_profile"]
+        assert prof["ops"] and abs(sum(o["share"] for o in prof["ops"])) <= 1.0 + 1e-9
+        # Every op lands in one kind; the closed-form test model has convolutions and matmuls.
+        assert sum(prof["categories"].values()) == pytest.approx(1.0) and prof["categories"]["convolution"] > 0
+        assert prof["scaling"]["one_thread_s"] > 0 and prof["scaling"]["speedup"] == pytest.approx(
+            prof["scaling"]["one_thread_s"] / prof["scaling"]["all_threads_s"])
 
 
 def test_ratios_are_peer_over_ours_from_the_same_run(report):
@@ -130,6 +135,8 @@ def test_markdown_and_readme_tables(report):
     assert readme.startswith("## Performance") and readme == bench.render_readme_section(result)
     assert "| 16x16, batch 2, 2 steps | diffusers StableDiffusionPipeline (PyTorch) |" in readme
     assert "**default**: not measured" in readme
+    where = [line for line in readme.splitlines() if line.startswith("| synthetic |")]
+    assert len(where) == 2 and all(line.count("|") == 14 for line in where)  # one row per profiled run, every column filled
 
 
 def test_targets_take_the_worst_run():

@@ -145,9 +145,11 @@ def test_session_options_and_providers():
     assert so.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     assert so.execution_mode == ort.ExecutionMode.ORT_SEQUENTIAL and so.enable_mem_pattern
     assert 1 <= so.intra_op_num_threads == onnxruntime_backend.physical_cores()
-    assert so.get_session_config_entry("session.intra_op.allow_spinning") == "1"  # ONNX Runtime's default
-    shared = onnxruntime_backend.session_options(base.CpuThreads(count=3, spin=False))
-    assert shared.intra_op_num_threads == 3 and shared.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert so.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    spinning = onnxruntime_backend.session_options(base.CpuThreads(count=3, spin=True))
+    assert spinning.intra_op_num_threads == 3 and spinning.get_session_config_entry("session.intra_op.allow_spinning") == "1"
+    # A pool never keeps spinning after its call, where it would slow the next session's.
+    assert spinning.get_session_config_entry("session.force_spinning_stop") == "1"
     assert onnxruntime_backend.resolve_providers(["cpu"]) == ["CPUExecutionProvider"]
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         assert onnxruntime_backend.resolve_providers(None) == ["CPUExecutionProvider"]

@@ -54,7 +54,7 @@ def test_same_seed_same_png_pixels_and_batch_outputs(model_dir, tmp_path, capsys
     assert run_cli(args + ["--out", tmp_path / "b.png"], capsys)[0] == 0
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "a.png")), np.asarray(Image.open(tmp_path / "b.png")))
     # Threading changes the speed, not the image.
-    assert run_cli(args + ["--threads", 1, "--no-spin", "--out", tmp_path / "c.png"], capsys)[0] == 0
+    assert run_cli(args + ["--threads", 1, "--spin", "--out", tmp_path / "c.png"], capsys)[0] == 0
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "a.png")), np.asarray(Image.open(tmp_path / "c.png")))
     code, stdout, _ = run_cli(args + ["--batch", 3, "--out", tmp_path / "many.png"], capsys)
     assert code == 0 and stdout.split() == [str(tmp_path / f"many_{k}.png") for k in range(3)]

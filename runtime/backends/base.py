@@ -36,13 +36,13 @@ class BackendError(ValueError):
 @dataclass(frozen=True)
 class CpuThreads:
     """How a backend uses the host's cores. `count`: threads per operator (None: one per physical core).
-    `spin`: idle threads spin-wait between operators instead of sleeping (ONNX Runtime's own default).
-    Spinning measured 12-20 % faster per UNet step on 2 idle cores (benchmarks/); where other processes
-    share the cores, the spinning threads take time from them and from each other (measured 2x slower
-    beside a training run), so a service sharing its cores wants spin=False."""
+    `spin`: between operators, idle threads spin-wait inside a call instead of sleeping (never after it).
+    Off by default: measured end to end on 2 idle cores (default and SD-shaped models) it gains nothing
+    beyond the noise, and where other processes share the cores spinning threads take time from them
+    (measured 2.1x slower beside a training run). It may pay on many-core hosts; measure there."""
 
     count: int | None = None
-    spin: bool = True
+    spin: bool = False
 
     def __post_init__(self) -> None:
         if self.count is not None and (isinstance(self.count, bool) or not isinstance(self.count, int) or self.count < 1):

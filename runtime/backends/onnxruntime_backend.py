@@ -50,10 +50,11 @@ def session_options(threads: CpuThreads = CpuThreads()) -> ort.SessionOptions:
     so.intra_op_num_threads = threads.count or physical_cores()
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.enable_mem_pattern = True
-    # Spinning is ONNX Runtime's default; said explicitly so both settings are visible in one place.
-    # Measured on 2 cores (benchmarks/, SD-shaped UNet, 128 px): 18 % faster per step idle; 2.1x slower
-    # (4.10 vs 1.94 s/image) when a training run shares the cores.
+    # ONNX Runtime spins by default; CpuThreads says why we do not. Each session has its own pool, and a
+    # pool left spinning after its call slows the next session's (measured: the VAE decode after the UNet
+    # loop 2x slower), so spinning, when asked for, stops as each call returns.
     so.add_session_config_entry("session.intra_op.allow_spinning", "1" if threads.spin else "0")
+    so.add_session_config_entry("session.force_spinning_stop", "1")
     so.log_severity_level = 3  # warnings about unused initialisers etc. are not the user's concern
     return so
 
