@@ -298,6 +298,9 @@ class PeerProcess:
         self.log.close()
 
 
+SETTLE_S = 0.25
+
+
 def run_peers(peers: Sequence[Peer], specs: dict[str, dict[str, Any]], logs: dict[str, Path], warmup: int, runs: int,
               timeout: float) -> dict[str, dict[str, Any]]:
     """All peers for one run spec, interleaved: each is started (one at a time, so cold starts do not overlap)
@@ -317,6 +320,9 @@ def run_peers(peers: Sequence[Peer], specs: dict[str, dict[str, Any]], logs: dic
     for command, i in rounds:
         log.info("%s %d: %s", command, i + 1, ", ".join(live))
         for name, process in list(live.items()):
+            # Let the previous peer's threads go idle first: ONNX Runtime's pools spin on after a call by
+            # default, OpenMP's and TBB's briefly too, and would take the cores from the peer being timed.
+            time.sleep(SETTLE_S)
             try:
                 answer = process.ask(command)
             except PeerFailed as e:
