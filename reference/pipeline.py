@@ -136,6 +136,7 @@ class ReferencePipeline:
         class_labels: int | Sequence[int] | None = None,
         output: str = "uint8",
         callback: StepCallback | None = None,
+        guidance_rescale: float = 0.0,
     ) -> PipelineOutput:
         """Generate `batch` images per prompt.
 
@@ -145,12 +146,15 @@ class ReferencePipeline:
         region by blending after every step, x = m * x + (1 - m) * add_noise(z_init, noise, t_next).
         height/width default to the init image's size, else the autoencoder's nominal resolution. For a
         model without a text encoder the prompt must be empty and guidance is not used; class-conditional
-        models take `class_labels` (one per image row before `batch`).
+        models take `class_labels` (one per image row before `batch`). guidance_rescale r in [0, 1] (Lin et
+        al. 2024, Sec. 3.4): the guided prediction g becomes r * g * std(eps_c) / std(g) + (1 - r) * g.
         """
         prompts, negatives = self._prompts(prompt, negative_prompt, class_labels)
         steps, batch = _positive_int(steps, "steps"), _positive_int(batch, "batch")
         if isinstance(guidance, bool) or not isinstance(guidance, (int, float, np.floating)) or not math.isfinite(guidance):
             raise PipelineInputError(f"guidance must be a finite number, got {guidance!r}")
+        if isinstance(guidance_rescale, bool) or not isinstance(guidance_rescale, (int, float, np.floating)) or not 0 <= guidance_rescale <= 1:
+            raise PipelineInputError(f"guidance_rescale must be a number in [0, 1], got {guidance_rescale!r}")
         if output not in OUTPUTS:
             raise PipelineInputError(f"output must be one of {OUTPUTS}, got {output!r}")
         if mask is not None and init_image is None:
@@ -209,6 +213,8 @@ class ReferencePipeline:
             if use_cfg:
                 eps_uncond, eps_cond = np.split(eps, 2, axis=0)
                 eps = eps_uncond + np.float32(guidance) * (eps_cond - eps_uncond)
+                if guidance_rescale:
+                    eps = _rescaled(eps, eps_cond, float(guidance_rescale))
             x = run.step(eps, i, x, generator=rng)
             if start.mask is not None and not self.inpainting_unet:
                 # Latent blend: the known region follows the forward process to the next step's noise
@@ -318,6 +324,15 @@ class ReferencePipeline:
         else:
             x = run.add_noise(image_latents, noise, 0)
         return _Start(x, noise, image_latents, latent_mask, masked)
+
+
+def _rescaled(guided: np.ndarray, cond: np.ndarray, rescale: float) -> np.ndarray:
+    """Guidance rescale (Lin et al. 2024, Sec. 3.4): the guided prediction scaled to the conditional one's
+    per-row standard deviation, mixed back by `rescale`."""
+    g, c = torch.from_numpy(guided).double(), torch.from_numpy(cond).double()
+    dims = list(range(1, g.ndim))
+    scaled = g * (c.std(dim=dims, keepdim=True) / g.std(dim=dims, keepdim=True))
+    return (rescale * scaled + (1.0 - rescale) * g).float().numpy()
 
 
 def _positive_int(value: Any, name: str) -> int:

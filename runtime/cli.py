@@ -56,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--negative-prompt", default="", help="what to steer away from (the unconditional half of guidance)")
     s.add_argument("--steps", type=int, default=25, help="denoising steps (default 25)")
     s.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale; 1.0 skips the unconditional pass (default 7.5)")
+    s.add_argument(
+        "--guidance-rescale", type=float, default=0.0,
+        help="pull the guided prediction back to the conditional one's spread, 0..1 (Lin et al.: 0.7 for zero-SNR models; default 0)",
+    )  # fmt: skip
     s.add_argument("--scheduler", default="ddim", choices=list(SCHEDULERS), help="sampler (default ddim)")
     s.add_argument("--seed", type=int, default=None, help="random seed (default: random; written into the PNG)")
     s.add_argument("--height", type=int, default=None, help="image height in pixels (default: the artifacts' optimum)")
@@ -144,6 +148,7 @@ def sample(args: argparse.Namespace) -> int:
             negative_prompt=args.negative_prompt,
             steps=args.steps,
             guidance=args.guidance,
+            guidance_rescale=args.guidance_rescale,
             scheduler=args.scheduler,
             seed=args.seed,
             batch=args.batch,
@@ -166,6 +171,7 @@ def sample(args: argparse.Namespace) -> int:
         "steps": result.params["steps"],
         "scheduler": result.params["scheduler"],
         "guidance": result.params["guidance"],
+        "guidance_rescale": result.params["guidance_rescale"],
         "model_hash": result.params["model_hash"],
         "parameters": json.dumps(result.params, sort_keys=True),
         "Software": "ldm-rt",

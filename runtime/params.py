@@ -28,6 +28,7 @@ class GenerationParams:
     height: int
     width: int
     strength: float  # img2img / inpainting: the fraction of the schedule that is run
+    guidance_rescale: float = 0.0  # runtime/guidance.py: 0 is plain guidance
 
     @property
     def images(self) -> int:
@@ -63,6 +64,7 @@ def make_params(
     height: int | None,
     width: int | None,
     strength: float,
+    guidance_rescale: float = 0.0,
 ) -> GenerationParams:
     """Check every value against the artifacts (profile, pixel multiple) and fill defaults (size: the
     profile's optimum; seed: a fresh random one, recorded so the image can be reproduced)."""
@@ -111,4 +113,12 @@ def make_params(
         raise GenerationError(f"strength must be a number, got {strength!r}") from None
     if not 0.0 < strength <= 1.0:
         raise GenerationError(f"strength must be in (0, 1], got {strength}")
-    return GenerationParams(prompts, negatives, steps, guidance, scheduler, seed, batch, sizes["height"], sizes["width"], strength)
+    try:
+        guidance_rescale = float(guidance_rescale)
+    except (TypeError, ValueError):
+        raise GenerationError(f"guidance_rescale must be a number, got {guidance_rescale!r}") from None
+    if not 0.0 <= guidance_rescale <= 1.0:  # also refuses NaN
+        raise GenerationError(f"guidance_rescale must be in [0, 1] (0: plain guidance; 0.7 as Lin et al.), got {guidance_rescale}")
+    return GenerationParams(
+        prompts, negatives, steps, guidance, scheduler, seed, batch, sizes["height"], sizes["width"], strength, guidance_rescale
+    )

@@ -132,12 +132,14 @@ class Pipeline:
         mask: np.ndarray | Image.Image | str | Path | None = None,
         class_labels: int | Sequence[int] | None = None,
         callback: StepCallback | None = None,
+        guidance_rescale: float = 0.0,
     ) -> Result:
         """Images for `prompt` (`batch` per prompt). `latents`: unit-variance noise (B, C, h, w) used instead
         of drawing it (multiplied by the scheduler's init_noise_sigma, as diffusers' `latents=`);
         `init_image` + `strength` (default 0.8): img2img; `mask` with init_image (1 = repaint; strength
         default 1.0, pure noise): inpainting. `class_labels` (one per prompt) for class-conditional
-        models. Same conventions as reference/pipeline.py."""
+        models. `guidance_rescale` in [0, 1] (Lin et al. suggest 0.7): runtime/guidance.py. Same conventions
+        as reference/pipeline.py."""
         start_time = time.perf_counter()
         if mask is not None and init_image is None:
             raise GenerationError("mask needs init_image: inpainting repaints part of an image")
@@ -156,6 +158,7 @@ class Pipeline:
         p = make_params(
             self.artifacts.manifest, prompt=prompt, negative_prompt=negative_prompt, steps=steps, guidance=guidance,
             scheduler=scheduler, seed=seed, batch=batch, height=height, width=width, strength=strength,
+            guidance_rescale=guidance_rescale,
         )
         if labels is not None and len(labels) != len(p.prompts):
             raise GenerationError(f"{len(labels)} class labels for {len(p.prompts)} prompts; pass one per prompt")
@@ -207,7 +210,7 @@ class Pipeline:
                 x_in = cfg.double(x_in)  # (2B, ...) [uncond, cond]
             feeds = {"sample": x_in.astype(np.float32), "timestep": np.full((x_in.shape[0],), t, dtype=np.float32), **fixed}
             out = self._call("unet", feeds, timings["unet"], step=i)["out_sample"]
-            eps = cfg.combine(out, p.guidance) if use_cfg else out
+            eps = cfg.combine(out, p.guidance, p.guidance_rescale) if use_cfg else out
             x = run.step(eps, i, x, generator=rng)
             if start.mask is not None and not self.inpainting_unet:
                 # Latent blend (as diffusers' inpainting with a plain UNet): the known region is put back at

@@ -62,6 +62,10 @@ def test_params_fill_defaults_from_the_profile():
         ({"strength": 0.0}, "strength must be in \\(0, 1\\]"),
         ({"seed": -1}, "seed must be >= 0"),
         ({"negative_prompt": ["x", "y"]}, "2 negative prompts for 1 prompts"),
+        ({"guidance_rescale": 1.5}, "guidance_rescale must be in \\[0, 1\\]"),
+        ({"guidance_rescale": -0.1}, "guidance_rescale must be in \\[0, 1\\]"),
+        ({"guidance_rescale": float("nan")}, "guidance_rescale must be in \\[0, 1\\]"),
+        ({"guidance_rescale": "lots"}, "guidance_rescale must be a number"),
     ],
 )
 def test_params_reject_bad_values_with_one_line(change, message):

@@ -35,12 +35,13 @@ def test_sample_writes_a_png_with_its_parameters(model_dir, tmp_path, capsys):
     out = tmp_path / "cube.png"
     code, stdout, stderr = run_cli(
         ["sample", "--model", model_dir, "--prompt", "a red cube", "--negative-prompt", "blurry", "--steps", 3,
-         "--guidance", 5.5, "--scheduler", "euler", "--seed", 42, "--out", out, "--verbose"], capsys)
+         "--guidance", 5.5, "--guidance-rescale", 0.7, "--scheduler", "euler", "--seed", 42, "--out", out, "--verbose"], capsys)
     assert code == 0, stderr
     assert stdout.strip() == str(out)
     text = read_png_text(out)
-    assert {k: text[k] for k in ("prompt", "negative_prompt", "seed", "steps", "scheduler", "guidance")} == {
-        "prompt": "a red cube", "negative_prompt": "blurry", "seed": "42", "steps": "3", "scheduler": "euler", "guidance": "5.5"}
+    assert {k: text[k] for k in ("prompt", "negative_prompt", "seed", "steps", "scheduler", "guidance", "guidance_rescale")} == {
+        "prompt": "a red cube", "negative_prompt": "blurry", "seed": "42", "steps": "3", "scheduler": "euler", "guidance": "5.5",
+        "guidance_rescale": "0.7"}
     assert text["model_hash"] == f"{0:064x}"  # the synthetic source's hash, from the manifest
     assert json.loads(text["parameters"])["height"] == 16
     assert "timings: text_encoder" in stderr and "3 steps" in stderr  # --verbose per-stage timings
@@ -126,6 +127,7 @@ BAD_INPUTS = {
     "tensorrt-missing": (["--backend", "tensorrt"], "TensorRT/CUDA not found"),
     "fp16-not-built": (["--precision", "fp16"], "has no fp16"),
     "threads-zero": (["--threads", 0], "--threads must be at least 1, got 0"),
+    "rescale-too-large": (["--guidance-rescale", 2], "guidance_rescale must be in [0, 1]"),
 }
 
 
