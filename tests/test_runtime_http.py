@@ -70,10 +70,11 @@ def pixels(content: bytes) -> np.ndarray:
 
 
 def test_generate_returns_the_png_the_python_api_makes(server, model_dir):
-    r = httpx.post(f"{server}/generate", json={"prompt": "a red cube", "steps": 3, "seed": 9, "scheduler": "euler"}, timeout=60)
+    body = {"prompt": "a red cube", "steps": 3, "seed": 9, "scheduler": "euler", "guidance_rescale": 0.7}
+    r = httpx.post(f"{server}/generate", json=body, timeout=60)
     assert r.status_code == 200 and r.headers["content-type"] == "image/png"
     assert r.headers["x-seed"] == "9"
-    expected = Pipeline.load(model_dir).generate("a red cube", steps=3, seed=9, scheduler="euler").images[0]
+    expected = Pipeline.load(model_dir).generate("a red cube", steps=3, seed=9, scheduler="euler", guidance_rescale=0.7).images[0]
     np.testing.assert_array_equal(pixels(r.content), expected)
     assert '"prompts": ["a red cube"]' in Image.open(io.BytesIO(r.content)).text["parameters"]
 
@@ -96,6 +97,7 @@ def test_concurrent_requests_each_get_their_own_image(server, model_dir):
     ({"prompt": "a", "batch": 0}, "batch"),
     ({"prompt": "a", "scheduler": "heun"}, "scheduler"),
     ({"prompt": "a", "unknown": 1}, "unknown"),
+    ({"prompt": "a", "guidance_rescale": 1.5}, "guidance_rescale"),
     ({"steps": 2}, "prompt"),
     ({"prompt": "a", "height": 40}, "height 40 must be a multiple of 4 in [8, 32]"),  # the artifacts' own range
 ])

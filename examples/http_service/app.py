@@ -39,6 +39,7 @@ class GenerateRequest(BaseModel):
     negative_prompt: str = Field("", max_length=2000)
     steps: int = Field(25, ge=1, le=150)
     guidance: float = Field(7.5, ge=0.0, le=50.0, allow_inf_nan=False)
+    guidance_rescale: float = Field(0.0, ge=0.0, le=1.0, allow_inf_nan=False)
     scheduler: SchedulerName = "ddim"
     seed: int | None = Field(None, ge=0, lt=2**63)
     batch: int = Field(1, ge=1, le=8)
@@ -72,10 +73,11 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=None, help="artifacts folder (default: the shipped default model)")
     parser.add_argument("--backend", default="onnxruntime", help="onnxruntime | tensorrt | torch")
     parser.add_argument("--precision", default="fp32", choices=("fp32", "fp16"))
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads per operator (default: one per physical core)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     args = parser.parse_args()
-    pipeline = Pipeline.load(args.model, backend=args.backend, precision=args.precision)
+    pipeline = Pipeline.load(args.model, backend=args.backend, precision=args.precision, threads=args.threads)
     uvicorn.run(create_app(pipeline), host=args.host, port=args.port, log_level="warning")
 
 
