@@ -114,7 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.fresh_venv:
         footprint.update(fresh_venv_footprint(workloads.WORK / "fresh_venv.log"))
     notes = ["Install footprint: bytes of the files each installed distribution lists (its RECORD), over the dependency "
-             "closure of each setup in this environment" + ("; 'fresh venv' rows: du of site-packages of new venvs." if args.fresh_venv else ".")]
+             "closure of each setup in this environment" + ("; 'fresh venv' rows: du of site-packages of new venvs." if args.fresh_venv else "."),
+             "Cold start of ldm-rt on OpenVINO: with its compiled graphs in a warm cache, as after ldm-rt's first run on a "
+             "machine (the cache is on by default); compiling them takes 1-3 s more per start."]
     report = bench.run_benchmark(items, workloads.WORK, profile=not args.no_profile, footprint=footprint, notes=notes)
     paths = bench.write_report(report, args.results, args.name)
     print(bench.render_markdown(report))

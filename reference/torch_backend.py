@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ldm_rt.runtime.backends.base import BackendError, CpuThreads
+from ldm_rt.runtime.backends.base import BackendError, HostOptions
 from ldm_rt.runtime.contracts import ComponentContract, ModelFacts, ShapeProfile, build_contracts
 from ldm_rt.runtime.manifest import Manifest
 
@@ -85,16 +85,16 @@ def open_components(
     manifest: Manifest,
     precision: str = "fp32",
     providers: Sequence[str] | None = None,
-    threads: CpuThreads = CpuThreads(),
+    host: HostOptions = HostOptions(),
 ) -> dict[str, TorchComponent]:
     """The "torch" backend factory: load the model the artifacts were exported from (manifest.source) and
     serve it under the artifacts' contracts. CUDA when torch sees a GPU, else CPU; `providers` is ONNX
-    Runtime's notion and is ignored here. `threads.count` sets torch's (process-wide) intra-op threads;
-    `threads.spin` has no torch counterpart."""
+    Runtime's notion and is ignored here. `host.threads` sets torch's (process-wide) intra-op threads;
+    `host.spin` has no torch counterpart."""
     from .checkpoints import load_model
 
-    if threads.count is not None:
-        torch.set_num_threads(threads.count)
+    if host.threads is not None:
+        torch.set_num_threads(host.threads)
 
     if precision not in PRECISION_DTYPES:
         raise BackendError(f"precision must be one of {sorted(PRECISION_DTYPES)}, got {precision!r}")

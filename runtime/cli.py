@@ -79,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     s.add_argument("--threads", type=int, default=None, help="CPU threads per operator (default: one per physical core)")
     s.add_argument("--spin", action="store_true", help="idle CPU threads spin-wait between operators (default: they sleep)")
+    s.add_argument(
+        "--no-compile-cache", action="store_true",
+        help="do not keep compiled graphs (openvino) in ~/.cache/ldm-rt for the next run",
+    )  # fmt: skip
     s.add_argument("--model", type=Path, default=None, help="artifacts folder (default: the shipped default model)")
     s.add_argument("--verbose", action="store_true", help="log loading details and print per-stage timings")
 
@@ -132,6 +136,7 @@ def sample(args: argparse.Namespace) -> int:
         providers=None if args.provider is None else [args.provider],
         threads=args.threads,
         spin=args.spin,
+        compile_cache=not args.no_compile_cache,
     )
 
     bar: tqdm | None = None

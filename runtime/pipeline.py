@@ -30,7 +30,7 @@ from PIL import Image
 
 from . import guidance as cfg
 from .artifacts import Artifacts
-from .backends.base import Component, CpuThreads, SupportsUpload, open_components
+from .backends.base import Component, HostOptions, SupportsUpload, default_compile_cache, open_components
 from .images import as_mask_array, as_rgb_array, image_to_model, resize, to_uint8
 from .params import GenerationError, GenerationParams, make_params
 from .schedulers import SCHEDULERS, make_scheduler
@@ -105,13 +105,22 @@ class Pipeline:
         providers: Sequence[str] | None = None,
         threads: int | None = None,
         spin: bool = False,
+        compile_cache: str | Path | bool = True,
     ) -> Pipeline:
         """Open an artifacts folder (default: the shipped default model) with one backend; hashes are checked here, once.
         `threads`: CPU threads per operator (default: one per physical core); `spin`: idle threads
-        spin-wait between operators (off by default: backends/base.CpuThreads says why)."""
-        cpu = CpuThreads(threads, spin)  # validated before anything is opened
+        spin-wait between operators (off by default: backends/base.HostOptions says why). `compile_cache`:
+        where providers that compile graphs on opening (OpenVINO) keep them for the next process: True (the
+        user's cache folder, ~/.cache/ldm-rt), a folder, or False (compile every time)."""
+        if compile_cache is True:
+            cache: Path | None = default_compile_cache()
+        elif compile_cache is False or compile_cache is None:
+            cache = None
+        else:
+            cache = Path(compile_cache)
+        host = HostOptions(threads, spin, cache)  # validated before anything is opened
         artifacts = Artifacts.open(artifacts_dir)
-        components = open_components(backend, artifacts.root, artifacts.manifest, precision, providers, cpu)
+        components = open_components(backend, artifacts.root, artifacts.manifest, precision, providers, host)
         return cls(artifacts, components, backend, precision)
 
     # ---- one request -------------------------------------------------------------------------------------------

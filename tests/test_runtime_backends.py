@@ -150,7 +150,7 @@ def test_session_options_and_providers():
     assert so.execution_mode == ort.ExecutionMode.ORT_SEQUENTIAL and so.enable_mem_pattern
     assert 1 <= so.intra_op_num_threads == onnxruntime_backend.physical_cores()
     assert so.get_session_config_entry("session.intra_op.allow_spinning") == "0"
-    spinning = onnxruntime_backend.session_options(base.CpuThreads(count=3, spin=True))
+    spinning = onnxruntime_backend.session_options(base.HostOptions(threads=3, spin=True))
     assert spinning.intra_op_num_threads == 3 and spinning.get_session_config_entry("session.intra_op.allow_spinning") == "1"
     # A pool never keeps spinning after its call, where it would slow the next session's.
     assert spinning.get_session_config_entry("session.force_spinning_stop") == "1"
@@ -164,7 +164,7 @@ def test_session_options_and_providers():
 @pytest.mark.parametrize("count", [0, -2, 1.5, True, "4"])
 def test_bad_thread_counts_are_refused(count):
     with pytest.raises(BackendError, match="threads must be a whole number >= 1"):
-        base.CpuThreads(count=count)
+        base.HostOptions(threads=count)
 
 
 def test_a_plugin_provider_mixed_with_another_is_refused(tmp_path):

@@ -2,7 +2,7 @@
 
 A component is anything with a `contract` (runtime/contracts.py) and `run(inputs) -> outputs`, both
 keyed by the contract's tensor names, float tensors float32 whatever the precision inside. A backend is a
-factory `open_components(artifacts_dir, manifest, precision, providers=None, threads=CpuThreads())
+factory `open_components(artifacts_dir, manifest, precision, providers=None, host=HostOptions())
 -> {name: component}`.
 
 ONNX Runtime and TensorRT live in this package; any other backend (the torch reference, "torch") is
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,19 +35,29 @@ class BackendError(ValueError):
 
 
 @dataclass(frozen=True)
-class CpuThreads:
-    """How a backend uses the host's cores. `count`: threads per operator (None: one per physical core).
+class HostOptions:
+    """How a backend uses the host. `threads`: CPU threads per operator (None: one per physical core).
     `spin`: between operators, idle threads spin-wait inside a call instead of sleeping (never after it).
     Off by default: measured end to end on 2 idle cores (default and SD-shaped models) it gains nothing
     beyond the noise, and where other processes share the cores spinning threads take time from them
-    (measured 2.1x slower beside a training run). It may pay on many-core hosts; measure there."""
+    (measured 2.1x slower beside a training run). It may pay on many-core hosts; measure there.
+    `compile_cache`: a folder where backends that compile graphs when a session opens (OpenVINO) keep the
+    compiled result for the next process (None: compile every time)."""
 
-    count: int | None = None
+    threads: int | None = None
     spin: bool = False
+    compile_cache: Path | None = None
 
     def __post_init__(self) -> None:
-        if self.count is not None and (isinstance(self.count, bool) or not isinstance(self.count, int) or self.count < 1):
-            raise BackendError(f"threads must be a whole number >= 1 (or None: one per physical core), got {self.count!r}")
+        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1):
+            raise BackendError(f"threads must be a whole number >= 1 (or None: one per physical core), got {self.threads!r}")
+        if self.compile_cache is not None and Path(self.compile_cache).is_file():
+            raise BackendError(f"compile cache {self.compile_cache} is a file; give a folder (or no cache)")
+
+
+def default_compile_cache() -> Path:
+    """Where compiled graphs are kept unless told otherwise: the user's cache folder (XDG), ldm-rt's part of it."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ldm-rt"
 
 
 @runtime_checkable
@@ -71,7 +82,7 @@ class BackendFactory(Protocol):
         manifest: Manifest,
         precision: str,
         providers: Sequence[str] | None = None,
-        threads: CpuThreads = CpuThreads(),
+        host: HostOptions = HostOptions(),
     ) -> dict[str, Component]: ...
 
 
@@ -107,11 +118,11 @@ def open_components(
     manifest: Manifest,
     precision: str = "fp32",
     providers: Sequence[str] | None = None,
-    threads: CpuThreads = CpuThreads(),
+    host: HostOptions = HostOptions(),
 ) -> dict[str, Component]:
     if precision not in PRECISIONS:
         raise BackendError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    return backend_factory(backend)(Path(artifacts_dir), manifest, precision, providers, threads=threads)
+    return backend_factory(backend)(Path(artifacts_dir), manifest, precision, providers, host=host)
 
 
 def placeholder_for(contract: ComponentContract, name: str, shape: tuple[int, ...]) -> np.ndarray:

@@ -4,7 +4,7 @@ OpenVINO's (an ONNX Runtime plugin in its own wheel, `pip install 'ldm-rt[openvi
 Each component opens the ONNX Runtime variant of its file when the build wrote one (attention fused into
 com.microsoft.MultiHeadAttention: less memory, a smaller graph; runtime/manifest.OrtVariant), else the
 portable ONNX. Sessions are configured once (all graph optimisations, intra-op threads = physical cores
-unless told otherwise, spinning as `CpuThreads` says, sequential execution, memory pattern) and shared: `InferenceSession.run` is thread-safe, so one Pipeline serves
+unless told otherwise, spinning as `HostOptions` says, sequential execution, memory pattern) and shared: `InferenceSession.run` is thread-safe, so one Pipeline serves
 concurrent requests without a lock. On CUDA, inputs and outputs go through IO binding, and `upload`
 keeps a tensor that every step reads (the text embeddings) on the device for the whole loop.
 """
@@ -23,7 +23,7 @@ import onnxruntime as ort
 
 from ..contracts import ComponentContract
 from ..manifest import ArtifactError, Manifest, PrecisionEntry
-from .base import BackendError, CpuThreads, placeholder_for
+from .base import BackendError, HostOptions, placeholder_for
 
 log = logging.getLogger(__name__)
 
@@ -44,16 +44,16 @@ def physical_cores() -> int:
     return len(cores) or os.cpu_count() or 1
 
 
-def session_options(threads: CpuThreads = CpuThreads()) -> ort.SessionOptions:
+def session_options(host: HostOptions = HostOptions()) -> ort.SessionOptions:
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.intra_op_num_threads = threads.count or physical_cores()
+    so.intra_op_num_threads = host.threads or physical_cores()
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.enable_mem_pattern = True
-    # ONNX Runtime spins by default; CpuThreads says why we do not. Each session has its own pool, and a
+    # ONNX Runtime spins by default; HostOptions says why we do not. Each session has its own pool, and a
     # pool left spinning after its call slows the next session's (measured: the VAE decode after the UNet
     # loop 2x slower), so spinning, when asked for, stops as each call returns.
-    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if threads.spin else "0")
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if host.spin else "0")
     so.add_session_config_entry("session.force_spinning_stop", "1")
     so.log_severity_level = 3  # warnings about unused initialisers etc. are not the user's concern
     return so
@@ -77,6 +77,19 @@ def plugin_devices(alias: str) -> list:
     if not found:
         raise BackendError(f"the {ep_name} plugin found no device on this machine; use the cpu provider")
     return found
+
+
+def _cache_folder(root: Path | None, alias: str) -> Path | None:
+    """`root`/`alias`, created; None (compile every time, with a warning) when it cannot be created."""
+    if root is None:
+        return None
+    folder = Path(root) / alias
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        log.warning("no compile cache: cannot create %s (%s); pass compile_cache=False to silence this", folder, e.strerror or e)
+        return None
+    return folder
 
 
 def resolve_providers(providers: Sequence[str] | None) -> list[str]:
@@ -161,12 +174,12 @@ def open_components(
     manifest: Manifest,
     precision: str,
     providers: Sequence[str] | None = None,
-    threads: CpuThreads = CpuThreads(),
+    host: HostOptions = HostOptions(),
     fused: bool = True,
 ) -> dict[str, OrtComponent]:
     """Sessions for every component of the artifacts at `precision`, files checked against the manifest.
     `fused=False` opens the portable ONNX files even where an ONNX Runtime variant exists."""
-    options = session_options(threads)
+    options = session_options(host)
     plugin = [p.lower() for p in providers or () if p.lower() in PLUGIN_PROVIDERS]
     others = [p for p in providers or () if p.lower() not in PLUGIN_PROVIDERS and PROVIDER_ALIASES.get(p.lower(), p) != "CPUExecutionProvider"]
     if plugin and (others or len(plugin) > 1):
@@ -179,8 +192,13 @@ def open_components(
         # (com.microsoft.MultiHeadAttention) would split the graph between the two providers.
         # Its own thread count (it ignores the intra-op setting). On CPUs with AMX it computes in bf16 unless
         # told INFERENCE_PRECISION_HINT f32, which measured slower than the CPU provider: that speed is the point.
-        load_config = json.dumps({"CPU": {"INFERENCE_NUM_THREADS": str(threads.count or physical_cores())}})
-        options.add_provider_for_devices(plugin_devices(plugin[0])[:1], {"load_config": load_config})
+        config = {"INFERENCE_NUM_THREADS": str(host.threads or physical_cores())}
+        cache = _cache_folder(host.compile_cache, plugin[0])
+        if cache is not None:
+            # OpenVINO compiles every graph when its session opens (seconds); with a cache folder the next
+            # process loads the compiled blob instead. Blobs are keyed by graph, device and settings.
+            config["CACHE_DIR"] = str(cache)
+        options.add_provider_for_devices(plugin_devices(plugin[0])[:1], {"load_config": json.dumps({"CPU": config})})
         chosen, fused = None, False
     else:
         chosen = resolve_providers(providers)

@@ -25,7 +25,7 @@ import numpy as np
 
 from ..contracts import DTYPES, ComponentContract
 from ..manifest import ArtifactError, FileEntry, Manifest
-from .base import BackendError, CpuThreads
+from .base import BackendError, HostOptions
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ class TrtComponent:
 
 
 def open_components(
-    artifacts_dir: Path, manifest: Manifest, precision: str, providers: Sequence[str] | None = None, threads: CpuThreads = CpuThreads()
+    artifacts_dir: Path, manifest: Manifest, precision: str, providers: Sequence[str] | None = None, host: HostOptions = HostOptions()
 ) -> dict[str, TrtComponent]:
     """Engines for every component at `precision`; `providers` and `threads` are unused (the GPU computes)."""
     trt, cudart = import_tensorrt()
