@@ -4,8 +4,9 @@
     python benchmarks/run.py --quick            # 1 timed run, 4 steps, 128x128 only: a check that all peers run
     python benchmarks/run.py --fresh-venv       # also measure the install footprint in fresh virtual environments
 
-Workloads (benchmarks/workloads.py): the SD-v1-shaped model at reduced width at each --sizes (batch 1) and the
-shipped default model at batch 1 and 4 (skipped, and said so, while its artifacts do not exist). Peers:
+Workloads (benchmarks/workloads.py): the SD-v1-shaped model at reduced width at each --sizes (batch 1), the
+SD-v2-shaped one (64-wide heads) at each --sd2-sizes, and the shipped default model at batch 1 and 4
+(skipped, and said so, while its artifacts do not exist). Peers:
 ldm-rt on ONNX Runtime CPU (CUDA and TensorRT where present), the PyTorch reference, diffusers'
 StableDiffusionPipeline, Optimum's ORTStableDiffusionPipeline in benchmarks/.venv-optimum. The harness is
 ldm_rt.runtime.bench (also `ldm-rt bench`); this script makes the models and names the peers.
@@ -70,6 +71,7 @@ def fresh_venv_footprint(log_file: Path) -> dict[str, dict]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=list(workloads.SD_SIZES), help="SD-shaped image sizes (default 128 256)")
+    parser.add_argument("--sd2-sizes", type=int, nargs="*", default=[256], help="SD-v2-shaped image sizes (default 256; none to skip)")
     parser.add_argument("--default-batches", type=int, nargs="+", default=[1, 4], help="default-model batch sizes (default 1 4)")
     parser.add_argument("--steps", type=int, default=20, help="DDIM steps (default 20)")
     parser.add_argument("--runs", type=int, default=3, help="timed calls per peer, median reported (default 3)")
@@ -84,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     if args.quick:
         args.runs, args.steps, args.sizes = 1, 4, [min(args.sizes)]
+        args.sd2_sizes = [min(args.sd2_sizes)] if args.sd2_sizes else []
 
     workloads.WORK.mkdir(parents=True, exist_ok=True)
     optimum_python, optimum_reason = None, None
@@ -100,6 +103,10 @@ def main(argv: list[str] | None = None) -> int:
     sd_runs = tuple(bench.RunSpec(s, s, batch=1, steps=args.steps, runs=args.runs, warmup=args.warmup) for s in args.sizes)
     default = workloads.prepare_default(optimum_python, optimum_reason)
     items = [bench.Workload(sd.name, sd.description, sd.artifacts, sd_runs, peers_for(sd, optimum_python), sd.config)]
+    if args.sd2_sizes:
+        sd2 = workloads.prepare_sd_shaped(workloads.SD2_SHAPE, tuple(args.sd2_sizes), optimum_python, optimum_reason)
+        sd2_runs = tuple(bench.RunSpec(s, s, batch=1, steps=args.steps, runs=args.runs, warmup=args.warmup) for s in args.sd2_sizes)
+        items.append(bench.Workload(sd2.name, sd2.description, sd2.artifacts, sd2_runs, peers_for(sd2, optimum_python), sd2.config))
     if default.skip_reason is not None:
         items.insert(0, bench.Workload(default.name, default.description, None, (), (), skip_reason=default.skip_reason))
     else:

@@ -6,6 +6,10 @@
   scheduler config and the tiny CLIP BPE tokenizer of tests/tiny_models.py. ldm-rt exports it with
   export/build.py; the reference and diffusers load the folder itself; Optimum exports it with its own
   exporter inside its virtual environment.
+- `sd2-shaped`: the same at the same widths with SD v2's attention: 64-wide heads (so 1, 2, 4, 4 heads at
+  these widths, where SD v1's 8 heads are 8 to 32 wide) and linear projections in and out of each
+  transformer. Reducing SD v1's width keeps its head count and shrinks its heads; SD v2's rule keeps the
+  head width, as in the full-size models, whose attention is bound by its products, not by the softmax.
 - `default`: the shipped default model (engines/default), measured at batch 1 and 4 when its artifacts exist.
 
 Built folders are cached under benchmarks/work/<name>/ (gitignored), keyed by the config they were made from.
@@ -39,6 +43,7 @@ class SDShape:
     unet_channels: tuple[int, ...] = (64, 128, 256, 256)
     unet_layers_per_block: int = 2
     unet_heads: int = 8  # SD v1 fixes 8 heads at every level
+    unet_head_width: int | None = None  # SD v2 instead fixes the head width (64) and uses linear projections
     text_hidden: int = 256  # == the UNet's cross_attention_dim
     text_layers: int = 6
     text_heads: int = 4  # 64-wide heads, as CLIP's
@@ -50,6 +55,18 @@ class SDShape:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @property
+    def generation(self) -> int:
+        return 1 if self.unet_head_width is None else 2
+
+    def heads_per_level(self) -> tuple[int, ...]:
+        if self.unet_head_width is None:
+            return (self.unet_heads,) * len(self.unet_channels)
+        return tuple(c // self.unet_head_width for c in self.unet_channels)
+
+
+SD2_SHAPE = SDShape(unet_head_width=64)
 
 
 def scheduler_config() -> dict[str, Any]:
@@ -82,8 +99,10 @@ def make_sd_shaped(folder: Path, shape: SDShape) -> Path:
     torch.manual_seed(shape.seed)
     unet = UNet2DConditionModel(
         sample_size=32, in_channels=4, out_channels=4, block_out_channels=shape.unet_channels,
-        layers_per_block=shape.unet_layers_per_block, attention_head_dim=shape.unet_heads,
-        cross_attention_dim=shape.text_hidden, norm_num_groups=32,
+        layers_per_block=shape.unet_layers_per_block, cross_attention_dim=shape.text_hidden, norm_num_groups=32,
+        # diffusers' `attention_head_dim` is the number of heads (a historical misnomer), one per level for SD v2.
+        attention_head_dim=shape.unet_heads if shape.generation == 1 else list(shape.heads_per_level()),
+        use_linear_projection=shape.generation == 2,
         down_block_types=("CrossAttnDownBlock2D",) * (len(shape.unet_channels) - 1) + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (len(shape.unet_channels) - 1),
     )
@@ -214,7 +233,8 @@ class Prepared:
 
 def prepare_sd_shaped(shape: SDShape, sizes: tuple[int, ...], optimum_python: Path | None, optimum_reason: str | None) -> Prepared:
     """Make (or reuse) the SD-shaped diffusers folder, ldm-rt's export of it and Optimum's."""
-    root = WORK / "sd-shaped"
+    name = "sd-shaped" if shape.generation == 1 else f"sd{shape.generation}-shaped"
+    root = WORK / name
     root.mkdir(parents=True, exist_ok=True)
     key = {"shape": shape.to_dict(), "diffusers": _version("diffusers")}
     source = _cached(root / "diffusers", key, lambda folder: make_sd_shaped(folder, shape))
@@ -224,13 +244,17 @@ def prepare_sd_shaped(shape: SDShape, sizes: tuple[int, ...], optimum_python: Pa
     optimum, optimum_reason = optimum_export(optimum_python, optimum_reason, source, root, key)
     params = parameter_counts(source)
     config = {"sd_shaped": True, **shape.to_dict(), "params_millions": {k: round(v, 2) for k, v in params.items()}}
+    if shape.generation == 1:
+        heads = f"{shape.unet_heads} heads"
+    else:
+        heads = f"{shape.unet_head_width}-wide heads ({', '.join(map(str, shape.heads_per_level()))} per level), linear projections"
     description = (
-        f"SD-v1-shaped model, random weights: UNet {params['unet']:.1f} M parameters (block_out_channels "
-        f"{list(shape.unet_channels)}, {shape.unet_layers_per_block} layers per block, {shape.unet_heads} heads, cross-attention "
+        f"SD-v{shape.generation}-shaped model, random weights: UNet {params['unet']:.1f} M parameters (block_out_channels "
+        f"{list(shape.unet_channels)}, {shape.unet_layers_per_block} layers per block, {heads}, cross-attention "
         f"{shape.text_hidden}), VAE {params['vae']:.1f} M (f=8, {list(shape.vae_channels)}), CLIP text encoder "
         f"{params['text_encoder']:.1f} M ({shape.text_layers} layers, width {shape.text_hidden}, {shape.max_length} tokens)."
     )
-    return Prepared("sd-shaped", description, config, artifacts, source, source, optimum, optimum_reason=optimum_reason)
+    return Prepared(name, description, config, artifacts, source, source, optimum, optimum_reason=optimum_reason)
 
 
 def prepare_default(optimum_python: Path | None, optimum_reason: str | None) -> Prepared:
