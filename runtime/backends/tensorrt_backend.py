@@ -159,7 +159,7 @@ class TrtComponent:
 def open_components(
     artifacts_dir: Path, manifest: Manifest, precision: str, providers: Sequence[str] | None = None, host: HostOptions = HostOptions()
 ) -> dict[str, TrtComponent]:
-    """Engines for every component at `precision`; `providers` and `threads` are unused (the GPU computes)."""
+    """Engines for every component at `precision`; `providers` and `host` are unused (the GPU computes)."""
     trt, cudart = import_tensorrt()
     if check(cudart, cudart.cudaGetDeviceCount()) == 0:
         raise BackendError(MISSING.format(what="no CUDA GPU visible"))
