@@ -33,6 +33,7 @@ def combine(out: np.ndarray, guidance: float, rescale: float = 0.0) -> np.ndarra
         return guided
     axes = tuple(range(1, out.ndim))
     std_guided = guided.std(axis=axes, ddof=1, keepdims=True)
-    # A row whose guided output is constant has no spread to match; it is left as it is.
-    ratio = np.where(std_guided > 0, eps_cond.std(axis=axes, ddof=1, keepdims=True) / np.where(std_guided > 0, std_guided, 1), 1)
+    std_cond = eps_cond.std(axis=axes, ddof=1, keepdims=True)
+    # A row whose guided output is constant has no spread to match; it is left as it is (ratio 1).
+    ratio = np.divide(std_cond, std_guided, out=np.ones_like(std_guided), where=std_guided > 0)
     return (guided * (np.float32(rescale) * ratio + np.float32(1.0 - rescale))).astype(np.float32)
