@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -16,8 +17,29 @@ FILE_MODE = 0o666 & ~_UMASK
 DIR_MODE = 0o777 & ~_UMASK
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+class NotAFileTarget(OSError):
+    """The output path exists and is not a regular file (a device, FIFO, socket or folder): renaming over it
+    would replace the user's node, so nothing is written."""
+
+
+def check_file_target(path: str | os.PathLike) -> Path:
+    """`path` as a Path when it is new or an existing regular file (a symlink is judged by what it points at);
+    else NotAFileTarget naming the path."""
     path = Path(path)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return path
+    except OSError as e:
+        raise NotAFileTarget(f"{path} cannot be checked ({e.strerror}); choose another output path") from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a folder" if stat.S_ISDIR(st.st_mode) else "not a regular file (a device, FIFO or socket)"
+        raise NotAFileTarget(f"{path} is {kind}; give a new file name or an existing regular file")
+    return path
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    path = check_file_target(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -40,7 +62,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     """Yields a temp path beside `path` for a writer that wants a file name (safetensors, onnx);
     renamed over `path` only if the block finishes."""
-    path = Path(path)
+    path = check_file_target(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
