@@ -1,4 +1,4 @@
-"""TensorRT engines from the exported ONNX files, through polygraphy's TensorRT API.
+"""TensorRT engines from the exported ONNX files, through TensorRT's builder API.
 
 An engine is only valid for the TensorRT version, GPU model and build settings it was made with, so
 each one is named by a cache key: sha256 over (ONNX content hash, TensorRT version, GPU name and compute
@@ -6,19 +6,22 @@ capability, precision, optimisation profile, builder flags). A metadata JSON bes
 the key's inputs. An earlier engine is reused only when its key and its plan's hash both match; one
 whose key differs in anything is rebuilt, never loaded (the log says which input changed).
 
-Precision: the fp32 engine is built from the fp32 ONNX; the fp16 engine from the fp16 ONNX as a
-*strongly typed* network, so TensorRT keeps the graph's types, including the fp32 islands that the
-overflow search chose (a weakly typed fp16 build would be free to put them back in fp16).
+Precision lives in the ONNX graph, never in a builder flag: every network is *strongly typed*, so the fp32
+engine is built from the fp32 ONNX and the fp16 engine from the fp16 ONNX, with TensorRT keeping the graph's
+types, including the fp32 islands that the overflow search chose (a weakly typed fp16 build would be free to
+put them back in fp16). This is also the only mode TensorRT 11 has: it removed the FP16/BF16/INT8/...
+builder flags and weak typing; on TensorRT 10 the STRONGLY_TYPED network flag asks for it.
 
-tensorrt and cuda-python are imported lazily: without them `probe_tensorrt` raises
-`TensorRTUnavailable` and the ONNX artifacts remain usable with ONNX Runtime.
-NOTE: the GPU path is written against TensorRT 10 / polygraphy 0.49+ and is not verified on this
-machine (no GPU); tests/test_export_tensorrt.py has @pytest.mark.gpu tests that build and run one.
+tensorrt and cuda-python are imported lazily (runtime/backends/cuda_probe.py): without them, or without a
+usable GPU, `probe_tensorrt` raises `TensorRTUnavailable` naming why, and the ONNX artifacts remain usable
+with ONNX Runtime.
+NOTE: the GPU path is written against TensorRT 10/11 and is not verified on this machine (no GPU);
+tests/test_export_tensorrt.py runs the build code against fake TensorRT 10 and 11 modules and has
+@pytest.mark.gpu tests that build and run one engine where a GPU exists.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import shutil
@@ -29,7 +32,10 @@ from pathlib import Path
 from typing import Any
 
 from ldm_rt.export.errors import ExportError, TensorRTUnavailable
-from ldm_rt.runtime.backends.tensorrt_backend import engine_key
+from ldm_rt.runtime.atomic import atomic_write_bytes
+from ldm_rt.runtime.backends import cuda_probe
+from ldm_rt.runtime.backends.base import BackendError
+from ldm_rt.runtime.backends.tensorrt_backend import device_description, engine_key
 from ldm_rt.runtime.contracts import ComponentContract
 from ldm_rt.runtime.manifest import FileEntry, sha256_file
 
@@ -52,34 +58,15 @@ class TensorRTInfo:
     gpu: GpuInfo
 
 
-def _cudart() -> Any:
-    # cuda-python moved the runtime bindings to cuda.bindings in 12.8; older releases have cuda.cudart.
-    for name in ("cuda.bindings.runtime", "cuda.cudart"):
-        try:
-            return importlib.import_module(name)
-        except ImportError:
-            continue
-    return None
-
-
 def probe_tensorrt(folder: str | Path) -> TensorRTInfo:
     """TensorRT's version and the GPU engines will be built for; `TensorRTUnavailable` (naming `folder`,
-    whose ONNX files stay usable) when TensorRT, cuda-python or a CUDA GPU is missing."""
+    whose ONNX files stay usable) when TensorRT, cuda-python or a usable CUDA GPU is missing."""
     try:
-        trt = importlib.import_module("tensorrt")
-    except ImportError:
-        raise TensorRTUnavailable.for_folder("the tensorrt package is not installed", str(folder)) from None
-    cudart = _cudart()
-    if cudart is None:
-        raise TensorRTUnavailable.for_folder("the cuda-python package is not installed", str(folder))
-    err, count = cudart.cudaGetDeviceCount()
-    if int(err) != 0 or count == 0:
-        raise TensorRTUnavailable.for_folder("no CUDA GPU is visible", str(folder))
-    err, prop = cudart.cudaGetDeviceProperties(0)
-    if int(err) != 0:
-        raise TensorRTUnavailable.for_folder(f"cudaGetDeviceProperties failed ({err})", str(folder))
-    name = prop.name.decode(errors="replace").rstrip("\0") if isinstance(prop.name, bytes) else str(prop.name)
-    return TensorRTInfo(trt.__version__, GpuInfo(name, f"{prop.major}.{prop.minor}"))
+        trt, cudart = cuda_probe.probe()
+        gpu = device_description(cudart)
+    except (cuda_probe.GpuUnavailable, BackendError) as e:
+        raise TensorRTUnavailable.for_folder(str(e), str(folder)) from None
+    return TensorRTInfo(trt.__version__, GpuInfo(**gpu))
 
 
 def engine_profile(contract: ComponentContract, static: bool = False) -> dict[str, list[list[int]]]:
@@ -125,7 +112,9 @@ def engine_spec(
     static: bool = False,
     refit: bool = False,
 ) -> EngineSpec:
-    flags = {"strongly_typed": precision == "fp16", "fp16": False, "refittable": refit, "static": static}
+    # strongly_typed is always on (the module docstring says why); it stays in the key so that engines built
+    # weakly typed by earlier versions are rebuilt, not reused.
+    flags = {"strongly_typed": True, "refittable": refit, "static": static}
     return EngineSpec(contract.name, precision, onnx_sha256, info.version, info.gpu, engine_profile(contract, static), flags)
 
 
@@ -163,23 +152,56 @@ def find_reusable(spec: EngineSpec, search_dirs: Sequence[Path]) -> Path | None:
 Builder = Callable[[Path, EngineSpec, Path, Path | None], None]
 
 
-def polygraphy_builder(onnx_path: Path, spec: EngineSpec, plan_path: Path, timing_cache: Path | None) -> None:
-    """Build one engine with polygraphy.backend.trt and save it to `plan_path`."""
-    from polygraphy.backend.trt import CreateConfig, Profile, engine_from_network, network_from_onnx_path, save_engine
+def network_flags(trt: Any) -> int:
+    """create_network's flags: strongly typed (needed on TensorRT 10; on 11 every network is, and the flag is ignored)."""
+    return 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
 
-    profile = Profile()
+
+def builder_config(trt: Any, builder: Any, spec: EngineSpec, timing_cache: bytes) -> Any:
+    """The IBuilderConfig of `spec`: its optimisation profile, REFIT when asked, the timing cache. Never a
+    precision flag: the types come from the ONNX graph (TensorRT 11 has no FP16/BF16/INT8 flags at all)."""
+    config = builder.create_builder_config()
+    profile = builder.create_optimization_profile()
     for name, (lo, opt, hi) in spec.profile.items():
-        profile.add(name, min=tuple(lo), opt=tuple(opt), max=tuple(hi))
-    cache = str(timing_cache) if timing_cache is not None else None
-    config = CreateConfig(
-        fp16=spec.flags["fp16"],
-        profiles=[profile],
-        refittable=spec.flags["refittable"],
-        load_timing_cache=cache if cache and Path(cache).is_file() else None,
-    )
-    network = network_from_onnx_path(str(onnx_path), strongly_typed=spec.flags["strongly_typed"])
-    engine = engine_from_network(network, config=config, save_timing_cache=cache)
-    save_engine(engine, path=str(plan_path))
+        profile.set_shape(name, lo, opt, hi)
+    config.add_optimization_profile(profile)
+    if spec.flags["refittable"]:
+        config.set_flag(trt.BuilderFlag.REFIT)
+    if hasattr(trt.BuilderFlag, "TF32"):  # on by default: fp32 layers would round inputs to TF32's 10-bit mantissa
+        config.clear_flag(trt.BuilderFlag.TF32)
+    config.set_timing_cache(config.create_timing_cache(timing_cache), False)
+    return config
+
+
+def build_plan(trt: Any, onnx_path: Path, spec: EngineSpec, timing_cache: bytes = b"") -> tuple[bytes, bytes]:
+    """(serialized engine, updated timing cache) for `spec` from `onnx_path`, with the `trt` module given."""
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(network_flags(trt))
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):  # reads external data beside the file too
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise ExportError(
+            f"TensorRT cannot parse {onnx_path.name}: {errors or 'no reason given'}; build with --onnx-only (ONNX Runtime runs it)"
+        )
+    config = builder_config(trt, builder, spec, timing_cache)
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise ExportError(
+            f"TensorRT could not build {spec.component} {spec.precision} (its log above says why); "
+            "try a narrower profile or build with --onnx-only"
+        )
+    return bytes(plan), bytes(config.get_timing_cache().serialize())
+
+
+def tensorrt_builder(onnx_path: Path, spec: EngineSpec, plan_path: Path, timing_cache: Path | None) -> None:
+    """Build one engine with TensorRT and write it to `plan_path` (and the grown timing cache back, atomically)."""
+    trt = cuda_probe.import_tensorrt()
+    cache = timing_cache.read_bytes() if timing_cache is not None and timing_cache.is_file() else b""
+    plan, new_cache = build_plan(trt, onnx_path, spec, cache)
+    atomic_write_bytes(plan_path, plan)
+    if timing_cache is not None:
+        atomic_write_bytes(timing_cache, new_cache)
 
 
 def build_engine(
@@ -189,7 +211,7 @@ def build_engine(
     *,
     reuse_from: Sequence[Path] = (),
     timing_cache: Path | None = None,
-    builder: Builder = polygraphy_builder,
+    builder: Builder = tensorrt_builder,
 ) -> dict[str, Any]:
     """The engine for `spec` in `out_dir` (reused from `reuse_from` when its key matches, else built),
     with its metadata JSON beside it. Returns the manifest record (paths relative to `out_dir`'s parent)."""
@@ -204,6 +226,8 @@ def build_engine(
         log.info("building TensorRT engine %s", plan.name)
         try:
             builder(onnx_path, spec, plan, timing_cache)
+        except ExportError:
+            raise
         except Exception as e:  # TensorRT reports build failures as assorted runtime errors
             raise ExportError(
                 f"TensorRT could not build {spec.component} {spec.precision} ({type(e).__name__}: {e}); "

@@ -11,17 +11,13 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 
 def _have_tensorrt_and_cuda() -> tuple[bool, str]:
+    # The probe the TensorRT backend and the engine builder use: both cuda-python layouts, real CUDA errors.
+    from ldm_rt.runtime.backends.cuda_probe import GpuUnavailable, probe
+
     try:
-        import tensorrt  # noqa: F401
-    except ImportError:
-        return False, "TensorRT is not installed (pip install 'ldm-rt[gpu]' on a CUDA machine)"
-    try:
-        from cuda import cudart  # noqa: F401
-    except ImportError:
-        return False, "cuda-python is not installed"
-    err, count = cudart.cudaGetDeviceCount()
-    if err != cudart.cudaError_t.cudaSuccess or count == 0:
-        return False, "no CUDA GPU visible"
+        probe()
+    except GpuUnavailable as e:
+        return False, f"{e} (the GPU tests need pip install 'ldm-rt[gpu]' on a CUDA machine)"
     return True, ""
 
 

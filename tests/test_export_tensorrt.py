@@ -1,7 +1,9 @@
-"""TensorRT engine building: profiles, names, cache keys, metadata, reuse and the missing-TensorRT error.
+"""TensorRT engine building: profiles, names, cache keys, metadata, reuse, the missing-TensorRT error, and
+the builder's TensorRT calls against fake TensorRT 10 and 11 modules (gpu_fakes.py).
 
 Everything but the @pytest.mark.gpu tests runs without TensorRT, with a stand-in builder that writes a
-fake plan; the GPU tests build and run a real engine and are skipped (with the reason) elsewhere.
+fake plan or a fake tensorrt module; the GPU tests build and run a real engine and are skipped (with the
+reason) elsewhere.
 """
 
 from __future__ import annotations
@@ -14,19 +16,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from gpu_fakes import PRECISION_FLAGS, tensorrt_10, tensorrt_11
 from torch import nn
 
-from ldm_rt.export.errors import TensorRTUnavailable
+from ldm_rt.export.errors import ExportError, TensorRTUnavailable
 from ldm_rt.export.onnx_export import export_component
 from ldm_rt.export.parity import ort_session
 from ldm_rt.export.tensorrt_build import (
     GpuInfo,
     TensorRTInfo,
     build_engine,
+    build_plan,
     engine_profile,
     engine_spec,
     probe_tensorrt,
 )
+from ldm_rt.runtime.backends import cuda_probe
+from ldm_rt.runtime.backends.tensorrt_backend import TrtComponent
 from ldm_rt.runtime.contracts import ModelFacts, ShapeProfile, build_contracts
 from ldm_rt.runtime.manifest import sha256_file
 
@@ -77,7 +83,9 @@ def test_cache_key_changes_when_any_input_changes():
     keys = [base.key] + [v.key for v in variants]
     assert len(set(keys)) == len(keys)
     assert engine_spec(unet, "fp16", "a" * 64, INFO).key == base.key  # and is deterministic
-    assert base.flags["strongly_typed"] and not engine_spec(unet, "fp32", "a" * 64, INFO).flags["strongly_typed"]
+    # Both precisions strongly typed: the types are the ONNX graph's; no precision flag is part of any build.
+    assert base.flags == {"strongly_typed": True, "refittable": False, "static": False}
+    assert engine_spec(unet, "fp32", "a" * 64, INFO).flags["strongly_typed"]
 
 
 def test_engine_file_name_carries_component_precision_and_key():
@@ -142,6 +150,50 @@ def test_missing_tensorrt_is_the_one_line_error(monkeypatch, tmp_path):
     )
 
 
+@pytest.mark.parametrize("trt_module", [tensorrt_10, tensorrt_11], ids=["tensorrt10", "tensorrt11"])
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+@pytest.mark.parametrize("refit", [False, True])
+def test_no_build_requests_a_precision_flag(tmp_path, trt_module, precision, refit):
+    # TensorRT 11 removed FP16/BF16/INT8/... (the fake has only 11's members: asking for one is an AttributeError);
+    # fp16 engines come from the fp16 ONNX as strongly typed networks, on 10 as on 11.
+    trt = trt_module()
+    spec = engine_spec(contracts()["unet"], precision, "a" * 64, INFO, refit=refit)
+    plan, cache = build_plan(trt, tmp_path / "unet.onnx", spec, b"old")
+    assert plan.startswith(b"PLAN") and cache == b"old+timings"
+    assert trt.log.network_flags == [1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)]
+    assert not PRECISION_FLAGS & set(trt.log.set_flags)
+    assert trt.log.set_flags == (["REFIT"] if refit else [])
+    assert trt.log.cleared_flags == (["TF32"] if "TF32" in trt.BuilderFlag.__members__ else [])
+    assert trt.log.shapes == {name: tuple(map(tuple, s)) for name, s in spec.profile.items()}
+    assert trt.log.parsed == [str(tmp_path / "unet.onnx")]
+
+
+def test_the_tensorrt_builder_writes_the_plan_and_the_timing_cache(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", tensorrt_11())
+    onnx_file = tmp_path / "unet.onnx"
+    onnx_file.write_bytes(b"onnx")
+    cache = tmp_path / "timing.cache"
+    spec = engine_spec(contracts()["unet"], "fp16", sha256_file(onnx_file), INFO)
+    record = build_engine(onnx_file, spec, tmp_path / "out" / "engines", timing_cache=cache)
+    assert (tmp_path / "out" / record["engine"]["file"]).read_bytes().startswith(b"PLAN")
+    assert cache.read_bytes() == b"+timings"
+    build_engine(onnx_file, spec, tmp_path / "again" / "engines", timing_cache=cache)  # the cache is read back
+    assert sys.modules["tensorrt"].log.timing_cache_in == [b"", b"+timings"]
+    assert cache.read_bytes() == b"+timings+timings"
+
+
+def test_an_onnx_file_tensorrt_cannot_parse_is_one_line(tmp_path, monkeypatch):
+    from gpu_fakes import TRT10_BUILDER_FLAGS, fake_tensorrt
+
+    trt = fake_tensorrt("10.13.3.9", TRT10_BUILDER_FLAGS, ("EXPLICIT_BATCH", "STRONGLY_TYPED"), parse_errors=("bad node Foo",))
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    spec = engine_spec(contracts()["unet"], "fp32", "a" * 64, INFO)
+    with pytest.raises(ExportError) as info:
+        build_engine(tmp_path / "unet.onnx", spec, tmp_path / "engines")
+    assert str(info.value) == "TensorRT cannot parse unet.onnx: bad node Foo; build with --onnx-only (ONNX Runtime runs it)"
+    assert not list((tmp_path / "engines").glob("*"))
+
+
 class TinyDecoder(nn.Module):
     """latent (B, 4, h, w) -> image (B, 3, 8h, 8w): enough structure for a dynamic-shape engine."""
 
@@ -168,6 +220,13 @@ def test_gpu_builds_and_runs_a_tiny_engine(tmp_path, static):
     record = build_engine(onnx_file, spec, tmp_path / "engines")
     latent = np.random.default_rng(0).standard_normal((1, 4, 8, 8)).astype(np.float32)
     (want,) = ort_session(onnx_file).run(None, {"latent": latent})
-    with TrtRunner(EngineFromBytes(BytesFromPath(str(tmp_path / record["engine"]["file"])))) as runner:
+    plan = tmp_path / record["engine"]["file"]
+    with TrtRunner(EngineFromBytes(BytesFromPath(str(plan)))) as runner:  # polygraphy: an independent runner
         got = runner.infer({"latent": latent})["image"]
     np.testing.assert_allclose(got, want, atol=1e-3)
+    # The runtime's own TensorRT path on the same engine (static: through a CUDA graph, replayed), then freed.
+    trt, cudart = cuda_probe.probe()
+    engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(plan.read_bytes())
+    with TrtComponent(trt, cudart, engine, contract, record["profile"], use_cuda_graph=static) as component:
+        for _ in range(2):
+            np.testing.assert_allclose(component.run({"latent": latent})["image"], want, atol=1e-3)

@@ -1,14 +1,17 @@
 """TensorRT backend: the serialized engines the manifest lists, run on one CUDA stream.
 
 tensorrt and cuda-python are imported when this backend is opened, never at import time, so the
-runtime installs and runs without them. An engine is used only if its cache key still describes this
-machine and these artifacts (TensorRT version, GPU, ONNX hash, precision, profile): a mismatch is a
-one-line error naming the field, never a silent load of a stale engine. Device buffers are allocated
-once at the profile's maximum shapes; an engine built with a static profile (--static-shape) has its
-launch captured into a CUDA graph once and replayed.
+runtime installs and runs without them (cuda_probe.py finds them and says why not). An engine is used
+only if its cache key still describes this machine and these artifacts (TensorRT version, GPU, ONNX hash,
+precision, profile): a mismatch is a one-line error naming the field, never a silent load of a stale
+engine. Device buffers are allocated once at the contract's maximum shapes; a request outside the
+engine's profile (e.g. batch B on a --static-shape UNet built for 2B) is refused in one line before any
+copy. An engine built with a static profile (--static-shape) has its launch captured into a CUDA graph
+once and replayed. `close()` (or `with`) frees the device buffers, stream and graphs.
 
-NOTE: written against TensorRT 10 and cuda-python 12; this machine has no GPU, so it is not run by the
-test suite (tests marked `gpu` cover it where a GPU exists).
+NOTE: written against TensorRT 10/11 and cuda-python 12/13 but unverified: there is no GPU where it was
+written. tests/test_gpu_backend.py runs its logic against fake tensorrt/cudart modules; the tests marked
+`gpu` run it for real where a GPU exists.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import numpy as np
 
 from ..contracts import DTYPES, ComponentContract
 from ..manifest import ArtifactError, FileEntry, Manifest
+from . import cuda_probe
 from .base import BackendError, HostOptions
 
 log = logging.getLogger(__name__)
@@ -33,26 +37,18 @@ MISSING = "TensorRT/CUDA not found ({what}); use --backend onnxruntime"
 
 
 def import_tensorrt() -> tuple[Any, Any]:
-    """(tensorrt, cudart), or BackendError with the one-line hint."""
+    """(tensorrt, cudart) with a CUDA GPU visible, or BackendError with the one-line hint."""
     try:
-        import tensorrt as trt
-    except ImportError:
-        raise BackendError(MISSING.format(what="python package tensorrt is not installed")) from None
-    try:
-        from cuda.bindings import runtime as cudart  # cuda-python >= 12.6
-    except ImportError:
-        try:
-            from cuda import cudart  # older cuda-python
-        except ImportError:
-            raise BackendError(MISSING.format(what="python package cuda-python is not installed")) from None
-    return trt, cudart
+        return cuda_probe.probe()
+    except cuda_probe.GpuUnavailable as e:
+        raise BackendError(MISSING.format(what=e)) from None
 
 
 def check(cudart: Any, result: Any) -> Any:
     """cuda-python returns (err, *values); raise on an error, return the values."""
     err, *values = result if isinstance(result, tuple) else (result,)
-    if int(err) != 0:
-        raise BackendError(f"CUDA call failed: {cudart.cudaGetErrorName(err)[1].decode()}")
+    if int(err) != cuda_probe.CUDA_SUCCESS:
+        raise BackendError(f"CUDA call failed: {cuda_probe.error_name(cudart, err)}")
     return values[0] if len(values) == 1 else values
 
 
@@ -103,57 +99,128 @@ def select_engine(component: str, precision: str, records: dict[str, dict[str, A
 
 
 class TrtComponent:
-    """One engine with device buffers sized for its profile's maximum shapes, one stream, one lock (an
-    execution context and its buffers serve one call at a time)."""
+    """One engine with device buffers sized for its contract's maximum shapes, one stream, one lock (an
+    execution context and its buffers serve one call at a time). `profile` is the engine's optimisation
+    profile as its manifest record states it ({input: [min, opt, max]}); requests outside it are refused."""
 
-    def __init__(self, trt: Any, cudart: Any, engine: Any, contract: ComponentContract, use_cuda_graph: bool) -> None:
-        self.trt, self.cudart, self.engine, self.contract = trt, cudart, engine, contract
-        self.context = engine.create_execution_context()
-        self.stream = check(cudart, cudart.cudaStreamCreate())
+    def __init__(self, trt: Any, cudart: Any, engine: Any, contract: ComponentContract,
+                 profile: dict[str, list[list[int]]], use_cuda_graph: bool) -> None:
+        self.trt, self.cudart, self.engine, self.contract, self.profile = trt, cudart, engine, contract, profile
         self.lock = threading.Lock()
         self.use_cuda_graph = use_cuda_graph
         self.graphs: dict[tuple, Any] = {}  # input shapes -> instantiated CUDA graph
-        sizes = {d.name: d.max for d in contract.dims}
         self.buffers: dict[str, tuple[int, int]] = {}  # name -> (device pointer, capacity in bytes)
-        for spec in contract.inputs + contract.outputs:
-            nbytes = int(np.prod(spec.resolve(sizes))) * np.dtype(DTYPES[spec.dtype]).itemsize
-            self.buffers[spec.name] = (check(cudart, cudart.cudaMalloc(nbytes)), nbytes)
-            self.context.set_tensor_address(spec.name, self.buffers[spec.name][0])
+        self.stream: Any = None
+        try:
+            self.context = engine.create_execution_context()
+            self.stream = check(cudart, cudart.cudaStreamCreate())
+            sizes = {d.name: d.max for d in contract.dims}
+            for spec in contract.inputs + contract.outputs:
+                nbytes = int(np.prod(spec.resolve(sizes))) * np.dtype(DTYPES[spec.dtype]).itemsize
+                self.buffers[spec.name] = (check(cudart, cudart.cudaMalloc(nbytes)), nbytes)
+                self.context.set_tensor_address(spec.name, self.buffers[spec.name][0])
+        except BaseException:
+            self.close()  # what was allocated before the failure
+            raise
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         self.contract.check_inputs(inputs)
         cudart = self.cudart
         h2d, d2h = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
         with self.lock:
+            if self.stream is None:
+                raise BackendError(f"the {self.contract.name} TensorRT engine is closed")
             arrays = {k: np.ascontiguousarray(v) for k, v in inputs.items()}
+            self._set_shapes(arrays)  # refuses what the engine cannot take, before any copy
             for name, arr in arrays.items():
-                self.context.set_input_shape(name, arr.shape)
                 check(cudart, cudart.cudaMemcpyAsync(self.buffers[name][0], arr.ctypes.data, arr.nbytes, h2d, self.stream))
             self._execute(tuple((k, a.shape) for k, a in sorted(arrays.items())))
             outs = {}
             for spec in self.contract.outputs:
-                out = np.empty(tuple(self.context.get_tensor_shape(spec.name)), dtype=DTYPES[spec.dtype])
+                shape = tuple(self.context.get_tensor_shape(spec.name))
+                out = np.empty(self._fitting(spec.name, shape, DTYPES[spec.dtype]), dtype=DTYPES[spec.dtype])
                 check(cudart, cudart.cudaMemcpyAsync(out.ctypes.data, self.buffers[spec.name][0], out.nbytes, d2h, self.stream))
                 outs[spec.name] = out
             check(cudart, cudart.cudaStreamSynchronize(self.stream))
         return outs
 
+    def _set_shapes(self, arrays: dict[str, np.ndarray]) -> None:
+        for name, arr in arrays.items():
+            if name in self.profile:
+                lo, _, hi = (tuple(s) for s in self.profile[name])
+                if len(arr.shape) != len(lo) or not all(a <= n <= b for n, a, b in zip(arr.shape, lo, hi)):
+                    fix = ("a --static-shape engine takes only the shapes it was built for (the UNet gets batch 2B only "
+                           "with guidance > 1): ask for those or rebuild without --static-shape") if lo == hi else (
+                           "rebuild the engines with a profile that covers it")
+                    raise BackendError(
+                        f"the {self.contract.name} TensorRT engine's profile takes {name} shapes {lo} to {hi}, "
+                        f"asked {arr.shape}; {fix}, or use --backend onnxruntime"
+                    )
+            self._fitting(name, arr.shape, arr.dtype)
+            if not self.context.set_input_shape(name, arr.shape):
+                raise BackendError(
+                    f"TensorRT refused {name} shape {arr.shape} for the {self.contract.name} engine (its profile: "
+                    f"{self.profile.get(name, 'not recorded')}); rebuild the engines or use --backend onnxruntime"
+                )
+
+    def _fitting(self, name: str, shape: tuple[int, ...], dtype: Any) -> tuple[int, ...]:
+        """`shape`, after checking it fits the device buffer of `name` (a larger copy would overrun it)."""
+        if any(int(n) < 0 for n in shape) or int(np.prod(shape)) * np.dtype(dtype).itemsize > self.buffers[name][1]:
+            raise BackendError(f"{self.contract.name}.{name}: shape {shape} does not fit its device buffer "
+                               f"({self.buffers[name][1]} bytes, the contract's maximum)")
+        return shape
+
+    def _launch(self) -> None:
+        if not self.context.execute_async_v3(self.stream):
+            raise BackendError(f"TensorRT failed to run {self.contract.name} (its log above says why)")
+
     def _execute(self, shapes: tuple) -> None:
         cudart = self.cudart
         if not self.use_cuda_graph:
-            if not self.context.execute_async_v3(self.stream):
-                raise BackendError(f"TensorRT failed to run {self.contract.name}")
+            self._launch()
             return
         graph = self.graphs.get(shapes)
         if graph is None:
-            # One plain launch first (TensorRT finishes lazy set-up there), then capture the same launch.
-            self.context.execute_async_v3(self.stream)
+            self._launch()  # one plain launch first: TensorRT finishes lazy set-up there, outside the capture
             mode = cudart.cudaStreamCaptureMode.cudaStreamCaptureModeGlobal
             check(cudart, cudart.cudaStreamBeginCapture(self.stream, mode))
-            self.context.execute_async_v3(self.stream)
-            captured = check(cudart, cudart.cudaStreamEndCapture(self.stream))
-            graph = self.graphs[shapes] = check(cudart, cudart.cudaGraphInstantiate(captured, 0))
+            launched = False
+            try:
+                launched = self.context.execute_async_v3(self.stream)
+            finally:  # the stream leaves capture mode whatever the launch did
+                captured = check(cudart, cudart.cudaStreamEndCapture(self.stream))
+            try:
+                if not launched:
+                    raise BackendError(f"TensorRT failed to run {self.contract.name} while capturing its CUDA graph")
+                graph = self.graphs[shapes] = check(cudart, cudart.cudaGraphInstantiate(captured, 0))
+            finally:
+                check(cudart, cudart.cudaGraphDestroy(captured))  # the instantiated graph does not need it
         check(cudart, cudart.cudaGraphLaunch(graph, self.stream))
+
+    def close(self) -> None:
+        """Free the CUDA graphs, device buffers and stream; idempotent. A failed free is logged, the rest still freed."""
+        cudart = self.cudart
+        with self.lock:
+            releases = [(cudart.cudaGraphExecDestroy, g) for g in self.graphs.values()]
+            releases += [(cudart.cudaFree, ptr) for ptr, _ in self.buffers.values()]
+            if self.stream is not None:
+                releases.append((cudart.cudaStreamDestroy, self.stream))
+            self.graphs, self.buffers, self.stream = {}, {}, None
+            for release, handle in releases:
+                err = release(handle)[0]
+                if int(err) != cuda_probe.CUDA_SUCCESS:
+                    log.warning("%s failed for %s: %s", release.__name__, self.contract.name, cuda_probe.error_name(cudart, err))
+
+    def __enter__(self) -> TrtComponent:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        # Safety net for a component nobody closed; an interpreter shutting down has torn CUDA down already.
+        if getattr(self, "buffers", None) or getattr(self, "stream", None) is not None:
+            self.close()
 
 
 def open_components(
@@ -161,21 +228,25 @@ def open_components(
 ) -> dict[str, TrtComponent]:
     """Engines for every component at `precision`; `providers` and `host` are unused (the GPU computes)."""
     trt, cudart = import_tensorrt()
-    if check(cudart, cudart.cudaGetDeviceCount()) == 0:
-        raise BackendError(MISSING.format(what="no CUDA GPU visible"))
     gpu = device_description(cudart)
     runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-    components = {}
-    for name, entry in manifest.components.items():
-        if precision not in entry.precisions:
-            raise BackendError(f"{artifacts_dir} has no {precision} {name}; rebuild with --fp16 or use --precision fp32")
-        onnx_sha256 = entry.precisions[precision].onnx.sha256
-        engine_entry = select_engine(name, precision, entry.engines, onnx_sha256, trt.__version__, gpu)
-        path = manifest.verify_file(artifacts_dir, FileEntry(**engine_entry["engine"]))
-        engine = runtime.deserialize_cuda_engine(path.read_bytes())
-        if engine is None:
-            raise ArtifactError(f"{path} is not a TensorRT engine this TensorRT can load; rebuild the engines")
-        log.info("opened %s (%s) engine %s: %s", name, precision, path.name, json.dumps(engine_entry.get("profile", {})))
-        static = bool(engine_entry.get("flags", {}).get("static"))  # one shape per input: replay a CUDA graph
-        components[name] = TrtComponent(trt, cudart, engine, entry.contract, use_cuda_graph=static)
+    components: dict[str, TrtComponent] = {}
+    try:
+        for name, entry in manifest.components.items():
+            if precision not in entry.precisions:
+                raise BackendError(f"{artifacts_dir} has no {precision} {name}; rebuild with --fp16 or use --precision fp32")
+            onnx_sha256 = entry.precisions[precision].onnx.sha256
+            engine_entry = select_engine(name, precision, entry.engines, onnx_sha256, trt.__version__, gpu)
+            path = manifest.verify_file(artifacts_dir, FileEntry(**engine_entry["engine"]))
+            engine = runtime.deserialize_cuda_engine(path.read_bytes())
+            if engine is None:
+                raise ArtifactError(f"{path} is not a TensorRT engine this TensorRT can load; rebuild the engines")
+            profile = engine_entry.get("profile", {})
+            log.info("opened %s (%s) engine %s: %s", name, precision, path.name, json.dumps(profile))
+            static = bool(engine_entry.get("flags", {}).get("static"))  # one shape per input: replay a CUDA graph
+            components[name] = TrtComponent(trt, cudart, engine, entry.contract, profile, use_cuda_graph=static)
+    except BaseException:
+        for component in components.values():  # nothing half-opened stays on the device
+            component.close()
+        raise
     return components
