@@ -1,18 +1,28 @@
 """An artifacts folder opened for sampling: manifest read, side files hash-checked, tokenizer and scheduler
 config loaded. The ONNX/engine files are checked by the backend that opens them, so each file is hashed
-once per load.
+once per load. Every file is read from inside the folder only (Manifest.verify_file / read_file refuse
+absolute paths, '..' and symlinks out of it before opening anything), and JSON files only up to a bound.
 
     <artifacts>/manifest.json, onnx/fp32/*.onnx, onnx/fp16/*.onnx, tokenizer.json, scheduler_config.json
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.resources
 from dataclasses import dataclass
 from pathlib import Path
 
-from .manifest import MANIFEST, ArtifactError, Manifest, sha256_file
-from .schedulers import SchedulerConfig
+from .manifest import (
+    MANIFEST,
+    MAX_SCHEDULER_CONFIG_BYTES,
+    MAX_TOKENIZER_BYTES,
+    ArtifactError,
+    Manifest,
+    json_object,
+    utf8_text,
+)
+from .schedulers import SchedulerConfig, SchedulerConfigError
 from .tokenizer import PromptTokenizer
 
 
@@ -39,12 +49,20 @@ class Artifacts:
             )
         if not root.is_dir():
             raise ArtifactError(f"{root} is not a folder; pass --model DIR with a built artifacts folder")
-        manifest = Manifest.read(root)
+        manifest_bytes = Manifest.read_bytes(root)
+        manifest = Manifest.parse(manifest_bytes, root / MANIFEST)
         tokenizer = None
         if manifest.tokenizer is not None:
-            tokenizer = PromptTokenizer.from_file(manifest.verify_file(root, manifest.tokenizer))
+            data = manifest.read_file(root, manifest.tokenizer, MAX_TOKENIZER_BYTES, "tokenizer.json")
+            where = root / manifest.tokenizer.file
+            tokenizer = PromptTokenizer.from_str(utf8_text(data, where), str(where))
         elif "text_encoder" in manifest.components:
             raise ArtifactError(f"{root / MANIFEST} lists a text encoder but no tokenizer; rebuild the artifacts")
-        scheduler_config = SchedulerConfig.from_json(manifest.verify_file(root, manifest.scheduler))
-        model_hash = manifest.source.get("sha256") or sha256_file(root / MANIFEST)
+        data = manifest.read_file(root, manifest.scheduler, MAX_SCHEDULER_CONFIG_BYTES, "scheduler config")
+        where = root / manifest.scheduler.file
+        try:
+            scheduler_config = SchedulerConfig.from_dict(json_object(data, where))
+        except SchedulerConfigError as e:
+            raise SchedulerConfigError(f"{where}: {e}") from None
+        model_hash = manifest.source.get("sha256") or hashlib.sha256(manifest_bytes).hexdigest()
         return cls(root, manifest, tokenizer, scheduler_config, model_hash)

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import stat
+import typing
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 from .atomic import atomic_write_text
@@ -27,8 +30,95 @@ GUIDANCE = {
 }
 
 
+# Upper bounds on the JSON files of an artifacts folder, checked before they are read into memory. Ours are far
+# smaller (the default model's manifest is 0.2 MB with its sampler tables, SD's CLIP tokenizer.json 2 MB, a
+# scheduler config under 30 kB even with 1000 trained betas); the tokenizer bound leaves room for the large
+# multilingual vocabularies (20-35 MB).
+MAX_MANIFEST_BYTES = 16 << 20
+MAX_TOKENIZER_BYTES = 64 << 20
+MAX_SCHEDULER_CONFIG_BYTES = 1 << 20
+
+
 class ArtifactError(ValueError):
     """Artifacts are missing, corrupt, stale or foreign; the message says which file and what to do."""
+
+
+def inside(folder: str | Path, rel: str, *, last_link_may_leave: bool = False) -> Path | None:
+    """folder/rel if `rel` is a relative POSIX path that stays inside `folder` with symlinks resolved, else None.
+
+    Decided from the names and links alone, before anything is opened, so the answer is the same whether or
+    not the target exists. Backslashes and drive letters are refused (they name different files on different
+    systems), and NUL (no system opens it). `last_link_may_leave`: only the folders on the way must stay
+    inside; the file itself may be a symlink out (a Hugging Face cache snapshot links each file to its blob)."""
+    folder = Path(folder)
+    if not isinstance(rel, str) or not rel or "\0" in rel or "\\" in rel or PureWindowsPath(rel).drive:
+        return None
+    pure = PurePosixPath(rel)
+    if pure.is_absolute() or ".." in pure.parts:
+        return None
+    try:
+        base = folder.resolve()
+        resolved = (base / pure).parent.resolve() if last_link_may_leave else (base / pure).resolve()
+    except (OSError, RuntimeError):  # a symlink loop
+        return None
+    return folder / pure if resolved.is_relative_to(base) else None
+
+
+def confined(folder: str | Path, rel: str, named_by: str | Path) -> Path:
+    """folder/rel, or one ArtifactError (the same whether or not the target exists) if it leaves `folder`;
+    `named_by` is the file that named `rel`, for the message."""
+    path = inside(folder, rel)
+    if path is None:
+        raise ArtifactError(
+            f"{named_by} names the file {rel!r}, which lies outside the artifacts folder {folder} (an absolute path, "
+            "'..', a backslash or drive, or a symlink out of it); refusing to read it; rebuild the artifacts"
+        )
+    return path
+
+
+def read_bounded(path: Path, limit: int, what: str) -> bytes:
+    """The bytes of the regular file `path`, refused without reading it when it is larger than `limit`."""
+    try:
+        # O_NONBLOCK: opening a FIFO must not wait for a writer; it is refused below like any non-file.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        raise ArtifactError(f"{path} is missing; rebuild the artifacts") from None
+    except OSError as e:
+        raise ArtifactError(f"cannot open {path} ({e.strerror}); check its permissions or rebuild the artifacts") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ArtifactError(f"{path} is not a regular file; rebuild the artifacts")
+        if st.st_size > limit:
+            raise ArtifactError(f"{path} is {st.st_size} bytes, more than a {what} may have ({limit}); rebuild the artifacts")
+        data = f.read(limit + 1)  # the file may have grown since the stat
+    if len(data) > limit:
+        raise ArtifactError(f"{path} is more than {limit} bytes, more than a {what} may have; rebuild the artifacts")
+    return data
+
+
+_JSON_KINDS = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean", type(None): "null"}
+
+
+def utf8_text(data: bytes, path: Path) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ArtifactError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); rebuild the artifacts") from None
+
+
+def json_object(data: bytes, path: Path) -> dict[str, Any]:
+    """The JSON object in `data` (read from `path`); anything else is one ArtifactError naming the file."""
+    text = utf8_text(data, path)
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise ArtifactError(f"{path} nests JSON too deeply to be ours; rebuild the artifacts") from None
+    except ValueError as e:  # JSONDecodeError, and int() refusing a number of thousands of digits
+        raise ArtifactError(f"{path} is not valid JSON ({e}); rebuild the artifacts") from None
+    if not isinstance(value, dict):
+        raise ArtifactError(f"{path} holds {_JSON_KINDS.get(type(value), 'a value')} where a JSON object is expected; rebuild the artifacts")
+    return value
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -58,9 +148,16 @@ def weights_sha256(path: str | Path) -> str:
 
 @dataclass
 class FileEntry:
-    file: str  # relative to the artifacts folder
+    file: str  # relative to the artifacts folder; Manifest.verify_file refuses anything that leaves it
     sha256: str
     bytes: int
+
+    def __post_init__(self) -> None:
+        # A manifest is read from disk: wrong types here would surface later as a TypeError deep in a backend.
+        if not isinstance(self.file, str) or not isinstance(self.sha256, str):
+            raise TypeError(f"file and sha256 must be strings, got {self.file!r}, {self.sha256!r}")
+        if isinstance(self.bytes, bool) or not isinstance(self.bytes, int) or self.bytes < 0:
+            raise TypeError(f"bytes must be a non-negative integer, got {self.bytes!r} for {self.file!r}")
 
     @classmethod
     def of(cls, root: Path, rel: str) -> FileEntry:
@@ -120,49 +217,75 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Manifest:
-        def entry(e: dict[str, Any] | None) -> FileEntry | None:
-            return None if e is None else FileEntry(**e)
+        """The manifest in `d`; a missing key or a value of the wrong JSON kind raises KeyError, TypeError or
+        ValueError (Manifest.parse turns them into one ArtifactError naming the file)."""
 
-        def variant(v: dict[str, Any] | None) -> OrtVariant | None:
-            return None if v is None else OrtVariant(FileEntry(**v["onnx"]), v.get("parity", {}), dict(v.get("fused", {})))
+        def obj(value: Any, what: str) -> dict[str, Any]:
+            if not isinstance(value, dict):
+                raise TypeError(f"{what} must be a JSON object, got {type(value).__name__}")
+            return value
+
+        def entry(e: Any, what: str) -> FileEntry:
+            return FileEntry(**obj(e, what))
+
+        def optional(e: Any, what: str) -> FileEntry | None:
+            return None if e is None else entry(e, what)
+
+        def variant(v: Any, what: str) -> OrtVariant | None:
+            if v is None:
+                return None
+            v = obj(v, what)
+            return OrtVariant(entry(v["onnx"], f"{what}.onnx"), obj(v.get("parity", {}), f"{what}.parity"), dict(obj(v.get("fused", {}), f"{what}.fused")))
 
         comps = {}
-        for name, c in d["components"].items():
-            precisions = {
-                p: PrecisionEntry(
-                    entry(v["onnx"]), v.get("parity", {}), list(v.get("kept_fp32", [])), entry(v.get("external_data")),
-                    variant(v.get("ort")),
+        for name, c in obj(d["components"], "components").items():
+            c = obj(c, f"components.{name}")
+            precisions = {}
+            for p, v in obj(c["precisions"], f"components.{name}.precisions").items():
+                at = f"components.{name}.precisions.{p}"
+                v = obj(v, at)
+                precisions[p] = PrecisionEntry(
+                    entry(v["onnx"], f"{at}.onnx"), obj(v.get("parity", {}), f"{at}.parity"), list(v.get("kept_fp32", [])),
+                    optional(v.get("external_data"), f"{at}.external_data"), variant(v.get("ort"), f"{at}.ort"),
                 )
-                for p, v in c["precisions"].items()
-            }
-            comps[name] = ComponentEntry(ComponentContract.from_dict(c["contract"]), precisions, c.get("engines", {}))
-        prof = d["profile"]
+            engines = obj(c.get("engines", {}), f"components.{name}.engines")
+            comps[name] = ComponentEntry(ComponentContract.from_dict(obj(c["contract"], f"components.{name}.contract")), precisions, engines)
+        prof = obj(d["profile"], "profile")
+        source = obj(d.get("source", {}), "source")
+        if not isinstance(source.get("sha256", ""), str):  # the model hash every PNG and HTTP response names
+            raise TypeError(f"source.sha256 must be a string, got {source['sha256']!r}")
         return cls(
-            facts=ModelFacts(**d["facts"]),
-            profile=ShapeProfile(tuple(prof["batch"]), tuple(prof["height"]), tuple(prof["width"])),
+            facts=_checked(ModelFacts, obj(d["facts"], "facts")),
+            profile=ShapeProfile(*(_range(prof[k], f"profile.{k}") for k in ("batch", "height", "width"))),
             components=comps,
-            tokenizer=entry(d.get("tokenizer")),
-            scheduler=entry(d["scheduler"]),
-            source=d.get("source", {}),
-            tools=d.get("tools", {}),
-            tensorrt=d.get("tensorrt", {}),
+            tokenizer=optional(d.get("tokenizer"), "tokenizer"),
+            scheduler=entry(d["scheduler"], "scheduler"),
+            source=source,
+            tools=obj(d.get("tools", {}), "tools"),
+            tensorrt=obj(d.get("tensorrt", {}), "tensorrt"),
             created=d.get("created", ""),
-            guidance=d.get("guidance", dict(GUIDANCE)),
-            sampler_spec=d.get("sampler_spec", {}),
+            guidance=obj(d.get("guidance", dict(GUIDANCE)), "guidance"),
+            sampler_spec=obj(d.get("sampler_spec", {}), "sampler_spec"),
         )
 
     @classmethod
     def read(cls, folder: str | Path) -> Manifest:
-        path = Path(folder) / MANIFEST
+        return cls.parse(cls.read_bytes(folder), Path(folder) / MANIFEST)
+
+    @staticmethod
+    def read_bytes(folder: str | Path) -> bytes:
+        """The manifest's bytes (bounded, and only from a regular file inside `folder`)."""
+        path = confined(folder, MANIFEST, folder)
         if not path.is_file():
             raise ArtifactError(
                 f"{path} not found: {folder} is not a finished artifacts folder; build one with "
                 "`python export/build_engines.py --model SRC --out DIR`"
             )
-        try:
-            d = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ArtifactError(f"{path} is not valid JSON ({e}); rebuild the artifacts") from None
+        return read_bounded(path, MAX_MANIFEST_BYTES, "manifest")
+
+    @classmethod
+    def parse(cls, data: bytes, path: Path) -> Manifest:
+        d = json_object(data, path)
         if d.get("format") != FORMAT or d.get("format_version") != FORMAT_VERSION:
             raise ArtifactError(
                 f"{path}: format {d.get('format')!r} v{d.get('format_version')} is not {FORMAT!r} "
@@ -170,14 +293,56 @@ class Manifest:
             )
         try:
             return cls.from_dict(d)
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError) as e:  # AttributeError: a list where a dict belongs
             raise ArtifactError(f"{path} is malformed ({e!r}); rebuild the artifacts") from None
 
     def verify_file(self, folder: str | Path, entry: FileEntry) -> Path:
-        """The file's path, after checking it exists and its size and sha256 match the manifest."""
-        path = Path(folder) / entry.file
+        """The file's path, after checking it lies inside `folder`, exists, and its size and sha256 match the manifest."""
+        path = confined(folder, entry.file, Path(folder) / MANIFEST)
         if not path.is_file():
             raise ArtifactError(f"{path} is missing; rebuild the artifacts")
         if path.stat().st_size != entry.bytes or sha256_file(path) != entry.sha256:
             raise ArtifactError(f"{path} does not match the manifest's hash (truncated or changed); rebuild the artifacts")
         return path
+
+    def read_file(self, folder: str | Path, entry: FileEntry, limit: int, what: str) -> bytes:
+        """The bytes of a small side file (tokenizer, scheduler config), read once, bounded, and checked against
+        the manifest's size and hash: what is parsed is exactly what was verified."""
+        path = confined(folder, entry.file, Path(folder) / MANIFEST)
+        if entry.bytes > limit:  # refused before the file is touched
+            raise ArtifactError(f"{Path(folder) / MANIFEST} lists {entry.file} at {entry.bytes} bytes, more than a {what} may have ({limit}); rebuild the artifacts")
+        data = read_bounded(path, limit, what)
+        if len(data) != entry.bytes or hashlib.sha256(data).hexdigest() != entry.sha256:
+            raise ArtifactError(f"{path} does not match the manifest's hash (truncated or changed); rebuild the artifacts")
+        return data
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _range(value: Any, what: str) -> tuple[int, int, int]:
+    """A profile range [min, opt, max] of positive integers."""
+    if not (isinstance(value, list) and len(value) == 3 and all(_is_int(v) for v in value) and 0 < value[0] <= value[1] <= value[2]):
+        raise ValueError(f"{what} must be [min, opt, max] with 0 < min <= opt <= max, got {value!r}")
+    return (value[0], value[1], value[2])
+
+
+def _matches(value: Any, t: Any) -> bool:
+    if t is type(None):
+        return value is None
+    if t is int:
+        return _is_int(value)
+    if t is float:  # JSON writes 1.0 as 1 in some tools
+        return _is_int(value) or isinstance(value, float)
+    return isinstance(value, t)
+
+
+def _checked(cls: type, data: dict[str, Any]) -> Any:
+    """cls(**data) after checking each value against its field's type (int, float, str or X | None): the
+    runtime does arithmetic with these facts, where a string would fail far from the manifest."""
+    hints = typing.get_type_hints(cls)
+    for key, value in data.items():
+        if key in hints and not any(_matches(value, t) for t in typing.get_args(hints[key]) or (hints[key],)):
+            raise TypeError(f"{cls.__name__} field {key} has the wrong type: {value!r}")
+    return cls(**data)
