@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ldm_rt.runtime.images import paste_kept
 from ldm_rt.runtime.schedulers import Scheduler, SchedulerConfig, make_scheduler
 from ldm_rt.runtime.tokenizer import PromptTokenizer
 
@@ -72,6 +73,7 @@ class _Start:
     image_latents: np.ndarray | None = None  # (B, C, h, w) scaled latents of the init image
     mask: np.ndarray | None = None  # (B, 1, h, w), 1 = repaint
     masked_image_latents: np.ndarray | None = None  # (B, C, h, w), inpainting UNet only
+    pixel_mask: np.ndarray | None = None  # (H, W) float32, >= 0.5 = repaint (for the paste-back)
 
 
 class ReferencePipeline:
@@ -137,6 +139,7 @@ class ReferencePipeline:
         output: str = "uint8",
         callback: StepCallback | None = None,
         guidance_rescale: float = 0.0,
+        mask_blur: float | None = 0.0,
     ) -> PipelineOutput:
         """Generate `batch` images per prompt.
 
@@ -148,6 +151,8 @@ class ReferencePipeline:
         model without a text encoder the prompt must be empty and guidance is not used; class-conditional
         models take `class_labels` (one per image row before `batch`). guidance_rescale r in [0, 1] (Lin et
         al. 2024, Sec. 3.4): the guided prediction g becomes r * g * std(eps_c) / std(g) + (1 - r) * g.
+        Inpainting ends as the runtime's does: the kept pixels pasted back from init_image with a seam of
+        `mask_blur` pixels (runtime/images.paste_kept; None: no paste-back, diffusers' output).
         """
         prompts, negatives = self._prompts(prompt, negative_prompt, class_labels)
         steps, batch = _positive_int(steps, "steps"), _positive_int(batch, "batch")
@@ -155,6 +160,8 @@ class ReferencePipeline:
             raise PipelineInputError(f"guidance must be a finite number, got {guidance!r}")
         if isinstance(guidance_rescale, bool) or not isinstance(guidance_rescale, (int, float, np.floating)) or not 0 <= guidance_rescale <= 1:
             raise PipelineInputError(f"guidance_rescale must be a number in [0, 1], got {guidance_rescale!r}")
+        if mask_blur is not None and (isinstance(mask_blur, bool) or not isinstance(mask_blur, (int, float, np.floating)) or not 0 <= mask_blur):
+            raise PipelineInputError(f"mask_blur must be a number of pixels >= 0 (0: hard edge) or None, got {mask_blur!r}")
         if output not in OUTPUTS:
             raise PipelineInputError(f"output must be one of {OUTPUTS}, got {output!r}")
         if mask is not None and init_image is None:
@@ -230,6 +237,9 @@ class ReferencePipeline:
         image = np.clip((decoded + 1.0) / 2.0, 0.0, 1.0).transpose(0, 2, 3, 1)  # (B, H, W, 3)
         if output == "uint8":
             image = np.round(image * 255.0).astype(np.uint8)
+        if start.pixel_mask is not None and mask_blur is not None:
+            init = pixels if output == "uint8" else pixels.astype(np.float32) / np.float32(255.0)
+            image = paste_kept(image, init, start.pixel_mask, mask_blur)
         mode = "inpaint" if mask is not None else "img2img" if init_image is not None else "txt2img"
         return PipelineOutput(image, x.astype(np.float32), np.asarray(run.timesteps).copy(), mode, truncated)
 
@@ -323,7 +333,7 @@ class ReferencePipeline:
             x = noise * np.float32(run.init_noise_sigma)  # pure noise, as diffusers at full strength
         else:
             x = run.add_noise(image_latents, noise, 0)
-        return _Start(x, noise, image_latents, latent_mask, masked)
+        return _Start(x, noise, image_latents, latent_mask, masked, m[0, 0])
 
 
 def _rescaled(guided: np.ndarray, cond: np.ndarray, rescale: float) -> np.ndarray:

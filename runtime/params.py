@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 import secrets
 from dataclasses import asdict, dataclass
@@ -10,6 +11,13 @@ from typing import Any
 
 from .manifest import Manifest
 from .schedulers import SCHEDULERS
+
+
+# What one call may produce, whatever an artifacts folder's profile allows, checked before anything is
+# allocated: images (a service batches far fewer; the CLI names one file per image) and pixels (images x
+# height x width: the decoded batch alone is 12 bytes per pixel, 3.2 GB here, e.g. 64 images of 2048 x 2048).
+MAX_IMAGES_PER_CALL = 1024
+MAX_PIXELS_PER_CALL = 2**28
 
 
 class GenerationError(ValueError):
@@ -29,6 +37,8 @@ class GenerationParams:
     width: int
     strength: float  # img2img / inpainting: the fraction of the schedule that is run
     guidance_rescale: float = 0.0  # runtime/guidance.py: 0 is plain guidance
+    # Inpainting: Gaussian radius (pixels) of the seam where the kept pixels are pasted back; None: no paste.
+    mask_blur: float | None = 0.0
 
     @property
     def images(self) -> int:
@@ -38,10 +48,28 @@ class GenerationParams:
         return asdict(self)
 
 
-def _as_prompts(value: str | list[str] | tuple[str, ...], what: str) -> tuple[str, ...]:
-    prompts = (value,) if isinstance(value, str) else tuple(value)
-    if not prompts or not all(isinstance(p, str) for p in prompts):
-        raise GenerationError(f"{what} must be a string or a non-empty list of strings")
+def as_prompts(value: str | list[str] | tuple[str, ...], what: str = "prompt") -> tuple[str, ...]:
+    """A prompt or list of prompts as a tuple of strings that are valid Unicode (the tokenizer and the
+    image metadata need UTF-8; a command line of non-UTF-8 bytes arrives as lone surrogates)."""
+    if isinstance(value, str):
+        prompts: tuple = (value,)
+    elif isinstance(value, (list, tuple)):
+        prompts = tuple(value)
+    else:
+        raise GenerationError(f"{what} must be a string or a non-empty list of strings, got {type(value).__name__}")
+    if not prompts:
+        raise GenerationError(f"{what} must be a string or a non-empty list of strings, got an empty list")
+    for i, p in enumerate(prompts):
+        where = what if len(prompts) == 1 else f"{what} {i}"
+        if not isinstance(p, str):
+            raise GenerationError(f"{where} must be a string, got {type(p).__name__}")
+        try:
+            p.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise GenerationError(
+                f"{where} is not valid text: character {e.start} ({p[e.start]!r}) is not Unicode "
+                "(bytes that are not UTF-8?); pass UTF-8 text"
+            ) from None
     return prompts
 
 
@@ -49,6 +77,11 @@ def _int(value: Any, what: str) -> int:
     if isinstance(value, bool) or not hasattr(value, "__index__"):
         raise GenerationError(f"{what} must be an integer, got {value!r}")
     return operator.index(value)
+
+
+def check_image_count(images: int, what: str = "images per call") -> None:
+    if images > MAX_IMAGES_PER_CALL:
+        raise GenerationError(f"{images} {what} is over the runtime's limit of {MAX_IMAGES_PER_CALL}; generate them in several calls")
 
 
 def make_params(
@@ -65,11 +98,12 @@ def make_params(
     width: int | None,
     strength: float,
     guidance_rescale: float = 0.0,
+    mask_blur: float | None = 0.0,
 ) -> GenerationParams:
     """Check every value against the artifacts (profile, pixel multiple) and fill defaults (size: the
     profile's optimum; seed: a fresh random one, recorded so the image can be reproduced)."""
-    prompts = _as_prompts(prompt, "prompt")
-    negatives = _as_prompts(negative_prompt, "negative_prompt")
+    prompts = as_prompts(prompt, "prompt")
+    negatives = as_prompts(negative_prompt, "negative_prompt")
     if len(negatives) == 1:
         negatives = negatives * len(prompts)
     if len(negatives) != len(prompts):
@@ -93,6 +127,7 @@ def make_params(
         raise GenerationError(f"batch must be >= 1, got {batch}")
     profile, multiple = manifest.profile, manifest.facts.pixel_multiple
     images = len(prompts) * batch
+    check_image_count(images, f"images per call ({len(prompts)} prompts x batch {batch})")
     if not profile.batch[0] <= images <= profile.batch[2]:
         raise GenerationError(
             f"{images} images per call ({len(prompts)} prompts x batch {batch}) is outside the artifacts' "
@@ -107,6 +142,11 @@ def make_params(
                 f"rebuild with a wider --{name}-range for other sizes"
             )
         sizes[name] = value
+    if images * sizes["height"] * sizes["width"] > MAX_PIXELS_PER_CALL:
+        raise GenerationError(
+            f"{images} images of {sizes['width']}x{sizes['height']} in one call is over the runtime's limit of "
+            f"{MAX_PIXELS_PER_CALL} pixels per call; generate them in several calls"
+        )
     try:
         strength = float(strength)
     except (TypeError, ValueError):
@@ -119,6 +159,13 @@ def make_params(
         raise GenerationError(f"guidance_rescale must be a number, got {guidance_rescale!r}") from None
     if not 0.0 <= guidance_rescale <= 1.0:  # also refuses NaN
         raise GenerationError(f"guidance_rescale must be in [0, 1] (0: plain guidance; 0.7 as Lin et al.), got {guidance_rescale}")
+    if mask_blur is not None:
+        if isinstance(mask_blur, bool) or not isinstance(mask_blur, numbers.Real) or not 0 <= mask_blur <= max(sizes.values()):
+            raise GenerationError(
+                f"mask_blur must be a number of pixels in [0, {max(sizes.values())}] (0: hard edge), got {mask_blur!r}"
+            )
+        mask_blur = float(mask_blur)
     return GenerationParams(
-        prompts, negatives, steps, guidance, scheduler, seed, batch, sizes["height"], sizes["width"], strength, guidance_rescale
+        prompts, negatives, steps, guidance, scheduler, seed, batch, sizes["height"], sizes["width"], strength,
+        guidance_rescale, mask_blur,
     )

@@ -38,6 +38,8 @@ UNK = "<|unk|>"
 CLIP_MAX_LENGTH = 77
 # CLIP's pre-tokenisation pattern (openai/CLIP simple_tokenizer.py), as transformers' CLIPTokenizer has it.
 CLIP_SPLIT = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+# Unknown words named in a warning; the rest are counted.
+MAX_WORDS_SHOWN = 10
 # transformers writes this placeholder for "no limit" into tokenizer_config.json.
 UNSET_MODEL_MAX_LENGTH = 10**12
 
@@ -120,6 +122,8 @@ class PromptTokenizer:
             )
         self._tokenizer = tokenizer
         self._bos_id, self._eos_id = _find_bos_eos(tokenizer)
+        # Only a closed word vocabulary loses words; byte-level BPE spells any text (its "unk" is never emitted).
+        self._unk_id = tokenizer.token_to_id(UNK) if isinstance(tokenizer.model, WordLevel) else None
 
     @property
     def max_length(self) -> int:
@@ -141,7 +145,10 @@ class PromptTokenizer:
     def pad_id(self) -> int:
         return int(self._tokenizer.padding["pad_id"])
 
-    def __call__(self, prompts: str | Sequence[str]) -> TokenizedPrompts:
+    def __call__(self, prompts: str | Sequence[str], what: str = "prompt") -> TokenizedPrompts:
+        """Ids for each prompt. Logs one warning per prompt that is truncated and one per prompt with words
+        a word-level vocabulary does not have (the text encoder reads each as <|unk|>); `what` names the
+        prompts in those warnings ("prompt", "negative prompt")."""
         if isinstance(prompts, str):
             prompts = [prompts]
         encodings = self._tokenizer.encode_batch(list(prompts))
@@ -154,9 +161,18 @@ class PromptTokenizer:
         for i, n in enumerate(dropped):
             if n:
                 log.warning(
-                    "prompt %d was truncated: %d token(s) beyond the text encoder's %d were dropped (%.40r...)",
-                    i, n, self.max_length, prompts[i],
+                    "%s %d was truncated: %d token(s) beyond the text encoder's %d were dropped (%.40r...)",
+                    what, i, n, self.max_length, prompts[i],
                 )
+        if self._unk_id is not None:
+            warned: set[str] = set()
+            for i, e in enumerate(encodings):
+                unknown = unknown_words(prompts[i], e, self._unk_id)
+                if unknown and prompts[i] not in warned:  # a negative prompt repeated per prompt warns once
+                    warned.add(prompts[i])
+                    shown = ", ".join(map(repr, unknown[:MAX_WORDS_SHOWN]))
+                    more = f" and {len(unknown) - MAX_WORDS_SHOWN} more" if len(unknown) > MAX_WORDS_SHOWN else ""
+                    log.warning("%s %d: the model does not know %s%s (read as unknown words)", what, i, shown, more)
         return TokenizedPrompts(ids=ids, truncated=[n > 0 for n in dropped], dropped=dropped)
 
     def to_str(self) -> str:
@@ -274,6 +290,19 @@ class PromptTokenizer:
         )
         _pad_and_truncate(tokenizer, max_length, PAD, where="word_level")
         return cls(tokenizer)
+
+
+def unknown_words(prompt: str, encoding: Any, unk_id: int) -> list[str]:
+    """The distinct words of `prompt` (as written) that `encoding` holds as the unknown token, in order."""
+    words = [
+        prompt[start:end]
+        for token, special, (start, end) in zip(encoding.ids, encoding.special_tokens_mask, encoding.offsets)
+        if token == unk_id and not special
+    ]
+    first: dict[str, str] = {}
+    for word in words:
+        first.setdefault(word.lower(), word)  # the vocabulary is lowercase: one entry per word, as first written
+    return list(first.values())
 
 
 def _word_pieces(tokenizer: Tokenizer, word: str) -> list[str]:

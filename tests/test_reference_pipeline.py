@@ -217,7 +217,7 @@ def test_inpainting_matches_diffusers(unet, request, monkeypatch):
                               mask_image=Image.fromarray(mask), latents=torch.from_numpy(latents), num_inference_steps=STEPS,
                               guidance_scale=7.5, strength=1.0, height=SIZE, width=SIZE)
     got = pair.ref(prompt=PROMPTS[0], negative_prompt=NEGATIVES[0], init_image=image, mask=mask, latents=latents,
-                   steps=STEPS, scheduler="ddim", output="float")
+                   steps=STEPS, scheduler="ddim", output="float", mask_blur=None)  # None: no paste-back, as diffusers
     assert got.mode == "inpaint"
     assert max_diff(got.images, expected) < TOL
     other = pair.ref(prompt=PROMPTS[1], negative_prompt=NEGATIVES[0], init_image=image, mask=mask, latents=latents, steps=STEPS, output="float")

@@ -3,6 +3,7 @@ independent numpy loop, guidance batching, randomness, img2img, inpainting, erro
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 from test_runtime_fixtures import LATENT_CHANNELS, SCHEDULER_CONFIG, build_synthetic_artifacts, psnr, synthetic
 
-from ldm_rt.runtime.images import image_to_model, to_uint8
+from ldm_rt.runtime.images import ImageInputError, image_to_model, to_uint8
 from ldm_rt.runtime.params import GenerationError
 from ldm_rt.runtime.pipeline import NonFiniteError, Pipeline
 from ldm_rt.runtime.schedulers import SCHEDULERS, SchedulerConfig, make_scheduler
@@ -158,11 +159,13 @@ def test_img2img_runs_the_strength_fraction_and_starts_from_the_noised_image(art
 def test_latent_blend_inpainting_keeps_the_unmasked_region(art, pipe):
     _, model = art
     init = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
-    keep_all = pipe.generate("a cat", steps=4, seed=1, init_image=init, mask=np.zeros((16, 16), np.uint8), strength=0.9)
+    keep_all = pipe.generate("a cat", steps=4, seed=1, init_image=init, mask=np.zeros((16, 16), np.uint8), strength=0.9,
+                             mask_blur=None)  # no paste-back: the sampler's own output
     # After the last step the known region is the clean image latent: the output is D(E(init)).
     moments = model.vae_encoder(image_to_model(init))
     expected = to_uint8(model.vae_decoder(moments[:, :LATENT_CHANNELS] * np.float32(0.5)))
     assert psnr(keep_all.images, expected) >= 50
+    assert psnr(keep_all.images, init[None]) < 20  # the autoencoder round trip alone changes the kept pixels
     # Repainting everything at full strength is plain txt2img from the same noise.
     repaint = pipe.generate("a cat", steps=4, seed=1, init_image=init, mask=np.full((16, 16), 255, np.uint8), strength=1.0)
     assert psnr(repaint.images, pipe.generate("a cat", steps=4, seed=1).images) >= 50
@@ -177,6 +180,28 @@ def test_thread_settings_reach_every_session(tmp_path_factory):
             so = c.session.get_session_options()
             assert so.intra_op_num_threads == threads
             assert so.get_session_config_entry("session.intra_op.allow_spinning") == ("1" if spin else "0")
+
+
+@pytest.mark.parametrize("variant", ["text", "inpaint"])
+def test_inpainting_pastes_the_kept_pixels_back(variant, tmp_path_factory):
+    """Users expect the region the mask keeps to come back unchanged (within 1 level); mask_blur softens the
+    seam (it then reaches into the kept side, as AUTOMATIC1111's), None returns the decoder's pixels."""
+    pipe = Pipeline.load(synthetic(tmp_path_factory, variant)[0])
+    init = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    mask = np.zeros((16, 16), np.uint8)
+    mask[4:12, 4:12] = 255
+    keep, seam = mask < 128, np.zeros((16, 16), bool)
+    seam[1:15, 1:15] = True  # within 3 pixels of the repainted square
+    kw = dict(prompt="a cat", steps=3, seed=1, init_image=init, mask=mask)
+    raw, hard, soft = (pipe.generate(**kw, mask_blur=blur) for blur in (None, 0, 1.0))
+    kept_error = lambda r: np.abs(r.images[0].astype(int) - init.astype(int))[keep]  # noqa: E731
+    assert kept_error(raw).max() > 20  # without the paste-back the kept region moves
+    assert kept_error(hard).max() <= 1
+    np.testing.assert_array_equal(hard.images[0][~keep], raw.images[0][~keep])  # the repainted region is the sampler's
+    far = keep & ~seam
+    np.testing.assert_array_equal(soft.images[0][far], init[far])  # the seam stays near the mask's edge
+    assert np.abs(soft.images[0].astype(int) - init.astype(int))[keep & seam].max() > 1
+    assert hard.params["mask_blur"] == 0.0 and soft.params["mask_blur"] == 1.0 and raw.params["mask_blur"] is None
 
 
 def test_inpainting_unet_gets_mask_and_masked_image_channels(tmp_path_factory):
@@ -245,14 +270,108 @@ def test_class_conditional_model_takes_labels_and_no_prompt(tmp_path_factory):
         Pipeline.load(synthetic(tmp_path_factory)[0]).generate("a cat", steps=2, class_labels=[1])
 
 
-def test_a_zero_terminal_snr_model_refuses_only_the_schedulers_that_cannot_take_it(tmp_path):
-    """pndm and lms have no rescale_betas_zero_snr (as in diffusers): asking for them is the error, not loading."""
+def test_a_zero_terminal_snr_model_refuses_only_the_schedulers_that_cannot_take_it(tmp_path, caplog):
+    """pndm and lms cannot sample a zero-terminal-SNR schedule: asking for one is the error (naming every
+    scheduler the model can use), not loading; dpmpp-2m-karras warns below the steps it needs there."""
     zero_snr = {**SCHEDULER_CONFIG, "prediction_type": "v_prediction", "rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
     root, _ = build_synthetic_artifacts(tmp_path / "artifacts", scheduler_config=zero_snr)
     pipe = Pipeline.load(root)
-    assert "pndm" not in pipe.schedulers and "lms" not in pipe.schedulers and "ddim" in pipe.schedulers
-    for name in ("ddim", "euler", "dpmpp-2m"):
+    usable = [name for name in SCHEDULERS if name not in ("pndm", "lms")]
+    assert list(pipe.schedulers) == usable
+    for name in usable:
         images = pipe.generate("a cat", steps=3, seed=0, scheduler=name).images.astype(np.float32)
         assert np.isfinite(images).all() and images.std() > 0, name
-    with pytest.raises(GenerationError, match=r"^pndm \(PNDMScheduler\) has no rescale_betas_zero_snr; .* use ddim"):
-        pipe.generate("a cat", steps=2, scheduler="pndm")
+    for name in ("pndm", "lms"):
+        with pytest.raises(GenerationError) as e:
+            pipe.generate("a cat", steps=2, scheduler=name)
+        message = str(e.value)
+        assert message.startswith(f"{name} ") and "cannot sample a zero-terminal-SNR schedule" in message and "\n" not in message
+        assert message.endswith("this model can use " + ", ".join(usable))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="ldm_rt"):
+        pipe.generate("a cat", steps=39, seed=0, scheduler="dpmpp-2m-karras")
+        pipe.generate("a cat", steps=40, seed=0, scheduler="dpmpp-2m-karras")
+        pipe.generate("a cat", steps=5, seed=0, scheduler="dpmpp-2m")
+    assert [r.getMessage() for r in caplog.records] == [
+        "dpmpp-2m-karras has given broken images on this model's schedule below 40 steps; running 39 (use more steps or another scheduler)"]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"strength": 0.5}, "strength needs init_image"),
+    ({"mask_blur": 2.0}, "mask_blur needs mask"),
+    ({"prompt": None}, "prompt must be a string or a non-empty list of strings, got NoneType"),
+    ({"prompt": 7}, "prompt must be a string or a non-empty list of strings, got int"),
+    ({"prompt": ["a cat", 7]}, "prompt 1 must be a string, got int"),
+    ({"prompt": "caf\udce9"}, "prompt is not valid text: character 3 ('\\udce9') is not Unicode"),
+    ({"negative_prompt": "caf\udce9"}, "negative_prompt is not valid text"),
+])
+def test_arguments_that_would_be_ignored_or_crash_are_one_line_errors(pipe, kwargs, message):
+    with pytest.raises(GenerationError) as e:
+        pipe.generate(**{"prompt": "a cat", "steps": 2, **kwargs})
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("dtype", [np.complex64, np.bool_, np.int32, "datetime64[s]", "U3", [("a", "f4"), ("b", "f4")]])
+def test_latents_must_be_floating_point(pipe, dtype):
+    latents = np.zeros((1, LATENT_CHANNELS, 8, 8), dtype=dtype)
+    with pytest.raises(GenerationError, match=r"^latents must be a float16/32/64 array of noise, got dtype "):
+        pipe.generate("a cat", steps=2, latents=latents)
+
+
+def test_a_nan_in_the_mask_is_refused_not_read_as_keep(pipe):
+    init = np.zeros((16, 16, 3), np.uint8)
+    mask = np.ones((16, 16), np.float32)
+    mask[3, 3] = np.nan
+    with pytest.raises(ImageInputError, match="mask contains NaN or Inf"):
+        pipe.generate("a cat", steps=2, init_image=init, mask=mask)
+    with pytest.raises(ImageInputError, match=r"mask values must lie in \[0, 1\], got 2..2; scale it first"):
+        pipe.generate("a cat", steps=2, init_image=init, mask=np.full((16, 16), 2.0))
+
+
+def test_batch_is_bounded_before_memory_is_spent_whatever_the_profile_says(art):
+    import dataclasses
+
+    from ldm_rt.runtime.contracts import ShapeProfile
+    from ldm_rt.runtime.manifest import Manifest
+    from ldm_rt.runtime.params import MAX_IMAGES_PER_CALL, MAX_PIXELS_PER_CALL, make_params
+
+    manifest = dataclasses.replace(Manifest.read(art[0]), profile=ShapeProfile(batch=(1, 1, 10**9), height=(8, 16, 2048), width=(8, 16, 2048)))
+    kw = dict(prompt="a cat", negative_prompt="", steps=2, guidance=7.5, scheduler="ddim", seed=0, strength=0.8)
+    assert make_params(manifest, batch=MAX_IMAGES_PER_CALL, height=16, width=16, **kw).batch == MAX_IMAGES_PER_CALL
+    with pytest.raises(GenerationError, match=r"^100000000 images per call \(1 prompts x batch 100000000\) is over the runtime's limit of 1024"):
+        make_params(manifest, batch=10**8, height=16, width=16, **kw)
+    assert make_params(manifest, batch=MAX_PIXELS_PER_CALL // 2048**2, height=2048, width=2048, **kw).batch == 64
+    with pytest.raises(GenerationError, match=r"^65 images of 2048x2048 in one call is over the runtime's limit of 268435456 pixels"):
+        make_params(manifest, batch=65, height=2048, width=2048, **kw)
+
+
+def test_result_save_writes_the_parameters_the_cli_writes_in_the_format_the_name_says(pipe, tmp_path):
+    from PIL import Image
+
+    from ldm_rt.runtime.images import read_image_text
+
+    r = pipe.generate(["a red cube", "a blue ball"], "blurry", steps=2, seed=4, batch=2, guidance_rescale=0.5)
+    paths = r.save(tmp_path / "x.png")
+    assert paths == [tmp_path / f"x_{k}.png" for k in range(4)]
+    text = read_image_text(paths[2])
+    assert text == r.metadata(2)
+    assert text["prompt"] == "a blue ball" and text["negative_prompt"] == "blurry" and text["batch_index"] == "2"
+    assert {k: text[k] for k in ("seed", "steps", "scheduler", "guidance", "guidance_rescale")} == {
+        "seed": "4", "steps": "2", "scheduler": "ddim", "guidance": "7.5", "guidance_rescale": "0.5"}
+    assert json.loads(text["parameters"])["prompts"] == ["a red cube", "a blue ball"]
+    np.testing.assert_array_equal(np.asarray(Image.open(paths[3])), r.images[3])
+    for name, fmt in (("g.jpg", "JPEG"), ("g.webp", "WEBP")):
+        (path,) = r.save(tmp_path / name, as_grid=True)
+        with Image.open(path) as im:
+            assert im.format == fmt and im.size == (32, 32)
+        assert read_image_text(path) == r.metadata(None)
+        assert read_image_text(path)["prompt"] == '["a red cube", "a blue ball"]'
+
+
+def test_unknown_words_of_prompt_and_negative_prompt_are_named_once(pipe, caplog):
+    with caplog.at_level(logging.WARNING, logger="ldm_rt"):
+        pipe.generate(["a red astronaut", "a blue horse"], "ugly zebra", steps=2, seed=0)
+    messages = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert messages == ["prompt 0: the model does not know 'astronaut' (read as unknown words)",
+                        "prompt 1: the model does not know 'horse' (read as unknown words)",
+                        "negative prompt 0: the model does not know 'zebra' (read as unknown words)"]

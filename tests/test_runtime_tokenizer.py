@@ -176,6 +176,32 @@ def test_word_level_vocabulary_and_round_trip(tmp_path):
     assert back.max_length == 8 and back.pad_id == 0
 
 
+def test_unknown_words_are_named_in_one_warning_per_prompt(clip_files, tmp_path, caplog):
+    """A closed vocabulary reads unknown words as <|unk|>: the prompt then says less than the user wrote."""
+    tok = PromptTokenizer.word_level(["a", "red", "cat", "on", "the"], max_length=16)
+    tok.save(tmp_path / "tokenizer.json")
+    tok = PromptTokenizer.from_file(tmp_path / "tokenizer.json")  # as the runtime loads it
+    with caplog.at_level(logging.WARNING, logger="ldm_rt.runtime.tokenizer"):
+        tok(["an Astronaut riding a red horse, astronaut!", "a red cat", "a red cat on the dog"])
+        tok(["the purple cat"], what="negative prompt")
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages == [
+        "prompt 0: the model does not know 'an', 'Astronaut', 'riding', 'horse', ',', '!' (read as unknown words)",
+        "prompt 2: the model does not know 'dog' (read as unknown words)",
+        "negative prompt 0: the model does not know 'purple' (read as unknown words)",
+    ]
+    caplog.clear()
+    many = " ".join(f"w{k}" for k in range(12))
+    with caplog.at_level(logging.WARNING, logger="ldm_rt.runtime.tokenizer"):
+        tok([many])
+    assert caplog.records[0].getMessage().endswith("'w9' and 2 more (read as unknown words)")
+    caplog.clear()
+    folder, _ = clip_files  # byte-level BPE spells every word: nothing to warn about
+    with caplog.at_level(logging.WARNING, logger="ldm_rt.runtime.tokenizer"):
+        PromptTokenizer.from_clip_files(folder / "vocab.json", folder / "merges.txt")(["zxqv astronaut \u6771\u4eac <|endoftext|>"])
+    assert caplog.records == []
+
+
 def test_from_file_can_override_length(tmp_path):
     tok = PromptTokenizer.word_level(["a", "cat"], max_length=8)
     tok.save(tmp_path / "tokenizer.json")

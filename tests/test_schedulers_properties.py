@@ -110,6 +110,31 @@ def test_oracle_model_recovers_x0(variant, n, prediction_type):
     assert np.abs(x - x0).max() < tol
 
 
+ZERO_SNR = SchedulerConfig(rescale_betas_zero_snr=True, timestep_spacing="trailing", prediction_type="v_prediction", set_alpha_to_one=True)
+
+
+@pytest.mark.parametrize("n", [1, 5, 50])
+@pytest.mark.parametrize("name", [name for name in NAMES if name not in ("pndm", "lms")])
+def test_every_scheduler_but_pndm_and_lms_samples_a_zero_terminal_snr_schedule(name, n):
+    """The shipped default model's kind of schedule (Lin et al. 2024): x_T is pure noise, v-prediction."""
+    scheduler = make_scheduler(name, ZERO_SNR)
+    rng = np.random.default_rng(0)
+    x0 = np.tanh(rng.standard_normal(SHAPE)).astype(np.float32)
+    run = scheduler.set_timesteps(n)
+    x = run.init_noise_sigma * rng.standard_normal(SHAPE).astype(np.float32)
+    with np.errstate(divide="ignore"):  # the oracle's sigma_T is inf where alpha_bar_T = 0 (ddim, ddpm)
+        model = oracle_model(scheduler, x0, "v_prediction")
+    x = sample(run, x, seed=1, model=model)[-1]
+    assert np.abs(x - x0).max() < 1e-5
+
+
+@pytest.mark.parametrize("name, reason", [("pndm", "sqrt(alpha_bar_T)"), ("lms", "unstable across the zero-SNR noise range")])
+def test_pndm_and_lms_refuse_a_zero_terminal_snr_schedule_with_the_reason(name, reason):
+    with pytest.raises(SchedulerConfigError) as e:
+        make_scheduler(name, ZERO_SNR)
+    assert reason in one_line(e) and "set it to false" not in one_line(e)  # the model's schedule is not the user's to change
+
+
 # ---- randomness ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_same_seed_same_result_and_explicit_randomness(variant):
@@ -257,7 +282,7 @@ def test_step_argument_errors():
         (lambda: make_scheduler("euler", eta=0.5), "does not take options"),
         (lambda: make_scheduler("pndm", SchedulerConfig(skip_prk_steps=False)).set_timesteps(3), ">= 4"),
         (lambda: make_scheduler("euler-a", SchedulerConfig(prediction_type="sample")), "prediction_type"),
-        (lambda: make_scheduler("lms", SchedulerConfig(rescale_betas_zero_snr=True)), "rescale_betas_zero_snr"),
+        (lambda: make_scheduler("pndm", SchedulerConfig(rescale_betas_zero_snr=True)), "rescale_betas_zero_snr"),
         (lambda: make_scheduler("euler").set_timesteps(10).with_strength(0.0), "strength"),
         (lambda: make_scheduler("euler").set_timesteps(10).with_strength(1.5), "strength"),
         (lambda: make_scheduler("euler").set_timesteps(10).with_strength(0.05), "no denoising step"),

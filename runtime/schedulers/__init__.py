@@ -20,6 +20,7 @@ from .registry import (
     make_scheduler,
     scheduler_from_diffusers_config,
     scheduler_from_diffusers_json,
+    usable_schedulers,
 )
 
 __all__ = [
@@ -41,4 +42,5 @@ __all__ = [
     "make_scheduler",
     "scheduler_from_diffusers_config",
     "scheduler_from_diffusers_json",
+    "usable_schedulers",
 ]

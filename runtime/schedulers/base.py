@@ -51,7 +51,8 @@ class Scheduler:
     # Euler / Euler ancestral / DPM-Solver set alpha_bar_T = 2**-24 after zero-SNR rescaling, so that
     # sigma_T stays finite; DDIM / DDPM keep alpha_bar_T = 0.
     terminal_alpha_bar_floor: ClassVar[bool] = False
-    supports_zero_snr: ClassVar[bool] = True
+    # Why this scheduler cannot sample a zero-terminal-SNR schedule ("" = it can).
+    zero_snr_obstacle: ClassVar[str] = ""
 
     def __init__(self, config: SchedulerConfig | None = None) -> None:
         config = SchedulerConfig() if config is None else config
@@ -65,16 +66,22 @@ class Scheduler:
                 f"{self.name} does not support prediction_type={config.prediction_type!r}; "
                 f"use one of {list(self.prediction_types)}"
             )
-        if config.rescale_betas_zero_snr and not self.supports_zero_snr:
+        if config.rescale_betas_zero_snr and self.zero_snr_obstacle:
             raise SchedulerConfigError(
-                f"{self.name} ({self.diffusers_class}) has no rescale_betas_zero_snr; set it to false or use "
-                "ddim, ddpm, euler, euler-a or dpmpp-2m"
+                f"{self.name} ({self.diffusers_class}) cannot sample a zero-terminal-SNR schedule "
+                f"(rescale_betas_zero_snr): {self.zero_snr_obstacle}"
             )
         self.betas = readonly(betas_for(config))
         alphas_cumprod = alphas_cumprod_for(self.betas)
         if config.rescale_betas_zero_snr and self.terminal_alpha_bar_floor:
             alphas_cumprod[-1] = 2.0**-24
         self.alphas_cumprod = readonly(alphas_cumprod)
+
+    @property
+    def fewest_sound_steps(self) -> int:
+        """Runs with fewer steps than this are known to give broken images on this config (0: no known
+        bound); the pipeline warns about them."""
+        return 0
 
     @property
     def is_stochastic(self) -> bool:

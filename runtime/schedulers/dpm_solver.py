@@ -28,6 +28,14 @@ class DPMSolverMultistepScheduler(Scheduler):
     def name(self) -> str:  # type: ignore[override]
         return f"dpmpp-{self.config.solver_order}m" + ("-karras" if self.config.use_karras_sigmas else "")
 
+    @property
+    def fewest_sound_steps(self) -> int:
+        # Karras sigmas from the zero-SNR floor (sigma_T = 4096) put half the steps above sigma 100. Measured
+        # on the shipped default model against 100-step DDIM: 6 of 24 images at 25 steps and 4 of 24 at 30
+        # came out as noise, none of 24 at 40 (Euler on the same sigmas: none at 15; 2M without Karras: none;
+        # 3M: not measured, taken to be no better).
+        return 40 if self.config.use_karras_sigmas and self.config.rescale_betas_zero_snr and self.config.solver_order > 1 else 0
+
     def _make_run(self, num_inference_steps: int) -> DPMSolverRun:
         c = self.config
         T, n = c.num_train_timesteps, num_inference_steps

@@ -22,7 +22,12 @@ class PNDMScheduler(Scheduler):
     name = "pndm"
     diffusers_class = "PNDMScheduler"
     prediction_types = ("epsilon", "v_prediction")
-    supports_zero_snr = False
+    # With alpha_bar_T floored to 2**-24 as Euler does, measured on the shipped default model against 100-step
+    # DDIM: 10 of 24 images at 25 steps and 3 of 24 at 40 came out as noise (DDIM, Euler: none at 10 steps).
+    zero_snr_obstacle = (
+        "its PLMS steps combine noise predictions of different steps and divide them by sqrt(alpha_bar_T), "
+        "which is 0 there"
+    )
 
     def __init__(self, config: SchedulerConfig | None = None) -> None:
         super().__init__(config)

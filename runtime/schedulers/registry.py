@@ -108,6 +108,19 @@ def make_scheduler(name: str, config: SchedulerConfig | None = None, **options: 
     return SCHEDULERS[name](config, **options)
 
 
+def usable_schedulers(config: SchedulerConfig) -> tuple[dict[str, Scheduler], dict[str, str]]:
+    """Every registered scheduler built for `config` (name -> scheduler), and the names that cannot take
+    it (name -> the reason, e.g. pndm under a zero-terminal-SNR schedule)."""
+    usable: dict[str, Scheduler] = {}
+    unusable: dict[str, str] = {}
+    for name in SCHEDULERS:
+        try:
+            usable[name] = make_scheduler(name, config)
+        except SchedulerConfigError as e:
+            unusable[name] = str(e)
+    return usable, unusable
+
+
 def scheduler_from_diffusers_config(data: dict[str, Any], **options: Any) -> Scheduler:
     """The scheduler of a diffusers scheduler config dict, by its "_class_name"."""
     class_name = data.get("_class_name")
