@@ -52,7 +52,7 @@ OURS = "ours"
 # Peers in table order; the label says what runs.
 PEER_LABELS = {
     OURS: "ldm-rt (ONNX Runtime CPU)",
-    "ours-openvino": "ldm-rt (ONNX Runtime + OpenVINO EP)",
+    "ours-openvino": "ldm-rt (OpenVINO, bf16 where the CPU has it)",
     "ours-cuda": "ldm-rt (ONNX Runtime CUDA)",
     "ours-tensorrt": "ldm-rt (TensorRT FP16)",
     "reference": "ldm-rt reference (PyTorch eager)",
@@ -133,7 +133,8 @@ class Workload:
 
 
 def ours_peer(artifacts: Path | str, name: str = OURS, backend: str = "onnxruntime", providers: Sequence[str] | None = None) -> Peer:
-    extra = {"backend": backend, "providers": list(providers) if providers else ["cpu"]}
+    # Providers are onnxruntime's; the other backends take none.
+    extra = {"backend": backend, "providers": (list(providers) if providers else ["cpu"]) if backend == "onnxruntime" else None}
     return Peer(name, (sys.executable, "-m", "ldm_rt.runtime.bench", "worker"), str(artifacts), extra=extra)
 
 
@@ -141,13 +142,14 @@ WARM_CACHE = "warm"  # Peer.extra["compile_cache"]: a compile cache in the workl
 
 
 def openvino_peer(artifacts: Path | str) -> Peer:
-    """ldm-rt on ONNX Runtime with the OpenVINO execution provider plugin, where `ldm-rt[openvino]` is installed."""
+    """ldm-rt on its OpenVINO backend, where `ldm-rt[openvino]` is installed, at OpenVINO's best speed: bf16 where
+    the CPU has it (`reduced_precision`; f32 elsewhere), so its images may differ from ours by a few levels."""
     import importlib.util
 
-    reason = None if importlib.util.find_spec("onnxruntime_ep_openvino") else "the OpenVINO plugin is not installed: pip install 'ldm-rt[openvino]'"
-    peer = ours_peer(artifacts, "ours-openvino", providers=["openvino"])
+    reason = None if importlib.util.find_spec("openvino") else "OpenVINO is not installed: pip install 'ldm-rt[openvino]'"
+    peer = ours_peer(artifacts, "ours-openvino", backend="openvino")
     # It starts as ldm-rt does after its first run on a machine: compiled graphs read from a warm cache.
-    return dataclasses.replace(peer, extra={**peer.extra, "compile_cache": WARM_CACHE}, skip_reason=reason)
+    return dataclasses.replace(peer, extra={**peer.extra, "compile_cache": WARM_CACHE, "reduced_precision": True}, skip_reason=reason)
 
 
 def gpu_peers(artifacts: Path | str) -> list[Peer]:
@@ -194,13 +196,14 @@ def serve(generate: Callable[[], tuple[np.ndarray, dict[str, Any]]], save_first:
 
 def ours_worker(spec: dict[str, Any]) -> None:
     """Load the artifacts and serve the harness; stage times come from Result.timings."""
-    from .backends.onnxruntime_backend import physical_cores
+    from .backends.base import physical_cores
     from .pipeline import Pipeline
 
     import_s = time.perf_counter() - T_START
     t0 = time.perf_counter()
     pipe = Pipeline.load(spec["model"], backend=spec.get("backend", "onnxruntime"), providers=spec.get("providers"),
-                         compile_cache=spec.get("compile_cache") or False)  # never the user's cache folder
+                         compile_cache=spec.get("compile_cache") or False,  # never the user's cache folder
+                         reduced_precision=spec.get("reduced_precision", False))
     load_s = time.perf_counter() - t0
     latents = np.load(spec["noise_file"]) if spec.get("noise_file") else None
 
@@ -415,7 +418,8 @@ def warm_compile_cache(peer: Peer, folder: Path) -> Path:
     """Open the peer's pipeline once in this process so `folder` holds its compiled graphs before any timing."""
     from .pipeline import Pipeline
 
-    Pipeline.load(peer.model, backend=peer.extra["backend"], providers=peer.extra["providers"], compile_cache=folder)
+    Pipeline.load(peer.model, backend=peer.extra["backend"], providers=peer.extra["providers"], compile_cache=folder,
+                  reduced_precision=peer.extra.get("reduced_precision", False))  # the same settings, so the same cache keys
     return folder
 
 
@@ -475,7 +479,7 @@ def run_workload(workload: Workload, out_dir: Path, timeout: float, profile: boo
 
 # ---- machine, roofline, FLOPs, profile, footprint ----------------------------------------------------------------
 def _physical_cores() -> int:
-    from .backends.onnxruntime_backend import physical_cores
+    from .backends.base import physical_cores
 
     return physical_cores()
 
@@ -814,7 +818,7 @@ def evaluate_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
             others = [p.get("vs_ours", {}).get("peak_rss") for n, p in peers.items() if not n.startswith("ours") and p.get("status") == "ok"]
             if others and all(r is not None for r in others):
                 note("memory", "lower peak memory than every peer (min peer / ldm-rt > 1)", min(others), 1.0 + 1e-9)
-            # The same targets for ldm-rt on the OpenVINO provider: peer / ours-openvino = (peer / ours) / (ours-openvino / ours).
+            # The same targets for ldm-rt on OpenVINO: peer / ours-openvino = (peer / ours) / (ours-openvino / ours).
             alt = peers.get(ALT_OURS, {})
             if alt.get("status") == "ok":
                 for kind, goals, text in (("latency", TARGETS["latency"], "faster end-to-end than"), ("cold_start", TARGETS["cold_start"], "faster cold start than")):

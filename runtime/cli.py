@@ -13,19 +13,23 @@ import json
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 from tqdm import tqdm
 
 from . import bench
-from .images import grid, write_png
+from .atomic import NotAFileTarget, check_file_target
+from .images import ImageOutputError, output_format, output_paths
 from .manifest import Manifest
-from .schedulers import SCHEDULERS
+from .params import check_image_count
+from .schedulers import SCHEDULERS, SchedulerConfig, usable_schedulers
 
 PROG = "ldm-rt"
-BACKENDS = ("onnxruntime", "tensorrt", "torch")
+BACKENDS = ("onnxruntime", "openvino", "tensorrt", "torch")
 # Everything the library raises for bad input or bad artifacts is a ValueError subclass with a one-line
 # message; OSError covers unreadable/unwritable files.
 USER_ERRORS = (ValueError, OSError)
@@ -47,6 +51,16 @@ def fail(message: str) -> None:
     sys.exit(2)
 
 
+PROVIDERS = ("cpu", "cuda")
+
+
+def provider_choice(value: str) -> str:
+    """--provider's value; OpenVINO, an onnxruntime provider before, is refused with where it went."""
+    if value.lower() == "openvino":
+        raise argparse.ArgumentTypeError("openvino is a backend now: use --backend openvino")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog=PROG, description="Lean latent diffusion sampler (numpy + ONNX Runtime / TensorRT).")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
@@ -60,8 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--guidance-rescale", type=float, default=0.0,
         help="pull the guided prediction back to the conditional one's spread, 0..1 (Lin et al.: 0.7 for zero-SNR models; default 0)",
     )  # fmt: skip
-    s.add_argument("--scheduler", default="ddim", choices=list(SCHEDULERS), help="sampler (default ddim)")
-    s.add_argument("--seed", type=int, default=None, help="random seed (default: random; written into the PNG)")
+    s.add_argument(
+        "--scheduler", default="ddim", choices=list(SCHEDULERS),
+        help="sampler (default ddim); `ldm-rt info` lists those the model can use (pndm and lms cannot sample "
+        "zero-terminal-SNR models such as the default one)",
+    )  # fmt: skip
+    s.add_argument("--seed", type=int, default=None, help="random seed (default: random; written into the image file)")
     s.add_argument("--height", type=int, default=None, help="image height in pixels (default: the artifacts' optimum)")
     s.add_argument("--width", type=int, default=None, help="image width in pixels (default: the artifacts' optimum)")
     s.add_argument("--batch", type=int, default=1, help="images to generate (default 1)")
@@ -69,19 +87,34 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--init-image", type=Path, default=None, help="image to start from (img2img; with --mask, inpainting)")
     s.add_argument("--strength", type=float, default=None, help="fraction of the schedule to run from the init image, in (0, 1] (default 0.8; 1.0 with --mask)")
     s.add_argument("--mask", type=Path, default=None, help="inpainting mask image: white = repaint, black = keep")
-    s.add_argument("--out", type=Path, default=Path("sample.png"), help="output PNG; a batch writes NAME_0.png, NAME_1.png, ... (default sample.png)")
+    s.add_argument(
+        "--mask-blur", type=float, default=None, metavar="PX",
+        help="with --mask: Gaussian radius in pixels of the seam where the kept pixels are pasted back (default 0: hard edge)",
+    )  # fmt: skip
+    s.add_argument(
+        "--out", type=Path, default=Path("sample.png"),
+        help="output image, .png, .jpg/.jpeg or .webp (parameters in PNG text chunks, else in EXIF); "
+        "a batch writes NAME_0.png, NAME_1.png, ...; all or none are written (default sample.png)",
+    )  # fmt: skip
     s.add_argument("--grid", action="store_true", help="write a batch as one grid image at --out")
-    s.add_argument("--backend", default="onnxruntime", choices=BACKENDS, help="inference backend (default onnxruntime)")
+    s.add_argument(
+        "--backend", default="onnxruntime", choices=BACKENDS,
+        help="inference backend (default onnxruntime; openvino: OpenVINO's runtime on the CPU, needs ldm-rt[openvino])",
+    )  # fmt: skip
     s.add_argument("--precision", default="fp32", choices=("fp32", "fp16"), help="which built precision to run (default fp32)")
     s.add_argument(
-        "--provider", default=None, choices=("cpu", "cuda", "openvino"),
-        help="onnxruntime execution provider (default: cuda when present, else cpu; openvino needs ldm-rt[openvino])",
+        "--provider", default=None, type=provider_choice, choices=PROVIDERS,
+        help="onnxruntime execution provider (default: cuda when present, else cpu)",
     )  # fmt: skip
-    s.add_argument("--threads", type=int, default=None, help="CPU threads per operator (default: one per physical core)")
+    s.add_argument("--threads", type=int, default=None, help="CPU threads per operator (default: one per physical core; at most 4 per CPU)")
+    s.add_argument(
+        "--bf16", action="store_true",
+        help="with --backend openvino: compute in bf16 where the CPU supports it (faster on CPUs with AMX; images within a few 8-bit levels)",
+    )  # fmt: skip
     s.add_argument("--spin", action="store_true", help="idle CPU threads spin-wait between operators (default: they sleep)")
     s.add_argument(
         "--no-compile-cache", action="store_true",
-        help="do not keep compiled graphs (openvino) in ~/.cache/ldm-rt for the next run",
+        help="do not keep compiled graphs (--backend openvino) in ~/.cache/ldm-rt for the next run",
     )  # fmt: skip
     s.add_argument("--model", type=Path, default=None, help="artifacts folder (default: the shipped default model)")
     s.add_argument("--verbose", action="store_true", help="log loading details and print per-stage timings")
@@ -95,40 +128,56 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def output_paths(out: Path, count: int, as_grid: bool) -> list[Path]:
-    if count == 1 or as_grid:
-        return [out]
-    return [out.with_name(f"{out.stem}_{k}{out.suffix or '.png'}") for k in range(count)]
-
-
-def check_writable(path: Path) -> None:
-    parent = path.parent if str(path.parent) else Path(".")
-    if path.is_dir():
-        raise CliError(f"--out {path} is a folder; give a file name like {path / 'sample.png'}")
+def check_writable(out: Path, paths: Sequence[Path]) -> None:
+    """Before any work: the format `out` names, its folder, and every file the run will write (an existing
+    regular file may be replaced; a folder, device or FIFO never)."""
+    parent = out.parent if str(out.parent) else Path(".")
+    if out.is_dir():
+        raise CliError(f"--out {out} is a folder; give a file name like {out / 'sample.png'}")
+    try:
+        for path in (out, *paths):
+            check_file_target(path)
+        output_format(out)
+    except (NotAFileTarget, ImageOutputError) as e:
+        raise CliError(f"--out {e}") from None
     if not parent.is_dir():
-        raise CliError(f"--out {path}: folder {parent} does not exist; create it first")
-    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise CliError(f"--out {path} is not writable; choose another path")
+        raise CliError(f"--out {out}: folder {parent} does not exist; create it first")
+    for path in paths:
+        if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+            raise CliError(f"--out {path} is not writable; choose another path")
 
 
 def load_latents(path: Path) -> np.ndarray:
+    """A .npy file, memory-mapped (no pickles; nothing is read into memory before the pipeline has checked
+    its dtype and shape)."""
     try:
-        return np.load(path, allow_pickle=False)
+        latents = np.load(path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError) as e:
         raise CliError(f"cannot read --latents {path}: {e}") from None
+    if not isinstance(latents, np.ndarray):  # an .npz archive
+        latents.close()
+        raise CliError(f"--latents {path} is an .npz archive; save one array with numpy.save as FILE.npy")
+    return latents
 
 
 def sample(args: argparse.Namespace) -> int:
     from .pipeline import Pipeline  # after argument parsing, so `--help` stays fast
 
-    check_writable(args.out)
-    latents = load_latents(args.latents) if args.latents is not None else None
+    check_image_count(args.batch, "images (--batch)")  # before a file name is made for each
+    check_writable(args.out, output_paths(args.out, max(args.batch, 1), args.grid))
     if args.mask is not None and args.init_image is None:
         raise CliError("--mask needs --init-image: inpainting repaints part of an image")
+    if args.strength is not None and args.init_image is None:
+        raise CliError("--strength needs --init-image: it is the fraction of the schedule run from that image")
+    if args.mask_blur is not None and args.mask is None:
+        raise CliError("--mask-blur needs --mask: it softens the seam of the inpainted region")
+    latents = load_latents(args.latents) if args.latents is not None else None
     if args.threads is not None and args.threads < 1:
         raise CliError(f"--threads must be at least 1, got {args.threads}; leave it out for one per physical core")
     if args.provider is not None and args.backend != "onnxruntime":
         raise CliError(f"--provider chooses an onnxruntime execution provider; drop it or use --backend onnxruntime (not {args.backend})")
+    if args.bf16 and args.backend != "openvino":
+        raise CliError(f"--bf16 needs --backend openvino (the {args.backend} backend computes in the artifacts' precision)")
     pipe = Pipeline.load(
         args.model,
         backend=args.backend,
@@ -137,6 +186,7 @@ def sample(args: argparse.Namespace) -> int:
         threads=args.threads,
         spin=args.spin,
         compile_cache=not args.no_compile_cache,
+        reduced_precision=args.bf16,
     )
 
     bar: tqdm | None = None
@@ -163,28 +213,14 @@ def sample(args: argparse.Namespace) -> int:
             init_image=args.init_image,
             strength=args.strength,
             mask=args.mask,
+            mask_blur=0.0 if args.mask_blur is None else args.mask_blur,
             callback=progress,
         )
     finally:
         if bar is not None:
             bar.close()
 
-    text = {
-        "prompt": args.prompt,
-        "negative_prompt": args.negative_prompt,
-        "seed": result.params["seed"],
-        "steps": result.params["steps"],
-        "scheduler": result.params["scheduler"],
-        "guidance": result.params["guidance"],
-        "guidance_rescale": result.params["guidance_rescale"],
-        "model_hash": result.params["model_hash"],
-        "parameters": json.dumps(result.params, sort_keys=True),
-        "Software": "ldm-rt",
-    }
-    images = [grid(result.images)] if args.grid else list(result.images)
-    paths = output_paths(args.out, len(images), args.grid)
-    for k, (path, image) in enumerate(zip(paths, images)):
-        write_png(path, image, text | ({"batch_index": k} if len(images) > 1 else {}))
+    for path in result.save(args.out, as_grid=args.grid):
         print(path)
     if args.verbose:
         print(format_timings(result.timings), file=sys.stderr)
@@ -244,6 +280,20 @@ def describe(manifest: Manifest, root: Path) -> list[str]:
     return lines
 
 
+def describe_schedulers(root: Path) -> str:
+    """One line: the --scheduler names this model can use, and why the others cannot."""
+    from .artifacts import Artifacts
+
+    try:
+        config: SchedulerConfig = Artifacts.open(root).scheduler_config
+    except USER_ERRORS as e:
+        return f"schedulers: unknown ({e})"
+    usable, unusable = usable_schedulers(config)
+    names = [f"{name} ({s.fewest_sound_steps}+ steps)" if s.fewest_sound_steps else name for name, s in usable.items()]
+    refused = "".join(f"; not {name}: {reason}" for name, reason in unusable.items())
+    return f"schedulers: {', '.join(names)}{refused}"
+
+
 def info(args: argparse.Namespace) -> int:
     from .artifacts import default_artifacts_dir
 
@@ -252,7 +302,7 @@ def info(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(manifest.to_dict(), indent=2))
     else:
-        print("\n".join(describe(manifest, root)))
+        print("\n".join([*describe(manifest, root), describe_schedulers(root)]))
     return 0
 
 
@@ -268,7 +318,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     library.addHandler(handler)
     library.setLevel(logging.INFO if verbose else logging.WARNING)
     try:
-        return {"sample": sample, "info": info, "bench": bench.bench_command}[args.command](args)
+        with warnings.catch_warnings():
+            # Pillow warns about images past its size bound; here that is an error with one line (images.py).
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            code = {"sample": sample, "info": info, "bench": bench.bench_command}[args.command](args)
+        sys.stdout.flush()  # inside the try: a reader that went away is noticed here, not at exit
+        return code
+    except BrokenPipeError:
+        # The reader of our output went away (`ldm-rt info --json | head -1`): Python's recipe (library
+        # docs, signal: "Note on SIGPIPE") points stdout at devnull so the exit flush cannot fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except USER_ERRORS as e:
         if verbose:
             library.exception("details of the error below")

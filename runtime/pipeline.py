@@ -5,7 +5,7 @@ Latent diffusion sampling (Rombach et al. 2022, Sec. 3.3) with classifier-free g
 
     pipe = Pipeline.load("engines/build/tiny")                       # manifest hashes checked once
     result = pipe.generate("a red cube", steps=25, guidance=7.5, seed=1)
-    result.to_pil()[0].save("cube.png")
+    result.save("cube.png")                                            # with its parameters in the file
 
 Thread safety: the object holds only read-only things (artifacts, components whose `run` is thread-safe,
 immutable schedulers); everything a call changes (scheduler run, random generator, timings) is local to
@@ -18,6 +18,8 @@ dtype=float32)` (skipped when `latents` is given), then each stochastic schedule
 
 from __future__ import annotations
 
+import json
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -31,10 +33,23 @@ from PIL import Image
 from . import guidance as cfg
 from .artifacts import Artifacts
 from .backends.base import Component, HostOptions, SupportsUpload, default_compile_cache, open_components
-from .images import as_mask_array, as_rgb_array, image_to_model, resize, to_uint8
-from .params import GenerationError, GenerationParams, make_params
-from .schedulers import SCHEDULERS, make_scheduler
+from .images import (
+    TEXT_KEYS,
+    as_mask_array,
+    as_rgb_array,
+    grid,
+    image_to_model,
+    output_paths,
+    paste_kept,
+    resize,
+    to_uint8,
+    write_images,
+)
+from .params import GenerationError, GenerationParams, as_prompts, make_params
+from .schedulers import usable_schedulers
 from .schedulers.config import SchedulerConfigError
+
+log = logging.getLogger(__name__)
 
 # diffusers' defaults: img2img keeps 80 % of the steps; inpainting starts from pure noise.
 IMG2IMG_STRENGTH = 0.8
@@ -57,6 +72,32 @@ class Result:
     def to_pil(self) -> list[Image.Image]:
         return [Image.fromarray(im) for im in self.images]
 
+    def metadata(self, index: int | None = None) -> dict[str, str]:
+        """The text an image file of this result carries: one entry per images.TEXT_KEYS (image `index`'s
+        own prompt; index None: all images, as one grid), its batch_index when there are several, all of
+        `params` as JSON under "parameters", and "Software"."""
+        p = self.params
+        if index is None:  # a grid: one prompt if they all agree, else the list
+            prompt, negative = (v[0] if len(set(v)) == 1 else json.dumps(list(v)) for v in (p["prompts"], p["negative_prompts"]))
+        else:
+            prompt, negative = p["prompts"][index // p["batch"]], p["negative_prompts"][index // p["batch"]]
+        values = {**p, "prompt": prompt, "negative_prompt": negative}
+        text = {key: str(values[key]) for key in TEXT_KEYS}
+        if index is not None and len(self.images) > 1:
+            text["batch_index"] = str(index)
+        text["parameters"] = json.dumps(p, sort_keys=True)
+        text["Software"] = "ldm-rt"
+        return text
+
+    def save(self, path: str | Path, as_grid: bool = False) -> list[Path]:
+        """Write the images with their parameters (`metadata`), in the format the extension names (.png;
+        .jpg/.jpeg and .webp carry them in EXIF): one image at `path`, a batch at NAME_0.EXT, NAME_1.EXT, ...
+        or, with as_grid, one grid image at `path`. All files are written or none. Returns the paths."""
+        if as_grid:
+            return write_images([(path, grid(self.images), self.metadata(None))])
+        paths = output_paths(path, len(self.images))
+        return write_images([(out, image, self.metadata(k)) for k, (out, image) in enumerate(zip(paths, self.images))])
+
 
 @dataclass(frozen=True)
 class Start:
@@ -67,6 +108,8 @@ class Start:
     image_latents: np.ndarray | None = None  # (B, C, h, w) scaled latents of the init image
     mask: np.ndarray | None = None  # (B, 1, h, w), 1 = repaint
     masked_image_latents: np.ndarray | None = None  # (B, C, h, w), inpainting UNet only
+    pixels: np.ndarray | None = None  # (H, W, 3) uint8, the init image at the output size (for the paste-back)
+    pixel_mask: np.ndarray | None = None  # (H, W) float32, the mask at the output size, >= 0.5 = repaint
 
 
 class Pipeline:
@@ -76,14 +119,9 @@ class Pipeline:
         self.backend = backend
         self.precision = precision
         self.facts = artifacts.manifest.facts
-        # Every scheduler that takes the model's schedule; the rest (e.g. pndm under zero terminal SNR) fail
-        # when asked for, with the reason, instead of refusing the whole model.
-        schedulers, self._unusable = {}, {}
-        for name in SCHEDULERS:
-            try:
-                schedulers[name] = make_scheduler(name, artifacts.scheduler_config)
-            except SchedulerConfigError as e:
-                self._unusable[name] = str(e)
+        # Every scheduler that takes the model's schedule; the rest (pndm, lms under zero terminal SNR) fail
+        # when asked for, with the reason and the usable names, instead of refusing the whole model.
+        schedulers, self._unusable = usable_schedulers(artifacts.scheduler_config)
         if not schedulers:
             raise SchedulerConfigError(next(iter(self._unusable.values())))
         self.schedulers = MappingProxyType(schedulers)
@@ -106,22 +144,36 @@ class Pipeline:
         threads: int | None = None,
         spin: bool = False,
         compile_cache: str | Path | bool = True,
+        reduced_precision: bool = False,
     ) -> Pipeline:
         """Open an artifacts folder (default: the shipped default model) with one backend; hashes are checked here, once.
         `threads`: CPU threads per operator (default: one per physical core); `spin`: idle threads
         spin-wait between operators (off by default: backends/base.HostOptions says why). `compile_cache`:
         where providers that compile graphs on opening (OpenVINO) keep them for the next process: True (the
-        user's cache folder, ~/.cache/ldm-rt), a folder, or False (compile every time)."""
+        user's cache folder, ~/.cache/ldm-rt), a folder, or False (compile every time). `reduced_precision`:
+        let the backend compute in bf16 where the CPU supports it (OpenVINO; backends/base.HostOptions)."""
         if compile_cache is True:
             cache: Path | None = default_compile_cache()
         elif compile_cache is False or compile_cache is None:
             cache = None
         else:
             cache = Path(compile_cache)
-        host = HostOptions(threads, spin, cache)  # validated before anything is opened
+        host = HostOptions(threads, spin, cache, reduced_precision)  # validated before anything is opened
         artifacts = Artifacts.open(artifacts_dir)
         components = open_components(backend, artifacts.root, artifacts.manifest, precision, providers, host)
         return cls(artifacts, components, backend, precision)
+
+    def close(self) -> None:
+        """Release what the components hold outside Python's memory (TensorRT: device buffers, streams, graphs)."""
+        for component in self.components.values():
+            if callable(close := getattr(component, "close", None)):
+                close()
+
+    def __enter__(self) -> Pipeline:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # ---- one request -------------------------------------------------------------------------------------------
     def generate(
@@ -142,16 +194,24 @@ class Pipeline:
         class_labels: int | Sequence[int] | None = None,
         callback: StepCallback | None = None,
         guidance_rescale: float = 0.0,
+        mask_blur: float | None = 0.0,
     ) -> Result:
         """Images for `prompt` (`batch` per prompt). `latents`: unit-variance noise (B, C, h, w) used instead
         of drawing it (multiplied by the scheduler's init_noise_sigma, as diffusers' `latents=`);
         `init_image` + `strength` (default 0.8): img2img; `mask` with init_image (1 = repaint; strength
-        default 1.0, pure noise): inpainting. `class_labels` (one per prompt) for class-conditional
-        models. `guidance_rescale` in [0, 1] (Lin et al. suggest 0.7): runtime/guidance.py. Same conventions
-        as reference/pipeline.py."""
+        default 1.0, pure noise): inpainting, after which the kept pixels are pasted back from the init
+        image (images.paste_kept) with a seam of `mask_blur` pixels (0: hard edge; None: no paste-back,
+        the decoder's pixels everywhere, as diffusers returns them). `class_labels` (one per prompt) for
+        class-conditional models. `guidance_rescale` in [0, 1] (Lin et al. suggest 0.7):
+        runtime/guidance.py. Same conventions as reference/pipeline.py."""
         start_time = time.perf_counter()
+        as_prompts(prompt, "prompt")  # a clear error for None, numbers or non-UTF-8 text before anything else
         if mask is not None and init_image is None:
             raise GenerationError("mask needs init_image: inpainting repaints part of an image")
+        if strength is not None and init_image is None:
+            raise GenerationError("strength needs init_image: it is the fraction of the schedule run from that image")
+        if mask_blur and mask is None:
+            raise GenerationError("mask_blur needs mask: it softens the seam of the inpainted region")
         if self.inpainting_unet and mask is None:
             raise GenerationError("this is an inpainting model: pass init_image and mask")
         if strength is None:
@@ -167,7 +227,7 @@ class Pipeline:
         p = make_params(
             self.artifacts.manifest, prompt=prompt, negative_prompt=negative_prompt, steps=steps, guidance=guidance,
             scheduler=scheduler, seed=seed, batch=batch, height=height, width=width, strength=strength,
-            guidance_rescale=guidance_rescale,
+            guidance_rescale=guidance_rescale, mask_blur=mask_blur,
         )
         if labels is not None and len(labels) != len(p.prompts):
             raise GenerationError(f"{len(labels)} class labels for {len(p.prompts)} prompts; pass one per prompt")
@@ -176,7 +236,13 @@ class Pipeline:
         latents = None if latents is None else checked_latents(latents, shape)
 
         if p.scheduler in self._unusable:
-            raise GenerationError(self._unusable[p.scheduler])
+            raise GenerationError(f"{self._unusable[p.scheduler]}; this model can use {', '.join(self.schedulers)}")
+        fewest = self.schedulers[p.scheduler].fewest_sound_steps
+        if p.steps < fewest:
+            log.warning(
+                "%s has given broken images on this model's schedule below %d steps; running %d (use more steps or "
+                "another scheduler)", p.scheduler, fewest, p.steps,
+            )
         run = self.schedulers[p.scheduler].set_timesteps(p.steps)
         if init is not None:
             run = run.with_strength(p.strength)
@@ -190,6 +256,9 @@ class Pipeline:
             labels = np.repeat(labels, p.batch)  # (B,)
         x = self._denoise(p, run, start, context, labels, use_cfg, rng, timings, callback)
         decoded = self._call("vae_decoder", {"latent": x}, timings)["image"]
+        images = to_uint8(decoded)
+        if start.pixel_mask is not None and p.mask_blur is not None:
+            images = paste_kept(images, start.pixels, start.pixel_mask, p.mask_blur)
         timings["total"] = time.perf_counter() - start_time
         params = {
             **p.to_dict(),
@@ -200,7 +269,7 @@ class Pipeline:
         }
         if labels is not None:
             params["class_labels"] = labels.tolist()
-        return Result(to_uint8(decoded), params, timings, x)
+        return Result(images, params, timings, x)
 
     def _denoise(self, p: GenerationParams, run, start: Start, context, labels, use_cfg: bool, rng, timings: dict, callback) -> np.ndarray:
         """The sampling loop: guided UNet call per step, scheduler step, inpainting blend. Returns final latents."""
@@ -265,10 +334,10 @@ class Pipeline:
         if "text_encoder" not in self.components:
             return None
         tokenizer = self.artifacts.tokenizer
-        # The tokenizer logs a warning for each prompt it truncates (numbered within its list).
+        # The tokenizer warns about each prompt it truncates or has unknown words in (numbered within its list).
         ids = tokenizer(list(p.prompts)).ids
         if use_cfg:
-            ids = np.concatenate([tokenizer(list(p.negative_prompts)).ids, ids])  # (2P, L): [uncond, cond]
+            ids = np.concatenate([tokenizer(list(p.negative_prompts), what="negative prompt").ids, ids])  # (2P, L): [uncond, cond]
         ids = np.repeat(ids, p.batch, axis=0)  # (rows, L), each prompt `batch` times in a row, as diffusers
         return self._call("text_encoder", {"input_ids": ids}, timings)["last_hidden_state"]
 
@@ -288,8 +357,8 @@ class Pipeline:
         image_latents = np.repeat(self._encode_image(image, timings), b, axis=0)  # (B, C, h, w)
         if mask is None:
             return Start(run.add_noise(image_latents, noise, 0), noise, image_latents)
-        m = resize(as_mask_array(mask), p.height, p.width)
-        m = (m >= 0.5).astype(np.float32)[None, None]  # (1, 1, H, W), binarised as diffusers
+        pixel_mask = resize(as_mask_array(mask), p.height, p.width)  # (H, W)
+        m = (pixel_mask >= 0.5).astype(np.float32)[None, None]  # (1, 1, H, W), binarised as diffusers
         f = self.facts.latent_factor
         latent_mask = np.repeat(m[:, :, ::f, ::f], b, axis=0)  # nearest downsampling, (B, 1, h, w)
         masked_latents = None
@@ -299,11 +368,13 @@ class Pipeline:
             x = noise * np.float32(run.init_noise_sigma)  # pure noise, as diffusers' inpainting at full strength
         else:
             x = run.add_noise(image_latents, noise, 0)
-        return Start(x, noise, image_latents, latent_mask, masked_latents)
+        return Start(x, noise, image_latents, latent_mask, masked_latents, pixels, pixel_mask)
 
 
 def checked_latents(latents: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     latents = np.asarray(latents)
+    if latents.dtype.kind != "f":  # complex, bool, int, datetime, str, structured: not noise
+        raise GenerationError(f"latents must be a float16/32/64 array of noise, got dtype {latents.dtype}")
     if latents.shape != shape:
         b, _, h, w = shape
         raise GenerationError(f"latents have shape {latents.shape}, expected {shape} for {b} images with latents of {h}x{w}")

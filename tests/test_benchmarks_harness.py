@@ -124,11 +124,14 @@ def test_failed_and_skipped_peers_are_reported_not_dropped(report):
 
 
 def test_openvino_peer_starts_from_a_warm_compile_cache(tmp_path_factory):
-    pytest.importorskip("onnxruntime_ep_openvino", reason="the OpenVINO plugin is not installed (pip install 'ldm-rt[openvino]')")
+    pytest.importorskip("openvino", reason="OpenVINO is not installed (pip install 'ldm-rt[openvino]')")
     tmp = tmp_path_factory.mktemp("bench_ov")
     artifacts, _ = synthetic(tmp_path_factory)
     peer = bench.openvino_peer(artifacts)
     assert peer.skip_reason is None and peer.extra["compile_cache"] == bench.WARM_CACHE
+    # The OpenVINO backend at its best speed (bf16 where the CPU has it), and the row says so.
+    assert peer.extra["backend"] == "openvino" and peer.extra["reduced_precision"] and peer.extra["providers"] is None
+    assert "bf16" in peer.label
     workload = bench.Workload("synthetic", "closed-form test model", artifacts, (bench.RunSpec(16, 16, batch=1, steps=2, runs=1),), (bench.ours_peer(artifacts), peer))
     entry = bench.run_workload(workload, tmp, timeout=300, profile=False)
     assert entry["runs"][0]["peers"]["ours-openvino"]["status"] == "ok"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import math
+import subprocess
 import sys
 
 import numpy as np
@@ -17,6 +18,7 @@ from ldm_rt.runtime.backends.base import BackendError
 from ldm_rt.runtime.contracts import ModelFacts, ShapeProfile, build_contracts
 from ldm_rt.runtime.manifest import ArtifactError, ComponentEntry, FileEntry, Manifest, PrecisionEntry
 from ldm_rt.runtime.params import GenerationError, make_params
+from ldm_rt.runtime.pipeline import Pipeline
 
 FACTS = ModelFacts(
     latent_channels=4, latent_factor=2, unet_factor=2, unet_in_channels=4, unet_out_channels=4, context_length=8,
@@ -113,7 +115,7 @@ def test_bad_precision_is_refused():
 def test_missing_tensorrt_is_one_line_pointing_to_onnxruntime(tmp_path):
     with pytest.raises(BackendError) as info:
         base.open_components("tensorrt", tmp_path, fake_manifest(), "fp32")
-    assert str(info.value) == "TensorRT/CUDA not found (python package tensorrt is not installed); use --backend onnxruntime"
+    assert str(info.value) == "TensorRT/CUDA not found (the tensorrt package is not installed); use --backend onnxruntime"
 
 
 def engine_record(key_fields):
@@ -148,7 +150,7 @@ def test_session_options_and_providers():
     so = onnxruntime_backend.session_options()
     assert so.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     assert so.execution_mode == ort.ExecutionMode.ORT_SEQUENTIAL and so.enable_mem_pattern
-    assert 1 <= so.intra_op_num_threads == onnxruntime_backend.physical_cores()
+    assert 1 <= so.intra_op_num_threads == base.physical_cores()
     assert so.get_session_config_entry("session.intra_op.allow_spinning") == "0"
     spinning = onnxruntime_backend.session_options(base.HostOptions(threads=3, spin=True))
     assert spinning.intra_op_num_threads == 3 and spinning.get_session_config_entry("session.intra_op.allow_spinning") == "1"
@@ -167,12 +169,44 @@ def test_bad_thread_counts_are_refused(count):
         base.HostOptions(threads=count)
 
 
-def test_a_plugin_provider_mixed_with_another_is_refused(tmp_path):
-    # ONNX Runtime would take the plugin and silently drop CUDA; nothing is opened before the refusal.
-    with pytest.raises(BackendError, match="the openvino provider cannot be combined with cuda; ask for one provider"):
-        onnxruntime_backend.open_components(tmp_path, fake_manifest(), "fp32", ["openvino", "cuda"])
-    with pytest.raises(BackendError, match="cannot be combined with CUDAExecutionProvider"):
-        onnxruntime_backend.open_components(tmp_path, fake_manifest(), "fp32", ["OpenVINO", "CUDAExecutionProvider", "cpu"])
+def test_reduced_precision_is_a_bool():
+    with pytest.raises(BackendError, match="reduced_precision must be True or False, got 'yes'"):
+        base.HostOptions(reduced_precision="yes")
+
+
+def test_thread_counts_are_bounded_by_the_host(monkeypatch):
+    monkeypatch.setattr(base.os, "cpu_count", lambda: 2)
+    assert base.HostOptions(threads=8).threads == 8  # 4x oversubscribed is still allowed for experiments
+    with pytest.raises(BackendError, match="^threads 9 is more than 4x this host's 2 CPUs; leave it out for one per physical core$"):
+        base.HostOptions(threads=9)
+
+
+def test_a_huge_thread_count_is_refused_by_the_cli_at_once(tmp_path):
+    # It hung, memory growing, while ONNX Runtime built a pool of 100000 threads (issue 14).
+    done = subprocess.run([sys.executable, "-m", "ldm_rt.runtime.cli", "sample", "--threads", "100000", "--out", str(tmp_path / "x.png")],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "threads 100000 is more than 4x" in done.stderr, done.stderr
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_cuda_asked_for_and_not_created_is_an_error(monkeypatch, caplog):
+    """ONNX Runtime drops a CUDA provider it cannot create (libraries missing, driver too old) and runs on the CPU,
+    saying so only in its own log; simulated here on a machine without a GPU."""
+    real_session = ort.InferenceSession
+
+    def falls_back(path, sess_options=None, providers=None):
+        return real_session(path, sess_options=sess_options, providers=[p for p in providers if p != "CUDAExecutionProvider"])
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(ort, "InferenceSession", falls_back)
+    with pytest.raises(BackendError) as info:
+        Pipeline.load(providers=["cuda"])
+    assert str(info.value).startswith("onnxruntime ") and "could not create its CUDA provider for text_encoder and fell back to the CPU" in str(info.value)
+    assert str(info.value).endswith("; fix the CUDA install or use --provider cpu") and "\n" not in str(info.value)
+    # Not asked for (the default picks CUDA where onnxruntime lists it): a warning, then the CPU.
+    pipe = Pipeline.load()
+    assert all(not c.on_cuda for c in pipe.components.values())
+    assert caplog.text.count("could not create its CUDA provider") == 1
 
 
 def test_missing_precision_names_the_fix(tmp_path):

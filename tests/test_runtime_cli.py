@@ -3,17 +3,20 @@ line on stderr, exit 2, no traceback, no file written."""
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 from test_runtime_fixtures import synthetic
 
 from ldm_rt.runtime.cli import main
-from ldm_rt.runtime.images import read_png_text
+from ldm_rt.runtime.images import read_image_text
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +41,7 @@ def test_sample_writes_a_png_with_its_parameters(model_dir, tmp_path, capsys):
          "--guidance", 5.5, "--guidance-rescale", 0.7, "--scheduler", "euler", "--seed", 42, "--out", out, "--verbose"], capsys)
     assert code == 0, stderr
     assert stdout.strip() == str(out)
-    text = read_png_text(out)
+    text = read_image_text(out)
     assert {k: text[k] for k in ("prompt", "negative_prompt", "seed", "steps", "scheduler", "guidance", "guidance_rescale")} == {
         "prompt": "a red cube", "negative_prompt": "blurry", "seed": "42", "steps": "3", "scheduler": "euler", "guidance": "5.5",
         "guidance_rescale": "0.7"}
@@ -59,7 +62,7 @@ def test_same_seed_same_png_pixels_and_batch_outputs(model_dir, tmp_path, capsys
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "a.png")), np.asarray(Image.open(tmp_path / "c.png")))
     code, stdout, _ = run_cli(args + ["--batch", 3, "--out", tmp_path / "many.png"], capsys)
     assert code == 0 and stdout.split() == [str(tmp_path / f"many_{k}.png") for k in range(3)]
-    assert read_png_text(tmp_path / "many_2.png")["batch_index"] == "2"
+    assert read_image_text(tmp_path / "many_2.png")["batch_index"] == "2"
     code, _, _ = run_cli(args + ["--batch", 3, "--grid", "--out", tmp_path / "grid.png"], capsys)
     assert code == 0 and Image.open(tmp_path / "grid.png").size == (2 * 16, 2 * 16)
 
@@ -71,9 +74,9 @@ def test_img2img_and_inpainting_from_files(model_dir, tmp_path, capsys):
     Image.fromarray(np.zeros((16, 16), np.uint8)).save(tmp_path / "mask.png")
     base = ["sample", "--model", model_dir, "--prompt", "a cat", "--steps", 4, "--seed", 1, "--init-image", tmp_path / "init.png"]
     assert run_cli(base + ["--strength", 0.5, "--out", tmp_path / "i2i.png"], capsys)[0] == 0
-    assert json.loads(read_png_text(tmp_path / "i2i.png")["parameters"])["mode"] == "img2img"
+    assert json.loads(read_image_text(tmp_path / "i2i.png")["parameters"])["mode"] == "img2img"
     assert run_cli(base + ["--mask", tmp_path / "mask.png", "--out", tmp_path / "inp.png"], capsys)[0] == 0
-    assert json.loads(read_png_text(tmp_path / "inp.png")["parameters"])["mode"] == "inpaint"
+    assert json.loads(read_image_text(tmp_path / "inp.png")["parameters"])["mode"] == "inpaint"
 
 
 def test_latents_file(model_dir, tmp_path, capsys):
@@ -120,7 +123,11 @@ BAD_INPUTS = {
     "unknown-scheduler": (["--scheduler", "heun"], "argument --scheduler: invalid choice: 'heun'"),
     "batch-zero": (["--batch", 0], "batch must be >= 1, got 0"),
     "batch-too-large": (["--batch", 5], "outside the artifacts' batch range [1, 4]"),
-    "strength": (["--strength", 2], "strength must be in (0, 1], got 2.0"),
+    "batch-huge": (["--batch", 100000000], "100000000 images (--batch) is over the runtime's limit of 1024"),
+    "strength-without-init-image": (["--strength", 0.5], "--strength needs --init-image"),
+    "mask-blur-without-mask": (["--mask-blur", 2], "--mask-blur needs --mask"),
+    "prompt-not-utf8": (["--prompt", "caf\udce9"], "prompt is not valid text: character 3"),  # argv bytes b"caf\xe9"
+    "out-extension": (["--out", "out.tiff"], "cannot write .tiff files; end the name with one of .png, .jpg, .jpeg"),
     "mask-without-image": (["--mask", "m.png"], "--mask needs --init-image"),
     "missing-init-image": (["--init-image", "nope.png"], "cannot read init image nope.png"),
     "unknown-backend": (["--backend", "jax"], "argument --backend: invalid choice: 'jax'"),
@@ -138,7 +145,7 @@ def test_bad_input_is_one_line_exit_2_and_no_file(case, model_dir, tmp_path, cap
     monkeypatch.chdir(tmp_path)
     extra, message = BAD_INPUTS[case]
     out = tmp_path / "out.png"
-    code, stdout, stderr = run_cli(["sample", "--model", model_dir, "--prompt", "a cat", "--steps", 2, *extra, "--out", out], capsys)
+    code, stdout, stderr = run_cli(["sample", "--model", model_dir, "--prompt", "a cat", "--steps", 2, "--out", out, *extra], capsys)  # a later --out in extra wins
     assert code == 2
     assert stderr.count("\n") == 1 and stderr.startswith("ldm-rt: error: "), stderr
     assert message in stderr and "Traceback" not in stderr
@@ -205,3 +212,198 @@ def test_console_script_sample_never_imports_torch(model_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == "heavy: 0"
     assert (tmp_path / "x.png").is_file()
+
+
+# ---- the shipped default model, as a new user meets it --------------------------------------------------------
+SHIPPED_PROMPT = "a large red circle on the left on a white background"
+
+
+def offered_schedulers(capsys) -> tuple[dict[str, int], str]:
+    """The schedulers `ldm-rt info` says the shipped model can use (name -> the steps it needs, 0: any) and
+    the rest of that line (the refused ones, with their reasons)."""
+    code, out, _ = run_cli(["info"], capsys)
+    assert code == 0
+    (line,) = [x for x in out.splitlines() if x.startswith("schedulers: ")]
+    names, _, refused = line.removeprefix("schedulers: ").partition("; ")
+    offered = {}
+    for entry in names.split(", "):
+        name, _, steps = entry.partition(" (")
+        offered[name] = int(steps.removesuffix("+ steps)")) if steps else 0
+    return offered, refused
+
+
+def test_every_scheduler_the_cli_offers_samples_the_shipped_model(tmp_path, capsys):
+    from PIL import Image
+
+    offered, refused = offered_schedulers(capsys)
+    assert offered == {"ddpm": 0, "ddim": 0, "euler": 0, "euler-a": 0, "dpmpp-2m": 0, "dpmpp-2m-karras": 40}
+    assert refused.startswith("not pndm: pndm (PNDMScheduler) cannot sample a zero-terminal-SNR schedule")
+    assert "; not lms: lms (LMSDiscreteScheduler) cannot sample a zero-terminal-SNR schedule" in refused
+    images = {}
+    for name, steps in offered.items():
+        out = tmp_path / f"{name}.png"
+        code, _, stderr = run_cli(["sample", "--prompt", SHIPPED_PROMPT, "--seed", 3, "--scheduler", name,
+                                   "--steps", max(25, steps), "--out", out], capsys)
+        assert code == 0 and "WARNING" not in stderr, stderr
+        images[name] = np.asarray(Image.open(out)).astype(np.float64)
+    # Each solves the same ODE (or SDE) of the same model, so each lands within a few levels of DDIM's image
+    # (measured: 0.2-1.9 mean levels; dpmpp-2m-karras at 25 steps on this seed: 16, a purple blob).
+    for name, image in images.items():
+        assert np.abs(image - images["ddim"]).mean() < 4, name
+    for name in ("pndm", "lms"):
+        code, _, stderr = run_cli(["sample", "--prompt", SHIPPED_PROMPT, "--scheduler", name, "--out", tmp_path / "p.png"], capsys)
+        assert code == 2 and stderr.count("\n") == 1 and stderr.rstrip().endswith("this model can use " + ", ".join(offered))
+
+
+def test_unknown_words_are_named_in_one_warning_line(tmp_path, capsys):
+    out = tmp_path / "astronaut.png"
+    code, _, stderr = run_cli(["sample", "--prompt", "an astronaut riding a horse", "--steps", 2, "--out", out], capsys)
+    assert code == 0 and out.is_file()
+    warnings = [line for line in stderr.splitlines() if "WARNING" in line]
+    assert warnings == ["ldm-rt: WARNING: prompt 0: the model does not know 'an', 'astronaut', 'riding', 'horse' (read as unknown words)"]
+    run_cli(["sample", "--prompt", SHIPPED_PROMPT, "--steps", 2, "--out", out], capsys)
+    assert "WARNING" not in capsys.readouterr().err
+
+
+def test_inpainting_the_shipped_model_keeps_the_kept_region(tmp_path, capsys):
+    """The issue's measurement: the kept region moved by 15 levels on average (132 at most) on the default
+    model; the kept pixels now come back within 1 level unless --mask-blur asks for a soft seam."""
+    from PIL import Image
+
+    init_path, mask_path = tmp_path / "init.png", tmp_path / "mask.png"
+    assert run_cli(["sample", "--prompt", SHIPPED_PROMPT, "--seed", 1, "--out", init_path], capsys)[0] == 0
+    mask = np.zeros((64, 64), np.uint8)
+    mask[16:48, 32:64] = 255  # repaint the right half of the middle band
+    Image.fromarray(mask).save(mask_path)
+    init = np.asarray(Image.open(init_path)).astype(int)
+    keep = mask < 128
+    base = ["sample", "--prompt", "a large blue square on the right on a black background", "--seed", 2,
+            "--init-image", init_path, "--mask", mask_path]
+    assert run_cli(base + ["--out", tmp_path / "hard.png"], capsys)[0] == 0
+    hard = np.asarray(Image.open(tmp_path / "hard.png")).astype(int)
+    assert np.abs(hard - init)[keep].max() <= 1
+    assert np.abs(hard - init)[~keep].mean() > 20  # the masked region was repainted
+    assert run_cli(base + ["--mask-blur", 3, "--out", tmp_path / "soft.png"], capsys)[0] == 0
+    soft = np.asarray(Image.open(tmp_path / "soft.png")).astype(int)
+    far = keep.copy()
+    far[8:56, 20:] = False  # within 12 pixels of the repainted block
+    assert np.abs(soft - init)[far].max() <= 1 < np.abs(soft - init)[keep].max()
+    assert json.loads(read_image_text(tmp_path / "soft.png")["parameters"])["mask_blur"] == 3.0
+
+
+# ---- outputs: never a device or FIFO, all or nothing, the format the name says ------------------------------
+def refuse_sampling(monkeypatch):
+    """Make any sampling fail the test: the checks below must come before the model is even loaded."""
+    from ldm_rt.runtime.pipeline import Pipeline
+
+    def load(*args, **kwargs):
+        raise AssertionError("the pipeline was loaded before the output path was checked")
+
+    monkeypatch.setattr(Pipeline, "load", load)
+
+
+def test_out_to_a_fifo_is_refused_before_sampling_and_the_fifo_survives(model_dir, tmp_path, capsys, monkeypatch):
+    refuse_sampling(monkeypatch)
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    os.mkfifo(tmp_path / "many_1.png")
+    for extra in (["--out", fifo], ["--batch", 2, "--out", tmp_path / "many.png"]):
+        code, _, stderr = run_cli(["sample", "--model", model_dir, "--prompt", "a cat", *extra], capsys)
+        assert code == 2 and stderr.count("\n") == 1, stderr
+        assert "is not a regular file (a device, FIFO or socket)" in stderr and "AssertionError" not in stderr
+    assert fifo.is_fifo() and (tmp_path / "many_1.png").is_fifo() and not (tmp_path / "many_0.png").exists()
+
+
+def test_out_to_a_device_is_refused_before_sampling(model_dir, capsys, monkeypatch):
+    if not Path("/dev/null").is_char_device():
+        pytest.skip("no /dev/null character device here")
+    refuse_sampling(monkeypatch)
+    code, _, stderr = run_cli(["sample", "--model", model_dir, "--prompt", "a cat", "--out", "/dev/null"], capsys)
+    assert code == 2 and stderr == "ldm-rt: error: --out /dev/null is not a regular file (a device, FIFO or socket); give a new file name or an existing regular file\n"
+    assert Path("/dev/null").is_char_device()
+
+
+def test_a_failure_in_the_middle_of_a_batch_writes_no_image(model_dir, tmp_path, capsys, monkeypatch):
+    """Fault injection: the disk fills up while image 3 of 4 is written (Result.save, which the CLI calls).
+    No image and no temp file is left, and an older file at one of the names is untouched."""
+    (tmp_path / "b_3.png").write_bytes(b"an older image")
+    calls = []
+
+    def fsync(fd):
+        calls.append(fd)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    code, stdout, stderr = run_cli(["sample", "--model", model_dir, "--prompt", "a cat", "--steps", 2, "--batch", 4,
+                                    "--out", tmp_path / "b.png"], capsys)
+    assert code == 2 and stdout == "" and len(calls) == 3
+    assert stderr.count("\n") == 1 and stderr.endswith(  # (after the progress bar's carriage returns)
+        f"ldm-rt: error: cannot write {tmp_path / 'b_2.png'}: No space left on device; no image was written\n")
+    assert list(tmp_path.iterdir()) == [tmp_path / "b_3.png"] and (tmp_path / "b_3.png").read_bytes() == b"an older image"
+
+
+def test_out_jpg_and_webp_write_that_format_with_the_parameters(model_dir, tmp_path, capsys):
+    from PIL import Image
+
+    for name, fmt in (("x.jpg", "JPEG"), ("x.webp", "WEBP")):
+        code, _, stderr = run_cli(["sample", "--model", model_dir, "--prompt", "a red cube", "--steps", 2, "--seed", 5,
+                                   "--out", tmp_path / name], capsys)
+        assert code == 0, stderr
+        with Image.open(tmp_path / name) as im:
+            assert im.format == fmt
+        text = read_image_text(tmp_path / name)
+        assert text["prompt"] == "a red cube" and text["seed"] == "5" and json.loads(text["parameters"])["steps"] == 2
+
+
+# ---- inputs ---------------------------------------------------------------------------------------------------
+def test_latents_of_other_dtypes_or_formats_are_one_line(model_dir, tmp_path, capsys):
+    shape = (1, 4, 8, 8)
+    files = {
+        "complex": (np.zeros(shape, np.complex64), "got dtype complex64"),
+        "bool": (np.zeros(shape, bool), "got dtype bool"),
+        "datetime": (np.zeros(shape, "datetime64[s]"), "got dtype datetime64[s]"),
+        "str": (np.zeros(shape, "U4"), "got dtype <U4"),
+        "structured": (np.zeros(shape, [("re", "f4"), ("im", "f4")]), "got dtype [('re', '<f4'), ('im', '<f4')]"),
+        "object": (np.zeros(shape, object), "cannot read --latents"),
+    }
+    for name, (array, _) in files.items():
+        np.save(tmp_path / f"{name}.npy", array, allow_pickle=True)
+    np.savez(tmp_path / "archive.npz", z=np.zeros(shape, np.float32))
+    files["archive"] = (None, "is an .npz archive; save one array with numpy.save as FILE.npy")
+    for name, (_, message) in files.items():
+        path = tmp_path / (f"{name}.npy" if name != "archive" else "archive.npz")
+        code, _, stderr = run_cli(["sample", "--model", model_dir, "--prompt", "a cat", "--steps", 2, "--latents", path,
+                                   "--out", tmp_path / "out.png"], capsys)
+        assert code == 2 and stderr.count("\n") == 1 and message in stderr and "Traceback" not in stderr, (name, stderr)
+    assert not (tmp_path / "out.png").exists()
+
+
+def test_oversized_or_bomb_images_are_one_line(model_dir, tmp_path, capsys):
+    from test_runtime_images import png_header
+
+    from ldm_rt.runtime.images import MAX_INPUT_PIXELS
+
+    side = int(MAX_INPUT_PIXELS**0.5) + 8
+    (tmp_path / "big.png").write_bytes(png_header(side, side))
+    (tmp_path / "bomb.png").write_bytes(png_header(30000, 30000))  # past Pillow's DecompressionBombError bound
+    (tmp_path / "warn.png").write_bytes(png_header(10000, 10000))  # between Pillow's warning and error bounds
+    from PIL import Image
+
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "init.png")
+    cases = [(["--init-image", tmp_path / "big.png"], "init image is "), (["--init-image", tmp_path / "bomb.png"], "too large to decode"),
+             (["--init-image", tmp_path / "warn.png"], "too large to decode"),
+             (["--init-image", tmp_path / "init.png", "--mask", tmp_path / "big.png"], "mask is ")]
+    for extra, message in cases:
+        code, _, stderr = run_cli(["sample", "--model", model_dir, "--prompt", "a cat", "--steps", 2, *extra,
+                                   "--out", tmp_path / "out.png"], capsys)
+        assert code == 2 and stderr.count("\n") == 1 and message in stderr and "downscale it first" in stderr, (extra, stderr)
+
+
+def test_broken_pipe_exits_quietly(tmp_path):
+    """`ldm-rt info --json | head -1`: the reader goes away; no "error: [Errno 32] Broken pipe", exit 1 (Python's recipe)."""
+    proc = subprocess.Popen([sys.executable, "-m", "ldm_rt.runtime.cli", "info", "--json"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()  # before the child has written anything: its first write meets a closed pipe
+    _, stderr = proc.communicate(timeout=120)
+    assert stderr.decode() == "" and proc.returncode == 1

@@ -5,7 +5,7 @@ keyed by the contract's tensor names, float tensors float32 whatever the precisi
 factory `open_components(artifacts_dir, manifest, precision, providers=None, host=HostOptions())
 -> {name: component}`.
 
-ONNX Runtime and TensorRT live in this package; any other backend (the torch reference, "torch") is
+ONNX Runtime, OpenVINO and TensorRT live in this package; any other backend (the torch reference, "torch") is
 found through the entry-point group "ldm_rt.backends", so the runtime never imports it by name.
 """
 
@@ -22,12 +22,16 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from ..contracts import DTYPES, ComponentContract
-from ..manifest import Manifest
+from ..manifest import Manifest, PrecisionEntry
 
 ENTRY_POINT_GROUP = "ldm_rt.backends"
 PRECISIONS = ("fp32", "fp16")
 # Built-in backends: name -> module inside this package (imported only when chosen).
-BUILTIN = {"onnxruntime": "onnxruntime_backend", "tensorrt": "tensorrt_backend"}
+BUILTIN = {"onnxruntime": "onnxruntime_backend", "openvino": "openvino_backend", "tensorrt": "tensorrt_backend"}
+# At most this many threads per logical CPU: operators split their work across threads, so past one per
+# CPU each extra thread only waits its turn; a few times over is left possible for experiments, while a
+# typo like 100000 is refused before any pool is built (it hung, memory growing as threads were created).
+MAX_THREADS_PER_CPU = 4
 
 
 class BackendError(ValueError):
@@ -40,19 +44,52 @@ class HostOptions:
     `spin`: between operators, idle threads spin-wait inside a call instead of sleeping (never after it).
     Off by default: measured end to end on 2 idle cores (default and SD-shaped models) it gains nothing
     beyond the noise, and where other processes share the cores spinning threads take time from them
-    (measured 2.1x slower beside a training run). It may pay on many-core hosts; measure there.
+    (measured 2.1x slower beside a training run). It may pay on many-core hosts; measure there. ONNX
+    Runtime's setting: OpenVINO's worker pool decides its own waiting.
     `compile_cache`: a folder where backends that compile graphs when a session opens (OpenVINO) keep the
-    compiled result for the next process (None: compile every time)."""
+    compiled result for the next process (None: compile every time).
+    `reduced_precision`: let backends compute in bf16 where the CPU supports it (OpenVINO; the others compute
+    in the artifacts' precision): faster on CPUs with AMX, images within a few 8-bit levels of the f32 ones
+    (mean under one level on the default and SD-shaped models)."""
 
     threads: int | None = None
     spin: bool = False
     compile_cache: Path | None = None
+    reduced_precision: bool = False
 
     def __post_init__(self) -> None:
         if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1):
             raise BackendError(f"threads must be a whole number >= 1 (or None: one per physical core), got {self.threads!r}")
+        cpus = os.cpu_count() or 1
+        if self.threads is not None and self.threads > MAX_THREADS_PER_CPU * cpus:
+            raise BackendError(
+                f"threads {self.threads} is more than {MAX_THREADS_PER_CPU}x this host's {cpus} CPUs; "
+                "leave it out for one per physical core"
+            )
+        if not isinstance(self.reduced_precision, bool):
+            raise BackendError(f"reduced_precision must be True or False, got {self.reduced_precision!r}")
         if self.compile_cache is not None and Path(self.compile_cache).is_file():
             raise BackendError(f"compile cache {self.compile_cache} is a file; give a folder (or no cache)")
+
+
+def physical_cores() -> int:
+    """Physical cores (hyper-threads share one core's units, so more threads than cores only adds contention)."""
+    cores = set()
+    for topo in Path("/sys/devices/system/cpu").glob("cpu[0-9]*/topology"):
+        try:
+            cores.add(((topo / "physical_package_id").read_text().strip(), (topo / "core_id").read_text().strip()))
+        except OSError:
+            continue
+    return len(cores) or os.cpu_count() or 1
+
+
+def precision_entry(artifacts_dir: Path, manifest: Manifest, name: str, precision: str) -> PrecisionEntry:
+    """Component `name`'s files at `precision`; a BackendError naming the fix when that precision was not built."""
+    entry = manifest.components[name]
+    if precision not in entry.precisions:
+        built = ", ".join(sorted(entry.precisions)) or "none"
+        raise BackendError(f"{artifacts_dir} has no {precision} {name} (built: {built}); rebuild with --fp16 or use --precision fp32")
+    return entry.precisions[precision]
 
 
 def default_compile_cache() -> Path:

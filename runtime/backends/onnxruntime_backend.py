@@ -1,5 +1,5 @@
-"""ONNX Runtime backend: one InferenceSession per component on the CPU or CUDA execution provider, or on
-OpenVINO's (an ONNX Runtime plugin in its own wheel, `pip install 'ldm-rt[openvino]'`; x86 CPUs, Intel GPUs).
+"""ONNX Runtime backend: one InferenceSession per component on the CPU or CUDA execution provider.
+(OpenVINO is a backend of its own, openvino_backend.py: its ONNX Runtime plugin finds no device on AMD CPUs.)
 
 Each component opens the ONNX Runtime variant of its file when the build wrote one (attention fused into
 com.microsoft.MultiHeadAttention: less memory, a smaller graph; runtime/manifest.OrtVariant), else the
@@ -11,10 +11,7 @@ keeps a tensor that every step reads (the text embeddings) on the device for the
 
 from __future__ import annotations
 
-import importlib
-import json
 import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,25 +20,14 @@ import onnxruntime as ort
 
 from ..contracts import ComponentContract
 from ..manifest import ArtifactError, Manifest, PrecisionEntry
-from .base import BackendError, HostOptions, placeholder_for
+from .base import BackendError, HostOptions, physical_cores, placeholder_for, precision_entry
 
 log = logging.getLogger(__name__)
 
 PROVIDER_ALIASES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
-# Execution providers that come as ONNX Runtime plugins in their own wheel, registered at run time:
-# alias -> (EP name, module with get_library_path(), the extra that installs it).
-PLUGIN_PROVIDERS = {"openvino": ("OpenVINOExecutionProvider", "onnxruntime_ep_openvino", "ldm-rt[openvino]")}
-
-
-def physical_cores() -> int:
-    """Physical cores (hyper-threads share one core's units, so more threads than cores only adds contention)."""
-    cores = set()
-    for topo in Path("/sys/devices/system/cpu").glob("cpu[0-9]*/topology"):
-        try:
-            cores.add(((topo / "physical_package_id").read_text().strip(), (topo / "core_id").read_text().strip()))
-        except OSError:
-            continue
-    return len(cores) or os.cpu_count() or 1
+CUDA = PROVIDER_ALIASES["cuda"]
+# Providers that are backends of their own now: alias -> what to ask for instead.
+MOVED = {"openvino": "OpenVINO is a backend, not an onnxruntime provider: use --backend openvino (Pipeline.load(backend='openvino'))"}
 
 
 def session_options(host: HostOptions = HostOptions()) -> ort.SessionOptions:
@@ -59,41 +45,11 @@ def session_options(host: HostOptions = HostOptions()) -> ort.SessionOptions:
     return so
 
 
-def plugin_devices(alias: str) -> list:
-    """The devices of a plugin execution provider, its library registered with ONNX Runtime once per process."""
-    ep_name, module_name, extra = PLUGIN_PROVIDERS[alias]
-    found = [d for d in ort.get_ep_devices() if d.ep_name == ep_name]
-    if found:  # registered earlier in this process
-        return found
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError:
-        raise BackendError(f"the {alias} provider needs the {module_name} plugin: pip install '{extra}'") from None
-    try:
-        ort.register_execution_provider_library(ep_name, module.get_library_path())
-    except Exception as e:  # onnxruntime's pybind errors share no narrower base class
-        raise BackendError(f"onnxruntime {ort.__version__} cannot load the {ep_name} plugin ({e}); install onnxruntime >= 1.23") from None
-    found = [d for d in ort.get_ep_devices() if d.ep_name == ep_name]
-    if not found:
-        raise BackendError(f"the {ep_name} plugin found no device on this machine; use the cpu provider")
-    return found
-
-
-def _cache_folder(root: Path | None, alias: str) -> Path | None:
-    """`root`/`alias`, created; None (compile every time, with a warning) when it cannot be created."""
-    if root is None:
-        return None
-    folder = Path(root) / alias
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        log.warning("no compile cache: cannot create %s (%s); pass compile_cache=False to silence this", folder, e.strerror or e)
-        return None
-    return folder
-
-
 def resolve_providers(providers: Sequence[str] | None) -> list[str]:
     """Full provider names; default CUDA when this onnxruntime has it, always with CPU as the fallback."""
+    moved = [MOVED[p.lower()] for p in providers or () if p.lower() in MOVED]
+    if moved:
+        raise BackendError(moved[0])
     available = ort.get_available_providers()
     if providers is None:
         wanted = ["CUDAExecutionProvider"] if "CUDAExecutionProvider" in available else []
@@ -180,36 +136,22 @@ def open_components(
     """Sessions for every component of the artifacts at `precision`, files checked against the manifest.
     `fused=False` opens the portable ONNX files even where an ONNX Runtime variant exists."""
     options = session_options(host)
-    plugin = [p.lower() for p in providers or () if p.lower() in PLUGIN_PROVIDERS]
-    others = [p for p in providers or () if p.lower() not in PLUGIN_PROVIDERS and PROVIDER_ALIASES.get(p.lower(), p) != "CPUExecutionProvider"]
-    if plugin and (others or len(plugin) > 1):
-        # A plugin is chosen through the session options, the others through the providers list; ONNX
-        # Runtime would take the plugin and silently drop the rest.
-        raise BackendError(f"the {plugin[0]} provider cannot be combined with {', '.join(others + plugin[1:])}; ask for one provider (cpu is always the fallback)")
-    if plugin:
-        # A plugin EP is chosen through the session options (ONNX Runtime falls back to its CPU provider for
-        # nodes the plugin does not take). It compiles the portable graph: the fused variant's contrib op
-        # (com.microsoft.MultiHeadAttention) would split the graph between the two providers.
-        # Its own thread count (it ignores the intra-op setting). On CPUs with AMX it computes in bf16 unless
-        # told INFERENCE_PRECISION_HINT f32, which measured slower than the CPU provider: that speed is the point.
-        config = {"INFERENCE_NUM_THREADS": str(host.threads or physical_cores())}
-        cache = _cache_folder(host.compile_cache, plugin[0])
-        if cache is not None:
-            # OpenVINO compiles every graph when its session opens (seconds); with a cache folder the next
-            # process loads the compiled blob instead. Blobs are keyed by graph, device and settings.
-            config["CACHE_DIR"] = str(cache)
-        options.add_provider_for_devices(plugin_devices(plugin[0])[:1], {"load_config": json.dumps({"CPU": config})})
-        chosen, fused = None, False
-    else:
-        chosen = resolve_providers(providers)
+    chosen = resolve_providers(providers)
+    asked_for_cuda = any(PROVIDER_ALIASES.get(p.lower(), p) == CUDA for p in providers or ())
     components = {}
     for name, entry in manifest.components.items():
-        if precision not in entry.precisions:
-            built = ", ".join(sorted(entry.precisions)) or "none"
-            raise BackendError(
-                f"{artifacts_dir} has no {precision} {name} (built: {built}); rebuild with --fp16 or use --precision fp32"
-            )
-        session, file = _open(artifacts_dir, manifest, entry.precisions[precision], fused, options, chosen)
-        log.info("opened %s (%s) from %s on %s", name, precision, file, session.get_providers()[0])
+        pe = precision_entry(artifacts_dir, manifest, name, precision)
+        session, file = _open(artifacts_dir, manifest, pe, fused, options, chosen)
+        running_on = session.get_providers()[0]
+        if chosen[0] == CUDA and running_on != CUDA:
+            # ONNX Runtime falls back to the CPU when the CUDA provider cannot be created, saying so only in
+            # its own log; a CUDA request that ends on the CPU is an error, a default that does is a warning.
+            cause = (f"onnxruntime {ort.__version__} could not create its CUDA provider for {name} and fell back to the CPU "
+                     "(a CUDA or cuDNN library it needs is missing or of another major version, or the driver is too old)")
+            if asked_for_cuda:
+                raise BackendError(f"{cause}; fix the CUDA install or use --provider cpu")
+            log.warning("%s; running on the CPU", cause)
+            chosen = ["CPUExecutionProvider"]  # the rest would fail the same way
+        log.info("opened %s (%s) from %s on %s", name, precision, file, running_on)
         components[name] = OrtComponent(session, entry.contract)
     return components

@@ -1,0 +1,130 @@
+"""OpenVINO backend: OpenVINO's own runtime (`pip install 'ldm-rt[openvino]'`) on the portable ONNX files, on
+its CPU device: any x86-64 CPU, Intel or AMD (OpenVINO's ONNX Runtime plugin finds no device on AMD).
+
+Each component's portable ONNX is read with `Core.read_model` (never the ONNX Runtime variant: its
+com.microsoft contrib ops are not ONNX) after its hash is checked against the manifest, and compiled once
+with its dynamic batch and sizes, so one compiled model serves every request size. Compile settings:
+INFERENCE_NUM_THREADS = `HostOptions.threads` or the physical cores; INFERENCE_PRECISION_HINT f32 (OpenVINO
+would pick bf16 on CPUs with AMX), bf16 only when `HostOptions.reduced_precision` asks and the CPU has it;
+CACHE_DIR = `HostOptions.compile_cache`/openvino, where compiled graphs are kept for the next process
+(keyed by graph content, device and settings, so a rebuilt model or another setting compiles afresh).
+
+Thread safety: a compiled model is shared, an infer request is not; each `run` borrows an idle request from
+the component's pool (a new one when all are busy) and gives it back, so concurrent calls never share one.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..contracts import ComponentContract
+from ..manifest import ArtifactError, Manifest
+from .base import BackendError, HostOptions, physical_cores, precision_entry
+
+log = logging.getLogger(__name__)
+
+DEVICE = "CPU"
+MISSING = "the openvino backend needs OpenVINO: pip install 'ldm-rt[openvino]' (or use --backend onnxruntime)"
+
+
+def import_openvino() -> Any:
+    """The openvino module, imported when this backend is opened (it is an optional extra)."""
+    try:
+        import openvino
+    except ImportError:
+        raise BackendError(MISSING) from None
+    return openvino
+
+
+def cache_folder(root: Path | None, name: str) -> Path | None:
+    """`root`/`name`, created; None (compile every time, with a warning) when it cannot be created."""
+    if root is None:
+        return None
+    folder = Path(root) / name
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        log.warning("no compile cache: cannot create %s (%s); pass compile_cache=False to silence this", folder, e.strerror or e)
+        return None
+    return folder
+
+
+def compile_config(core: Any, host: HostOptions) -> dict[str, Any]:
+    """What every component is compiled with (the module docstring says why)."""
+    precision = "f32"
+    if host.reduced_precision:
+        if "BF16" in core.get_property(DEVICE, "OPTIMIZATION_CAPABILITIES"):
+            precision = "bf16"
+        else:
+            log.warning("this CPU has no bf16 support OpenVINO can use; computing in f32")
+    config: dict[str, Any] = {"INFERENCE_NUM_THREADS": host.threads or physical_cores(), "INFERENCE_PRECISION_HINT": precision}
+    cache = cache_folder(host.compile_cache, "openvino")
+    if cache is not None:
+        config["CACHE_DIR"] = str(cache)
+    return config
+
+
+def _one_line(e: Exception) -> str:
+    """OpenVINO's errors span many lines (source locations first); the last non-empty one says what failed."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return (lines[-1] if lines else type(e).__name__)[:200]
+
+
+class OpenVinoComponent:
+    """One exported component compiled by OpenVINO."""
+
+    def __init__(self, compiled: Any, contract: ComponentContract) -> None:
+        self.compiled = compiled
+        self.contract = contract
+        self.outputs = {t.name: compiled.output(t.name) for t in contract.outputs}
+        self._idle: queue.SimpleQueue = queue.SimpleQueue()  # infer requests not in use (thread-safe)
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.contract.check_inputs(inputs)
+        try:
+            request = self._idle.get_nowait()
+        except queue.Empty:
+            request = self.compiled.create_infer_request()  # ~25 us; at most one per concurrent call
+        try:
+            result = request.infer(inputs)  # outputs are copied out (share_outputs=False), so the request can be reused
+            return {name: np.asarray(result[port], np.float32) for name, port in self.outputs.items()}
+        finally:
+            self._idle.put(request)
+
+
+def open_components(
+    artifacts_dir: Path,
+    manifest: Manifest,
+    precision: str,
+    providers: Sequence[str] | None = None,
+    host: HostOptions = HostOptions(),
+) -> dict[str, OpenVinoComponent]:
+    """Every component of the artifacts at `precision` compiled for OpenVINO's CPU device, files checked against the manifest."""
+    if providers:
+        raise BackendError(f"the openvino backend takes no providers (got {', '.join(providers)}); drop --provider")
+    ov = import_openvino()
+    core = ov.Core()
+    config = compile_config(core, host)
+    components = {}
+    for name, entry in manifest.components.items():
+        pe = precision_entry(artifacts_dir, manifest, name, precision)
+        if pe.external_data is not None:
+            manifest.verify_file(artifacts_dir, pe.external_data)  # read by OpenVINO beside the ONNX file
+        path = manifest.verify_file(artifacts_dir, pe.onnx)
+        try:
+            model = core.read_model(str(path))
+        except RuntimeError as e:
+            raise ArtifactError(f"{path} cannot be read by OpenVINO {ov.__version__} ({_one_line(e)}); rebuild the artifacts") from None
+        try:
+            compiled = core.compile_model(model, DEVICE, config)
+        except RuntimeError as e:
+            raise BackendError(f"OpenVINO {ov.__version__} cannot compile {path} ({_one_line(e)}); use --backend onnxruntime") from None
+        log.info("opened %s (%s) from %s on OpenVINO %s (%s)", name, precision, pe.onnx.file, DEVICE, config["INFERENCE_PRECISION_HINT"])
+        components[name] = OpenVinoComponent(compiled, entry.contract)
+    return components
