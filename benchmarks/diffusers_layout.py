@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ldm_rt.reference.configs import UNetConfig
+from ldm_rt.runtime.tokenizer import PromptTokenizer
 
 
 def unet_config_to_diffusers(config: UNetConfig) -> dict[str, Any]:
@@ -42,16 +43,29 @@ def unet_config_to_diffusers(config: UNetConfig) -> dict[str, Any]:
     return out
 
 
+def write_tokenizer_folder(tokenizer: PromptTokenizer, folder: Path) -> Path:
+    """A diffusers `tokenizer/` folder holding a self-contained tokenizer.json (vocabulary, padding, truncation,
+    bos/eos template): transformers' PreTrainedTokenizerFast and ldm-rt's loader both read it as it is."""
+    from tokenizers import Tokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(folder / "tokenizer.json")
+    vocab = Tokenizer.from_str(tokenizer.to_str())
+    specials = {name: vocab.id_to_token(i) for name, i in
+                (("bos_token", tokenizer.bos_id), ("eos_token", tokenizer.eos_id), ("pad_token", tokenizer.pad_id))}
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {**specials, "model_max_length": tokenizer.max_length, "tokenizer_class": "PreTrainedTokenizerFast"}, indent=2))
+    return folder
+
+
 def ldm_rt_to_diffusers(model_folder: Path, out: Path) -> Path:
     """Write `out` as a diffusers folder holding the weights of the ldm-rt model folder `model_folder`."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from safetensors.torch import load_file
-    from tokenizers import Tokenizer
 
     from ldm_rt.reference.keymap_autoencoder import autoencoder_config_to_diffusers, autoencoder_state_dict_to_diffusers
     from ldm_rt.reference.keymap_unet import unet_state_dict_to_diffusers
     from ldm_rt.reference.model_folder import read_model_json
-    from ldm_rt.runtime.tokenizer import PromptTokenizer
 
     config, _ = read_model_json(model_folder)
     if config.text_encoder is None or config.autoencoder.kind != "kl":
@@ -71,14 +85,7 @@ def ldm_rt_to_diffusers(model_folder: Path, out: Path) -> Path:
     config.text_encoder.to_transformers().save_pretrained(out / "text_encoder")
     shutil.copyfile(model_folder / "text_encoder.safetensors", out / "text_encoder" / "model.safetensors")
 
-    tokenizer = PromptTokenizer.from_file(model_folder / "tokenizer.json")
-    vocab = Tokenizer.from_file(str(model_folder / "tokenizer.json"))
-    (out / "tokenizer").mkdir(exist_ok=True)
-    shutil.copyfile(model_folder / "tokenizer.json", out / "tokenizer" / "tokenizer.json")
-    specials = {name: vocab.id_to_token(i) for name, i in
-                (("bos_token", tokenizer.bos_id), ("eos_token", tokenizer.eos_id), ("pad_token", tokenizer.pad_id))}
-    (out / "tokenizer" / "tokenizer_config.json").write_text(json.dumps(
-        {**specials, "model_max_length": tokenizer.max_length, "tokenizer_class": "PreTrainedTokenizerFast"}, indent=2))
+    write_tokenizer_folder(PromptTokenizer.from_file(model_folder / "tokenizer.json"), out / "tokenizer")
 
     schedule = json.loads((model_folder / "scheduler_config.json").read_text())
     (out / "scheduler").mkdir(exist_ok=True)

@@ -9,7 +9,8 @@ SD-v2-shaped one (64-wide heads) at each --sd2-sizes, and the shipped default mo
 (skipped, and said so, while its artifacts do not exist). Peers:
 ldm-rt on ONNX Runtime CPU (CUDA and TensorRT where present), the PyTorch reference, diffusers'
 StableDiffusionPipeline, Optimum's ORTStableDiffusionPipeline in benchmarks/.venv-optimum. The harness is
-ldm_rt.runtime.bench (also `ldm-rt bench`); this script makes the models and names the peers.
+the `benchmarks` package beside this script (harness.py runs the peers, report.py writes the results); this
+script makes the models and names the peers.
 """
 
 from __future__ import annotations
@@ -22,30 +23,29 @@ import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE / "peers"))
+# `benchmarks` is a folder of the source checkout, not an installed package: import it from the repository root.
+sys.path.insert(0, str(HERE.parent))
 
-import optimum_env  # noqa: E402
-import workloads  # noqa: E402
-
-from ldm_rt.runtime import bench  # noqa: E402
+from benchmarks import harness, report, workloads  # noqa: E402
+from benchmarks.machine import install_footprint  # noqa: E402
+from benchmarks.peers import optimum_env  # noqa: E402
 
 RESULTS = HERE / "results"
 log = logging.getLogger("benchmarks")
 
 
-def peers_for(prepared: workloads.Prepared, optimum_python: Path | None) -> tuple[bench.Peer, ...]:
+def peers_for(prepared: workloads.Prepared, optimum_python: Path | None) -> tuple[harness.Peer, ...]:
     """ldm-rt first (the others' images are compared with its; then on OpenVINO), the torch peers, Optimum, GPU."""
-    peers = [bench.ours_peer(prepared.artifacts), bench.openvino_peer(prepared.artifacts)]
+    peers = [harness.ours_peer(prepared.artifacts), harness.openvino_peer(prepared.artifacts)]
     for name, model, why in (("reference", prepared.reference_source, "no model folder for the reference"),
                              ("diffusers", prepared.diffusers_source, prepared.diffusers_reason)):
         reason = None if model is not None else why or "no diffusers-layout folder"
-        peers.append(bench.Peer(name, (sys.executable, str(HERE / "peers" / f"{name}_worker.py")), str(model or ""), skip_reason=reason))
+        peers.append(harness.Peer(name, harness.worker_argv(name), str(model or ""), skip_reason=reason))
     if prepared.optimum_model is not None and optimum_python is not None:
-        peers.append(bench.Peer("optimum", (str(optimum_python), str(HERE / "peers" / "optimum_worker.py")), str(prepared.optimum_model)))
+        peers.append(harness.Peer("optimum", harness.worker_argv("optimum", optimum_python), str(prepared.optimum_model)))
     else:
-        peers.append(bench.Peer("optimum", skip_reason=prepared.optimum_reason or "Optimum environment not available"))
-    peers += bench.gpu_peers(prepared.artifacts)
+        peers.append(harness.Peer("optimum", skip_reason=prepared.optimum_reason or "Optimum environment not available"))
+    peers += harness.gpu_peers(prepared.artifacts)
     return tuple(peers)
 
 
@@ -100,33 +100,33 @@ def main(argv: list[str] | None = None) -> int:
             optimum_reason = str(e)
 
     sd = workloads.prepare_sd_shaped(workloads.SDShape(), tuple(args.sizes), optimum_python, optimum_reason)
-    sd_runs = tuple(bench.RunSpec(s, s, batch=1, steps=args.steps, runs=args.runs, warmup=args.warmup) for s in args.sizes)
+    sd_runs = tuple(harness.RunSpec(s, s, batch=1, steps=args.steps, runs=args.runs, warmup=args.warmup) for s in args.sizes)
     default = workloads.prepare_default(optimum_python, optimum_reason)
-    items = [bench.Workload(sd.name, sd.description, sd.artifacts, sd_runs, peers_for(sd, optimum_python), sd.config)]
+    items = [harness.Workload(sd.name, sd.description, sd.artifacts, sd_runs, peers_for(sd, optimum_python), sd.config)]
     if args.sd2_sizes:
         sd2 = workloads.prepare_sd_shaped(workloads.SD2_SHAPE, tuple(args.sd2_sizes), optimum_python, optimum_reason)
-        sd2_runs = tuple(bench.RunSpec(s, s, batch=1, steps=args.steps, runs=args.runs, warmup=args.warmup) for s in args.sd2_sizes)
-        items.append(bench.Workload(sd2.name, sd2.description, sd2.artifacts, sd2_runs, peers_for(sd2, optimum_python), sd2.config))
+        sd2_runs = tuple(harness.RunSpec(s, s, batch=1, steps=args.steps, runs=args.runs, warmup=args.warmup) for s in args.sd2_sizes)
+        items.append(harness.Workload(sd2.name, sd2.description, sd2.artifacts, sd2_runs, peers_for(sd2, optimum_python), sd2.config))
     if default.skip_reason is not None:
-        items.insert(0, bench.Workload(default.name, default.description, None, (), (), skip_reason=default.skip_reason))
+        items.insert(0, harness.Workload(default.name, default.description, None, (), (), skip_reason=default.skip_reason))
     else:
         from ldm_rt.runtime.manifest import Manifest
 
         profile = Manifest.read(default.artifacts).profile
-        runs = tuple(bench.RunSpec(profile.height[1], profile.width[1], batch=b, steps=args.steps, runs=args.runs, warmup=args.warmup,
+        runs = tuple(harness.RunSpec(profile.height[1], profile.width[1], batch=b, steps=args.steps, runs=args.runs, warmup=args.warmup,
                                    prompt="a red circle on a white background") for b in args.default_batches)
-        items.insert(0, bench.Workload(default.name, default.description, default.artifacts, runs, peers_for(default, optimum_python), default.config))
+        items.insert(0, harness.Workload(default.name, default.description, default.artifacts, runs, peers_for(default, optimum_python), default.config))
 
-    footprint = bench.install_footprint()
+    footprint = install_footprint()
     if args.fresh_venv:
         footprint.update(fresh_venv_footprint(workloads.WORK / "fresh_venv.log"))
     notes = ["Install footprint: bytes of the files each installed distribution lists (its RECORD), over the dependency "
              "closure of each setup in this environment" + ("; 'fresh venv' rows: du of site-packages of new venvs." if args.fresh_venv else "."),
              "Cold start of ldm-rt on OpenVINO: with its compiled graphs in a warm cache, as after ldm-rt's first run on a "
              "machine (the cache is on by default); compiling them takes 1-3 s more per start."]
-    report = bench.run_benchmark(items, workloads.WORK, profile=not args.no_profile, footprint=footprint, notes=notes)
-    paths = bench.write_report(report, args.results, args.name)
-    print(bench.render_markdown(report))
+    results = report.run_benchmark(items, workloads.WORK, profile=not args.no_profile, footprint=footprint, notes=notes)
+    paths = report.write_report(results, args.results, args.name)
+    print(report.render_markdown(results))
     print(f"wrote {paths['json']}, {paths['markdown']}, {paths['readme']}")
     return 0
 

@@ -3,7 +3,8 @@
 - `sd-shaped`: a Stable-Diffusion-v1-shaped model at reduced width with random weights, written as a
   diffusers-layout folder with diffusers itself (UNet2DConditionModel with SD v1's block types, 2 layers
   per block, 8 heads; AutoencoderKL f=8 with SD's 4 levels; a CLIP text encoder with 77 tokens), a DDIM
-  scheduler config and the tiny CLIP BPE tokenizer of tests/tiny_models.py. ldm-rt exports it with
+  scheduler config and a word-level tokenizer of the benchmark prompts' words (ldm-rt's
+  PromptTokenizer.word_level: the tokenizer's cost is nothing next to the networks'). ldm-rt exports it with
   export/build.py; the reference and diffusers load the folder itself; Optimum exports it with its own
   exporter inside its virtual environment.
 - `sd2-shaped`: the same at the same widths with SD v2's attention: 64-wide heads (so 1, 2, 4, 4 heads at
@@ -22,14 +23,19 @@ import json
 import logging
 import shutil
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ldm_rt.runtime.schedulers import sd_scheduler_config
+from ldm_rt.runtime.tokenizer import PromptTokenizer
+
+from .diffusers_layout import ldm_rt_to_diffusers, write_tokenizer_folder
+from .harness import PEERS
+from .machine import version
+
 ROOT = Path(__file__).resolve().parents[1]
 WORK = Path(__file__).resolve().parent / "work"
-PEERS = Path(__file__).resolve().parent / "peers"
 
 log = logging.getLogger("benchmarks.workloads")
 SD_SIZES = (128, 256)  # the SD-shaped model's two resolutions: cost growth with resolution
@@ -71,30 +77,22 @@ SD2_SHAPE = SDShape(unet_head_width=64)
 
 def scheduler_config() -> dict[str, Any]:
     """SD's training schedule with DDIM, as diffusers writes scheduler_config.json."""
-    return {
-        "_class_name": "DDIMScheduler", "_diffusers_version": "0.42.1", "beta_start": 0.00085, "beta_end": 0.012,
-        "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "clip_sample": False, "set_alpha_to_one": False,
-        "steps_offset": 1, "prediction_type": "epsilon", "timestep_spacing": "leading", "trained_betas": None,
-    }
+    return sd_scheduler_config(_class_name="DDIMScheduler", _diffusers_version="0.42.1")
 
 
-def _tiny_models():
-    """tests/tiny_models.py: its CLIP BPE tokenizer writer (tests/ is a flat folder, not a package)."""
-    sys.path.insert(0, str(ROOT / "tests"))
-    try:
-        import tiny_models
-    finally:
-        sys.path.pop(0)
-    return tiny_models
+# The words of the benchmark prompts (RunSpec's default and the default model's): every peer sees known words.
+WORDS = ("a", "photo", "of", "an", "astronaut", "riding", "horse", "on", "the", "moon", "red", "circle", "white", "background")
 
 
 def make_sd_shaped(folder: Path, shape: SDShape) -> Path:
     """Write the diffusers-layout folder of `shape` (random weights, seeded) and return it."""
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
+    from safetensors.torch import load_file, save_file
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    tiny = _tiny_models()
+    from ldm_rt.reference.checkpoints import hf_text_keys
+
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(shape.seed)
     unet = UNet2DConditionModel(
@@ -113,22 +111,23 @@ def make_sd_shaped(folder: Path, shape: SDShape) -> Path:
         down_block_types=("DownEncoderBlock2D",) * len(shape.vae_channels), up_block_types=("UpDecoderBlock2D",) * len(shape.vae_channels),
     )
     vae.save_pretrained(folder / "vae", safe_serialization=True)
-    tiny.write_tiny_clip_tokenizer(folder / "tokenizer")
-    vocab, _ = tiny.tiny_clip_vocab()
+    tokenizer = PromptTokenizer.word_level(WORDS, shape.max_length)
+    write_tokenizer_folder(tokenizer, folder / "tokenizer")
     text = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(vocab), hidden_size=shape.text_hidden, intermediate_size=shape.text_intermediate,
+        vocab_size=tokenizer.vocab_size, hidden_size=shape.text_hidden, intermediate_size=shape.text_intermediate,
         num_hidden_layers=shape.text_layers, num_attention_heads=shape.text_heads, max_position_embeddings=shape.max_length,
-        hidden_act="quick_gelu", bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
-        pad_token_id=vocab["<|endoftext|>"],
+        hidden_act="quick_gelu", bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id,
     ))
     text.save_pretrained(folder / "text_encoder", safe_serialization=True)
-    tiny._canonical_text_keys(folder / "text_encoder" / "model.safetensors")
+    # Real SD folders keep the `text_model.` level (transformers 5 drops it); both transformers versions read it.
+    weights = folder / "text_encoder" / "model.safetensors"
+    save_file(hf_text_keys(load_file(str(weights))), str(weights), metadata={"format": "pt"})
     (folder / "scheduler").mkdir(exist_ok=True)
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler_config(), indent=2))
     (folder / "model_index.json").write_text(json.dumps({
         "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1", "feature_extractor": [None, None],
         "requires_safety_checker": False, "safety_checker": [None, None], "scheduler": ["diffusers", "DDIMScheduler"],
-        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
         "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
     }, indent=2))
     return folder
@@ -236,7 +235,7 @@ def prepare_sd_shaped(shape: SDShape, sizes: tuple[int, ...], optimum_python: Pa
     name = "sd-shaped" if shape.generation == 1 else f"sd{shape.generation}-shaped"
     root = WORK / name
     root.mkdir(parents=True, exist_ok=True)
-    key = {"shape": shape.to_dict(), "diffusers": _version("diffusers")}
+    key = {"shape": shape.to_dict(), "words": list(WORDS), "diffusers": version("diffusers")}
     source = _cached(root / "diffusers", key, lambda folder: make_sd_shaped(folder, shape))
     # One profile whatever sizes this run measures, so a --quick run reuses the full run's export.
     heights = (min(*sizes, *SD_SIZES), min(SD_SIZES), max(*sizes, *SD_SIZES))
@@ -260,22 +259,19 @@ def prepare_sd_shaped(shape: SDShape, sizes: tuple[int, ...], optimum_python: Pa
 def prepare_default(optimum_python: Path | None, optimum_reason: str | None) -> Prepared:
     """The shipped default model: its artifacts and model folder inside ldm_rt.engines (if built yet), and the
     same weights as a diffusers folder (benchmarks/diffusers_layout.py) for diffusers and Optimum."""
-    from diffusers_layout import ldm_rt_to_diffusers
-
-    from ldm_rt.runtime.artifacts import default_artifacts_dir
+    from ldm_rt.runtime.artifacts import default_artifacts_dir, default_model_dir
     from ldm_rt.runtime.manifest import MANIFEST, Manifest
 
-    artifacts = default_artifacts_dir()
-    model = artifacts.parent / "model"
+    artifacts, model = default_artifacts_dir(), default_model_dir()
     description = "The shipped default model (engines/default): trained, word-level tokenizer."
     if not (artifacts / MANIFEST).is_file():
-        reason = f"engines/default/artifacts does not exist yet ({artifacts}); build it with export/build_engines.py, then rerun"
+        reason = f"engines/default/artifacts does not exist yet ({artifacts}); build it with `python export/build_engines.py --out engines/default/artifacts`, then rerun"
         return Prepared("default", description, {}, None, None, None, None, skip_reason=reason)
     if not model.is_dir():
         return Prepared("default", description, {}, artifacts, None, None, None, "no engines/default/model folder", "no engines/default/model folder")
     root = WORK / "default"
     root.mkdir(parents=True, exist_ok=True)
-    key = {"weights": Manifest.read(artifacts).source.get("sha256"), "diffusers": _version("diffusers")}
+    key = {"weights": Manifest.read(artifacts).source.get("sha256"), "diffusers": version("diffusers")}
     try:
         source = _cached(root / "diffusers", key, lambda folder: ldm_rt_to_diffusers(model, folder))
     except ValueError as e:
@@ -291,11 +287,3 @@ def _model_json(model: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     config, info = read_model_json(model)
     return config.to_dict(), info
 
-
-def _version(name: str) -> str | None:
-    import importlib.metadata
-
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return None

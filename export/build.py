@@ -2,7 +2,10 @@
 
 Everything is written into a temporary folder beside the output and renamed into place at the end
 (runtime/atomic.atomic_directory), with manifest.json written last: a folder that has a manifest is a
-finished build, and an interrupted build leaves nothing that looks like one.
+finished build, and an interrupted build leaves nothing that looks like one. The output must be new, empty
+or an earlier artifacts folder, and one build at a time holds it (export/output.py). Parity is checked at
+the points export/parity.py chooses, each shrunk to what the machine's memory allows (export/memory.py);
+the manifest records the largest point checked. Each phase reports its progress (export/progress.py).
 
     <out>/manifest.json
     <out>/onnx/fp32/<component>.onnx, <out>/onnx/fp16/<component>.onnx
@@ -13,30 +16,52 @@ finished build, and an interrupted build leaves nothing that looks like one.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
-import importlib.resources
 import json
 import logging
+import os
 import platform
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
 from ldm_rt.export.errors import ExportError, TensorRTUnavailable
 from ldm_rt.export.fp16 import find_fp32_islands, half_model
+from ldm_rt.export.memory import EstimateError, GraphMemory, parity_budget
 from ldm_rt.export.onnx_export import OPSET, export_component
 from ldm_rt.export.ort_attention import write_ort_variant
-from ldm_rt.export.parity import ORT_FP16_NOTE, Case, ParityResult, check_onnx, reference_cases, sample_sets
-from ldm_rt.export.sources import Source, load_source
+from ldm_rt.export.output import check_output, claim_output
+from ldm_rt.export.parity import (
+    ORT_BACKEND,
+    ORT_FP16_NOTE,
+    Case,
+    ParityPlan,
+    ParityResult,
+    check_onnx,
+    plan_parity,
+    reference_cases,
+    sample_sets,
+)
+from ldm_rt.export.progress import Phase, phase, say
+from ldm_rt.export.sources import Source, load_source, source_name
 from ldm_rt.export.tensorrt_build import TensorRTInfo, build_engine, engine_spec, probe_tensorrt
-from ldm_rt.export.triton_repo import write_triton_repo
+from ldm_rt.export.triton_repo import TRITON_REPOSITORY, is_triton_repository, write_triton_repo
 from ldm_rt.reference.export_wrappers import export_wrappers
 from ldm_rt.runtime.atomic import atomic_directory
 from ldm_rt.runtime.contracts import ComponentContract, ContractError, ShapeProfile, build_contracts
-from ldm_rt.runtime.manifest import ComponentEntry, FileEntry, Manifest, OrtVariant, PrecisionEntry
+from ldm_rt.runtime.manifest import (
+    FORMAT,
+    MANIFEST,
+    ArtifactError,
+    ComponentEntry,
+    FileEntry,
+    Manifest,
+    OrtVariant,
+    PrecisionEntry,
+    json_object,
+)
 from ldm_rt.runtime.sampler_spec import sampler_spec
 
 log = logging.getLogger(__name__)
@@ -49,11 +74,23 @@ ORT_FIX = (
     "(BuildOptions(ort_variant=False) skips the rewrite)"
 )
 ORT_VARIANT_BACKEND = "onnxruntime-fused"
+ARTIFACTS = "ldm-rt artifacts folder"
+# Profile ceilings: sizes no model can use. 4096 px per side is twice the largest native resolution of the
+# SD family (SDXL: 1024 px; larger images are made by tiling or upscaling, not by one UNet pass), and a
+# single 128-channel fp32 VAE feature map at 4096 x 4096 is already 8 GiB. 64 images per prompt: the UNet then
+# runs a batch of 128 under guidance, beyond what any one GPU holds at SD sizes.
+MAX_SIDE = 4096
+MAX_BATCH = 64
+
+
+# Without --out a build goes to the user's current folder, never into the installed package (which may be
+# read-only, shared, or replaced by the next upgrade).
+DEFAULT_OUT_PARENT = "ldm-rt-artifacts"
 
 
 def default_out_dir(source_name: str) -> Path:
-    """engines/build/<source name> inside ldm_rt.engines (the shipped default lives in default/artifacts)."""
-    return Path(str(importlib.resources.files("ldm_rt.engines"))) / "build" / source_name
+    """ldm-rt-artifacts/<source name> in the current folder."""
+    return Path(DEFAULT_OUT_PARENT) / source_name
 
 
 @dataclass(frozen=True)
@@ -70,8 +107,16 @@ class BuildOptions:
     refit: bool = False
     timing_cache: Path | None = None
     opset: int = OPSET
-    progress: bool = True
+    progress: bool = True  # log each phase of the build (export/progress.py)
     ort_variant: bool = True  # also write the fp32 files with attention fused for ONNX Runtime (export/ort_attention.py)
+    # TensorRT engines are required: the CLI exits 1 when they could not be built. They are always built when
+    # TensorRT is present; --fp16 (without --onnx-only) asks for them too, since fp16 is for GPU engines.
+    engines: bool = False
+    parity_memory: int | None = None  # bytes a parity run may use; None: half of the available memory
+
+    @property
+    def engines_required(self) -> bool:
+        return self.engines or (self.fp16 and not self.onnx_only)
 
 
 @dataclass
@@ -81,6 +126,7 @@ class BuildResult:
     parity: list[ParityResult]
     tensorrt_error: TensorRTUnavailable | None = None  # the ONNX build finished; engines could not be built
     triton_models: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what was not done as asked, and why (one line each)
 
 
 def tool_versions() -> dict[str, str]:
@@ -99,43 +145,112 @@ def _external(root: Path, files: list[Path]) -> FileEntry | None:
     return FileEntry.of(root, data[0].relative_to(root).as_posix()) if data else None
 
 
-def _ort_variant(root: Path, rel: str, contract: ComponentContract, cases: list[Case], results: list[ParityResult]) -> OrtVariant | None:
+def is_artifacts_folder(path: Path) -> bool:
+    """A folder with a manifest.json of ours (any format version: an older build may be rebuilt)."""
+    try:
+        return json_object(Manifest.read_bytes(path), path / MANIFEST).get("format") == FORMAT
+    except ArtifactError:
+        return False
+
+
+def check_profile_limits(profile: ShapeProfile) -> None:
+    """Refuse profile sizes no model can use (MAX_SIDE, MAX_BATCH) before anything is loaded."""
+    for what, (_, _, top), limit, flag in (
+        ("height", profile.height, MAX_SIDE, "--height-range"),
+        ("width", profile.width, MAX_SIDE, "--width-range"),
+        ("images per prompt", profile.batch, MAX_BATCH, "--batch-range"),
+    ):
+        if top > limit:
+            unit = " px" if limit == MAX_SIDE else ""
+            raise ExportError(
+                f"profile {what} up to {top}{unit} is above {limit}{unit}, the most any model of the SD family can "
+                f"use; choose a smaller maximum ({flag})"
+            )
+
+
+@dataclass
+class _Step:
+    """What the component being exported needs to report its phases."""
+
+    prefix: str  # "[2/4] unet"
+    enabled: bool
+
+    def phase(self, what: str, total: int | None = None) -> contextlib.AbstractContextManager[Phase]:
+        return phase(f"{self.prefix}: {what}", total, self.enabled)
+
+
+def _ort_variant(
+    root: Path, rel: str, contract: ComponentContract, cases: list[Case], results: list[ParityResult], step: _Step
+) -> OrtVariant | None:
     """The ONNX Runtime variant beside the fp32 file `rel`, parity-checked; None when nothing fuses.
     fp32 only: ONNX Runtime's CPU MultiHeadAttention kernel is float32."""
     rel_ort = rel.removesuffix(".onnx") + ".onnxruntime.onnx"
-    fused = write_ort_variant(root / rel, root / rel_ort)
+    with step.phase("attention fusion for onnxruntime"):
+        fused = write_ort_variant(root / rel, root / rel_ort)
     if not fused:
         return None
-    parity = replace(check_onnx(root / rel_ort, contract, "fp32", cases), backend=ORT_VARIANT_BACKEND)
+    with step.phase(f"parity fp32 ({ORT_VARIANT_BACKEND})", len(cases)) as p:
+        parity = replace(check_onnx(root / rel_ort, contract, "fp32", cases, p.item), backend=ORT_VARIANT_BACKEND)
     results.append(parity)
     parity.raise_if_failed(ORT_FIX)
     return OrtVariant(FileEntry.of(root, rel_ort), parity=parity.to_dict(), fused=fused)
 
 
+def _plan(path: Path, contract: ComponentContract, options: BuildOptions, notes: list[str]) -> ParityPlan:
+    """Where to check parity: every parity point the parity run's estimated memory allows (export/memory.py).
+    A point shrunk to fit is said in one line in `notes` and recorded in the manifest."""
+    budget = options.parity_memory if options.parity_memory is not None else parity_budget()
+    try:
+        graph = GraphMemory(path)
+    except EstimateError as e:
+        log.warning("%s: %s", contract.name, e)
+        plan = plan_parity(contract, None, budget)
+    else:
+        # The session holds its own copy of the weights beside the activations.
+        plan = plan_parity(contract, lambda shapes: graph.weight_bytes + graph.peak_bytes(shapes), budget)
+    if plan.note:
+        notes.append(f"{contract.name}: {plan.note}")
+        say(notes[-1], options.progress)
+    return plan
+
+
 def _export_component(
-    name: str, source: Source, contract: ComponentContract, root: Path, options: BuildOptions, results: list[ParityResult]
-) -> ComponentEntry:
+    name: str, source: Source, contract: ComponentContract, root: Path, options: BuildOptions,
+    results: list[ParityResult], notes: list[str], step: _Step,
+) -> ComponentEntry:  # fmt: skip
     wrapper = export_wrappers(source.loaded.model)[name]
     rel32 = f"onnx/fp32/{name}.onnx"
-    files32 = export_component(wrapper, contract, root / rel32, options.opset)
-    cases = reference_cases(wrapper, contract, sample_sets(contract))
-    fp32 = check_onnx(root / rel32, contract, "fp32", cases)
+    with step.phase("onnx export fp32 (torch.onnx.export, clean-up, checker)", 2) as p:
+        files32 = export_component(wrapper, contract, root / rel32, options.opset, p.item)
+    with step.phase("parity plan (memory estimate of each shape)"):
+        plan = _plan(root / rel32, contract, options, notes)
+    with step.phase("reference outputs (torch fp32)", len(plan.points)) as p:
+        cases = reference_cases(wrapper, contract, sample_sets(contract, points=plan.points), p.item)
+    with step.phase(f"parity fp32 ({ORT_BACKEND})", len(cases)) as p:
+        fp32 = check_onnx(root / rel32, contract, "fp32", cases, p.item)
     results.append(fp32)
     fp32.raise_if_failed(FP32_FIX)
-    ort = _ort_variant(root, rel32, contract, cases, results) if options.ort_variant else None
+    ort = _ort_variant(root, rel32, contract, cases, results, step) if options.ort_variant else None
+    checked = plan.to_dict()
     precisions = {
-        "fp32": PrecisionEntry(FileEntry.of(root, rel32), parity=fp32.to_dict(), external_data=_external(root, files32), ort=ort)
+        "fp32": PrecisionEntry(
+            FileEntry.of(root, rel32), parity={**fp32.to_dict(), **checked}, external_data=_external(root, files32), ort=ort
+        )
     }
     if options.fp16:
-        search = find_fp32_islands(wrapper, contract, cases)
+        with step.phase("fp16 search (torch fp16 against fp32, per round and case)") as p:
+            search = find_fp32_islands(wrapper, contract, cases, progress=p.item)
         results.append(search.parity)
         search.parity.raise_if_failed(FP16_FIX)
         rel16 = f"onnx/fp16/{name}.onnx"
-        files16 = export_component(half_model(wrapper, contract, search.kept_fp32), contract, root / rel16, options.opset)
-        fp16 = check_onnx(root / rel16, contract, "fp16", cases)
+        with step.phase("onnx export fp16", 2) as p:
+            half = half_model(wrapper, contract, search.kept_fp32)
+            files16 = export_component(half, contract, root / rel16, options.opset, p.item)
+        with step.phase(f"parity fp16 ({ORT_BACKEND})", len(cases)) as p:
+            fp16 = check_onnx(root / rel16, contract, "fp16", cases, p.item)
         results.append(fp16)
         fp16.raise_if_failed(FP16_FIX)
-        parity = {**fp16.to_dict(), "torch_fp16": search.parity.to_dict(), "note": ORT_FP16_NOTE}
+        parity = {**fp16.to_dict(), "torch_fp16": search.parity.to_dict(), "note": ORT_FP16_NOTE, **checked}
         precisions["fp16"] = PrecisionEntry(
             FileEntry.of(root, rel16), parity=parity, kept_fp32=search.kept_fp32, external_data=_external(root, files16)
         )
@@ -148,16 +263,47 @@ def _build_engines(
     for entry in components.values():
         for precision, pe in entry.precisions.items():
             spec = engine_spec(entry.contract, precision, pe.onnx.sha256, info, static=options.static_shape, refit=options.refit)
-            record = build_engine(
-                root / pe.onnx.file, spec, root / "engines", reuse_from=[previous / "engines"], timing_cache=options.timing_cache
-            )
+            with phase(f"{entry.contract.name}: TensorRT engine {precision}", enabled=options.progress):
+                record = build_engine(
+                    root / pe.onnx.file, spec, root / "engines", reuse_from=[previous / "engines"], timing_cache=options.timing_cache
+                )
             entry.engines[record["key"]] = record
 
 
+def output_path(path: Path) -> Path:
+    """An output path made absolute (so `.` and `..` name a real folder and its parent) and, when it is a
+    symlink, resolved: the build replaces what it points at, not the link."""
+    path = Path(os.path.abspath(path))
+    return path.resolve() if path.is_symlink() else path
+
+
+def output_dir(options: BuildOptions) -> Path:
+    """Where the build goes: --out, else ldm-rt-artifacts/<source name> in the current folder."""
+    return output_path(options.out if options.out is not None else default_out_dir(source_name(options.model)))
+
+
 def build(options: BuildOptions) -> BuildResult:
-    """Run one build; raises ExportError subclasses (one-line messages) on failure, leaving no output."""
-    source = load_source(options.model, tokenizer=options.tokenizer, prediction_type=options.prediction_type)
-    out = Path(options.out) if options.out is not None else default_out_dir(source.name)
+    """Run one build; raises ExportError subclasses (one-line messages) on failure, leaving no output.
+    OSError (a full or read-only disk) propagates for the caller to report."""
+    check_profile_limits(options.profile)
+    out = output_dir(options)
+    # Refuse unusable outputs before minutes of work; claim_output checks again under the lock.
+    check_output(out, is_artifacts_folder, ARTIFACTS)
+    if options.triton_repo is not None:
+        repo = output_path(options.triton_repo)
+        if repo == out or out in repo.parents or repo in out.parents:
+            raise ExportError(f"the Triton repository {repo} and the artifacts folder {out} must not contain each other")
+        check_output(repo, is_triton_repository, TRITON_REPOSITORY)
+    with claim_output(out, is_artifacts_folder, ARTIFACTS):
+        result = _build_into(out, options)
+    if options.triton_repo is not None:
+        result.triton_models = write_triton_repo(out, options.triton_repo)
+    return result
+
+
+def _build_into(out: Path, options: BuildOptions) -> BuildResult:
+    with phase(f"load {options.model or 'the shipped default model'}", enabled=options.progress):
+        source = load_source(options.model, tokenizer=options.tokenizer, prediction_type=options.prediction_type)
     try:
         contracts = build_contracts(source.facts, options.profile)
     except ContractError as e:
@@ -170,13 +316,15 @@ def build(options: BuildOptions) -> BuildResult:
             trt_info = probe_tensorrt(out)
         except TensorRTUnavailable as e:
             trt_error = e
-            log.warning("%s", e)
+            log.info("%s", e)
 
     results: list[ParityResult] = []
+    notes: list[str] = []
     with atomic_directory(out) as tmp:
         components: dict[str, ComponentEntry] = {}
-        for name in tqdm(contracts, desc="export", unit="component", disable=not options.progress):
-            components[name] = _export_component(name, source, contracts[name], tmp, options, results)
+        for i, name in enumerate(contracts, start=1):
+            step = _Step(f"[{i}/{len(contracts)}] {name}", options.progress)
+            components[name] = _export_component(name, source, contracts[name], tmp, options, results, notes, step)
 
         tokenizer = None
         if source.loaded.tokenizer is not None:
@@ -207,6 +355,4 @@ def build(options: BuildOptions) -> BuildResult:
         manifest.sampler_spec = sampler_spec(source.loaded.scheduler_config, manifest=manifest)
         manifest.write(tmp)  # last: its presence marks the folder finished
     log.info("artifacts written to %s", out)
-
-    triton_models = write_triton_repo(out, options.triton_repo) if options.triton_repo is not None else []
-    return BuildResult(out, manifest, results, trt_error, triton_models)
+    return BuildResult(out, manifest, results, trt_error, notes=notes)

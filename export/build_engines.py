@@ -1,12 +1,14 @@
 """Command line of the export build: `python export/build_engines.py --model SRC --out DIR [--fp16] ...`.
 
-With no --model and no --out it rebuilds the shipped default model's artifacts in place
-(engines/default/model -> engines/default/artifacts, replaced atomically); with --model and no --out it
-writes engines/build/<source name>.
+Without --model it exports the shipped default model; without --out it writes ldm-rt-artifacts/<source name>
+in the current folder (never into the installed package; to refresh the shipped artifacts in a checkout,
+pass --out engines/default/artifacts).
 
-Exit codes: 0 finished (with engines, or ONNX only with --onnx-only); 1 the ONNX artifacts are finished
-but TensorRT/CUDA is missing, so no engines were built; 2 nothing was built (bad arguments, unreadable
-source, failed export or parity), with one line on stderr saying why.
+Exit codes: 0 finished: everything asked for was built (TensorRT engines are built when TensorRT and a GPU
+are present; without them one line says they were skipped); 1 the ONNX artifacts are finished but engines
+were asked for (--engines, or --fp16 without --onnx-only) and TensorRT/CUDA is missing; 2 nothing was built
+(bad arguments, an output that is not ours to replace, unreadable source, failed export or parity, a full
+or read-only disk, the export extra not installed), with one line on stderr saying why.
 """
 
 from __future__ import annotations
@@ -17,15 +19,25 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import onnxruntime
-
-from ldm_rt.export.build import BuildOptions, build
-from ldm_rt.export.errors import ExportError
-from ldm_rt.export.onnx_export import OPSET
-from ldm_rt.export.parity import format_table
-from ldm_rt.runtime.artifacts import default_artifacts_dir
+from ldm_rt.runtime.atomic import explain_os_error
 from ldm_rt.runtime.contracts import ContractError, ShapeProfile
 from ldm_rt.runtime.manifest import ArtifactError
+from ldm_rt.runtime.schedulers import PREDICTION_TYPES
+
+try:  # a runtime-only install (`pip install ldm-rt`) has no torch or onnx: main() says which extra to install
+    import onnxruntime
+
+    from ldm_rt.export import progress
+    from ldm_rt.export.build import BuildOptions, build
+    from ldm_rt.export.errors import ExportError
+    from ldm_rt.export.onnx_export import OPSET
+    from ldm_rt.export.parity import format_table
+except ImportError as e:
+    if (e.name or "").partition(".")[0] == "ldm_rt":
+        raise  # our own package is broken: that is a bug, not a missing extra
+    MISSING = e
+else:
+    MISSING = None
 
 PROG = "build_engines.py"
 DEFAULT = ShapeProfile()
@@ -52,30 +64,46 @@ class _OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}; see --help\n")
 
 
+def _gib(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of GiB") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: need a positive number of GiB")
+    return value
+
+
 def parser() -> argparse.ArgumentParser:
     p = _OneLineParser(
         prog=PROG,
         description="Export a latent diffusion model to ONNX (fp32, optionally fp16), check parity against the "
         "PyTorch reference, build TensorRT engines when TensorRT and a GPU are present, and write an "
-        "artifacts folder with manifest.json. With no arguments it rebuilds the shipped default model's "
-        "artifacts in place (engines/default/model -> engines/default/artifacts).",
-        epilog="Exit status: 0 done; 1 ONNX artifacts done but TensorRT/CUDA not found; 2 error (nothing built).",
+        "artifacts folder with manifest.json. With no arguments it exports the shipped default model to "
+        "ldm-rt-artifacts/default in the current folder.",
+        epilog="Exit status: 0 done (engines skipped with a note when TensorRT/CUDA is missing and they were not "
+        "asked for); 1 ONNX artifacts done but the engines asked for (--engines, or --fp16 without --onnx-only) "
+        "could not be built; 2 error (nothing built).",
     )
     src = p.add_argument_group("source")
     src.add_argument("--model", type=Path, metavar="SRC", help="ldm-rt model folder, diffusers folder or SD single file "
                      "(.safetensors/.ckpt); default: the shipped default model")
     src.add_argument("--tokenizer", type=Path, metavar="PATH",
                      help="tokenizer for a single file (diffusers tokenizer/ folder or tokenizer.json); overrides a folder's own")
-    src.add_argument("--prediction-type", choices=("epsilon", "v_prediction", "sample"),
+    src.add_argument("--prediction-type", choices=PREDICTION_TYPES,
                      help="what the UNet predicts; single files cannot tell (SD 2.x 768-v: v_prediction)")
     out = p.add_argument_group("output")
-    out.add_argument("--out", type=Path, metavar="DIR", help="artifacts folder (replaced atomically); default: "
-                     "without --model, the shipped artifacts engines/default/artifacts (a rebuild in place); with "
-                     "--model, engines/build/<source name>; both in the ldm_rt.engines package")
-    out.add_argument("--triton-repo", type=Path, metavar="DIR", help="also write a Triton model repository here")
+    out.add_argument("--out", type=Path, metavar="DIR", help="artifacts folder: new, empty, or an earlier artifacts "
+                     "folder (replaced atomically; any other folder or a file is refused); default: "
+                     "ldm-rt-artifacts/<source name> in the current folder (<source name>: \"default\" for the "
+                     "shipped model, else the folder name or file stem)")
+    out.add_argument("--triton-repo", type=Path, metavar="DIR", help="also write a Triton model repository here (new, "
+                     "empty, or one written by this tool)")
     prec = p.add_argument_group("precision and engines")
     prec.add_argument("--fp16", action="store_true", help="also export fp16 ONNX (fp32 islands where fp16 overflows) "
-                      "and fp16 engines")
+                      "and fp16 engines; asks for engines (exit 1 without TensorRT) unless --onnx-only")
+    prec.add_argument("--engines", action="store_true", help="require TensorRT engines: exit 1 when they cannot be "
+                      "built (without it they are built when TensorRT and a GPU are present, else skipped with a note)")
     prec.add_argument("--onnx-only", action="store_true", help="stop after the ONNX export and parity checks (exit 0)")
     prec.add_argument("--refit", action="store_true", help="build refittable TensorRT engines (weights replaceable)")
     prec.add_argument("--timing-cache", type=Path, metavar="FILE", help="TensorRT timing cache to read and update")
@@ -92,6 +120,9 @@ def parser() -> argparse.ArgumentParser:
     shape.add_argument("--batch", type=int, help="with --static-shape: images per prompt (default: OPT of --batch-range)")
     shape.add_argument("--height", type=int, help="with --static-shape: height (default: OPT of --height-range)")
     shape.add_argument("--width", type=int, help="with --static-shape: width (default: OPT of --width-range)")
+    shape.add_argument("--parity-memory", type=_gib, metavar="GIB", help="memory one parity run may use; a profile "
+                       "point estimated to need more is checked at the largest size that fits (said, and recorded in "
+                       "the manifest); default: half the available memory")
     p.add_argument("-v", "--verbose", action="store_true", help="log every step")
     return p
 
@@ -109,12 +140,11 @@ def options_from_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> B
         if any(v is not None for v in fixed):
             p.error("--batch/--height/--width need --static-shape; for a dynamic profile use --batch-range etc.")
         profile = ShapeProfile(args.batch_range, args.height_range, args.width_range)
-    out = args.out
-    if out is None and args.model is None:
-        out = default_artifacts_dir()  # the shipped model's artifacts are rebuilt where the runtime finds them
+    if args.engines and args.onnx_only:
+        p.error("--engines and --onnx-only contradict each other; choose one")
     return BuildOptions(
         model=args.model,
-        out=out,
+        out=args.out,
         profile=profile,
         static_shape=args.static_shape,
         fp16=args.fp16,
@@ -125,28 +155,55 @@ def options_from_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> B
         refit=args.refit,
         timing_cache=args.timing_cache,
         opset=args.opset,
+        engines=args.engines,
+        parity_memory=None if args.parity_memory is None else int(args.parity_memory * 2**30),
     )
 
 
+def _error(message: str) -> int:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return 2
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    if MISSING is not None:
+        what = MISSING.name or (str(MISSING).splitlines() or [type(MISSING).__name__])[0]
+        return _error(f"the export toolchain needs {what}, which cannot be imported (a runtime-only install?); "
+                      "pip install 'ldm-rt[export]'")  # fmt: skip
     p = parser()
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     # ONNX Runtime's own notices (fp16 nodes it cannot constant-fold, unsqueezes it keeps) are not the user's concern.
     onnxruntime.set_default_logger_severity(1 if args.verbose else 3)
     options = options_from_args(args, p)
+    # Progress lines (export/progress.py) go to stderr whatever the log level: a build takes minutes.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    progress_log = logging.getLogger(progress.__name__)
+    progress_log.addHandler(handler)
+    progress_log.setLevel(logging.INFO)
+    progress_log.propagate = False
     try:
         result = build(options)
     except (ExportError, ContractError, ArtifactError) as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
+        return _error(str(e))
+    except OSError as e:  # a full or read-only disk, a path that cannot be created: the user's to fix
+        where = "" if e.filename is not None else f"writing {options.out or 'the artifacts'}: "
+        return _error(where + explain_os_error(e))
+    finally:
+        progress_log.removeHandler(handler)
     print(format_table(result.parity))
     print(f"artifacts: {result.out}")
     if result.triton_models:
         print(f"triton repository: {options.triton_repo} ({', '.join(result.triton_models)})")
+    for note in result.notes:
+        print(f"{PROG}: note: {note}", file=sys.stderr)
     if result.tensorrt_error is not None:
-        print(str(result.tensorrt_error), file=sys.stderr)
-        return 1
+        if options.engines_required:
+            asked = "--engines" if options.engines else "--fp16 (without --onnx-only)"
+            print(f"{PROG}: error: {asked} asks for TensorRT engines, but {result.tensorrt_error}", file=sys.stderr)
+            return 1
+        print(f"{PROG}: note: engines skipped: {result.tensorrt_error}; pass --engines to make this an error", file=sys.stderr)
     return 0
 
 

@@ -1,7 +1,8 @@
 """The export toolchain's errors: each one line naming the problem and the fix.
 
 The CLI (`build_engines.py`) prints any `ExportError` as that one line and exits 2, except
-`TensorRTUnavailable`, which ends an otherwise finished ONNX build with exit 1.
+`TensorRTUnavailable`, which ends an otherwise finished ONNX build with a note (exit 0), or with exit 1
+when engines were asked for (--engines, or --fp16 without --onnx-only).
 """
 
 from __future__ import annotations

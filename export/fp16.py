@@ -27,35 +27,40 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers.models.clip.modeling_clip import CLIPAttention, CLIPEncoderLayer, CLIPMLP
 
 from ldm_rt.export.errors import Fp16Error
 from ldm_rt.export.parity import Case, ParityResult
+from ldm_rt.export.progress import ItemCallback
+from ldm_rt.reference import attention, autoencoder, unet
+from ldm_rt.reference.quantizer import VectorQuantizer
 from ldm_rt.runtime.contracts import ComponentContract, Tolerance
 
 log = logging.getLogger(__name__)
 
-# Block classes whose outputs the search watches (reference UNet/autoencoder, transformers' CLIP).
-BLOCK_TYPES = frozenset(
-    {
-        "ResBlock",  # UNet residual block
-        "SpatialTransformer",
-        "BasicTransformerBlock",
-        "CrossAttention",
-        "FeedForward",
-        "ResnetBlock",  # autoencoder residual block
-        "AttnBlock",
-        "MidBlock",
-        "Upsample",
-        "Downsample",
-        "CLIPEncoderLayer",
-        "CLIPAttention",
-        "CLIPMLP",
-    }
+# Block classes whose outputs the search watches (reference UNet/autoencoder, transformers' CLIP). Classes,
+# not names: a rename is an import error here instead of a block the fp16 guard silently stops watching.
+BLOCK_TYPES: tuple[type[nn.Module], ...] = (
+    unet.ResBlock,  # UNet residual block
+    attention.SpatialTransformer,
+    attention.BasicTransformerBlock,
+    attention.CrossAttention,
+    attention.FeedForward,
+    autoencoder.ResnetBlock,  # autoencoder residual block
+    autoencoder.AttnBlock,
+    autoencoder.MidBlock,
+    unet.Upsample,
+    unet.Downsample,
+    autoencoder.Upsample,
+    autoencoder.Downsample,
+    CLIPEncoderLayer,
+    CLIPAttention,
+    CLIPMLP,
 )
 NORM_TYPES = (nn.GroupNorm, nn.LayerNorm)
 # Always fp32: the VQ nearest-codebook search flips between near-equal distances in fp16, which changes
 # the decoded image by a whole code, not by rounding.
-ALWAYS_FP32 = frozenset({"VectorQuantizer"})
+ALWAYS_FP32: tuple[type[nn.Module], ...] = (VectorQuantizer,)
 # Inputs kept float32 inside the fp16 graph: fp16 cannot tell t=999.0 from 999.5 and the sinusoidal
 # embedding (computed in fp32 by the UNet) needs the exact value.
 FP32_INPUTS = frozenset({"timestep"})
@@ -69,7 +74,7 @@ MIN_OWN_ERROR = 1e-2
 
 
 def is_watched(module: nn.Module) -> bool:
-    return isinstance(module, NORM_TYPES) or type(module).__name__ in BLOCK_TYPES
+    return isinstance(module, NORM_TYPES + BLOCK_TYPES)
 
 
 def _cast(value: Any, dtype: torch.dtype) -> Any:
@@ -129,7 +134,7 @@ def _normalise(kept: list[str]) -> list[str]:
 def always_fp32(module: nn.Module, inputs: Sequence[torch.Tensor]) -> list[str]:
     """Submodules of an ALWAYS_FP32 class that this component actually runs (the VAE encoder holds the
     quantiser too, but never calls it)."""
-    candidates = {name: m for name, m in module.named_modules() if type(m).__name__ in ALWAYS_FP32}
+    candidates = {name: m for name, m in module.named_modules() if isinstance(m, ALWAYS_FP32)}
     if not candidates:
         return []
     called: list[str] = []
@@ -241,23 +246,27 @@ def find_fp32_islands(
     tolerance: Tolerance | None = None,
     max_islands: int = MAX_ISLANDS,
     watch: Callable[[nn.Module], bool] = is_watched,
+    progress: ItemCallback | None = None,
 ) -> IslandSearch:
     """Blocks of `reference` (an fp32 export wrapper) to keep in fp32 so that its fp16 variant is finite
     and within `tolerance` (default: the contract's fp16 tolerance) of the fp32 outputs of every case.
-    `watch` says which submodules are candidate blocks (default: the reference's blocks and norms)."""
+    `watch` says which submodules are candidate blocks (default: the reference's blocks and norms);
+    `progress(detail)` after each case of each round."""
+    report = progress or (lambda _detail: None)
     tolerance = tolerance or contract.tolerance["fp16"]
     names = [t.name for t in contract.inputs]
     sets = [[torch.from_numpy(case.inputs[n]) for n in names] for case in cases]
     refs = [torch.from_numpy(case.reference) for case in cases]
     bounds = [tolerance.bound(case.reference) for case in cases]
     kept = always_fp32(reference, sets[0])
-    for _ in range(max_islands + 1):
+    for round_ in range(1, max_islands + 2):
         model = half_model(reference, contract, kept)
         errors: list[float] = []
         culprit = None
-        for x, ref, bound in zip(sets, refs, bounds):
+        for x, ref, bound, case in zip(sets, refs, bounds, cases):
             with _Probe(model.inner, kept, watch) as probe:
                 err = _max_err(_run(model, x), ref)
+            report(f"round {round_} ({len(kept)} fp32 islands), {case.label}: error {err:.3g} (bound {bound:.3g})")
             if probe.first_nonfinite is not None and err == float("inf"):
                 culprit = probe.first_nonfinite
                 log.warning("%s: %s overflows in fp16 (non-finite output); keeping it in fp32", contract.name, culprit)

@@ -23,6 +23,7 @@ from torch import nn
 
 from ldm_rt.export.errors import OnnxExportError
 from ldm_rt.export.graph_cleanup import clean_file
+from ldm_rt.export.progress import ItemCallback
 from ldm_rt.runtime.contracts import ComponentContract
 
 log = logging.getLogger(__name__)
@@ -43,9 +44,11 @@ def trace_inputs(contract: ComponentContract) -> tuple[torch.Tensor, ...]:
     return tuple(torch.from_numpy(feeds[t.name]) for t in contract.inputs)
 
 
-def export_component(wrapper: nn.Module, contract: ComponentContract, path: Path, opset: int = OPSET) -> list[Path]:
+def export_component(
+    wrapper: nn.Module, contract: ComponentContract, path: Path, opset: int = OPSET, progress: ItemCallback | None = None
+) -> list[Path]:
     """Write `path` (plus `<path>.data` when the weights pass 2 GiB), cleaned and checked.
-    Returns the files written."""
+    Returns the files written; `progress(step)` after the trace and after the clean-up."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # The tracer writes a >2 GiB model as one file per tensor beside its output: trace into a scratch
@@ -53,8 +56,12 @@ def export_component(wrapper: nn.Module, contract: ComponentContract, path: Path
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.stem}.") as scratch:
         traced = Path(scratch) / path.name
         _trace(wrapper, contract, traced, opset)
+        if progress is not None:
+            progress("traced")
         files = clean_file(traced, path)
     _check_io(path, contract)
+    if progress is not None:
+        progress("cleaned up and checked")
     log.info("exported %s -> %s", contract.name, path)
     return files
 
@@ -83,6 +90,8 @@ def _trace(wrapper: nn.Module, contract: ComponentContract, path: Path, opset: i
                     dynamic_axes=contract.dynamic_axes(),
                     do_constant_folding=True,
                 )
+        except OSError:
+            raise  # a full or read-only disk is the user's to fix, not a bug: the CLI names the path
         except Exception as e:  # the exporter raises many unrelated types; all mean the same to the user
             raise OnnxExportError(
                 f"torch.onnx.export failed for {contract.name} ({_first_line(e)}); report this with the model config"

@@ -3,13 +3,15 @@
 Each component is checked at the profile's min, opt and max points and at one odd in-range size (a
 batch of 3, a latent size that is neither end of the range): a graph that froze a traced shape into a
 constant fails there. The measure is max |exported - reference| over the whole output, against the
-contract's bound atol + rtol * max |reference| (runtime/contracts.Tolerance).
+contract's bound atol + rtol * max |reference| (runtime/contracts.Tolerance). A point whose run would need
+more memory than the build may spend (export/memory.py) is moved towards the minimum until it fits
+(`plan_parity`), and the manifest records the largest point checked.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,10 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from ldm_rt.export.errors import ParityError
+from ldm_rt.export.errors import ExportError, ParityError
+from ldm_rt.export.progress import ItemCallback
+from ldm_rt.runtime.backends.base import HostOptions
+from ldm_rt.runtime.backends.onnxruntime_backend import open_session, session_options
 from ldm_rt.runtime.contracts import ComponentContract, Dim
 
 log = logging.getLogger(__name__)
@@ -54,11 +59,103 @@ def parity_points(contract: ComponentContract) -> list[dict[str, int]]:
     return unique
 
 
-def sample_sets(contract: ComponentContract, seed: int = PARITY_SEED) -> list[dict[str, np.ndarray]]:
-    """Random inputs at every parity point (fixed seed: reruns compare the same numbers)."""
+def input_shapes(contract: ComponentContract, point: dict[str, int]) -> dict[str, tuple[int, ...]]:
+    """The input shapes at a point (sizes not given: opt), without allocating the inputs."""
+    full = {d.name: d.opt for d in contract.dims} | point
+    return {t.name: t.resolve(full) for t in contract.inputs}
+
+
+def shape_label(shapes: dict[str, Sequence[int]]) -> str:
+    """`sample=2x4x8x8, timestep=2`: input shapes for a line of text."""
+    return ", ".join(f"{k}={'x'.join(map(str, v))}" for k, v in shapes.items())
+
+
+@dataclass(frozen=True)
+class ParityPlan:
+    """The points a component is checked at: parity_points, each shrunk to fit the memory budget."""
+
+    points: list[dict[str, int]]
+    largest: dict[str, int]  # the largest point checked: the profile's maximum unless `note` says otherwise
+    note: str | None = None  # why the profile's maximum is not checked as it is
+
+    def to_dict(self) -> dict[str, object]:
+        """What the manifest records beside each precision's parity."""
+        return {"largest_checked": self.largest, **({"bounded": self.note} if self.note else {})}
+
+
+def _shrunk(contract: ComponentContract, point: dict[str, int], s: float) -> dict[str, int]:
+    """`point` moved towards the profile's minimum: min + s * (point - min), on each dim's grid."""
+    out = {}
+    for d in contract.dims:
+        steps = int((point[d.name] - d.min) * s) // d.multiple_of
+        out[d.name] = d.min + steps * d.multiple_of
+    return out
+
+
+def plan_parity(
+    contract: ComponentContract, estimate: Callable[[dict[str, tuple[int, ...]]], int] | None, budget: int
+) -> ParityPlan:
+    """parity_points, with each point whose estimated memory (`estimate` of its input shapes, in bytes)
+    exceeds `budget` replaced by the largest point towards the profile's minimum that fits. With `estimate`
+    None (the graph could not be analysed) nothing larger than the opt point is checked: its cost is unknown."""
+    points = parity_points(contract)
+    profile_max = {d.name: d.max for d in contract.dims}
+
+    def elements(p: dict[str, int]) -> int:
+        return sum(int(np.prod(s)) for s in input_shapes(contract, p).values())
+
+    def where(p: dict[str, int]) -> str:
+        return shape_label(input_shapes(contract, p))
+
+    if estimate is None:
+        opt = {d.name: d.opt for d in contract.dims}
+        kept = [p for p in points if elements(p) <= elements(opt)]
+        note = None if profile_max in kept else f"its memory could not be estimated; checked up to opt ({where(opt)})"
+        return ParityPlan(kept, max(kept, key=elements), note)
+
+    def cost(p: dict[str, int]) -> int:
+        return estimate(input_shapes(contract, p))
+
+    planned: list[dict[str, int]] = []
+    note = None
+    for p in points:
+        need = cost(p)
+        if need > budget:
+            smallest = _shrunk(contract, p, 0.0)
+            if cost(smallest) > budget:
+                raise ExportError(
+                    f"{contract.name}: a parity check at the profile's minimum ({where(smallest)}) needs about "
+                    f"{_gib(cost(smallest))} GiB, more than the {_gib(budget)} GiB it may use; free memory or lower "
+                    "the profile's minimum"
+                )
+            lo, hi = 0.0, 1.0
+            for _ in range(24):  # bisection on the scale: sizes move by whole grid steps long before 2**-24
+                mid = (lo + hi) / 2
+                lo, hi = (mid, hi) if cost(_shrunk(contract, p, mid)) <= budget else (lo, mid)
+            fitted = _shrunk(contract, p, lo)
+            if p == profile_max:
+                note = (
+                    f"parity at the profile's maximum ({where(p)}) would need about {_gib(need)} GiB, more than the "
+                    f"{_gib(budget)} GiB it may use; checked at {where(fitted)} instead"
+                )
+            p = fitted
+        if p not in planned:
+            planned.append(p)
+    return ParityPlan(planned, max(planned, key=elements), note)
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.3g}"
+
+
+def sample_sets(
+    contract: ComponentContract, seed: int = PARITY_SEED, points: Sequence[dict[str, int]] | None = None
+) -> list[dict[str, np.ndarray]]:
+    """Random inputs at every parity point, or at `points` (fixed seed: reruns compare the same numbers)."""
     rng = np.random.default_rng(seed)
     vocab = int(contract.extra.get("vocab_size") or 0)
-    return [contract.sample_inputs(point, rng, vocab_size=vocab) for point in parity_points(contract)]
+    points = parity_points(contract) if points is None else points
+    return [contract.sample_inputs(point, rng, vocab_size=vocab) for point in points]
 
 
 @dataclass
@@ -72,14 +169,26 @@ class Case:
     def shapes(self) -> dict[str, list[int]]:
         return {k: list(v.shape) for k, v in self.inputs.items()}
 
+    @property
+    def label(self) -> str:
+        return shape_label(self.shapes)
 
-def reference_cases(wrapper: nn.Module, contract: ComponentContract, input_sets: Sequence[dict[str, np.ndarray]]) -> list[Case]:
+
+def reference_cases(
+    wrapper: nn.Module,
+    contract: ComponentContract,
+    input_sets: Sequence[dict[str, np.ndarray]],
+    progress: ItemCallback | None = None,
+) -> list[Case]:
+    """The fp32 reference output for every input set; `progress(label)` after each."""
     names = [t.name for t in contract.inputs]
     cases = []
     with torch.no_grad():
         for feeds in input_sets:
             out = wrapper(*[torch.from_numpy(feeds[n]) for n in names])
             cases.append(Case(feeds, out.float().numpy()))
+            if progress is not None:
+                progress(cases[-1].label)
     return cases
 
 
@@ -108,9 +217,8 @@ class ParityResult:
     def raise_if_failed(self, fix: str) -> None:
         for shape, err, bound in zip(self.shapes, self.max_abs_err, self.bound):
             if not (np.isfinite(err) and err <= bound):
-                first = ", ".join(f"{k}={'x'.join(map(str, v))}" for k, v in shape.items())
                 raise ParityError(
-                    f"parity failed: {self.component} {self.precision} ({self.backend}) at {first}: "
+                    f"parity failed: {self.component} {self.precision} ({self.backend}) at {shape_label(shape)}: "
                     f"max abs error {err:.3g} > bound {bound:.3g}; {fix}"
                 )
 
@@ -123,16 +231,17 @@ def _max_abs_err(got: np.ndarray, want: np.ndarray) -> float:
 
 
 def ort_session(path: Path) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.log_severity_level = 3  # fp16 constant-folding notices are expected, not the user's concern
-    # The build alternates ONNX Runtime and torch on the same cores: idle ORT threads must not spin.
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+    """A CPU session opened and configured exactly as the runtime opens its own (threads, optimisation level,
+    execution mode: all of them can change the rounding), so what parity checks is what runs. HostOptions'
+    defaults do not spin, which the build needs too: it alternates ONNX Runtime and torch on the same cores."""
+    return open_session(path, session_options(HostOptions()), ["CPUExecutionProvider"])
 
 
-def check_onnx(path: Path, contract: ComponentContract, precision: str, cases: Sequence[Case]) -> ParityResult:
-    """Run the ONNX file in ONNX Runtime (CPU) on every case; compare with the fp32 reference."""
+def check_onnx(
+    path: Path, contract: ComponentContract, precision: str, cases: Sequence[Case], progress: ItemCallback | None = None
+) -> ParityResult:
+    """Run the ONNX file in ONNX Runtime (CPU) on every case; compare with the fp32 reference.
+    `progress(label)` after each case."""
     session = ort_session(path)
     out_name = contract.outputs[0].name
     errors, bounds = [], []
@@ -140,6 +249,8 @@ def check_onnx(path: Path, contract: ComponentContract, precision: str, cases: S
         (got,) = session.run([out_name], case.inputs)
         errors.append(_max_abs_err(got, case.reference))
         bounds.append(contract.tolerance[precision].bound(case.reference))
+        if progress is not None:
+            progress(case.label)
     return ParityResult(contract.name, precision, ORT_BACKEND, [c.shapes for c in cases], errors, bounds)
 
 

@@ -6,7 +6,6 @@ default is the shipped one, `ldm_rt.engines` default/model), a diffusers folder,
 
 from __future__ import annotations
 
-import importlib.resources
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,17 +13,12 @@ from pathlib import Path
 from ldm_rt.export.errors import SourceError
 from ldm_rt.reference.checkpoints import load_model
 from ldm_rt.reference.model_folder import LoadedModel
+from ldm_rt.runtime.artifacts import default_model_dir
 from ldm_rt.runtime.contracts import ModelFacts
 from ldm_rt.runtime.manifest import WEIGHT_SUFFIXES
 from ldm_rt.runtime.manifest import weights_sha256 as manifest_weights_sha256
 
 log = logging.getLogger(__name__)
-
-
-
-def default_model_dir() -> Path:
-    """The shipped default model (package data of ldm_rt.engines)."""
-    return Path(str(importlib.resources.files("ldm_rt.engines"))) / "default" / "model"
 
 
 @dataclass
@@ -47,6 +41,15 @@ def weights_sha256(path: Path) -> str:
     return manifest_weights_sha256(path)
 
 
+def source_name(path: str | Path | None) -> str:
+    """The name default output folders take: "default" for the shipped model, else the file stem or the
+    folder name (known before anything is loaded)."""
+    if path is None:
+        return "default"
+    path = Path(path)
+    return path.stem if path.is_file() else path.resolve().name
+
+
 def load_source(
     path: str | Path | None = None,
     *,
@@ -54,7 +57,7 @@ def load_source(
     prediction_type: str | None = None,
 ) -> Source:
     """Load the model at `path` (default: the shipped default model) in fp32 for export."""
-    name = "default" if path is None else None
+    name = source_name(path)
     if path is None:
         path = default_model_dir()
         if not path.is_dir():
@@ -82,7 +85,7 @@ def load_source(
         kind=kind,
         path=path.resolve(),
         sha256=weights_sha256(path),
-        name=name or (path.stem if path.is_file() else path.resolve().name),
+        name=name,
     )
     log.info("source %s (%s), weights sha256 %s", path, kind, source.sha256[:12])
     return source

@@ -7,10 +7,15 @@ because the batch is an explicit (and, for the UNet, doubled under guidance) dim
 
     <repo>/<model>/config.pbtxt
     <repo>/<model>/1/model.onnx | model.plan   (hard links to the artifacts where the filesystem allows)
+    <repo>/ldm_rt_triton.json                   (marks the folder as ours; Triton reads only the folders)
+
+The repository is replaced whole on a rebuild, so an existing folder is replaced only when it holds our
+marker (or nothing): pointing --triton-repo at a repository with other models in it is refused.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -19,15 +24,29 @@ from pathlib import Path
 import onnx
 
 from ldm_rt.export.errors import ExportError
+from ldm_rt.export.output import claim_output
 from ldm_rt.runtime.atomic import atomic_directory
 from ldm_rt.runtime.contracts import ComponentContract, TensorSpec
-from ldm_rt.runtime.manifest import FileEntry, Manifest
+from ldm_rt.runtime.manifest import ArtifactError, FileEntry, Manifest, json_object, read_bounded
 
 log = logging.getLogger(__name__)
 
 TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int64": "TYPE_INT64", "int32": "TYPE_INT32"}
 PLATFORMS = {"onnx": "onnxruntime_onnx", "plan": "tensorrt_plan"}
 MODEL_FILES = {"onnx": "model.onnx", "plan": "model.plan"}
+TRITON_REPOSITORY = "ldm-rt Triton model repository"
+MARKER = "ldm_rt_triton.json"
+MARKER_FORMAT = "ldm-rt-triton-repository"
+MAX_MARKER_BYTES = 1 << 20
+
+
+def is_triton_repository(path: Path) -> bool:
+    """A folder this module wrote (it holds our marker file)."""
+    try:
+        marker = json_object(read_bounded(path / MARKER, MAX_MARKER_BYTES, "repository marker"), path / MARKER)
+    except ArtifactError:
+        return False
+    return marker.get("format") == MARKER_FORMAT
 
 
 def _dims(spec: TensorSpec) -> str:
@@ -89,10 +108,10 @@ def _add_model(repo: Path, name: str, kind: str, contract: ComponentContract, so
 
 def write_triton_repo(artifacts: Path, repo: Path) -> list[str]:
     """Write (atomically replace) a Triton model repository for the artifacts folder; returns model names."""
-    artifacts, repo = Path(artifacts), Path(repo)
+    artifacts, repo = Path(artifacts), Path(os.path.abspath(repo))
     manifest = Manifest.read(artifacts)
     names: list[str] = []
-    with atomic_directory(repo) as tmp:
+    with claim_output(repo, is_triton_repository, TRITON_REPOSITORY), atomic_directory(repo) as tmp:
         for component, entry in manifest.components.items():
             for precision, pe in entry.precisions.items():
                 name = component if precision == "fp32" else f"{component}_{precision}"
@@ -105,5 +124,7 @@ def write_triton_repo(artifacts: Path, repo: Path) -> list[str]:
                 plan = manifest.verify_file(artifacts, FileEntry(**record["engine"]))
                 _add_model(tmp, name, "plan", entry.contract, plan)
                 names.append(name)
+        marker = {"format": MARKER_FORMAT, "artifacts": str(artifacts.resolve()), "models": names}
+        (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
     log.info("Triton repository %s: %s", repo, ", ".join(names))
     return names

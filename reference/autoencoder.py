@@ -19,19 +19,20 @@ from .configs import AutoencoderConfig, ConfigError
 from .quantizer import VectorQuantizer
 
 
-def Normalize(channels: int) -> nn.GroupNorm:
-    """GroupNorm(32 groups, eps 1e-6), the normalisation of every block of the original autoencoder."""
-    return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
+def Normalize(channels: int, groups: int = 32) -> nn.GroupNorm:
+    """GroupNorm(eps 1e-6), the normalisation of every block of the original autoencoder (32 groups there;
+    diffusers' `norm_num_groups`)."""
+    return nn.GroupNorm(num_groups=groups, num_channels=channels, eps=1e-6, affine=True)
 
 
 class ResnetBlock(nn.Module):
     """Pre-activation residual block (He et al. 2016) without time embedding: norm-swish-conv twice."""
 
-    def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0) -> None:
+    def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0, groups: int = 32) -> None:
         super().__init__()
-        self.norm1 = Normalize(in_channels)
+        self.norm1 = Normalize(in_channels, groups)
         self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=1, padding=1)
-        self.norm2 = Normalize(out_channels)
+        self.norm2 = Normalize(out_channels, groups)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, stride=1, padding=1)
         # A 1x1 conv matches channel counts on the skip path ("network-in-network" shortcut).
@@ -51,9 +52,9 @@ class AttnBlock(nn.Module):
     """Single-head spatial self-attention over all h*w positions (Vaswani et al. 2017, eq. 1), with
     q, k, v and the output projection as 1x1 convolutions, as in the original checkpoints."""
 
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, groups: int = 32) -> None:
         super().__init__()
-        self.norm = Normalize(channels)
+        self.norm = Normalize(channels, groups)
         self.q = nn.Conv2d(channels, channels, kernel_size=1)
         self.k = nn.Conv2d(channels, channels, kernel_size=1)
         self.v = nn.Conv2d(channels, channels, kernel_size=1)
@@ -98,11 +99,11 @@ class Upsample(nn.Module):
 class MidBlock(nn.Module):
     """ResnetBlock - AttnBlock - ResnetBlock at the lowest resolution (names block_1, attn_1, block_2)."""
 
-    def __init__(self, channels: int, dropout: float) -> None:
+    def __init__(self, channels: int, dropout: float, groups: int = 32) -> None:
         super().__init__()
-        self.block_1 = ResnetBlock(channels, channels, dropout)
-        self.attn_1 = AttnBlock(channels)
-        self.block_2 = ResnetBlock(channels, channels, dropout)
+        self.block_1 = ResnetBlock(channels, channels, dropout, groups)
+        self.attn_1 = AttnBlock(channels, groups)
+        self.block_2 = ResnetBlock(channels, channels, dropout, groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.block_2(self.attn_1(self.block_1(x)))
@@ -115,16 +116,16 @@ class Level(nn.Module):
     """
 
     def __init__(
-        self, in_channels: int, out_channels: int, num_blocks: int, use_attn: bool, dropout: float
+        self, in_channels: int, out_channels: int, num_blocks: int, use_attn: bool, dropout: float, groups: int = 32
     ) -> None:
         super().__init__()
         self.block = nn.ModuleList()
         self.attn = nn.ModuleList()
         for _ in range(num_blocks):
-            self.block.append(ResnetBlock(in_channels, out_channels, dropout))
+            self.block.append(ResnetBlock(in_channels, out_channels, dropout, groups))
             in_channels = out_channels
             if use_attn:
-                self.attn.append(AttnBlock(out_channels))
+                self.attn.append(AttnBlock(out_channels, groups))
 
     def run_blocks(self, h: torch.Tensor) -> torch.Tensor:
         for i, block in enumerate(self.block):
@@ -149,13 +150,15 @@ class Encoder(nn.Module):
         self.down = nn.ModuleList()
         block_in = ch
         for level, m in enumerate(mult):
-            down = Level(block_in, ch * m, config.num_res_blocks, _level_has_attn(config, level), config.dropout)
+            down = Level(
+                block_in, ch * m, config.num_res_blocks, _level_has_attn(config, level), config.dropout, config.norm_num_groups
+            )
             block_in = ch * m
             if level != len(mult) - 1:
                 down.downsample = Downsample(block_in)
             self.down.append(down)
-        self.mid = MidBlock(block_in, config.dropout)
-        self.norm_out = Normalize(block_in)
+        self.mid = MidBlock(block_in, config.dropout, config.norm_num_groups)
+        self.norm_out = Normalize(block_in, config.norm_num_groups)
         out_channels = 2 * config.z_channels if double_z else config.z_channels
         self.conv_out = nn.Conv2d(block_in, out_channels, kernel_size=3, stride=1, padding=1)
 
@@ -181,16 +184,19 @@ class Decoder(nn.Module):
         ch, mult = config.ch, config.ch_mult
         block_in = ch * mult[-1]
         self.conv_in = nn.Conv2d(config.z_channels, block_in, kernel_size=3, stride=1, padding=1)
-        self.mid = MidBlock(block_in, config.dropout)
+        self.mid = MidBlock(block_in, config.dropout, config.norm_num_groups)
         levels: list[Level] = []
         for level in reversed(range(len(mult))):
-            up = Level(block_in, ch * mult[level], config.num_res_blocks + 1, _level_has_attn(config, level), config.dropout)
+            up = Level(
+                block_in, ch * mult[level], config.num_res_blocks + 1, _level_has_attn(config, level), config.dropout,
+                config.norm_num_groups,
+            )
             block_in = ch * mult[level]
             if level != 0:
                 up.upsample = Upsample(block_in)
             levels.insert(0, up)
         self.up = nn.ModuleList(levels)
-        self.norm_out = Normalize(block_in)
+        self.norm_out = Normalize(block_in, config.norm_num_groups)
         self.conv_out = nn.Conv2d(block_in, config.out_ch, kernel_size=3, stride=1, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:

@@ -11,12 +11,15 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from ldm_rt.runtime.files import FileFormatError
+
 # How many offending keys one error message lists before it summarises the rest.
 MAX_LISTED_KEYS = 10
 
 
-class CheckpointError(ValueError):
-    """A state dict does not fit the model: missing / unexpected keys or wrong shapes (named in the message)."""
+class CheckpointError(FileFormatError):
+    """A checkpoint cannot be used: a state dict that does not fit the model (missing / unexpected keys or
+    wrong shapes, named in the message), or one of its files is missing or malformed."""
 
 
 def _shape(shape: Sequence[int]) -> str:

@@ -23,7 +23,6 @@ Pickles are never loaded unrestricted: safetensors first, torch.load(weights_onl
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import pickle
 import re
@@ -34,6 +33,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
+from ldm_rt.runtime.files import inside
+from ldm_rt.runtime.schedulers import PREDICTION_TYPES, sd_scheduler_config
 from ldm_rt.runtime.tokenizer import PromptTokenizer, TokenizerError
 
 from .checkpoint_errors import CheckpointError
@@ -47,7 +48,7 @@ from .keymap_text_encoder import (
 )
 from .keymap_unet import unet_config_from_diffusers, unet_state_dict_from_diffusers
 from .ldm import LatentDiffusion
-from .model_folder import LoadedModel, is_model_folder, load_model_folder, load_strict
+from .model_folder import LoadedModel, is_model_folder, load_model_folder, load_strict, read_json_object
 from .text_encoder import text_encoder_config_from_transformers
 
 logger = logging.getLogger(__name__)
@@ -56,7 +57,6 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 # Keys of an original LatentDiffusion checkpoint that hold no weights we use: the DDPM schedule buffers
 # (the scheduler recomputes them) and EMA bookkeeping.
 IGNORED_SINGLE_FILE_KEYS = frozenset({
@@ -71,23 +71,6 @@ IGNORED_SINGLE_FILE_PREFIXES = ("model_ema.",)
 SD_V1_UNET_HEADS = 8  # SD v1 fixes the head count (CompVis v1-inference.yaml: num_heads 8)
 HEAD_WIDTH = 64  # SD v2 UNet (num_head_channels 64) and CLIP / OpenCLIP text towers
 SD_SCALE_FACTOR = 0.18215
-# The scheduler SD v1/v2 ship with (diffusers' scheduler_config.json of runwayml/stable-diffusion-v1-5,
-# with every field the runtime reads spelled out).
-SD_SCHEDULER_CONFIG: dict[str, Any] = {
-    "_class_name": "PNDMScheduler",
-    "num_train_timesteps": 1000,
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "trained_betas": None,
-    "clip_sample": False,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "timestep_spacing": "leading",
-    "prediction_type": "epsilon",
-}
-SD_V2_SCHEDULER_CONFIG: dict[str, Any] = {**SD_SCHEDULER_CONFIG, "_class_name": "DDIMScheduler"}
 
 
 def load_model(
@@ -141,12 +124,12 @@ def load_model(
 def load_diffusers_folder(path: str | Path, *, dtype: torch.dtype = torch.float32) -> LoadedModel:
     """A diffusers StableDiffusion(Inpaint)Pipeline folder -> LoadedModel (weights in the original layout)."""
     path = Path(path)
-    index = _read_json(path / "model_index.json")
+    index = read_json_object(path / "model_index.json")
     for part in ("unet", "vae", "scheduler"):
         if not (path / part).is_dir():
             raise CheckpointError(f"{path} has no {part}/ folder; a diffusers Stable Diffusion folder needs unet/, vae/ and scheduler/")
     unet_config = _convert_config(unet_config_from_diffusers, path / "unet" / "config.json")
-    vae_json = _read_json(path / "vae" / "config.json")
+    vae_json = read_json_object(path / "vae" / "config.json")
     autoencoder_config = _convert_config(autoencoder_config_from_diffusers, path / "vae" / "config.json", vae_json)
     text_config = None
     tokenizer = None
@@ -161,7 +144,7 @@ def load_diffusers_folder(path: str | Path, *, dtype: torch.dtype = torch.float3
         unet=unet_config,
         autoencoder=autoencoder_config,
         text_encoder=text_config,
-        scale_factor=float(vae_json.get("scaling_factor", SD_SCALE_FACTOR)),
+        scale_factor=_scale_factor(vae_json, path / "vae" / "config.json"),
     )
     model = LatentDiffusion(config)
 
@@ -173,9 +156,29 @@ def load_diffusers_folder(path: str | Path, *, dtype: torch.dtype = torch.float3
         text_sd, text_file = _read_component_weights(path / "text_encoder")
         _load(model.text_encoder, hf_text_keys(text_sd), text_file)
 
-    scheduler_config = _read_json(path / "scheduler" / "scheduler_config.json")
+    scheduler_config = read_json_object(path / "scheduler" / "scheduler_config.json")
     info = {"source_kind": "diffusers", "path": str(path), "pipeline": index.get("_class_name")}
     return LoadedModel(model.to(dtype).eval(), tokenizer, scheduler_config, info)
+
+
+def _shard_path(folder: Path, name: Any, index: Path) -> Path:
+    """folder/name for a shard named in `index`, refused unless it stays inside `folder`. The shard file itself
+    may be a symlink (a Hugging Face cache snapshot links every file to its blob store): it is a file of the
+    folder, and its content is in the source hash like any other."""
+    path = inside(folder, name, last_link_may_leave=True)
+    if path is None:
+        raise CheckpointError(
+            f"{index}: weight_map names {name!r}, which is not a relative file name inside {folder} (an absolute "
+            "path, '..', a backslash or drive, or a symlinked folder); refusing to read it; re-download the model"
+        )
+    return path
+
+
+def _scale_factor(vae_config: dict[str, Any], where: Path) -> float:
+    value = vae_config.get("scaling_factor", SD_SCALE_FACTOR)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise CheckpointError(f"{where}: scaling_factor must be a number, got {value!r}")
+    return float(value)
 
 
 def _read_component_weights(folder: Path) -> tuple[dict[str, torch.Tensor], Path]:
@@ -184,10 +187,13 @@ def _read_component_weights(folder: Path) -> tuple[dict[str, torch.Tensor], Path
     for suffix in (".safetensors", ".bin"):
         index = sorted(folder.glob(f"*{suffix}.index.json"))
         if index:
-            shards = sorted(set(_read_json(index[0]).get("weight_map", {}).values()))
+            weight_map = read_json_object(index[0], "re-download the model").get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{index[0]}: weight_map must be a JSON object of key -> shard file; re-download the model")
+            shards = {_shard_path(folder, name, index[0]) for name in weight_map.values()}
             state: dict[str, torch.Tensor] = {}
-            for shard in shards:
-                state.update(read_state_dict(folder / shard))
+            for shard in sorted(shards):
+                state.update(read_state_dict(shard))
             return state, index[0]
         files = sorted(folder.glob(f"*{suffix}"))
         if files:
@@ -230,7 +236,7 @@ def load_single_file(
     _load(model.unet, parts["unet"], f"{path} (UNet, prefix {UNET_PREFIX})")
     _load(model.autoencoder, parts["autoencoder"], f"{path} (autoencoder, prefix {VAE_PREFIX})")
     _load(model.text_encoder, text_sd, f"{path} (text encoder, prefix {SD_V2_PREFIX if v2 else SD_V1_PREFIX})")
-    scheduler_config = dict(SD_V2_SCHEDULER_CONFIG if v2 else SD_SCHEDULER_CONFIG)
+    scheduler_config = sd_scheduler_config(_class_name="DDIMScheduler") if v2 else sd_scheduler_config()  # as each ships
     info = {"source_kind": "single_file", "path": str(path), "variant": "v2" if v2 else "v1"}
     return LoadedModel(model.to(dtype).eval(), tokenizer, scheduler_config, info)
 
@@ -409,22 +415,11 @@ def read_state_dict(path: str | Path) -> dict[str, Any]:
     raise CheckpointError(f"{path}: unknown weights format {path.suffix!r}; expected .safetensors or {PICKLE_SUFFIXES}")
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} is missing; the model folder is incomplete") from None
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path} must hold a JSON object")
-    return data
-
-
 def _convert_config(convert, path: Path, data: dict[str, Any] | None = None):
+    data = read_json_object(path) if data is None else data
     try:
-        return convert(_read_json(path) if data is None else data)
-    except (ConfigError, TypeError) as e:
+        return convert(data)
+    except (ValueError, TypeError, KeyError) as e:  # ConfigError, or a field of the wrong JSON type (int("x"))
         raise CheckpointError(f"{path}: {e}") from None
 
 
@@ -494,7 +489,6 @@ def _check_tokenizer_fits(loaded: LoadedModel, where: Path) -> None:
 __all__ = [
     "CheckpointError",
     "LoadedModel",
-    "SD_SCHEDULER_CONFIG",
     "infer_autoencoder_config",
     "infer_clip_text_config",
     "infer_unet_config",

@@ -8,9 +8,7 @@ All configs are frozen dataclasses that round-trip through plain JSON dicts (`to
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -29,12 +27,19 @@ def _tuple_fields(cls, data: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _require_object(name: str, data: Any) -> None:
+    # A JSON list would otherwise pass through dict() as key/value pairs, or an empty one as "all defaults".
+    if not isinstance(data, dict):
+        raise ConfigError(f"{name}: expected a JSON object, got a {type(data).__name__}")
+
+
 class _JsonConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)  # type: ignore[call-overload]
 
     @classmethod
     def from_dict(cls: type[T], data: dict[str, Any]) -> T:
+        _require_object(cls.__name__, data)
         names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
         unknown = sorted(set(data) - names)
         if unknown:
@@ -109,12 +114,18 @@ class AutoencoderConfig(_JsonConfig):
     dropout: float = 0.0
     n_embed: int = 8192  # VQ codebook size (kind == "vq")
     beta: float = 0.25  # VQ commitment weight (kind == "vq")
+    # GroupNorm groups of every block (diffusers' name). The original autoencoders use 32; small ones fewer.
+    norm_num_groups: int = 32
 
     def __post_init__(self) -> None:
         if self.kind not in ("kl", "vq"):
             raise ConfigError(f"AutoencoderConfig.kind must be 'kl' or 'vq', got {self.kind!r}")
-        if self.ch % 32:
-            raise ConfigError("AutoencoderConfig: ch must be a multiple of 32 (GroupNorm uses 32 groups)")
+        # Every block width is ch * m, so a ch that divides into the groups makes all of them divide.
+        if self.norm_num_groups < 1 or self.ch % self.norm_num_groups:
+            raise ConfigError(
+                f"AutoencoderConfig: ch ({self.ch}) must be a multiple of norm_num_groups ({self.norm_num_groups}); "
+                "change one of them"
+            )
 
     @property
     def downsampling_factor(self) -> int:
@@ -183,6 +194,7 @@ class LDMConfig(_JsonConfig):
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LDMConfig:
+        _require_object(cls.__name__, data)
         data = dict(data)
         te = data.get("text_encoder")
         return cls(
@@ -191,10 +203,3 @@ class LDMConfig(_JsonConfig):
             text_encoder=None if te is None else TextEncoderConfig.from_dict(te),
             **{k: v for k, v in data.items() if k != "text_encoder"},
         )
-
-    @classmethod
-    def load(cls, path: str | Path) -> LDMConfig:
-        try:
-            return cls.from_dict(json.loads(Path(path).read_text()))
-        except (OSError, json.JSONDecodeError) as e:
-            raise ConfigError(f"cannot read model config {path}: {e}") from e

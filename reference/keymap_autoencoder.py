@@ -37,7 +37,6 @@ def autoencoder_config_from_diffusers(cfg: Mapping[str, Any]) -> AutoencoderConf
         raise ConfigError(f"autoencoder config: class {class_name!r} is not supported; only AutoencoderKL and VQModel are")
     unsupported = {
         "act_fn": "silu",
-        "norm_num_groups": 32,
         "norm_type": "group",
         "mid_block_add_attention": True,
         "use_quant_conv": True,
@@ -86,6 +85,7 @@ def autoencoder_config_from_diffusers(cfg: Mapping[str, Any]) -> AutoencoderConf
         z_channels=latent,
         embed_dim=int(cfg.get("vq_embed_dim") or latent) if vq else latent,
         n_embed=int(cfg.get("num_vq_embeddings", 256)) if vq else AutoencoderConfig.n_embed,
+        norm_num_groups=int(cfg.get("norm_num_groups", 32)),
     )
 
 
@@ -103,7 +103,7 @@ def autoencoder_config_to_diffusers(config: AutoencoderConfig) -> dict[str, Any]
         "layers_per_block": config.num_res_blocks,
         "act_fn": "silu",
         "latent_channels": config.z_channels,
-        "norm_num_groups": 32,
+        "norm_num_groups": config.norm_num_groups,
         "sample_size": config.resolution,
     }
     if config.kind == "vq":

@@ -21,12 +21,13 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from ldm_rt.runtime import files
 from ldm_rt.runtime.atomic import atomic_directory
 from ldm_rt.runtime.contracts import ModelFacts
 from ldm_rt.runtime.tokenizer import PromptTokenizer
 
 from .checkpoint_errors import CheckpointError
-from .configs import ConfigError, LDMConfig
+from .configs import LDMConfig
 from .ldm import LatentDiffusion
 
 FORMAT = "ldm-rt-model"
@@ -95,24 +96,30 @@ def save_model_folder(
         (tmp / "scheduler_config.json").write_text(json.dumps(scheduler_config, indent=2) + "\n")
 
 
+def read_json_object(path: Path, fix: str = "the model folder is incomplete or damaged; re-export or re-download it") -> dict[str, Any]:
+    """A JSON file that must hold an object: CheckpointError (one line naming the file and `fix`) when it is
+    missing, too large, unreadable, not JSON, or holds anything else (a list, a number)."""
+    return files.read_json_object(path, error=CheckpointError, fix=fix)
+
+
 def read_model_json(path: str | Path) -> tuple[LDMConfig, dict[str, Any]]:
     path = Path(path)
-    try:
-        meta = json.loads((path / MODEL_JSON).read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} is not an ldm-rt model folder: {MODEL_JSON} is missing") from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path / MODEL_JSON} is not valid JSON ({e}); re-export or re-train the model") from None
+    file = path / MODEL_JSON
+    if not file.is_file():
+        raise CheckpointError(f"{path} is not an ldm-rt model folder: {MODEL_JSON} is missing")
+    meta = read_json_object(file, "re-export or re-train the model")
     if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(
-            f"{path / MODEL_JSON}: format {meta.get('format')!r} v{meta.get('format_version')} is not "
+            f"{file}: format {meta.get('format')!r} v{meta.get('format_version')} is not "
             f"{FORMAT!r} v{FORMAT_VERSION}; upgrade ldm-rt"
         )
+    config, info = meta.get("config"), meta.get("info", {})
+    if not isinstance(config, dict) or not isinstance(info, dict):
+        raise CheckpointError(f"{file}: \"config\" and \"info\" must be JSON objects; re-export or re-train the model")
     try:
-        config = LDMConfig.from_dict(meta["config"])
-    except (ConfigError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{path / MODEL_JSON}: bad config: {e}") from None
-    return config, meta.get("info", {})
+        return LDMConfig.from_dict(config), info
+    except (ValueError, KeyError, TypeError) as e:  # ConfigError, or a field of the wrong JSON type
+        raise CheckpointError(f"{file}: bad config: {e}") from None
 
 
 def load_model_folder(path: str | Path, dtype: torch.dtype = torch.float32) -> LoadedModel:
@@ -135,7 +142,7 @@ def load_model_folder(path: str | Path, dtype: torch.dtype = torch.float32) -> L
     tokenizer = PromptTokenizer.from_file(tokenizer_file) if tokenizer_file.is_file() else None
     if model.text_encoder is not None and tokenizer is None:
         raise CheckpointError(f"{tokenizer_file} is missing; a text-conditional model needs its tokenizer")
-    scheduler_config = json.loads((path / "scheduler_config.json").read_text())
+    scheduler_config = read_json_object(path / "scheduler_config.json")
     return LoadedModel(model.to(dtype).eval(), tokenizer, scheduler_config, info)
 
 

@@ -1,4 +1,8 @@
-"""The PyTorch reference networks behind the runtime's backend interface (`--backend torch`).
+"""The PyTorch reference networks behind the runtime's backend interface (`--backend torch`), and the torch
+reference sampler: `torch_pipeline(path)` is the runtime's Pipeline (its one sampling loop) over them.
+
+    pipe = torch_pipeline("path/to/stable-diffusion-v1-5")   # or a LoadedModel already in memory
+    result = pipe.generate("a photo of a cat", steps=25, seed=0)
 
 Each component is a `TorchComponent`: `run(inputs: dict[str, ndarray]) -> dict[str, ndarray]` keyed by the
 contract's tensor names (runtime/contracts.py), computing the export wrapper the ONNX graph was traced
@@ -22,6 +26,8 @@ import torch
 from ldm_rt.runtime.backends.base import BackendError, HostOptions
 from ldm_rt.runtime.contracts import ComponentContract, ModelFacts, ShapeProfile, build_contracts
 from ldm_rt.runtime.manifest import Manifest
+from ldm_rt.runtime.pipeline import Pipeline
+from ldm_rt.runtime.schedulers import SchedulerConfig
 
 from .export_wrappers import export_wrappers
 from .model_folder import LoadedModel
@@ -32,6 +38,8 @@ PRECISION_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 # The reference has no engine limits: accept any batch up to this and any size the model divides.
 UNLIMITED_BATCH = 64
 UNLIMITED_PIXELS = 4096
+# The default size when the model does not record its resolution (an SD single file): SD's.
+DEFAULT_SIZE = 512
 
 
 class TorchComponent:
@@ -54,12 +62,18 @@ class TorchComponent:
         return f"TorchComponent({self.contract.name}, device={self.device})"
 
 
-def unlimited_profile(facts: ModelFacts) -> ShapeProfile:
-    """A profile as wide as the reference allows: batch 1..64, sizes from one multiple up to ~4096 px."""
+def unlimited_profile(facts: ModelFacts, size: int = DEFAULT_SIZE) -> ShapeProfile:
+    """A profile as wide as the reference allows: batch 1..64, sizes from one multiple up to ~4096 px; its
+    optimum (the default size of a request) is `size` rounded down to a multiple."""
     m = facts.pixel_multiple
     top = max(m, UNLIMITED_PIXELS // m * m)
-    opt = min(top, max(m, 512 // m * m))
+    opt = min(top, max(m, size // m * m))
     return ShapeProfile(batch=(1, 1, UNLIMITED_BATCH), height=(m, opt, top), width=(m, opt, top))
+
+
+def nominal_profile(loaded: LoadedModel) -> ShapeProfile:
+    """unlimited_profile with the autoencoder's nominal resolution (if recorded) as the default size."""
+    return unlimited_profile(loaded.facts(), loaded.model.config.autoencoder.resolution or DEFAULT_SIZE)
 
 
 def torch_components(
@@ -68,16 +82,40 @@ def torch_components(
     device: str | torch.device = "cpu",
 ) -> dict[str, TorchComponent]:
     """text_encoder (if any), unet, vae_decoder, vae_encoder of `loaded` as TorchComponents. Without
-    `contracts` they accept any shape the model supports (unlimited_profile)."""
+    `contracts` they accept any shape the model supports (nominal_profile)."""
     if contracts is None:
-        facts = loaded.facts()
-        contracts = build_contracts(facts, unlimited_profile(facts))
+        contracts = build_contracts(loaded.facts(), nominal_profile(loaded))
     loaded.model.to(device)
     wrappers = export_wrappers(loaded.model)
     missing = sorted(set(contracts) - set(wrappers))
     if missing:
         raise BackendError(f"the contracts list {missing} but the model has no such component; rebuild the artifacts from this model")
     return {name: TorchComponent(wrappers[name], contract, device) for name, contract in contracts.items()}
+
+
+def torch_pipeline(model: LoadedModel | str | Path, device: str | torch.device | None = None, **load_kwargs: Any) -> Pipeline:
+    """The runtime Pipeline over the reference networks of `model`: a LoadedModel, or a path that
+    checkpoints.load_model reads (ldm-rt model folder, diffusers folder or SD single file; `load_kwargs`
+    go to it, e.g. tokenizer=DIR for a single file; `device`: default, where the weights are). Requests may use any batch up to 64 and any size the
+    model divides (nominal_profile; default size: the autoencoder's nominal resolution). The images carry
+    no model hash: the weights are not hashed here (the artifacts' manifest records it)."""
+    if isinstance(model, LoadedModel):
+        if load_kwargs:
+            raise TypeError(f"load options {sorted(load_kwargs)} apply to a path, not to a LoadedModel")
+        loaded = model
+    else:
+        from .checkpoints import load_model
+
+        loaded = load_model(model, **load_kwargs)
+    loaded.model.eval()
+    profile = nominal_profile(loaded)
+    weight = next(loaded.model.parameters())
+    components = torch_components(loaded, build_contracts(loaded.facts(), profile), weight.device if device is None else device)
+    precision = "fp16" if weight.dtype == torch.float16 else "fp32"
+    return Pipeline(
+        components, loaded.tokenizer, SchedulerConfig.from_dict(dict(loaded.scheduler_config)), loaded.facts(), profile,
+        backend="torch", precision=precision,
+    )
 
 
 def open_components(

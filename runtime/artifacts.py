@@ -26,9 +26,20 @@ from .schedulers import SchedulerConfig, SchedulerConfigError
 from .tokenizer import PromptTokenizer
 
 
+def shipped_model_root() -> Path:
+    """engines/default, the shipped default model (package data of ldm_rt.engines): the one place that knows
+    where it lives. model/ holds its checkpoint, artifacts/ what export built from it."""
+    return Path(str(importlib.resources.files("ldm_rt.engines"))) / "default"
+
+
 def default_artifacts_dir() -> Path:
-    """The shipped default model's artifacts (package data of ldm_rt.engines)."""
-    return Path(str(importlib.resources.files("ldm_rt.engines"))) / "default" / "artifacts"
+    """The shipped default model's artifacts, what `Pipeline.load()` and `ldm-rt sample` use without --model."""
+    return shipped_model_root() / "artifacts"
+
+
+def default_model_dir() -> Path:
+    """The shipped default model's checkpoint (an ldm-rt model folder), the source its artifacts are built from."""
+    return shipped_model_root() / "model"
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
     ldm-rt sample --prompt "a red cube" --steps 25 --seed 1 --out cube.png [--model DIR]
     ldm-rt info [--model DIR]
+    ldm-rt bench [--model DIR] [--runs 3]
 
 Bad input is one line on stderr ("ldm-rt: error: ..."), exit status 2, no traceback and no output file.
 """
@@ -123,8 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--model", type=Path, default=None, help="artifacts folder (default: the shipped default model)")
     i.add_argument("--json", action="store_true", help="print the whole manifest as JSON")
 
-    b = sub.add_parser("bench", help="speed and memory against the PyTorch pipelines", description=bench.__doc__.split("\n\n")[0])
-    bench.add_arguments(b)
+    b = sub.add_parser("bench", help="time loading and sampling of this pipeline; peak memory", description=bench.__doc__.split("\n\n")[0])
+    bench.add_arguments(b, BACKENDS)
     return parser
 
 

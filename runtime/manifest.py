@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import stat
 import typing
 from dataclasses import asdict, dataclass, field
-from pathlib import Path, PurePosixPath, PureWindowsPath
+from pathlib import Path
 from typing import Any
 
+from . import files
 from .atomic import atomic_write_text
 from .contracts import ComponentContract, ModelFacts, ShapeProfile
+from .files import FileFormatError, inside
 
 FORMAT = "ldm-rt-artifacts"
 FORMAT_VERSION = 1
@@ -39,29 +39,11 @@ MAX_TOKENIZER_BYTES = 64 << 20
 MAX_SCHEDULER_CONFIG_BYTES = 1 << 20
 
 
-class ArtifactError(ValueError):
+class ArtifactError(FileFormatError):
     """Artifacts are missing, corrupt, stale or foreign; the message says which file and what to do."""
 
 
-def inside(folder: str | Path, rel: str, *, last_link_may_leave: bool = False) -> Path | None:
-    """folder/rel if `rel` is a relative POSIX path that stays inside `folder` with symlinks resolved, else None.
-
-    Decided from the names and links alone, before anything is opened, so the answer is the same whether or
-    not the target exists. Backslashes and drive letters are refused (they name different files on different
-    systems), and NUL (no system opens it). `last_link_may_leave`: only the folders on the way must stay
-    inside; the file itself may be a symlink out (a Hugging Face cache snapshot links each file to its blob)."""
-    folder = Path(folder)
-    if not isinstance(rel, str) or not rel or "\0" in rel or "\\" in rel or PureWindowsPath(rel).drive:
-        return None
-    pure = PurePosixPath(rel)
-    if pure.is_absolute() or ".." in pure.parts:
-        return None
-    try:
-        base = folder.resolve()
-        resolved = (base / pure).parent.resolve() if last_link_may_leave else (base / pure).resolve()
-    except (OSError, RuntimeError):  # a symlink loop
-        return None
-    return folder / pure if resolved.is_relative_to(base) else None
+REBUILD = "rebuild the artifacts"
 
 
 def confined(folder: str | Path, rel: str, named_by: str | Path) -> Path:
@@ -77,48 +59,16 @@ def confined(folder: str | Path, rel: str, named_by: str | Path) -> Path:
 
 
 def read_bounded(path: Path, limit: int, what: str) -> bytes:
-    """The bytes of the regular file `path`, refused without reading it when it is larger than `limit`."""
-    try:
-        # O_NONBLOCK: opening a FIFO must not wait for a writer; it is refused below like any non-file.
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    except FileNotFoundError:
-        raise ArtifactError(f"{path} is missing; rebuild the artifacts") from None
-    except OSError as e:
-        raise ArtifactError(f"cannot open {path} ({e.strerror}); check its permissions or rebuild the artifacts") from None
-    with os.fdopen(fd, "rb") as f:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise ArtifactError(f"{path} is not a regular file; rebuild the artifacts")
-        if st.st_size > limit:
-            raise ArtifactError(f"{path} is {st.st_size} bytes, more than a {what} may have ({limit}); rebuild the artifacts")
-        data = f.read(limit + 1)  # the file may have grown since the stat
-    if len(data) > limit:
-        raise ArtifactError(f"{path} is more than {limit} bytes, more than a {what} may have; rebuild the artifacts")
-    return data
-
-
-_JSON_KINDS = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean", type(None): "null"}
+    return files.read_bounded(path, limit, what, error=ArtifactError, fix=REBUILD)
 
 
 def utf8_text(data: bytes, path: Path) -> str:
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ArtifactError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); rebuild the artifacts") from None
+    return files.utf8_text(data, path, error=ArtifactError, fix=REBUILD)
 
 
 def json_object(data: bytes, path: Path) -> dict[str, Any]:
     """The JSON object in `data` (read from `path`); anything else is one ArtifactError naming the file."""
-    text = utf8_text(data, path)
-    try:
-        value = json.loads(text)
-    except RecursionError:
-        raise ArtifactError(f"{path} nests JSON too deeply to be ours; rebuild the artifacts") from None
-    except ValueError as e:  # JSONDecodeError, and int() refusing a number of thousands of digits
-        raise ArtifactError(f"{path} is not valid JSON ({e}); rebuild the artifacts") from None
-    if not isinstance(value, dict):
-        raise ArtifactError(f"{path} holds {_JSON_KINDS.get(type(value), 'a value')} where a JSON object is expected; rebuild the artifacts")
-    return value
+    return files.json_object(data, path, error=ArtifactError, fix=REBUILD)
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

@@ -7,9 +7,9 @@ import numbers
 import operator
 import secrets
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Protocol
 
-from .manifest import Manifest
+from .contracts import ModelFacts, ShapeProfile
 from .schedulers import SCHEDULERS
 
 
@@ -18,6 +18,16 @@ from .schedulers import SCHEDULERS
 # height x width: the decoded batch alone is 12 bytes per pixel, 3.2 GB here, e.g. 64 images of 2048 x 2048).
 MAX_IMAGES_PER_CALL = 1024
 MAX_PIXELS_PER_CALL = 2**28
+
+
+class Limits(Protocol):
+    """What a request is checked against: a Manifest, or a Pipeline built from components."""
+
+    @property
+    def facts(self) -> ModelFacts: ...
+
+    @property
+    def profile(self) -> ShapeProfile: ...
 
 
 class GenerationError(ValueError):
@@ -85,7 +95,7 @@ def check_image_count(images: int, what: str = "images per call") -> None:
 
 
 def make_params(
-    manifest: Manifest,
+    limits: Limits,
     *,
     prompt: str | list[str],
     negative_prompt: str | list[str],
@@ -100,7 +110,7 @@ def make_params(
     guidance_rescale: float = 0.0,
     mask_blur: float | None = 0.0,
 ) -> GenerationParams:
-    """Check every value against the artifacts (profile, pixel multiple) and fill defaults (size: the
+    """Check every value against `limits` (profile, pixel multiple) and fill defaults (size: the
     profile's optimum; seed: a fresh random one, recorded so the image can be reproduced)."""
     prompts = as_prompts(prompt, "prompt")
     negatives = as_prompts(negative_prompt, "negative_prompt")
@@ -125,7 +135,7 @@ def make_params(
     batch = _int(batch, "batch")
     if batch < 1:
         raise GenerationError(f"batch must be >= 1, got {batch}")
-    profile, multiple = manifest.profile, manifest.facts.pixel_multiple
+    profile, multiple = limits.profile, limits.facts.pixel_multiple
     images = len(prompts) * batch
     check_image_count(images, f"images per call ({len(prompts)} prompts x batch {batch})")
     if not profile.batch[0] <= images <= profile.batch[2]:

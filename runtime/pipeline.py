@@ -11,7 +11,10 @@ Thread safety: the object holds only read-only things (artifacts, components who
 immutable schedulers); everything a call changes (scheduler run, random generator, timings) is local to
 `generate`, so one Pipeline serves concurrent requests.
 
-Randomness (the same on every backend and in the torch reference, so a seed means one image): one
+The torch reference is not a second sampler: reference/torch_backend.torch_pipeline builds this class over the
+PyTorch networks (the `Pipeline(components, tokenizer, scheduler_config, facts, profile, ...)` constructor).
+
+Randomness (the same on every backend, the torch reference included, so a seed means one image): one
 `np.random.default_rng(seed)`; the initial noise is drawn first, `standard_normal((B, C, h, w),
 dtype=float32)` (skipped when `latents` is given), then each stochastic scheduler step draws its noise.
 """
@@ -21,7 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -33,6 +36,7 @@ from PIL import Image
 from . import guidance as cfg
 from .artifacts import Artifacts
 from .backends.base import Component, HostOptions, SupportsUpload, default_compile_cache, open_components
+from .contracts import ModelFacts, ShapeProfile
 from .images import (
     TEXT_KEYS,
     as_mask_array,
@@ -46,8 +50,9 @@ from .images import (
     write_images,
 )
 from .params import GenerationError, GenerationParams, as_prompts, make_params
-from .schedulers import usable_schedulers
+from .schedulers import SchedulerConfig, usable_schedulers
 from .schedulers.config import SchedulerConfigError
+from .tokenizer import PromptTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -113,15 +118,44 @@ class Start:
 
 
 class Pipeline:
-    def __init__(self, artifacts: Artifacts, components: dict[str, Component], backend: str, precision: str) -> None:
-        self.artifacts = artifacts
+    """The sampling loop over one backend's components. `Pipeline.load(dir)` opens an artifacts folder; the
+    constructor takes the parts directly (reference/torch_backend.torch_pipeline runs the PyTorch reference
+    networks through it), so every backend and the reference share this one loop."""
+
+    def __init__(
+        self,
+        components: Mapping[str, Component],
+        tokenizer: PromptTokenizer | None,
+        scheduler_config: SchedulerConfig,
+        facts: ModelFacts,
+        profile: ShapeProfile,
+        *,
+        backend: str,
+        precision: str = "fp32",
+        model_hash: str = "",
+        artifacts: Artifacts | None = None,
+    ) -> None:
+        """`components`: text_encoder (if the model has one), unet, vae_decoder, vae_encoder (img2img and
+        inpainting), each with a `run` keyed by its contract's tensor names; `profile`: the batch and size
+        ranges requests are checked against (its optimum is the default size); `model_hash`: what the image
+        metadata names as the model; `artifacts`: the folder they came from, if any (Pipeline.load)."""
         self.components = MappingProxyType(dict(components))
+        missing = sorted({"unet", "vae_decoder"} - set(self.components))
+        if missing:
+            raise GenerationError(f"the pipeline needs the components {missing}; pass them with the others")
+        if "text_encoder" in self.components and tokenizer is None:
+            raise GenerationError("the model has a text encoder: pass its tokenizer")
+        self.tokenizer = tokenizer
+        self.scheduler_config = scheduler_config
+        self.facts = facts
+        self.profile = profile
         self.backend = backend
         self.precision = precision
-        self.facts = artifacts.manifest.facts
+        self.model_hash = model_hash
+        self.artifacts = artifacts
         # Every scheduler that takes the model's schedule; the rest (pndm, lms under zero terminal SNR) fail
         # when asked for, with the reason and the usable names, instead of refusing the whole model.
-        schedulers, self._unusable = usable_schedulers(artifacts.scheduler_config)
+        schedulers, self._unusable = usable_schedulers(scheduler_config)
         if not schedulers:
             raise SchedulerConfigError(next(iter(self._unusable.values())))
         self.schedulers = MappingProxyType(schedulers)
@@ -133,6 +167,14 @@ class Pipeline:
                 f"a UNet with {cin} input channels for {lc} latent channels (concat conditioning) is not supported by the runtime pipeline"
             )
         self.inpainting_unet = cin == 2 * lc + 1
+
+    @classmethod
+    def from_artifacts(cls, artifacts: Artifacts, components: Mapping[str, Component], backend: str, precision: str) -> Pipeline:
+        """The loop over `components` opened from `artifacts` (its tokenizer, scheduler, facts, profile and hash)."""
+        return cls(
+            components, artifacts.tokenizer, artifacts.scheduler_config, artifacts.manifest.facts, artifacts.manifest.profile,
+            backend=backend, precision=precision, model_hash=artifacts.model_hash, artifacts=artifacts,
+        )
 
     @classmethod
     def load(
@@ -161,7 +203,7 @@ class Pipeline:
         host = HostOptions(threads, spin, cache, reduced_precision)  # validated before anything is opened
         artifacts = Artifacts.open(artifacts_dir)
         components = open_components(backend, artifacts.root, artifacts.manifest, precision, providers, host)
-        return cls(artifacts, components, backend, precision)
+        return cls.from_artifacts(artifacts, components, backend, precision)
 
     def close(self) -> None:
         """Release what the components hold outside Python's memory (TensorRT: device buffers, streams, graphs)."""
@@ -203,7 +245,8 @@ class Pipeline:
         image (images.paste_kept) with a seam of `mask_blur` pixels (0: hard edge; None: no paste-back,
         the decoder's pixels everywhere, as diffusers returns them). `class_labels` (one per prompt) for
         class-conditional models. `guidance_rescale` in [0, 1] (Lin et al. suggest 0.7):
-        runtime/guidance.py. Same conventions as reference/pipeline.py."""
+        runtime/guidance.py. Defaults: `seed` None draws a fresh seed (recorded in Result.params, so the image
+        can be made again); `negative_prompt` "" is the unconditional half of guidance."""
         start_time = time.perf_counter()
         as_prompts(prompt, "prompt")  # a clear error for None, numbers or non-UTF-8 text before anything else
         if mask is not None and init_image is None:
@@ -225,7 +268,7 @@ class Pipeline:
         if "text_encoder" not in self.components and any(prompt if not isinstance(prompt, str) else [prompt]):
             raise GenerationError("this model has no text encoder and takes no prompt; pass prompt=''")
         p = make_params(
-            self.artifacts.manifest, prompt=prompt, negative_prompt=negative_prompt, steps=steps, guidance=guidance,
+            self, prompt=prompt, negative_prompt=negative_prompt, steps=steps, guidance=guidance,
             scheduler=scheduler, seed=seed, batch=batch, height=height, width=width, strength=strength,
             guidance_rescale=guidance_rescale, mask_blur=mask_blur,
         )
@@ -262,7 +305,7 @@ class Pipeline:
         timings["total"] = time.perf_counter() - start_time
         params = {
             **p.to_dict(),
-            "model_hash": self.artifacts.model_hash,
+            "model_hash": self.model_hash,
             "backend": self.backend,
             "precision": self.precision,
             "mode": "inpaint" if mask is not None else "img2img" if init is not None else "txt2img",
@@ -333,7 +376,7 @@ class Pipeline:
         """Context (B or 2B, L, D), rows [uncond..., cond...] under guidance, each prompt repeated `batch` times."""
         if "text_encoder" not in self.components:
             return None
-        tokenizer = self.artifacts.tokenizer
+        tokenizer = self.tokenizer
         # The tokenizer warns about each prompt it truncates or has unknown words in (numbered within its list).
         ids = tokenizer(list(p.prompts)).ids
         if use_cfg:

@@ -26,7 +26,6 @@ import numpy as np
 from .atomic import atomic_write_text
 from .manifest import GUIDANCE, Manifest
 from .schedulers import SCHEDULERS, Scheduler, SchedulerConfig, SchedulerConfigError, SchedulerRun, make_scheduler
-from .schedulers.lms import LMS_ORDER, LMSRun, lms_coefficient
 
 SPEC_FORMAT = "ldm-rt-sampler-spec"
 VECTORS_FORMAT = "ldm-rt-sampler-vectors"
@@ -160,11 +159,6 @@ def _run_entry(run: SchedulerRun) -> dict[str, Any]:
         out[key] = value
     out["timesteps"] = f32(run.timesteps) if run.timesteps.dtype.kind == "f" else run.timesteps.tolist()
     out["noise_steps"] = noise_steps(run)
-    if isinstance(run, LMSRun):
-        out["lms_coefficients"] = [
-            [lms_coefficient(run.sigmas, min(i + 1, LMS_ORDER), i, j) for j in range(min(i + 1, LMS_ORDER))]
-            for i in range(len(run.timesteps))
-        ]
     return out
 
 

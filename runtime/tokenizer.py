@@ -27,6 +27,7 @@ from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, 
 from tokenizers.models import BPE, WordLevel
 
 from .atomic import atomic_write_text
+from .files import FileFormatError, read_json_object
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,8 @@ CLIP_SPLIT = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L
 MAX_WORDS_SHOWN = 10
 # transformers writes this placeholder for "no limit" into tokenizer_config.json.
 UNSET_MODEL_MAX_LENGTH = 10**12
+# vocab.json and tokenizer_config.json: CLIP's vocabulary is 1.6 MB; room for multilingual ones (20-35 MB).
+MAX_TOKENIZER_JSON_BYTES = 64 << 20
 
 
 class TokenizerError(ValueError):
@@ -64,11 +67,11 @@ def _read_text(path: Path, what: str) -> str:
         raise TokenizerError(f"cannot read {what} {path} ({e}); check the file") from None
 
 
-def _read_json(path: Path, what: str) -> Any:
+def _read_json(path: Path, what: str) -> dict[str, Any]:
     try:
-        return json.loads(_read_text(path, what))
-    except json.JSONDecodeError as e:
-        raise TokenizerError(f"{what} {path} is not valid JSON ({e}); re-download or re-export it") from None
+        return read_json_object(path, limit=MAX_TOKENIZER_JSON_BYTES, what=what, fix="re-download or re-export it")
+    except FileFormatError as e:
+        raise TokenizerError(f"{what}: {e}") from None
 
 
 def _read_optional_json(path: Path, what: str) -> dict[str, Any]:
@@ -213,9 +216,7 @@ class PromptTokenizer:
     ) -> PromptTokenizer:
         """CLIP's BPE from vocab.json and merges.txt, configured as transformers' CLIPTokenizer."""
         vocab_json, merges_txt = Path(vocab_json), Path(merges_txt)
-        vocab = _read_json(vocab_json, "CLIP vocabulary")
-        if not isinstance(vocab, dict):
-            raise TokenizerError(f"CLIP vocabulary {vocab_json} must map tokens to ids; re-download vocab.json")
+        vocab = _read_json(vocab_json, "CLIP vocabulary")  # a JSON object, token -> id
         merges = _parse_merges(merges_txt)
         for token, role in ((BOS, "start token"), (EOS, "end token"), (pad_token, "pad token")):
             if token not in vocab:

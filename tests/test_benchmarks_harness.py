@@ -1,4 +1,4 @@
-"""The benchmark harness (ldm_rt.runtime.bench + benchmarks/peers) on tiny models, N=1: the schema of the
+"""The benchmark harness (the `benchmarks` package + benchmarks/peers) on tiny models, N=1: the schema of the
 JSON and the tables, ratios computed side by side from the peers' own numbers, the FLOP counter against
 hand-counted graphs, and the torch peers computing the same images from the same noise. No timing asserts."""
 
@@ -15,10 +15,11 @@ import pytest
 from onnx import TensorProto, helper
 from test_runtime_fixtures import synthetic
 
-from ldm_rt.runtime import bench
-
 ROOT = Path(__file__).resolve().parents[1]
-PEERS = ROOT / "benchmarks" / "peers"
+sys.path.insert(0, str(ROOT))  # `benchmarks` is a folder of the checkout, imported from its root (benchmarks/__init__.py)
+
+from benchmarks import flops, harness, machine, report, targets  # noqa: E402
+from benchmarks.harness import PEERS  # noqa: E402
 
 # A stand-in peer speaking the worker protocol through benchmarks/peers/worker_common.py, with fixed stage
 # times, so the ratios it gets can be checked against what it reported.
@@ -45,32 +46,32 @@ run_worker(prepare)
 
 
 @pytest.fixture(scope="module")
-def report(tmp_path_factory):
+def smoke(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bench")
     artifacts, _ = synthetic(tmp_path_factory)
     stub = tmp / "stub_worker.py"
     stub.write_text(STUB)
     peers = (
-        bench.ours_peer(artifacts),
-        bench.Peer("diffusers", (sys.executable, str(stub)), "stub-model"),
-        bench.Peer("optimum", (sys.executable, str(stub)), "stub-model", extra={"fail": True}),
-        bench.Peer("reference", skip_reason="not installed in this test"),
-        *bench.gpu_peers(artifacts),
+        harness.ours_peer(artifacts),
+        harness.Peer("diffusers", (sys.executable, str(stub)), "stub-model"),
+        harness.Peer("optimum", (sys.executable, str(stub)), "stub-model", extra={"fail": True}),
+        harness.Peer("reference", skip_reason="not installed in this test"),
+        *harness.gpu_peers(artifacts),
     )
-    runs = (bench.RunSpec(16, 16, batch=1, steps=3, runs=1, prompt="a red cube"), bench.RunSpec(16, 16, batch=2, steps=2, runs=2, prompt="a red cube"))
+    runs = (harness.RunSpec(16, 16, batch=1, steps=3, runs=1, prompt="a red cube"), harness.RunSpec(16, 16, batch=2, steps=2, runs=2, prompt="a red cube"))
     workloads = [
-        bench.Workload("synthetic", "closed-form test model", artifacts, runs, peers, {"sd_shaped": True}),
-        bench.Workload("default", "the shipped default model", None, (), (), skip_reason="engines/default/artifacts does not exist yet"),
+        harness.Workload("synthetic", "closed-form test model", artifacts, runs, peers, {"sd_shaped": True}),
+        harness.Workload("default", "the shipped default model", None, (), (), skip_reason="engines/default/artifacts does not exist yet"),
     ]
     footprint = {"runtime only": {"mb": 200.0, "packages": 20, "has_torch": False, "missing": []}}
-    result = bench.run_benchmark(workloads, tmp / "out", timeout=300, footprint=footprint, matmul_n=512)
-    paths = bench.write_report(result, tmp / "results", "smoke")
+    result = report.run_benchmark(workloads, tmp / "out", timeout=300, footprint=footprint, matmul_n=512)
+    paths = report.write_report(result, tmp / "results", "smoke")
     return result, paths
 
 
-def test_report_schema_and_files(report):
-    result, paths = report
-    assert result["schema"] == bench.SCHEMA
+def test_report_schema_and_files(smoke):
+    result, paths = smoke
+    assert result["schema"] == report.SCHEMA
     assert {"cpu", "physical_cores", "logical_cores", "ram_gib", "versions", "load_average_start"} <= set(result["machine"])
     assert result["matmul_peak"]["gflops"] > 0
     assert json.loads(paths["json"].read_text()) == json.loads(json.dumps(result))
@@ -93,8 +94,8 @@ def test_report_schema_and_files(report):
             prof["scaling"]["one_thread_s"] / prof["scaling"]["all_threads_s"])
 
 
-def test_ratios_are_peer_over_ours_from_the_same_run(report):
-    result, _ = report
+def test_ratios_are_peer_over_ours_from_the_same_run(smoke):
+    result, _ = smoke
     for run in result["workloads"][0]["runs"]:
         ours, stub = run["peers"]["ours"], run["peers"]["diffusers"]
         assert stub["status"] == "ok"
@@ -112,35 +113,35 @@ def test_ratios_are_peer_over_ours_from_the_same_run(report):
         assert stub["unet_gflops"] == pytest.approx(run["unet_flops"] / 0.002 / 1e9)
 
 
-def test_failed_and_skipped_peers_are_reported_not_dropped(report):
-    result, paths = report
+def test_failed_and_skipped_peers_are_reported_not_dropped(smoke):
+    result, paths = smoke
     run = result["workloads"][0]["runs"][0]
     assert run["peers"]["optimum"]["status"] == "failed" and "stub asked to fail" in run["peers"]["optimum"]["error"]
-    assert run["peers"]["reference"] == {"status": "skipped", "label": bench.PEER_LABELS["reference"], "reason": "not installed in this test"}
+    assert run["peers"]["reference"] == {"status": "skipped", "label": harness.PEER_LABELS["reference"], "reason": "not installed in this test"}
     assert run["peers"]["ours-cuda"]["status"] == "skipped"
     text = paths["markdown"].read_text()
     assert "failed: RuntimeError: stub asked to fail" in text and "skipped: not installed in this test" in text
-    assert "skipped: no CUDA GPU" in text or "CUDAExecutionProvider" in str(bench.gpu_peers)
+    assert "skipped: no CUDA GPU" in text or "CUDAExecutionProvider" in str(harness.gpu_peers)
 
 
 def test_openvino_peer_starts_from_a_warm_compile_cache(tmp_path_factory):
     pytest.importorskip("openvino", reason="OpenVINO is not installed (pip install 'ldm-rt[openvino]')")
     tmp = tmp_path_factory.mktemp("bench_ov")
     artifacts, _ = synthetic(tmp_path_factory)
-    peer = bench.openvino_peer(artifacts)
-    assert peer.skip_reason is None and peer.extra["compile_cache"] == bench.WARM_CACHE
+    peer = harness.openvino_peer(artifacts)
+    assert peer.skip_reason is None and peer.extra["compile_cache"] == harness.WARM_CACHE
     # The OpenVINO backend at its best speed (bf16 where the CPU has it), and the row says so.
     assert peer.extra["backend"] == "openvino" and peer.extra["reduced_precision"] and peer.extra["providers"] is None
     assert "bf16" in peer.label
-    workload = bench.Workload("synthetic", "closed-form test model", artifacts, (bench.RunSpec(16, 16, batch=1, steps=2, runs=1),), (bench.ours_peer(artifacts), peer))
-    entry = bench.run_workload(workload, tmp, timeout=300, profile=False)
+    workload = harness.Workload("synthetic", "closed-form test model", artifacts, (harness.RunSpec(16, 16, batch=1, steps=2, runs=1),), (harness.ours_peer(artifacts), peer))
+    entry = harness.run_workload(workload, tmp, timeout=300, profile=False)
     assert entry["runs"][0]["peers"]["ours-openvino"]["status"] == "ok"
     cache = tmp / "work" / "synthetic" / "compile_cache" / "openvino"
     assert any(cache.iterdir())  # filled before the peer started
 
 
-def test_markdown_and_readme_tables(report):
-    result, paths = report
+def test_markdown_and_readme_tables(smoke):
+    result, paths = smoke
     md = paths["markdown"].read_text()
     rows = [line for line in md.splitlines() if line.startswith("| ldm-rt (ONNX Runtime CPU) |")]
     header = next(line for line in md.splitlines() if line.startswith("| peer |"))
@@ -148,7 +149,7 @@ def test_markdown_and_readme_tables(report):
     assert all(line.count("|") == header.count("|") for line in md.splitlines() if line.startswith("| ldm-rt (TensorRT FP16) |"))
     assert "## Targets (issue 7, CPU)" in md and "Machine: " in md and "matmul peak" in md
     readme = paths["readme"].read_text()
-    assert readme.startswith("## Performance") and readme == bench.render_readme_section(result)
+    assert readme.startswith("## Performance") and readme == report.render_readme_section(result)
     assert "| 16x16, batch 2, 2 steps | diffusers StableDiffusionPipeline (PyTorch) |" in readme
     assert "**default**: not measured" in readme
     where = [line for line in readme.splitlines() if line.startswith("| synthetic |")]
@@ -160,12 +161,12 @@ def test_targets_take_the_worst_run():
         return {"peers": {"ours": {"status": "ok", "peak_fraction": fraction},
                           "diffusers": {"status": "ok", "vs_ours": {"latency": latency_ratio, "cold_start": cold_ratio, "peak_rss": rss_ratio}}}}
 
-    report = {"workloads": [{"config": {"sd_shaped": True}, "runs": [run(3.0, 6.0, 1.5, 0.6), run(1.5, 7.0, 0.9, 0.4)]}]}
-    targets = {t["key"]: t for t in bench.evaluate_targets(report)}
-    assert targets["latency_diffusers"]["worst"] == 1.5 and not targets["latency_diffusers"]["met"]
-    assert targets["cold_diffusers"]["worst"] == 6.0 and targets["cold_diffusers"]["met"]
-    assert targets["memory"]["worst"] == 0.9 and not targets["memory"]["met"]
-    assert targets["roofline"]["worst"] == 0.4 and not targets["roofline"]["met"]
+    fake = {"workloads": [{"config": {"sd_shaped": True}, "runs": [run(3.0, 6.0, 1.5, 0.6), run(1.5, 7.0, 0.9, 0.4)]}]}
+    got = {t["key"]: t for t in targets.evaluate_targets(fake)}
+    assert got["latency_diffusers"]["worst"] == 1.5 and not got["latency_diffusers"]["met"]
+    assert got["cold_diffusers"]["worst"] == 6.0 and got["cold_diffusers"]["met"]
+    assert got["memory"]["worst"] == 0.9 and not got["memory"]["met"]
+    assert got["roofline"]["worst"] == 0.4 and not got["roofline"]["met"]
 
 
 def test_flop_counter_against_hand_count(tmp_path):
@@ -189,17 +190,17 @@ def test_flop_counter_against_hand_count(tmp_path):
     rng = np.random.default_rng(0)
     feeds = {"x": rng.standard_normal((1, 3, 16, 16), dtype=np.float32), "a": rng.standard_normal((2, 5, 7), dtype=np.float32),
              "b": rng.standard_normal((7, 4), dtype=np.float32), "g": rng.standard_normal((3, 6), dtype=np.float32)}
-    got = bench.graph_flops(path, feeds)["by_op"]
+    got = flops.graph_flops(path, feeds)["by_op"]
     assert got == {"Conv": 2 * (8 * 16 * 16) * (3 * 3 * 3), "MatMul": 2 * (2 * 5 * 4) * 7, "Gemm": 2 * (3 * 2) * 6}
 
 
 def test_footprint_of_the_runtime_install_has_no_torch():
     import importlib.metadata
 
-    runtime = bench._closure({"ldm-rt": ()})
+    runtime = machine._closure({"ldm-rt": ()})
     assert "torch" not in runtime and {"numpy", "onnxruntime", "tokenizers", "pillow"} <= set(runtime)
     assert all(size > 0 for name, size in runtime.items() if name != "ldm-rt")
-    assert "torch" in bench._requirement_names(importlib.metadata.distribution("ldm-rt"), ("torch",))
+    assert "torch" in machine._requirement_names(importlib.metadata.distribution("ldm-rt"), ("torch",))
 
 
 @pytest.mark.slow  # two PyTorch processes started one after the other: about 30-40 s on 2 shared cores
@@ -207,21 +208,18 @@ def test_torch_peers_compute_the_same_images(tiny_ldm_rt_model, tmp_path):
     """The default-model path: an ldm-rt model folder converted to diffusers' layout (benchmarks/diffusers_layout.py);
     the reference worker on the original and the diffusers worker on the conversion, with the same noise and
     DDIM, must draw the same image."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        from diffusers_layout import ldm_rt_to_diffusers
-    finally:
-        sys.path.pop(0)
+    from benchmarks.diffusers_layout import ldm_rt_to_diffusers
+
     converted = ldm_rt_to_diffusers(tiny_ldm_rt_model, tmp_path / "diffusers")
     steps = 2
     noise = np.random.default_rng(0).standard_normal((1, 4, 16, 16), dtype=np.float32)
     np.save(tmp_path / "noise.npy", noise)
-    spec = {**bench.RunSpec(32, 32, steps=steps, runs=1, prompt="a red cat").to_dict(), "threads": 2, "noise_file": str(tmp_path / "noise.npy")}
+    spec = {**harness.RunSpec(32, 32, steps=steps, runs=1, prompt="a red cat").to_dict(), "threads": 2, "noise_file": str(tmp_path / "noise.npy")}
 
-    peers = [bench.Peer("reference", (sys.executable, str(PEERS / "reference_worker.py")), str(tiny_ldm_rt_model)),
-             bench.Peer("diffusers", (sys.executable, str(PEERS / "diffusers_worker.py")), str(converted))]
+    peers = [harness.Peer("reference", harness.worker_argv("reference"), str(tiny_ldm_rt_model)),
+             harness.Peer("diffusers", harness.worker_argv("diffusers"), str(converted))]
     specs = {p.name: {**spec, "model": p.model, "image_out": str(tmp_path / f"{p.name}.npy")} for p in peers}
-    results = bench.run_peers(peers, specs, {p.name: tmp_path / f"{p.name}.log" for p in peers}, warmup=1, runs=1, timeout=300)
+    results = harness.run_peers(peers, specs, {p.name: tmp_path / f"{p.name}.log" for p in peers}, warmup=1, runs=1, timeout=300)
     images = {}
     for name, raw in results.items():
         assert raw["status"] == "ok", (tmp_path / f"{name}.log").read_text()[-2000:]
@@ -231,18 +229,3 @@ def test_torch_peers_compute_the_same_images(tiny_ldm_rt_model, tmp_path):
     assert images["reference"].shape == (1, 32, 32, 3)
     diff = np.abs(images["reference"].astype(int) - images["diffusers"].astype(int))
     assert diff.max() <= 2 and images["reference"].std() > 5  # the same non-trivial image
-
-
-def test_bench_command_on_one_artifacts_folder(tmp_path_factory, tmp_path, capsys):
-    """`ldm-rt bench --model DIR` (ldm_rt.runtime.bench.main): ldm-rt measured, every peer it was not given a
-    model for listed as skipped with the option that would add it."""
-    artifacts, _ = synthetic(tmp_path_factory)
-    code = bench.main(["--model", str(artifacts), "--batch", "1", "--steps", "2", "--runs", "1", "--height", "16", "--width", "16",
-                       "--prompt", "a red cube", "--no-profile", "--results", str(tmp_path), "--name", "cli"])
-    assert code == 0
-    report = json.loads((tmp_path / "cli.json").read_text())
-    (run,) = report["workloads"][0]["runs"]
-    assert run["spec"]["prompt"] == "a red cube" and run["peers"]["ours"]["status"] == "ok"
-    assert run["peers"]["reference"] == {"status": "skipped", "label": bench.PEER_LABELS["reference"], "reason": "pass --source"}
-    assert run["peers"]["optimum"]["status"] == "skipped" and "--optimum" in run["peers"]["optimum"]["reason"]
-    assert "| ldm-rt (ONNX Runtime CPU) |" in capsys.readouterr().out

@@ -1,5 +1,6 @@
 """benchmarks/workloads.py: the SD-v1- and SD-v2-shaped models are what their names say (head counts,
-projections), written by diffusers and read the same way by ldm-rt's reference."""
+projections), written by diffusers and read the same way by ldm-rt's reference; their tokenizer folder gives
+transformers and ldm-rt the same ids."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import workloads  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `benchmarks` is imported from the checkout's root
+from benchmarks import workloads  # noqa: E402
 
 pytest.importorskip("diffusers")
 
@@ -34,3 +35,13 @@ def test_the_reference_reads_the_heads_diffusers_wrote(tmp_path, head_width):
     widths = sorted({(m.heads, m.heads * m.dim_head) for m in unet.modules() if isinstance(m, CrossAttention)}, key=lambda hw: hw[1])
     # SD v1's rule: 4 heads whatever the width; SD v2's: 32-wide heads, so 1 and 2 heads.
     assert widths == ([(4, 32), (4, 64)] if head_width is None else [(1, 32), (2, 64)])
+    # The word-level tokenizer folder: transformers' fast tokenizer (what diffusers and Optimum load) and
+    # ldm-rt's loader give the same ids for a benchmark prompt.
+    from transformers import PreTrainedTokenizerFast
+
+    from ldm_rt.runtime.tokenizer import PromptTokenizer
+
+    prompt = "a photo of an astronaut riding a horse on the moon"
+    theirs = PreTrainedTokenizerFast.from_pretrained(folder / "tokenizer")(prompt, padding="max_length", max_length=shape.max_length)["input_ids"]
+    ours = PromptTokenizer.from_diffusers_folder(folder / "tokenizer")([prompt]).ids[0]
+    assert list(ours) == theirs and len(set(theirs)) > 5  # every word known: no <|unk|> runs

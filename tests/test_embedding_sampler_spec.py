@@ -94,7 +94,7 @@ def vector_pipeline(config: SchedulerConfig) -> Pipeline:
             return {"image": np.zeros((n, 3, 2 * lh, 2 * lw), np.float32)}
 
     artifacts = Artifacts(Path("."), manifest, None, config, "vectors")
-    return Pipeline(artifacts, {"unet": FormulaUNet(), "vae_decoder": StubDecoder()}, "formula", "fp32")
+    return Pipeline.from_artifacts(artifacts, {"unet": FormulaUNet(), "vae_decoder": StubDecoder()}, "formula", "fp32")
 
 
 @pytest.mark.parametrize("config_name", list(VECTOR_CONFIGS))
@@ -195,3 +195,19 @@ def test_the_doc_covers_every_scheduler_name():
     for name in SCHEDULERS:
         assert f"`{name}`" in text, name
     assert "PCG64" in text and "ziggurat" in text
+
+
+def test_lms_coefficients_come_from_the_run_tables_hook_and_follow_a_strength_start():
+    # Issue 15: LMS states its coefficients through SchedulerRun.tables() like every scheduler's own tables,
+    # so a spec (or a port) replays exactly what _step uses, also for a run started part-way (img2img).
+    from ldm_rt.runtime.schedulers import make_scheduler
+    from ldm_rt.runtime.schedulers.lms import LMS_ORDER, lms_coefficient
+
+    run = make_scheduler("lms", SchedulerConfig()).set_timesteps(8)
+    tables = run.tables()["all_lms_coefficients"]
+    assert [len(c) for c in tables] == [min(g + 1, LMS_ORDER) for g in range(8)]
+    assert tables[5][2] == lms_coefficient(run.sigmas, LMS_ORDER, 5, 2)
+    late = run.with_strength(0.5)
+    assert late.begin_index > 0 and late.tables()["all_lms_coefficients"] == tables
+    spec = sampler_spec(SchedulerConfig(), step_counts=(8,), schedulers=("lms",))
+    assert spec["schedulers"]["lms"]["runs"]["8"]["lms_coefficients"] == tables

@@ -20,7 +20,7 @@ from ldm_rt.export.sources import default_model_dir, weights_sha256
 from ldm_rt.runtime.artifacts import Artifacts, default_artifacts_dir
 from ldm_rt.runtime.manifest import ArtifactError, Manifest
 
-STALE = "shipped artifacts are stale: run `python export/build_engines.py` and commit engines/default"
+STALE = "shipped artifacts are stale: run `python export/build_engines.py --out engines/default/artifacts` and commit engines/default"
 BUDGET_MB = 50.0
 
 
@@ -49,8 +49,8 @@ def test_shipped_artifacts_are_portable_fp32_onnx_only():
     """fp32 ONNX is what the CPU runtime runs; fp16 is not shipped and TensorRT engines are per-GPU builds."""
     manifest = shipped_manifest()
     for name, entry in manifest.components.items():
-        assert list(entry.precisions) == ["fp32"], f"{name}: rebuild with `python export/build_engines.py --onnx-only`"
-        assert not entry.engines, f"{name} has TensorRT engines: rebuild with `python export/build_engines.py --onnx-only`"
+        assert list(entry.precisions) == ["fp32"], f"{name}: rebuild with `python export/build_engines.py --onnx-only --out engines/default/artifacts`"
+        assert not entry.engines, f"{name} has TensorRT engines: rebuild with `python export/build_engines.py --onnx-only --out engines/default/artifacts`"
     assert not (default_artifacts_dir() / "engines").exists()
 
 
@@ -62,12 +62,18 @@ def test_shipped_default_fits_the_size_budget():
     assert total_mb < BUDGET_MB, f"engines/default is {total_mb:.1f} MB (budget {BUDGET_MB} MB): {listing}"
 
 
-def test_build_engines_without_model_or_out_rebuilds_the_shipped_artifacts_in_place():
+def test_build_engines_without_out_writes_to_the_current_folder_never_into_the_package(tmp_path, monkeypatch):
+    import ldm_rt.runtime
+    from ldm_rt.export.build import output_dir
     from ldm_rt.export.build_engines import options_from_args, parser
 
+    monkeypatch.chdir(tmp_path)
+    package = Path(ldm_rt.runtime.__file__).resolve().parents[1]
     p = parser()
-    assert options_from_args(p.parse_args(["--onnx-only"]), p).out == default_artifacts_dir()
-    assert options_from_args(p.parse_args(["--model", "elsewhere"]), p).out is None  # build.py: engines/build/<name>
+    for argv, expected in ((["--onnx-only"], "default"), (["--model", str(default_model_dir())], "model")):
+        out = output_dir(options_from_args(p.parse_args(argv), p))
+        assert out == tmp_path / "ldm-rt-artifacts" / expected
+        assert package not in out.resolve().parents
     assert options_from_args(p.parse_args(["--out", "x"]), p).out == Path("x")
 
 

@@ -6,6 +6,7 @@ import contextlib
 import importlib.util
 import io
 import json
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from ldm_rt.export.build_engines import main, options_from_args, parser
 from ldm_rt.export.errors import TensorRTUnavailable
 from ldm_rt.export.parity import ort_session
 from ldm_rt.export.sources import load_source
+from ldm_rt.export.triton_repo import MARKER
 from ldm_rt.reference.export_wrappers import export_wrappers
 from ldm_rt.reference.model_folder import load_model_folder
 from ldm_rt.runtime.artifacts import Artifacts
@@ -76,6 +78,85 @@ def diffusers_build(tmp_path_factory) -> Built:
     return Built(model, out, None, run)
 
 
+@pytest.fixture(scope="module")
+def plain_build(ldm_rt_build, tmp_path_factory) -> Built:
+    """No --fp16, --onnx-only or --engines, over a copy of an earlier artifacts folder (a rebuild in place) with
+    hidden leftovers of killed builds beside it. The profile reaches 4096 px; --parity-memory 0.05 (GiB) keeps
+    each parity run within 50 MiB, so the largest points are checked at a bounded size."""
+    root = tmp_path_factory.mktemp("export_plain")
+    out = root / "artifacts"
+    shutil.copytree(ldm_rt_build.out, out)
+    for leftover in (".artifacts.k1lled00.tmp", ".artifacts.k1lled01.old", ".artifacts2.k1lled02.tmp"):
+        (root / leftover).mkdir()
+        (root / leftover / "half.onnx").write_bytes(b"x")
+    big = ["--batch-range", "1:1:2", "--height-range", "8:16:4096", "--width-range", "8:16:4096", "--parity-memory", "0.05"]
+    run = run_cli(["--model", str(ldm_rt_build.model), "--out", str(out), *big])
+    return Built(ldm_rt_build.model, out, None, run)
+
+
+def test_without_engines_asked_for_a_missing_tensorrt_is_a_note_and_exit_0(plain_build):
+    run = plain_build.run
+    assert run.code == 0, run.stderr
+    assert "Traceback" not in run.stderr and "build_engines.py: error" not in run.stderr
+    last = run.stderr.strip().splitlines()[-1]
+    manifest = Manifest.read(plain_build.out)
+    if HAVE_TENSORRT:
+        assert manifest.tensorrt["status"] == "built"
+    else:
+        assert last.startswith("build_engines.py: note: engines skipped: TensorRT/CUDA not found: ")
+        assert last.endswith("; pass --engines to make this an error")
+        assert manifest.tensorrt["status"] == "unavailable"
+    assert set(manifest.components) == {"text_encoder", "unet", "vae_decoder", "vae_encoder"}
+
+
+def test_rebuild_in_place_clears_leftovers_of_killed_builds_only(plain_build, ldm_rt_build):
+    root = plain_build.out.parent
+    # The earlier folder was replaced (a new manifest), the killed builds' leftovers are gone, the lock file
+    # is removed at the end, and a sibling output's temp folder is left alone.
+    assert Manifest.read(plain_build.out).created and (plain_build.out / MANIFEST).read_bytes() != (ldm_rt_build.out / MANIFEST).read_bytes()
+    assert sorted(p.name for p in root.iterdir()) == [".artifacts2.k1lled02.tmp", "artifacts"]
+
+
+def test_parity_of_a_profile_too_large_for_memory_is_checked_at_a_bounded_size(plain_build):
+    run, m = plain_build.run, Manifest.read(plain_build.out)
+    notes = [line for line in run.stderr.splitlines() if line.startswith("build_engines.py: note: ") and "parity" in line]
+    text = m.components["text_encoder"]
+    assert text.precisions["fp32"].parity["largest_checked"] == {"text_batch": 4}  # small: checked as it is
+    assert "bounded" not in text.precisions["fp32"].parity
+    for name in ("unet", "vae_decoder", "vae_encoder"):
+        entry = m.components[name]
+        parity = entry.precisions["fp32"].parity
+        largest = parity["largest_checked"]
+        # Bounded: above opt (latent 8), well below the profile's 2048, and really checked.
+        assert 8 < largest["latent_height"] < 2048 and 8 < largest["latent_width"] < 2048, largest
+        assert parity["passed"] and len(parity["shapes"]) == len(parity["max_abs_err"]) >= 3
+        biggest = max(parity["shapes"], key=lambda shape: np.prod(next(iter(shape.values()))))
+        assert next(iter(biggest.values()))[-1] == largest["latent_width"] * (2 if name == "vae_encoder" else 1)
+        assert parity["bounded"].startswith("parity at the profile's maximum (")
+        assert "more than the 0.05 GiB it may use; checked at " in parity["bounded"]
+        assert entry.precisions["fp32"].ort is None or entry.precisions["fp32"].ort.parity["shapes"] == parity["shapes"]
+        assert sum(f"note: {name}: parity at the profile's maximum" in line for line in notes) == 1, run.stderr
+
+
+def test_every_phase_reports_progress(plain_build, ldm_rt_build):
+    lines = plain_build.run.stderr.splitlines()
+    components = ["text_encoder", "unet", "vae_decoder", "vae_encoder"]
+    for i, name in enumerate(components, start=1):
+        prefix = f"[{i}/4] {name}: "
+        mine = [line.removeprefix(prefix) for line in lines if line.startswith(prefix)]
+        for phase in ("onnx export fp32", "parity plan", "reference outputs (torch fp32)", "parity fp32 (onnxruntime-cpu)"):
+            started = [line for line in mine if line.startswith(phase) and line.endswith(" ...")]
+            done = [line for line in mine if line.startswith(phase) and re.search(r": done in \d+\.\ds$", line)]
+            assert len(started) == 1 and len(done) == 1, (name, phase, mine)
+        # One line per parity case, counted and timed, naming the shapes.
+        cases = [line for line in mine if line.startswith("parity fp32 (onnxruntime-cpu): ") and "done in" not in line]
+        assert len(cases) >= 3 and all(re.search(r": \d+/\d+ \w+=[\dx]+.* \(\d+\.\ds\)$", c) for c in cases), cases
+    # The fp16 search reports each case of each round.
+    fp16 = [line for line in ldm_rt_build.run.stderr.splitlines() if "fp16 search" in line]
+    assert any(re.search(r"fp16 search .*: 1 round 1 \(0 fp32 islands\), \w+=", line) for line in fp16), fp16
+    assert sum("done in" in line for line in fp16) == 4
+
+
 @pytest.fixture(params=["ldm_rt", "diffusers"])
 def built(request, ldm_rt_build, diffusers_build) -> Built:
     return {"ldm_rt": ldm_rt_build, "diffusers": diffusers_build}[request.param]
@@ -83,10 +164,14 @@ def built(request, ldm_rt_build, diffusers_build) -> Built:
 
 @pytest.mark.skipif(HAVE_TENSORRT, reason="TensorRT is installed: the no-TensorRT exit path cannot be shown here")
 def test_fp16_without_tensorrt_finishes_onnx_then_exits_1_with_the_line(ldm_rt_build):
+    """--fp16 asks for fp16 engines: without TensorRT that is an error (exit 1), after the ONNX is finished."""
     run = ldm_rt_build.run
     expected = TensorRTUnavailable.for_folder("the tensorrt package is not installed", str(ldm_rt_build.out))
     assert run.code == 1, run.stderr
-    assert run.stderr.strip().splitlines()[-1] == str(expected)
+    assert run.stderr.strip().splitlines()[-1] == (
+        f"build_engines.py: error: --fp16 (without --onnx-only) asks for TensorRT engines, but {expected}"
+    )
+    assert "Traceback" not in run.stderr
     assert str(expected).startswith("TensorRT/CUDA not found: ")
     assert f"(`ldm-rt sample --model {ldm_rt_build.out}`)" in str(expected)
     manifest = Manifest.read(ldm_rt_build.out)  # the ONNX build is finished and usable
@@ -166,14 +251,18 @@ def test_parity_numbers_are_recorded_and_within_bounds(built):
         # fp16 genuinely differs from fp32 (the check would notice a precision mix-up) yet stays in bounds.
         assert min(fp16["torch_fp16"]["max_abs_err"]) > 1e-5, name
         assert entry.precisions["fp16"].kept_fp32 == []  # nothing overflows in these tiny models
+        profile_max = {d.name: d.max for d in entry.contract.dims}
+        for p in (fp32, fp16):  # the profile's maximum fits in memory: checked as it is
+            assert p["largest_checked"] == profile_max and "bounded" not in p
         assert len({json.dumps(s) for s in fp32["shapes"]}) == len(fp32["shapes"])  # distinct points
 
 
 def test_triton_repository_configs_parse(ldm_rt_build):
     m = Manifest.read(ldm_rt_build.out)
     repo = ldm_rt_build.triton
-    models = sorted(p.name for p in repo.iterdir())
+    models = sorted(p.name for p in repo.iterdir() if p.is_dir())
     assert models == sorted(f"{c}{s}" for c in m.components for s in ("", "_fp16"))
+    assert sorted(p.name for p in repo.iterdir() if not p.is_dir()) == [MARKER]  # marks the folder as ours
     dtypes = {"float32": model_config_pb2.TYPE_FP32, "int64": model_config_pb2.TYPE_INT64}
     for name in models:
         config = text_format.Parse((repo / name / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
@@ -233,12 +322,13 @@ def test_interrupted_build_leaves_no_finished_looking_folder(ldm_rt_build, tmp_p
 
 
 def _one_line_error(run: Run) -> str:
-    assert run.code == 2
+    """Exit 2 and one error line, the last one on stderr (progress lines of the phases that ran may precede it)."""
+    assert run.code == 2, run.stderr
     assert "Traceback" not in run.stderr
     lines = run.stderr.strip().splitlines()
-    assert len(lines) == 1, run.stderr
-    assert lines[0].startswith("build_engines.py: error: ")
-    return lines[0]
+    errors = [line for line in lines if line.startswith("build_engines.py: error: ")]
+    assert errors == lines[-1:], run.stderr
+    return lines[-1]
 
 
 def test_corrupt_source_is_a_one_line_error(ldm_rt_build, tmp_path):
@@ -286,9 +376,21 @@ def test_help_lists_every_flag():
     for flag in (
         "--model", "--out", "--fp16", "--onnx-only", "--static-shape", "--batch", "--height", "--width",
         "--batch-range", "--height-range", "--width-range", "--triton-repo", "--tokenizer", "--prediction-type",
-        "--refit", "--timing-cache",
+        "--refit", "--timing-cache", "--engines", "--parity-memory",
     ):  # fmt: skip
         assert flag in text, flag
+
+
+def test_engines_are_required_by_engines_or_fp16_without_onnx_only(capsys):
+    p = parser()
+    required = {
+        (): False, ("--onnx-only",): False, ("--fp16", "--onnx-only"): False, ("--fp16",): True, ("--engines",): True,
+    }  # fmt: skip
+    for flags, expected in required.items():
+        assert options_from_args(p.parse_args(list(flags)), p).engines_required is expected, flags
+    with pytest.raises(SystemExit) as e:
+        main(["--engines", "--onnx-only"])
+    assert e.value.code == 2 and "--engines and --onnx-only contradict each other" in capsys.readouterr().err
 
 
 def test_static_shape_options():

@@ -132,3 +132,17 @@ def test_hopeless_fp16_is_a_one_line_error():
     with pytest.raises(Fp16Error, match="build this model without --fp16") as e:
         find_fp32_islands(model, contract, cases, max_islands=2)
     assert "\n" not in str(e.value)
+
+
+def test_watched_blocks_are_named_by_class_not_by_string():
+    # Issue 15: a renamed or subclassed reference block must stay watched (a string list silently stopped).
+    from ldm_rt.export.fp16 import ALWAYS_FP32, BLOCK_TYPES
+    from ldm_rt.reference.unet import ResBlock
+
+    assert all(isinstance(t, type) and issubclass(t, nn.Module) for t in BLOCK_TYPES + ALWAYS_FP32)
+
+    class RenamedResnetBlock(ResnetBlock):
+        pass
+
+    assert is_watched(RenamedResnetBlock(CHANNELS, CHANNELS))
+    assert ResBlock in BLOCK_TYPES and not is_watched(nn.Conv2d(1, 1, 1))

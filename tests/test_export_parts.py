@@ -3,7 +3,10 @@ configs with engines, source hashing and model facts."""
 
 from __future__ import annotations
 
+import json
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import onnx
@@ -16,10 +19,11 @@ from torch import nn
 from tritonclient.grpc import model_config_pb2
 
 from ldm_rt.export import graph_cleanup, sources
-from ldm_rt.export.errors import ParityError, SourceError
+from ldm_rt.export.errors import ExportError, ParityError, SourceError
 from ldm_rt.export.graph_cleanup import clean_model
+from ldm_rt.export.memory import GraphMemory
 from ldm_rt.export.onnx_export import export_component
-from ldm_rt.export.parity import check_onnx, format_table, parity_points, reference_cases, sample_sets
+from ldm_rt.export.parity import check_onnx, format_table, parity_points, plan_parity, reference_cases, sample_sets
 from ldm_rt.export.sources import load_source, weights_sha256
 from ldm_rt.export.tensorrt_build import GpuInfo, TensorRTInfo, build_engine, engine_spec
 from ldm_rt.export.triton_repo import config_pbtxt, write_triton_repo
@@ -49,6 +53,15 @@ class ToyDecoder(nn.Module):
 
     def forward(self, latent: torch.Tensor) -> torch.Tensor:
         return nn.functional.interpolate(self.conv(self.norm(latent)), scale_factor=2.0, mode="nearest")
+
+
+def write_toy_manifest(art, entry: ComponentEntry) -> None:
+    """A finished artifacts folder around the toy decoder's entry (with an empty scheduler config)."""
+    (art / "scheduler_config.json").write_text("{}")
+    Manifest(
+        facts=FACTS, profile=ShapeProfile(), components={"vae_decoder": entry}, tokenizer=None,
+        scheduler=FileEntry.of(art, "scheduler_config.json"), source={}, tools={},
+    ).write(art)  # fmt: skip
 
 
 def test_parity_points_cover_min_opt_max_and_an_odd_legal_size():
@@ -96,6 +109,22 @@ def test_parity_passes_for_a_faithful_export_and_fails_in_one_line_for_a_wrong_o
     assert table.count("\n") == 3 and "NO" in table.splitlines()[-1]
 
 
+def test_parity_sessions_are_configured_as_the_runtime_configures_its_own(tmp_path):
+    # Issue 15: thread count, optimisation level and execution mode change ONNX Runtime's rounding; parity
+    # must check the sessions the runtime will run, not ones configured on their own.
+    from ldm_rt.export.parity import ort_session
+    from ldm_rt.runtime.backends.base import HostOptions
+    from ldm_rt.runtime.backends.onnxruntime_backend import session_options
+
+    path = tmp_path / "vae_decoder.onnx"
+    export_component(ToyDecoder().eval(), toy_contract(), path)
+    got, want = ort_session(path).get_session_options(), session_options(HostOptions())
+    for name in ("graph_optimization_level", "intra_op_num_threads", "execution_mode", "enable_mem_pattern", "log_severity_level"):
+        assert getattr(got, name) == getattr(want, name), name
+    for key in ("session.intra_op.allow_spinning", "session.force_spinning_stop"):
+        assert got.get_session_config_entry(key) == want.get_session_config_entry(key), key
+
+
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
 def test_cleanup_removes_shape_arithmetic_and_keeps_the_function(tmp_path):
     contract, model = toy_contract(), ToyDecoder().eval()
@@ -132,7 +161,6 @@ def test_triton_repository_adds_tensorrt_plans_when_engines_exist(tmp_path):
     contract, model = toy_contract(), ToyDecoder().eval()
     art = tmp_path / "art"
     export_component(model, contract, art / "onnx" / "fp32" / "vae_decoder.onnx")
-    (art / "scheduler_config.json").write_text("{}")
     onnx_entry = FileEntry.of(art, "onnx/fp32/vae_decoder.onnx")
     info = TensorRTInfo("10.3.0", GpuInfo("NVIDIA L4", "8.9"))
     spec = engine_spec(contract, "fp32", onnx_entry.sha256, info)
@@ -142,10 +170,7 @@ def test_triton_repository_adds_tensorrt_plans_when_engines_exist(tmp_path):
 
     record = build_engine(art / onnx_entry.file, spec, art / "engines", builder=fake_builder)
     entry = ComponentEntry(contract, {"fp32": PrecisionEntry(onnx_entry)}, {record["key"]: record})
-    Manifest(
-        facts=FACTS, profile=ShapeProfile(), components={"vae_decoder": entry}, tokenizer=None,
-        scheduler=FileEntry.of(art, "scheduler_config.json"), source={}, tools={},
-    ).write(art)  # fmt: skip
+    write_toy_manifest(art, entry)
     repo = tmp_path / "triton"
     assert write_triton_repo(art, repo) == ["vae_decoder", "vae_decoder_trt_fp32"]
     config = text_format.Parse((repo / "vae_decoder_trt_fp32" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
@@ -205,14 +230,105 @@ def test_large_models_get_one_external_data_file(tmp_path, monkeypatch):
 
     # The Triton copy keeps the data file's name: model.onnx refers to it by that relative location.
     art = tmp_path
-    (art / "scheduler_config.json").write_text("{}")
     entry = ComponentEntry(contract, {"fp32": PrecisionEntry(FileEntry.of(art, "onnx/vae_decoder.onnx"))})
-    Manifest(
-        facts=FACTS, profile=ShapeProfile(), components={"vae_decoder": entry}, tokenizer=None,
-        scheduler=FileEntry.of(art, "scheduler_config.json"), source={}, tools={},
-    ).write(art)  # fmt: skip
+    write_toy_manifest(art, entry)
     write_triton_repo(art, tmp_path / "triton")
     version = tmp_path / "triton" / "vae_decoder" / "1"
     assert sorted(p.name for p in version.iterdir()) == ["model.onnx", "vae_decoder.onnx.data"]
     (got,) = ort.InferenceSession(str(version / "model.onnx")).run(None, cases[0].inputs)
     np.testing.assert_allclose(got, cases[0].reference, atol=1e-4)
+
+
+def test_parity_plan_shrinks_a_point_that_does_not_fit_the_memory_budget():
+    contract = toy_contract()  # batch 1..3, latent 4..12 in steps of 2
+
+    def estimate(shapes):  # bytes of the float32 input: a stand-in that grows with every dim
+        return 4 * int(np.prod(shapes["latent"]))
+
+    roomy = plan_parity(contract, estimate, budget=1 << 30)
+    assert roomy.points == parity_points(contract) and roomy.note is None
+    assert roomy.largest == {"batch": 3, "latent_height": 12, "latent_width": 12}
+    tight = plan_parity(contract, estimate, budget=4 * 2 * 4 * 8 * 8)
+    # The maximum (3x4x12x12) is replaced by the largest point towards the minimum that fits: 2x4x8x8.
+    assert tight.points == [
+        {"batch": 1, "latent_height": 4, "latent_width": 4},
+        {"batch": 1, "latent_height": 8, "latent_width": 8},
+        {"batch": 2, "latent_height": 8, "latent_width": 8},
+        {"batch": 2, "latent_height": 6, "latent_width": 6},
+    ]
+    assert tight.largest == {"batch": 2, "latent_height": 8, "latent_width": 8}
+    assert tight.note == (
+        "parity at the profile's maximum (latent=3x4x12x12) would need about 6.44e-06 GiB, more than the "
+        "1.91e-06 GiB it may use; checked at latent=2x4x8x8 instead"
+    )
+    assert tight.to_dict() == {"largest_checked": tight.largest, "bounded": tight.note}
+    with pytest.raises(ExportError, match=r"vae_decoder: a parity check at the profile's minimum \(latent=1x4x4x4\)"):
+        plan_parity(contract, estimate, budget=100)
+    unknown = plan_parity(contract, None, budget=1 << 30)  # no estimate: nothing above opt
+    assert unknown.largest == {"batch": 1, "latent_height": 8, "latent_width": 8} and "could not be estimated" in unknown.note
+
+
+@pytest.fixture(scope="module")
+def tiny_vae_decoder_onnx(tmp_path_factory):
+    """The tiny ldm-rt model's VAE decoder (with its mid-block attention) exported to ONNX."""
+    root = tmp_path_factory.mktemp("graph_memory")
+    source = load_source(make_tiny_ldm_rt_model(root / "model"))
+    contract = build_contracts(source.facts, ShapeProfile((1, 1, 2), (8, 16, 24), (8, 16, 24)))["vae_decoder"]
+    path = root / "vae_decoder.onnx"
+    export_component(export_wrappers(source.loaded.model)["vae_decoder"], contract, path)
+    return path
+
+
+def test_graph_memory_grows_with_the_square_of_the_attention_length(tiny_vae_decoder_onnx):
+    graph = GraphMemory(tiny_vae_decoder_onnx)
+    small, large = (graph.peak_bytes({"latent": (1, 4, n, n)}) for n in (32, 64))
+    # 4x the pixels: 4x for convolutions alone; the (hw x hw) attention scores make it nearer 16x.
+    assert 8 < large / small < 17
+    assert graph.peak_bytes({"latent": (2, 4, 64, 64)}) == pytest.approx(2 * large, rel=0.01)
+    assert graph.weight_bytes > 0
+
+
+MEASURE_RUN = """
+import sys, numpy as np
+from pathlib import Path
+from ldm_rt.export.parity import ort_session
+
+def kib(field):  # from /proc/self/status
+    return int(next(l for l in open("/proc/self/status") if l.startswith(field)).split()[1])
+
+session = ort_session(sys.argv[1])
+x = np.ones(tuple(int(n) for n in sys.argv[2:]), np.float32)
+Path("/proc/self/clear_refs").write_text("5")  # the peak RSS (VmHWM) starts again from the current RSS
+before = kib("VmRSS:")
+session.run(None, {"latent": x})
+print(1024 * (kib("VmHWM:") - before))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the peak RSS from Linux's /proc/self/status")
+def test_graph_memory_is_not_below_what_onnx_runtime_uses(tiny_vae_decoder_onnx):
+    """Measured in a fresh process: the peak RSS that one run at 96x96 latents adds stays under the estimate
+    (here the estimate is about 2x the measured use)."""
+    shape = (1, 4, 96, 96)
+    args = [sys.executable, "-c", MEASURE_RUN, str(tiny_vae_decoder_onnx), *map(str, shape)]
+    used = int(subprocess.run(args, capture_output=True, text=True, check=True, timeout=120).stdout)
+    estimate = GraphMemory(tiny_vae_decoder_onnx).peak_bytes({"latent": shape})
+    assert 100 << 20 < used <= estimate, (used, estimate)
+
+
+def test_triton_repository_is_rebuilt_only_over_its_own_folder(tmp_path):
+    contract, model = toy_contract(), ToyDecoder().eval()
+    art = tmp_path / "art"
+    export_component(model, contract, art / "onnx" / "fp32" / "vae_decoder.onnx")
+    entry = ComponentEntry(contract, {"fp32": PrecisionEntry(FileEntry.of(art, "onnx/fp32/vae_decoder.onnx"))})
+    write_toy_manifest(art, entry)
+    repo = tmp_path / "triton"
+    for _ in range(2):  # the second run replaces the first: the folder is ours
+        assert write_triton_repo(art, repo) == ["vae_decoder"]
+    marker = json.loads((repo / "ldm_rt_triton.json").read_text())
+    assert marker["format"] == "ldm-rt-triton-repository" and marker["models"] == ["vae_decoder"]
+    (repo / "ldm_rt_triton.json").unlink()  # now it could be anyone's repository
+    with pytest.raises(ExportError, match="not an ldm-rt Triton model repository; refusing to replace it"):
+        write_triton_repo(art, repo)
+    assert sorted(p.name for p in repo.iterdir()) == ["vae_decoder"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art", "triton"]  # no lock file or temp left

@@ -243,6 +243,6 @@ def test_closing_a_pipeline_closes_its_tensorrt_components():
         for name, entry in artifacts.manifest.components.items()
     }
     assert cudart.held()["buffers"] > 0 and cudart.held()["streams"] == len(components)
-    with Pipeline(artifacts, components, "tensorrt", "fp32") as pipe:
+    with Pipeline.from_artifacts(artifacts, components, "tensorrt", "fp32") as pipe:
         assert pipe.components["unet"] is components["unet"]
     assert cudart.held() == {"buffers": 0, "streams": 0, "graphs": 0, "execs": 0}

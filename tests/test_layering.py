@@ -1,5 +1,6 @@
-"""The dependency arrows of the architecture: runtime <- reference <- {export, training}; nothing imports
-export or training; the runtime never imports torch; diffusers is a test-only oracle."""
+"""The dependency arrows of the architecture: runtime <- reference <- {export, training} <- benchmarks; nothing
+imports export, training or benchmarks; the runtime never imports torch; diffusers is a test-only oracle (and a
+benchmark peer)."""
 
 from __future__ import annotations
 
@@ -12,14 +13,16 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-LAYERS = ("runtime", "reference", "training", "export", "engines")
-# For each layer: the ldm_rt layers it may import.
+LAYERS = ("runtime", "reference", "training", "export", "engines", "benchmarks")
+# For each layer: the layers it may import. `benchmarks` is a folder of the checkout imported as a top-level
+# package (benchmarks/__init__.py), the others are ldm_rt's subpackages.
 ALLOWED = {
     "runtime": {"runtime"},
     "reference": {"runtime", "reference"},
     "training": {"runtime", "reference", "training"},
     "export": {"runtime", "reference", "export"},
     "engines": {"engines"},
+    "benchmarks": {"runtime", "reference", "export", "training", "benchmarks"},
 }
 FORBIDDEN_THIRD_PARTY = {
     "runtime": {"torch", "transformers", "diffusers", "safetensors", "onnx"},
@@ -27,11 +30,12 @@ FORBIDDEN_THIRD_PARTY = {
     "training": {"diffusers"},
     "export": {"diffusers"},
     "engines": {"torch", "diffusers"},
+    "benchmarks": set(),  # its peers run diffusers and Optimum, each in its own process
 }
 
 
 def imports_of(path: Path) -> set[str]:
-    """Absolute module names imported by a file (relative imports resolved within its layer)."""
+    """Absolute module names imported by a file (relative imports resolved within its layer, as `ldm_rt.<layer>`)."""
     layer = path.relative_to(ROOT).parts[0]
     names: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
@@ -46,7 +50,16 @@ def imports_of(path: Path) -> set[str]:
 
 
 def layer_files(layer: str) -> list[Path]:
-    return sorted((ROOT / layer).rglob("*.py"))
+    # Hidden folders are not ours: benchmarks/.venv-optimum is the Optimum peer's virtual environment.
+    return sorted(p for p in (ROOT / layer).rglob("*.py") if not any(part.startswith(".") for part in p.relative_to(ROOT).parts))
+
+
+def layer_of(name: str) -> str | None:
+    """The layer an absolute module name belongs to (None: not ours)."""
+    top, _, rest = name.partition(".")
+    if top == "ldm_rt":
+        return rest.split(".")[0] or None
+    return "benchmarks" if top == "benchmarks" else None
 
 
 @pytest.mark.parametrize("layer", LAYERS)
@@ -54,12 +67,11 @@ def test_import_arrows(layer):
     bad = []
     for path in layer_files(layer):
         for name in imports_of(path):
-            top, _, rest = name.partition(".")
-            if top == "ldm_rt":
-                target = rest.split(".")[0]
-                if target and target not in ALLOWED[layer]:
+            target = layer_of(name)
+            if target is not None:
+                if target not in ALLOWED[layer]:
                     bad.append(f"{path.relative_to(ROOT)} imports {name}")
-            elif top in FORBIDDEN_THIRD_PARTY[layer]:
+            elif name.partition(".")[0] in FORBIDDEN_THIRD_PARTY[layer]:
                 bad.append(f"{path.relative_to(ROOT)} imports {name}")
     assert not bad, "\n".join(bad)
 
@@ -73,6 +85,22 @@ def test_checker_sees_a_bad_import(tmp_path):
     finally:
         fake.unlink()
     assert {"torch", "ldm_rt.reference"} <= found
+
+
+def test_nothing_imports_benchmarks():
+    assert all("benchmarks" not in allowed for layer, allowed in ALLOWED.items() if layer != "benchmarks")
+    # The checker sees both spellings of a benchmarks import.
+    assert layer_of("benchmarks.harness") == layer_of("ldm_rt.benchmarks") == "benchmarks"
+
+
+def test_runtime_does_not_reach_into_benchmarks_by_path():
+    # The runtime once found benchmarks/peers from its own file path (`parents[1] / "benchmarks" / "peers"`).
+    found = []
+    for path in layer_files("runtime"):
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Constant) and node.value in ("benchmarks", "peers"):
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert not found, found
 
 
 def test_runtime_import_does_not_load_torch():

@@ -4,6 +4,7 @@ the real SD VAE key layout, and an ONNX export smoke test."""
 from __future__ import annotations
 
 import dataclasses
+import shutil
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ import torch
 
 from ldm_rt.reference.autoencoder import AutoencoderKL, DiagonalGaussianDistribution, VQModel
 from ldm_rt.reference.checkpoint_errors import CheckpointError
+from ldm_rt.reference.checkpoints import load_model
 from ldm_rt.reference.configs import AutoencoderConfig, ConfigError
 from ldm_rt.reference.keymap_autoencoder import (
     autoencoder_config_from_diffusers,
@@ -19,6 +21,7 @@ from ldm_rt.reference.keymap_autoencoder import (
     autoencoder_state_dict_to_diffusers,
     autoencoder_parameter_shapes,
 )
+from ldm_rt.reference.model_folder import save_model_folder
 
 TOL = 1e-4
 
@@ -204,9 +207,46 @@ def test_config_from_diffusers():
     assert config == AutoencoderConfig(resolution=512)
     vq = autoencoder_config_from_diffusers({"_class_name": "VQModel", **autoencoder_config_to_diffusers(tiny_config("vq", 2, (16,)))})
     assert vq == tiny_config("vq", 2, (16,))
-    for bad in ({"act_fn": "relu"}, {"norm_num_groups": 16}, {"down_block_types": ["DownBlock2D"] * 4}, {"_class_name": "AutoencoderTiny"}):
+    assert autoencoder_config_from_diffusers({**sd_vae, "norm_num_groups": 16}).norm_num_groups == 16
+    for bad in ({"act_fn": "relu"}, {"norm_num_groups": 48}, {"down_block_types": ["DownBlock2D"] * 4}, {"_class_name": "AutoencoderTiny"}):
         with pytest.raises(ConfigError):
             autoencoder_config_from_diffusers({**sd_vae, **bad})
+
+
+def test_norm_num_groups_8_from_a_diffusers_folder_matches_diffusers(tiny_sd_v1, tmp_path):
+    """A diffusers VAE with 8 GroupNorm groups (widths 24/48, which 32 groups cannot divide), saved with
+    save_pretrained into an SD folder and read by our importer, computes what diffusers computes."""
+    from diffusers import AutoencoderKL as DiffusersKL
+
+    folder = tmp_path / "sd"
+    shutil.copytree(tiny_sd_v1, folder)
+    shutil.rmtree(folder / "vae")
+    theirs = DiffusersKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "AttnDownEncoderBlock2D"),
+        up_block_types=("AttnUpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(24, 48), layers_per_block=1,
+        latent_channels=4, norm_num_groups=8, sample_size=32,
+    ).eval()  # fmt: skip
+    randomise_(theirs, 8)
+    theirs.save_pretrained(folder / "vae", safe_serialization=True)
+
+    loaded = load_model(folder)
+    ours = loaded.model.autoencoder
+    assert ours.config.norm_num_groups == 8
+    norms = [m for m in ours.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert norms and all(m.num_groups == 8 for m in norms)
+    x = torch.randn(2, 3, 24, 40, generator=torch.Generator().manual_seed(1))
+    z = torch.randn(2, 4, 12, 20, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        moments = ours.encode_moments(x)
+        assert moments.std() > 0.1
+        assert max_diff(moments, theirs.encode(x).latent_dist.parameters) < TOL
+        assert max_diff(ours.decode(z), theirs.decode(z).sample) < TOL
+    # The ldm-rt model folder keeps it (config JSON round trip), and 32 groups cannot take 24 channels.
+    save_model_folder(tmp_path / "ours", loaded.model, loaded.tokenizer, loaded.scheduler_config)
+    assert load_model(tmp_path / "ours").model.config.autoencoder.norm_num_groups == 8
+    with pytest.raises(ConfigError, match=r"ch \(24\) must be a multiple of norm_num_groups \(32\)"):
+        dataclasses.replace(ours.config, norm_num_groups=32)
+    assert autoencoder_config_to_diffusers(ours.config)["norm_num_groups"] == 8
 
 
 def test_real_sd_vae_key_layout():

@@ -4,6 +4,7 @@ give the same model; broken files fail with one CheckpointError line naming the 
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 from pathlib import Path
 
@@ -16,14 +17,16 @@ from tiny_models import (  # noqa: F401  (session fixtures)
     single_file_state_dict,
     tiny_sd_v1,
     tiny_sd_v2,
+    tiny_ldm_rt_model,
     tiny_single_file_v1,
     tiny_single_file_v2,
 )
 
-from ldm_rt.reference.checkpoints import SD_SCHEDULER_CONFIG, load_model
+from ldm_rt.reference.checkpoints import load_model
+from ldm_rt.runtime.schedulers import sd_scheduler_config
 from ldm_rt.reference.checkpoint_errors import CheckpointError
 from ldm_rt.reference.model_folder import save_model_folder
-from ldm_rt.reference.pipeline import ReferencePipeline
+from ldm_rt.reference.torch_backend import torch_pipeline
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
@@ -53,7 +56,7 @@ def assert_same_model(a, b):
 
 
 def sample(loaded):
-    return ReferencePipeline(loaded)("a photo of a cat", steps=2, height=32, width=32, seed=3).images
+    return torch_pipeline(loaded).generate("a photo of a cat", steps=2, height=32, width=32, seed=3).images
 
 
 @pytest.mark.parametrize("variant", ["v1", "v2"])
@@ -82,7 +85,7 @@ def test_ckpt_loads_with_weights_only(tiny_sd_v1, tiny_single_file_v1, tmp_path)
 
 def test_single_file_defaults_to_sd_scheduler_and_epsilon(tiny_single_file_v1, tiny_sd_v1):
     loaded = load_model(tiny_single_file_v1, tokenizer=tiny_sd_v1 / "tokenizer")
-    assert loaded.scheduler_config == SD_SCHEDULER_CONFIG
+    assert loaded.scheduler_config == sd_scheduler_config()
     assert loaded.scheduler_config["prediction_type"] == "epsilon"
 
 
@@ -215,3 +218,93 @@ def test_tokenizer_that_does_not_fit(tiny_single_file_v1, tmp_path):
     wide = PromptTokenizer.word_level([f"w{i}" for i in range(700)], max_length=77)
     with pytest.raises(CheckpointError, match=r"the tokenizer has \d+ tokens but the text encoder embeds \d+"):
         load_model(tiny_single_file_v1, tokenizer=wide)
+
+
+# ---- JSON of the wrong shape, and paths that leave the folder: one line, nothing read --------------------
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        ("[]", "holds an array where a JSON object is expected"),
+        ('{"format": "ldm-rt-model", "format_version": 1, "config": [], "info": {}}', '"config" and "info" must be JSON objects'),
+        ('{"format": "ldm-rt-model", "format_version": 1, "config": {"unet": [["in_channels", 9]]}}', "UNetConfig: expected a JSON object"),
+        ('{"format": "ldm-rt-model", "format_version": 1, "config": {}, "info": 3}', '"config" and "info" must be JSON objects'),
+    ],
+    ids=["top-level-list", "config-list", "nested-list", "info-number"],
+)
+def test_ldm_rt_model_json_of_the_wrong_shape_is_one_line(tiny_ldm_rt_model, tmp_path, content, expected):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_ldm_rt_model, folder)
+    (folder / "ldm_rt_model.json").write_text(content)
+    with pytest.raises(CheckpointError) as e:
+        load_model(folder)
+    assert expected in one_line(e) and "ldm_rt_model.json" in one_line(e)
+
+
+@pytest.mark.parametrize("file", ["model_index.json", "vae/config.json", "unet/config.json", "scheduler/scheduler_config.json"])
+def test_diffusers_json_holding_a_list_is_one_line(tiny_sd_v1, tmp_path, file):
+    folder = tmp_path / "sd"
+    shutil.copytree(tiny_sd_v1, folder)
+    (folder / file).write_text("[1, 2]")
+    with pytest.raises(CheckpointError) as e:
+        load_model(folder)
+    assert f"{file} holds an array where a JSON object is expected" in one_line(e)
+
+
+def _shard_unet(folder: Path, names: tuple[str, str]) -> dict[str, str]:
+    """Split the UNet weights into two files named `names` (relative to unet/) with an index, as large
+    diffusers checkpoints ship; returns the weight_map."""
+    unet = folder / "unet"
+    weights = unet / "diffusion_pytorch_model.safetensors"
+    sd = load_file(str(weights))
+    weights.unlink()
+    keys = sorted(sd)
+    halves = (keys[: len(keys) // 2], keys[len(keys) // 2 :])
+    weight_map = {}
+    for name, part in zip(names, halves):
+        (unet / name).parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: sd[k].contiguous() for k in part}, str(unet / name))
+        weight_map.update({k: name for k in part})
+    (unet / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    return weight_map
+
+
+def test_sharded_weights_load_and_a_symlinked_shard_file_is_fine(tiny_sd_v1, tmp_path):
+    folder = tmp_path / "sd"
+    shutil.copytree(tiny_sd_v1, folder)
+    _shard_unet(folder, ("part-1.safetensors", "sub/part-2.safetensors"))
+    # A Hugging Face cache snapshot links each file to its blob outside the folder: that must keep working.
+    blobs = tmp_path / "blobs"
+    blobs.mkdir()
+    (folder / "unet" / "part-1.safetensors").rename(blobs / "abc123")
+    (folder / "unet" / "part-1.safetensors").symlink_to(blobs / "abc123")
+    assert_same_model(load_model(tiny_sd_v1), load_model(folder))
+
+
+@pytest.mark.parametrize("bad", ["../outside.safetensors", "/etc/passwd", "linked/part.safetensors", "a\\b.safetensors"])
+def test_weight_map_naming_a_file_outside_the_folder_is_refused(tiny_sd_v1, tmp_path, bad):
+    folder = tmp_path / "sd"
+    shutil.copytree(tiny_sd_v1, folder)
+    weight_map = _shard_unet(folder, ("part-1.safetensors", "part-2.safetensors"))
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    shutil.copy(folder / "unet" / "part-2.safetensors", outside / "part.safetensors")
+    shutil.copy(folder / "unet" / "part-2.safetensors", folder / "outside.safetensors")  # what ../ would reach
+    (folder / "unet" / "linked").symlink_to(outside, target_is_directory=True)
+    index = folder / "unet" / "diffusion_pytorch_model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {k: (bad if v == "part-2.safetensors" else v) for k, v in weight_map.items()}}))
+    with pytest.raises(CheckpointError) as e:
+        load_model(folder)
+    message = one_line(e)
+    assert f"weight_map names {bad!r}" in message
+    assert ("refusing to read it" in message) or ("not a relative file name" in message and "\\" in bad)
+
+
+@pytest.mark.parametrize("weight_map", ['["a.safetensors"]', '{"k": 3}', "null"])
+def test_weight_map_of_the_wrong_shape_is_one_line(tiny_sd_v1, tmp_path, weight_map):
+    folder = tmp_path / "sd"
+    shutil.copytree(tiny_sd_v1, folder)
+    _shard_unet(folder, ("part-1.safetensors", "part-2.safetensors"))
+    (folder / "unet" / "diffusion_pytorch_model.safetensors.index.json").write_text(f'{{"weight_map": {weight_map}}}')
+    with pytest.raises(CheckpointError) as e:
+        load_model(folder)
+    assert "weight_map" in one_line(e)

@@ -1,7 +1,8 @@
-"""ReferencePipeline against diffusers' Stable Diffusion pipelines (test-only oracle) on the same tiny
-random models: same latents, same scheduler config, guidance 7.5 with a negative prompt; the float
-images must agree within TOL. Every parity case is shown to be sensitive: changing the prompt,
-guidance, scheduler or step count moves the image by more than 10 x TOL."""
+"""The torch reference (the runtime's one sampling loop over the PyTorch networks, torch_backend.torch_pipeline)
+against diffusers' Stable Diffusion pipelines, the independent oracle, on the same tiny random models: same
+latents, same scheduler config, guidance 7.5 with a negative prompt. Our 8-bit images must be within TOL of
+diffusers' float images (FLOAT_TOL plus half an 8-bit level of rounding). Every parity case is shown to be
+sensitive: changing the prompt, guidance, scheduler or step count moves the image by more than MOVED."""
 
 from __future__ import annotations
 
@@ -13,10 +14,11 @@ import torch
 from PIL import Image
 from tiny_models import tiny_ldm_rt_model, tiny_sd_inpaint, tiny_sd_v1, tiny_sd_v2  # noqa: F401  (session fixtures)
 
-from ldm_rt.reference.checkpoints import load_model
 from ldm_rt.reference.configs import AutoencoderConfig, LDMConfig, UNetConfig
 from ldm_rt.reference.ldm import LatentDiffusion
-from ldm_rt.reference.pipeline import PipelineInputError, ReferencePipeline
+from ldm_rt.reference.model_folder import LoadedModel
+from ldm_rt.reference.torch_backend import torch_pipeline
+from ldm_rt.runtime.params import GenerationError
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers.pipelines.stable_diffusion import (  # noqa: E402
@@ -24,7 +26,9 @@ from diffusers.pipelines.stable_diffusion import (  # noqa: E402
     pipeline_stable_diffusion_inpaint as inpaint_module,
 )
 
-TOL = 1e-3  # max |ours - diffusers| on the float image in [0, 1]
+FLOAT_TOL = 1e-3  # max |ours - diffusers| of the float images in [0, 1], before our rounding to 8 bits
+TOL = FLOAT_TOL + 0.5 / 255  # ours is 8-bit: rounding adds up to half a level
+MOVED = 10 * TOL  # what a wrong prompt, guidance, scheduler, step count or seed must exceed (measured >= 0.1)
 STEPS = 6
 SIZE = 32  # pixels; latents 16 x 16
 PROMPTS = ["a photo of a cat", "a red car on a mountain"]
@@ -58,7 +62,7 @@ class Pair:
         self.pipe = cls.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
         self.pipe.set_progress_bar_config(disable=True)
         self.scheduler_config = dict(self.pipe.scheduler.config)
-        self.ref = ReferencePipeline(load_model(folder))
+        self.ref = torch_pipeline(folder)
 
     def diffusers(self, scheduler="ddim", pipeline=None, **kwargs) -> np.ndarray:
         pipe = pipeline or self.pipe
@@ -66,7 +70,8 @@ class Pair:
         return pipe(output_type="np", **kwargs).images  # (B, H, W, 3) float in [0, 1]
 
     def ours(self, **kwargs) -> np.ndarray:
-        return self.ref(output="float", **kwargs).images
+        """Our 8-bit images as floats in [0, 1], comparable with diffusers' within TOL."""
+        return self.ref.generate(**kwargs).images.astype(np.float64) / 255
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +118,7 @@ def test_batch_per_prompt_and_guidance_one(v1):
     """num_images_per_prompt layout, and guidance 1.0 (diffusers skips the unconditional pass too)."""
     latents = noise((4, 4, 16, 16), seed=1)
     rows = []
-    hook = v1.ref.components["unet"].register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
+    hook = v1.ref.components["unet"].module.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
     try:
         got = v1.ours(prompt=PROMPTS, steps=3, guidance=1.0, batch=2, latents=latents, scheduler="euler")
     finally:
@@ -138,7 +143,7 @@ def test_stochastic_schedulers_draw_the_documented_noise(v1, scheduler, monkeypa
     got = v1.ours(prompt=PROMPTS[0], negative_prompt=NEGATIVES[0], steps=STEPS, guidance=7.5, scheduler=scheduler, seed=seed)
     assert max_diff(got, expected) < TOL
     other = v1.ours(prompt=PROMPTS[0], negative_prompt=NEGATIVES[0], steps=STEPS, guidance=7.5, scheduler=scheduler, seed=seed + 1)
-    assert max_diff(got, other) > 10 * TOL
+    assert max_diff(got, other) > MOVED
 
 
 def test_sensitivity(v1):
@@ -155,22 +160,22 @@ def test_sensitivity(v1):
         "steps": dict(steps=STEPS + 1),
     }
     for what, change in changes.items():
-        assert max_diff(v1.ours(**{**ours, **change}), expected) > 10 * TOL, what
+        assert max_diff(v1.ours(**{**ours, **change}), expected) > MOVED, what
 
 
 def test_same_seed_same_image_and_draw_order(v1):
     args = dict(prompt=PROMPTS[0], steps=3, scheduler="ddim", height=SIZE, width=SIZE)
-    a = v1.ref(seed=11, **args)
-    b = v1.ref(seed=11, **args)
+    a = v1.ref.generate(seed=11, **args)
+    b = v1.ref.generate(seed=11, **args)
     np.testing.assert_array_equal(a.images, b.images)
     assert a.images.dtype == np.uint8 and a.images.shape == (1, SIZE, SIZE, 3)
     # Without latents the first draw of default_rng(seed) is the initial noise, float32 standard normal.
-    explicit = v1.ref(latents=noise((1, 4, 16, 16), seed=11), seed=999, **args)
+    explicit = v1.ref.generate(latents=noise((1, 4, 16, 16), seed=11), seed=999, **args)
     np.testing.assert_array_equal(a.images, explicit.images)
-    assert max_diff(a.images, v1.ref(seed=12, **args).images) > 10
-    # uint8 is the rounded float image.
-    floats = v1.ref(seed=11, output="float", **args).images
-    np.testing.assert_array_equal(np.round(floats * 255).astype(np.uint8), a.images)
+    assert max_diff(a.images, v1.ref.generate(seed=12, **args).images) > 10
+    # The runtime's defaults: no seed draws a fresh one and records it, so the image can be made again.
+    fresh = v1.ref.generate(**args)
+    np.testing.assert_array_equal(v1.ref.generate(seed=fresh.params["seed"], **args).images, fresh.images)
 
 
 def test_img2img_matches_diffusers(v1, monkeypatch):
@@ -186,11 +191,11 @@ def test_img2img_matches_diffusers(v1, monkeypatch):
         rng = np.random.default_rng(seed)
         expected = v1.diffusers(scheduler, pipeline=img2img, prompt=PROMPTS[1], negative_prompt=NEGATIVES[1], image=Image.fromarray(image),
                                 strength=strength, num_inference_steps=10, guidance_scale=7.5)
-        got = v1.ref(prompt=PROMPTS[1], negative_prompt=NEGATIVES[1], init_image=image, strength=strength, steps=10,
-                     scheduler=scheduler, seed=seed, output="float")
-        assert got.mode == "img2img" and len(got.timesteps) == 6  # int(10 * 0.6) steps kept
-        assert max_diff(got.images, expected) < TOL, scheduler
-    assert max_diff(v1.ours(prompt=PROMPTS[1], negative_prompt=NEGATIVES[1], init_image=image, strength=0.8, steps=10, scheduler="euler", seed=seed), expected) > 10 * TOL
+        got = v1.ref.generate(prompt=PROMPTS[1], negative_prompt=NEGATIVES[1], init_image=image, strength=strength, steps=10,
+                              scheduler=scheduler, seed=seed)
+        assert got.params["mode"] == "img2img" and len(got.timings["unet"]) == 6  # int(10 * 0.6) steps kept
+        assert max_diff(got.images / 255, expected) < TOL, scheduler
+    assert max_diff(v1.ours(prompt=PROMPTS[1], negative_prompt=NEGATIVES[1], init_image=image, strength=0.8, steps=10, scheduler="euler", seed=seed), expected) > MOVED
 
 
 def inpaint_inputs():
@@ -216,65 +221,52 @@ def test_inpainting_matches_diffusers(unet, request, monkeypatch):
     expected = pair.diffusers("ddim", pipeline=pipe, prompt=PROMPTS[0], negative_prompt=NEGATIVES[0], image=Image.fromarray(image),
                               mask_image=Image.fromarray(mask), latents=torch.from_numpy(latents), num_inference_steps=STEPS,
                               guidance_scale=7.5, strength=1.0, height=SIZE, width=SIZE)
-    got = pair.ref(prompt=PROMPTS[0], negative_prompt=NEGATIVES[0], init_image=image, mask=mask, latents=latents,
-                   steps=STEPS, scheduler="ddim", output="float", mask_blur=None)  # None: no paste-back, as diffusers
-    assert got.mode == "inpaint"
-    assert max_diff(got.images, expected) < TOL
-    other = pair.ref(prompt=PROMPTS[1], negative_prompt=NEGATIVES[0], init_image=image, mask=mask, latents=latents, steps=STEPS, output="float")
-    assert max_diff(other.images, expected) > 10 * TOL
+    got = pair.ref.generate(prompt=PROMPTS[0], negative_prompt=NEGATIVES[0], init_image=image, mask=mask, latents=latents,
+                            steps=STEPS, scheduler="ddim", mask_blur=None)  # None: no paste-back, as diffusers
+    assert got.params["mode"] == "inpaint"
+    assert max_diff(got.images / 255, expected) < TOL
+    other = pair.ours(prompt=PROMPTS[1], negative_prompt=NEGATIVES[0], init_image=image, mask=mask, latents=latents, steps=STEPS)
+    assert max_diff(other, expected) > MOVED
     if unet == "plain":
         # Outside the mask the latents are the clean image latents after the last step.
-        known = pair.ref._encode_image((image.astype(np.float32) / 255 * 2 - 1).transpose(2, 0, 1)[None])
+        known = pair.ref._encode_image((image.astype(np.float32) / 255 * 2 - 1).transpose(2, 0, 1)[None], {})
         keep = mask[::2, ::2] < 128
         np.testing.assert_allclose(got.latents[0][:, keep], known[0][:, keep], atol=1e-6)
 
 
 def test_ldm_rt_model_and_long_prompt(tiny_ldm_rt_model, caplog):
-    ref = ReferencePipeline(load_model(tiny_ldm_rt_model))
+    ref = torch_pipeline(tiny_ldm_rt_model)
     with caplog.at_level(logging.WARNING):
-        out = ref(" ".join(["red"] * 40), steps=2, scheduler="euler-a")
+        out = ref.generate(" ".join(["red"] * 40), steps=2, scheduler="euler-a")
     assert out.images.shape == (1, 32, 32, 3)  # default size: the autoencoder's nominal resolution
-    assert out.truncated == [True]
     assert any("truncated" in r.getMessage() for r in caplog.records)
 
 
 def test_unconditional_and_class_conditional_models():
     unet = dict(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(), context_dim=None)
     ae = AutoencoderConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, resolution=16)
-    plain = ReferencePipeline(model=LatentDiffusion(LDMConfig(UNetConfig(**unet), ae, None, conditioning="none")))
-    assert plain(steps=2).images.shape == (1, 16, 16, 3)
-    with pytest.raises(PipelineInputError, match="no text encoder and takes no prompt"):
-        plain("a cat", steps=2)
-    labelled = ReferencePipeline(model=LatentDiffusion(LDMConfig(UNetConfig(**unet, num_classes=3), ae, None, conditioning="class")))
-    out = labelled(class_labels=[0, 2], batch=2, steps=2)
+    plain = torch_pipeline(LoadedModel(LatentDiffusion(LDMConfig(UNetConfig(**unet), ae, None, conditioning="none")), None, {}))
+    assert plain.generate(steps=2).images.shape == (1, 16, 16, 3)
+    with pytest.raises(GenerationError, match="no text encoder and takes no prompt"):
+        plain.generate("a cat", steps=2)
+    labelled = torch_pipeline(LoadedModel(LatentDiffusion(LDMConfig(UNetConfig(**unet, num_classes=3), ae, None, conditioning="class")), None, {}))
+    out = labelled.generate(class_labels=[0, 2], batch=2, steps=2)
     assert out.images.shape == (4, 16, 16, 3)
-    with pytest.raises(PipelineInputError, match=r"class_labels must be ints in \[0, 3\)"):
-        labelled(class_labels=[3], steps=2)
+    with pytest.raises(GenerationError, match=r"class_labels must be ints in \[0, 3\)"):
+        labelled.generate(class_labels=[3], steps=2)
 
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
-    [
-        (dict(steps=0), "steps must be an integer >= 1"),
-        (dict(steps=2.5), "steps must be an integer >= 1"),
-        (dict(guidance=float("nan")), "guidance must be a finite number"),
-        (dict(guidance=float("inf")), "guidance must be a finite number"),
-        (dict(height=30), "height must be a positive multiple of 4"),
-        (dict(width=0), "width must be a positive multiple of 4"),
-        (dict(batch=0), "batch must be an integer >= 1"),
+    [  # the runtime's checks (tests/test_runtime_pipeline.py has them all) against the reference's wide profile
+        (dict(height=30), r"height 30 must be a multiple of 4 in \[4, 4096\]"),
+        (dict(batch=65), r"65 images per call .* outside the artifacts' batch range \[1, 64\]"),
         (dict(latents=np.zeros((1, 4, 8, 8), np.float32)), r"latents have shape \(1, 4, 8, 8\), expected \(1, 4, 16, 16\)"),
-        (dict(latents=np.full((1, 4, 16, 16), np.nan, np.float32)), "latents must be finite"),
-        (dict(output="png"), "output must be one of"),
-        (dict(scheduler="warp"), "unknown scheduler 'warp'"),
-        (dict(mask=np.zeros((32, 32))), "mask needs init_image"),
-        (dict(init_image=np.zeros((24, 32, 3), np.uint8), height=32), "init_image is 32x24 but the requested size is 32x32"),
-        (dict(negative_prompt=["a", "b"]), "negative_prompt has 2 entries for 1 prompts"),
-        (dict(prompt=[]), "prompt must be a string or a non-empty list"),
     ],
 )
 def test_bad_arguments_are_one_line_value_errors(v1, kwargs, message):
     args = dict(prompt="a cat", steps=2, height=SIZE, width=SIZE)
     args.update(kwargs)
-    with pytest.raises(ValueError, match=message) as e:
-        v1.ref(**args)
+    with pytest.raises(GenerationError, match=message) as e:
+        v1.ref.generate(**args)
     assert "\n" not in str(e.value)

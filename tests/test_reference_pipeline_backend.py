@@ -1,6 +1,6 @@
 """The torch backend (reference/torch_backend.py) and the export wrappers: contract I/O, the same numbers
-as the modules they wrap, opening from an artifacts manifest, and the runtime's sampler on top of it
-giving the reference pipeline's image."""
+as the modules they wrap, opening from an artifacts manifest, and torch_pipeline: the runtime's loop over them
+(its parity with diffusers is tests/test_reference_pipeline.py)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,7 @@ import torch
 from tiny_models import tiny_sd_v1, tiny_single_file_v1  # noqa: F401  (session fixtures)
 
 from ldm_rt.reference.checkpoints import load_model
-from ldm_rt.reference.pipeline import ReferencePipeline
-from ldm_rt.reference.torch_backend import open_components, torch_components
+from ldm_rt.reference.torch_backend import TorchComponent, open_components, torch_components, torch_pipeline
 from ldm_rt.runtime.backends.base import BackendError
 from ldm_rt.runtime.contracts import ContractError, ShapeProfile, build_contracts
 from ldm_rt.runtime.manifest import ComponentEntry, FileEntry, Manifest
@@ -136,26 +135,20 @@ def test_entry_point_finds_the_torch_backend():
     assert factory is open_components
 
 
-def test_runtime_sampler_on_torch_backend_equals_reference(loaded, tiny_sd_v1, tmp_path):
-    """The runtime's numpy loop over these components and the reference pipeline share noise order,
-    guidance layout and image conversion: the same seed gives the same image."""
-    from ldm_rt.runtime.artifacts import Artifacts
+def test_torch_pipeline_is_the_runtime_loop_over_the_reference_networks(loaded, tiny_sd_v1, tmp_path):
+    """Built from a model in memory or from an artifacts manifest (--backend torch), the same loop gives the
+    same image; the in-memory one takes any size the model divides, by default its nominal resolution."""
     from ldm_rt.runtime.pipeline import Pipeline
 
-    manifest = write_artifacts(tmp_path / "artifacts", loaded, tiny_sd_v1)
-    runtime = Pipeline(Artifacts.open(tmp_path / "artifacts"), open_components(tmp_path / "artifacts", manifest, "fp32"), "torch", "fp32")
-    ref = ReferencePipeline(loaded)
-    image = np.random.default_rng(4).integers(0, 256, (32, 32, 3), dtype=np.uint8)
-    mask = np.zeros((32, 32), np.uint8)
-    mask[8:24, 4:20] = 255
-    cases = [
-        dict(scheduler="dpmpp-2m"),
-        dict(scheduler="euler-a"),  # stochastic: per-step noise from the same generator
-        dict(scheduler="ddim", init_image=image, strength=0.6),
-        dict(scheduler="euler", init_image=image, mask=mask, strength=0.7),  # latent blend
-    ]
-    for case in cases:
-        args = dict(prompt=["a red car", "a photo of a cat"], negative_prompt="blurry", steps=4, guidance=7.5, seed=3, height=32, width=32, **case)
-        a, b = runtime.generate(**args), ref(**args)
-        assert np.max(np.abs(a.images.astype(int) - b.images.astype(int))) <= 1, case
-        np.testing.assert_allclose(a.latents, b.latents, rtol=0, atol=1e-5)
+    pipe = torch_pipeline(loaded)
+    assert type(pipe) is Pipeline and pipe.backend == "torch" and pipe.precision == "fp32"
+    assert all(type(c) is TorchComponent for c in pipe.components.values())
+    assert pipe.profile.height[1] == loaded.model.config.autoencoder.resolution and pipe.profile.batch == (1, 1, 64)
+    write_artifacts(tmp_path / "artifacts", loaded, tiny_sd_v1)
+    args = dict(prompt=["a red car", "a photo of a cat"], negative_prompt="blurry", steps=3, seed=3, height=32, width=32, scheduler="euler-a")
+    a, b = pipe.generate(**args), Pipeline.load(tmp_path / "artifacts", backend="torch").generate(**args)
+    np.testing.assert_array_equal(a.images, b.images)
+    assert a.params["model_hash"] == ""  # torch_pipeline does not hash weights; the artifacts' manifest does
+    assert pipe.generate(**{**args, "height": 48, "width": 40}).images.shape == (2, 48, 40, 3)
+    with pytest.raises(TypeError, match="apply to a path"):
+        torch_pipeline(loaded, dtype=torch.float16)

@@ -19,7 +19,8 @@ import pytest
 
 from ldm_rt.runtime.artifacts import Artifacts, default_artifacts_dir
 from ldm_rt.runtime.cli import main as cli_main
-from ldm_rt.runtime.manifest import MANIFEST, MAX_MANIFEST_BYTES, ArtifactError, FileEntry, Manifest, inside
+from ldm_rt.runtime.files import inside
+from ldm_rt.runtime.manifest import MANIFEST, MAX_MANIFEST_BYTES, ArtifactError, FileEntry, Manifest
 from ldm_rt.runtime.schedulers import SchedulerConfigError
 from ldm_rt.runtime.tokenizer import TokenizerError
 

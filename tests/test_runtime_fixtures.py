@@ -25,6 +25,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ldm_rt.runtime.contracts import ModelFacts, ShapeProfile, build_contracts
 from ldm_rt.runtime.manifest import ComponentEntry, FileEntry, Manifest, PrecisionEntry
+from ldm_rt.runtime.schedulers import sd_scheduler_config
 from ldm_rt.runtime.tokenizer import PromptTokenizer
 
 WORDS = ("a", "red", "blue", "green", "cube", "ball", "cat", "dog", "on", "the", "table", "blurry", "ugly")
@@ -34,11 +35,7 @@ LATENT_CHANNELS = 4
 FACTOR = 2  # latent factor; the "UNet" downsamples once more, so sizes are multiples of 4
 SCALE = 0.5
 PROFILE = ShapeProfile(batch=(1, 1, 4), height=(8, 16, 32), width=(8, 16, 32))
-SCHEDULER_CONFIG = {
-    "_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
-    "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
-    "prediction_type": "epsilon", "timestep_spacing": "leading", "clip_sample": False,
-}
+SCHEDULER_CONFIG = sd_scheduler_config()
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
-"""Parity of the runtime on exported tiny models: ONNX Runtime fp32 vs the torch ReferencePipeline and vs
-diffusers' StableDiffusionPipeline (the same random weights, the same noise), ONNX Runtime fp16 within a
-stated PSNR, and the torch backend found through its entry point.
+"""Parity of the runtime on exported tiny models: the one sampling loop over ONNX Runtime fp32 components vs
+over the torch reference networks (reference/torch_backend.torch_pipeline: what the graphs were exported
+from) and vs diffusers' StableDiffusionPipeline (the independent oracle: the same random weights, the same
+noise), ONNX Runtime fp16 within a stated PSNR, and the torch backend found through its entry point.
 
 Thresholds (8-bit images, PSNR in dB): fp32 >= 50 (measured: identical or ~83 dB, i.e. a rare 1-level
 rounding difference); fp16 >= 40 (measured ~55 dB on these models; fp16 rounding in every layer compounds
@@ -58,15 +59,14 @@ def ort32(sd):
 
 @pytest.fixture(scope="module")
 def reference(sd):
-    from ldm_rt.reference.checkpoints import load_model
-    from ldm_rt.reference.pipeline import ReferencePipeline
+    from ldm_rt.reference.torch_backend import torch_pipeline
 
-    return ReferencePipeline(load_model(sd[0]))
+    return torch_pipeline(sd[0])
 
 
 @pytest.mark.parametrize("scheduler", ["ddim", "euler-a", "dpmpp-2m"])
 def test_onnxruntime_fp32_matches_the_torch_reference(ort32, reference, scheduler):
-    ref = reference(scheduler=scheduler, **BASE).images
+    ref = reference.generate(scheduler=scheduler, **BASE).images
     ours = ort32.generate(scheduler=scheduler, **BASE).images
     assert psnr(ours, ref) >= FP32_DB
     assert_sensitive(ort32, ref, scheduler)
@@ -78,7 +78,7 @@ def test_onnxruntime_fp32_matches_the_reference_for_img2img_and_inpainting(ort32
     mask = np.zeros((SIZE, SIZE), np.float32)
     mask[:, SIZE // 2 :] = 1.0
     for extra in ({"init_image": init, "strength": 0.6}, {"init_image": init, "mask": mask, "strength": 0.9}):
-        ref = reference(scheduler="dpmpp-2m", **BASE, **extra).images
+        ref = reference.generate(scheduler="dpmpp-2m", **BASE, **extra).images
         ours = ort32.generate(scheduler="dpmpp-2m", **BASE, **extra).images
         assert psnr(ours, ref) >= FP32_DB, sorted(extra)
         assert psnr(ort32.generate(scheduler="dpmpp-2m", **{**BASE, "prompt": "a cat"}, **extra).images, ref) < SENSITIVE_DB
@@ -87,9 +87,9 @@ def test_onnxruntime_fp32_matches_the_reference_for_img2img_and_inpainting(ort32
 def test_onnxruntime_fp16_is_within_the_stated_psnr(sd, reference):
     ort16 = Pipeline.load(sd[1], precision="fp16")
     for scheduler in ("ddim", "euler-a"):
-        ref = reference(scheduler=scheduler, **BASE).images
+        ref = reference.generate(scheduler=scheduler, **BASE).images
         assert psnr(ort16.generate(scheduler=scheduler, **BASE).images, ref) >= FP16_DB, scheduler
-    assert psnr(ort16.generate(scheduler="ddim", **{**BASE, "guidance": 3.0}).images, reference(scheduler="ddim", **BASE).images) < SENSITIVE_DB
+    assert psnr(ort16.generate(scheduler="ddim", **{**BASE, "guidance": 3.0}).images, reference.generate(scheduler="ddim", **BASE).images) < SENSITIVE_DB
 
 
 @pytest.mark.parametrize("scheduler", ["ddim", "euler"])
@@ -123,20 +123,19 @@ def test_guidance_rescale_matches_diffusers_and_the_reference(sd, ort32, referen
     theirs = np.round(images * 255).astype(np.uint8)
     ours = ort32.generate(scheduler="ddim", latents=latents, guidance_rescale=0.7, **BASE).images
     assert psnr(ours, theirs) >= FP32_DB
-    assert psnr(reference(scheduler="ddim", latents=latents, guidance_rescale=0.7, **BASE).images, ours) >= FP32_DB
+    assert psnr(reference.generate(scheduler="ddim", latents=latents, guidance_rescale=0.7, **BASE).images, ours) >= FP32_DB
     # Rescale changes the image: without it on our side the images are below the parity bar.
     assert psnr(ort32.generate(scheduler="ddim", latents=latents, **BASE).images, theirs) < FP32_DB
     assert ours.shape == theirs.shape
 
 
 def test_ldm_rt_model_matches_its_reference(tmp_path_factory, tiny_ldm_rt_model):
-    from ldm_rt.reference.checkpoints import load_model
-    from ldm_rt.reference.pipeline import ReferencePipeline
+    from ldm_rt.reference.torch_backend import torch_pipeline
 
     artifacts = exported(tmp_path_factory, tiny_ldm_rt_model, fp16=False)
-    ours, ref = Pipeline.load(artifacts), ReferencePipeline(load_model(tiny_ldm_rt_model))
+    ours, ref = Pipeline.load(artifacts), torch_pipeline(tiny_ldm_rt_model)
     kw = {**BASE, "prompt": "a red cat on a blue car", "negative_prompt": "ugly"}
-    expected = ref(scheduler="dpmpp-2m-karras", **kw).images
+    expected = ref.generate(scheduler="dpmpp-2m-karras", **kw).images
     assert psnr(ours.generate(scheduler="dpmpp-2m-karras", **kw).images, expected) >= FP32_DB
     assert_sensitive(ours, expected, "dpmpp-2m-karras", prompt=kw["prompt"], negative_prompt=kw["negative_prompt"])
 
@@ -175,19 +174,18 @@ DEFAULT_CHANGES = ({"prompt": "a large blue square on a black background"}, {"gu
 def default_pair():
     """(ONNX Runtime on engines/default/artifacts, torch reference on engines/default/model)."""
     from ldm_rt.export.sources import default_model_dir
-    from ldm_rt.reference.checkpoints import load_model
-    from ldm_rt.reference.pipeline import ReferencePipeline
+    from ldm_rt.reference.torch_backend import torch_pipeline
 
-    return Pipeline.load(), ReferencePipeline(load_model(default_model_dir()))
+    return Pipeline.load(), torch_pipeline(default_model_dir())
 
 
 @pytest.mark.parametrize("scheduler", ["ddim", "euler", "dpmpp-2m"])
 def test_default_model_onnxruntime_fp32_matches_its_torch_reference(default_pair, scheduler):
     ours, reference = default_pair
-    facts = ours.artifacts.manifest.facts
+    facts = ours.facts
     size = DEFAULT_BASE["height"] // facts.latent_factor
     latents = np.random.default_rng(SEED).standard_normal((1, facts.latent_channels, size, size), dtype=np.float32)
-    expected = reference(scheduler=scheduler, latents=latents, **DEFAULT_BASE).images
+    expected = reference.generate(scheduler=scheduler, latents=latents, **DEFAULT_BASE).images
     assert psnr(ours.generate(scheduler=scheduler, latents=latents, **DEFAULT_BASE).images, expected) >= FP32_DB
     for change in DEFAULT_CHANGES:
         changed = ours.generate(scheduler=scheduler, latents=latents, **{**DEFAULT_BASE, **change}).images

@@ -60,7 +60,7 @@ class Spy:
 
 def spied(pipe, name, **kw):
     spy = Spy(pipe.components[name], **kw)
-    return Pipeline(pipe.artifacts, {**pipe.components, name: spy}, "spy", "fp32"), spy
+    return Pipeline.from_artifacts(pipe.artifacts, {**pipe.components, name: spy}, "spy", "fp32"), spy
 
 
 @pytest.mark.parametrize("scheduler", ["ddim", "euler-a", "dpmpp-2m", "pndm"])
@@ -236,6 +236,21 @@ def test_callback_timings_and_params(pipe):
     assert set(r.timings) >= {"text_encoder", "unet", "vae_decoder", "total"} and len(r.timings["unet"]) == 4
     assert r.params["seed"] == 0 and r.params["model_hash"] == pipe.artifacts.model_hash
     assert r.to_pil()[0].size == (16, 16)
+
+
+def test_built_from_components_it_is_the_same_loop(pipe):
+    """The constructor takes the parts an artifacts folder provides (how the torch reference is built):
+    the same parts give the same image; a model with a text encoder needs its tokenizer."""
+    a = pipe.artifacts
+    parts = (dict(pipe.components), a.tokenizer, a.scheduler_config, a.manifest.facts, a.manifest.profile)
+    built = Pipeline(*parts, backend="onnxruntime", model_hash="m")
+    r = built.generate("a cat", steps=3, seed=4, scheduler="euler-a")
+    np.testing.assert_array_equal(r.images, pipe.generate("a cat", steps=3, seed=4, scheduler="euler-a").images)
+    assert r.params["model_hash"] == "m" and built.artifacts is None
+    with pytest.raises(GenerationError, match="has a text encoder: pass its tokenizer"):
+        Pipeline(parts[0], None, *parts[2:], backend="onnxruntime")
+    with pytest.raises(GenerationError, match=r"needs the components \['vae_decoder'\]"):
+        Pipeline({k: v for k, v in parts[0].items() if k != "vae_decoder"}, *parts[1:], backend="onnxruntime")
 
 
 def test_too_long_prompt_is_truncated_with_a_warning(pipe, caplog):

@@ -19,6 +19,7 @@ from ldm_rt.runtime.schedulers import (
     SchedulerConfigError,
     make_scheduler,
     scheduler_from_diffusers_json,
+    sd_scheduler_config,
 )
 
 # Stable Diffusion v1.5's scheduler_config.json as published.
@@ -107,6 +108,10 @@ def test_unreadable_json_raises(tmp_path):
             load(path)
     with pytest.raises(SchedulerConfigError, match="cannot read"):
         SchedulerConfig.from_json(tmp_path / "missing.json")
+    path.write_text("[1, 2]")  # both readers refuse a non-object the same way, naming the file
+    for load in (SchedulerConfig.from_json, scheduler_from_diffusers_json):
+        with pytest.raises(SchedulerConfigError, match=r"scheduler_config.json holds an array where a JSON object is expected"):
+            load(path)
 
 
 # ---- registry ------------------------------------------------------------------------------------------------
@@ -155,3 +160,13 @@ def test_scheduler_holds_only_config_and_tables():
     for k, v in before.items():
         assert np.array_equal(v, after[k]) if isinstance(v, np.ndarray) else v == after[k]
     assert dataclasses.is_dataclass(scheduler.config)
+
+
+def test_sd_scheduler_config_is_the_published_one_and_a_fresh_dict_each_time():
+    # One owner for SD's scheduler_config.json: what reference, training, tests and benchmarks write.
+    ours = sd_scheduler_config()
+    assert SchedulerConfig.from_dict(ours) == SchedulerConfig.from_dict(SD15_JSON) == SchedulerConfig()
+    assert ours["_class_name"] == "PNDMScheduler"
+    ours["beta_end"] = 0.5
+    assert sd_scheduler_config()["beta_end"] == 0.012  # a caller's change does not leak into the next one
+    assert sd_scheduler_config(_class_name="DDIMScheduler", prediction_type="v_prediction")["prediction_type"] == "v_prediction"

@@ -77,7 +77,7 @@ def test_new_run_refuses_a_folder_with_a_checkpoint(tmp_path):
     "args, message",
     [
         (["--set", "nonsense=1"], "unknown config key nonsense"),
-        (["--set", "model.ch=30"], "multiple of 32"),
+        (["--set", "model.ch=30"], "multiple of norm_num_groups"),
         (["--set", "lr=fast"], "lr: 'fast' is not a float"),
         (["--set", "data.kind=folder", "--set", "data.path=/nonexistent/images"], "/nonexistent/images does not exist"),
         (["--set", "loss.rec_loss=l3"], "loss.rec_loss"),

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -24,6 +26,7 @@ from ldm_rt.training.data_shapes import (
 )
 from ldm_rt.training.datasets import DataConfig, get_batch, make_dataset, shard_indices
 from ldm_rt.training.images import to_uint8
+from ldm_rt.training.train_ldm import caption_vocabulary
 
 CAPTION = re.compile(
     rf"^a (?:({'|'.join(SIZES)}) )?({'|'.join(COLORS)}) ({'|'.join(SHAPES)})"
@@ -170,3 +173,43 @@ def test_unreadable_image_names_the_file(tmp_path):
     (root / "broken.png").write_bytes(b"not a png")
     with pytest.raises(DataError, match="broken.png"):
         ImageFolderDataset(root)[0]
+
+
+def test_sixteen_bit_images_are_scaled_not_clipped_to_white(tmp_path):
+    root = tmp_path / "data"
+    root.mkdir()
+    Image.fromarray(np.full((32, 32), 128 * 257, dtype=np.uint16)).save(root / "gray16.png")  # mode I;16
+    image = ImageFolderDataset(root, resolution=32)[0].image
+    assert image.shape == (3, 32, 32) and torch.allclose(image, torch.full_like(image, 128 / 127.5 - 1), atol=1e-6)  # white would be 1.0
+
+
+def _png_header(path, width, height):
+    """A PNG whose header states a size and whose pixel data is empty: only the header can be read."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("side", [9000, 20000])  # over our bound (a real, decodable image); over Pillow's bomb bound
+def test_a_huge_image_is_refused_from_its_header_naming_the_file(tmp_path, side):
+    root = tmp_path / "data"
+    root.mkdir()
+    if side == 9000:
+        Image.new("1", (side, side)).save(root / "huge.png")  # 10 kB on disk, 243 MB once decoded as RGB
+    else:
+        _png_header(root / "huge.png", side, side)
+    with pytest.raises(DataError, match=str(root / "huge.png")) as info:
+        ImageFolderDataset(root, resolution=32)[0]
+    assert "\n" not in str(info.value) and ("over the limit" in str(info.value) or "too large" in str(info.value))
+
+
+@pytest.mark.parametrize("content, message", [(b"caf\xe9 au lait", "is not UTF-8 text"), (b"x" * (65 * 1024), "is over 64 KiB")])
+def test_a_bad_caption_is_one_line_naming_the_file(tmp_path, content, message):
+    root = _write_folder(tmp_path / "data", n=1)
+    (root / "img0.txt").write_bytes(content)
+    for read in (lambda: ImageFolderDataset(root, resolution=32)[0], lambda: caption_vocabulary(str(root))):
+        with pytest.raises(DataError, match=message) as info:
+            read()
+        assert str(root / "img0.txt") in str(info.value)

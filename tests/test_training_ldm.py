@@ -30,6 +30,7 @@ from ldm_rt.training.datasets import DataConfig, get_batch, make_dataset
 from ldm_rt.training.train_autoencoder import AutoencoderTrainConfig
 from ldm_rt.training import latent_cache
 from ldm_rt.training.latent_cache import first_stage_output
+from ldm_rt.training.optim import TrainingDiverged
 from ldm_rt.training.train_ldm import LDMTrainConfig, estimate_scale_factor, main, make_tokenizer, train
 
 # 32x32 shapes through a random f=2 autoencoder -> 16x16x4 latents; a ~0.3 M-parameter UNet.
@@ -210,6 +211,12 @@ def test_fine_tuning_starts_from_the_folder_and_resumes_without_it(tmp_path, ae_
 def test_bad_ldm_config_is_rejected(ae_folder, overrides, message):
     with pytest.raises(TrainConfigError, match=message):
         tiny(ae_folder, **overrides)
+
+
+def test_a_diverging_run_stops_naming_the_step_and_writes_nothing(tmp_path, ae_folder):
+    with pytest.raises(TrainingDiverged, match=r"^step \d+: (loss|grad_norm) is (nan|inf)"):
+        train(tiny(ae_folder, steps=6, lr=1e30, warmup_steps=0), tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoint").exists() and not (tmp_path / "run" / "model").exists()
 
 
 def test_cli_without_autoencoder_is_one_line(tmp_path, capsys):

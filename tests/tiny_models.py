@@ -25,6 +25,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from ldm_rt.runtime.schedulers import sd_scheduler_config as runtime_sd_scheduler_config
+
 # Image size the tiny models are built for (the VAE halves it once, the UNet once more): any multiple of 4 works.
 TINY_IMAGE_SIZE = 32
 TINY_CONTEXT_DIM = 32  # CLIP hidden size == UNet cross_attention_dim
@@ -190,21 +192,9 @@ def _canonical_text_keys(file: Path) -> None:
 
 def sd_scheduler_config(variant: str, prediction_type: str = "epsilon") -> dict:
     """The scheduler_config.json SD v1 (PNDM) / v2 (DDIM) ship, as diffusers writes it."""
-    return {
-        "_class_name": "DDIMScheduler" if variant == "v2" else "PNDMScheduler",
-        "_diffusers_version": "0.42.1",
-        "beta_start": 0.00085,
-        "beta_end": 0.012,
-        "beta_schedule": "scaled_linear",
-        "num_train_timesteps": 1000,
-        "clip_sample": False,
-        "set_alpha_to_one": False,
-        "skip_prk_steps": True,
-        "steps_offset": 1,
-        "prediction_type": prediction_type,
-        "timestep_spacing": "leading",
-        "trained_betas": None,
-    }
+    return runtime_sd_scheduler_config(
+        _class_name="DDIMScheduler" if variant == "v2" else "PNDMScheduler", _diffusers_version="0.42.1", prediction_type=prediction_type
+    )
 
 
 def make_tiny_diffusers_sd(

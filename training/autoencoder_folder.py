@@ -21,6 +21,8 @@ from ldm_rt.reference.configs import AutoencoderConfig, ConfigError
 from ldm_rt.reference.model_folder import is_model_folder, load_model_folder, load_strict
 from ldm_rt.runtime.atomic import atomic_directory
 
+from .io_errors import naming
+
 AE_JSON = "autoencoder.json"
 AE_WEIGHTS = "autoencoder.safetensors"
 
@@ -30,7 +32,7 @@ def build_autoencoder(config: AutoencoderConfig) -> AutoencoderKL | VQModel:
 
 
 def save_autoencoder(path: str | Path, ae: AutoencoderKL | VQModel, info: dict[str, Any]) -> None:
-    with atomic_directory(path) as tmp:
+    with naming(path), atomic_directory(path) as tmp:
         (tmp / AE_JSON).write_text(json.dumps({"config": ae.config.to_dict(), "info": info}, indent=2) + "\n")
         save_file({k: v.detach().cpu().contiguous() for k, v in ae.state_dict().items()}, str(tmp / AE_WEIGHTS))
 

@@ -1,8 +1,9 @@
 """The command line shared by the trainers: --config, --out, --resume, --set key=value.
 
 A user error raised while setting up or running (bad config, unreadable data, a checkpoint that does not
-fit: the ValueError subclasses in USER_ERRORS) is printed as one line and the process exits with status 2;
-anything else is a bug and keeps its traceback.
+fit or is damaged, a run that diverged: the ValueError subclasses in USER_ERRORS; and any OSError, such as a
+full disk or a read-only --out) is printed as one line and the process exits with status 2; anything else
+is a bug and keeps its traceback. Under torchrun every process exits so.
 """
 
 from __future__ import annotations
@@ -16,13 +17,15 @@ from pathlib import Path
 
 from ldm_rt.reference.checkpoint_errors import CheckpointError
 from ldm_rt.reference.configs import ConfigError
+from ldm_rt.runtime.atomic import explain_os_error
 
 from .checkpoint import TrainCheckpointError, load_checkpoint
 from .config_loading import TrainConfigError, load_config, read_json
 from .data_folder import DataError
+from .optim import TrainingDiverged
 from .perceptual import PerceptualWeightsError
 
-USER_ERRORS = (TrainConfigError, ConfigError, DataError, TrainCheckpointError, PerceptualWeightsError, CheckpointError)
+USER_ERRORS = (TrainConfigError, ConfigError, DataError, TrainCheckpointError, TrainingDiverged, PerceptualWeightsError, CheckpointError)
 
 
 @dataclass(frozen=True)
@@ -65,12 +68,18 @@ def quiet_unless_main(is_main: bool) -> None:
         logging.getLogger("ldm_rt").setLevel(logging.WARNING)
 
 
+def error_line(e: Exception) -> str:
+    """`error: ` and the message on one line (an OSError with its path and what to do)."""
+    message = explain_os_error(e) if isinstance(e, OSError) else str(e)
+    return "error: " + " ".join(message.split())  # one line, whatever a library put in the message
+
+
 def run_main(fn: Callable[[], object]) -> int:
     """Run a trainer's main body; a user error is one line on stderr and exit status 2."""
     try:
         fn()
-    except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (*USER_ERRORS, OSError) as e:
+        print(error_line(e), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; resume with --resume", file=sys.stderr)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import reprlib
 import types
 import typing
 from pathlib import Path
@@ -16,9 +18,34 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 
+# Typo guards, checked before anything is built or allocated: far beyond what these trainers are run with, so
+# a larger value is a mistake that would otherwise spend minutes and gigabytes (building the batch sample by
+# sample, looping for ever) before failing.
+MAX_BATCH_SIZE = 1024  # per process; SD-size models fit a few dozen per device
+MAX_STEPS = 10**9  # years of training on any device
+MAX_SEED = 2**63 - 1  # torch.manual_seed's range; numpy's SeedSequence takes no negative seed
+
 
 class TrainConfigError(ValueError):
     """A training config is wrong; the message names the key and what to do."""
+
+
+def check_range(config: Any, low: float, high: float, *names: str) -> None:
+    """Each named field of `config` within [low, high], else a TrainConfigError naming it."""
+    for name in names:
+        value = getattr(config, name)
+        if not low <= value <= high:
+            bounds = f">= {low}" if high == math.inf else f"between {low} and {high}"
+            raise TrainConfigError(f"{name} must be {bounds}, got {value}")
+
+
+def check_finite_fields(config: Any) -> None:
+    """Every float of `config` (and of its tuples) finite: NaN passes every comparison check silently."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        for v in value if isinstance(value, tuple) else (value,):
+            if isinstance(v, float) and not math.isfinite(v):
+                raise TrainConfigError(f"{f.name} must be a finite number, got {v}")
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -61,7 +88,7 @@ def load_config(cls: type[T], data: dict[str, Any], overrides: list[str] = ()) -
 
 def build(cls: type[T], data: dict[str, Any], prefix: str, default: Any = None) -> T:
     if not isinstance(data, dict):
-        raise TrainConfigError(f"{prefix.rstrip('.') or 'config'} must be an object, got {data!r}")
+        raise TrainConfigError(f"{prefix.rstrip('.') or 'config'} must be an object, got {reprlib.repr(data)}")
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(data) - set(fields))
     if unknown:
@@ -88,6 +115,8 @@ def build(cls: type[T], data: dict[str, Any], prefix: str, default: Any = None) 
 def check_value(name: str, value: Any, tp: Any) -> Any:
     """Check a JSON value against a field type (int, float, str, bool, None unions, tuples) and return it
     in that type (lists become tuples, ints become floats)."""
+    if isinstance(value, float) and not math.isfinite(value):  # JSON NaN / Infinity: no setting means that
+        raise TrainConfigError(f"{name}: {value} is not a finite number; give a finite value")
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         for option in typing.get_args(tp):
@@ -95,7 +124,7 @@ def check_value(name: str, value: Any, tp: Any) -> Any:
                 return check_value(name, value, option)
             except TrainConfigError:
                 continue
-        raise TrainConfigError(f"{name}: {value!r} is not a {_type_name(tp)}")
+        raise TrainConfigError(f"{name}: {reprlib.repr(value)} is not a {_type_name(tp)}")
     if tp is type(None):
         if value is None:
             return None
@@ -122,7 +151,7 @@ def check_value(name: str, value: Any, tp: Any) -> Any:
             return value
     elif tp is Any:
         return value
-    raise TrainConfigError(f"{name}: {value!r} is not a {_type_name(tp)}")
+    raise TrainConfigError(f"{name}: {reprlib.repr(value)} is not a {_type_name(tp)}")
 
 
 def _type_name(tp: Any) -> str:

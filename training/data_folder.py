@@ -13,11 +13,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
+
+from ldm_rt.runtime.images import ImageInputError, as_rgb_array, open_image
 
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+MAX_CAPTION_BYTES = 64 * 1024  # read no further: the tokenizer keeps a few dozen tokens of a caption anyway
 
 
 class DataError(ValueError):
@@ -61,12 +64,14 @@ def split_files(files: list[Path], heldout_fraction: float, split: str) -> list[
 
 
 def load_image(path: Path, resolution: int, center_crop: bool, rng: np.random.Generator, flip: bool) -> torch.Tensor:
-    """Resize the shorter side to `resolution`, crop a square (centre or random), maybe flip -> (3, R, R)."""
+    """Resize the shorter side to `resolution`, crop a square (centre or random), maybe flip -> (3, R, R).
+    The size is checked from the header before decoding; 16-bit and float images are scaled, not clipped."""
     try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-    except (OSError, UnidentifiedImageError) as e:
-        raise DataError(f"cannot read image {path} ({e}); remove or replace the file") from None
+        pixels = as_rgb_array(open_image(path, "training image"), "training image")  # (H, W, 3) uint8
+    except ImageInputError as e:
+        message = str(e) if str(path) in str(e) else f"{path}: {e}"
+        raise DataError(f"{message} (or remove the file from the data folder)") from None
+    im = Image.fromarray(pixels)
     w, h = im.size
     scale = resolution / min(w, h)
     im = im.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))), Image.Resampling.BICUBIC)
@@ -80,6 +85,23 @@ def load_image(path: Path, resolution: int, center_crop: bool, rng: np.random.Ge
     if flip:
         pixels = pixels[:, ::-1]
     return torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1) / 127.5 - 1.0  # (3, R, R)
+
+
+def read_caption(image: Path) -> str:
+    """The UTF-8 text of the .txt caption beside `image`, stripped; "" when there is none."""
+    path = image.with_suffix(".txt")
+    if not path.is_file():
+        return ""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_CAPTION_BYTES + 1)
+        if len(data) > MAX_CAPTION_BYTES:
+            raise DataError(f"caption {path} is over {MAX_CAPTION_BYTES // 1024} KiB; a caption is a sentence or a few, shorten it")
+        return data.decode("utf-8").strip()
+    except UnicodeDecodeError as e:
+        raise DataError(f"caption {path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); save it as UTF-8") from None
+    except OSError as e:
+        raise DataError(f"cannot read caption {path} ({e.strerror}); fix its permissions or remove it") from None
 
 
 class ImageFolderDataset:
@@ -120,6 +142,4 @@ class ImageFolderDataset:
         rng = np.random.default_rng([self.seed, index, 1])
         flip = self.random_flip and bool(rng.random() < 0.5)
         image = load_image(path, self.resolution, self.center_crop, rng, flip)
-        caption_file = path.with_suffix(".txt")
-        caption = caption_file.read_text(encoding="utf-8").strip() if caption_file.is_file() else ""
-        return FolderSample(image, caption, path)
+        return FolderSample(image, read_caption(path), path)

@@ -11,10 +11,14 @@ from dataclasses import dataclass
 
 import torch
 
+from .config_loading import MAX_SEED
 from .data_folder import DataError, ImageFolderDataset
 from .data_shapes import ShapesDataset
 
 HELDOUT_SEED_OFFSET = 1_000_003  # procedural held-out data: a seed no training run uses
+# Training images are resized to this side at most: twice SDXL's 1024, beyond any first stage trained here;
+# a typo guard so a huge value fails at once rather than allocating the batch.
+MAX_RESOLUTION = 2048
 
 
 @dataclass(frozen=True)
@@ -33,8 +37,12 @@ class DataConfig:
             raise DataError(f"data.kind must be 'shapes' or 'folder', got {self.kind!r}")
         if self.kind == "folder" and not self.path:
             raise DataError("data.kind is 'folder' but data.path is not set; set data.path to an image folder")
-        if self.resolution < 8:
-            raise DataError(f"data.resolution {self.resolution} is too small; use 32 or more")
+        if not 8 <= self.resolution <= MAX_RESOLUTION:
+            raise DataError(f"data.resolution {self.resolution} is out of range; use 32 to {MAX_RESOLUTION}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise DataError(f"data.seed must be between 0 and {MAX_SEED}, got {self.seed}")
+        if not 0.0 <= self.say_probability <= 1.0:  # also refuses NaN
+            raise DataError(f"data.say_probability must be in [0, 1], got {self.say_probability}")
         if not 0.0 <= self.heldout_fraction < 1.0:
             raise DataError(f"data.heldout_fraction must be in [0, 1), got {self.heldout_fraction}")
 

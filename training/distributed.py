@@ -14,6 +14,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from .config_loading import TrainConfigError
+
+
 @dataclass(frozen=True)
 class DistContext:
     rank: int
@@ -33,7 +36,7 @@ def init_distributed(device: str = "auto") -> DistContext:
     """device: "auto" (CUDA if present), "cpu" or "cuda"."""
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if use_cuda and not torch.cuda.is_available():
-        raise ValueError("device is 'cuda' but no CUDA GPU is visible; set device to 'cpu' or 'auto'")
+        raise TrainConfigError("device is 'cuda' but no CUDA GPU is visible; set device to 'cpu' or 'auto'")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return DistContext(0, 1, torch.device("cuda" if use_cuda else "cpu"))

@@ -3,8 +3,25 @@ LambdaLinearScheduler, then constant) and global-norm gradient clipping."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
+
+
+class TrainingDiverged(ValueError):
+    """The loss, the gradients or the weights went NaN or infinite; the message names the step."""
+
+
+def check_finite_step(step: int, **values: float) -> None:
+    """Stop at the first step whose loss or gradient norm is not finite (AdamW would carry it into every
+    weight); with DDP the averaged gradient norm is the same on every rank, so all ranks stop together."""
+    for name, value in values.items():
+        if not math.isfinite(value):
+            raise TrainingDiverged(
+                f"step {step}: {name} is {value}, so training stopped (nothing after the last checkpoint is kept); "
+                "lower lr or set grad_clip, then resume with --resume or start over"
+            )
 
 
 def make_adamw(params, lr: float, betas: tuple[float, float], weight_decay: float) -> torch.optim.AdamW:

@@ -48,6 +48,7 @@ from ldm_rt.runtime.images import write_png
 from ldm_rt.runtime.manifest import MANIFEST, weights_sha256
 from ldm_rt.runtime.schedulers import SCHEDULERS
 
+from .cli import error_line
 from .data_shapes import BACKGROUNDS, COLORS, POSITIONS, SHAPES, SIZES, ShapeAttributes, caption_for, classify_image, sample_attributes
 from .datasets import DataConfig, get_batch, make_dataset
 
@@ -200,19 +201,20 @@ def torch_ae_psnr(ae_path: Path) -> Callable[[DataConfig, int, int], float]:
 
 def model_folder_sampler(path: Path, steps: int, guidance: float, scheduler: str) -> Sampler:
     from ldm_rt.reference.model_folder import read_model_json
-    from ldm_rt.reference.pipeline import ReferencePipeline
+    from ldm_rt.reference.torch_backend import torch_pipeline
 
     config, info = read_model_json(path)
     if config.text_encoder is None or config.unet.num_classes is not None:
         raise QualityError(f"{path} is not prompt-conditioned (no text encoder or class labels); the quality script scores prompts")
     data = info.get("data") or {}
     resolution = int(data.get("resolution") or config.autoencoder.resolution)
-    pipe = ReferencePipeline.from_path(path)
-    noise_shape = (pipe.latent_channels, resolution // pipe.latent_factor, resolution // pipe.latent_factor)
+    pipe = torch_pipeline(path)
+    f = pipe.facts.latent_factor
+    noise_shape = (pipe.facts.latent_channels, resolution // f, resolution // f)
 
     def generate(prompts: Sequence[str], seeds: Sequence[int]) -> np.ndarray:
         latents = per_image_noise(seeds, noise_shape)
-        out = pipe(list(prompts), steps=steps, guidance=guidance, scheduler=scheduler, seed=seeds[0], latents=latents, height=resolution, width=resolution)
+        out = pipe.generate(list(prompts), steps=steps, guidance=guidance, scheduler=scheduler, seed=seeds[0], latents=latents, height=resolution, width=resolution)
         return out.images
 
     return Sampler("model_folder", generate, resolution, weights_sha256(path), dict(info), torch_ae_psnr(path))
@@ -445,7 +447,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         report = run(args)
     except (ValueError, OSError) as e:  # every error of ours is a ValueError with a one-line message
-        print(f"error: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}", file=sys.stderr)
+        print(error_line(e), file=sys.stderr)
         return 2
     print(markdown_table(report), end="")
     missed = [k for k, v in report["met"].items() if v is False]

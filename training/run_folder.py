@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ldm_rt.runtime.backends.base import MAX_THREADS_PER_CPU
+
 from . import distributed
 from .checkpoint import has_checkpoint
 from .cli import quiet_unless_main
 from .config_loading import TrainConfigError
+from .io_errors import naming
 
 
 @dataclass
@@ -30,18 +35,39 @@ def ensure_dir(path: Path) -> Path:
 
 def append_metrics(out_dir: Path, row: dict) -> None:
     """One JSON line per log event in RUN/metrics.jsonl (a resumed run appends after the old lines)."""
-    with open(out_dir / "metrics.jsonl", "a") as f:
+    with naming(out_dir / "metrics.jsonl"), open(out_dir / "metrics.jsonl", "a") as f:
         f.write(json.dumps({k: (round(v, 6) if isinstance(v, float) and math.isfinite(v) else v) for k, v in row.items()}) + "\n")
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def physical_memory() -> int:
+    """Bytes of RAM on this machine (what the sizes a config asks for are held against)."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def start_run(device: str, threads: int, out_dir: Path, resume: bool) -> distributed.DistContext:
     """Join the process group (if launched by torchrun), set threads, and claim `out_dir` on rank 0:
-    a fresh run refuses a folder that already holds a checkpoint, so nothing is overwritten by accident."""
+    a fresh run refuses a folder that already holds a checkpoint, so nothing is overwritten by accident,
+    and a folder it cannot write is refused now rather than at the first checkpoint."""
+    # torch starts every thread asked for (100000 crashed the process): a few per CPU at most, as the runtime allows.
+    if threads > MAX_THREADS_PER_CPU * usable_cpus():
+        raise TrainConfigError(
+            f"threads {threads} is more than {MAX_THREADS_PER_CPU}x the {usable_cpus()} CPUs this process may use; "
+            f"--set threads={usable_cpus()} (one per CPU) or fewer"
+        )
+    if out_dir.exists() and not out_dir.is_dir():
+        raise TrainConfigError(f"--out {out_dir} is a file, not a folder; choose a new or existing folder")
     ctx = distributed.init_distributed(device)
     torch.set_num_threads(threads)
     quiet_unless_main(ctx.is_main)
     if ctx.is_main:
         ensure_dir(out_dir)
+        with naming(out_dir), tempfile.TemporaryFile(dir=out_dir):  # the OSError (read-only, permission) writing would raise
+            pass
     if not resume and has_checkpoint(out_dir):
         raise TrainConfigError(f"{out_dir} already holds a checkpoint; pass --resume to continue it or choose a new --out")
     return ctx

@@ -12,6 +12,7 @@ RUN/ receives checkpoint/ (resumable state), autoencoder/ (the weights train_ldm
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,12 +28,12 @@ from . import distributed
 from .autoencoder_folder import build_autoencoder, save_autoencoder
 from .checkpoint import flatten_state, load_checkpoint, restore_state, rng_states, save_checkpoint, set_rng_states, step_seed
 from .cli import config_for_run, parse_args, run_main, setup_logging
-from .config_loading import TrainConfigError, to_dict
+from .config_loading import MAX_BATCH_SIZE, MAX_SEED, MAX_STEPS, TrainConfigError, check_finite_fields, check_range, to_dict
 from .datasets import DataConfig, get_batch, make_dataset, shard_indices
 from .discriminator import NLayerDiscriminator
 from .images import save_grid
 from .losses_autoencoder import AutoencoderLoss, AutoencoderLossConfig
-from .optim import clip_and_step, make_adamw, set_lr, warmup_lr
+from .optim import check_finite_step, clip_and_step, make_adamw, set_lr, warmup_lr
 from .perceptual import VGGPerceptualLoss
 from .run_folder import TrainResult, append_metrics, ensure_dir, start_run
 
@@ -70,11 +71,20 @@ class AutoencoderTrainConfig:
     checkpoint_minutes: float = 5.0  # also written at the end
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "threads", "log_every", "eval_every", "eval_images", "sample_every", "disc_channels", "disc_layers"):
-            if getattr(self, name) < 1:
-                raise TrainConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        check_finite_fields(self)
+        check_range(self, 1, MAX_STEPS, "steps", "log_every", "eval_every", "eval_images", "sample_every")
+        check_range(self, 1, MAX_BATCH_SIZE, "batch_size")
+        check_range(self, 1, math.inf, "threads", "disc_channels", "disc_layers")
+        check_range(self, 0, MAX_STEPS, "warmup_steps")
+        check_range(self, 0, MAX_SEED, "seed")
         if self.lr <= 0 or (self.disc_lr is not None and self.disc_lr <= 0):
             raise TrainConfigError("lr and disc_lr must be > 0")
+        if self.weight_decay < 0 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise TrainConfigError(f"weight_decay must be >= 0 and betas in [0, 1); got {self.weight_decay}, {list(self.betas)}")
+        if self.checkpoint_minutes <= 0:
+            raise TrainConfigError(f"checkpoint_minutes must be > 0, got {self.checkpoint_minutes}")
+        if self.data.resolution >> self.disc_layers < 3:  # each layer halves the image; the last two convs take 2 pixels
+            raise TrainConfigError(f"disc_layers {self.disc_layers} leaves no patch of a {self.data.resolution}-pixel image: use at most {(self.data.resolution // 3).bit_length() - 1}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise TrainConfigError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
         if self.data.resolution % self.model.downsampling_factor:
@@ -174,9 +184,8 @@ def train(config: AutoencoderTrainConfig, out_dir: str | Path, resume: bool = Fa
         logger.info("step %d: checkpoint written to %s", step, out_dir)
 
     last_checkpoint = time.monotonic()
-    bar = tqdm(total=config.steps, initial=step, disable=not ctx.is_main, desc="autoencoder", dynamic_ncols=True)
     tick, tick_step = time.monotonic(), step
-    with logging_redirect_tqdm():
+    with tqdm(total=config.steps, initial=step, disable=not ctx.is_main, desc="autoencoder", dynamic_ncols=True) as bar, logging_redirect_tqdm():
         while step < config.steps:
             # Everything random in this step (posterior noise, dropout) derives from (seed, step, rank).
             torch.manual_seed(step_seed(config.seed, step, ctx.rank))
@@ -196,15 +205,17 @@ def train(config: AutoencoderTrainConfig, out_dir: str | Path, resume: bool = Fa
             loss.backward()
             logs["grad_norm"] = clip_and_step(opt_ae, trainee, config.grad_clip)
             logs["loss"] = loss.item()
+            finite = {"loss": logs["loss"], "grad_norm": logs["grad_norm"]}  # NaN or inf here stops the run
 
             # 2. Discriminator step (hinge loss), once the adversarial terms are on.
             if loss_fn.disc_active(step):
                 d_loss, d_logs = loss_fn.discriminator(x, recon, disc_ddp)
                 opt_disc.zero_grad(set_to_none=True)
                 d_loss.backward()
-                clip_and_step(opt_disc, disc, config.grad_clip)
+                finite.update(d_loss=d_logs["d_loss"], d_grad_norm=clip_and_step(opt_disc, disc, config.grad_clip))
                 logs.update(d_logs)
             step += 1
+            check_finite_step(step, **finite)
 
             if step % config.log_every == 0 or step == config.steps:
                 logs = distributed.mean_over_ranks(logs, ctx)
@@ -230,7 +241,6 @@ def train(config: AutoencoderTrainConfig, out_dir: str | Path, resume: bool = Fa
                     write_checkpoint(metrics)
                 last_checkpoint = time.monotonic()
             bar.update(1)
-    bar.close()
     distributed.barrier(ctx)
     distributed.shutdown(ctx)
     return TrainResult(step, metrics, modules)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import math
 import re
 import time
 from dataclasses import dataclass, field
@@ -38,10 +39,10 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from ldm_rt.reference.configs import LDMConfig, TextEncoderConfig, UNetConfig
 from ldm_rt.reference.attention import SpatialTransformer
 from ldm_rt.reference.ldm import LatentDiffusion
-from ldm_rt.reference.model_folder import load_model_folder, save_model_folder
-from ldm_rt.reference.pipeline import ReferencePipeline
+from ldm_rt.reference.model_folder import LoadedModel, load_model_folder, save_model_folder
+from ldm_rt.reference.torch_backend import torch_pipeline
 from ldm_rt.reference.unet import ResBlock, UNetModel
-from ldm_rt.runtime.schedulers.config import SchedulerConfigError
+from ldm_rt.runtime.schedulers.config import SchedulerConfigError, sd_scheduler_config
 from ldm_rt.runtime.schedulers.registry import scheduler_from_diffusers_config
 from ldm_rt.runtime.tokenizer import PromptTokenizer, TokenizerError
 
@@ -49,15 +50,16 @@ from . import distributed
 from .autoencoder_folder import load_autoencoder
 from .checkpoint import flatten_state, load_checkpoint, restore_state, rng_states, save_checkpoint, set_rng_states, step_seed
 from .cli import config_for_run, parse_args, run_main, setup_logging
-from .config_loading import TrainConfigError, to_dict
-from .data_folder import list_images
+from .config_loading import MAX_BATCH_SIZE, MAX_SEED, MAX_STEPS, TrainConfigError, check_finite_fields, check_range, to_dict
+from .data_folder import list_images, read_caption
 from .data_shapes import ShapesDataset, vocabulary
 from .datasets import DataConfig, get_batch, make_dataset, shard_indices
 from .ema import EMA
 from .images import save_grid
+from .io_errors import naming
 from .latent_cache import LatentCache, first_stage_output, latents_from
-from .optim import clip_and_step, make_adamw, set_lr, warmup_lr
-from .run_folder import TrainResult, append_metrics, ensure_dir, start_run
+from .optim import check_finite_step, clip_and_step, make_adamw, set_lr, warmup_lr
+from .run_folder import TrainResult, append_metrics, ensure_dir, physical_memory, start_run
 
 logger = logging.getLogger(__name__)
 
@@ -80,12 +82,11 @@ def default_text_encoder() -> TextEncoderConfig:
 
 def default_scheduler() -> dict[str, Any]:
     # Stable Diffusion v1's training schedule, as a diffusers scheduler_config.json (what the model folder ships).
-    return {
-        "_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_schedule": "scaled_linear",
-        "beta_start": 0.00085, "beta_end": 0.012, "prediction_type": "epsilon", "clip_sample": False,
-        "set_alpha_to_one": False, "steps_offset": 1, "timestep_spacing": "leading",
-    }  # fmt: skip
+    return sd_scheduler_config(_class_name="DDIMScheduler")
 
+
+MAX_SAMPLE_PROMPTS = 64  # one batch through the reference pipeline at every sample_every
+MAX_SCALE_SAMPLES = 65536  # latents held at once to estimate the scale factor
 
 DEFAULT_PROMPTS = (
     "a large red circle in the center on a white background",
@@ -136,15 +137,24 @@ class LDMTrainConfig:
     latent_cache: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "threads", "log_every", "sample_every", "sample_steps", "scale_batches"):
-            if getattr(self, name) < 1:
-                raise TrainConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        check_finite_fields(self)
+        check_range(self, 1, MAX_STEPS, "steps", "log_every", "sample_every")
+        check_range(self, 1, MAX_BATCH_SIZE, "batch_size")
+        check_range(self, 1, math.inf, "threads", "sample_steps", "scale_batches")
+        check_range(self, 0, MAX_STEPS, "warmup_steps")
+        check_range(self, 0, MAX_SEED, "seed")
+        if self.scale_batches * self.batch_size > MAX_SCALE_SAMPLES:
+            raise TrainConfigError(f"scale_batches x batch_size ({self.scale_batches * self.batch_size}) is more than the {MAX_SCALE_SAMPLES} latents the scale estimate keeps at once; lower scale_batches")
+        if not 1 <= len(self.sample_prompts) <= MAX_SAMPLE_PROMPTS:
+            raise TrainConfigError(f"sample_prompts must hold 1 to {MAX_SAMPLE_PROMPTS} prompts (sampled as one batch), got {len(self.sample_prompts)}")
         if not 0.0 <= self.cond_drop_prob < 1.0:
             raise TrainConfigError(f"cond_drop_prob must be in [0, 1), got {self.cond_drop_prob}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise TrainConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
-        if self.lr <= 0:
-            raise TrainConfigError(f"lr must be > 0, got {self.lr}")
+        if self.lr <= 0 or self.weight_decay < 0 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise TrainConfigError(f"lr must be > 0, weight_decay >= 0 and betas in [0, 1); got {self.lr}, {self.weight_decay}, {list(self.betas)}")
+        if self.checkpoint_minutes <= 0:
+            raise TrainConfigError(f"checkpoint_minutes must be > 0, got {self.checkpoint_minutes}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise TrainConfigError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
         if self.conditioning not in ("crossattn", "class"):
@@ -207,10 +217,8 @@ def caption_vocabulary(folder: str) -> list[str]:
     """Every lowercase word and punctuation mark of the .txt captions in an image folder, in order of first use."""
     words: dict[str, None] = {}
     for image in list_images(folder):
-        caption = image.with_suffix(".txt")
-        if caption.is_file():
-            for w in re.findall(r"\w+|[^\w\s]", caption.read_text(encoding="utf-8").lower()):
-                words.setdefault(w, None)
+        for w in re.findall(r"\w+|[^\w\s]", read_caption(image).lower()):
+            words.setdefault(w, None)
     return list(words)
 
 
@@ -257,6 +265,19 @@ def load_init(config: LDMTrainConfig):
     if problems:
         raise TrainConfigError(f"init_from {config.init_from} does not match the config ({'; '.join(problems)}): set those keys to the folder's values")
     return init
+
+
+def check_sizes(config: LDMTrainConfig, ldm_config: LDMConfig, world_size: int) -> None:
+    """What the config can only be checked against once the first stage is known: the image side must
+    divide down through the autoencoder and the UNet, and the latent cache must fit in memory."""
+    factor = ldm_config.autoencoder.downsampling_factor * ldm_config.unet.downsampling_factor
+    if config.data.resolution % factor:
+        raise TrainConfigError(f"data.resolution {config.data.resolution} must be a multiple of {factor} (the autoencoder's downsampling x the UNet's)")
+    side = config.data.resolution // ldm_config.autoencoder.downsampling_factor
+    channels = ldm_config.autoencoder.embed_dim * (2 if ldm_config.autoencoder.kind == "kl" else 1)  # KL keeps mean and logvar
+    cache_bytes = config.latent_cache // world_size * channels * side * side * 4  # float32, this process's share
+    if cache_bytes > physical_memory() // 2:
+        raise TrainConfigError(f"latent_cache {config.latent_cache} would keep {cache_bytes / 2**30:.1f} GiB of latents per process, more than half of this machine's {physical_memory() / 2**30:.1f} GiB; lower it")
 
 
 def train(config: LDMTrainConfig, out_dir: str | Path, resume: bool = False) -> TrainResult:
@@ -311,6 +332,8 @@ def train(config: LDMTrainConfig, out_dir: str | Path, resume: bool = False) -> 
         if ctx.is_main:
             logger.info("autoencoder from %s (%s); latent scale factor %.5f%s", config.ae, ae_info, scale, "" if config.scale_factor else " (1/std of the first latents)")
 
+    check_sizes(config, ldm_config, ctx.world_size)
+
     torch.manual_seed(config.seed)
     model = LatentDiffusion(ldm_config).to(ctx.device)
     if init is not None:
@@ -362,24 +385,24 @@ def train(config: LDMTrainConfig, out_dir: str | Path, resume: bool = False) -> 
         info = {"step": step, "trainer": "ldm_rt.training.train_ldm", "data": to_dict(config.data), "ema_decay": config.ema_decay}
         if config.init_from:
             info["init_from"] = {"path": str(config.init_from), **({"info": init_info} if init_info else {})}
-        save_model_folder(out_dir / "model", ema_model(), tokenizer, config.scheduler, info)
+        with naming(out_dir / "model"):
+            save_model_folder(out_dir / "model", ema_model(), tokenizer, config.scheduler, info)
         logger.info("step %d: checkpoint and model folder written to %s", step, out_dir)
 
     def write_samples() -> None:
-        pipe = ReferencePipeline(model=ema_model(), tokenizer=tokenizer, scheduler_config=config.scheduler)
+        pipe = torch_pipeline(LoadedModel(ema_model(), tokenizer, config.scheduler))
         size = {"height": config.data.resolution, "width": config.data.resolution}
         if text:
-            out = pipe(list(config.sample_prompts), steps=config.sample_steps, guidance=config.sample_guidance, seed=config.seed, output="float", **size)
+            out = pipe.generate(list(config.sample_prompts), steps=config.sample_steps, guidance=config.sample_guidance, seed=config.seed, **size)
         else:  # the reference pipeline runs class-conditional models unguided
-            out = pipe("", class_labels=list(range(8)), steps=config.sample_steps, seed=config.seed, output="float", **size)
-        images = torch.from_numpy(out.images).permute(0, 3, 1, 2) * 2 - 1  # (B, 3, H, W) in [-1, 1]
+            out = pipe.generate("", class_labels=list(range(8)), steps=config.sample_steps, seed=config.seed, **size)
+        images = torch.from_numpy(out.images).permute(0, 3, 1, 2).float() / 127.5 - 1  # (B, 3, H, W) uint8 -> [-1, 1]
         save_grid(images, ensure_dir(out_dir / "samples") / f"step_{step:07d}.png", nrow=8)
 
     cache = LatentCache(config.latent_cache)
     last_checkpoint = time.monotonic()
     tick, tick_step = time.monotonic(), step
-    bar = tqdm(total=config.steps, initial=step, disable=not ctx.is_main, desc="ldm", dynamic_ncols=True)
-    with logging_redirect_tqdm():
+    with tqdm(total=config.steps, initial=step, disable=not ctx.is_main, desc="ldm", dynamic_ncols=True) as bar, logging_redirect_tqdm():
         while step < config.steps:
             # Everything random in this step (latent sample, t, noise, condition dropout) derives from (seed, step, rank).
             torch.manual_seed(step_seed(config.seed, step, ctx.rank))
@@ -414,8 +437,9 @@ def train(config: LDMTrainConfig, out_dir: str | Path, resume: bool = False) -> 
             opt.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = clip_and_step(opt, denoiser, config.grad_clip)
-            ema.update(denoiser)
             step += 1
+            check_finite_step(step, loss=loss.item(), grad_norm=grad_norm)
+            ema.update(denoiser)
 
             if step % config.log_every == 0 or step == config.steps:
                 logs = distributed.mean_over_ranks({"loss": loss.item(), "grad_norm": grad_norm}, ctx)
@@ -435,7 +459,6 @@ def train(config: LDMTrainConfig, out_dir: str | Path, resume: bool = False) -> 
                     write_outputs()
                 last_checkpoint = time.monotonic()
             bar.update(1)
-    bar.close()
     distributed.barrier(ctx)
     distributed.shutdown(ctx)
     return TrainResult(step, metrics, modules)

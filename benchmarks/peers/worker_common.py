@@ -1,8 +1,8 @@
 """What every peer worker shares: read the run spec, time stages, answer the harness one call at a time.
 
 Standard library (and numpy) only: the Optimum worker imports this inside its own virtual environment,
-where ldm_rt is not installed. The protocol mirrors `ldm_rt.runtime.bench.serve` (the ldm-rt worker's
-copy); tests/test_benchmarks_harness.py runs workers of both kinds through the harness to keep them in step.
+where ldm_rt is not installed. This file owns the protocol: every worker, ldm-rt's own (ours_worker.py)
+included, serves through `run_worker`, and the harness (benchmarks/harness.py) reads RESULT_PREFIX from here.
 
     python <peer>_worker.py --spec '{"model": ..., "steps": 20, ...}'
     stdout  LDMRT_BENCH {"event": "ready", "first_image_at": ..., ...}   after loading and the first image
@@ -31,7 +31,7 @@ RESULT_PREFIX = "LDMRT_BENCH "
 
 def read_spec(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description="one benchmark worker (see worker_common.py for the protocol)")
-    parser.add_argument("--spec", required=True, help="the run spec as JSON (see ldm_rt.runtime.bench.RunSpec)")
+    parser.add_argument("--spec", required=True, help="the run spec as JSON (see benchmarks/harness.py RunSpec)")
     return json.loads(parser.parse_args(argv).spec)
 
 

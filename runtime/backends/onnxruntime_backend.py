@@ -100,7 +100,8 @@ class OrtComponent:
         return dict(zip(self.output_names, binding.copy_outputs_to_cpu()))
 
 
-def _session(path: Path, options: ort.SessionOptions, providers: list[str] | None) -> ort.InferenceSession:
+def open_session(path: Path, options: ort.SessionOptions, providers: list[str] | None) -> ort.InferenceSession:
+    """One session on `path`; export's parity check opens its sessions here too, so what it checks is what runs."""
     try:
         return ort.InferenceSession(str(path), sess_options=options, providers=providers)
     except Exception as e:  # onnxruntime's pybind errors share no narrower base class
@@ -117,12 +118,12 @@ def _open(
     if fused and pe.ort is not None:
         path = manifest.verify_file(artifacts_dir, pe.ort.onnx)
         try:
-            return _session(path, options, providers), pe.ort.onnx.file
+            return open_session(path, options, providers), pe.ort.onnx.file
         except ArtifactError as e:
             # Both files compute the same parity-checked function; an onnxruntime build without the
             # contrib ops can still run the portable one.
             log.warning("%s; using the portable %s instead", e, pe.onnx.file)
-    return _session(manifest.verify_file(artifacts_dir, pe.onnx), options, providers), pe.onnx.file
+    return open_session(manifest.verify_file(artifacts_dir, pe.onnx), options, providers), pe.onnx.file
 
 
 def open_components(

@@ -5,7 +5,7 @@ holding one sampling loop's state, stepped with an explicit index (see base.py).
 """
 
 from .base import Scheduler, SchedulerRun, SchedulerStepError
-from .config import SchedulerConfig, SchedulerConfigError
+from .config import PREDICTION_TYPES, SchedulerConfig, SchedulerConfigError, sd_scheduler_config
 from .ddim import DDIMScheduler
 from .ddpm import DDPMScheduler
 from .dpm_solver import DPMSolverMultistepScheduler
@@ -33,6 +33,7 @@ __all__ = [
     "EulerScheduler",
     "LMSScheduler",
     "PNDMScheduler",
+    "PREDICTION_TYPES",
     "SCHEDULERS",
     "Scheduler",
     "SchedulerConfig",
@@ -42,5 +43,6 @@ __all__ = [
     "make_scheduler",
     "scheduler_from_diffusers_config",
     "scheduler_from_diffusers_json",
+    "sd_scheduler_config",
     "usable_schedulers",
 ]

@@ -9,7 +9,6 @@ sampling trajectories by ~1e-7 relative; everything else follows diffusers' form
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 from dataclasses import dataclass
@@ -17,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from ..files import FileFormatError, read_json_object
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +37,27 @@ UNSUPPORTED_OPTIONS: dict[str, Any] = {
     "use_dynamic_shifting": False,
     "timestep_type": "discrete",
 }
+
+
+def sd_scheduler_config(**changes: Any) -> dict[str, Any]:
+    """Stable Diffusion v1/v2's scheduler_config.json (runwayml/stable-diffusion-v1-5's, with every field the
+    runtime reads spelled out) as a new dict, with `changes` applied, e.g. `_class_name="DDIMScheduler"` (what
+    SD 2.x ships) or `prediction_type="v_prediction"`. SchedulerConfig's defaults are these values."""
+    config: dict[str, Any] = {
+        "_class_name": "PNDMScheduler",
+        "num_train_timesteps": 1000,
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "trained_betas": None,
+        "clip_sample": False,
+        "set_alpha_to_one": False,
+        "skip_prk_steps": True,
+        "steps_offset": 1,
+        "timestep_spacing": "leading",
+        "prediction_type": "epsilon",
+    }
+    return {**config, **changes}
 
 
 class SchedulerConfigError(ValueError):
@@ -161,11 +183,15 @@ class SchedulerConfig:
 
     @classmethod
     def from_json(cls, path: str | Path) -> SchedulerConfig:
-        try:
-            data = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise SchedulerConfigError(f"cannot read scheduler config {path}: {e}") from e
-        return cls.from_dict(data)
+        return cls.from_dict(read_scheduler_json(path))
+
+
+def read_scheduler_json(path: str | Path) -> dict[str, Any]:
+    """The JSON object of a scheduler_config.json (bounded read); anything else is one SchedulerConfigError."""
+    try:
+        return read_json_object(path, what="scheduler config", fix="pass a diffusers scheduler_config.json")
+    except FileFormatError as e:
+        raise SchedulerConfigError(f"cannot read scheduler config: {e}") from None
 
 
 _FLOAT = (int, float)

@@ -3,6 +3,8 @@ Adams-Bashforth-type rule on a non-uniform grid), diffusers' LMSDiscreteSchedule
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from .base import Draw, Scheduler, SigmaRun, x0_from_sigma
@@ -69,3 +71,11 @@ class LMSRun(SigmaRun):
         coeffs = [lms_coefficient(self.sigmas, order, g, j) for j in range(used)]
         # 3. x_{i+1} = x_i + sum_j c_j d_{i-j}
         return x + sum(c * d for c, d in zip(coeffs, reversed(self._derivatives)))
+
+    def _tables(self) -> dict[str, Any]:
+        # c_gj for every table index g, in float64 as _step computes them (a port replays them, not the integral).
+        coefficients = [
+            [lms_coefficient(self.sigmas, min(g + 1, LMS_ORDER), g, j) for j in range(min(g + 1, LMS_ORDER))]
+            for g in range(len(self.all_timesteps))
+        ]
+        return {**super()._tables(), "all_lms_coefficients": coefficients}

@@ -4,14 +4,13 @@ scheduler_config.json with the defaults of the class it names."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from .base import Scheduler
-from .config import SchedulerConfig, SchedulerConfigError
+from .config import SchedulerConfig, SchedulerConfigError, read_scheduler_json
 from .ddim import DDIMScheduler
 from .ddpm import DDPMScheduler
 from .dpm_solver import DPMSolverMultistepScheduler
@@ -138,10 +137,4 @@ def scheduler_from_diffusers_config(data: dict[str, Any], **options: Any) -> Sch
 
 def scheduler_from_diffusers_json(path: str | Path, **options: Any) -> Scheduler:
     """The scheduler a diffusers scheduler_config.json describes (class and config)."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise SchedulerConfigError(f"cannot read scheduler config {path}: {e}") from e
-    if not isinstance(data, dict):
-        raise SchedulerConfigError(f"scheduler config {path} must hold a JSON object")
-    return scheduler_from_diffusers_config(data, **options)
+    return scheduler_from_diffusers_config(read_scheduler_json(path), **options)

@@ -1,0 +1,1 @@
+"""Peer workers: scripts run as their own processes (`python peers/<name>_worker.py --spec JSON`)."""

@@ -1,0 +1,185 @@
+"""Memory a parity run needs at a shape, known before running it, and the memory there is to spend.
+
+A parity case runs the exported graph in ONNX Runtime (and the reference in torch) at one point of the
+profile; at the profile's maximum the activations can be far larger than the machine (attention scores grow
+with the square of the pixel count: a VAE decoder's attention at 4096 x 4096 px needs terabytes). The
+estimate is made on the exported fp32 graph without running it: ONNX Runtime's symbolic shape inference
+gives every tensor's shape as a formula of the input dims; walking the nodes in graph order, a tensor is
+live from the node that makes it to its last reader (views such as Reshape share their input's buffer),
+and the peak of the live bytes, plus a 2-D convolution's unfolded input (im2col), is the estimate.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import onnx
+import sympy
+from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+# Ops whose output ONNX Runtime's CPU provider hands out as a view of (or in place over) the input.
+VIEW_OPS = frozenset({"Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity"})
+# The estimate covers the graph's tensors; ONNX Runtime's arena rounding, the torch reference run beside it
+# and the fp16 search's extra copies are covered by spending only this share of the available memory.
+MEMORY_FRACTION = 0.5
+# A container's memory limit (cgroup v2, then v1) and its current use; /proc/meminfo shows the host's.
+CGROUP_FILES = (
+    ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+    ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+)
+# Where the system reports no available memory (not Linux, no sysconf): assume this much.
+FALLBACK_AVAILABLE = 4 << 30
+
+
+class EstimateError(RuntimeError):
+    """The graph's tensor shapes cannot be inferred (an op the shape inference does not know)."""
+
+
+def _itemsize(elem_type: int) -> int:
+    try:
+        return onnx.helper.tensor_dtype_to_np_dtype(elem_type).itemsize
+    except (KeyError, TypeError, ValueError):  # an element type numpy has no dtype for: count it wide
+        return 8
+
+
+class GraphMemory:
+    """Peak bytes of the tensors of one ONNX graph, as a function of its input shapes."""
+
+    def __init__(self, path: str | Path) -> None:
+        path = Path(path)
+        model = onnx.load(str(path), load_external_data=False)  # shapes only: the weights stay on disk
+        try:
+            inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+        except Exception as e:  # the inference raises bare Exceptions for ops it does not handle
+            raise EstimateError(f"symbolic shape inference failed on {path.name}: {e}") from None
+        if inferred is None:
+            raise EstimateError(f"symbolic shape inference could not finish on {path.name}")
+        graph = inferred.graph
+        self.weights = {t.name: list(t.dims) for t in graph.initializer}
+        self.weight_bytes = sum(math.prod(t.dims) * _itemsize(t.data_type) for t in graph.initializer)
+        self.inputs = {v.name: _dims(v) for v in graph.input if v.name not in self.weights}
+        symbols = {d: sympy.Symbol(d) for dims in self.inputs.values() for d in dims if isinstance(d, str)}
+        self.tensors: dict[str, tuple[int, list[int | str]]] = {}  # name -> (itemsize, dims or dim formulas)
+        self._formulas: dict[str, object] = {}
+        for v in [*graph.input, *graph.value_info, *graph.output]:
+            if v.name in self.weights or not v.type.tensor_type.HasField("shape"):
+                continue
+            dims = _dims(v)
+            self.tensors[v.name] = (_itemsize(v.type.tensor_type.elem_type), dims)
+            for d in dims:
+                if isinstance(d, str) and d not in self._formulas:
+                    self._formulas[d] = _formula(d, symbols)
+        self.nodes = [(n.op_type, list(n.input), list(n.output)) for n in graph.node]
+        self.outputs = {v.name for v in graph.output}
+        # A view's buffer is its source's: follow chains of views to the tensor that owns the memory.
+        self.owner: dict[str, str] = {}
+        for op, ins, outs in self.nodes:
+            if op in VIEW_OPS and ins and ins[0] in self.tensors:
+                self.owner[outs[0]] = self.owner.get(ins[0], ins[0])
+        self.last_use: dict[str, int] = {}
+        for i, (_, ins, _) in enumerate(self.nodes):
+            for name in ins:
+                if name:
+                    self.last_use[self.owner.get(name, name)] = i
+
+    def shapes(self, input_shapes: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[int, tuple[int, ...]]]:
+        """(itemsize, shape) of every non-weight tensor at these input shapes."""
+        values: dict[str, int] = {}
+        for name, dims in self.inputs.items():
+            for d, n in zip(dims, input_shapes[name]):
+                if isinstance(d, str):
+                    values[d] = int(n)
+        # A dim the inference left free (a data-dependent size) is taken as large as the largest input dim.
+        fallback = max(values.values(), default=1)
+        evaluated = {name: _evaluate(f, values, fallback) for name, f in self._formulas.items()}
+        return {
+            name: (size, tuple(d if isinstance(d, int) else evaluated[d] for d in dims))
+            for name, (size, dims) in self.tensors.items()
+        }
+
+    def peak_bytes(self, input_shapes: Mapping[str, tuple[int, ...]]) -> int:
+        """Peak bytes of live activations (inputs, intermediates, outputs; not the weights) over one run."""
+        shapes = self.shapes(input_shapes)
+        size = {name: itemsize * math.prod(shape) for name, (itemsize, shape) in shapes.items()}
+        live = sum(size[n] for n in self.inputs)
+        peak = live
+        for i, (op, ins, outs) in enumerate(self.nodes):
+            made = sum(size.get(o, 0) for o in outs if o not in self.owner)
+            peak = max(peak, live + made + self._workspace(op, ins, outs, shapes))
+            live += made
+            for name in {self.owner.get(n, n) for n in [*ins, *outs] if n}:
+                ended = self.last_use.get(name, i) <= i
+                if ended and name in size and name not in self.outputs and name not in self.inputs:
+                    live -= size[name]
+        return peak
+
+    def _workspace(self, op: str, ins: list[str], outs: list[str], shapes) -> int:
+        """Scratch memory of one node: a 2-D convolution's input unfolded for one image (im2col),
+        C_in/groups x kh x kw values per output pixel; none for a 1x1 convolution."""
+        if op != "Conv" or len(ins) < 2 or outs[0] not in shapes:
+            return 0
+        w = self.weights.get(ins[1])
+        itemsize, out = shapes[outs[0]]
+        if w is None or len(w) != 4 or len(out) != 4 or w[2] * w[3] == 1:
+            return 0
+        return w[1] * w[2] * w[3] * out[2] * out[3] * itemsize
+
+
+def _dims(v: onnx.ValueInfoProto) -> list[int | str]:
+    return [d.dim_value if d.HasField("dim_value") else d.dim_param for d in v.type.tensor_type.shape.dim]
+
+
+def _formula(dim: str, symbols: dict[str, sympy.Symbol]):
+    """A dim formula such as `floor(latent_height/2 - 1/2) + 1` as a function of the input dims; None for a
+    fresh symbol of the inference (a size it could not derive)."""
+    try:
+        expr = sympy.parse_expr(dim, local_dict=dict(symbols))
+    except (sympy.SympifyError, SyntaxError, TypeError):
+        return None
+    free = sorted(expr.free_symbols, key=str)
+    if any(str(s) not in symbols for s in free):
+        return None
+    return free, sympy.lambdify(free, expr, modules="math")
+
+
+def _evaluate(formula, values: dict[str, int], fallback: int) -> int:
+    if formula is None:
+        return fallback
+    free, fn = formula
+    return max(int(fn(*(values[str(s)] for s in free))), 0)
+
+
+def available_memory() -> int:
+    """Bytes this process can still take: MemAvailable (Linux), capped by a cgroup memory limit (a
+    container's real ceiling, which /proc/meminfo does not show)."""
+    available = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    available = int(line.split()[1]) * 1024
+                    break
+    except OSError:
+        pass
+    if available is None:
+        try:
+            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            available = FALLBACK_AVAILABLE
+    for limit_file, used_file in CGROUP_FILES:
+        try:
+            limit = Path(limit_file).read_text().strip()
+            used = int(Path(used_file).read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if limit.isdigit():  # cgroup v2 writes "max" for no limit
+            available = min(available, max(int(limit) - used, 0))
+    return available
+
+
+def parity_budget() -> int:
+    """Bytes one parity run may use: a share of what is available now."""
+    return int(available_memory() * MEMORY_FRACTION)
