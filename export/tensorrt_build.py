@@ -37,6 +37,7 @@ from ldm_rt.runtime.backends import cuda_probe
 from ldm_rt.runtime.backends.base import BackendError
 from ldm_rt.runtime.backends.tensorrt_backend import device_description, engine_key
 from ldm_rt.runtime.contracts import ComponentContract
+from ldm_rt.runtime.files import FileFormatError, read_json_object
 from ldm_rt.runtime.manifest import FileEntry, sha256_file
 
 log = logging.getLogger(__name__)
@@ -119,9 +120,10 @@ def engine_spec(
 
 
 def read_metadata(path: Path) -> dict[str, Any] | None:
+    """An engine's metadata JSON object, or None when it is missing or not ours: the engine is then rebuilt."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+        return read_json_object(path, what="engine metadata file")
+    except FileFormatError:
         return None
 
 

@@ -139,6 +139,11 @@ def test_metadata_reuse_and_rebuild_of_stale_engines(tmp_path):
     build_engine(onnx_file, spec, tmp_path / "build4" / "engines", reuse_from=[first], builder=builder)
     assert builder.built == [spec.key, newer.key, spec.key]
 
+    # Metadata that is not a JSON object (a list, as a foreign tool might leave) means rebuild, not a crash.
+    plan.with_suffix(".json").write_text("[1, 2]")
+    build_engine(onnx_file, spec, tmp_path / "build5" / "engines", reuse_from=[first], builder=builder)
+    assert builder.built == [spec.key, newer.key, spec.key, spec.key]
+
 
 def test_missing_tensorrt_is_the_one_line_error(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # import tensorrt -> ImportError
