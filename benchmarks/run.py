@@ -15,7 +15,6 @@ script makes the models and names the peers.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import subprocess
 import sys
@@ -29,9 +28,11 @@ sys.path.insert(0, str(HERE.parent))
 from benchmarks import harness, report, workloads  # noqa: E402
 from benchmarks.machine import install_footprint  # noqa: E402
 from benchmarks.peers import optimum_env  # noqa: E402
+from ldm_rt.runtime.cli_support import OneLineParser, run, summary  # noqa: E402
 
 RESULTS = HERE / "results"
 log = logging.getLogger("benchmarks")
+PROG = "benchmarks/run.py"
 
 
 def peers_for(prepared: workloads.Prepared, optimum_python: Path | None) -> tuple[harness.Peer, ...]:
@@ -69,7 +70,7 @@ def fresh_venv_footprint(log_file: Path) -> dict[str, dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(prog=PROG, description=summary(__doc__))
     parser.add_argument("--sizes", type=int, nargs="+", default=list(workloads.SD_SIZES), help="SD-shaped image sizes (default 128 256)")
     parser.add_argument("--sd2-sizes", type=int, nargs="*", default=[256], help="SD-v2-shaped image sizes (default 256; none to skip)")
     parser.add_argument("--default-batches", type=int, nargs="+", default=[1, 4], help="default-model batch sizes (default 1 4)")
@@ -83,6 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", type=Path, default=RESULTS, help=f"results folder (default {RESULTS})")
     parser.add_argument("--name", default="latest", help="file name stem of the results (default latest)")
     args = parser.parse_args(argv)
+    return run(PROG, lambda: benchmark(args))
+
+
+def benchmark(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     if args.quick:
         args.runs, args.steps, args.sizes = 1, 4, [min(args.sizes)]

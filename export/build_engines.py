@@ -1,4 +1,5 @@
-"""Command line of the export build: `python export/build_engines.py --model SRC --out DIR [--fp16] ...`.
+"""Command line of the export build: `python export/build_engines.py --model SRC --out DIR [--fp16] ...`
+(installed as the console script `ldm-rt-export`).
 
 Without --model it exports the shipped default model; without --out it writes ldm-rt-artifacts/<source name>
 in the current folder (never into the installed package; to refresh the shipped artifacts in a checkout,
@@ -20,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ldm_rt.runtime.atomic import explain_os_error
+from ldm_rt.runtime.cli_support import OneLineParser, error_line, run
 from ldm_rt.runtime.contracts import ContractError, ShapeProfile
 from ldm_rt.runtime.manifest import ArtifactError
 from ldm_rt.runtime.schedulers import PREDICTION_TYPES
@@ -39,7 +41,10 @@ except ImportError as e:
 else:
     MISSING = None
 
-PROG = "build_engines.py"
+# `python export/build_engines.py` (the design's command line) or its console script `ldm-rt-export`: errors
+# and usage name the command the user typed.
+SCRIPT = "ldm-rt-export"
+PROG = SCRIPT if Path(sys.argv[0]).name == SCRIPT else "build_engines.py"
 DEFAULT = ShapeProfile()
 
 
@@ -57,13 +62,6 @@ def _range(text: str) -> tuple[int, int, int]:
     return lo, opt, hi
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line (the full usage is one --help away)."""
-
-    def error(self, message: str):  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message}; see --help\n")
-
-
 def _gib(text: str) -> float:
     try:
         value = float(text)
@@ -75,7 +73,7 @@ def _gib(text: str) -> float:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = _OneLineParser(
+    p = OneLineParser(
         prog=PROG,
         description="Export a latent diffusion model to ONNX (fp32, optionally fp16), check parity against the "
         "PyTorch reference, build TensorRT engines when TensorRT and a GPU are present, and write an "
@@ -161,11 +159,16 @@ def options_from_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> B
 
 
 def _error(message: str) -> int:
-    print(f"{PROG}: error: {message}", file=sys.stderr)
+    print(error_line(PROG, message), file=sys.stderr)
     return 2
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The exit status (module docstring); Ctrl-C and a closed stdout as every ldm-rt command (runtime/cli_support.py)."""
+    return run(PROG, lambda: _main(argv))
+
+
+def _main(argv: Sequence[str] | None) -> int:
     if MISSING is not None:
         what = MISSING.name or (str(MISSING).splitlines() or [type(MISSING).__name__])[0]
         return _error(f"the export toolchain needs {what}, which cannot be imported (a runtime-only install?); "
@@ -201,7 +204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if result.tensorrt_error is not None:
         if options.engines_required:
             asked = "--engines" if options.engines else "--fp16 (without --onnx-only)"
-            print(f"{PROG}: error: {asked} asks for TensorRT engines, but {result.tensorrt_error}", file=sys.stderr)
+            print(error_line(PROG, f"{asked} asks for TensorRT engines, but {result.tensorrt_error}"), file=sys.stderr)
             return 1
         print(f"{PROG}: note: engines skipped: {result.tensorrt_error}; pass --engines to make this an error", file=sys.stderr)
     return 0

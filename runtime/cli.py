@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from . import bench
 from .atomic import NotAFileTarget, check_file_target
+from .cli_support import USER_ERRORS, OneLineParser, run
 from .images import ImageOutputError, output_format, output_paths
 from .manifest import Manifest
 from .params import check_image_count
@@ -31,25 +32,10 @@ from .schedulers import SCHEDULERS, SchedulerConfig, usable_schedulers
 
 PROG = "ldm-rt"
 BACKENDS = ("onnxruntime", "openvino", "tensorrt", "torch")
-# Everything the library raises for bad input or bad artifacts is a ValueError subclass with a one-line
-# message; OSError covers unreadable/unwritable files.
-USER_ERRORS = (ValueError, OSError)
 
 
 class CliError(ValueError):
     pass
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse that reports a usage error as one line (the usage text is in --help)."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        fail(message)
-
-
-def fail(message: str) -> None:
-    print(f"{PROG}: error: {message}", file=sys.stderr)
-    sys.exit(2)
 
 
 PROVIDERS = ("cpu", "cuda")
@@ -64,7 +50,7 @@ def provider_choice(value: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog=PROG, description="Lean latent diffusion sampler (numpy + ONNX Runtime / TensorRT).")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+    sub = parser.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("sample", help="generate images from a prompt", description="Generate images from a prompt.")
     s.add_argument("--prompt", default="", help="what to draw")
@@ -315,29 +301,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(f"{PROG}: %(levelname)s: %(message)s"))
     library = logging.getLogger("ldm_rt")
+
+    def body() -> int:
+        try:
+            with warnings.catch_warnings():
+                # Pillow warns about images past its size bound; here that is an error with one line (images.py).
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                return {"sample": sample, "info": info, "bench": bench.bench_command}[args.command](args)
+        except USER_ERRORS as e:
+            if verbose and not isinstance(e, BrokenPipeError):
+                library.exception("details of the error below")
+            raise
+
     previous_level = library.level
     library.addHandler(handler)
     library.setLevel(logging.INFO if verbose else logging.WARNING)
     try:
-        with warnings.catch_warnings():
-            # Pillow warns about images past its size bound; here that is an error with one line (images.py).
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            code = {"sample": sample, "info": info, "bench": bench.bench_command}[args.command](args)
-        sys.stdout.flush()  # inside the try: a reader that went away is noticed here, not at exit
-        return code
-    except BrokenPipeError:
-        # The reader of our output went away (`ldm-rt info --json | head -1`): Python's recipe (library
-        # docs, signal: "Note on SIGPIPE") points stdout at devnull so the exit flush cannot fail again.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
-    except USER_ERRORS as e:
-        if verbose:
-            library.exception("details of the error below")
-        fail(str(e) or type(e).__name__)
+        return run(PROG, body)
     finally:
         library.removeHandler(handler)
         library.setLevel(previous_level)
-    return 2
 
 
 if __name__ == "__main__":

@@ -305,8 +305,7 @@ def _flaky_check_onnx(calls_before_failing: int):
 def test_interrupted_build_leaves_no_finished_looking_folder(ldm_rt_build, tmp_path, monkeypatch):
     monkeypatch.setattr(build_module, "check_onnx", _flaky_check_onnx(0))
     fresh = tmp_path / "fresh"
-    with pytest.raises(KeyboardInterrupt):
-        main(["--model", str(ldm_rt_build.model), "--out", str(fresh), "--onnx-only", *PROFILE])
+    assert main(["--model", str(ldm_rt_build.model), "--out", str(fresh), "--onnx-only", *PROFILE]) == 130  # Ctrl-C
     assert not fresh.exists()
     assert list(tmp_path.iterdir()) == []  # the temp folder is gone too
 
@@ -315,8 +314,7 @@ def test_interrupted_build_leaves_no_finished_looking_folder(ldm_rt_build, tmp_p
     shutil.copytree(ldm_rt_build.out, previous)
     before = (previous / MANIFEST).read_bytes()
     monkeypatch.setattr(build_module, "check_onnx", _flaky_check_onnx(0))
-    with pytest.raises(KeyboardInterrupt):
-        main(["--model", str(ldm_rt_build.model), "--out", str(previous), "--onnx-only", *PROFILE])
+    assert main(["--model", str(ldm_rt_build.model), "--out", str(previous), "--onnx-only", *PROFILE]) == 130
     assert (previous / MANIFEST).read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["previous"]
 
@@ -362,7 +360,7 @@ def test_single_file_needs_a_tokenizer_and_takes_the_prediction_type(diffusers_b
 
 
 def test_argument_errors_are_one_line_and_exit_2(capsys):
-    for bad in (["--height-range", "64:32:128"], ["--batch-range", "1:x:4"], ["--batch", "2"], ["--fp17"]):
+    for bad in (["--height-range", "64:32:128"], ["--batch-range", "1:x:4"], ["--batch", "2"]):  # an unknown option: test_entry_points.py
         with pytest.raises(SystemExit) as e:
             main(bad)
         assert e.value.code == 2

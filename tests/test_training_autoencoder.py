@@ -88,7 +88,7 @@ def test_bad_config_is_one_line_and_nonzero_exit(tmp_path, capsys, args, message
     code = main(["--out", str(tmp_path / "run"), *args])
     err = capsys.readouterr().err.strip()
     assert code == 2
-    assert err.startswith("error: ") and "\n" not in err and message in err, err
+    assert err.startswith("ldm-rt-train-autoencoder: error: ") and "\n" not in err and message in err, err
 
 
 def test_missing_config_file_is_one_line(tmp_path, capsys):

@@ -33,7 +33,7 @@ def run_main(out, *args):
 
 def one_line_error(capsys) -> str:
     err = capsys.readouterr().err.strip().splitlines()
-    assert err and err[-1].startswith("error: ") and not any("Traceback" in line for line in err), err
+    assert err and err[-1].startswith("ldm-rt-train-autoencoder: error: ") and not any("Traceback" in line for line in err), err
     return err[-1]
 
 
@@ -237,11 +237,11 @@ def test_a_file_size_limit_in_the_real_writer_is_one_line(tmp_path):
         from ldm_rt.training.checkpoint import save_checkpoint
         from ldm_rt.training.cli import run_main
         meta = {{"step": 1}}
-        sys.exit(run_main(lambda: save_checkpoint({str(out)!r}, {{"w": torch.zeros(1 << 20)}}, meta)))  # 4 MB
+        sys.exit(run_main("trainer", lambda: save_checkpoint({str(out)!r}, {{"w": torch.zeros(1 << 20)}}, meta)))  # 4 MB
     """)
     proc = subprocess.run([sys.executable, "-c", writer], capture_output=True, text=True, timeout=300, preexec_fn=limit_file_size)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    assert proc.stderr.strip() == f"error: {out / 'checkpoint'}: File too large; the file is larger than this file system or the process's file size limit (ulimit -f) allows"
+    assert proc.stderr.strip() == f"trainer: error: {out / 'checkpoint'}: File too large; the file is larger than this file system or the process's file size limit (ulimit -f) allows"
     assert not out.exists() or not list(out.iterdir())  # no temp folder left behind
 
 
@@ -266,11 +266,11 @@ def test_a_full_tmpfs_is_one_line_naming_the_checkpoint(tmp_path):
         import sys, torch
         from ldm_rt.training.checkpoint import save_checkpoint
         from ldm_rt.training.cli import run_main
-        sys.exit(run_main(lambda: save_checkpoint({str(out)!r}, {{"w": torch.zeros(1 << 20)}}, {{"step": 1}})))  # 4 MB
+        sys.exit(run_main("trainer", lambda: save_checkpoint({str(out)!r}, {{"w": torch.zeros(1 << 20)}}, {{"step": 1}})))  # 4 MB
     """)
     proc = _in_private_tmpfs(tmp_path, "size=256k", ["-c", writer])
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    assert proc.stderr.strip() == f"error: {out / 'checkpoint'}: No space left on device; the disk is full: free space or write somewhere else"
+    assert proc.stderr.strip() == f"trainer: error: {out / 'checkpoint'}: No space left on device; the disk is full: free space or write somewhere else"
 
 
 def test_a_read_only_file_system_is_refused_before_training(tmp_path):
@@ -280,8 +280,8 @@ def test_a_read_only_file_system_is_refused_before_training(tmp_path):
         from pathlib import Path
         from ldm_rt.training.cli import run_main
         from ldm_rt.training.run_folder import start_run
-        sys.exit(run_main(lambda: start_run("cpu", 1, Path({str(out)!r}), resume=False)))  # what every trainer does first
+        sys.exit(run_main("trainer", lambda: start_run("cpu", 1, Path({str(out)!r}), resume=False)))  # what every trainer does first
     """)
     proc = _in_private_tmpfs(tmp_path, "ro", ["-c", starter])
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    assert proc.stderr.strip() == f"error: {out}: Read-only file system; the file system is read-only: write somewhere else"
+    assert proc.stderr.strip() == f"trainer: error: {out}: Read-only file system; the file system is read-only: write somewhere else"

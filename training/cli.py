@@ -2,22 +2,22 @@
 
 A user error raised while setting up or running (bad config, unreadable data, a checkpoint that does not
 fit or is damaged, a run that diverged: the ValueError subclasses in USER_ERRORS; and any OSError, such as a
-full disk or a read-only --out) is printed as one line and the process exits with status 2; anything else
-is a bug and keeps its traceback. Under torchrun every process exits so.
+full disk or a read-only --out) is printed as one line, `PROG: error: ...` (runtime/cli_support.py), and the
+process exits with status 2; anything else is a bug and keeps its traceback. Under torchrun every process
+exits so.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from ldm_rt.reference.checkpoint_errors import CheckpointError
 from ldm_rt.reference.configs import ConfigError
-from ldm_rt.runtime.atomic import explain_os_error
+from ldm_rt.runtime.cli_support import OneLineParser, run, summary
 
 from .checkpoint import TrainCheckpointError, load_checkpoint
 from .config_loading import TrainConfigError, load_config, read_json
@@ -36,8 +36,9 @@ class RunArgs:
     overrides: list[str]
 
 
-def parse_args(argv: list[str] | None, description: str, extra: Callable[[argparse.ArgumentParser], None] | None = None):
-    parser = argparse.ArgumentParser(description=description)
+def parse_args(argv: list[str] | None, prog: str, doc: str | None, extra: Callable[[argparse.ArgumentParser], None] | None = None):
+    """The trainer's arguments; its --help description is the first paragraph of `doc` (its module docstring)."""
+    parser = OneLineParser(prog=prog, description=summary(doc))
     parser.add_argument("--config", type=Path, help="JSON config file (keys of the trainer's config dataclass)")
     parser.add_argument("--out", type=Path, required=True, help="run folder: checkpoint, samples, metrics, final model")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
@@ -68,20 +69,11 @@ def quiet_unless_main(is_main: bool) -> None:
         logging.getLogger("ldm_rt").setLevel(logging.WARNING)
 
 
-def error_line(e: Exception) -> str:
-    """`error: ` and the message on one line (an OSError with its path and what to do)."""
-    message = explain_os_error(e) if isinstance(e, OSError) else str(e)
-    return "error: " + " ".join(message.split())  # one line, whatever a library put in the message
-
-
-def run_main(fn: Callable[[], object]) -> int:
+def run_main(prog: str, fn: Callable[[], object]) -> int:
     """Run a trainer's main body; a user error is one line on stderr and exit status 2."""
-    try:
-        fn()
-    except (*USER_ERRORS, OSError) as e:
-        print(error_line(e), file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted; resume with --resume", file=sys.stderr)
-        return 130
-    return 0
+
+    def body() -> int:
+        fn()  # a trainer's result is for its callers in Python, not an exit status
+        return 0
+
+    return run(prog, body, errors=(*USER_ERRORS, OSError), interrupted="interrupted; resume with --resume")

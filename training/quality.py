@@ -31,7 +31,6 @@ import argparse
 import json
 import logging
 import math
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -44,11 +43,11 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from ldm_rt.runtime.atomic import atomic_write_text
+from ldm_rt.runtime.cli_support import OneLineParser, run, summary
 from ldm_rt.runtime.images import write_png
 from ldm_rt.runtime.manifest import MANIFEST, weights_sha256
 from ldm_rt.runtime.schedulers import SCHEDULERS
 
-from .cli import error_line
 from .data_shapes import BACKGROUNDS, COLORS, POSITIONS, SHAPES, SIZES, ShapeAttributes, caption_for, classify_image, sample_attributes
 from .datasets import DataConfig, get_batch, make_dataset
 
@@ -375,11 +374,14 @@ def write_outputs(out: Path, report: dict[str, Any], specs: Sequence[PromptSpec]
 
 
 # ---- command line -------------------------------------------------------------------------------------------
+PROG = "ldm-rt-quality"  # its console script (pyproject.toml); also `python -m ldm_rt.training.quality`
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     d = Settings()
-    p = argparse.ArgumentParser(
-        prog="python -m ldm_rt.training.quality",
-        description=__doc__.splitlines()[0],
+    p = OneLineParser(
+        prog=PROG,
+        description=summary(__doc__),
         epilog=(
             "PATH with ldm_rt_model.json is sampled with the torch reference pipeline and its autoencoder is measured "
             "in torch; PATH with manifest.json is sampled with the runtime on onnxruntime (fp32) and its autoencoder is "
@@ -420,7 +422,7 @@ def check_args(args: argparse.Namespace) -> str:
     return model_kind(args.model)
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def measure_and_write(args: argparse.Namespace) -> dict[str, Any]:
     kind = check_args(args)
     settings = Settings(args.prompts, args.seed, args.steps, args.guidance, args.scheduler, args.batch, args.heldout)
     make = model_folder_sampler if kind == "model_folder" else artifacts_sampler
@@ -444,15 +446,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    try:
-        report = run(args)
-    except (ValueError, OSError) as e:  # every error of ours is a ValueError with a one-line message
-        print(error_line(e), file=sys.stderr)
-        return 2
-    print(markdown_table(report), end="")
-    missed = [k for k, v in report["met"].items() if v is False]
-    print(f"wrote {args.out}/quality.json, quality.md, samples.png; " + (f"missed: {', '.join(missed)}" if missed else "all targets met"))
-    return 1 if missed and args.require_targets else 0
+
+    def body() -> int:
+        report = measure_and_write(args)
+        print(markdown_table(report), end="")
+        missed = [k for k, v in report["met"].items() if v is False]
+        print(f"wrote {args.out}/quality.json, quality.md, samples.png; " + (f"missed: {', '.join(missed)}" if missed else "all targets met"))
+        return 1 if missed and args.require_targets else 0
+
+    return run(PROG, body)  # every error of ours is a ValueError with a one-line message
 
 
 if __name__ == "__main__":

@@ -246,10 +246,13 @@ def train(config: AutoencoderTrainConfig, out_dir: str | Path, resume: bool = Fa
     return TrainResult(step, metrics, modules)
 
 
+PROG = "ldm-rt-train-autoencoder"  # its console script (pyproject.toml); also `python -m ldm_rt.training.train_autoencoder`
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv, __doc__.splitlines()[0])
+    args = parse_args(argv, PROG, __doc__)
     setup_logging()
-    return run_main(lambda: train(config_for_run(AutoencoderTrainConfig, args), args.out, resume=args.resume))
+    return run_main(PROG, lambda: train(config_for_run(AutoencoderTrainConfig, args), args.out, resume=args.resume))
 
 
 if __name__ == "__main__":

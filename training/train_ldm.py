@@ -1,4 +1,6 @@
-"""Train a latent diffusion model (Rombach et al. 2022) on the latents of a frozen autoencoder:
+"""Train a latent diffusion model (Rombach et al. 2022) on the latents of a frozen autoencoder.
+
+The loss (paper eq. 3):
 
     L_LDM = E_{E(x), y, eps ~ N(0, I), t} || eps - eps_theta(z_t, t, tau_theta(y)) ||^2          (paper eq. 3)
 
@@ -464,10 +466,13 @@ def train(config: LDMTrainConfig, out_dir: str | Path, resume: bool = False) -> 
     return TrainResult(step, metrics, modules)
 
 
+PROG = "ldm-rt-train-ldm"  # its console script (pyproject.toml); also `python -m ldm_rt.training.train_ldm`
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv, __doc__.splitlines()[0], extra=lambda p: p.add_argument("--ae", help="the frozen autoencoder: AE_RUN/autoencoder or an ldm-rt model folder"))
+    args = parse_args(argv, PROG, __doc__, extra=lambda p: p.add_argument("--ae", help="the frozen autoencoder: AE_RUN/autoencoder or an ldm-rt model folder"))
     setup_logging()
-    return run_main(lambda: train(config_for_run(LDMTrainConfig, args, [] if args.ae is None else [f"ae={args.ae}"]), args.out, resume=args.resume))
+    return run_main(PROG, lambda: train(config_for_run(LDMTrainConfig, args, [] if args.ae is None else [f"ae={args.ae}"]), args.out, resume=args.resume))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ JSON types), and the artifacts' size and batch ranges (422 from the pipeline's o
 # No `from __future__ import annotations`: FastAPI reads the endpoint's annotations at runtime, and the request
 # model is built per pipeline inside create_app (its scheduler choices are the loaded model's).
 
-import argparse
 import json
 import socket
 import sys
@@ -29,7 +28,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from ldm_rt.runtime.cli import USER_ERRORS
+from ldm_rt.runtime.cli import BACKENDS
+from ldm_rt.runtime.cli_support import OneLineParser, run
 from ldm_rt.runtime.images import grid, png_bytes
 from ldm_rt.runtime.pipeline import Pipeline
 
@@ -130,22 +130,23 @@ def listen(host: str, port: int) -> socket.socket:
     return socket.create_server((host, port), family=family)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description="Serve ldm-rt over HTTP (POST /generate -> PNG, GET /health).")
+def main(argv: list[str] | None = None) -> int:
+    parser = OneLineParser(prog=PROG, description="Serve ldm-rt over HTTP (POST /generate -> PNG, GET /health).")
     parser.add_argument("--model", type=Path, default=None, help="artifacts folder (default: the shipped default model)")
-    parser.add_argument("--backend", default="onnxruntime", help="onnxruntime | tensorrt | torch")
-    parser.add_argument("--precision", default="fp32", choices=("fp32", "fp16"))
+    parser.add_argument("--backend", default="onnxruntime", choices=BACKENDS, help="inference backend (default onnxruntime)")
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "fp16"), help="which built precision to serve (default fp32)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads per operator (default: one per physical core)")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000, help="0: any free port (the start line says which)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000; 0: any free port, the start line says which)")
     parser.add_argument("--log-level", default="info", choices=("warning", "info", "debug"), help="info logs every request (default)")
-    args = parser.parse_args()
-    try:
-        pipeline = Pipeline.load(args.model, backend=args.backend, precision=args.precision, threads=args.threads)
-        sock = listen(args.host, args.port)
-    except USER_ERRORS as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    args = parser.parse_args(argv)
+    return run(PROG, lambda: serve(args))
+
+
+def serve(args) -> int:
+    """Load the pipeline and bind the port (a bad --model or a port in use is one line, exit 2), then serve until stopped."""
+    pipeline = Pipeline.load(args.model, backend=args.backend, precision=args.precision, threads=args.threads)
+    sock = listen(args.host, args.port)
     port = sock.getsockname()[1]
     url = f"http://[{args.host}]:{port}" if ":" in args.host else f"http://{args.host}:{port}"
     print(
@@ -155,7 +156,8 @@ def main() -> None:
     )
     config = uvicorn.Config(create_app(pipeline), host=args.host, port=port, log_level=args.log_level)
     uvicorn.Server(config).run(sockets=[sock])
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
