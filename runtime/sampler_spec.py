@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from .atomic import atomic_write_text
+from .cli_support import OneLineParser, run
 from .manifest import GUIDANCE, Manifest
 from .schedulers import SCHEDULERS, Scheduler, SchedulerConfig, SchedulerConfigError, SchedulerRun, make_scheduler
 
@@ -284,9 +285,13 @@ def write_vectors(path: str | Path) -> None:
 
 
 # ---- command line --------------------------------------------------------------------------------------
+PROG = "sampler_spec"  # errors: `sampler_spec: error: ...`; usage: how it is run
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="python -m ldm_rt.runtime.sampler_spec",
+        error_prog=PROG,
         description="Write the language-neutral sampler spec of an artifacts folder, or the golden vectors.",
     )
     parser.add_argument("--write-vectors", type=Path, metavar="PATH", help="write the golden vectors (JSON) to PATH")
@@ -294,18 +299,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, nargs="+", default=None, help=f"step counts to tabulate (default {' '.join(map(str, DEFAULT_STEP_COUNTS))})")
     parser.add_argument("--out", type=Path, help="spec output file (default: stdout)")
     args = parser.parse_args(argv)
-    try:
-        if args.write_vectors is not None:
-            write_vectors(args.write_vectors)
-            print(args.write_vectors)
-            return 0
-        from .artifacts import Artifacts
+    return run(PROG, lambda: write(args))
 
-        artifacts = Artifacts.open(args.model)
-        spec = sampler_spec(artifacts.scheduler_config, args.steps, manifest=artifacts.manifest)
-    except (ValueError, OSError) as e:
-        print(f"sampler_spec: error: {e}", file=sys.stderr)
-        return 2
+
+def write(args: argparse.Namespace) -> int:
+    if args.write_vectors is not None:
+        write_vectors(args.write_vectors)
+        print(args.write_vectors)
+        return 0
+    from .artifacts import Artifacts
+
+    artifacts = Artifacts.open(args.model)
+    spec = sampler_spec(artifacts.scheduler_config, args.steps, manifest=artifacts.manifest)
     if args.out is None:
         print(json.dumps(spec, indent=1, allow_nan=False))
     else:

@@ -110,7 +110,9 @@ def test_the_runtime_loop_reproduces_the_vectors(vectors, config_name):
             callback=lambda i, n, t, x: samples.append(x.copy()),
         )
         where = f"{config_name} {case['scheduler']} {case['steps']} steps"
-        assert len(samples) == len(case["loop"]), where
+        assert len(samples) == len(case["loop"]) == len(result.timings["unet"]), where  # one timing per UNet call
+        if case["scheduler"] == "heun":
+            assert len(result.timings["unet"]) == 2 * case["steps"] - 1, where  # two calls per step but the last
         for i, (x, step) in enumerate(zip(samples, case["loop"])):
             np.testing.assert_allclose(x.ravel(), np.float32(step["sample"]), rtol=1e-6, atol=1e-6, err_msg=f"{where}, step {i}")
         np.testing.assert_allclose(result.latents.ravel(), np.float32(case["final"]), rtol=1e-6, atol=1e-6, err_msg=where)
@@ -159,6 +161,8 @@ def test_zero_snr_configs_mark_unsupported_schedulers_and_own_tables():
     config = dataclasses.replace(SchedulerConfig(), rescale_betas_zero_snr=True, timestep_spacing="trailing", prediction_type="v_prediction")
     spec = sampler_spec(config, step_counts=(5,))
     assert "unsupported" in spec["schedulers"]["pndm"] and "rescale_betas_zero_snr" in spec["schedulers"]["pndm"]["unsupported"]
+    assert "no rescale_betas_zero_snr" in spec["schedulers"]["heun"]["unsupported"]
+    assert spec["schedulers"]["unipc"]["runs"]["5"]["sigmas"][0] == pytest.approx(4096)  # the 2**-24 floor, as diffusers
     assert spec["alphas_cumprod"][-1] == 0.0 and np.float32(spec["schedulers"]["euler"]["alphas_cumprod"][-1]) == np.float32(2.0**-24)
     # Default step counts stop at num_train_timesteps; a run the runtime refuses is marked, not fatal.
     with np.errstate(divide="ignore", invalid="ignore"):  # 20 of 20 steps repeat sigmas: degenerate on purpose
@@ -168,7 +172,7 @@ def test_zero_snr_configs_mark_unsupported_schedulers_and_own_tables():
     with pytest.raises(SamplerSpecError, match="step_counts"):
         sampler_spec(config, step_counts=(0,))
     with pytest.raises(SamplerSpecError, match="unknown schedulers"):
-        sampler_spec(config, schedulers=("heun",))
+        sampler_spec(config, schedulers=("kdpm2",))
 
 
 def test_spec_of_an_artifacts_folder_states_the_model_side(tmp_path_factory, tmp_path):

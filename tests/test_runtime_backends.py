@@ -55,7 +55,7 @@ def test_params_fill_defaults_from_the_profile():
         ({"steps": 2.5}, "steps must be an integer"),
         ({"guidance": math.nan}, "guidance must be a finite number"),
         ({"guidance": math.inf}, "guidance must be a finite number"),
-        ({"scheduler": "heun"}, "unknown scheduler 'heun'"),
+        ({"scheduler": "kdpm2"}, "unknown scheduler 'kdpm2'"),
         ({"batch": 0}, "batch must be >= 1"),
         ({"batch": 3}, "outside the artifacts' batch range"),
         ({"prompt": ["a", "b"], "batch": 2}, "4 images per call"),

@@ -120,7 +120,7 @@ BAD_INPUTS = {
     "guidance-inf": (["--guidance", "inf"], "guidance must be a finite number, got inf"),
     "height-not-multiple": (["--height", 18], "height 18 must be a multiple of 4 in [8, 32]"),
     "width-too-large": (["--width", 64], "width 64 must be a multiple of 4 in [8, 32]"),
-    "unknown-scheduler": (["--scheduler", "heun"], "argument --scheduler: invalid choice: 'heun'"),
+    "unknown-scheduler": (["--scheduler", "kdpm2"], "argument --scheduler: invalid choice: 'kdpm2'"),
     "batch-zero": (["--batch", 0], "batch must be >= 1, got 0"),
     "batch-too-large": (["--batch", 5], "outside the artifacts' batch range [1, 4]"),
     "batch-huge": (["--batch", 100000000], "100000000 images (--batch) is over the runtime's limit of 1024"),
@@ -236,7 +236,7 @@ def test_every_scheduler_the_cli_offers_samples_the_shipped_model(tmp_path, caps
     from PIL import Image
 
     offered, refused = offered_schedulers(capsys)
-    assert offered == {"ddpm": 0, "ddim": 0, "euler": 0, "euler-a": 0, "dpmpp-2m": 0, "dpmpp-2m-karras": 40}
+    assert offered == {"ddpm": 0, "ddim": 0, "euler": 0, "euler-a": 0, "dpmpp-2m": 0, "dpmpp-2m-karras": 40, "unipc": 12}
     assert refused.startswith("not pndm: pndm (PNDMScheduler) cannot sample a zero-terminal-SNR schedule")
     assert "; not lms: lms (LMSDiscreteScheduler) cannot sample a zero-terminal-SNR schedule" in refused
     images = {}

@@ -188,7 +188,7 @@ def test_the_largest_valid_body_fits_the_limit(server):
     ('{"prompt": "a", "batch": 5}', "batch range [1, 4]"),
     ('{"prompt": "a", "batch": 0}', "batch must be >= 1"),
     ('{"prompt": "a", "guidance_rescale": 1.5}', "guidance_rescale must be in [0, 1]"),
-    ('{"prompt": "a", "scheduler": "heun"}', "scheduler"),
+    ('{"prompt": "a", "scheduler": "kdpm2"}', "scheduler"),
     ('{"prompt": "a", "unknown": 1}', "unknown"),
     ('{"steps": 2}', "prompt"),
     ("[1]", "valid dictionary"),

@@ -85,6 +85,10 @@ def test_round_trip_through_json():
         ({"use_exponential_sigmas": True}, "use_exponential_sigmas"),
         ({"timestep_type": "continuous"}, "timestep_type"),
         ({"sigma_min": -1.0}, "sigma_min"),
+        ({"solver_type": "bh3"}, "solver_type"),
+        ({"predict_x0": False}, "predict_x0"),
+        ({"disable_corrector": [-1]}, "disable_corrector"),
+        ({"disable_corrector": [0.5]}, "wrong type"),
     ],
 )
 def test_bad_values_raise_one_line_error(bad, match):
@@ -116,12 +120,12 @@ def test_unreadable_json_raises(tmp_path):
 
 # ---- registry ------------------------------------------------------------------------------------------------
 def test_registry_names_and_diffusers_classes():
-    assert set(SCHEDULERS) == {"ddpm", "ddim", "euler", "euler-a", "dpmpp-2m", "dpmpp-2m-karras", "pndm", "lms"}
+    assert set(SCHEDULERS) == {"ddpm", "ddim", "euler", "euler-a", "dpmpp-2m", "dpmpp-2m-karras", "pndm", "lms", "unipc", "heun"}
     for name in SCHEDULERS:
         scheduler = make_scheduler(name)
         assert scheduler.name == name
         assert DIFFUSERS_SCHEDULERS[scheduler.diffusers_class] is type(scheduler)
-    assert len(DIFFUSERS_SCHEDULERS) == 7
+    assert len(DIFFUSERS_SCHEDULERS) == 9
 
 
 def test_dpmpp_names_fix_order_and_karras():
@@ -144,6 +148,9 @@ def test_scheduler_from_diffusers_json(tmp_path):
     assert ddim.config.clip_sample and ddim.config.set_alpha_to_one and ddim.config.beta_schedule == "linear"
     assert ddim.eta == 0.5
     path.write_text(json.dumps({"_class_name": "UniPCMultistepScheduler"}))
+    unipc = scheduler_from_diffusers_json(path)
+    assert unipc.name == "unipc" and unipc.config.solver_type == "bh2" and unipc.config.timestep_spacing == "linspace"
+    path.write_text(json.dumps({"_class_name": "KDPM2DiscreteScheduler"}))
     with pytest.raises(SchedulerConfigError, match="unsupported diffusers scheduler class"):
         scheduler_from_diffusers_json(path)
 
@@ -170,3 +177,11 @@ def test_sd_scheduler_config_is_the_published_one_and_a_fresh_dict_each_time():
     ours["beta_end"] = 0.5
     assert sd_scheduler_config()["beta_end"] == 0.012  # a caller's change does not leak into the next one
     assert sd_scheduler_config(_class_name="DDIMScheduler", prediction_type="v_prediction")["prediction_type"] == "v_prediction"
+
+
+def test_dpm_and_unipc_read_each_others_solver_type_as_their_default():
+    # as diffusers' constructors do, so one config swaps between them (from_config)
+    assert make_scheduler("dpmpp-2m", SchedulerConfig(solver_type="bh1")).config.solver_type == "midpoint"
+    assert make_scheduler("unipc", SchedulerConfig(solver_type="heun")).config.solver_type == "bh2"
+    assert make_scheduler("unipc", SchedulerConfig(solver_type="bh1")).config.solver_type == "bh1"
+    assert make_scheduler("dpmpp-2m", SchedulerConfig(solver_type="heun")).config.solver_type == "heun"

@@ -29,6 +29,8 @@ CLASSES = {
     "dpm": "DPMSolverMultistepScheduler",
     "pndm": "PNDMScheduler",
     "lms": "LMSDiscreteScheduler",
+    "unipc": "UniPCMultistepScheduler",
+    "heun": "HeunDiscreteScheduler",
 }
 SD1 = dict(
     beta_start=0.00085,
@@ -205,6 +207,22 @@ EXTRA_CASES = {
     "pndm-prk-sd1": ("pndm", dict(SD1, skip_prk_steps=False), {}),
     "pndm-v": ("pndm", dict(SD1, prediction_type="v_prediction", set_alpha_to_one=True), {}),
     "trained-betas": ("euler", dict(trained_betas=np.linspace(1e-4, 0.03, 1000).tolist()), {}),
+    "heun-karras": ("heun", dict(SD1, use_karras_sigmas=True), {}),
+    "heun-v": ("heun", dict(SD1, prediction_type="v_prediction"), {}),
+    "heun-sample-clip": ("heun", dict(SD1, prediction_type="sample", clip_sample=True, clip_sample_range=0.5), {}),
+    "unipc-3": ("unipc", dict(SD1, solver_order=3), {}),
+    "unipc-3-v": ("unipc", dict(SD1, solver_order=3, prediction_type="v_prediction"), {}),
+    "unipc-1": ("unipc", dict(SD1, solver_order=1), {}),
+    "unipc-bh1": ("unipc", dict(SD1, solver_type="bh1", final_sigmas_type="sigma_min"), {}),
+    "unipc-from-dpm-midpoint": ("unipc", dict(SD1, solver_type="midpoint"), {}),  # read as bh2, as diffusers
+    "unipc-karras": ("unipc", dict(SD1, use_karras_sigmas=True), {}),
+    "unipc-karras-range-sigma-min": (
+        "unipc", dict(SD1, use_karras_sigmas=True, sigma_min=0.1, sigma_max=10.0, final_sigmas_type="sigma_min"), {}
+    ),
+    "unipc-3-no-lower-final": ("unipc", dict(SD1, solver_order=3, lower_order_final=False, final_sigmas_type="sigma_min"), {}),
+    "unipc-sample": ("unipc", dict(SD1, prediction_type="sample"), {}),
+    "unipc-disable-corrector": ("unipc", dict(SD1, disable_corrector=[0, 1, 3]), {}),
+    "unipc-thresholding": ("unipc", dict(SD1, thresholding=True, sample_max_value=2.0), {}),
 }
 
 
@@ -220,7 +238,7 @@ ZERO_SNR = dict(SD1, prediction_type="v_prediction", timestep_spacing="trailing"
 
 
 @pytest.mark.parametrize("n", (1, 7, 25))
-@pytest.mark.parametrize("kind", ["ddpm", "ddim", "euler", "euler-a", "dpm"])
+@pytest.mark.parametrize("kind", ["ddpm", "ddim", "euler", "euler-a", "dpm", "unipc"])
 def test_zero_terminal_snr_matches_diffusers(kind, n, feed):
     # sigma_T = 4096 here: diffusers' float32 Euler step cancels ~1e-4 of a 4096-sized sample, so compare
     # step by step from diffusers' own samples instead of along two free-running trajectories.
@@ -230,7 +248,7 @@ def test_zero_terminal_snr_matches_diffusers(kind, n, feed):
 # ---- img2img: with_strength + add_noise ----------------------------------------------------------------
 STRENGTH_CASES = [
     (kind, preset) for kind in CLASSES for preset in ("sd1", "linear-defaults")
-] + [("dpm", "karras"), ("euler", "karras"), ("lms", "karras")]
+] + [("dpm", "karras"), ("euler", "karras"), ("lms", "karras"), ("unipc", "karras"), ("heun", "karras")]
 
 
 @pytest.mark.parametrize("n,strength", [(7, 0.5), (25, 0.8), (10, 1.0)])
@@ -303,7 +321,7 @@ def test_diffusers_defaults_table_matches_diffusers(class_name):
 @pytest.mark.parametrize("kind", sorted(CLASSES))
 def test_config_saved_by_diffusers_loads_with_the_same_values(kind, tmp_path):
     config = dict(SD1, prediction_type="v_prediction", timestep_spacing="trailing")
-    if kind in ("euler", "dpm", "lms"):
+    if kind in ("euler", "dpm", "lms", "unipc", "heun"):
         config["use_karras_sigmas"] = True
     theirs = getattr(diffusers, CLASSES[kind]).from_config(config)
     theirs.save_config(tmp_path)
@@ -313,4 +331,38 @@ def test_config_saved_by_diffusers_loads_with_the_same_values(kind, tmp_path):
     assert type(ours).diffusers_class == CLASSES[kind]
     for key in ours.config.to_dict():
         if key in theirs.config:
-            assert getattr(ours.config, key) == theirs.config[key], key
+            value = getattr(ours.config, key)
+            assert (list(value) if isinstance(value, tuple) else value) == theirs.config[key], key
+
+
+# ---- UniPC where diffusers divides by zero ------------------------------------------------------------------
+def test_unipc_bh1_last_step_to_sigma_zero_is_the_data_prediction_where_diffusers_gives_nan(feed):
+    theirs, ours = make_pair("unipc", dict(SD1, solver_type="bh1"))
+    theirs.set_timesteps(5)
+    run = ours.set_timesteps(5)
+    x = np.random.default_rng(0).standard_normal((1, 4, 2, 2)).astype(np.float32)
+    x_ref = torch.from_numpy(x)
+    for i, t in enumerate(theirs.timesteps):
+        last = x
+        x = run.step(toy_model(x, t), i, x)
+        x_ref = theirs.step(torch.from_numpy(toy_model(x_ref.numpy(), t.item())), t, x_ref).prev_sample
+        if i < 4:
+            assert_close(x_ref.numpy(), x, x_ref.numpy(), f"step {i}")
+    assert np.isnan(x_ref.numpy()).all()  # B(h) = h = -inf times a zero residual
+    sigma = float(run.sigmas[4])
+    alpha = 1 / np.sqrt(sigma**2 + 1)
+    eps = toy_model(last, run.timesteps[4]).astype(np.float64)
+    np.testing.assert_allclose(x, (last / alpha - sigma * eps), rtol=1e-5)  # x0 of the last model output
+
+
+def test_unipc_refuses_the_config_whose_last_step_diffusers_divides_by_zero():
+    from ldm_rt.runtime.schedulers import SchedulerConfigError
+
+    theirs = diffusers.UniPCMultistepScheduler.from_config(dict(SD1, lower_order_final=False))
+    theirs.set_timesteps(5)
+    x = torch.ones((1, 4, 2, 2))
+    for t in theirs.timesteps:
+        x = theirs.step(0.1 * x, t, x).prev_sample
+    assert not torch.isfinite(x).any()
+    with pytest.raises(SchedulerConfigError, match="lower_order_final=true or final_sigmas_type='sigma_min'"):
+        scheduler_from_diffusers_config({"_class_name": "UniPCMultistepScheduler", **SD1, "lower_order_final": False})

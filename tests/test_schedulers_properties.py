@@ -20,7 +20,7 @@ from ldm_rt.runtime.schedulers.config import train_sigmas
 NAMES = sorted(SCHEDULERS)
 VARIANTS = {name: (name, {}) for name in NAMES} | {"ddim-eta": ("ddim", {"eta": 0.7})}
 STOCHASTIC = ("ddpm", "euler-a", "ddim-eta")
-MULTISTEP = ("dpmpp-2m", "dpmpp-2m-karras", "pndm", "lms")
+MULTISTEP = ("dpmpp-2m", "dpmpp-2m-karras", "pndm", "lms", "unipc", "heun")
 SHAPE = (2, 4, 8, 8)
 
 
@@ -72,8 +72,13 @@ def test_timesteps_decrease_and_count(name, n, spacing):
     assert np.all(np.diff(t) <= 0)
     if hasattr(run, "sigmas"):
         assert len(run.sigmas) == len(t) + 1 and run.sigmas[-1] == 0
-        assert np.all(np.diff(run.sigmas) < 0)
-    if name == "pndm":
+        assert np.all(np.diff(run.sigmas[::run.order]) < 0)  # heun: [s0, s1, s1, s2, s2, ..., 0]
+    if name == "heun":
+        # two model calls per step: every timestep after the first twice, 2n - 1 entries
+        assert len(t) == 2 * n - 1 and run.order == 2
+        assert np.array_equal(t[1::2], t[2::2]) and np.all(np.diff(t[::2]) < 0)
+        assert np.array_equal(run.sigmas[1:-1:2], run.sigmas[2::2])
+    elif name == "pndm":
         # PLMS re-evaluates its second timestep once (a two-evaluation first step): n + 1 entries.
         assert len(t) == (n + 1 if n > 1 else 1)
         assert np.sum(np.diff(t) == 0) == (1 if n > 1 else 0)
@@ -110,12 +115,32 @@ def test_oracle_model_recovers_x0(variant, n, prediction_type):
     assert np.abs(x - x0).max() < tol
 
 
+@pytest.mark.parametrize("order", [1, 2, 3])
+@pytest.mark.parametrize("solver_type", ["bh1", "bh2"])
+def test_unipc_of_every_order_and_b_h_recovers_x0_with_the_oracle_model(order, solver_type):
+    # UniPC's corrector and predictor extrapolate the data predictions: all equal x0 here, so every
+    # divided difference vanishes and each step lands exactly on the oracle's trajectory.
+    scheduler = make_scheduler("unipc", SchedulerConfig(solver_order=order, solver_type=solver_type, prediction_type="v_prediction"))
+    assert scheduler.config.solver_order == order and scheduler.config.solver_type == solver_type
+    rng = np.random.default_rng(0)
+    x0 = np.tanh(rng.standard_normal(SHAPE)).astype(np.float32)
+    run = scheduler.set_timesteps(8)
+    assert run.tables()["step_orders"] == [min(order, k + 1, 8 - k) for k in range(8)]
+    x = sample(run, rng.standard_normal(SHAPE).astype(np.float32), model=oracle_model(scheduler, x0, "v_prediction"))[-1]
+    assert np.abs(x - x0).max() < 2e-5
+
+
+def test_unipc_warns_below_the_steps_measured_sound_on_a_zero_terminal_snr_schedule():
+    assert make_scheduler("unipc", SchedulerConfig(rescale_betas_zero_snr=True)).fewest_sound_steps == 12
+    assert make_scheduler("unipc", SchedulerConfig()).fewest_sound_steps == 0
+
+
 ZERO_SNR = SchedulerConfig(rescale_betas_zero_snr=True, timestep_spacing="trailing", prediction_type="v_prediction", set_alpha_to_one=True)
 
 
 @pytest.mark.parametrize("n", [1, 5, 50])
-@pytest.mark.parametrize("name", [name for name in NAMES if name not in ("pndm", "lms")])
-def test_every_scheduler_but_pndm_and_lms_samples_a_zero_terminal_snr_schedule(name, n):
+@pytest.mark.parametrize("name", [name for name in NAMES if name not in ("pndm", "lms", "heun")])
+def test_every_scheduler_but_pndm_lms_and_heun_samples_a_zero_terminal_snr_schedule(name, n):
     """The shipped default model's kind of schedule (Lin et al. 2024): x_T is pure noise, v-prediction."""
     scheduler = make_scheduler(name, ZERO_SNR)
     rng = np.random.default_rng(0)
@@ -128,8 +153,11 @@ def test_every_scheduler_but_pndm_and_lms_samples_a_zero_terminal_snr_schedule(n
     assert np.abs(x - x0).max() < 1e-5
 
 
-@pytest.mark.parametrize("name, reason", [("pndm", "sqrt(alpha_bar_T)"), ("lms", "unstable across the zero-SNR noise range")])
-def test_pndm_and_lms_refuse_a_zero_terminal_snr_schedule_with_the_reason(name, reason):
+@pytest.mark.parametrize(
+    "name, reason",
+    [("pndm", "sqrt(alpha_bar_T)"), ("lms", "unstable across the zero-SNR noise range"), ("heun", "no rescale_betas_zero_snr")],
+)
+def test_pndm_lms_and_heun_refuse_a_zero_terminal_snr_schedule_with_the_reason(name, reason):
     with pytest.raises(SchedulerConfigError) as e:
         make_scheduler(name, ZERO_SNR)
     assert reason in one_line(e) and "set it to false" not in one_line(e)  # the model's schedule is not the user's to change
@@ -164,7 +192,7 @@ def test_interleaved_runs_equal_sequential_runs(variant):
     scheduler = make(variant)
     rng = np.random.default_rng(0)
     xa, xb = (rng.standard_normal(SHAPE).astype(np.float32) for _ in range(2))
-    noises = [rng.standard_normal(SHAPE).astype(np.float32) for _ in range(11)]  # PNDM: 11 steps
+    noises = [rng.standard_normal(SHAPE).astype(np.float32) for _ in range(19)]  # PNDM: 11 steps, Heun: 19
     expected_a = sample(scheduler.set_timesteps(10), xa, noises=noises)
     expected_b = sample(scheduler.set_timesteps(10).with_strength(0.6), xb, noises=noises)
     run_a, run_b = scheduler.set_timesteps(10), scheduler.set_timesteps(10).with_strength(0.6)
@@ -203,14 +231,14 @@ def test_scheduler_tables_are_immutable():
 def test_with_strength_keeps_the_last_steps(name):
     run = make_scheduler(name).set_timesteps(20)
     part = run.with_strength(0.3)
-    assert part.begin_index == 14
-    np.testing.assert_array_equal(part.timesteps, run.timesteps[14:])
+    assert part.begin_index == 14 * run.order  # heun: two entries per step
+    np.testing.assert_array_equal(part.timesteps, run.timesteps[14 * run.order :])
     assert run.with_strength(1.0).begin_index == 0
     x0 = np.zeros(SHAPE, np.float32)
     noise = np.ones(SHAPE, np.float32)
     # the noise level of add_noise decreases along the run
     levels = [float(part.add_noise(x0, noise, i).max()) for i in range(len(part))]
-    assert np.all(np.diff(levels) < 0)
+    assert np.all(np.diff(levels[:: run.order]) < 0)
 
 
 # ---- tables for native ports -------------------------------------------------------------------------
@@ -225,7 +253,7 @@ def test_tables_are_json_and_complete(name):
     assert len(tables["alphas_cumprod"]) == run.config.num_train_timesteps
     if "sigmas" in tables:
         assert len(tables["sigmas"]) == len(tables["all_timesteps"]) + 1
-    if name.startswith("dpmpp"):
+    if name.startswith("dpmpp") or name == "unipc":
         assert tables["step_orders"][0] == 1 and set(tables["step_orders"]) <= {1, 2}
 
 
@@ -274,7 +302,7 @@ def test_step_argument_errors():
 @pytest.mark.parametrize(
     "call,match",
     [
-        (lambda: make_scheduler("heun"), "valid names are"),
+        (lambda: make_scheduler("kdpm2"), "valid names are"),
         (lambda: make_scheduler("euler").set_timesteps(0), "num_inference_steps"),
         (lambda: make_scheduler("euler").set_timesteps(1001), "num_inference_steps"),
         (lambda: make_scheduler("ddim").set_timesteps(1000), "training range"),  # leading + steps_offset 1

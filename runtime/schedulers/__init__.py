@@ -11,6 +11,7 @@ from .ddpm import DDPMScheduler
 from .dpm_solver import DPMSolverMultistepScheduler
 from .euler import EulerScheduler
 from .euler_ancestral import EulerAncestralScheduler
+from .heun import HeunScheduler
 from .lms import LMSScheduler
 from .pndm import PNDMScheduler
 from .registry import (
@@ -22,6 +23,7 @@ from .registry import (
     scheduler_from_diffusers_json,
     usable_schedulers,
 )
+from .unipc import UniPCMultistepScheduler
 
 __all__ = [
     "DDIMScheduler",
@@ -31,6 +33,7 @@ __all__ = [
     "DPMSolverMultistepScheduler",
     "EulerAncestralScheduler",
     "EulerScheduler",
+    "HeunScheduler",
     "LMSScheduler",
     "PNDMScheduler",
     "PREDICTION_TYPES",
@@ -40,6 +43,7 @@ __all__ = [
     "SchedulerConfigError",
     "SchedulerRun",
     "SchedulerStepError",
+    "UniPCMultistepScheduler",
     "make_scheduler",
     "scheduler_from_diffusers_config",
     "scheduler_from_diffusers_json",

@@ -16,6 +16,7 @@ that multistep runs check they are stepped 0, 1, 2, ... in order.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -53,6 +54,9 @@ class Scheduler:
     terminal_alpha_bar_floor: ClassVar[bool] = False
     # Why this scheduler cannot sample a zero-terminal-SNR schedule ("" = it can).
     zero_snr_obstacle: ClassVar[str] = ""
+    # The solver_type values this class reads, its default first; diffusers' DPM-Solver++ and UniPC read
+    # each other's values as their default, so one config swaps between them (from_config).
+    solver_types: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: SchedulerConfig | None = None) -> None:
         config = SchedulerConfig() if config is None else config
@@ -60,6 +64,8 @@ class Scheduler:
             raise SchedulerConfigError(
                 f"{type(self).__name__}: expected a SchedulerConfig, got {type(config).__name__}"
             )
+        if self.solver_types and config.solver_type not in self.solver_types:
+            config = dataclasses.replace(config, solver_type=self.solver_types[0])
         self.config = config
         if config.prediction_type not in self.prediction_types:
             raise SchedulerConfigError(
@@ -312,6 +318,28 @@ class SigmaRun(SchedulerRun):
 
     def _tables(self) -> dict[str, Any]:
         return {"sigmas": self.sigmas.tolist()}
+
+
+def vp(sigma: float) -> tuple[float, float]:
+    """(alpha_t, sigma_t) of the VP process at VE noise level sigma."""
+    alpha = 1.0 / np.sqrt(sigma**2 + 1)
+    return alpha, sigma * alpha
+
+
+class VPSigmaRun(SigmaRun):
+    """A sigma-table run that integrates in VP samples x = alpha x0 + sigma_vp eps (DPM-Solver++, UniPC):
+    x_T is unit noise and the model input is the sample itself."""
+
+    @property
+    def init_noise_sigma(self) -> float:
+        return 1.0
+
+    def _scale_model_input(self, sample: np.ndarray, g: int) -> np.ndarray:
+        return sample
+
+    def _add_noise(self, x0: np.ndarray, noise: np.ndarray, g: int) -> np.ndarray:
+        alpha_t, sigma_t = vp(np.float64(self.sigmas[g]))
+        return alpha_t * x0 + sigma_t * noise
 
 
 # ---- shared maths ----------------------------------------------------------------------------------------

@@ -26,6 +26,9 @@ PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 VARIANCE_TYPES = (None, "fixed_small", "fixed_small_log", "fixed_large", "learned", "learned_range")
 FINAL_SIGMAS_TYPES = ("zero", "sigma_min")
+# DPM-Solver++'s second-order update (midpoint | heun) and UniPC's B(h) (bh1 | bh2); as diffusers, each class
+# reads the other's values (and "logrho") as its own default, so one config swaps between them.
+SOLVER_TYPES = ("midpoint", "heun", "logrho", "bh1", "bh2")
 
 # diffusers options we do not implement, with the value that makes them a no-op. A JSON that sets one
 # of them to anything else is refused instead of being silently sampled differently.
@@ -36,6 +39,8 @@ UNSUPPORTED_OPTIONS: dict[str, Any] = {
     "use_flow_sigmas": False,
     "use_dynamic_shifting": False,
     "timestep_type": "discrete",
+    "predict_x0": True,  # UniPC in noise prediction
+    "solver_p": None,  # UniPC with another predictor
 }
 
 
@@ -98,11 +103,13 @@ class SchedulerConfig:
     sigma_min: float | None = None  # Euler/DPM Karras range; None: the model's own sigma range
     sigma_max: float | None = None
     final_sigmas_type: str = "zero"  # Euler/DPM: the sigma after the last step, 0 or sigma_min
-    solver_order: int = 2  # DPM-Solver++: 1, 2 (2M) or 3 (3M)
+    solver_order: int = 2  # DPM-Solver++: 1, 2 (2M) or 3 (3M); UniPC: 1, 2 or 3
     algorithm_type: str = "dpmsolver++"
-    solver_type: str = "midpoint"  # DPM-Solver++ second-order update: midpoint | heun
-    lower_order_final: bool = True  # DPM: lower order for the last steps when there are fewer than 15
+    solver_type: str = "midpoint"  # DPM-Solver++ second-order update: midpoint | heun; UniPC: bh1 | bh2
+    lower_order_final: bool = True  # DPM: lower order for the last steps when there are fewer than 15; UniPC: always
     euler_at_final: bool = False  # DPM: first-order last step always
+    # UniPC: step indices i whose corrector step i + 1 skips (diffusers: "usually the first few", for large guidance)
+    disable_corrector: tuple[int, ...] = ()
     # DPM: drop timesteps whose log-SNR lambda is below this; null in JSON means -inf (no clipping).
     lambda_min_clipped: float = -math.inf
 
@@ -112,6 +119,10 @@ class SchedulerConfig:
         _check_types(self)
         if self.trained_betas is not None and not isinstance(self.trained_betas, tuple):
             object.__setattr__(self, "trained_betas", tuple(float(b) for b in self.trained_betas))
+        if not isinstance(self.disable_corrector, tuple):
+            object.__setattr__(self, "disable_corrector", tuple(self.disable_corrector))
+        if any(i < 0 for i in self.disable_corrector):
+            raise SchedulerConfigError(f"disable_corrector must list step indices >= 0, got {list(self.disable_corrector)}")
         _check_choice("beta_schedule", self.beta_schedule, BETA_SCHEDULES)
         _check_choice("prediction_type", self.prediction_type, PREDICTION_TYPES)
         _check_choice("timestep_spacing", self.timestep_spacing, TIMESTEP_SPACINGS)
@@ -119,7 +130,7 @@ class SchedulerConfig:
         _check_choice("final_sigmas_type", self.final_sigmas_type, FINAL_SIGMAS_TYPES)
         _check_choice("interpolation_type", self.interpolation_type, ("linear",))
         _check_choice("algorithm_type", self.algorithm_type, ("dpmsolver++",))
-        _check_choice("solver_type", self.solver_type, ("midpoint", "heun"))
+        _check_choice("solver_type", self.solver_type, SOLVER_TYPES)
         _check_choice("solver_order", self.solver_order, (1, 2, 3))
         if self.num_train_timesteps < 2:
             raise SchedulerConfigError(f"num_train_timesteps must be >= 2, got {self.num_train_timesteps}")
@@ -154,6 +165,7 @@ class SchedulerConfig:
         d = dataclasses.asdict(self)
         if d["trained_betas"] is not None:
             d["trained_betas"] = list(d["trained_betas"])
+        d["disable_corrector"] = list(d["disable_corrector"])
         if math.isinf(d["lambda_min_clipped"]) and d["lambda_min_clipped"] < 0:
             d["lambda_min_clipped"] = None
         return d
@@ -170,9 +182,9 @@ class SchedulerConfig:
                 continue
             if key in UNSUPPORTED_OPTIONS:
                 if value is not None and value != UNSUPPORTED_OPTIONS[key]:
+                    hint = " (Karras sigmas: use_karras_sigmas=true)" if key.endswith("_sigmas") else ""
                     raise SchedulerConfigError(
-                        f"scheduler option {key}={value!r} is not supported; set it to "
-                        f"{UNSUPPORTED_OPTIONS[key]!r} (Karras sigmas: use_karras_sigmas=true)"
+                        f"scheduler option {key}={value!r} is not supported; set it to {UNSUPPORTED_OPTIONS[key]!r}{hint}"
                     )
                 continue
             if key not in names:
@@ -212,6 +224,8 @@ def _check_types(config: SchedulerConfig) -> None:
             ok = isinstance(value, _FLOAT) and not isinstance(value, bool)
         elif isinstance(default, str):
             ok = isinstance(value, str)
+        elif f.name == "disable_corrector":
+            ok = isinstance(value, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool) for i in value)
         elif f.name == "trained_betas":
             ok = isinstance(value, (list, tuple)) and all(
                 isinstance(b, _FLOAT) and not isinstance(b, bool) for b in value

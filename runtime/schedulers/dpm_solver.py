@@ -13,9 +13,20 @@ from typing import Any
 
 import numpy as np
 
-from .base import Draw, Scheduler, SigmaRun, dynamic_threshold, x0_and_eps
-from .config import train_sigmas
+from .base import Draw, Scheduler, VPSigmaRun, dynamic_threshold, vp, x0_and_eps
+from .config import SchedulerConfig, train_sigmas
 from .sigmas import karras_sigmas, sigma_to_t
+
+
+def multistep_timesteps(c: SchedulerConfig, n: int, last_timestep: int) -> np.ndarray:
+    """Descending int64 timesteps of diffusers' multistep solvers (DPM-Solver++, UniPC): n + 1 points on
+    [0, last_timestep) with the last dropped ("leading": step ratio last_timestep // (n + 1))."""
+    if c.timestep_spacing == "linspace":
+        return np.linspace(0, last_timestep - 1, n + 1).round()[::-1][:-1].astype(np.int64)
+    if c.timestep_spacing == "leading":
+        step_ratio = last_timestep // (n + 1)
+        return (np.arange(0, n + 1) * step_ratio).round()[::-1][:-1].astype(np.int64) + c.steps_offset
+    return np.arange(last_timestep, 0, -c.num_train_timesteps / n).round().astype(np.int64) - 1  # trailing
 
 
 class DPMSolverMultistepScheduler(Scheduler):
@@ -23,6 +34,7 @@ class DPMSolverMultistepScheduler(Scheduler):
 
     diffusers_class = "DPMSolverMultistepScheduler"
     terminal_alpha_bar_floor = True
+    solver_types = ("midpoint", "heun")
 
     @property
     def name(self) -> str:  # type: ignore[override]
@@ -43,14 +55,7 @@ class DPMSolverMultistepScheduler(Scheduler):
         # 1. timesteps on [0, last_timestep), dropping those whose lambda is below lambda_min_clipped
         ac = self.alphas_cumprod
         lambdas = np.log(np.sqrt(ac)) - np.log(np.sqrt(np.float32(1) - ac))  # (T,) float32, descending in t
-        last_timestep = T - int(np.searchsorted(lambdas[::-1], c.lambda_min_clipped))
-        if c.timestep_spacing == "linspace":
-            timesteps = np.linspace(0, last_timestep - 1, n + 1).round()[::-1][:-1].astype(np.int64)
-        elif c.timestep_spacing == "leading":
-            step_ratio = last_timestep // (n + 1)
-            timesteps = (np.arange(0, n + 1) * step_ratio).round()[::-1][:-1].astype(np.int64) + c.steps_offset
-        else:  # trailing
-            timesteps = np.arange(last_timestep, 0, -T / n).round().astype(np.int64) - 1
+        timesteps = multistep_timesteps(c, n, T - int(np.searchsorted(lambdas[::-1], c.lambda_min_clipped)))
         # 2. sigmas: read off the training table, or Karras et al. eq. 5 between the table's extremes
         if c.use_karras_sigmas:
             sigma_min = c.sigma_min if c.sigma_min is not None else float(sigmas_train[0])
@@ -66,26 +71,9 @@ class DPMSolverMultistepScheduler(Scheduler):
         return DPMSolverRun(self, timesteps, n, sigmas)
 
 
-def _vp(sigma: float) -> tuple[float, float]:
-    """(alpha_t, sigma_t) of the VP process at VE noise level sigma."""
-    alpha = 1.0 / np.sqrt(sigma**2 + 1)
-    return alpha, sigma * alpha
-
-
-class DPMSolverRun(SigmaRun):
+class DPMSolverRun(VPSigmaRun):
     multistep = True
     accepts_learned_variance = True  # variance channels are dropped, as diffusers does for learned variance
-
-    @property
-    def init_noise_sigma(self) -> float:
-        return 1.0  # DPM-Solver works on VP samples: no input scaling either
-
-    def _scale_model_input(self, sample: np.ndarray, g: int) -> np.ndarray:
-        return sample
-
-    def _add_noise(self, x0: np.ndarray, noise: np.ndarray, g: int) -> np.ndarray:
-        alpha_t, sigma_t = _vp(np.float64(self.sigmas[g]))
-        return alpha_t * x0 + sigma_t * noise
 
     def _reset_history(self) -> None:
         self._data_predictions: list[np.ndarray] = []  # D of the last solver_order steps, oldest first
@@ -112,7 +100,7 @@ class DPMSolverRun(SigmaRun):
         c = self.config
         # 1. data prediction D = x0_theta(x_s, s) (the "++": solve the ODE in x0 rather than eps)
         s_ve = np.float64(self.sigmas[g])
-        alpha_s, _ = _vp(s_ve)
+        alpha_s, _ = vp(s_ve)
         x0, _ = x0_and_eps(c.prediction_type, m, x, alpha_s**2)
         if c.thresholding:
             x0 = dynamic_threshold(x0, c.dynamic_thresholding_ratio, c.sample_max_value)
@@ -128,7 +116,7 @@ class DPMSolverRun(SigmaRun):
 
     def _first_order(self, x: np.ndarray, sig: list[float]) -> np.ndarray:
         """DPM-Solver++(1) (= DDIM): x_t = (sigma_t / sigma_s) x_s - alpha_t (e^{-h} - 1) D0."""
-        (alpha_t, sigma_t), (_, sigma_s) = _vp(sig[0]), _vp(sig[1])
+        (alpha_t, sigma_t), (_, sigma_s) = vp(sig[0]), vp(sig[1])
         d0 = self._data_predictions[-1]
         # e^{-h} = sigma_VE_t / sigma_VE_s; finite also for the zero tail (x_t = D0 there).
         exp_neg_h = sig[0] / sig[1]
@@ -136,7 +124,7 @@ class DPMSolverRun(SigmaRun):
 
     def _second_order(self, x: np.ndarray, sig: list[float]) -> np.ndarray:
         """DPM-Solver++(2M), Lu et al. 2022 Alg. 2: D1 = (m0 - m1) / r0 with r0 = h_0 / h."""
-        (alpha_t, sigma_t), (_, sigma_s0) = _vp(sig[0]), _vp(sig[1])
+        (alpha_t, sigma_t), (_, sigma_s0) = vp(sig[0]), vp(sig[1])
         lam_t, lam_s0, lam_s1 = -np.log(sig[0]), -np.log(sig[1]), -np.log(sig[2])
         m0, m1 = self._data_predictions[-1], self._data_predictions[-2]
         h, h_0 = lam_t - lam_s0, lam_s0 - lam_s1
@@ -149,7 +137,7 @@ class DPMSolverRun(SigmaRun):
 
     def _third_order(self, x: np.ndarray, sig: list[float]) -> np.ndarray:
         """DPM-Solver++(3M): second divided difference D2 of the last three data predictions."""
-        (alpha_t, sigma_t), (_, sigma_s0) = _vp(sig[0]), _vp(sig[1])
+        (alpha_t, sigma_t), (_, sigma_s0) = vp(sig[0]), vp(sig[1])
         lam_t, lam_s0, lam_s1, lam_s2 = (-np.log(s) for s in sig)
         m0, m1, m2 = self._data_predictions[-1], self._data_predictions[-2], self._data_predictions[-3]
         h, h_0, h_1 = lam_t - lam_s0, lam_s0 - lam_s1, lam_s1 - lam_s2

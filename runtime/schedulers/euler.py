@@ -7,7 +7,7 @@ import numpy as np
 
 from .base import Draw, Scheduler, SigmaRun, x0_from_sigma
 from .config import train_sigmas
-from .sigmas import interpolated_sigmas, karras_sigmas, sigma_to_t
+from .sigmas import discrete_sigmas
 
 
 class EulerScheduler(Scheduler):
@@ -19,12 +19,7 @@ class EulerScheduler(Scheduler):
 
     def _make_run(self, num_inference_steps: int) -> EulerRun:
         c = self.config
-        timesteps, sigmas = interpolated_sigmas(c, self.alphas_cumprod, num_inference_steps)
-        if c.use_karras_sigmas:
-            sigma_min = c.sigma_min if c.sigma_min is not None else float(sigmas[-1])
-            sigma_max = c.sigma_max if c.sigma_max is not None else float(sigmas[0])
-            sigmas = karras_sigmas(sigma_min, sigma_max, num_inference_steps)
-            timesteps = sigma_to_t(sigmas, np.log(train_sigmas(self.alphas_cumprod))).astype(np.float32)
+        timesteps, sigmas = discrete_sigmas(c, self.alphas_cumprod, num_inference_steps, config_range=True)
         if c.final_sigmas_type == "sigma_min":
             sigma_last = float(train_sigmas(self.alphas_cumprod)[0])
         else:

@@ -8,8 +8,7 @@ from typing import Any
 import numpy as np
 
 from .base import Draw, Scheduler, SigmaRun, x0_from_sigma
-from .config import train_sigmas
-from .sigmas import interpolated_sigmas, karras_sigmas, sigma_to_t
+from .sigmas import discrete_sigmas
 
 LMS_ORDER = 4
 
@@ -41,11 +40,7 @@ class LMSScheduler(Scheduler):
     )
 
     def _make_run(self, num_inference_steps: int) -> LMSRun:
-        timesteps, sigmas = interpolated_sigmas(self.config, self.alphas_cumprod, num_inference_steps)
-        if self.config.use_karras_sigmas:
-            # diffusers' LMS ignores sigma_min / sigma_max here and uses the interpolated range.
-            sigmas = karras_sigmas(float(sigmas[-1]), float(sigmas[0]), num_inference_steps)
-            timesteps = sigma_to_t(sigmas, np.log(train_sigmas(self.alphas_cumprod))).astype(np.float32)
+        timesteps, sigmas = discrete_sigmas(self.config, self.alphas_cumprod, num_inference_steps, config_range=False)
         sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)
         return LMSRun(self, timesteps, num_inference_steps, sigmas)
 

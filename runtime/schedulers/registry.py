@@ -16,8 +16,10 @@ from .ddpm import DDPMScheduler
 from .dpm_solver import DPMSolverMultistepScheduler
 from .euler import EulerScheduler
 from .euler_ancestral import EulerAncestralScheduler
+from .heun import HeunScheduler
 from .lms import LMSScheduler
 from .pndm import PNDMScheduler
+from .unipc import UniPCMultistepScheduler
 
 
 def _dpmpp_2m(karras: bool) -> Callable[..., Scheduler]:
@@ -40,6 +42,8 @@ SCHEDULERS: dict[str, Callable[..., Scheduler]] = {
     "dpmpp-2m-karras": _dpmpp_2m(karras=True),
     "pndm": PNDMScheduler,
     "lms": LMSScheduler,
+    "unipc": UniPCMultistepScheduler,
+    "heun": HeunScheduler,
 }
 
 DIFFUSERS_SCHEDULERS: dict[str, type[Scheduler]] = {
@@ -52,6 +56,8 @@ DIFFUSERS_SCHEDULERS: dict[str, type[Scheduler]] = {
         DPMSolverMultistepScheduler,
         PNDMScheduler,
         LMSScheduler,
+        UniPCMultistepScheduler,
+        HeunScheduler,
     )
 }
 
@@ -92,6 +98,16 @@ DIFFUSERS_DEFAULTS: dict[str, dict[str, Any]] = {
         "rescale_betas_zero_snr": False,
     },
     "LMSDiscreteScheduler": {**_COMMON, "use_karras_sigmas": False, "timestep_spacing": "linspace"},
+    "HeunDiscreteScheduler": {
+        **_COMMON, "use_karras_sigmas": False, "clip_sample": False, "clip_sample_range": 1.0,
+        "timestep_spacing": "linspace", "beta_start": 0.00085, "beta_end": 0.012,
+    },
+    "UniPCMultistepScheduler": {
+        **_COMMON, **_THRESHOLDING,
+        "solver_order": 2, "solver_type": "bh2", "lower_order_final": True, "use_karras_sigmas": False,
+        "timestep_spacing": "linspace", "final_sigmas_type": "zero", "rescale_betas_zero_snr": False,
+        "sigma_min": None, "sigma_max": None, "disable_corrector": [],
+    },
 }  # fmt: skip
 
 

@@ -37,6 +37,23 @@ def sigma_to_t(sigmas: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
     return (1 - w) * low_idx + w * high_idx
 
 
+def discrete_sigmas(
+    config: SchedulerConfig, alphas_cumprod: np.ndarray, num_inference_steps: int, *, config_range: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """(timesteps, sigmas) of the Euler-type samplers (Euler, LMS, Heun), without the tail: interpolated, or
+    Karras sigmas between the interpolated extremes (or config sigma_min / sigma_max, with `config_range`:
+    Euler reads them, diffusers' LMS and Heun do not) with their fractional timesteps."""
+    timesteps, sigmas = interpolated_sigmas(config, alphas_cumprod, num_inference_steps)
+    if config.use_karras_sigmas:
+        sigma_min, sigma_max = float(sigmas[-1]), float(sigmas[0])
+        if config_range:
+            sigma_min = config.sigma_min if config.sigma_min is not None else sigma_min
+            sigma_max = config.sigma_max if config.sigma_max is not None else sigma_max
+        sigmas = karras_sigmas(sigma_min, sigma_max, num_inference_steps)
+        timesteps = sigma_to_t(sigmas, np.log(train_sigmas(alphas_cumprod))).astype(np.float32)
+    return timesteps, sigmas
+
+
 def interpolated_sigmas(
     config: SchedulerConfig, alphas_cumprod: np.ndarray, num_inference_steps: int
 ) -> tuple[np.ndarray, np.ndarray]:
