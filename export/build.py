@@ -49,6 +49,7 @@ from ldm_rt.export.sources import Source, load_source, source_name
 from ldm_rt.export.tensorrt_build import TensorRTInfo, build_engine, engine_spec, probe_tensorrt
 from ldm_rt.export.triton_repo import TRITON_REPOSITORY, is_triton_repository, write_triton_repo
 from ldm_rt.reference.export_wrappers import export_wrappers
+from ldm_rt.runtime.artifacts import Artifacts
 from ldm_rt.runtime.atomic import atomic_directory
 from ldm_rt.runtime.contracts import ComponentContract, ContractError, ShapeProfile, build_contracts
 from ldm_rt.runtime.manifest import (
@@ -151,6 +152,23 @@ def is_artifacts_folder(path: Path) -> bool:
         return json_object(Manifest.read_bytes(path), path / MANIFEST).get("format") == FORMAT
     except ArtifactError:
         return False
+
+
+def current_sampler_spec(artifacts: Artifacts) -> dict[str, Any]:
+    """The sampler spec this ldm-rt writes into the manifest of `artifacts`, as the manifest's JSON holds it."""
+    return json.loads(json.dumps(sampler_spec(artifacts.scheduler_config, manifest=artifacts.manifest)))
+
+
+def refresh_sampler_spec(folder: str | Path) -> bool:
+    """Rewrite only the manifest's sampler_spec of a built folder (after the runtime's schedulers changed),
+    without re-exporting anything; False if it was already current."""
+    artifacts = Artifacts.open(folder)
+    spec = current_sampler_spec(artifacts)
+    if spec == artifacts.manifest.sampler_spec:
+        return False
+    artifacts.manifest.sampler_spec = spec
+    artifacts.manifest.write(folder)
+    return True
 
 
 def check_profile_limits(profile: ShapeProfile) -> None:

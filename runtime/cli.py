@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--bf16", action="store_true",
         help="with --backend openvino: compute in bf16 where the CPU supports it (faster on CPUs with AMX; images within a few 8-bit levels)",
     )  # fmt: skip
-    s.add_argument("--spin", action="store_true", help="idle CPU threads spin-wait between operators (default: they sleep)")
+    s.add_argument("--spin", action="store_true", help="with --backend onnxruntime: idle CPU threads spin-wait between operators (default: they sleep)")
     s.add_argument(
         "--no-compile-cache", action="store_true",
         help="do not keep compiled graphs (--backend openvino) in ~/.cache/ldm-rt for the next run",
@@ -165,6 +165,8 @@ def sample(args: argparse.Namespace) -> int:
         raise CliError(f"--provider chooses an onnxruntime execution provider; drop it or use --backend onnxruntime (not {args.backend})")
     if args.bf16 and args.backend != "openvino":
         raise CliError(f"--bf16 needs --backend openvino (the {args.backend} backend computes in the artifacts' precision)")
+    if args.spin and args.backend != "onnxruntime":  # the others' thread pools decide their own waiting
+        raise CliError(f"--spin sets ONNX Runtime's thread pool and the {args.backend} backend ignores it; drop --spin or use --backend onnxruntime")
     pipe = Pipeline.load(
         args.model,
         backend=args.backend,

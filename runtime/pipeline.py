@@ -70,7 +70,7 @@ class NonFiniteError(GenerationError):
 @dataclass(frozen=True)
 class Result:
     images: np.ndarray  # (B, H, W, 3) uint8
-    params: dict[str, Any]  # what produced the images (GenerationParams + model hash, backend, precision)
+    params: dict[str, Any]  # what produced the images (GenerationParams + model hash, backend, precision, reduced_precision)
     timings: dict[str, Any] = field(default_factory=dict)  # seconds per stage; "unet" is a list per step
     latents: np.ndarray | None = None  # (B, C, h, w) final scaled latents, before decoding
 
@@ -134,11 +134,13 @@ class Pipeline:
         precision: str = "fp32",
         model_hash: str = "",
         artifacts: Artifacts | None = None,
+        reduced_precision: bool = False,
     ) -> None:
         """`components`: text_encoder (if the model has one), unet, vae_decoder, vae_encoder (img2img and
         inpainting), each with a `run` keyed by its contract's tensor names; `profile`: the batch and size
         ranges requests are checked against (its optimum is the default size); `model_hash`: what the image
-        metadata names as the model; `artifacts`: the folder they came from, if any (Pipeline.load)."""
+        metadata names as the model; `artifacts`: the folder they came from, if any (Pipeline.load);
+        `reduced_precision`: the components were opened with HostOptions.reduced_precision (recorded in params)."""
         self.components = MappingProxyType(dict(components))
         missing = sorted({"unet", "vae_decoder"} - set(self.components))
         if missing:
@@ -151,6 +153,7 @@ class Pipeline:
         self.profile = profile
         self.backend = backend
         self.precision = precision
+        self.reduced_precision = reduced_precision
         self.model_hash = model_hash
         self.artifacts = artifacts
         # Every scheduler that takes the model's schedule; the rest (pndm, lms under zero terminal SNR) fail
@@ -169,11 +172,13 @@ class Pipeline:
         self.inpainting_unet = cin == 2 * lc + 1
 
     @classmethod
-    def from_artifacts(cls, artifacts: Artifacts, components: Mapping[str, Component], backend: str, precision: str) -> Pipeline:
+    def from_artifacts(
+        cls, artifacts: Artifacts, components: Mapping[str, Component], backend: str, precision: str, reduced_precision: bool = False,
+    ) -> Pipeline:
         """The loop over `components` opened from `artifacts` (its tokenizer, scheduler, facts, profile and hash)."""
         return cls(
             components, artifacts.tokenizer, artifacts.scheduler_config, artifacts.manifest.facts, artifacts.manifest.profile,
-            backend=backend, precision=precision, model_hash=artifacts.model_hash, artifacts=artifacts,
+            backend=backend, precision=precision, model_hash=artifacts.model_hash, artifacts=artifacts, reduced_precision=reduced_precision,
         )
 
     @classmethod
@@ -203,7 +208,7 @@ class Pipeline:
         host = HostOptions(threads, spin, cache, reduced_precision)  # validated before anything is opened
         artifacts = Artifacts.open(artifacts_dir)
         components = open_components(backend, artifacts.root, artifacts.manifest, precision, providers, host)
-        return cls.from_artifacts(artifacts, components, backend, precision)
+        return cls.from_artifacts(artifacts, components, backend, precision, host.reduced_precision)
 
     def close(self) -> None:
         """Release what the components hold outside Python's memory (TensorRT: device buffers, streams, graphs)."""
@@ -308,6 +313,8 @@ class Pipeline:
             "model_hash": self.model_hash,
             "backend": self.backend,
             "precision": self.precision,
+            # Asked for (bf16 where the CPU has it; the backend warns when it computes in f32 instead).
+            "reduced_precision": self.reduced_precision,
             "mode": "inpaint" if mask is not None else "img2img" if init is not None else "txt2img",
         }
         if labels is not None:

@@ -54,6 +54,18 @@ def test_shipped_artifacts_are_portable_fp32_onnx_only():
     assert not (default_artifacts_dir() / "engines").exists()
 
 
+def test_shipped_sampler_spec_is_current():
+    """The manifest's sampler tables are what this runtime's schedulers compute (a new or changed scheduler
+    leaves them stale); refreshing them needs no re-export."""
+    from ldm_rt.export.build import current_sampler_spec
+
+    artifacts = Artifacts.open()
+    assert artifacts.manifest.sampler_spec == current_sampler_spec(artifacts), (
+        "the shipped manifest's sampler_spec is stale: run `python -c \"from ldm_rt.export.build import "
+        "refresh_sampler_spec; refresh_sampler_spec('engines/default/artifacts')\"` and commit it"
+    )
+
+
 def test_shipped_default_fits_the_size_budget():
     root = default_artifacts_dir().parent
     files = {p.relative_to(root).as_posix(): p.stat().st_size for p in root.rglob("*") if p.is_file()}

@@ -134,6 +134,9 @@ BAD_INPUTS = {
     "tensorrt-missing": (["--backend", "tensorrt"], "TensorRT/CUDA not found"),
     "fp16-not-built": (["--precision", "fp16"], "has no fp16"),
     "threads-zero": (["--threads", 0], "--threads must be at least 1, got 0"),
+    "spin-openvino": (["--backend", "openvino", "--spin"], "--spin sets ONNX Runtime's thread pool and the openvino backend ignores it; drop --spin"),
+    "spin-tensorrt": (["--backend", "tensorrt", "--spin"], "--spin sets ONNX Runtime's thread pool and the tensorrt backend ignores it; drop --spin"),
+    "spin-torch": (["--backend", "torch", "--spin"], "--spin sets ONNX Runtime's thread pool and the torch backend ignores it; drop --spin"),
     "rescale-too-large": (["--guidance-rescale", 2], "guidance_rescale must be in [0, 1]"),
 }
 

@@ -5,6 +5,7 @@ calls are safe; without the package, or asked for as an onnxruntime provider, on
 
 from __future__ import annotations
 
+import json
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
@@ -15,6 +16,7 @@ from test_runtime_fixtures import synthetic
 from ldm_rt.runtime.backends import base, openvino_backend
 from ldm_rt.runtime.backends.base import BackendError
 from ldm_rt.runtime.cli import main
+from ldm_rt.runtime.images import read_image_text
 from ldm_rt.runtime.pipeline import Pipeline
 
 try:
@@ -94,6 +96,17 @@ def test_bf16_where_the_cpu_lacks_it_computes_in_f32(caplog, tmp_path):
     config = openvino_backend.compile_config(NoBf16Core(), base.HostOptions(threads=2, compile_cache=tmp_path, reduced_precision=True))
     assert config == {"INFERENCE_NUM_THREADS": 2, "INFERENCE_PRECISION_HINT": "f32", "CACHE_DIR": str(tmp_path / "openvino")}
     assert "no bf16 support" in caplog.text
+
+
+@needs_openvino
+def test_bf16_is_recorded_in_the_image_parameters(tmp_path_factory, tmp_path, capsys):
+    model = synthetic(tmp_path_factory)[0]
+    for bf16, name in ((True, "bf16.png"), (False, "f32.png")):
+        code = main(["sample", "--model", str(model), "--backend", "openvino", "--no-compile-cache", "--steps", "2", "--seed", "1",
+                     "--out", str(tmp_path / name), *(["--bf16"] if bf16 else [])])
+        assert code == 0, capsys.readouterr().err
+        params = json.loads(read_image_text(tmp_path / name)["parameters"])
+        assert params["backend"] == "openvino" and params["reduced_precision"] is bf16
 
 
 @needs_openvino
