@@ -149,6 +149,9 @@ def test_spec_tables_are_the_schedulers_own_exactly():
     assert s["euler-a"]["runs"]["7"]["noise_steps"] == list(range(6))  # the last step (sigma 0) draws none
     assert s["ddpm"]["runs"]["7"]["noise_steps"] == list(range(7))  # steps_offset 1: t never reaches 0
     assert s["dpmpp-2m-karras"]["config_overrides"] == {"use_karras_sigmas": True}
+    assert s["dpmpp-2m-sde-karras"]["config_overrides"] == {"use_karras_sigmas": True, "algorithm_type": "sde-dpmsolver++"}
+    assert s["dpmpp-2m-sde"]["stochastic"] and s["dpmpp-2m-sde"]["runs"]["7"]["noise_steps"] == list(range(6))  # tail sigma 0: none
+    assert s["euler-karras"]["config_overrides"] == {"use_karras_sigmas": True} and not s["euler-karras"]["stochastic"]
     orders = s["dpmpp-2m"]["runs"]["7"]["step_orders"]
     assert orders[0] == 1 and orders[-1] == 1 and set(orders[1:-1]) == {2}
     # LMS: the Lagrange basis sums to 1, so each step's coefficients integrate to sigma_{i+1} - sigma_i.

@@ -43,7 +43,11 @@ DIFFUSERS_SCHEDULERS = {
     "ddpm": "DDPMScheduler",
     "unipc": "UniPCMultistepScheduler",
     "heun": "HeunDiscreteScheduler",
+    "euler-karras": "EulerDiscreteScheduler",
+    "dpmpp-2m-sde": "DPMSolverMultistepScheduler",
 }
+# What our name sets over the model's scheduler config, given to diffusers' from_config the same way.
+DIFFUSERS_OVERRIDES = {"euler-karras": {"use_karras_sigmas": True}, "dpmpp-2m-sde": {"algorithm_type": "sde-dpmsolver++"}}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -68,7 +72,8 @@ class Pair:
 
     def diffusers(self, scheduler="ddim", pipeline=None, **kwargs) -> np.ndarray:
         pipe = pipeline or self.pipe
-        pipe.scheduler = getattr(diffusers, DIFFUSERS_SCHEDULERS[scheduler]).from_config(self.scheduler_config)
+        config = {**self.scheduler_config, **DIFFUSERS_OVERRIDES.get(scheduler, {})}
+        pipe.scheduler = getattr(diffusers, DIFFUSERS_SCHEDULERS[scheduler]).from_config(config)
         return pipe(output_type="np", **kwargs).images  # (B, H, W, 3) float in [0, 1]
 
     def ours(self, **kwargs) -> np.ndarray:
@@ -107,12 +112,12 @@ def txt2img_args(latents, **over):
 # Schedulers whose parity case is also run with their closest relative (same sigmas, same order), which must
 # miss diffusers' image by more than NEAREST_MOVED: measured unipc vs dpmpp-2m 0.039 (v1) and 0.024 (v2), under
 # MOVED at 6 steps but 8x TOL; heun vs euler 0.29 and 0.18.
-NEAREST = {"unipc": "dpmpp-2m", "heun": "euler"}
+NEAREST = {"unipc": "dpmpp-2m", "heun": "euler", "euler-karras": "euler"}
 NEAREST_MOVED = 4 * TOL
 
 
 @pytest.mark.parametrize("variant", ["v1", "v2"])
-@pytest.mark.parametrize("scheduler", ["ddim", "euler", "dpmpp-2m", "pndm", "unipc", "heun"])
+@pytest.mark.parametrize("scheduler", ["ddim", "euler", "dpmpp-2m", "pndm", "unipc", "heun", "euler-karras"])
 def test_txt2img_matches_diffusers(variant, scheduler, request):
     pair = request.getfixturevalue(variant)  # v2: v-prediction, linear projections, "!" padding
     latents = noise((2, 4, SIZE // 2, SIZE // 2))
@@ -140,14 +145,18 @@ def test_batch_per_prompt_and_guidance_one(v1):
     assert max_diff(got, expected) < TOL
 
 
-@pytest.mark.parametrize("scheduler", ["euler-a", "ddpm"])
+@pytest.mark.parametrize("scheduler", ["euler-a", "ddpm", "dpmpp-2m-sde"])
 def test_stochastic_schedulers_draw_the_documented_noise(v1, scheduler, monkeypatch):
     """One numpy Generator: the initial latents first, then each step's noise. diffusers gets the same
     draws through its randn_tensor, so the two trajectories coincide."""
     seed = 7
     rng = np.random.default_rng(seed)
     latents = rng.standard_normal((1, 4, 16, 16), dtype=np.float32)
-    module = {"euler-a": diffusers.schedulers.scheduling_euler_ancestral_discrete, "ddpm": diffusers.schedulers.scheduling_ddpm}[scheduler]
+    module = {
+        "euler-a": diffusers.schedulers.scheduling_euler_ancestral_discrete,
+        "ddpm": diffusers.schedulers.scheduling_ddpm,
+        "dpmpp-2m-sde": diffusers.schedulers.scheduling_dpmsolver_multistep,  # draws on the last step too, after ours
+    }[scheduler]
     monkeypatch.setattr(module, "randn_tensor", lambda shape, **kw: torch.from_numpy(rng.standard_normal(tuple(shape), dtype=np.float32)))
     expected = v1.diffusers(scheduler, prompt=PROMPTS[0], negative_prompt=NEGATIVES[0], num_inference_steps=STEPS,
                             guidance_scale=7.5, latents=torch.from_numpy(latents), height=SIZE, width=SIZE)

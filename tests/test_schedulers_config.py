@@ -78,7 +78,7 @@ def test_round_trip_through_json():
         ({"beta_start": 0.5, "beta_end": 0.1}, "beta_start"),
         ({"trained_betas": [0.1, 0.2]}, "trained_betas"),
         ({"solver_order": 4}, "solver_order"),
-        ({"algorithm_type": "sde-dpmsolver++"}, "algorithm_type"),
+        ({"algorithm_type": "sde-dpmsolver"}, "algorithm_type"),  # deprecated in diffusers; its ++ form is supported
         ({"interpolation_type": "log_linear"}, "interpolation_type"),
         ({"final_sigmas_type": "one"}, "final_sigmas_type"),
         ({"variance_type": "fixed_large_log"}, "variance_type"),
@@ -120,7 +120,10 @@ def test_unreadable_json_raises(tmp_path):
 
 # ---- registry ------------------------------------------------------------------------------------------------
 def test_registry_names_and_diffusers_classes():
-    assert set(SCHEDULERS) == {"ddpm", "ddim", "euler", "euler-a", "dpmpp-2m", "dpmpp-2m-karras", "pndm", "lms", "unipc", "heun"}
+    assert set(SCHEDULERS) == {
+        "ddpm", "ddim", "euler", "euler-karras", "euler-a", "dpmpp-2m", "dpmpp-2m-karras", "dpmpp-2m-sde",
+        "dpmpp-2m-sde-karras", "pndm", "lms", "unipc", "heun",
+    }  # fmt: skip
     for name in SCHEDULERS:
         scheduler = make_scheduler(name)
         assert scheduler.name == name
@@ -135,6 +138,20 @@ def test_dpmpp_names_fix_order_and_karras():
     karras = make_scheduler("dpmpp-2m-karras")
     assert karras.config.use_karras_sigmas and karras.name == "dpmpp-2m-karras"
     assert DPMSolverMultistepScheduler(karras_config).name == "dpmpp-3m-karras"
+    # The SDE names fix the algorithm too; the ODE names undo an SDE model config (as they undo Karras).
+    sde_config = SchedulerConfig(algorithm_type="sde-dpmsolver++", solver_order=3)
+    assert make_scheduler("dpmpp-2m", sde_config).config.algorithm_type == "dpmsolver++"
+    sde = make_scheduler("dpmpp-2m-sde-karras")
+    assert sde.config.algorithm_type == "sde-dpmsolver++" and sde.config.use_karras_sigmas and sde.is_stochastic
+    assert DPMSolverMultistepScheduler(sde_config).name == "dpmpp-3m-sde"
+
+
+def test_euler_names_fix_karras():
+    assert not make_scheduler("euler", SchedulerConfig(use_karras_sigmas=True)).config.use_karras_sigmas
+    karras = make_scheduler("euler-karras")
+    assert karras.config.use_karras_sigmas and karras.name == "euler-karras"
+    ramp = karras.set_timesteps(6).sigmas[:-1].astype(np.float64) ** (1 / 7)  # Karras et al. eq. 5: linear in sigma^(1/rho)
+    assert np.allclose(np.diff(ramp), np.diff(ramp)[0], rtol=1e-4)
 
 
 def test_scheduler_from_diffusers_json(tmp_path):

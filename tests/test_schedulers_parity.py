@@ -74,7 +74,7 @@ def feed(monkeypatch):
         assert tuple(shape) == noise.current.shape
         return torch.from_numpy(noise.current.copy()).to(dtype or torch.float32)
 
-    for module in ("scheduling_ddpm", "scheduling_ddim", "scheduling_euler_ancestral_discrete"):
+    for module in ("scheduling_ddpm", "scheduling_ddim", "scheduling_euler_ancestral_discrete", "scheduling_dpmsolver_multistep"):
         module = importlib.import_module(f"diffusers.schedulers.{module}")
         monkeypatch.setattr(module, "randn_tensor", fake_randn_tensor)
     return noise
@@ -223,6 +223,16 @@ EXTRA_CASES = {
     "unipc-sample": ("unipc", dict(SD1, prediction_type="sample"), {}),
     "unipc-disable-corrector": ("unipc", dict(SD1, disable_corrector=[0, 1, 3]), {}),
     "unipc-thresholding": ("unipc", dict(SD1, thresholding=True, sample_max_value=2.0), {}),
+    "dpmpp-2m-sde": ("dpm", dict(SD1, algorithm_type="sde-dpmsolver++"), {}),
+    "dpmpp-2m-sde-karras": ("dpm", dict(SD1, algorithm_type="sde-dpmsolver++", use_karras_sigmas=True), {}),
+    "dpmpp-2m-sde-v-trailing": ("dpm", dict(PRESETS["sd2-v-trailing"], algorithm_type="sde-dpmsolver++"), {}),
+    "dpmpp-2m-sde-heun": ("dpm", dict(SD1, algorithm_type="sde-dpmsolver++", solver_type="heun"), {}),
+    "dpmpp-1-sde": ("dpm", dict(SD1, algorithm_type="sde-dpmsolver++", solver_order=1), {}),
+    "dpmpp-3m-sde": ("dpm", dict(SD1, algorithm_type="sde-dpmsolver++", solver_order=3), {}),
+    "dpmpp-3m-sde-sigma-min": (  # the last step keeps noise: sigma_min tail, no lower order there
+        "dpm", dict(SD1, algorithm_type="sde-dpmsolver++", solver_order=3, final_sigmas_type="sigma_min", lower_order_final=False), {}
+    ),
+    "dpmpp-2m-sde-sample": ("dpm", dict(SD1, algorithm_type="sde-dpmsolver++", prediction_type="sample"), {}),
 }
 
 
@@ -238,23 +248,27 @@ ZERO_SNR = dict(SD1, prediction_type="v_prediction", timestep_spacing="trailing"
 
 
 @pytest.mark.parametrize("n", (1, 7, 25))
-@pytest.mark.parametrize("kind", ["ddpm", "ddim", "euler", "euler-a", "dpm", "unipc"])
+@pytest.mark.parametrize("kind", ["ddpm", "ddim", "euler", "euler-a", "dpm", "unipc", "dpm-sde"])
 def test_zero_terminal_snr_matches_diffusers(kind, n, feed):
     # sigma_T = 4096 here: diffusers' float32 Euler step cancels ~1e-4 of a 4096-sized sample, so compare
     # step by step from diffusers' own samples instead of along two free-running trajectories.
-    run_trajectory(kind, ZERO_SNR, n, feed, teacher_forcing=True)
+    config = dict(ZERO_SNR, algorithm_type="sde-dpmsolver++") if kind == "dpm-sde" else ZERO_SNR
+    run_trajectory(kind.removesuffix("-sde"), config, n, feed, teacher_forcing=True)
 
 
 # ---- img2img: with_strength + add_noise ----------------------------------------------------------------
 STRENGTH_CASES = [
     (kind, preset) for kind in CLASSES for preset in ("sd1", "linear-defaults")
-] + [("dpm", "karras"), ("euler", "karras"), ("lms", "karras"), ("unipc", "karras"), ("heun", "karras")]
+] + [("dpm", "karras"), ("euler", "karras"), ("lms", "karras"), ("unipc", "karras"), ("heun", "karras"), ("dpm", "sde-karras")]
 
 
 @pytest.mark.parametrize("n,strength", [(7, 0.5), (25, 0.8), (10, 1.0)])
 @pytest.mark.parametrize("kind,preset", STRENGTH_CASES, ids=[f"{k}-{p}" for k, p in STRENGTH_CASES])
 def test_img2img_matches_diffusers(kind, preset, n, strength, feed):
-    config = dict(SD1, use_karras_sigmas=True) if preset == "karras" else PRESETS[preset]
+    if preset == "sde-karras":
+        config = dict(SD1, use_karras_sigmas=True, algorithm_type="sde-dpmsolver++")
+    else:
+        config = dict(SD1, use_karras_sigmas=True) if preset == "karras" else PRESETS[preset]
     run_trajectory(kind, config, n, feed, strength=strength)
 
 

@@ -19,8 +19,8 @@ from ldm_rt.runtime.schedulers.config import train_sigmas
 
 NAMES = sorted(SCHEDULERS)
 VARIANTS = {name: (name, {}) for name in NAMES} | {"ddim-eta": ("ddim", {"eta": 0.7})}
-STOCHASTIC = ("ddpm", "euler-a", "ddim-eta")
-MULTISTEP = ("dpmpp-2m", "dpmpp-2m-karras", "pndm", "lms", "unipc", "heun")
+STOCHASTIC = ("ddpm", "euler-a", "ddim-eta", "dpmpp-2m-sde", "dpmpp-2m-sde-karras")
+MULTISTEP = ("dpmpp-2m", "dpmpp-2m-karras", "dpmpp-2m-sde", "dpmpp-2m-sde-karras", "pndm", "lms", "unipc", "heun")
 SHAPE = (2, 4, 8, 8)
 
 
@@ -84,7 +84,7 @@ def test_timesteps_decrease_and_count(name, n, spacing):
         assert np.sum(np.diff(t) == 0) == (1 if n > 1 else 0)
     else:
         assert len(t) == n
-        if name != "dpmpp-2m-karras":  # diffusers rounds Karras timesteps: the tail repeats 0, 1, ...
+        if not (name.startswith("dpmpp") and name.endswith("-karras")):  # diffusers rounds these Karras timesteps: the tail repeats 0, 1, ...
             assert np.all(np.diff(t) < 0)
 
 
@@ -133,6 +133,13 @@ def test_unipc_of_every_order_and_b_h_recovers_x0_with_the_oracle_model(order, s
 def test_unipc_warns_below_the_steps_measured_sound_on_a_zero_terminal_snr_schedule():
     assert make_scheduler("unipc", SchedulerConfig(rescale_betas_zero_snr=True)).fewest_sound_steps == 12
     assert make_scheduler("unipc", SchedulerConfig()).fewest_sound_steps == 0
+
+
+
+@pytest.mark.parametrize("name, fewest", [("euler-karras", 15), ("dpmpp-2m-sde", 15), ("dpmpp-2m-sde-karras", 40), ("euler", 0)])
+def test_karras_and_sde_warn_below_the_steps_measured_sound_on_a_zero_terminal_snr_schedule(name, fewest):
+    assert make_scheduler(name, SchedulerConfig(rescale_betas_zero_snr=True)).fewest_sound_steps == fewest
+    assert make_scheduler(name, SchedulerConfig()).fewest_sound_steps == 0
 
 
 ZERO_SNR = SchedulerConfig(rescale_betas_zero_snr=True, timestep_spacing="trailing", prediction_type="v_prediction", set_alpha_to_one=True)
@@ -282,9 +289,9 @@ def test_step_index_out_of_range(name):
 def test_multistep_runs_must_step_in_order(name):
     run = make_scheduler(name).set_timesteps(10)
     x = np.zeros(SHAPE, np.float32)
-    run.step(x, 0, x)
+    run.step(x, 0, x, noise=x)  # noise: the SDE solvers draw some
     with pytest.raises(SchedulerStepError) as e:
-        run.step(x, 2, x)
+        run.step(x, 2, x, noise=x)
     assert "in order" in one_line(e)
 
 

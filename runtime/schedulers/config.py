@@ -29,6 +29,7 @@ FINAL_SIGMAS_TYPES = ("zero", "sigma_min")
 # DPM-Solver++'s second-order update (midpoint | heun) and UniPC's B(h) (bh1 | bh2); as diffusers, each class
 # reads the other's values (and "logrho") as its own default, so one config swaps between them.
 SOLVER_TYPES = ("midpoint", "heun", "logrho", "bh1", "bh2")
+ALGORITHM_TYPES = ("dpmsolver++", "sde-dpmsolver++")  # DPM-Solver++ in data prediction: ODE or SDE
 
 # diffusers options we do not implement, with the value that makes them a no-op. A JSON that sets one
 # of them to anything else is refused instead of being silently sampled differently.
@@ -104,6 +105,8 @@ class SchedulerConfig:
     sigma_max: float | None = None
     final_sigmas_type: str = "zero"  # Euler/DPM: the sigma after the last step, 0 or sigma_min
     solver_order: int = 2  # DPM-Solver++: 1, 2 (2M) or 3 (3M); UniPC: 1, 2 or 3
+    # DPM-Solver++: the ODE solver (dpmsolver++) or its SDE variant (sde-dpmsolver++, stochastic: Lu et al.
+    # 2022, Sec. 5 / Appendix; diffusers' "DPM++ 2M SDE")
     algorithm_type: str = "dpmsolver++"
     solver_type: str = "midpoint"  # DPM-Solver++ second-order update: midpoint | heun; UniPC: bh1 | bh2
     lower_order_final: bool = True  # DPM: lower order for the last steps when there are fewer than 15; UniPC: always
@@ -129,7 +132,7 @@ class SchedulerConfig:
         _check_choice("variance_type", self.variance_type, VARIANCE_TYPES)
         _check_choice("final_sigmas_type", self.final_sigmas_type, FINAL_SIGMAS_TYPES)
         _check_choice("interpolation_type", self.interpolation_type, ("linear",))
-        _check_choice("algorithm_type", self.algorithm_type, ("dpmsolver++",))
+        _check_choice("algorithm_type", self.algorithm_type, ALGORITHM_TYPES)
         _check_choice("solver_type", self.solver_type, SOLVER_TYPES)
         _check_choice("solver_order", self.solver_order, (1, 2, 3))
         if self.num_train_timesteps < 2:

@@ -13,9 +13,19 @@ from .sigmas import discrete_sigmas
 class EulerScheduler(Scheduler):
     """Deterministic Euler steps in sigma; optional Karras sigmas and a sigma_min tail."""
 
-    name = "euler"
     diffusers_class = "EulerDiscreteScheduler"
     terminal_alpha_bar_floor = True
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        return "euler-karras" if self.config.use_karras_sigmas else "euler"
+
+    @property
+    def fewest_sound_steps(self) -> int:
+        # Karras sigmas from the zero-SNR floor (sigma_T = 4096). Measured on the shipped default model against
+        # 100-step DDIM, images more than 10 levels off on average: 6 of 24 at 6 steps, 3 at 8, 4 at 10, none
+        # at 15 to 50 (plain Euler: none of 24 at 6).
+        return 15 if self.config.use_karras_sigmas and self.config.rescale_betas_zero_snr else 0
 
     def _make_run(self, num_inference_steps: int) -> EulerRun:
         c = self.config

@@ -22,12 +22,19 @@ from .pndm import PNDMScheduler
 from .unipc import UniPCMultistepScheduler
 
 
-def _dpmpp_2m(karras: bool) -> Callable[..., Scheduler]:
+def _fixed(cls: type[Scheduler], **fields: Any) -> Callable[..., Scheduler]:
+    """A factory of `cls` with `fields` set over the model's config (the name fixes them)."""
+
     def make(config: SchedulerConfig | None = None) -> Scheduler:
         config = SchedulerConfig() if config is None else config
-        return DPMSolverMultistepScheduler(dataclasses.replace(config, solver_order=2, use_karras_sigmas=karras))
+        return cls(dataclasses.replace(config, **fields))
 
     return make
+
+
+def _dpmpp_2m(karras: bool, sde: bool = False) -> Callable[..., Scheduler]:
+    algorithm = "sde-dpmsolver++" if sde else "dpmsolver++"
+    return _fixed(DPMSolverMultistepScheduler, solver_order=2, use_karras_sigmas=karras, algorithm_type=algorithm)
 
 
 # CLI name -> factory(config, **options); OPTIONS lists the keyword options a name accepts.
@@ -36,10 +43,13 @@ _CLASS_OPTIONS: dict[str, tuple[str, ...]] = {"DDIMScheduler": ("eta",)}
 SCHEDULERS: dict[str, Callable[..., Scheduler]] = {
     "ddpm": DDPMScheduler,
     "ddim": DDIMScheduler,
-    "euler": EulerScheduler,
+    "euler": _fixed(EulerScheduler, use_karras_sigmas=False),
+    "euler-karras": _fixed(EulerScheduler, use_karras_sigmas=True),
     "euler-a": EulerAncestralScheduler,
     "dpmpp-2m": _dpmpp_2m(karras=False),
     "dpmpp-2m-karras": _dpmpp_2m(karras=True),
+    "dpmpp-2m-sde": _dpmpp_2m(karras=False, sde=True),
+    "dpmpp-2m-sde-karras": _dpmpp_2m(karras=True, sde=True),
     "pndm": PNDMScheduler,
     "lms": LMSScheduler,
     "unipc": UniPCMultistepScheduler,
