@@ -58,10 +58,14 @@ class UNetConfig(_JsonConfig):
     num_res_blocks: int = 2
     # Downsampling factors (1, 2, 4, ...) at which SpatialTransformer blocks are used, as in the LDM YAML.
     attention_resolutions: tuple[int, ...] = (4, 2, 1)
-    # Exactly one of num_heads / num_head_channels is used: SD v1 fixes heads (8), SD v2 fixes head width (64).
-    num_heads: int = 8
+    # Exactly one of num_heads / num_head_channels is used: SD v1 fixes heads (8), SD v2 and SDXL fix head
+    # width (64). num_heads may also be one head count per level (a diffusers `attention_head_dim` list that
+    # fixes neither); the middle block uses the last level's.
+    num_heads: int | tuple[int, ...] = 8
     num_head_channels: int = -1
-    transformer_depth: int = 1
+    # SpatialTransformer blocks per transformer: one value, or one per level (SDXL: (1, 2, 10); a level
+    # without attention ignores its value). The middle block uses the last level's, as diffusers does.
+    transformer_depth: int | tuple[int, ...] = 1
     context_dim: int | None = 768  # None: no cross-attention (unconditional or class/concat-only model)
     use_linear_in_transformer: bool = False  # SD v2 projects in/out of the transformer with Linear, v1 with 1x1 conv
     num_classes: int | None = None  # class-label embedding added to the time embedding
@@ -71,12 +75,40 @@ class UNetConfig(_JsonConfig):
     # GroupNorm groups of every ResBlock/SpatialTransformer (diffusers' name). SD uses 32; a narrow UNet
     # wants fewer: with 32 channels, 32 groups is per-channel normalisation, which erases absolute colour.
     norm_num_groups: int = 32
+    # SDXL's added conditioning (sgm `num_classes: sequential` + `adm_in_channels`; diffusers
+    # `addition_embed_type="text_time"`): y = [pooled text embeds, sinusoidal embedding of each time id]
+    # of width adm_in_channels, through label_emb (Linear, SiLU, Linear), added to the time embedding.
+    adm_in_channels: int | None = None
+    addition_time_embed_dim: int = 256  # width of each time id's embedding (SDXL: 256); used with adm_in_channels
 
     def __post_init__(self) -> None:
-        if self.num_heads <= 0 and self.num_head_channels <= 0:
-            raise ConfigError("UNetConfig: set num_heads > 0 or num_head_channels > 0")
         if not self.channel_mult:
             raise ConfigError("UNetConfig: channel_mult must not be empty")
+        levels = len(self.channel_mult)
+        for name in ("num_heads", "transformer_depth"):
+            value = getattr(self, name)
+            if isinstance(value, tuple) and len(value) != levels:
+                raise ConfigError(
+                    f"UNetConfig: {name}={value} needs one value per level ({levels}, as channel_mult)"
+                )
+        if isinstance(self.num_heads, tuple):
+            if self.num_head_channels > 0 or min(self.num_heads) < 1:
+                raise ConfigError(
+                    "UNetConfig: per-level num_heads must all be > 0, with num_head_channels = -1"
+                )
+        elif self.num_heads <= 0 and self.num_head_channels <= 0:
+            raise ConfigError("UNetConfig: set num_heads > 0 or num_head_channels > 0")
+        used = {level for level in range(levels) if 2**level in self.attention_resolutions} | {levels - 1}
+        if any(self.depth_for(level) < 1 for level in used):
+            raise ConfigError(
+                f"UNetConfig: transformer_depth={self.transformer_depth} must be >= 1 at every level with "
+                "attention and at the last level (the middle block)"
+            )
+        if self.adm_in_channels is not None:
+            if self.num_classes is not None:
+                raise ConfigError("UNetConfig: num_classes and adm_in_channels both use label_emb; set one of them")
+            if self.adm_in_channels < 1 or self.addition_time_embed_dim < 1:
+                raise ConfigError("UNetConfig: adm_in_channels and addition_time_embed_dim must be >= 1")
         if self.norm_num_groups < 1 or self.model_channels % self.norm_num_groups:
             raise ConfigError(
                 f"UNetConfig: model_channels ({self.model_channels}) must be a multiple of norm_num_groups "
@@ -90,11 +122,17 @@ class UNetConfig(_JsonConfig):
         """How much smaller the innermost feature map is than the input; sizes must divide by it."""
         return 2 ** (len(self.channel_mult) - 1)
 
-    def heads_for(self, channels: int) -> tuple[int, int]:
-        """(heads, head_dim) of a SpatialTransformer with `channels` channels."""
+    def heads_for(self, channels: int, level: int) -> tuple[int, int]:
+        """(heads, head_dim) of a SpatialTransformer with `channels` channels at `level` (0 = full size)."""
         if self.num_head_channels > 0:
             return channels // self.num_head_channels, self.num_head_channels
-        return self.num_heads, channels // self.num_heads
+        heads = self.num_heads[level] if isinstance(self.num_heads, tuple) else self.num_heads
+        return heads, channels // heads
+
+    def depth_for(self, level: int) -> int:
+        """Transformer blocks per SpatialTransformer at `level`."""
+        depth = self.transformer_depth
+        return depth[level] if isinstance(depth, tuple) else depth
 
 
 @dataclass(frozen=True)
@@ -170,6 +208,13 @@ class LDMConfig(_JsonConfig):
     conditioning: str = "crossattn"
 
     def __post_init__(self) -> None:
+        if self.unet.adm_in_channels is not None:
+            # Checked first: a one-encoder SDXL folder would otherwise fail on a context-width mismatch.
+            raise ConfigError(
+                "LDMConfig: this UNet takes SDXL's added conditioning (pooled text embeds and size/crop time ids), "
+                "which the ldm-rt model (one text encoder, no micro-conditioning) cannot supply yet; only the UNet "
+                "itself loads (reference.keymap_unet)"
+            )
         if self.conditioning not in ("crossattn", "concat", "hybrid", "class", "none"):
             raise ConfigError(f"LDMConfig.conditioning: unknown {self.conditioning!r}")
         if self.conditioning in ("crossattn", "hybrid") and self.unet.context_dim is None:

@@ -25,7 +25,6 @@ logger = logging.getLogger(__name__)
 _TOP_LEVEL = {
     "time_embed.0": "time_embedding.linear_1",
     "time_embed.2": "time_embedding.linear_2",
-    "label_emb": "class_embedding",
     "input_blocks.0.0": "conv_in",
     "out.0": "conv_norm_out",
     "out.2": "conv_out",
@@ -57,8 +56,6 @@ _DIFFUSERS_DEFAULTS: dict[str, Any] = {
     "num_attention_heads": None,
     "dual_cross_attention": False,
     "class_embed_type": None,
-    "addition_embed_type": None,
-    "addition_time_embed_dim": None,
     "resnet_time_scale_shift": "default",
     "resnet_skip_time_act": False,
     "resnet_out_scale_factor": 1.0,
@@ -69,7 +66,6 @@ _DIFFUSERS_DEFAULTS: dict[str, Any] = {
     "time_cond_proj_dim": None,
     "conv_in_kernel": 3,
     "conv_out_kernel": 3,
-    "projection_class_embeddings_input_dim": None,
     "attention_type": "default",
     "class_embeddings_concat": False,
     "mid_block_only_cross_attention": None,
@@ -80,7 +76,8 @@ _DIFFUSERS_READ = {
     "sample_size", "in_channels", "out_channels", "down_block_types", "up_block_types", "block_out_channels",
     "layers_per_block", "norm_num_groups", "cross_attention_dim", "transformer_layers_per_block",
     "attention_head_dim", "use_linear_projection", "num_class_embeds", "upcast_attention", "dropout",
-    "addition_embed_type_num_heads",  # only used by addition_embed_type, which we reject
+    "addition_embed_type", "addition_time_embed_dim", "projection_class_embeddings_input_dim",
+    "addition_embed_type_num_heads",  # only used by addition_embed_type "text"/"text_image", which we reject
 }
 _DOWN_TYPES = {"DownBlock2D": False, "CrossAttnDownBlock2D": True}  # -> has attention
 _UP_TYPES = {"UpBlock2D": False, "CrossAttnUpBlock2D": True}
@@ -96,12 +93,15 @@ def _one_value(cfg: Mapping[str, Any], name: str, default: Any, n: int) -> Any:
     return value
 
 
-def _heads(cfg: Mapping[str, Any], widths: list[int], attn_levels: list[int]) -> tuple[int, int]:
+def _heads(
+    cfg: Mapping[str, Any], widths: list[int], attn_levels: list[int]
+) -> tuple[int | tuple[int, ...], int]:
     """(num_heads, num_head_channels) from diffusers' `attention_head_dim`.
 
     diffusers reads `attention_head_dim` as the number of heads per level (a historical misnomer, see its
     UNet2DConditionModel.__init__ and diffusers issue #2011): SD v1 has 8 (fixed heads), SD v2 has
-    [5, 10, 20, 20] (fixed head width 64). The mid block uses the last level's value.
+    [5, 10, 20, 20] and SDXL [5, 10, 20] (fixed head width 64). The mid block uses the last level's value.
+    A layout that fixes neither becomes one head count per level.
     """
     raw = cfg.get("attention_head_dim", 8)
     per_level = list(raw) if isinstance(raw, (list, tuple)) else [raw] * len(widths)
@@ -116,14 +116,43 @@ def _heads(cfg: Mapping[str, Any], widths: list[int], attn_levels: list[int]) ->
     head_dims = {widths[i] // per_level[i] for i in used}
     if len(head_dims) == 1:
         return -1, head_dims.pop()
-    raise ConfigError(
-        f"diffusers UNet config: attention_head_dim={raw} fixes neither the head count nor the head width; "
-        "ldm-rt supports one of the two (SD v1 or SD v2 style)"
-    )
+    return tuple(per_level), -1
+
+
+def _per_level(cfg: Mapping[str, Any], name: str, default: int, n: int) -> int | tuple[int, ...]:
+    """A per-level diffusers option held as one int when all levels agree, else as a tuple of n ints."""
+    value = cfg.get(name, default)
+    if isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise ConfigError(f"diffusers UNet config: {name}={value} needs one value per block ({n})")
+        return value[0] if len(set(value)) == 1 else tuple(value)
+    return value
+
+
+def _added_conditioning(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """UNetConfig fields of diffusers' added conditioning: none, or SDXL's "text_time"."""
+    kind = cfg.get("addition_embed_type")
+    if kind is None:
+        return {}  # diffusers ignores the two widths then
+    if kind != "text_time":
+        raise ConfigError(
+            f"diffusers UNet config: addition_embed_type={kind!r} is not supported by the reference UNet "
+            "(only None, as in SD 1.x/2.x, or 'text_time', as in SDXL)"
+        )
+    fields = {}
+    for ours, theirs in (
+        ("adm_in_channels", "projection_class_embeddings_input_dim"),
+        ("addition_time_embed_dim", "addition_time_embed_dim"),
+    ):
+        value = cfg.get(theirs)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"diffusers UNet config: addition_embed_type 'text_time' needs {theirs} > 0, got {value!r}")
+        fields[ours] = value
+    return fields
 
 
 def unet_config_from_diffusers(cfg: Mapping[str, Any]) -> UNetConfig:
-    """UNetConfig from a diffusers `unet/config.json` dict of an SD-family UNet2DConditionModel."""
+    """UNetConfig from a diffusers `unet/config.json` dict of an SD 1.x/2.x or SDXL UNet2DConditionModel."""
     name = cfg.get("_class_name", "UNet2DConditionModel")
     if name != "UNet2DConditionModel":
         raise ConfigError(
@@ -133,7 +162,7 @@ def unet_config_from_diffusers(cfg: Mapping[str, Any]) -> UNetConfig:
         if key in cfg and cfg[key] != default:
             raise ConfigError(
                 f"diffusers UNet config: {key}={cfg[key]!r} is not supported by the reference UNet "
-                f"(only {default!r}, as in Stable Diffusion 1.x/2.x)"
+                f"(only {default!r}, as in Stable Diffusion 1.x/2.x and SDXL)"
             )
     known = _DIFFUSERS_DEFAULTS.keys() | _DIFFUSERS_READ
     unknown = sorted(k for k in cfg if not k.startswith("_") and k not in known)
@@ -166,13 +195,14 @@ def unet_config_from_diffusers(cfg: Mapping[str, Any]) -> UNetConfig:
         attention_resolutions=tuple(2**i for i in reversed(attn_levels)),  # YAML order: (4, 2, 1)
         num_heads=num_heads,
         num_head_channels=num_head_channels,
-        transformer_depth=_one_value(cfg, "transformer_layers_per_block", 1, len(widths)),
+        transformer_depth=_per_level(cfg, "transformer_layers_per_block", 1, len(widths)),
         context_dim=_one_value(cfg, "cross_attention_dim", 1280, len(widths)),
         use_linear_in_transformer=bool(cfg.get("use_linear_projection", False)),
         num_classes=cfg.get("num_class_embeds"),
         dropout=float(cfg.get("dropout", 0.0)),
         upcast_attention=bool(cfg.get("upcast_attention", False)),
         norm_num_groups=int(cfg.get("norm_num_groups", 32)),
+        **_added_conditioning(cfg),
     )
 
 
@@ -181,6 +211,10 @@ def _module_prefixes(config: UNetConfig) -> list[tuple[str, str, bool]]:
     n = config.num_res_blocks
     levels = len(config.channel_mult)
     out: list[tuple[str, str, bool]] = [(o, d, False) for o, d in _TOP_LEVEL.items()]
+    if config.num_classes is not None:
+        out.append(("label_emb", "class_embedding", False))
+    elif config.adm_in_channels is not None:  # sgm's nested Sequential vs diffusers' TimestepEmbedding
+        out += [("label_emb.0.0", "add_embedding.linear_1", False), ("label_emb.0.2", "add_embedding.linear_2", False)]
     for i in range(levels):
         has_attn = 2**i in config.attention_resolutions
         for j in range(n):

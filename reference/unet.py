@@ -3,7 +3,9 @@
 LDM paper (Rombach et al., CVPR 2022), Sec. 3.3 and Appendix; the layout is the original
 `ldm/modules/diffusionmodules/openaimodel.py` (after Dhariwal & Nichol 2021), restricted to what the
 Stable Diffusion family uses: no scale-shift norm, convolutional resampling, SpatialTransformer attention.
-Attribute names reproduce the SD checkpoint keys (`model.diffusion_model.` stripped), so an SD
+SDXL's additions follow Stability's `sgm/modules/diffusionmodules/openaimodel.py` (Podell et al. 2023):
+per-level transformer depth and a vector condition (pooled text embeds + embedded size/crop time ids)
+added to the time embedding. Attribute names reproduce the SD checkpoint keys (`model.diffusion_model.` stripped), so an SD
 state dict loads without renaming.
 """
 
@@ -129,17 +131,24 @@ class UNetModel(nn.Module):
             nn.Linear(c.model_channels, time_embed_dim), nn.SiLU(), nn.Linear(time_embed_dim, time_embed_dim)
         )
         if c.num_classes is not None:
-            self.label_emb = nn.Embedding(c.num_classes, time_embed_dim)
+            self.label_emb: nn.Module = nn.Embedding(c.num_classes, time_embed_dim)
+        elif c.adm_in_channels is not None:
+            # Nested as in sgm's openaimodel (`label_emb.0.0`, `label_emb.0.2`), so SDXL keys load unrenamed.
+            self.label_emb = nn.Sequential(
+                nn.Sequential(
+                    nn.Linear(c.adm_in_channels, time_embed_dim), nn.SiLU(), nn.Linear(time_embed_dim, time_embed_dim)
+                )
+            )
 
-        def transformer(ch: int) -> SpatialTransformer:
-            heads, dim_head = c.heads_for(ch)
+        def transformer(ch: int, level: int) -> SpatialTransformer:
+            heads, dim_head = c.heads_for(ch, level)
             if heads < 1 or heads * dim_head != ch:
                 raise ConfigError(
                     f"UNetConfig: {ch} channels do not split into heads (num_heads={c.num_heads}, "
                     f"num_head_channels={c.num_head_channels}); pick values that divide every level's width"
                 )
             return SpatialTransformer(
-                ch, heads, dim_head, c.transformer_depth, c.context_dim, c.use_linear_in_transformer,
+                ch, heads, dim_head, c.depth_for(level), c.context_dim, c.use_linear_in_transformer,
                 c.dropout, c.upcast_attention, c.norm_num_groups,
             )
 
@@ -157,7 +166,7 @@ class UNetModel(nn.Module):
                 layers: list[nn.Module] = [resblock(ch, mult * c.model_channels)]
                 ch = mult * c.model_channels
                 if ds in c.attention_resolutions:
-                    layers.append(transformer(ch))
+                    layers.append(transformer(ch, level))
                 self.input_blocks.append(TimestepEmbedSequential(*layers))
                 skip_channels.append(ch)
             if level != len(c.channel_mult) - 1:
@@ -166,7 +175,7 @@ class UNetModel(nn.Module):
                 ds *= 2
 
         self.middle_block = TimestepEmbedSequential(
-            resblock(ch, ch), transformer(ch), resblock(ch, ch)
+            resblock(ch, ch), transformer(ch, len(c.channel_mult) - 1), resblock(ch, ch)
         )
 
         self.output_blocks = nn.ModuleList()
@@ -176,7 +185,7 @@ class UNetModel(nn.Module):
                 layers = [resblock(ch + skip, c.model_channels * mult)]
                 ch = c.model_channels * mult
                 if ds in c.attention_resolutions:
-                    layers.append(transformer(ch))
+                    layers.append(transformer(ch, level))
                 if level and i == c.num_res_blocks:
                     layers.append(Upsample(ch))
                     ds //= 2
@@ -188,10 +197,34 @@ class UNetModel(nn.Module):
             nn.Conv2d(c.model_channels, c.out_channels, 3, padding=1),
         )
 
+    def added_condition(self, text_embeds: torch.Tensor, time_ids: torch.Tensor) -> torch.Tensor:
+        """SDXL's vector condition y: (B, P) pooled text embeds and (B, N) time ids -> (B, P + N * D).
+
+        Each time id gets the same sinusoidal embedding as a timestep (D = addition_time_embed_dim);
+        sgm computes it in its conditioner (ConcatTimestepEmbedderND), diffusers in the UNet (add_time_proj).
+        """
+        b = text_embeds.shape[0]
+        ids = timestep_embedding(time_ids.reshape(-1), self.config.addition_time_embed_dim)  # (B*N, D)
+        return torch.cat([text_embeds, ids.reshape(b, -1).to(text_embeds.dtype)], dim=-1)  # (B, P + N*D)
+
     def _check_inputs(
-        self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None, y: torch.Tensor | None
+        self,
+        x: torch.Tensor,
+        timesteps: torch.Tensor,
+        context: torch.Tensor | None,
+        y: torch.Tensor | None,
+        text_embeds: torch.Tensor | None,
+        time_ids: torch.Tensor | None,
     ) -> None:
         c = self.config
+        added = text_embeds is not None or time_ids is not None
+        if c.adm_in_channels is not None and (text_embeds is None or time_ids is None):
+            raise UNetInputError(
+                f"UNetModel: config.adm_in_channels={c.adm_in_channels} (SDXL added conditioning), so pass "
+                "text_embeds (B, P) (the pooled text embedding) and time_ids (B, N) (size and crop micro-conditioning)"
+            )
+        if c.adm_in_channels is None and added:
+            raise UNetInputError("UNetModel: got text_embeds/time_ids but config.adm_in_channels is None; drop them")
         if c.num_classes is not None and y is None:
             raise UNetInputError(f"UNetModel: config.num_classes={c.num_classes}, so pass class labels y of shape (B,)")
         if c.num_classes is None and y is not None:
@@ -220,6 +253,16 @@ class UNetModel(nn.Module):
             raise UNetInputError(
                 f"UNetModel: context must be (B, T, {c.context_dim}), got {tuple(context.shape)}"
             )
+        if text_embeds is not None and time_ids is not None:
+            b, d = x.shape[0], c.addition_time_embed_dim
+            if (
+                text_embeds.ndim != 2 or time_ids.ndim != 2 or text_embeds.shape[0] != b or time_ids.shape[0] != b
+                or text_embeds.shape[1] + time_ids.shape[1] * d != c.adm_in_channels
+            ):
+                raise UNetInputError(
+                    f"UNetModel: text_embeds (B, P) and time_ids (B, N) with B = {b} and P + N * {d} = "
+                    f"{c.adm_in_channels} (adm_in_channels), got {tuple(text_embeds.shape)} and {tuple(time_ids.shape)}"
+                )
 
     def forward(
         self,
@@ -227,14 +270,20 @@ class UNetModel(nn.Module):
         timesteps: torch.Tensor | float,
         context: torch.Tensor | None = None,
         y: torch.Tensor | None = None,
+        text_embeds: torch.Tensor | None = None,
+        time_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """text_embeds (B, P) and time_ids (B, N): SDXL's added conditioning (diffusers' `added_cond_kwargs`),
+        required exactly when config.adm_in_channels is set."""
         if not isinstance(timesteps, torch.Tensor):
             timesteps = torch.tensor(timesteps, device=x.device)
-        self._check_inputs(x, timesteps, context, y)
+        self._check_inputs(x, timesteps, context, y, text_embeds, time_ids)
         timesteps = timesteps.reshape(-1).expand(x.shape[0])  # (B,); a scalar or (1,) is broadcast
         emb = self.time_embed(timestep_embedding(timesteps, self.config.model_channels).to(x.dtype))  # (B, 4*C)
         if self.config.num_classes is not None:
             emb = emb + self.label_emb(y)  # (B, 4*C)
+        elif text_embeds is not None and time_ids is not None:
+            emb = emb + self.label_emb(self.added_condition(text_embeds, time_ids).to(emb.dtype))  # (B, 4*C)
 
         skips = []
         h = x

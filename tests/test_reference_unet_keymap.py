@@ -76,10 +76,13 @@ def test_config_from_real_sd_configs():
         ({"act_fn": "gelu"}, "act_fn"),
         ({"norm_num_groups": 7}, "norm_num_groups"),
         ({"_class_name": "UNet2DModel"}, "_class_name"),
-        ({"transformer_layers_per_block": [1, 2, 10, 10]}, "transformer_layers_per_block"),
+        ({"transformer_layers_per_block": [1, 2, 10]}, "transformer_layers_per_block"),  # one per block
+        ({"transformer_layers_per_block": [1, 0, 1, 1]}, "transformer_depth"),  # no blocks where attention is
+        ({"addition_embed_type": "text_time", "addition_time_embed_dim": 256}, "projection_class_embeddings"),
+        ({"cross_attention_dim": [768, 1024, 768, 768]}, "cross_attention_dim"),
         ({"down_block_types": ["AttnDownBlock2D"] + _DOWN[1:]}, "AttnDownBlock2D"),
         ({"up_block_types": list(reversed(_UP))}, "mirror"),
-        ({"attention_head_dim": [5, 10, 10, 40]}, "attention_head_dim"),
+        ({"attention_head_dim": [5, 10, 20, 30]}, "attention_head_dim"),  # 30 heads do not divide 1280
     ],
 )
 def test_unsupported_diffusers_options_are_named(change, named):
