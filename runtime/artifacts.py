@@ -16,14 +16,13 @@ from pathlib import Path
 from .manifest import (
     MANIFEST,
     MAX_SCHEDULER_CONFIG_BYTES,
-    MAX_TOKENIZER_BYTES,
     ArtifactError,
     Manifest,
     json_object,
     utf8_text,
 )
 from .schedulers import SchedulerConfig, SchedulerConfigError
-from .tokenizer import PromptTokenizer
+from .tokenizer import MAX_TOKENIZER_JSON_BYTES, PromptTokenizer
 
 
 def shipped_model_root() -> Path:
@@ -64,7 +63,7 @@ class Artifacts:
         manifest = Manifest.parse(manifest_bytes, root / MANIFEST)
         tokenizer = None
         if manifest.tokenizer is not None:
-            data = manifest.read_file(root, manifest.tokenizer, MAX_TOKENIZER_BYTES, "tokenizer.json")
+            data = manifest.read_file(root, manifest.tokenizer, MAX_TOKENIZER_JSON_BYTES, "tokenizer.json")
             where = root / manifest.tokenizer.file
             tokenizer = PromptTokenizer.from_str(utf8_text(data, where), str(where))
         elif "text_encoder" in manifest.components:

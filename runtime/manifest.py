@@ -32,10 +32,8 @@ GUIDANCE = {
 
 # Upper bounds on the JSON files of an artifacts folder, checked before they are read into memory. Ours are far
 # smaller (the default model's manifest is 0.2 MB with its sampler tables, SD's CLIP tokenizer.json 2 MB, a
-# scheduler config under 30 kB even with 1000 trained betas); the tokenizer bound leaves room for the large
-# multilingual vocabularies (20-35 MB).
+# scheduler config under 30 kB even with 1000 trained betas); the tokenizer's bound is runtime/tokenizer.py's.
 MAX_MANIFEST_BYTES = 16 << 20
-MAX_TOKENIZER_BYTES = 64 << 20
 MAX_SCHEDULER_CONFIG_BYTES = 1 << 20
 
 
