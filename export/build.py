@@ -20,7 +20,6 @@ import contextlib
 import importlib.metadata
 import json
 import logging
-import os
 import platform
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
@@ -32,7 +31,7 @@ from ldm_rt.export.fp16 import find_fp32_islands, half_model
 from ldm_rt.export.memory import EstimateError, GraphMemory, parity_budget
 from ldm_rt.export.onnx_export import OPSET, export_component
 from ldm_rt.export.ort_attention import write_ort_variant
-from ldm_rt.export.output import check_output, claim_output
+from ldm_rt.export.output import check_output, claim_output, output_path
 from ldm_rt.export.parity import (
     ORT_BACKEND,
     ORT_FP16_NOTE,
@@ -286,13 +285,6 @@ def _build_engines(
                     root / pe.onnx.file, spec, root / "engines", reuse_from=[previous / "engines"], timing_cache=options.timing_cache
                 )
             entry.engines[record["key"]] = record
-
-
-def output_path(path: Path) -> Path:
-    """An output path made absolute (so `.` and `..` name a real folder and its parent) and, when it is a
-    symlink, resolved: the build replaces what it points at, not the link."""
-    path = Path(os.path.abspath(path))
-    return path.resolve() if path.is_symlink() else path
 
 
 def output_dir(options: BuildOptions) -> Path:

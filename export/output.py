@@ -34,6 +34,13 @@ class OutputError(ExportError):
     """The output path cannot be used: not ours to replace, or another build holds it."""
 
 
+def output_path(path: Path) -> Path:
+    """An output path made absolute (so `.` and `..` name a real folder and its parent) and, when it is a
+    symlink, resolved: the build replaces what it points at, not the link."""
+    path = Path(os.path.abspath(path))
+    return path.resolve() if path.is_symlink() else path
+
+
 def _is_empty_folder(path: Path) -> bool:
     with os.scandir(path) as entries:
         return next(entries, None) is None

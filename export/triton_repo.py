@@ -24,7 +24,7 @@ from pathlib import Path
 import onnx
 
 from ldm_rt.export.errors import ExportError
-from ldm_rt.export.output import claim_output
+from ldm_rt.export.output import claim_output, output_path
 from ldm_rt.runtime.atomic import atomic_directory
 from ldm_rt.runtime.contracts import ComponentContract, TensorSpec
 from ldm_rt.runtime.manifest import ArtifactError, FileEntry, Manifest, json_object, read_bounded
@@ -108,7 +108,7 @@ def _add_model(repo: Path, name: str, kind: str, contract: ComponentContract, so
 
 def write_triton_repo(artifacts: Path, repo: Path) -> list[str]:
     """Write (atomically replace) a Triton model repository for the artifacts folder; returns model names."""
-    artifacts, repo = Path(artifacts), Path(os.path.abspath(repo))
+    artifacts, repo = Path(artifacts), output_path(repo)
     manifest = Manifest.read(artifacts)
     names: list[str] = []
     with claim_output(repo, is_triton_repository, TRITON_REPOSITORY), atomic_directory(repo) as tmp:
