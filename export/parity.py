@@ -122,10 +122,11 @@ def plan_parity(
         need = cost(p)
         if need > budget:
             smallest = _shrunk(contract, p, 0.0)
-            if cost(smallest) > budget:
+            least = cost(smallest)  # one walk of the graph: each estimate evaluates every node
+            if least > budget:
                 raise ExportError(
                     f"{contract.name}: a parity check at the profile's minimum ({where(smallest)}) needs about "
-                    f"{_gib(cost(smallest))} GiB, more than the {_gib(budget)} GiB it may use; free memory or lower "
+                    f"{_gib(least)} GiB, more than the {_gib(budget)} GiB it may use; free memory or lower "
                     "the profile's minimum"
                 )
             lo, hi = 0.0, 1.0

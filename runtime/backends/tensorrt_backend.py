@@ -29,7 +29,7 @@ import numpy as np
 from ..contracts import DTYPES, ComponentContract
 from ..manifest import ArtifactError, FileEntry, Manifest
 from . import cuda_probe
-from .base import BackendError, HostOptions
+from .base import BackendError, HostOptions, precision_entry
 
 log = logging.getLogger(__name__)
 
@@ -233,9 +233,7 @@ def open_components(
     components: dict[str, TrtComponent] = {}
     try:
         for name, entry in manifest.components.items():
-            if precision not in entry.precisions:
-                raise BackendError(f"{artifacts_dir} has no {precision} {name}; rebuild with --fp16 or use --precision fp32")
-            onnx_sha256 = entry.precisions[precision].onnx.sha256
+            onnx_sha256 = precision_entry(artifacts_dir, manifest, name, precision).onnx.sha256
             engine_entry = select_engine(name, precision, entry.engines, onnx_sha256, trt.__version__, gpu)
             path = manifest.verify_file(artifacts_dir, FileEntry(**engine_entry["engine"]))
             engine = runtime.deserialize_cuda_engine(path.read_bytes())
