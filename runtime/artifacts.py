@@ -41,6 +41,16 @@ def default_model_dir() -> Path:
     return shipped_model_root() / "model"
 
 
+def read_scheduler_config(root: Path, manifest: Manifest) -> SchedulerConfig:
+    """The artifacts' scheduler config, hash-checked against the manifest and bounded before it is read."""
+    data = manifest.read_file(root, manifest.scheduler, MAX_SCHEDULER_CONFIG_BYTES, "scheduler config")
+    where = root / manifest.scheduler.file
+    try:
+        return SchedulerConfig.from_dict(json_object(data, where))
+    except SchedulerConfigError as e:
+        raise SchedulerConfigError(f"{where}: {e}") from None
+
+
 @dataclass(frozen=True)
 class Artifacts:
     root: Path
@@ -68,11 +78,6 @@ class Artifacts:
             tokenizer = PromptTokenizer.from_str(utf8_text(data, where), str(where))
         elif "text_encoder" in manifest.components:
             raise ArtifactError(f"{root / MANIFEST} lists a text encoder but no tokenizer; rebuild the artifacts")
-        data = manifest.read_file(root, manifest.scheduler, MAX_SCHEDULER_CONFIG_BYTES, "scheduler config")
-        where = root / manifest.scheduler.file
-        try:
-            scheduler_config = SchedulerConfig.from_dict(json_object(data, where))
-        except SchedulerConfigError as e:
-            raise SchedulerConfigError(f"{where}: {e}") from None
+        scheduler_config = read_scheduler_config(root, manifest)
         model_hash = manifest.source.get("sha256") or hashlib.sha256(manifest_bytes).hexdigest()
         return cls(root, manifest, tokenizer, scheduler_config, model_hash)

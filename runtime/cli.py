@@ -269,12 +269,12 @@ def describe(manifest: Manifest, root: Path) -> list[str]:
     return lines
 
 
-def describe_schedulers(root: Path) -> str:
+def describe_schedulers(manifest: Manifest, root: Path) -> str:
     """One line: the --scheduler names this model can use, and why the others cannot."""
-    from .artifacts import Artifacts
+    from .artifacts import read_scheduler_config
 
     try:
-        config: SchedulerConfig = Artifacts.open(root).scheduler_config
+        config: SchedulerConfig = read_scheduler_config(Path(root), manifest)
     except USER_ERRORS as e:
         return f"schedulers: unknown ({e})"
     usable, unusable = usable_schedulers(config)
@@ -291,7 +291,7 @@ def info(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(manifest.to_dict(), indent=2))
     else:
-        print("\n".join([*describe(manifest, root), describe_schedulers(root)]))
+        print("\n".join([*describe(manifest, root), describe_schedulers(manifest, root)]))
     return 0
 
 
