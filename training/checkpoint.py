@@ -206,7 +206,24 @@ def _restore_leftover(out_dir: str | Path, path: Path) -> None:
     logger.warning("%s was missing (a checkpoint write was interrupted); restored the complete checkpoint of step %d from %s", path, step, folder.name)
 
 
+def checkpoint_meta(out_dir: str | Path) -> dict[str, Any]:
+    """The checked state.json of the run's checkpoint (restored and hash-verified as for a resume), without
+    reading its tensors: what a resume needs to know its config."""
+    return _checked(out_dir)[1]
+
+
 def load_checkpoint(out_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    path, meta = _checked(out_dir)
+    try:
+        tensors = load_file(str(path / TENSORS_FILE))
+    except Exception as e:  # safetensors raises several types for a damaged file
+        raise TrainCheckpointError(f"checkpoint {path} is damaged ({e}); delete it to start over") from None
+    return tensors, meta
+
+
+def _checked(out_dir: str | Path) -> tuple[Path, dict[str, Any]]:
+    """The checkpoint folder (a leftover restored when an interrupted write left none) and its state.json,
+    after the SHA256SUMS check; TrainCheckpointError naming the problem otherwise."""
     path = checkpoint_path(out_dir)
     if not os.path.lexists(path):
         _restore_leftover(out_dir, path)
@@ -223,13 +240,12 @@ def load_checkpoint(out_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict[
         raise TrainCheckpointError(f"checkpoint damaged: {problem}; {advice}")
     try:
         meta = json.loads((path / META_FILE).read_text())
-        tensors = load_file(str(path / TENSORS_FILE))
-    except Exception as e:  # json and safetensors raise several types for a damaged file
+    except Exception as e:  # json raises several types for a damaged file
         raise TrainCheckpointError(f"checkpoint {path} is damaged ({e}); delete it to start over") from None
     for key, kind in META_KEYS.items():
         if not isinstance(meta, dict) or not isinstance(meta.get(key), kind):
             raise TrainCheckpointError(f"{path / META_FILE} is not a training checkpoint's state ({key!r} is missing or not a {kind.__name__}); resume a run written by these trainers")
-    return tensors, meta
+    return path, meta
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:

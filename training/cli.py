@@ -19,7 +19,7 @@ from ldm_rt.reference.checkpoint_errors import CheckpointError
 from ldm_rt.reference.configs import ConfigError
 from ldm_rt.runtime.cli_support import OneLineParser, run, summary
 
-from .checkpoint import TrainCheckpointError, load_checkpoint
+from .checkpoint import TrainCheckpointError, checkpoint_meta
 from .config_loading import TrainConfigError, load_config, read_json
 from .data_folder import DataError
 from .optim import TrainingDiverged
@@ -53,7 +53,7 @@ def config_for_run(cls, args, extra_overrides: list[str] | tuple[str, ...] = ())
     if args.config is not None:
         data = read_json(args.config)
     elif args.resume:
-        data = load_checkpoint(args.out)[1]["config"]
+        data = checkpoint_meta(args.out)["config"]
     else:
         data = {}
     return load_config(cls, data, [*args.overrides, *extra_overrides])
