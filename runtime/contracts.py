@@ -182,6 +182,17 @@ class ModelFacts:
     num_classes: int | None
     autoencoder_kind: str  # "kl" or "vq"
     scale_factor: float
+    # SDXL (Podell et al. 2023); None/False for SD 1.x/2.x. text_encoder_2_dim: the sequence width of the second
+    # text encoder (its share of context_dim, concatenated after the first encoder's; a refiner has only the
+    # second, so its context_dim equals this); pooled_dim: that encoder's projected pooled output, the UNet's
+    # `text_embeds`; time_ids: how many micro-conditioning ids the UNet takes (6: original size, crop, target
+    # size; 5: the refiner's, with the aesthetic score in place of the target size);
+    # force_zeros_for_empty_prompt: an empty negative prompt means zero embeddings (the model folder says so).
+    has_text_encoder: bool = True  # False: SDXL refiner (only text_encoder_2); ignored without a context
+    text_encoder_2_dim: int | None = None
+    pooled_dim: int | None = None
+    time_ids: int | None = None
+    force_zeros_for_empty_prompt: bool = False
 
     @property
     def pixel_multiple(self) -> int:
