@@ -191,7 +191,7 @@ def test_python_api_refuses_a_non_finite_lr():
 def test_config_file_holding_a_list_is_one_line(tmp_path, capsys):
     (tmp_path / "config.json").write_text("[]")
     assert main(["--config", str(tmp_path / "config.json"), "--out", str(tmp_path / "run")]) == 2
-    assert "must hold a JSON object, not list" in one_line_error(capsys)
+    assert "holds an array where a JSON object is expected" in one_line_error(capsys)
 
 
 def test_out_that_is_a_file_is_one_line(tmp_path, capsys):

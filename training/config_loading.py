@@ -16,6 +16,8 @@ import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
+from ldm_rt.runtime.files import FileFormatError, read_json_object
+
 T = TypeVar("T")
 
 # Typo guards, checked before anything is built or allocated: far beyond what these trainers are run with, so
@@ -26,7 +28,7 @@ MAX_STEPS = 10**9  # years of training on any device
 MAX_SEED = 2**63 - 1  # torch.manual_seed's range; numpy's SeedSequence takes no negative seed
 
 
-class TrainConfigError(ValueError):
+class TrainConfigError(FileFormatError):
     """A training config is wrong; the message names the key and what to do."""
 
 
@@ -60,15 +62,8 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 
 
 def read_json(path: str | Path) -> dict[str, Any]:
-    try:
-        data = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise TrainConfigError(f"config file {path} does not exist; pass an existing --config") from None
-    except (OSError, json.JSONDecodeError) as e:
-        raise TrainConfigError(f"config file {path} is not readable JSON ({e}); fix the file") from None
-    if not isinstance(data, dict):
-        raise TrainConfigError(f"config file {path} must hold a JSON object, not {type(data).__name__}")
-    return data
+    """The JSON object in a --config file, read bounded through the runtime's one reader (runtime/files.py)."""
+    return read_json_object(path, error=TrainConfigError, fix="pass an existing JSON object file as --config", what="training config")
 
 
 def load_config(cls: type[T], data: dict[str, Any], overrides: list[str] = ()) -> T:
