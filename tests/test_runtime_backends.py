@@ -175,9 +175,9 @@ def test_reduced_precision_is_a_bool():
 
 
 def test_thread_counts_are_bounded_by_the_host(monkeypatch):
-    monkeypatch.setattr(base.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(base, "usable_cpus", lambda: 2)
     assert base.HostOptions(threads=8).threads == 8  # 4x oversubscribed is still allowed for experiments
-    with pytest.raises(BackendError, match="^threads 9 is more than 4x this host's 2 CPUs; leave it out for one per physical core$"):
+    with pytest.raises(BackendError, match="^threads 9 is more than 4x the 2 CPUs this process may use; leave it out for one per physical core$"):
         base.HostOptions(threads=9)
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ldm_rt.runtime.backends.base import MAX_THREADS_PER_CPU
+from ldm_rt.runtime.backends.base import MAX_THREADS_PER_CPU, usable_cpus
 
 from . import distributed
 from .checkpoint import has_checkpoint
@@ -37,11 +37,6 @@ def append_metrics(out_dir: Path, row: dict) -> None:
     """One JSON line per log event in RUN/metrics.jsonl (a resumed run appends after the old lines)."""
     with naming(out_dir / "metrics.jsonl"), open(out_dir / "metrics.jsonl", "a") as f:
         f.write(json.dumps({k: (round(v, 6) if isinstance(v, float) and math.isfinite(v) else v) for k, v in row.items()}) + "\n")
-
-
-def usable_cpus() -> int:
-    """CPUs this process may run on (its affinity mask where the OS has one)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def physical_memory() -> int:

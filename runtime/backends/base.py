@@ -34,6 +34,11 @@ BUILTIN = {"onnxruntime": "onnxruntime_backend", "openvino": "openvino_backend",
 MAX_THREADS_PER_CPU = 4
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one): what thread caps are held against."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 class BackendError(ValueError):
     """A backend cannot be opened or run; the message names the cause and the alternative."""
 
@@ -60,10 +65,10 @@ class HostOptions:
     def __post_init__(self) -> None:
         if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1):
             raise BackendError(f"threads must be a whole number >= 1 (or None: one per physical core), got {self.threads!r}")
-        cpus = os.cpu_count() or 1
+        cpus = usable_cpus()
         if self.threads is not None and self.threads > MAX_THREADS_PER_CPU * cpus:
             raise BackendError(
-                f"threads {self.threads} is more than {MAX_THREADS_PER_CPU}x this host's {cpus} CPUs; "
+                f"threads {self.threads} is more than {MAX_THREADS_PER_CPU}x the {cpus} CPUs this process may use; "
                 "leave it out for one per physical core"
             )
         if not isinstance(self.reduced_precision, bool):
