@@ -47,12 +47,45 @@ def op_histogram(model: onnx.ModelProto) -> Counter[str]:
     return Counter(node.op_type for node in model.graph.node)
 
 
+# Initializers up to this size stay initializers in `weightless` (and inline in saved files): shape constants
+# are among them, and shape inference needs their values.
+INLINE_BYTES = 1024
+
+
+def _nbytes(t: onnx.TensorProto) -> int:
+    if t.data_location == onnx.TensorProto.EXTERNAL:
+        return next((int(e.value) for e in t.external_data if e.key == "length"), INLINE_BYTES + 1)
+    return len(t.raw_data) if t.raw_data else onnx.numpy_helper.to_array(t).nbytes
+
+
+def weightless(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The graph with every weight over INLINE_BYTES (or stored externally) turned into a graph input of the
+    same type and shape: what shape inference needs, without the weights, so a model past 2 GiB (or one
+    whose data file is not at hand) is inferred like a small one. The weights are not copied."""
+    small, weights = [], []
+    for t in model.graph.initializer:
+        if _nbytes(t) <= INLINE_BYTES and t.data_location != onnx.TensorProto.EXTERNAL:
+            small.append(t)
+        else:
+            weights.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    graph = onnx.helper.make_graph(
+        list(model.graph.node), model.graph.name, [*model.graph.input, *weights], list(model.graph.output),
+        initializer=small, value_info=list(model.graph.value_info),
+    )
+    light = onnx.helper.make_model(graph, opset_imports=list(model.opset_import))
+    light.ir_version = model.ir_version
+    return light
+
+
 def _infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
-    # In-memory inference serialises the proto, which cannot pass 2 GiB; such models fold what their
-    # exported shapes already tell, and get full shape checking from the file-based checker.
-    if needs_external_data(model):
-        return model
-    return shape_inference.infer_shapes(model, data_prop=True)
+    if not needs_external_data(model):
+        return shape_inference.infer_shapes(model, data_prop=True)
+    # In-memory inference serialises the proto, which cannot pass 2 GiB: infer on the weightless graph and
+    # take its shapes. Without them nothing would fold at SD 1.5 size, and ort_attention found no head split.
+    inferred = shape_inference.infer_shapes(weightless(model), data_prop=True)
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(inferred.graph.value_info)
+    return model
 
 
 def clean_model(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -78,7 +111,7 @@ def save_model(model: onnx.ModelProto, path: Path) -> list[Path]:
         data = path.with_name(path.name + ".data")
         # Tensors under 1 kB (shape constants among them) stay inline, where shape inference can read them.
         onnx.save_model(
-            model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name, size_threshold=1024
+            model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name, size_threshold=INLINE_BYTES
         )
         return [path, data] if data.is_file() else [path]
     onnx.save_model(model, str(path))

@@ -20,6 +20,8 @@ import onnx
 import sympy
 from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
+from ldm_rt.export.graph_cleanup import weightless
+
 # Ops whose output ONNX Runtime's CPU provider hands out as a view of (or in place over) the input.
 VIEW_OPS = frozenset({"Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity"})
 # The estimate covers the graph's tensors; ONNX Runtime's arena rounding, the torch reference run beside it
@@ -51,15 +53,18 @@ class GraphMemory:
     def __init__(self, path: str | Path) -> None:
         path = Path(path)
         model = onnx.load(str(path), load_external_data=False)  # shapes only: the weights stay on disk
+        weights = {t.name: (list(t.dims), t.data_type) for t in model.graph.initializer}
         try:
-            inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+            # Weightless: the inference reads initializer values it meets, which for external data is a file
+            # it is not told the folder of (it failed on every model past 2 GiB).
+            inferred = SymbolicShapeInference.infer_shapes(weightless(model), auto_merge=True)
         except Exception as e:  # the inference raises bare Exceptions for ops it does not handle
             raise EstimateError(f"symbolic shape inference failed on {path.name}: {e}") from None
         if inferred is None:
             raise EstimateError(f"symbolic shape inference could not finish on {path.name}")
         graph = inferred.graph
-        self.weights = {t.name: list(t.dims) for t in graph.initializer}
-        self.weight_bytes = sum(math.prod(t.dims) * _itemsize(t.data_type) for t in graph.initializer)
+        self.weights = {name: dims for name, (dims, _) in weights.items()}
+        self.weight_bytes = sum(math.prod(dims) * _itemsize(dtype) for dims, dtype in weights.values())
         self.inputs = {v.name: _dims(v) for v in graph.input if v.name not in self.weights}
         symbols = {d: sympy.Symbol(d) for dims in self.inputs.values() for d in dims if isinstance(d, str)}
         self.tensors: dict[str, tuple[int, list[int | str]]] = {}  # name -> (itemsize, dims or dim formulas)
