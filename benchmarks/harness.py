@@ -45,7 +45,11 @@ PEER_LABELS = {
     "reference": "ldm-rt reference (PyTorch eager)",
     "diffusers": "diffusers StableDiffusionPipeline (PyTorch)",
     "optimum": "Optimum ORTStableDiffusionPipeline (ONNX Runtime CPU)",
+    "openvino-genai": "OpenVINO GenAI Text2ImagePipeline (its default precision)",
+    "openvino-genai-f32": "OpenVINO GenAI Text2ImagePipeline (f32)",
+    "sdcpp": "stable-diffusion.cpp (f16 weights)",
 }
+F32 = "f32"  # the precision of every row that says no other (the worker's `precision` answer overrides it)
 ALT_OURS = "ours-openvino"  # a second ldm-rt row the targets are also evaluated for
 
 
@@ -91,6 +95,8 @@ class Peer:
     model: str = ""  # artifacts folder, model folder, diffusers folder or Optimum ONNX folder
     skip_reason: str | None = None  # set when it cannot run here; shown in the table instead of numbers
     extra: dict[str, Any] = field(default_factory=dict)  # peer-specific spec fields (backend, providers)
+    # Why its image cannot be compared with ldm-rt's (it draws its own noise, tokenizes differently); None: compare.
+    no_image_compare: str | None = None
 
     @property
     def label(self) -> str:
@@ -109,6 +115,9 @@ class Workload:
     peers: tuple[Peer, ...]
     config: dict[str, Any] = field(default_factory=dict)  # the model's configuration, printed with the results
     skip_reason: str | None = None
+    # One peer process at a time (each started, measured and ended before the next): at full model size the
+    # peers' processes together would not fit in memory. Drift between peers is then not cancelled.
+    sequential: bool = False
 
 
 def worker_argv(name: str, python: Path | str = sys.executable) -> tuple[str, ...]:
@@ -134,6 +143,26 @@ def openvino_peer(artifacts: Path | str) -> Peer:
     peer = ours_peer(artifacts, "ours-openvino", backend="openvino")
     # It starts as ldm-rt does after its first run on a machine: compiled graphs read from a warm cache.
     return dataclasses.replace(peer, extra={**peer.extra, "compile_cache": WARM_CACHE, "reduced_precision": True}, skip_reason=reason)
+
+
+# OpenVINO GenAI at its two precisions: what a user gets (the CPU plugin's choice: bf16 where the CPU has it)
+# and f32 asked for; each row reports the precision that ran.
+OPENVINO_GENAI_PRECISIONS = {"openvino-genai": "default", "openvino-genai-f32": "f32"}
+SDCPP_NO_IMAGE_COMPARE = "draws its own noise (no latents input), tokenizes with CLIP BPE, DDIM with trailing spacing"
+
+
+def openvino_genai_peers(ir: Path | str | None, python: Path | str | None, reason: str | None) -> list[Peer]:
+    """OpenVINO GenAI's Text2ImagePipeline (peers/openvino_genai_worker.py in its venv) on optimum-intel's IR."""
+    why = reason or ("no OpenVINO export of this model" if ir is None else None)
+    argv = worker_argv("openvino_genai", python) if python is not None else ()
+    return [Peer(name, argv, str(ir or ""), skip_reason=why, extra={"precision": p}) for name, p in OPENVINO_GENAI_PRECISIONS.items()]
+
+
+def sdcpp_peer(checkpoint: Path | str | None, python: Path | str | None, reason: str | None) -> Peer:
+    """stable-diffusion.cpp (peers/sdcpp_worker.py in its venv) on the f16 single-file checkpoint."""
+    why = reason or ("no single-file checkpoint of this model" if checkpoint is None else None)
+    argv = worker_argv("sdcpp", python) if python is not None else ()
+    return Peer("sdcpp", argv, str(checkpoint or ""), skip_reason=why, no_image_compare=SDCPP_NO_IMAGE_COMPARE)
 
 
 def gpu_peers(artifacts: Path | str) -> list[Peer]:
@@ -212,9 +241,12 @@ SETTLE_S = 0.25
 
 
 def run_peers(peers: Sequence[Peer], specs: dict[str, dict[str, Any]], logs: dict[str, Path], warmup: int, runs: int,
-              timeout: float) -> dict[str, dict[str, Any]]:
+              timeout: float, sequential: bool = False) -> dict[str, dict[str, Any]]:
     """All peers for one run spec, interleaved: each is started (one at a time, so cold starts do not overlap)
-    and kept alive; then every warm-up and timed round asks each live peer for one call in turn."""
+    and kept alive; then every warm-up and timed round asks each live peer for one call in turn. `sequential`:
+    each peer's whole measurement ends (and its memory is freed) before the next starts."""
+    if sequential:
+        return {name: result for peer in peers for name, result in run_peers([peer], specs, logs, warmup, runs, timeout).items()}
     raw: dict[str, dict[str, Any]] = {}
     live: dict[str, PeerProcess] = {}
     for peer in peers:
@@ -271,6 +303,7 @@ def summarize(raw: dict[str, Any], batch: int) -> dict[str, Any]:
         "load_s": raw.get("load_s"),
         "first_image_s": raw.get("first_image_s"),
         "threads": raw.get("threads"),
+        "precision": raw.get("precision") or F32,  # what the worker says it computed in
         "versions": raw.get("versions", {}),
         "runs": runs,
     }
@@ -280,6 +313,7 @@ def add_ratios(peers: dict[str, dict[str, Any]]) -> None:
     """Each ok peer's value / ldm-rt's (> 1: ldm-rt is faster or smaller). Latency and UNet step are the
     median over rounds of the ratio within a round (both measured back to back), which cancels a load that
     drifts between rounds; peak RSS and cold start are single measurements."""
+    add_same_precision_ratios(peers)
     ours = peers.get(OURS, {})
     if ours.get("status") != "ok":
         return
@@ -294,6 +328,34 @@ def add_ratios(peers: dict[str, dict[str, Any]]) -> None:
             "unet_step_best": _over(result.get("unet_step_min_s"), ours.get("unet_step_min_s")),
             "peak_rss": _over(result.get("peak_rss_mb"), ours.get("peak_rss_mb")),
             "cold_start": _over(result.get("cold_start_s"), ours.get("cold_start_s")),
+        }
+
+
+def same_precision_baseline(peers: dict[str, dict[str, Any]], precision: str) -> str | None:
+    """The ldm-rt row a peer at `precision` is compared with: ldm-rt's own row at that precision (ONNX Runtime's
+    first, then the other ldm-rt backends in table order), or None when ldm-rt has no ok row at it."""
+    for name, result in peers.items():
+        if name.startswith(OURS) and result.get("status") == "ok" and result.get("precision", F32) == precision:
+            return name
+    return None
+
+
+def add_same_precision_ratios(peers: dict[str, dict[str, Any]]) -> None:
+    """`vs_same_precision` of every ok peer that is not ldm-rt: its value / the same-precision ldm-rt row's
+    (f32 with f32, bf16 with bf16), latency as the median of per-round ratios, like `vs_ours`."""
+    for name, result in peers.items():
+        if name.startswith(OURS) or result.get("status") != "ok":
+            continue
+        base_name = same_precision_baseline(peers, result.get("precision", F32))
+        if base_name is None:
+            continue
+        base = peers[base_name]
+        pairs = list(zip(result["runs"], base["runs"]))
+        result["vs_same_precision"] = {
+            "baseline": base_name,
+            "latency": statistics.median(a["total"] / b["total"] for a, b in pairs) if pairs else None,
+            "peak_rss": _over(result.get("peak_rss_mb"), base.get("peak_rss_mb")),
+            "cold_start": _over(result.get("cold_start_s"), base.get("cold_start_s")),
         }
 
 
@@ -350,7 +412,8 @@ def run_workload(workload: Workload, out_dir: Path, timeout: float, profile: boo
                           "image_out": str(work / f"image_{tag}_{p.name}.npy"), **p.extra} for p in runnable}
         for name, cache in caches.items():
             specs[name]["compile_cache"] = cache
-        raw = run_peers(runnable, specs, {p.name: work / f"{tag}_{p.name}.log" for p in runnable}, spec.warmup, spec.runs, timeout)
+        raw = run_peers(runnable, specs, {p.name: work / f"{tag}_{p.name}.log" for p in runnable}, spec.warmup, spec.runs, timeout,
+                        workload.sequential)
         for peer in workload.peers:
             if peer.skip_reason is not None:
                 run["peers"][peer.name] = {"status": "skipped", "label": peer.label, "reason": peer.skip_reason}
@@ -360,7 +423,9 @@ def run_workload(workload: Workload, out_dir: Path, timeout: float, profile: boo
                 result.update(summarize(raw[peer.name], spec.batch))
                 if result["unet_step_s"]:
                     result["unet_gflops"] = flops["total"] / result["unet_step_s"] / 1e9  # share of the peak: run_benchmark
-                if peer.name != OURS:
+                if peer.no_image_compare is not None:
+                    result["image_vs_ours_skipped"] = peer.no_image_compare
+                elif peer.name != OURS:
                     result["image_vs_ours"] = image_difference(work / f"image_{tag}_{OURS}.npy", work / f"image_{tag}_{peer.name}.npy")
             else:
                 result["error"] = raw[peer.name]["error"]

@@ -16,7 +16,7 @@ from ldm_rt.runtime.atomic import atomic_write_text
 
 from .harness import Workload, run_workload
 from .machine import install_footprint, machine_info, matmul_peak
-from .targets import evaluate_targets
+from .targets import evaluate_issue21, evaluate_targets
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,7 @@ def run_benchmark(workloads: Sequence[Workload], out_dir: Path, *, timeout: floa
         "notes": list(notes),
     }
     report["targets"] = evaluate_targets(report)
+    report["targets_issue21"] = evaluate_issue21(report)
     return report
 
 
@@ -88,8 +89,22 @@ def peak_line(report: dict[str, Any]) -> str:
             f"at start, {p['gflops_at_end']:.1f} at end; \"% of peak\" is of the better one")
 
 
+def _same_precision(result: dict[str, Any], key: str = "latency") -> str:
+    """peer / the ldm-rt row of the same precision, naming that row's precision (f32 with f32, bf16 with bf16)."""
+    same = result.get("vs_same_precision") or {}
+    value = same.get(key)
+    return "–" if value is None else f"{value:.2f}x ({result.get('precision', 'f32')})"
+
+
+def _image_diff(result: dict[str, Any]) -> str:
+    if result.get("image_vs_ours_skipped"):
+        return f"not compared: {result['image_vs_ours_skipped']}"
+    diff = result.get("image_vs_ours")
+    return "–" if not diff else f"{diff['mean_abs']:.2f} / {diff['max_abs']:.0f}"
+
+
 def _run_table(run: dict[str, Any]) -> list[str]:
-    head = ("| peer | latency / image (s) | vs ldm-rt | text enc (ms) | UNet / step (ms), median (fastest) | fastest step vs ldm-rt "
+    head = ("| peer | precision | latency / image (s) | vs ldm-rt | vs ldm-rt, same precision | text enc (ms) | UNet / step (ms), median (fastest) | fastest step vs ldm-rt "
             "| VAE dec (ms) | peak RSS (MB) | vs ldm-rt | cold start (s) | vs ldm-rt | UNet GFLOP/s | % of peak "
             "| image Δ vs ldm-rt (mean / max, 8-bit) |")
     columns = head.count(" | ") + 1
@@ -99,10 +114,10 @@ def _run_table(run: dict[str, Any]) -> list[str]:
             why = result.get("reason") or result.get("error", "failed")
             lines.append(f"| {result['label']} | {result['status']}: {why} |" + " |" * (columns - 2))
             continue
-        diff = result.get("image_vs_ours")
-        diff_text = "–" if not diff else f"{diff['mean_abs']:.2f} / {diff['max_abs']:.0f}"
+        diff_text = _image_diff(result)
         lines.append(
-            f"| {result['label']} | {_num(result['latency_per_image_s'], '{:.3f}')} | {_ratio(result, 'latency')} "
+            f"| {result['label']} | {result.get('precision', 'f32')} | {_num(result['latency_per_image_s'], '{:.3f}')} | {_ratio(result, 'latency')} "
+            f"| {_same_precision(result)} "
             f"| {_num(result['text_encoder_s'], '{:.1f}', 1e3)} | {_num(result['unet_step_s'], '{:.1f}', 1e3)} "
             f"({_num(result.get('unet_step_min_s'), '{:.1f}', 1e3)}) | {_ratio(result, 'unet_step_best')} "
             f"| {_num(result['vae_decoder_s'], '{:.1f}', 1e3)} | {_num(result['peak_rss_mb'], '{:.0f}')} | {_ratio(result, 'peak_rss')} "
@@ -159,6 +174,20 @@ def _where_time_goes(report: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
+def issue21_lines(report: dict[str, Any]) -> list[str]:
+    """Issue 21's targets (SD 1.5-sized workload), each met / missed / not measured with its numbers."""
+    targets = report.get("targets_issue21") or []
+    if not targets:
+        return ["Issue 21's targets (SD 1.5-sized workload, `--sd15`): not measured in this run.", ""]
+    lines = ["| target (issue 21, SD 1.5-sized) | worst ratio | measured (peer vs ldm-rt) | met |", "| --- | --- | --- | --- |"]
+    for t in targets:
+        if t["worst"] is None:
+            lines.append(f"| {t['target']} | – | not measured: {t['missing']} | – |")
+        else:
+            lines.append(f"| {t['target']} | {t['worst']:.2f}x | {'; '.join(t['numbers'])} | {'yes' if t['met'] else 'no'} |")
+    return lines + [""]
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     s = next((w["runs"][0]["spec"] for w in report["workloads"] if w.get("runs")), None)
     lines = [f"# ldm-rt benchmark, {report['created']}", "", f"Machine: {machine_line(report)}.", "", f"Roofline: {peak_line(report)}.", ""]
@@ -192,6 +221,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     for t in report["targets"]:
         shown = f"{t['worst']:.0%}" if t["key"] == "roofline" else f"{t['worst']:.2f}x"
         lines.append(f"| {t['target']} | {shown} | {'yes' if t['met'] else 'no'} |")
+    lines += ["", "## Targets (issue 21, CPU runtimes)", ""] + issue21_lines(report)
     for n in report.get("notes", []):
         lines += ["", n]
     return "\n".join(lines) + "\n"
@@ -211,14 +241,16 @@ def render_readme_section(report: dict[str, Any]) -> str:
             lines += [f"**{w['name']}**: not measured ({w['skipped']}).", ""]
             continue
         lines += [f"**{w['name']}**: {w['description']}", "",
-                  "| run | peer | s / image | vs ldm-rt | UNet ms / step, median (fastest) | fastest step vs ldm-rt | peak RSS MB | cold start s | UNet % of peak |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+                  "| run | peer | precision | s / image | vs ldm-rt | vs ldm-rt, same precision | UNet ms / step, median (fastest) | fastest step vs ldm-rt "
+                  "| peak RSS MB | cold start s | UNet % of peak |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for run in w["runs"]:
             for result in run["peers"].values():
                 if result["status"] != "ok":
                     continue
                 lines.append(
-                    f"| {run['title']} | {result['label']} | {_num(result['latency_per_image_s'], '{:.3f}')} | {_ratio(result, 'latency')} "
+                    f"| {run['title']} | {result['label']} | {result.get('precision', 'f32')} | {_num(result['latency_per_image_s'], '{:.3f}')} "
+                    f"| {_ratio(result, 'latency')} | {_same_precision(result)} "
                     f"| {_num(result['unet_step_s'], '{:.1f}', 1e3)} ({_num(result.get('unet_step_min_s'), '{:.1f}', 1e3)}) "
                     f"| {_ratio(result, 'unet_step_best')} | {_num(result['peak_rss_mb'], '{:.0f}')} "
                     f"| {_num(result['cold_start_s'], '{:.2f}')} | {_num(result.get('peak_fraction'), '{:.0f}%', 100)} |"
@@ -234,6 +266,7 @@ def render_readme_section(report: dict[str, Any]) -> str:
     if missed:
         shown = lambda t: f"{t['worst']:.0%}" if t["key"] == "roofline" else f"{t['worst']:.2f}x"  # noqa: E731
         lines.append("Targets missed: " + "; ".join(f"{t['target']} (worst {shown(t)})" for t in missed) + ".")
+    lines += [""] + issue21_lines(report)
     for n in report.get("notes", []):
         lines += ["", n]
     return "\n".join(lines) + "\n"

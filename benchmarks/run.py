@@ -3,12 +3,15 @@
     python benchmarks/run.py                    # everything (first run: makes the Optimum venv and the exports)
     python benchmarks/run.py --quick            # 1 timed run, 4 steps, 128x128 only: a check that all peers run
     python benchmarks/run.py --fresh-venv       # also measure the install footprint in fresh virtual environments
+    python benchmarks/run.py --sd15             # also the SD 1.5-sized model (3.4 GB UNet; ~20 GB to export, once)
 
 Workloads (benchmarks/workloads.py): the SD-v1-shaped model at reduced width at each --sizes (batch 1), the
 SD-v2-shaped one (64-wide heads) at each --sd2-sizes, and the shipped default model at batch 1 and 4
 (skipped, and said so, while its artifacts do not exist). Peers:
 ldm-rt on ONNX Runtime CPU (CUDA and TensorRT where present), the PyTorch reference, diffusers'
-StableDiffusionPipeline, Optimum's ORTStableDiffusionPipeline in benchmarks/.venv-optimum. The harness is
+StableDiffusionPipeline, Optimum's ORTStableDiffusionPipeline in benchmarks/.venv-optimum, OpenVINO GenAI's
+Text2ImagePipeline at its default precision and at f32 in benchmarks/.venv-ovgenai, stable-diffusion.cpp in
+benchmarks/.venv-sdcpp (SD 1.5-sized workload only). The harness is
 the `benchmarks` package beside this script (harness.py runs the peers, report.py writes the results); this
 script makes the models and names the peers.
 """
@@ -27,7 +30,8 @@ sys.path.insert(0, str(HERE.parent))
 
 from benchmarks import harness, report, workloads  # noqa: E402
 from benchmarks.machine import install_footprint  # noqa: E402
-from benchmarks.peers import optimum_env  # noqa: E402
+from benchmarks.peers import openvino_genai_env, optimum_env, sdcpp_env  # noqa: E402
+from benchmarks.peers.peer_env import PeerEnv, PeerEnvError  # noqa: E402
 from ldm_rt.runtime.cli_support import OneLineParser, run, summary  # noqa: E402
 
 RESULTS = HERE / "results"
@@ -35,8 +39,29 @@ log = logging.getLogger("benchmarks")
 PROG = "benchmarks/run.py"
 
 
-def peers_for(prepared: workloads.Prepared, optimum_python: Path | None) -> tuple[harness.Peer, ...]:
-    """ldm-rt first (the others' images are compared with its; then on OpenVINO), the torch peers, Optimum, GPU."""
+def peer_env(env: PeerEnv, skip: str | None, log_file: Path) -> tuple[Path | None, str | None]:
+    """(the peer venv's python, None), made on first use, or (None, why not: `skip`, or the failed install)."""
+    if skip is not None:
+        return None, skip
+    try:
+        log.info("%s environment: %s", env.name, env.venv)
+        return env.create(log_file=log_file), None
+    except PeerEnvError as e:
+        return None, str(e)
+
+
+def cpu_runtime_peers(prepared: workloads.Prepared, envs: dict[str, tuple[Path | None, str | None]]) -> list[harness.Peer]:
+    """OpenVINO GenAI at both precisions and stable-diffusion.cpp (issue 21's CPU runtimes), or why they cannot run."""
+    ov_python, ov_reason = envs["openvino-genai"]
+    sd_python, sd_reason = envs["sdcpp"]
+    return [*harness.openvino_genai_peers(prepared.openvino_ir, ov_python, prepared.openvino_reason or ov_reason),
+            harness.sdcpp_peer(prepared.single_file, sd_python, prepared.single_file_reason or sd_reason)]
+
+
+def peers_for(prepared: workloads.Prepared, optimum_python: Path | None,
+              envs: dict[str, tuple[Path | None, str | None]] | None = None) -> tuple[harness.Peer, ...]:
+    """ldm-rt first (the others' images are compared with its; then on OpenVINO), the torch peers, Optimum, the
+    CPU runtimes (`envs`), GPU."""
     peers = [harness.ours_peer(prepared.artifacts), harness.openvino_peer(prepared.artifacts)]
     for name, model, why in (("reference", prepared.reference_source, "no model folder for the reference"),
                              ("diffusers", prepared.diffusers_source, prepared.diffusers_reason)):
@@ -46,8 +71,22 @@ def peers_for(prepared: workloads.Prepared, optimum_python: Path | None) -> tupl
         peers.append(harness.Peer("optimum", harness.worker_argv("optimum", optimum_python), str(prepared.optimum_model)))
     else:
         peers.append(harness.Peer("optimum", skip_reason=prepared.optimum_reason or "Optimum environment not available"))
+    if envs is not None:
+        peers += cpu_runtime_peers(prepared, envs)
     peers += harness.gpu_peers(prepared.artifacts)
     return tuple(peers)
+
+
+def sd15_workload(args, envs: dict[str, tuple[Path | None, str | None]], ov: tuple[bool, str | None]) -> harness.Workload:
+    """The SD 1.5-sized model at its one size and step count (--runs/--warmup apply): ldm-rt (ONNX Runtime f32;
+    OpenVINO bf16 where the CPU has it), OpenVINO GenAI at both precisions, stable-diffusion.cpp. The torch
+    peers and Optimum are measured on the smaller workloads; here each peer runs alone (Workload.sequential),
+    as their processes together would not fit in memory."""
+    size, sd_ready = workloads.SD15_SIZE, (envs["sdcpp"][0] is not None, envs["sdcpp"][1])
+    model = workloads.prepare_sd_shaped(workloads.SD15_SHAPE, (size,), None, "not run at SD 1.5 size", openvino=ov, sdcpp=sd_ready)
+    peers = (harness.ours_peer(model.artifacts), harness.openvino_peer(model.artifacts), *cpu_runtime_peers(model, envs))
+    runs = (harness.RunSpec(size, size, batch=1, steps=workloads.SD15_STEPS, runs=args.runs, warmup=args.warmup),)
+    return harness.Workload(model.name, model.description, model.artifacts, runs, peers, model.config, sequential=True)
 
 
 def fresh_venv_footprint(log_file: Path) -> dict[str, dict]:
@@ -79,6 +118,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls first (default 1)")
     parser.add_argument("--quick", action="store_true", help="1 run, 4 steps, the smallest size: check that every peer runs")
     parser.add_argument("--no-optimum", action="store_true", help="skip the Optimum peer (no venv is made)")
+    parser.add_argument("--no-openvino-genai", action="store_true", help="skip the OpenVINO GenAI peers (no venv is made)")
+    parser.add_argument("--no-sdcpp", action="store_true", help="skip the stable-diffusion.cpp peer (no venv is built)")
+    parser.add_argument("--sd15", action="store_true", help=f"also the SD 1.5-sized model at {workloads.SD15_SIZE}x{workloads.SD15_SIZE}, "
+                        f"{workloads.SD15_STEPS} steps: ldm-rt, OpenVINO GenAI, stable-diffusion.cpp, one process at a time "
+                        "(first run: ~20 GB to export it)")
     parser.add_argument("--fresh-venv", action="store_true", help="also measure fresh venvs' site-packages (needs the package index)")
     parser.add_argument("--no-profile", action="store_true", help="skip the ONNX Runtime profile of ldm-rt's UNet")
     parser.add_argument("--results", type=Path, default=RESULTS, help=f"results folder (default {RESULTS})")
@@ -104,14 +148,22 @@ def benchmark(args) -> int:
         except optimum_env.OptimumEnvError as e:
             optimum_reason = str(e)
 
-    sd = workloads.prepare_sd_shaped(workloads.SDShape(), tuple(args.sizes), optimum_python, optimum_reason)
+    asked = "not run (asked on the command line)"
+    # stable-diffusion.cpp runs only at SD 1.5 size: its venv (a ~15-minute build) is made only for --sd15.
+    sdcpp_skip = asked if args.no_sdcpp else None if args.sd15 else workloads.SDCPP_SHAPES
+    envs = {"openvino-genai": peer_env(openvino_genai_env.ENV, asked if args.no_openvino_genai else None, workloads.WORK / "openvino_genai_env.log"),
+            "sdcpp": peer_env(sdcpp_env.ENV, sdcpp_skip, workloads.WORK / "sdcpp_env.log")}
+    ov = (envs["openvino-genai"][0] is not None, envs["openvino-genai"][1])
+    sd = workloads.prepare_sd_shaped(workloads.SDShape(), tuple(args.sizes), optimum_python, optimum_reason, openvino=ov)
     sd_runs = tuple(harness.RunSpec(s, s, batch=1, steps=args.steps, runs=args.runs, warmup=args.warmup) for s in args.sizes)
     default = workloads.prepare_default(optimum_python, optimum_reason)
-    items = [harness.Workload(sd.name, sd.description, sd.artifacts, sd_runs, peers_for(sd, optimum_python), sd.config)]
+    items = [harness.Workload(sd.name, sd.description, sd.artifacts, sd_runs, peers_for(sd, optimum_python, envs), sd.config)]
     if args.sd2_sizes:
-        sd2 = workloads.prepare_sd_shaped(workloads.SD2_SHAPE, tuple(args.sd2_sizes), optimum_python, optimum_reason)
+        sd2 = workloads.prepare_sd_shaped(workloads.SD2_SHAPE, tuple(args.sd2_sizes), optimum_python, optimum_reason, openvino=ov)
         sd2_runs = tuple(harness.RunSpec(s, s, batch=1, steps=args.steps, runs=args.runs, warmup=args.warmup) for s in args.sd2_sizes)
-        items.append(harness.Workload(sd2.name, sd2.description, sd2.artifacts, sd2_runs, peers_for(sd2, optimum_python), sd2.config))
+        items.append(harness.Workload(sd2.name, sd2.description, sd2.artifacts, sd2_runs, peers_for(sd2, optimum_python, envs), sd2.config))
+    if args.sd15:
+        items.append(sd15_workload(args, envs, ov))
     if default.skip_reason is not None:
         items.insert(0, harness.Workload(default.name, default.description, None, (), (), skip_reason=default.skip_reason))
     else:

@@ -33,6 +33,9 @@ from ldm_rt.runtime.tokenizer import PromptTokenizer
 from .diffusers_layout import ldm_rt_to_diffusers, write_tokenizer_folder
 from .harness import PEERS
 from .machine import version
+from .peers import openvino_genai_env
+from .peers.peer_env import PeerEnvError
+from .single_file import diffusers_to_single_file
 
 ROOT = Path(__file__).resolve().parents[1]
 WORK = Path(__file__).resolve().parent / "work"
@@ -58,9 +61,16 @@ class SDShape:
     vae_layers_per_block: int = 2
     max_length: int = 77
     seed: int = 0
+    text_vocab: int | None = None  # CLIP's embedding rows; None: the word-level tokenizer's vocabulary size
+    name: str | None = None  # the workload's name; None: sd-shaped / sd2-shaped
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        # Unset optional fields stay out, so the cache keys of folders made before they existed still match.
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None or k not in ("text_vocab", "name")}
+
+    @property
+    def workload_name(self) -> str:
+        return self.name or ("sd-shaped" if self.generation == 1 else f"sd{self.generation}-shaped")
 
     @property
     def generation(self) -> int:
@@ -73,6 +83,11 @@ class SDShape:
 
 
 SD2_SHAPE = SDShape(unet_head_width=64)
+# SD 1.5's real shapes (UNet 860 M, CLIP ViT-L/14 text encoder with its 49408-token embedding, the SD VAE) with
+# random weights: the size users run, where stable-diffusion.cpp (which accepts only SD's shapes) can run too.
+SD15_SHAPE = SDShape(unet_channels=(320, 640, 1280, 1280), text_hidden=768, text_layers=12, text_heads=12, text_intermediate=3072,
+                     vae_channels=(128, 256, 512, 512), text_vocab=49408, name="sd15-shaped")
+SD15_SIZE, SD15_STEPS = 256, 4  # 256x256 and 4 steps: the full-size networks fit 2 cores in seconds per image
 
 
 def scheduler_config() -> dict[str, Any]:
@@ -114,7 +129,7 @@ def make_sd_shaped(folder: Path, shape: SDShape) -> Path:
     tokenizer = PromptTokenizer.word_level(WORDS, shape.max_length)
     write_tokenizer_folder(tokenizer, folder / "tokenizer")
     text = CLIPTextModel(CLIPTextConfig(
-        vocab_size=tokenizer.vocab_size, hidden_size=shape.text_hidden, intermediate_size=shape.text_intermediate,
+        vocab_size=shape.text_vocab or tokenizer.vocab_size, hidden_size=shape.text_hidden, intermediate_size=shape.text_intermediate,
         num_hidden_layers=shape.text_layers, num_attention_heads=shape.text_heads, max_position_embeddings=shape.max_length,
         hidden_act="quick_gelu", bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id,
     ))
@@ -228,19 +243,52 @@ class Prepared:
     diffusers_reason: str | None = None
     optimum_reason: str | None = None
     skip_reason: str | None = None
+    openvino_ir: Path | None = None  # optimum-intel's OpenVINO export, for OpenVINO GenAI
+    openvino_reason: str | None = None
+    single_file: Path | None = None  # the original-layout f16 checkpoint, for stable-diffusion.cpp
+    single_file_reason: str | None = None
 
 
-def prepare_sd_shaped(shape: SDShape, sizes: tuple[int, ...], optimum_python: Path | None, optimum_reason: str | None) -> Prepared:
-    """Make (or reuse) the SD-shaped diffusers folder, ldm-rt's export of it and Optimum's."""
-    name = "sd-shaped" if shape.generation == 1 else f"sd{shape.generation}-shaped"
+def openvino_export(ready: bool, reason: str | None, source: Path, root: Path, key: dict[str, Any]) -> tuple[Path | None, str | None]:
+    """(optimum-intel's OpenVINO IR of `source`, None) or (None, why there is none): no OpenVINO GenAI venv
+    (`ready` False), or the export failed."""
+    if not ready:
+        return None, reason
+    try:
+        return _cached(root / "openvino", key, lambda folder: openvino_genai_env.export(source, folder, root / "openvino_export.log", (" ".join(WORDS),))), None
+    except PeerEnvError as e:
+        return None, str(e)
+
+
+SDCPP_SHAPES = "stable-diffusion.cpp loads SD 1.x/2.x/XL shapes only (it refuses reduced widths): the SD 1.5-sized workload (--sd15)"
+
+
+def sdcpp_checkpoint(ready: bool, reason: str | None, shape: SDShape, source: Path, root: Path, key: dict[str, Any]) -> tuple[Path | None, str | None]:
+    """(the f16 single-file checkpoint of `source`, None) or (None, why stable-diffusion.cpp cannot run it)."""
+    if shape != SD15_SHAPE:
+        return None, SDCPP_SHAPES
+    if not ready:
+        return None, reason
+    folder = _cached(root / "single_file", key, lambda folder: diffusers_to_single_file(source, folder / "model-f16.safetensors", "f16"))
+    return folder / "model-f16.safetensors", None
+
+
+def prepare_sd_shaped(shape: SDShape, sizes: tuple[int, ...], optimum_python: Path | None, optimum_reason: str | None,
+                      openvino: tuple[bool, str | None] = (False, "not run"), sdcpp: tuple[bool, str | None] = (False, "not run")) -> Prepared:
+    """Make (or reuse) the SD-shaped diffusers folder, ldm-rt's export of it, Optimum's, optimum-intel's (when
+    `openvino` is (True, _)) and the single file for stable-diffusion.cpp (when `sdcpp` is (True, _), SD 1.5 only)."""
+    name = shape.workload_name
     root = WORK / name
     root.mkdir(parents=True, exist_ok=True)
     key = {"shape": shape.to_dict(), "words": list(WORDS), "diffusers": version("diffusers")}
     source = _cached(root / "diffusers", key, lambda folder: make_sd_shaped(folder, shape))
     # One profile whatever sizes this run measures, so a --quick run reuses the full run's export.
-    heights = (min(*sizes, *SD_SIZES), min(SD_SIZES), max(*sizes, *SD_SIZES))
+    base = SD_SIZES if shape.name is None else sizes  # the full-size model: only the sizes it is measured at
+    heights = (min(*sizes, *base), min(base), max(*sizes, *base))
     artifacts = build_ours(source, root / "artifacts", heights, (1, 1, 1), key)
     optimum, optimum_reason = optimum_export(optimum_python, optimum_reason, source, root, key)
+    openvino_ir, openvino_reason = openvino_export(*openvino, source, root, key)
+    single, single_reason = sdcpp_checkpoint(*sdcpp, shape, source, root, key)
     params = parameter_counts(source)
     config = {"sd_shaped": True, **shape.to_dict(), "params_millions": {k: round(v, 2) for k, v in params.items()}}
     if shape.generation == 1:
@@ -248,12 +296,13 @@ def prepare_sd_shaped(shape: SDShape, sizes: tuple[int, ...], optimum_python: Pa
     else:
         heads = f"{shape.unet_head_width}-wide heads ({', '.join(map(str, shape.heads_per_level()))} per level), linear projections"
     description = (
-        f"SD-v{shape.generation}-shaped model, random weights: UNet {params['unet']:.1f} M parameters (block_out_channels "
+        f"{'SD 1.5-sized' if shape == SD15_SHAPE else f'SD-v{shape.generation}-shaped'} model, random weights: UNet {params['unet']:.1f} M parameters (block_out_channels "
         f"{list(shape.unet_channels)}, {shape.unet_layers_per_block} layers per block, {heads}, cross-attention "
         f"{shape.text_hidden}), VAE {params['vae']:.1f} M (f=8, {list(shape.vae_channels)}), CLIP text encoder "
         f"{params['text_encoder']:.1f} M ({shape.text_layers} layers, width {shape.text_hidden}, {shape.max_length} tokens)."
     )
-    return Prepared(name, description, config, artifacts, source, source, optimum, optimum_reason=optimum_reason)
+    return Prepared(name, description, config, artifacts, source, source, optimum, optimum_reason=optimum_reason,
+                    openvino_ir=openvino_ir, openvino_reason=openvino_reason, single_file=single, single_file_reason=single_reason)
 
 
 def prepare_default(optimum_python: Path | None, optimum_reason: str | None) -> Prepared:

@@ -11,7 +11,7 @@ the manifest records the largest point checked. Each phase reports its progress 
     <out>/onnx/fp32/<component>.onnx, <out>/onnx/fp16/<component>.onnx
     <out>/onnx/fp32/<component>.onnxruntime.onnx   (attention fused for ONNX Runtime, when there is any)
     <out>/engines/<component>.<precision>.<key>.plan + .json   (when TensorRT built them)
-    <out>/tokenizer.json, <out>/scheduler_config.json
+    <out>/tokenizer.json, <out>/scheduler_config.json   (SDXL: <out>/tokenizer_2.json too)
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ from typing import Any
 
 from ldm_rt.export.errors import ExportError, TensorRTUnavailable
 from ldm_rt.export.fp16 import find_fp32_islands, half_model
+from ldm_rt.export.lora_targets import record_targets
+from ldm_rt.runtime.lora import TARGETS_FILE
 from ldm_rt.export.memory import EstimateError, GraphMemory, parity_budget
 from ldm_rt.export.onnx_export import OPSET, export_component
 from ldm_rt.export.ort_attention import write_ort_variant
@@ -48,9 +50,11 @@ from ldm_rt.export.sources import Source, load_source, source_name
 from ldm_rt.export.tensorrt_build import TensorRTInfo, build_engine, engine_spec, probe_tensorrt
 from ldm_rt.export.triton_repo import TRITON_REPOSITORY, is_triton_repository, write_triton_repo
 from ldm_rt.reference.export_wrappers import export_wrappers
+from ldm_rt.reference.lora import fuse_lora_files, load_lora_files
 from ldm_rt.runtime.artifacts import Artifacts
 from ldm_rt.runtime.atomic import atomic_directory
 from ldm_rt.runtime.contracts import ComponentContract, ContractError, ShapeProfile, build_contracts
+from ldm_rt.runtime.lora import LoraError, LoraSpec, as_specs
 from ldm_rt.runtime.manifest import (
     FORMAT,
     MANIFEST,
@@ -113,6 +117,8 @@ class BuildOptions:
     # TensorRT is present; --fp16 (without --onnx-only) asks for them too, since fp16 is for GPU engines.
     engines: bool = False
     parity_memory: int | None = None  # bytes a parity run may use; None: half of the available memory
+    # LoRAs fused into the weights before export (each at its scale; they add up); the manifest records them.
+    loras: tuple[LoraSpec, ...] = ()
 
     @property
     def engines_required(self) -> bool:
@@ -296,6 +302,10 @@ def build(options: BuildOptions) -> BuildResult:
     """Run one build; raises ExportError subclasses (one-line messages) on failure, leaving no output.
     OSError (a full or read-only disk) propagates for the caller to report."""
     check_profile_limits(options.profile)
+    try:  # a missing, truncated or pickled LoRA is refused before anything is loaded or written
+        lora_files = load_lora_files(as_specs(options.loras))
+    except LoraError as e:
+        raise ExportError(str(e)) from None
     out = output_dir(options)
     # Refuse unusable outputs before minutes of work; claim_output checks again under the lock.
     check_output(out, is_artifacts_folder, ARTIFACTS)
@@ -305,15 +315,23 @@ def build(options: BuildOptions) -> BuildResult:
             raise ExportError(f"the Triton repository {repo} and the artifacts folder {out} must not contain each other")
         check_output(repo, is_triton_repository, TRITON_REPOSITORY)
     with claim_output(out, is_artifacts_folder, ARTIFACTS):
-        result = _build_into(out, options)
+        result = _build_into(out, options, lora_files)
     if options.triton_repo is not None:
         result.triton_models = write_triton_repo(out, options.triton_repo)
     return result
 
 
-def _build_into(out: Path, options: BuildOptions) -> BuildResult:
+def _build_into(out: Path, options: BuildOptions, lora_files: list | None = None) -> BuildResult:
     with phase(f"load {options.model or 'the shipped default model'}", enabled=options.progress):
         source = load_source(options.model, tokenizer=options.tokenizer, prediction_type=options.prediction_type)
+    lora_records: list[dict[str, Any]] = []
+    if lora_files:
+        with phase(f"fuse {len(lora_files)} LoRA(s)", enabled=options.progress):
+            try:
+                # The path too, so a backend that rebuilds the weights from the source can apply them again.
+                lora_records = [{**r, "path": str(f.path.resolve())} for r, (f, _) in zip(fuse_lora_files(source.loaded, lora_files), lora_files)]
+            except LoraError as e:
+                raise ExportError(str(e)) from None
     try:
         contracts = build_contracts(source.facts, options.profile)
     except ContractError as e:
@@ -340,7 +358,16 @@ def _build_into(out: Path, options: BuildOptions) -> BuildResult:
         if source.loaded.tokenizer is not None:
             source.loaded.tokenizer.save(tmp / "tokenizer.json")
             tokenizer = FileEntry.of(tmp, "tokenizer.json")
+        tokenizer_2 = None  # SDXL's second tokenizer, for text_encoder_2 (its own pad token)
+        if getattr(source.loaded, "tokenizer_2", None) is not None:
+            source.loaded.tokenizer_2.save(tmp / "tokenizer_2.json")
+            tokenizer_2 = FileEntry.of(tmp, "tokenizer_2.json")
         (tmp / "scheduler_config.json").write_text(json.dumps(source.loaded.scheduler_config, indent=2) + "\n")
+
+        # Where each LoRA-targetable weight sits in each ONNX file: the runtime patches them there (runtime/lora.py).
+        with phase("LoRA targets (initializer of each adaptable weight)", enabled=options.progress):
+            record_targets(source.loaded.model, tmp, components)
+        lora_targets = FileEntry.of(tmp, TARGETS_FILE) if (tmp / TARGETS_FILE).is_file() else None
 
         if trt_info is not None:
             _build_engines(components, tmp, out, trt_info, options)
@@ -355,8 +382,10 @@ def _build_into(out: Path, options: BuildOptions) -> BuildResult:
             profile=options.profile,
             components=components,
             tokenizer=tokenizer,
+            tokenizer_2=tokenizer_2,
+            lora_targets=lora_targets,
             scheduler=FileEntry.of(tmp, "scheduler_config.json"),
-            source=source.to_manifest(),
+            source={**source.to_manifest(), **({"loras": lora_records} if lora_records else {})},
             tools=tool_versions(),
             tensorrt={**tensorrt, "static_shape": options.static_shape},
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -23,6 +23,7 @@ from pathlib import Path
 from ldm_rt.runtime.atomic import explain_os_error
 from ldm_rt.runtime.cli_support import OneLineParser, error_line, run
 from ldm_rt.runtime.contracts import ContractError, ShapeProfile
+from ldm_rt.runtime.lora import LoraError, parse_lora_arg
 from ldm_rt.runtime.manifest import ArtifactError
 from ldm_rt.runtime.schedulers import PREDICTION_TYPES
 
@@ -88,6 +89,9 @@ def parser() -> argparse.ArgumentParser:
                      "(.safetensors/.ckpt); default: the shipped default model")
     src.add_argument("--tokenizer", type=Path, metavar="PATH",
                      help="tokenizer for a single file (diffusers tokenizer/ folder or tokenizer.json); overrides a folder's own")
+    src.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                     help="fuse a LoRA (.safetensors, diffusers/PEFT or kohya layout; .pt/.ckpt tensors only) at SCALE "
+                          "(default 1) into the weights before export; repeatable, scales add up; the manifest records each")
     src.add_argument("--prediction-type", choices=PREDICTION_TYPES,
                      help="what the UNet predicts; single files cannot tell (SD 2.x 768-v: v_prediction)")
     out = p.add_argument_group("output")
@@ -140,6 +144,10 @@ def options_from_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> B
         profile = ShapeProfile(args.batch_range, args.height_range, args.width_range)
     if args.engines and args.onnx_only:
         p.error("--engines and --onnx-only contradict each other; choose one")
+    try:
+        loras = tuple(parse_lora_arg(text) for text in args.lora)
+    except LoraError as e:
+        p.error(str(e))
     return BuildOptions(
         model=args.model,
         out=args.out,
@@ -155,6 +163,7 @@ def options_from_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> B
         opset=args.opset,
         engines=args.engines,
         parity_memory=None if args.parity_memory is None else int(args.parity_memory * 2**30),
+        loras=loras,
     )
 
 

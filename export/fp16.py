@@ -63,7 +63,8 @@ NORM_TYPES = (nn.GroupNorm, nn.LayerNorm)
 ALWAYS_FP32: tuple[type[nn.Module], ...] = (VectorQuantizer,)
 # Inputs kept float32 inside the fp16 graph: fp16 cannot tell t=999.0 from 999.5 and the sinusoidal
 # embedding (computed in fp32 by the UNet) needs the exact value.
-FP32_INPUTS = frozenset({"timestep"})
+# SDXL's time ids (pixel sizes up to thousands) likewise.
+FP32_INPUTS = frozenset({"timestep", "time_ids"})
 MAX_ISLANDS = 16
 TORCH_FP16_BACKEND = "torch-fp16-cpu"
 # A child block explaining at least this share of its parent's own error is kept instead of the parent.
@@ -155,12 +156,13 @@ class HalfPrecisionIO(nn.Module):
         self.inner = inner
         self.input_names = tuple(input_names)
 
-    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
         cast = [
             x if name in FP32_INPUTS or not x.is_floating_point() else x.half()
             for name, x in zip(self.input_names, inputs)
         ]
-        return self.inner(*cast).float()
+        out = self.inner(*cast)
+        return tuple(o.float() for o in out) if isinstance(out, (tuple, list)) else out.float()
 
 
 def half_model(reference: nn.Module, contract: ComponentContract, kept_fp32: Sequence[str]) -> HalfPrecisionIO:
@@ -223,6 +225,14 @@ def _max_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float("inf") if not bool(torch.isfinite(diff).all()) else float(diff.max())
 
 
+def _case_err(out: Any, refs: Sequence[torch.Tensor], bounds: Sequence[float]) -> float:
+    """The max error of the first output, or of a further output scaled to the first's bound when that one is
+    further beyond its own (so `error > bounds[0]` means some output is out of bounds)."""
+    outs = out if isinstance(out, (tuple, list)) else (out,)
+    errs = [_max_err(o, r) for o, r in zip(outs, refs)]
+    return max(e if i == 0 else e * bounds[0] / b for i, (e, b) in enumerate(zip(errs, bounds)))
+
+
 def _pick_by_own_error(errors: dict[str, float]) -> str | None:
     """The block with the largest own error, or a child of it that explains most of that error; None
     when no block stands out from fp16 rounding (the error is then spread over the whole model)."""
@@ -256,16 +266,17 @@ def find_fp32_islands(
     tolerance = tolerance or contract.tolerance["fp16"]
     names = [t.name for t in contract.inputs]
     sets = [[torch.from_numpy(case.inputs[n]) for n in names] for case in cases]
-    refs = [torch.from_numpy(case.reference) for case in cases]
+    refs = [[torch.from_numpy(o) for o in case.outputs] for case in cases]
     bounds = [tolerance.bound(case.reference) for case in cases]
+    output_bounds = [[tolerance.bound(o) for o in case.outputs] for case in cases]
     kept = always_fp32(reference, sets[0])
     for round_ in range(1, max_islands + 2):
         model = half_model(reference, contract, kept)
         errors: list[float] = []
         culprit = None
-        for x, ref, bound, case in zip(sets, refs, bounds, cases):
+        for x, ref, bound, case, each in zip(sets, refs, bounds, cases, output_bounds):
             with _Probe(model.inner, kept, watch) as probe:
-                err = _max_err(_run(model, x), ref)
+                err = _case_err(_run(model, x), ref, each)
             report(f"round {round_} ({len(kept)} fp32 islands), {case.label}: error {err:.3g} (bound {bound:.3g})")
             if probe.first_nonfinite is not None and err == float("inf"):
                 culprit = probe.first_nonfinite

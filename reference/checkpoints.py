@@ -1,14 +1,18 @@
 """Load a latent diffusion model from local files: an ldm-rt model folder, a diffusers folder, or an
-original Stable Diffusion v1/v2 single file. Nothing is ever downloaded.
+original Stable Diffusion v1/v2 or SDXL single file. Nothing is ever downloaded.
 
     loaded = load_model("models/sd15.safetensors", tokenizer="models/sd15-tokenizer/")
     loaded = load_model("models/stable-diffusion-2-1", prediction_type="v_prediction")
+    loaded = load_model("models/sd_xl_base_1.0.safetensors", tokenizer="xl/tokenizer", tokenizer_2="xl/tokenizer_2")
 
 What each source gives:
 - ldm-rt model folder (ldm_rt_model.json): everything (see model_folder.py).
 - diffusers folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/): configs through
   the key-map modules' config converters, weights renamed to the original layout with their explicit key
   maps; *.safetensors, or *.bin via torch.load(weights_only=True) only where no safetensors exist.
+  SDXL folders add text_encoder_2/ and tokenizer_2/ (a refiner has only those two), and model_index.json's
+  force_zeros_for_empty_prompt (diffusers' default for SDXL: true) and requires_aesthetics_score (checked
+  against the UNet's 5 or 6 time ids). SDXL-Turbo folders are base folders with their own scheduler.
 - single file (.safetensors; .ckpt/.pt only via torch.load(weights_only=True)): the original
   CompVis/Stability layout, split by prefix; every config is inferred from tensor shapes. Some facts are
   not in the weights and follow Stable Diffusion: attention heads (v1: 8 heads; v2 and CLIP text towers:
@@ -16,6 +20,12 @@ What each source gives:
   steps_offset 1), and the prediction type, which the weights cannot reveal: SD 2.x 768-v models
   predict v, so pass `prediction_type="v_prediction"` for them (default "epsilon"). A single file holds no
   tokenizer: pass `tokenizer=` (a diffusers tokenizer/ folder or a tokenizer.json).
+- SDXL single file (sgm layout: `conditioner.embedders.0.transformer.` CLIP ViT-L and
+  `conditioner.embedders.1.model.` OpenCLIP bigG in a base, only `conditioner.embedders.0.model.` in a
+  refiner): pass `tokenizer_2=` (SDXL's tokenizer_2/, which pads with "!") and, for a base, `tokenizer=`.
+  Not in the weights: 64-wide heads, the VAE scale factor 0.13025, SDXL's Euler scheduler, and how many
+  of the added-embedding channels each time id takes (the base has 6 ids, the refiner 5: the rest of
+  adm_in_channels after the pooled width, shared equally).
 
 Pickles are never loaded unrestricted: safetensors first, torch.load(weights_only=True) otherwise.
 """
@@ -38,7 +48,15 @@ from ldm_rt.runtime.schedulers import PREDICTION_TYPES, sd_scheduler_config
 from ldm_rt.runtime.tokenizer import PromptTokenizer, TokenizerError
 
 from .checkpoint_errors import CheckpointError
-from .configs import AutoencoderConfig, ConfigError, LDMConfig, TextEncoderConfig, UNetConfig
+from .configs import (
+    BASE_TIME_IDS,
+    REFINER_TIME_IDS,
+    AutoencoderConfig,
+    ConfigError,
+    LDMConfig,
+    TextEncoderConfig,
+    UNetConfig,
+)
 from .keymap_autoencoder import autoencoder_config_from_diffusers, autoencoder_state_dict_from_diffusers
 from .keymap_text_encoder import (
     IGNORED_HF_KEYS,
@@ -50,6 +68,15 @@ from .keymap_unet import unet_config_from_diffusers, unet_state_dict_from_diffus
 from .ldm import LatentDiffusion
 from .model_folder import LoadedModel, is_model_folder, load_model_folder, load_strict, read_json_object
 from .text_encoder import text_encoder_config_from_transformers
+from .text_encoder_sdxl import (
+    PENULTIMATE,
+    SDXL_CONDITIONER_PREFIX,
+    SDXL_EMBEDDER_0_PREFIX,
+    SDXL_EMBEDDER_1_PREFIX,
+    SDXL_REFINER_EMBEDDER_PREFIX,
+    canonical_clip_keys,
+    sdxl_text_encoder_2_state_dict_from_single_file,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +98,8 @@ IGNORED_SINGLE_FILE_PREFIXES = ("model_ema.",)
 SD_V1_UNET_HEADS = 8  # SD v1 fixes the head count (CompVis v1-inference.yaml: num_heads 8)
 HEAD_WIDTH = 64  # SD v2 UNet (num_head_channels 64) and CLIP / OpenCLIP text towers
 SD_SCALE_FACTOR = 0.18215
+SDXL_SCALE_FACTOR = 0.13025  # SDXL's retrained VAE (its diffusers vae/config.json scaling_factor)
+SDXL_RESOLUTION = 1024  # SDXL's native image size (its VAE's sample_size), the pipeline's default
 
 
 def load_model(
@@ -79,17 +108,20 @@ def load_model(
     prediction_type: str | None = None,
     dtype: torch.dtype = torch.float32,
     tokenizer: str | Path | PromptTokenizer | None = None,
+    tokenizer_2: str | Path | PromptTokenizer | None = None,
 ) -> LoadedModel:
-    """Load whatever `path` is (ldm-rt model folder, diffusers folder, SD single file).
+    """Load whatever `path` is (ldm-rt model folder, diffusers folder, SD or SDXL single file).
 
     prediction_type: "epsilon" | "v_prediction" | "sample" overrides the scheduler config (None keeps
     the folder's; single files default to "epsilon": pass "v_prediction" for SD 2.x 768-v).
-    tokenizer: required for a single file; overrides a folder's own tokenizer otherwise.
+    tokenizer: required for a single file (except an SDXL refiner's); overrides a folder's own otherwise.
+    tokenizer_2: SDXL's second tokenizer, required for an SDXL single file; overrides a folder's own.
     """
     path = Path(path)
     if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
         raise CheckpointError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
     own_tokenizer = None if tokenizer is None else _load_tokenizer(tokenizer)
+    own_tokenizer_2 = None if tokenizer_2 is None else _load_tokenizer(tokenizer_2)
     if path.is_dir():
         if is_model_folder(path):
             loaded = load_model_folder(path, dtype)
@@ -103,15 +135,18 @@ def load_model(
             )
         if own_tokenizer is not None:
             loaded.tokenizer = own_tokenizer
+        if own_tokenizer_2 is not None:
+            loaded.tokenizer_2 = own_tokenizer_2
     elif path.is_file():
         if path.suffix not in SINGLE_FILE_SUFFIXES:
             raise CheckpointError(f"{path}: unknown checkpoint type {path.suffix!r}; expected one of {SINGLE_FILE_SUFFIXES}")
-        if own_tokenizer is None:
+        if own_tokenizer is None and own_tokenizer_2 is None:
             raise CheckpointError(
                 f"{path} is a single-file checkpoint and holds no tokenizer: pass tokenizer= a diffusers "
-                "tokenizer/ folder (vocab.json, merges.txt) or a tokenizer.json of the model's CLIP tokenizer"
+                "tokenizer/ folder (vocab.json, merges.txt) or a tokenizer.json of the model's CLIP tokenizer "
+                "(and, for SDXL, tokenizer_2= its tokenizer_2/ folder)"
             )
-        loaded = load_single_file(path, own_tokenizer, dtype=dtype)
+        loaded = load_single_file(path, own_tokenizer, dtype=dtype, tokenizer_2=own_tokenizer_2)
     else:
         raise CheckpointError(f"{path} does not exist; pass a model folder, a diffusers folder or an SD single file")
     if prediction_type is not None:
@@ -131,20 +166,21 @@ def load_diffusers_folder(path: str | Path, *, dtype: torch.dtype = torch.float3
     unet_config = _convert_config(unet_config_from_diffusers, path / "unet" / "config.json")
     vae_json = read_json_object(path / "vae" / "config.json")
     autoencoder_config = _convert_config(autoencoder_config_from_diffusers, path / "vae" / "config.json", vae_json)
-    text_config = None
-    tokenizer = None
-    if (path / "text_encoder").is_dir():
-        text_config = _convert_config(text_encoder_config_from_transformers, path / "text_encoder" / "config.json")
-        if not (path / "tokenizer").is_dir():
-            raise CheckpointError(f"{path} has a text_encoder/ but no tokenizer/ folder; copy the model's tokenizer/ in")
-        tokenizer = _load_tokenizer(path / "tokenizer")
-        text_config = _with_token_ids(text_config, tokenizer)
+    text_config, tokenizer = _diffusers_text_encoder(path, "text_encoder", "tokenizer")
+    text_config_2, tokenizer_2 = _diffusers_text_encoder(path, "text_encoder_2", "tokenizer_2")
+    sdxl: dict[str, Any] = {}
+    if unet_config.adm_in_channels is not None or text_config_2 is not None:
+        sdxl = _sdxl_fields(index, path / "model_index.json", unet_config, text_config_2)
+        # SDXL conditions on the penultimate layer of both encoders (diffusers' clip_skip=None).
+        text_config = _penultimate(text_config)
+        sdxl["text_encoder_2"] = _penultimate(text_config_2)
     config = _ldm_config(
         path / "model_index.json",
         unet=unet_config,
         autoencoder=autoencoder_config,
         text_encoder=text_config,
         scale_factor=_scale_factor(vae_json, path / "vae" / "config.json"),
+        **sdxl,
     )
     model = LatentDiffusion(config)
 
@@ -155,10 +191,50 @@ def load_diffusers_folder(path: str | Path, *, dtype: torch.dtype = torch.float3
     if model.text_encoder is not None:
         text_sd, text_file = _read_component_weights(path / "text_encoder")
         _load(model.text_encoder, hf_text_keys(text_sd), text_file)
+    if model.text_encoder_2 is not None:
+        text_sd, text_file = _read_component_weights(path / "text_encoder_2")
+        _load(model.text_encoder_2, hf_text_keys(text_sd), text_file)
 
     scheduler_config = read_json_object(path / "scheduler" / "scheduler_config.json")
     info = {"source_kind": "diffusers", "path": str(path), "pipeline": index.get("_class_name")}
-    return LoadedModel(model.to(dtype).eval(), tokenizer, scheduler_config, info)
+    return LoadedModel(model.to(dtype).eval(), tokenizer, scheduler_config, info, tokenizer_2)
+
+
+def _diffusers_text_encoder(path: Path, encoder: str, tokenizer: str) -> tuple[TextEncoderConfig | None, PromptTokenizer | None]:
+    """The config of a diffusers folder's text encoder `encoder`/ (with its tokenizer's special ids) and
+    that tokenizer, or (None, None) when the folder has no such encoder."""
+    if not (path / encoder).is_dir():
+        return None, None
+    config = _convert_config(text_encoder_config_from_transformers, path / encoder / "config.json")
+    if not (path / tokenizer).is_dir():
+        raise CheckpointError(f"{path} has a {encoder}/ but no {tokenizer}/ folder; copy the model's {tokenizer}/ in")
+    loaded = _load_tokenizer(path / tokenizer)
+    return _with_token_ids(config, loaded), loaded
+
+
+def _penultimate(config: TextEncoderConfig | None) -> TextEncoderConfig | None:
+    return None if config is None else dataclasses.replace(config, hidden_states_index=PENULTIMATE)
+
+
+def _sdxl_fields(index: dict[str, Any], where: Path, unet: UNetConfig, text_config_2: TextEncoderConfig | None) -> dict[str, Any]:
+    """LDMConfig's SDXL fields from model_index.json: force_zeros_for_empty_prompt (diffusers' SDXL pipelines
+    default to true), and requires_aesthetics_score, which must agree with the UNet's time ids."""
+    fields: dict[str, Any] = {}
+    for name, default in (("force_zeros_for_empty_prompt", True), ("requires_aesthetics_score", None)):
+        value = index.get(name, default)
+        if value is not None and not isinstance(value, bool):
+            raise CheckpointError(f"{where}: {name} must be true or false, got {value!r}; fix model_index.json")
+        fields[name] = value
+    aesthetics = fields.pop("requires_aesthetics_score")
+    if aesthetics is not None and unet.adm_in_channels is not None and text_config_2 is not None:
+        n = (unet.adm_in_channels - text_config_2.projection_dim) / unet.addition_time_embed_dim
+        if aesthetics != (n == REFINER_TIME_IDS):
+            kind = "a refiner's (5 time ids, with the aesthetic score)" if n == REFINER_TIME_IDS else "a base's (6 time ids)"
+            raise CheckpointError(
+                f"{where}: requires_aesthetics_score is {str(aesthetics).lower()} but the UNet is {kind}; "
+                "the folder mixes a base and a refiner: use the model_index.json and unet/ of one model"
+            )
+    return fields
 
 
 def _shard_path(folder: Path, name: Any, index: Path) -> Path:
@@ -207,13 +283,22 @@ def _read_component_weights(folder: Path) -> tuple[dict[str, torch.Tensor], Path
 
 # ---- single file -----------------------------------------------------------------------------------
 def load_single_file(
-    path: str | Path, tokenizer: PromptTokenizer, *, dtype: torch.dtype = torch.float32
+    path: str | Path,
+    tokenizer: PromptTokenizer | None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    tokenizer_2: PromptTokenizer | None = None,
 ) -> LoadedModel:
-    """An original SD v1/v2 single file -> LoadedModel, every config inferred from the tensors' shapes."""
+    """An original SD v1/v2 or SDXL single file -> LoadedModel, every config inferred from the tensors'
+    shapes. SD needs `tokenizer`; SDXL `tokenizer_2` and, for a base, `tokenizer` too."""
     path = Path(path)
     sd = read_state_dict(path)
     if "state_dict" in sd and isinstance(sd["state_dict"], Mapping):
         sd = sd["state_dict"]
+    if any(isinstance(k, str) and k.startswith(SDXL_CONDITIONER_PREFIX) for k in sd):
+        return _load_sdxl_single_file(path, sd, tokenizer, tokenizer_2, dtype)
+    if tokenizer is None:
+        raise CheckpointError(f"{path} is an SD v1/v2 checkpoint: pass tokenizer= its CLIP tokenizer (tokenizer_2 is for SDXL)")
     parts = split_single_file(sd, path)
     v2 = parts["text_layout"] == "openclip"
 
@@ -239,6 +324,122 @@ def load_single_file(
     scheduler_config = sd_scheduler_config(_class_name="DDIMScheduler") if v2 else sd_scheduler_config()  # as each ships
     info = {"source_kind": "single_file", "path": str(path), "variant": "v2" if v2 else "v1"}
     return LoadedModel(model.to(dtype).eval(), tokenizer, scheduler_config, info)
+
+
+def _load_sdxl_single_file(
+    path: Path,
+    sd: Mapping[str, Any],
+    tokenizer: PromptTokenizer | None,
+    tokenizer_2: PromptTokenizer | None,
+    dtype: torch.dtype,
+) -> LoadedModel:
+    """An sgm-layout SDXL base or refiner single file (see the module docstring) -> LoadedModel."""
+    parts = split_sdxl_single_file(sd, path)
+    refiner = parts["text"] is None
+    kind = "SDXL refiner" if refiner else "SDXL base"
+    if tokenizer_2 is None or (tokenizer is None and not refiner):
+        needs = "tokenizer_2= its tokenizer_2/ folder" if refiner else "tokenizer= its tokenizer/ and tokenizer_2= its tokenizer_2/ folder"
+        raise CheckpointError(f"{path} is an {kind} checkpoint and holds no tokenizer: pass {needs} (tokenizer_2 pads with \"!\")")
+    if refiner and tokenizer is not None:
+        raise CheckpointError(f"{path} is an {kind} checkpoint with only the second text encoder: pass tokenizer_2= alone, not tokenizer=")
+    config, text_sd_2 = sdxl_single_file_config(parts, path, tokenizer, tokenizer_2)
+    model = LatentDiffusion(config)
+    _load(model.unet, parts["unet"], f"{path} (UNet, prefix {UNET_PREFIX})")
+    _load(model.autoencoder, parts["autoencoder"], f"{path} (autoencoder, prefix {VAE_PREFIX})")
+    if model.text_encoder is not None:
+        _load(model.text_encoder, parts["text"], f"{path} (text encoder, prefix {SDXL_EMBEDDER_0_PREFIX})")
+    prefix_2 = SDXL_REFINER_EMBEDDER_PREFIX if refiner else SDXL_EMBEDDER_1_PREFIX
+    _load(model.text_encoder_2, hf_text_keys(text_sd_2), f"{path} (text encoder 2, prefix {prefix_2})")
+    # SDXL base/refiner ship diffusers' Euler scheduler on SD's training schedule.
+    scheduler_config = sd_scheduler_config(_class_name="EulerDiscreteScheduler", interpolation_type="linear", use_karras_sigmas=False)
+    info = {"source_kind": "single_file", "path": str(path), "variant": "sdxl-refiner" if refiner else "sdxl"}
+    return LoadedModel(model.to(dtype).eval(), tokenizer, scheduler_config, info, tokenizer_2)
+
+
+def sdxl_single_file_config(
+    parts: Mapping[str, Any],
+    where: str | Path,
+    tokenizer: PromptTokenizer | None = None,
+    tokenizer_2: PromptTokenizer | None = None,
+) -> tuple[LDMConfig, dict[str, torch.Tensor]]:
+    """(LDMConfig inferred from the shapes of `split_sdxl_single_file`'s parts, text_encoder_2's state dict in
+    CLIPTextModelWithProjection keys). Tokenizers, where given, set the encoders' special ids. Runs on
+    meta tensors too, so full-size layouts can be checked without the weights."""
+    refiner = parts["text"] is None
+    prefix_2 = SDXL_REFINER_EMBEDDER_PREFIX if refiner else SDXL_EMBEDDER_1_PREFIX
+    hidden_2 = _shape(parts["text_2"], "token_embedding.weight", f"{where} (prefix {prefix_2})")[1]
+    try:
+        text_sd_2, hf_config_2 = sdxl_text_encoder_2_state_dict_from_single_file(
+            {prefix_2 + k: v for k, v in parts["text_2"].items()}, hidden_2 // _head_width(hidden_2), prefix=prefix_2
+        )
+    except CheckpointError as e:
+        raise CheckpointError(f"{where}: {e}") from None
+    text_config_2 = text_encoder_config_from_transformers(hf_config_2.to_dict())
+    text_config = None if refiner else infer_clip_text_config(parts["text"], where=str(where))
+    if tokenizer_2 is not None:
+        text_config_2 = _with_token_ids(text_config_2, tokenizer_2)
+    if tokenizer is not None and text_config is not None:
+        text_config = _with_token_ids(text_config, tokenizer)
+
+    unet_config = infer_unet_config(parts["unet"], v2=True, where=str(where))
+    if unet_config.adm_in_channels is None:
+        raise CheckpointError(f"{where}: the UNet has no label_emb.0.0 (SDXL's added conditioning) but the text encoders are SDXL's; the file mixes models")
+    n_ids, kind = (REFINER_TIME_IDS, "SDXL refiner") if refiner else (BASE_TIME_IDS, "SDXL base")
+    time_width, rest = divmod(unet_config.adm_in_channels - text_config_2.projection_dim, n_ids)
+    if rest or time_width < 1:
+        raise CheckpointError(
+            f"{where}: the UNet's added conditioning takes {unet_config.adm_in_channels} channels, which is not the "
+            f"second encoder's pooled {text_config_2.projection_dim} + {n_ids} time ids of equal width ({kind}); "
+            "the UNet and text encoders come from different models"
+        )
+    unet_config = dataclasses.replace(unet_config, addition_time_embed_dim=time_width)
+    autoencoder_config = infer_autoencoder_config(parts["autoencoder"], where=str(where), resolution=SDXL_RESOLUTION)
+    config = _ldm_config(
+        Path(where), unet=unet_config, autoencoder=autoencoder_config, text_encoder=_penultimate(text_config),
+        scale_factor=SDXL_SCALE_FACTOR, text_encoder_2=_penultimate(text_config_2),
+        force_zeros_for_empty_prompt=not refiner,  # as each ships (model_index.json)
+    )  # fmt: skip
+    return config, text_sd_2
+
+
+def split_sdxl_single_file(sd: Mapping[str, Any], where: str | Path) -> dict[str, Any]:
+    """Split an sgm SDXL state dict by prefix: {"unet", "autoencoder", "text" (CLIP ViT-L in HF keys; None
+    in a refiner), "text_2" (OpenCLIP bigG keys)}, prefixes stripped."""
+    prefixes = {
+        "unet": UNET_PREFIX, "autoencoder": VAE_PREFIX, "text": SDXL_EMBEDDER_0_PREFIX,
+        "text_2": SDXL_EMBEDDER_1_PREFIX, "refiner_text_2": SDXL_REFINER_EMBEDDER_PREFIX,
+    }  # fmt: skip
+    parts: dict[str, dict[str, torch.Tensor]] = {name: {} for name in prefixes}
+    unknown = []
+    for key, value in sd.items():
+        name = next((n for n, p in prefixes.items() if isinstance(value, torch.Tensor) and key.startswith(p)), None)
+        if name is not None:
+            parts[name][key[len(prefixes[name]):]] = value
+        elif key not in IGNORED_SINGLE_FILE_KEYS and not key.startswith(IGNORED_SINGLE_FILE_PREFIXES):
+            unknown.append(key)
+    if unknown:
+        logger.warning("%s: ignoring %d key(s) outside the UNet, autoencoder and text encoders: %s", where, len(unknown), unknown[:8])
+    if not parts["unet"]:
+        raise CheckpointError(f"{where} has no {UNET_PREFIX}* keys: it is not an original-layout SDXL checkpoint")
+    if not parts["autoencoder"]:
+        raise CheckpointError(f"{where} has no {VAE_PREFIX}* keys: the autoencoder is missing from this checkpoint")
+    base, refiner = parts["text"] or parts["text_2"], parts["refiner_text_2"]
+    if base and refiner:
+        raise CheckpointError(f"{where} holds both SDXL base ({SDXL_EMBEDDER_0_PREFIX}*) and refiner ({SDXL_REFINER_EMBEDDER_PREFIX}*) text encoder keys; expected one model")
+    if base and not (parts["text"] and parts["text_2"]):
+        missing, there = (SDXL_EMBEDDER_1_PREFIX, SDXL_EMBEDDER_0_PREFIX) if parts["text"] else (SDXL_EMBEDDER_0_PREFIX, SDXL_EMBEDDER_1_PREFIX)
+        raise CheckpointError(f"{where} has SDXL {there}* keys but no {missing}* keys: an SDXL base needs both text encoders; the file is incomplete")
+    if not (base or refiner):
+        raise CheckpointError(
+            f"{where} has {SDXL_CONDITIONER_PREFIX}* keys but no text encoder ({SDXL_EMBEDDER_0_PREFIX}* + "
+            f"{SDXL_EMBEDDER_1_PREFIX}* for an SDXL base, {SDXL_REFINER_EMBEDDER_PREFIX}* for a refiner)"
+        )
+    return {
+        "unet": parts["unet"],
+        "autoencoder": parts["autoencoder"],
+        "text": hf_text_keys(parts["text"]) if base else None,
+        "text_2": parts["text_2"] if base else refiner,
+    }
 
 
 def split_single_file(sd: Mapping[str, Any], where: str | Path) -> dict[str, Any]:
@@ -272,10 +473,9 @@ def split_single_file(sd: Mapping[str, Any], where: str | Path) -> dict[str, Any
 
 
 def hf_text_keys(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """CLIPTextModel weights with the canonical `text_model.` level (transformers < 4.13 and >= 5 save
-    them without it) and without the position_ids buffer some files carry."""
-    out = {k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in sd.items()}
-    return {k: v for k, v in out.items() if k not in IGNORED_HF_KEYS}
+    """CLIPTextModel(WithProjection) weights with the canonical `text_model.` level (transformers < 4.13 and
+    >= 5 save them without it) and without the position_ids buffer some files carry."""
+    return {k: v for k, v in canonical_clip_keys(sd).items() if k not in IGNORED_HF_KEYS}
 
 
 def _shape(sd: Mapping[str, torch.Tensor], key: str, where: str) -> tuple[int, ...]:
@@ -299,8 +499,10 @@ def _head_width(narrowest: int) -> int:
 def infer_unet_config(sd: Mapping[str, torch.Tensor], *, v2: bool, where: str) -> UNetConfig:
     """UNetConfig from an original-layout UNet state dict (prefix stripped).
 
-    Heads are not visible in shapes: SD v1 uses 8 heads, SD v2 64-wide heads (min(64, narrowest attention
-    width // 2) for models narrower than 128 channels)."""
+    Heads are not visible in shapes: SD v1 uses 8 heads, SD v2 and SDXL 64-wide heads (min(64, narrowest
+    attention width // 2) for models narrower than 128 channels); pass v2=True for SDXL. SDXL's added
+    conditioning (`label_emb.0.0`) sets adm_in_channels; addition_time_embed_dim, which shapes do not show,
+    is left at its default for the caller to set."""
     model_channels, in_channels = _shape(sd, "input_blocks.0.0.weight", where)[:2]
     out_channels = _shape(sd, "out.2.weight", where)[0]
     downsamplers = _indices(sd, r"input_blocks\.(\d+)\.0\.op\.weight$")
@@ -318,8 +520,9 @@ def infer_unet_config(sd: Mapping[str, torch.Tensor], *, v2: bool, where: str) -
     widths.append(_shape(sd, f"{mid}proj_in.weight", where)[0])
     context_dim = _shape(sd, f"{mid}transformer_blocks.0.attn2.to_k.weight", where)[1]
     linear = len(_shape(sd, f"{mid}proj_in.weight", where)) == 2
-    depth = len(_indices(sd, r"middle_block\.1\.transformer_blocks\.(\d+)\."))
+    depth = _transformer_depth(sd, levels, num_res_blocks, where)
     num_classes = _shape(sd, "label_emb.weight", where)[0] if "label_emb.weight" in sd else None
+    adm = _shape(sd, "label_emb.0.0.weight", where)[1] if "label_emb.0.0.weight" in sd else None
     if v2 or context_dim == 1024:
         heads, head_channels = -1, _head_width(min(widths))
     else:
@@ -338,9 +541,29 @@ def infer_unet_config(sd: Mapping[str, torch.Tensor], *, v2: bool, where: str) -
             context_dim=context_dim,
             use_linear_in_transformer=linear,
             num_classes=num_classes,
+            adm_in_channels=adm,
         )
     except ConfigError as e:
         raise CheckpointError(f"{where}: inferred UNet config is invalid ({e})") from None
+
+
+def _transformer_depth(sd: Mapping[str, torch.Tensor], levels: int, num_res_blocks: int, where: str) -> int | tuple[int, ...]:
+    """Transformer blocks per SpatialTransformer: one int when every level with attention and the middle
+    block agree (SD 1.x/2.x, the SDXL refiner), else one per level (SDXL base: 1, 2, 10; a level without
+    attention gets 1, the last level the middle block's depth, as UNetConfig reads it)."""
+    middle = len(_indices(sd, r"middle_block\.1\.transformer_blocks\.(\d+)\."))
+    per_level = [
+        len(_indices(sd, rf"input_blocks\.{1 + level * (num_res_blocks + 1)}\.1\.transformer_blocks\.(\d+)\."))
+        for level in range(levels)
+    ]
+    if per_level[-1] not in (0, middle):
+        raise CheckpointError(
+            f"{where}: the last level has {per_level[-1]} transformer blocks but the middle block {middle}; "
+            "the reference UNet needs them equal (as SD and SDXL build them)"
+        )
+    if all(d in (0, middle) for d in per_level):
+        return middle
+    return tuple(d or 1 for d in per_level[:-1]) + (middle,)
 
 
 def infer_autoencoder_config(sd: Mapping[str, torch.Tensor], *, where: str, resolution: int = 512) -> AutoencoderConfig:
@@ -433,7 +656,7 @@ def _ldm_config(where: Path, **fields: Any) -> LDMConfig:
         conditioning = "hybrid"  # inpainting: latent + mask + masked-image latent, and the prompt
     else:
         conditioning = "crossattn"
-    if conditioning in ("crossattn", "hybrid") and text is None:
+    if conditioning in ("crossattn", "hybrid") and text is None and fields.get("text_encoder_2") is None:
         raise CheckpointError(f"{where}: the UNet cross-attends to text but the model has no text encoder")
     try:
         return LDMConfig(conditioning=conditioning, **fields)
@@ -470,20 +693,28 @@ def _with_token_ids(config: TextEncoderConfig, tokenizer: PromptTokenizer) -> Te
 
 
 def _check_tokenizer_fits(loaded: LoadedModel, where: Path) -> None:
-    config = loaded.model.config.text_encoder
-    tokenizer = loaded.tokenizer
-    if config is None or tokenizer is None:
-        return
-    if tokenizer.vocab_size > config.vocab_size:
-        raise CheckpointError(
-            f"{where}: the tokenizer has {tokenizer.vocab_size} tokens but the text encoder embeds {config.vocab_size}; "
-            "pass the tokenizer that belongs to this model"
-        )
-    if tokenizer.max_length > config.max_position_embeddings:
-        raise CheckpointError(
-            f"{where}: the tokenizer pads to {tokenizer.max_length} tokens but the text encoder has "
-            f"{config.max_position_embeddings} positions; pass the tokenizer that belongs to this model"
-        )
+    config = loaded.model.config
+    pairs = (
+        ("tokenizer", "the text encoder", config.text_encoder, loaded.tokenizer),
+        ("tokenizer_2", "text_encoder_2", config.text_encoder_2, loaded.tokenizer_2),
+    )
+    for name, encoder_name, encoder, tokenizer in pairs:
+        if encoder is None or tokenizer is None:
+            continue
+        if tokenizer.vocab_size > encoder.vocab_size:
+            raise CheckpointError(
+                f"{where}: the {name} has {tokenizer.vocab_size} tokens but {encoder_name} embeds {encoder.vocab_size}; "
+                f"pass the {name} that belongs to this model"
+            )
+        if tokenizer.max_length > encoder.max_position_embeddings:
+            raise CheckpointError(
+                f"{where}: the {name} pads to {tokenizer.max_length} tokens but {encoder_name} has "
+                f"{encoder.max_position_embeddings} positions; pass the {name} that belongs to this model"
+            )
+    tokenizer_2 = loaded.tokenizer_2
+    if config.text_encoder_2 is not None and tokenizer_2 is not None and tokenizer_2.pad_id == tokenizer_2.eos_id:
+        # SDXL's second encoder was trained on "!"-padded ids; end-token padding runs but draws other images.
+        logger.warning("%s: tokenizer_2 pads with its end token; SDXL's tokenizer_2 pads with \"!\": check it is the model's tokenizer_2/", where)
 
 
 __all__ = [
@@ -496,5 +727,7 @@ __all__ = [
     "load_model",
     "load_single_file",
     "read_state_dict",
+    "sdxl_single_file_config",
+    "split_sdxl_single_file",
     "split_single_file",
 ]

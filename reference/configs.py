@@ -13,6 +13,12 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 
+# SDXL's micro-conditioning ids per sample (Podell et al. 2023, Sec. 2.2): the base takes original size, crop
+# top-left and target size (6); the refiner original size, crop and aesthetic score (5).
+BASE_TIME_IDS = 6
+REFINER_TIME_IDS = 5
+TIME_IDS = (REFINER_TIME_IDS, BASE_TIME_IDS)
+
 
 class ConfigError(ValueError):
     """A config value is invalid; the message names the field and what to do."""
@@ -80,6 +86,9 @@ class UNetConfig(_JsonConfig):
     # of width adm_in_channels, through label_emb (Linear, SiLU, Linear), added to the time embedding.
     adm_in_channels: int | None = None
     addition_time_embed_dim: int = 256  # width of each time id's embedding (SDXL: 256); used with adm_in_channels
+    # LCM-distilled UNets (Luo et al. 2023, Sec. 4.2; diffusers' `time_cond_proj_dim`): the width of the guidance
+    # scale's w-embedding, projected (Linear, no bias) onto the sinusoidal timestep embedding before time_embed.
+    time_cond_proj_dim: int | None = None
 
     def __post_init__(self) -> None:
         if not self.channel_mult:
@@ -116,6 +125,8 @@ class UNetConfig(_JsonConfig):
             )
         if self.num_res_blocks < 1:
             raise ConfigError("UNetConfig: num_res_blocks must be >= 1")
+        if self.time_cond_proj_dim is not None and self.time_cond_proj_dim < 1:
+            raise ConfigError(f"UNetConfig: time_cond_proj_dim must be >= 1 or None, got {self.time_cond_proj_dim}")
 
     @property
     def downsampling_factor(self) -> int:
@@ -186,12 +197,29 @@ class TextEncoderConfig(_JsonConfig):
     bos_token_id: int = 49406
     eos_token_id: int = 49407
     pad_token_id: int = 49407
-    projection_dim: int = 512
+    projection_dim: int = 512  # width of text_embeds (CLIPTextModelWithProjection; SDXL's second encoder)
+    # Which layer conditions the UNet. None: the last layer through the final LayerNorm (`last_hidden_state`;
+    # SD v1, and SD v2 whose converted tower already ends at its penultimate layer). An int k: transformers'
+    # `hidden_states[k]`, without the final LayerNorm (SDXL reads -2, the penultimate layer, of both encoders;
+    # diffusers' `clip_skip=None` there).
+    hidden_states_index: int | None = None
+
+    def __post_init__(self) -> None:
+        k = self.hidden_states_index
+        if k is not None and (isinstance(k, bool) or not -(self.num_hidden_layers + 1) <= k <= self.num_hidden_layers):
+            raise ConfigError(
+                f"TextEncoderConfig: hidden_states_index={k!r} is not a layer of a {self.num_hidden_layers}-layer "
+                f"encoder; use None (last layer) or -{self.num_hidden_layers + 1}..{self.num_hidden_layers}"
+            )
 
     def to_transformers(self):  # -> transformers.CLIPTextConfig
         from transformers import CLIPTextConfig
 
-        return CLIPTextConfig(**self.to_dict())
+        return CLIPTextConfig(**self.transformers_fields())
+
+    def transformers_fields(self) -> dict[str, Any]:
+        """The fields transformers' CLIPTextConfig takes (all but which layer ldm-rt reads)."""
+        return {k: v for k, v in self.to_dict().items() if k != "hidden_states_index"}
 
 
 @dataclass(frozen=True)
@@ -201,24 +229,27 @@ class LDMConfig(_JsonConfig):
     unet: UNetConfig = field(default_factory=UNetConfig)
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
     text_encoder: TextEncoderConfig | None = field(default_factory=TextEncoderConfig)
-    # z fed to the UNet is scale_factor * E(x); SD v1/v2 use 0.18215 (1/std of latents, paper Sec. 4.3.2).
+    # z fed to the UNet is scale_factor * E(x); SD v1/v2 use 0.18215 (1/std of latents, paper Sec. 4.3.2),
+    # SDXL's VAE 0.13025.
     scale_factor: float = 0.18215
     # How the condition reaches the UNet: "crossattn" (text), "concat" (extra input channels),
     # "hybrid" (both: inpainting), "class" (label embedding), or "none".
     conditioning: str = "crossattn"
+    # SDXL (Podell et al. 2023): the second text encoder (OpenCLIP bigG with its projection), whose sequence
+    # follows the first's in the context and whose projected pooled output is the UNet's `text_embeds`. The
+    # refiner has only this one (text_encoder None). Set exactly when the UNet has adm_in_channels.
+    text_encoder_2: TextEncoderConfig | None = None
+    # An empty negative prompt means all-zero negative embeddings (diffusers' model_index.json flag; SDXL).
+    force_zeros_for_empty_prompt: bool = False
 
     def __post_init__(self) -> None:
-        if self.unet.adm_in_channels is not None:
-            # Checked first: a one-encoder SDXL folder would otherwise fail on a context-width mismatch.
-            raise ConfigError(
-                "LDMConfig: this UNet takes SDXL's added conditioning (pooled text embeds and size/crop time ids), "
-                "which the ldm-rt model (one text encoder, no micro-conditioning) cannot supply yet; only the UNet "
-                "itself loads (reference.keymap_unet)"
-            )
         if self.conditioning not in ("crossattn", "concat", "hybrid", "class", "none"):
             raise ConfigError(f"LDMConfig.conditioning: unknown {self.conditioning!r}")
         if self.conditioning in ("crossattn", "hybrid") and self.unet.context_dim is None:
             raise ConfigError("LDMConfig: cross-attention conditioning needs unet.context_dim")
+        if self.unet.adm_in_channels is not None or self.text_encoder_2 is not None:
+            self._check_sdxl()  # before the one-encoder width check, which would name the wrong problem
+            return
         if (
             self.text_encoder is not None
             and self.unet.context_dim is not None
@@ -228,6 +259,62 @@ class LDMConfig(_JsonConfig):
                 f"LDMConfig: text_encoder.hidden_size ({self.text_encoder.hidden_size}) must equal "
                 f"unet.context_dim ({self.unet.context_dim})"
             )
+
+    def _check_sdxl(self) -> None:
+        """SDXL's conditioning fits its UNet: both encoders' widths make the context, and the added
+        conditioning is [pooled text embeds, n time ids * addition_time_embed_dim] with n in TIME_IDS."""
+        unet, te, te2 = self.unet, self.text_encoder, self.text_encoder_2
+        if unet.adm_in_channels is None:
+            raise ConfigError(
+                "LDMConfig: text_encoder_2 is set but the UNet takes no added conditioning (adm_in_channels); "
+                "only SDXL UNets use a second text encoder: drop text_encoder_2"
+            )
+        if te2 is None:
+            raise ConfigError(
+                "LDMConfig: the UNet takes SDXL's added conditioning (adm_in_channels) but the model has no "
+                "text_encoder_2 (the OpenCLIP bigG encoder with projection); load the folder with its "
+                "text_encoder_2/ and tokenizer_2/"
+            )
+        if self.conditioning != "crossattn":
+            raise ConfigError(f"LDMConfig: an SDXL model conditions by cross-attention, not {self.conditioning!r}")
+        widths = (0 if te is None else te.hidden_size) + te2.hidden_size
+        if widths != unet.context_dim:
+            have = f"{te.hidden_size} + {te2.hidden_size}" if te is not None else f"text_encoder_2 alone, {te2.hidden_size}"
+            raise ConfigError(
+                f"LDMConfig: the SDXL UNet cross-attends to {unet.context_dim} channels but the text encoders give "
+                f"{widths} ({have}); a base UNet needs both encoders, a refiner UNet only text_encoder_2"
+            )
+        ids = self.time_ids
+        if ids is None:
+            raise ConfigError(
+                f"LDMConfig: unet.adm_in_channels ({unet.adm_in_channels}) must be text_encoder_2.projection_dim "
+                f"({te2.projection_dim}) + n * unet.addition_time_embed_dim ({unet.addition_time_embed_dim}) with n "
+                f"in {TIME_IDS} (6: base, 5: refiner); check the encoders belong to this UNet"
+            )
+        if ids == REFINER_TIME_IDS and te is not None:
+            raise ConfigError(
+                "LDMConfig: the UNet is an SDXL refiner's (5 time ids, with the aesthetic score), which reads "
+                "only text_encoder_2; drop text_encoder (or load the base UNet that belongs to these encoders)"
+            )
+        if ids == BASE_TIME_IDS and te is None:
+            raise ConfigError(
+                "LDMConfig: the UNet is an SDXL base's (6 time ids) and needs both text encoders; the model has "
+                "only text_encoder_2: load the folder with its text_encoder/ and tokenizer/"
+            )
+
+    @property
+    def time_ids(self) -> int | None:
+        """How many micro-conditioning ids the UNet takes (SDXL: 6 base, 5 refiner), or None."""
+        unet, te2 = self.unet, self.text_encoder_2
+        if unet.adm_in_channels is None or te2 is None:
+            return None
+        n, rest = divmod(unet.adm_in_channels - te2.projection_dim, unet.addition_time_embed_dim)
+        return n if rest == 0 and n in TIME_IDS else None
+
+    @property
+    def requires_aesthetics_score(self) -> bool:
+        """The refiner's time ids end with the aesthetic score instead of the target size."""
+        return self.time_ids == REFINER_TIME_IDS
 
     @property
     def latent_channels(self) -> int:
@@ -241,10 +328,56 @@ class LDMConfig(_JsonConfig):
     def from_dict(cls, data: dict[str, Any]) -> LDMConfig:
         _require_object(cls.__name__, data)
         data = dict(data)
-        te = data.get("text_encoder")
+        te, te2 = data.get("text_encoder"), data.pop("text_encoder_2", None)
         return cls(
             unet=UNetConfig.from_dict(data.pop("unet", {})),
             autoencoder=AutoencoderConfig.from_dict(data.pop("autoencoder", {})),
             text_encoder=None if te is None else TextEncoderConfig.from_dict(te),
+            text_encoder_2=None if te2 is None else TextEncoderConfig.from_dict(te2),
             **{k: v for k, v in data.items() if k != "text_encoder"},
         )
+
+
+# The paper's E(.): widths of the conditioning-image encoder (4 widths: 8x down, 512 px image -> 64 latent).
+HINT_BLOCK_CHANNELS = (16, 32, 96, 256)
+
+
+@dataclass(frozen=True)
+class ControlNetConfig(_JsonConfig):
+    """A ControlNet (Zhang et al. 2023; reference/controlnet.py): its encoder copy (a UNetConfig; the output-side fields are unused) and E(c)."""
+
+    # The encoder's config. It must agree with the base UNet's on every residual's channels and size and on the
+    # context width (see check_controlnet_fits); in_channels may differ (an inpainting UNet takes 9, its
+    # ControlNet the 4 latent channels).
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    hint_channels: int = 3  # control image channels (diffusers' conditioning_channels)
+    # Widths of E(c) (diffusers' conditioning_embedding_out_channels); it downsamples 2^(len - 1) times, which
+    # must equal the VAE's factor so that E(c) matches the latent (SD: 8, four widths).
+    hint_block_channels: tuple[int, ...] = HINT_BLOCK_CHANNELS
+    # The "shuffle" ControlNet (control_v11e_sd15_shuffle) averages each residual over H and W (diffusers'
+    # global_pool_conditions).
+    global_average_pooling: bool = False
+
+    def __post_init__(self) -> None:
+        if self.hint_channels < 1:
+            raise ConfigError(f"ControlNetConfig: hint_channels must be >= 1, got {self.hint_channels}")
+        if not self.hint_block_channels or min(self.hint_block_channels) < 1:
+            raise ConfigError(
+                f"ControlNetConfig: hint_block_channels must be one or more widths >= 1, got {self.hint_block_channels}"
+            )
+
+    @property
+    def hint_factor(self) -> int:
+        """How much larger the control image is than the latent (E(c)'s downsampling)."""
+        return 2 ** (len(self.hint_block_channels) - 1)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ControlNetConfig:
+        _require_object(cls.__name__, data)
+        data = dict(data)
+        unet = UNetConfig.from_dict(data.pop("unet", {}))
+        names = {"hint_channels", "hint_block_channels", "global_average_pooling"}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(f"ControlNetConfig: unknown field(s) {unknown}; known fields are {sorted(names | {'unet'})}")
+        return cls(unet=unet, **_tuple_fields(cls, data))

@@ -15,7 +15,7 @@ from torch import nn
 
 from .autoencoder import AutoencoderKL, VQModel
 from .ldm import LatentDiffusion
-from .text_encoder import TextEncoder
+from .text_encoder import TextEncoder, TextEncoderWithProjection
 from .unet import UNetModel
 
 
@@ -24,7 +24,8 @@ def _dtype_of(module: nn.Module) -> torch.dtype:
 
 
 class TextEncoderExport(nn.Module):
-    """input_ids (B, L) int64 -> last_hidden_state (B, L, D) float32: tau_theta(y) of the LDM paper."""
+    """input_ids (B, L) int64 -> last_hidden_state (B, L, D) float32: tau_theta(y) of the LDM paper (the layer
+    the encoder's config names: SDXL's first encoder returns its penultimate layer under this name)."""
 
     input_names = ("input_ids",)
     output_names = ("last_hidden_state",)
@@ -37,12 +38,30 @@ class TextEncoderExport(nn.Module):
         return self.text_encoder(input_ids).float()
 
 
+class TextEncoder2Export(nn.Module):
+    """SDXL's second encoder: input_ids (B, L) int64 -> (last_hidden_state (B, L, D2): its penultimate layer,
+    text_embeds (B, P): the projected pooled output), both float32."""
+
+    input_names = ("input_ids",)
+    output_names = ("last_hidden_state", "text_embeds")
+
+    def __init__(self, text_encoder: TextEncoderWithProjection) -> None:
+        super().__init__()
+        self.text_encoder = text_encoder
+
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden, pooled = self.text_encoder(input_ids)
+        return hidden.float(), pooled.float()
+
+
 class UNetExport(nn.Module):
-    """(sample, timestep[, encoder_hidden_states][, class_labels]) -> out_sample, all float32 but labels.
+    """(sample, timestep[, encoder_hidden_states][, class_labels][, text_embeds, time_ids][, timestep_cond]) ->
+    out_sample, all float32 but labels.
 
     `sample` (B, in_channels, h, w) already holds any concat conditioning (inpainting: latent, mask,
     masked-image latent); `timestep` (B,) float32; the optional inputs follow in the contract's order and
-    exist exactly when the UNet has cross-attention / a class embedding, as `input_names` lists.
+    exist exactly when the UNet has cross-attention / a class embedding / SDXL's added conditioning (pooled
+    text embeds (B, P) and micro-conditioning time ids (B, N)) / an LCM's w-embedding, as `input_names` lists.
     """
 
     output_names = ("out_sample",)
@@ -53,15 +72,24 @@ class UNetExport(nn.Module):
         self.has_context = unet.config.context_dim is not None
         self.has_classes = unet.config.num_classes is not None
         self.input_names = ("sample", "timestep") + ("encoder_hidden_states",) * self.has_context + ("class_labels",) * self.has_classes
+        self.has_added = unet.config.adm_in_channels is not None  # SDXL
+        self.input_names += ("text_embeds", "time_ids") * self.has_added
+        # LCM: the guidance scale's w-embedding, the contract's last UNet input.
+        self.has_timestep_cond = unet.config.time_cond_proj_dim is not None
+        self.input_names += ("timestep_cond",) * self.has_timestep_cond
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, *conditioning: torch.Tensor) -> torch.Tensor:
         if len(conditioning) != len(self.input_names) - 2:
             raise TypeError(f"UNetExport takes inputs {self.input_names}, got {2 + len(conditioning)} tensors")
         dtype = _dtype_of(self.unet)
         rest = list(conditioning)
+        timestep_cond = rest.pop().to(dtype) if self.has_timestep_cond else None
         context = rest.pop(0).to(dtype) if self.has_context else None
         labels = rest.pop(0) if self.has_classes else None
-        return self.unet(sample.to(dtype), timestep, context, labels).float()
+        added = {}
+        if self.has_added:  # the time ids stay float32: their sinusoidal embedding needs the exact pixel values
+            added = {"text_embeds": rest.pop(0).to(dtype), "time_ids": rest.pop(0)}
+        return self.unet(sample.to(dtype), timestep, context, labels, timestep_cond=timestep_cond, **added).float()
 
 
 class VaeDecoderExport(nn.Module):
@@ -106,6 +134,8 @@ def export_wrappers(model: LatentDiffusion) -> dict[str, nn.Module]:
         "vae_decoder": VaeDecoderExport(model.autoencoder, model.scale_factor),
         "vae_encoder": VaeEncoderExport(model.autoencoder),
     }
+    if getattr(model, "text_encoder_2", None) is not None:
+        wrappers = {"text_encoder_2": TextEncoder2Export(model.text_encoder_2), **wrappers}
     if model.text_encoder is not None:
         wrappers = {"text_encoder": TextEncoderExport(model.text_encoder), **wrappers}
     return {name: w.eval() for name, w in wrappers.items()}

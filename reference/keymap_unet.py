@@ -63,7 +63,6 @@ _DIFFUSERS_DEFAULTS: dict[str, Any] = {
     "time_embedding_dim": None,
     "time_embedding_act_fn": None,
     "timestep_post_act": None,
-    "time_cond_proj_dim": None,
     "conv_in_kernel": 3,
     "conv_out_kernel": 3,
     "attention_type": "default",
@@ -78,6 +77,7 @@ _DIFFUSERS_READ = {
     "attention_head_dim", "use_linear_projection", "num_class_embeds", "upcast_attention", "dropout",
     "addition_embed_type", "addition_time_embed_dim", "projection_class_embeddings_input_dim",
     "addition_embed_type_num_heads",  # only used by addition_embed_type "text"/"text_image", which we reject
+    "time_cond_proj_dim",
 }
 _DOWN_TYPES = {"DownBlock2D": False, "CrossAttnDownBlock2D": True}  # -> has attention
 _UP_TYPES = {"UpBlock2D": False, "CrossAttnUpBlock2D": True}
@@ -202,6 +202,7 @@ def unet_config_from_diffusers(cfg: Mapping[str, Any]) -> UNetConfig:
         dropout=float(cfg.get("dropout", 0.0)),
         upcast_attention=bool(cfg.get("upcast_attention", False)),
         norm_num_groups=int(cfg.get("norm_num_groups", 32)),
+        time_cond_proj_dim=cfg.get("time_cond_proj_dim"),
         **_added_conditioning(cfg),
     )
 
@@ -211,6 +212,8 @@ def _module_prefixes(config: UNetConfig) -> list[tuple[str, str, bool]]:
     n = config.num_res_blocks
     levels = len(config.channel_mult)
     out: list[tuple[str, str, bool]] = [(o, d, False) for o, d in _TOP_LEVEL.items()]
+    if config.time_cond_proj_dim is not None:
+        out.append(("time_cond_proj", "time_embedding.cond_proj", False))
     if config.num_classes is not None:
         out.append(("label_emb", "class_embedding", False))
     elif config.adm_in_channels is not None:  # sgm's nested Sequential vs diffusers' TimestepEmbedding

@@ -11,7 +11,7 @@ from torch import nn
 
 from .autoencoder import AutoencoderKL, VQModel
 from .configs import LDMConfig
-from .text_encoder import TextEncoder
+from .text_encoder import TextEncoder, TextEncoderWithProjection
 from .unet import UNetModel
 
 
@@ -29,6 +29,9 @@ class LatentDiffusion(nn.Module):
         self.unet = UNetModel(config.unet)
         self.autoencoder = build_autoencoder(config)
         self.text_encoder = None if config.text_encoder is None else TextEncoder(config.text_encoder)
+        # SDXL's second encoder (the refiner's only one): sequence and projected pooled embedding.
+        te2 = config.text_encoder_2
+        self.text_encoder_2 = None if te2 is None else TextEncoderWithProjection(te2)
 
     @property
     def scale_factor(self) -> float:
@@ -48,8 +51,29 @@ class LatentDiffusion(nn.Module):
         """Scaled latent -> image in about [-1, 1]."""
         return self.autoencoder.decode(z / self.scale_factor)
 
-    def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Token ids (B, L) -> context (B, L, context_dim)."""
+    def encode_text(self, input_ids: torch.Tensor | None, input_ids_2: torch.Tensor | None = None):
+        """Token ids (B, L) -> context (B, L, context_dim) for SD 1.x/2.x.
+
+        SDXL: each tokenizer's ids (B, L) -> (context (B, L, C1 + C2), pooled text_embeds (B, P)), the two
+        encoders' sequences concatenated on the channel axis (diffusers' `encode_prompt`); a refiner has only
+        the second encoder, so it takes input_ids=None and input_ids_2 (context (B, L, C2))."""
+        if self.text_encoder_2 is None:
+            if self.text_encoder is None:
+                raise ValueError("this model has no text encoder; it takes no prompt")
+            if input_ids_2 is not None:
+                raise ValueError("this model has one text encoder; pass input_ids only")
+            return self.text_encoder(input_ids)
+        if input_ids_2 is None:
+            raise ValueError("an SDXL model needs input_ids_2, the ids of its second tokenizer (tokenizer_2)")
+        hidden_2, pooled = self.text_encoder_2(input_ids_2)
         if self.text_encoder is None:
-            raise ValueError("this model has no text encoder; it takes no prompt")
-        return self.text_encoder(input_ids)
+            if input_ids is not None:
+                raise ValueError("this SDXL refiner has only text_encoder_2; pass input_ids=None and input_ids_2")
+            return hidden_2, pooled
+        if input_ids is None or input_ids.shape != input_ids_2.shape:
+            got = None if input_ids is None else tuple(input_ids.shape)
+            raise ValueError(
+                f"an SDXL base model needs the ids of both tokenizers in one shape: input_ids {got}, "
+                f"input_ids_2 {tuple(input_ids_2.shape)}; tokenize the same prompts with tokenizer and tokenizer_2"
+            )
+        return torch.cat([self.text_encoder(input_ids), hidden_2], dim=-1), pooled

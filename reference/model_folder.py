@@ -6,6 +6,8 @@
       autoencoder.safetensors  original SD key layout
       text_encoder.safetensors transformers CLIPTextModel keys (absent when the model takes no text)
       tokenizer.json           self-contained (ldm_rt.runtime.tokenizer.PromptTokenizer.save)
+      text_encoder_2.safetensors, tokenizer_2.json
+                               SDXL's second encoder (CLIPTextModelWithProjection keys) and its tokenizer
       scheduler_config.json    diffusers format
 
 Weights are safetensors only: nothing here unpickles.
@@ -37,7 +39,9 @@ COMPONENT_FILES = {
     "unet": "unet.safetensors",
     "autoencoder": "autoencoder.safetensors",
     "text_encoder": "text_encoder.safetensors",
+    "text_encoder_2": "text_encoder_2.safetensors",
 }
+TOKENIZER_FILES = {"tokenizer": "tokenizer.json", "tokenizer_2": "tokenizer_2.json"}  # per text encoder, in order
 
 
 @dataclass
@@ -46,10 +50,13 @@ class LoadedModel:
     tokenizer: PromptTokenizer | None
     scheduler_config: dict[str, Any]
     info: dict[str, Any] = field(default_factory=dict)
+    tokenizer_2: PromptTokenizer | None = None  # SDXL's second tokenizer (pads with its own token, "!")
 
     def facts(self) -> ModelFacts:
         """What the component contracts need to know about this model (runtime/contracts.py)."""
         config = self.model.config
+        if config.text_encoder_2 is not None:
+            return self._sdxl_facts()
         has_text = config.text_encoder is not None
         if config.unet.context_dim is not None and not has_text:
             raise CheckpointError("the UNet cross-attends but the model has no text encoder; the contracts cannot express that")
@@ -68,6 +75,41 @@ class LoadedModel:
             num_classes=config.unet.num_classes,
             autoencoder_kind=config.autoencoder.kind,
             scale_factor=float(config.scale_factor),
+            time_cond_proj_dim=config.unet.time_cond_proj_dim,
+        )
+
+    def _sdxl_facts(self) -> ModelFacts:
+        config = self.model.config
+        te, te2 = config.text_encoder, config.text_encoder_2
+        assert te2 is not None
+        if self.tokenizer_2 is None:
+            raise CheckpointError("the model has text_encoder_2 but no tokenizer_2; load it with its second tokenizer")
+        if te is not None and self.tokenizer is None:
+            raise CheckpointError("the model has a text encoder but no tokenizer; load it with its tokenizer")
+        lengths = {self.tokenizer_2.max_length} | ({self.tokenizer.max_length} if te is not None else set())
+        if len(lengths) != 1:
+            raise CheckpointError(
+                f"tokenizer pads to {self.tokenizer.max_length} tokens but tokenizer_2 to {self.tokenizer_2.max_length}; "
+                "SDXL concatenates the two sequences, so both must have one length: pass the tokenizers of this model"
+            )
+        return ModelFacts(
+            latent_channels=config.latent_channels,
+            latent_factor=config.latent_factor,
+            unet_factor=config.unet.downsampling_factor,
+            unet_in_channels=config.unet.in_channels,
+            unet_out_channels=config.unet.out_channels,
+            context_length=lengths.pop(),
+            context_dim=config.unet.context_dim,
+            vocab_size=(te or te2).vocab_size,
+            num_classes=None,
+            autoencoder_kind=config.autoencoder.kind,
+            scale_factor=float(config.scale_factor),
+            has_text_encoder=te is not None,
+            text_encoder_2_dim=te2.hidden_size,
+            pooled_dim=te2.projection_dim,
+            time_ids=config.time_ids,
+            force_zeros_for_empty_prompt=config.force_zeros_for_empty_prompt,
+            time_cond_proj_dim=config.unet.time_cond_proj_dim,
         )
 
 
@@ -81,6 +123,7 @@ def save_model_folder(
     tokenizer: PromptTokenizer | None,
     scheduler_config: dict[str, Any],
     info: dict[str, Any] | None = None,
+    tokenizer_2: PromptTokenizer | None = None,
 ) -> None:
     """Write the whole folder atomically: a crash mid-save leaves the previous folder intact."""
     with atomic_directory(path) as tmp:
@@ -91,8 +134,9 @@ def save_model_folder(
             if module is not None:
                 state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
                 save_file(state, str(tmp / filename))
-        if tokenizer is not None:
-            tokenizer.save(tmp / "tokenizer.json")
+        for name, tok in (("tokenizer", tokenizer), ("tokenizer_2", tokenizer_2)):
+            if tok is not None:
+                tok.save(tmp / TOKENIZER_FILES[name])
         (tmp / "scheduler_config.json").write_text(json.dumps(scheduler_config, indent=2) + "\n")
 
 
@@ -138,12 +182,14 @@ def load_model_folder(path: str | Path, dtype: torch.dtype = torch.float32) -> L
         except Exception as e:  # safetensors raises several types for a corrupt file
             raise CheckpointError(f"{file} is not a readable safetensors file ({e})") from None
         load_strict(module, state, where=str(file))
-    tokenizer_file = path / "tokenizer.json"
-    tokenizer = PromptTokenizer.from_file(tokenizer_file) if tokenizer_file.is_file() else None
-    if model.text_encoder is not None and tokenizer is None:
-        raise CheckpointError(f"{tokenizer_file} is missing; a text-conditional model needs its tokenizer")
+    tokenizers: dict[str, PromptTokenizer | None] = {}
+    for (name, filename), encoder in zip(TOKENIZER_FILES.items(), (model.text_encoder, model.text_encoder_2)):
+        file = path / filename
+        tokenizers[name] = PromptTokenizer.from_file(file) if file.is_file() else None
+        if encoder is not None and tokenizers[name] is None:
+            raise CheckpointError(f"{file} is missing; a text-conditional model needs the tokenizer of each text encoder")
     scheduler_config = read_json_object(path / "scheduler_config.json")
-    return LoadedModel(model.to(dtype).eval(), tokenizer, scheduler_config, info)
+    return LoadedModel(model.to(dtype).eval(), tokenizers["tokenizer"], scheduler_config, info, tokenizers["tokenizer_2"])
 
 
 def load_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:

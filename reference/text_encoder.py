@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from .configs import ConfigError, TextEncoderConfig
 
@@ -26,9 +26,13 @@ from .configs import ConfigError, TextEncoderConfig
 DEFAULT_ATTN_IMPLEMENTATION = "eager"
 
 
-def build_text_encoder(config: TextEncoderConfig, attn_implementation: str = DEFAULT_ATTN_IMPLEMENTATION) -> CLIPTextModel:
-    """A randomly initialised CLIPTextModel of this shape (nothing is downloaded)."""
-    return CLIPTextModel(CLIPTextConfig(**config.to_dict(), attn_implementation=attn_implementation))
+def build_text_encoder(
+    config: TextEncoderConfig, attn_implementation: str = DEFAULT_ATTN_IMPLEMENTATION, with_projection: bool = False
+) -> CLIPTextModel | CLIPTextModelWithProjection:
+    """A randomly initialised CLIPTextModel (or, with_projection, CLIPTextModelWithProjection) of this
+    shape (nothing is downloaded)."""
+    cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
+    return cls(CLIPTextConfig(**config.transformers_fields(), attn_implementation=attn_implementation))
 
 
 def text_encoder_config_from_transformers(cfg: Mapping[str, Any]) -> TextEncoderConfig:
@@ -44,8 +48,9 @@ def text_encoder_config_from_transformers(cfg: Mapping[str, Any]) -> TextEncoder
 
 
 class TextEncoder(nn.Module):
-    """tau_theta: token ids (B, L) int64 -> last hidden state (B, L, hidden_size) after the final
-    LayerNorm, with a causal mask (token i attends to tokens <= i), as SD feeds its UNet."""
+    """tau_theta: token ids (B, L) int64 -> hidden states (B, L, hidden_size), with a causal mask (token i
+    attends to tokens <= i), as SD feeds its UNet: the last layer after the final LayerNorm, or the layer
+    `config.hidden_states_index` names (SDXL: the penultimate, without the final LayerNorm)."""
 
     def __init__(self, config: TextEncoderConfig, attn_implementation: str = DEFAULT_ATTN_IMPLEMENTATION) -> None:
         super().__init__()
@@ -55,5 +60,30 @@ class TextEncoder(nn.Module):
         # 4.x wraps those in `.text_model`. Holding that part as `text_model` gives the canonical keys on both.
         self.text_model = getattr(model, "text_model", model)
 
+    def _run(self, input_ids: torch.Tensor):
+        k = self.config.hidden_states_index
+        out = self.text_model(input_ids=input_ids, output_hidden_states=k is not None)
+        return (out.last_hidden_state if k is None else out.hidden_states[k]), out
+
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.text_model(input_ids=input_ids).last_hidden_state
+        return self._run(input_ids)[0]
+
+
+class TextEncoderWithProjection(TextEncoder):
+    """SDXL's second encoder (OpenCLIP bigG as transformers' CLIPTextModelWithProjection): token ids (B, L)
+    -> (hidden states (B, L, hidden_size) as TextEncoder chooses them, text_embeds (B, projection_dim): the
+    final-LayerNorm state at the first end token, through the bias-free `text_projection`).
+
+    State-dict keys are CLIPTextModelWithProjection's (`text_model.*`, `text_projection.weight`), the keys
+    of a diffusers `text_encoder_2/`."""
+
+    def __init__(self, config: TextEncoderConfig, attn_implementation: str = DEFAULT_ATTN_IMPLEMENTATION) -> None:
+        nn.Module.__init__(self)
+        self.config = config
+        model = build_text_encoder(config, attn_implementation, with_projection=True)
+        self.text_model = model.text_model  # CLIPTextModel (transformers 5) or CLIPTextTransformer (4.x)
+        self.text_projection = model.text_projection
+
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        hidden, out = self._run(input_ids)
+        return hidden, self.text_projection(out.pooler_output)

@@ -35,6 +35,9 @@ from .text_encoder import DEFAULT_ATTN_IMPLEMENTATION
 
 SDXL_EMBEDDER_0_PREFIX = "conditioner.embedders.0.transformer."
 SDXL_EMBEDDER_1_PREFIX = "conditioner.embedders.1.model."
+# The refiner's conditioner has only the OpenCLIP embedder (then the size/crop/score embedders, no weights).
+SDXL_REFINER_EMBEDDER_PREFIX = "conditioner.embedders.0.model."
+SDXL_CONDITIONER_PREFIX = "conditioner.embedders."
 OPENCLIP_PROJECTION = "text_projection"
 HF_PROJECTION = "text_projection.weight"
 # SDXL conditions on the layer before the last (diffusers' clip_skip=None), for both encoders.
@@ -81,40 +84,43 @@ def _projection_shapes(config: CLIPTextConfig) -> dict[str, tuple[int, ...]]:
 
 
 def sdxl_text_encoder_2_state_dict_from_single_file(
-    sd: Mapping[str, torch.Tensor], num_attention_heads: int | None = None
+    sd: Mapping[str, torch.Tensor], num_attention_heads: int | None = None, prefix: str = SDXL_EMBEDDER_1_PREFIX
 ) -> tuple[dict[str, torch.Tensor], CLIPTextConfig]:
-    """Embedder 1 of an SDXL single file (OpenCLIP bigG, with `conditioner.embedders.1.model.`) ->
+    """The OpenCLIP bigG embedder of an SDXL single file (`conditioner.embedders.1.model.` in a base,
+    `conditioner.embedders.0.model.` (SDXL_REFINER_EMBEDDER_PREFIX) in a refiner: pass it as `prefix`) ->
     (CLIPTextModelWithProjection state dict, its config inferred from shapes). Missing, unexpected and
     misshaped keys raise CheckpointError naming them. num_attention_heads: as in
     `text_encoder_state_dict_from_openclip` (default width // 64, as OpenCLIP builds it)."""
-    tower = {k[len(SDXL_EMBEDDER_1_PREFIX):]: v for k, v in sd.items() if k.startswith(SDXL_EMBEDDER_1_PREFIX)}
+    tower = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
     if not tower:
-        raise CheckpointError(f"no key starts with {SDXL_EMBEDDER_1_PREFIX!r}: this is not an SDXL checkpoint with an OpenCLIP bigG encoder")
+        raise CheckpointError(f"no key starts with {prefix!r}: this is not an SDXL checkpoint with an OpenCLIP bigG encoder")
     projection = tower.get(OPENCLIP_PROJECTION)
     if projection is None:
-        raise CheckpointError(f"OpenCLIP text encoder: missing {SDXL_EMBEDDER_1_PREFIX}{OPENCLIP_PROJECTION}; SDXL's second encoder needs its text projection")
+        raise CheckpointError(f"OpenCLIP text encoder: missing {prefix}{OPENCLIP_PROJECTION}; SDXL's second encoder needs its text projection")
     out, config = text_encoder_state_dict_from_openclip(tower, num_attention_heads, drop_last_layer=False)
     if projection.ndim != 2 or projection.shape[0] != config.hidden_size:
         raise CheckpointError(
-            f"shape of {SDXL_EMBEDDER_1_PREFIX}{OPENCLIP_PROJECTION}: checkpoint {list(projection.shape)}, "
+            f"shape of {prefix}{OPENCLIP_PROJECTION}: checkpoint {list(projection.shape)}, "
             f"model [{config.hidden_size}, projection_dim]; check that the file is an SDXL checkpoint"
         )
     out[HF_PROJECTION] = projection.T.contiguous()  # OpenCLIP: x @ P; nn.Linear: x @ W.T
-    hf_config = CLIPTextConfig(**{**config.to_dict(), "projection_dim": int(projection.shape[1])})
+    hf_config = CLIPTextConfig(**{**config.transformers_fields(), "projection_dim": int(projection.shape[1])})
     check_state_dict(_projection_shapes(hf_config), out, "SDXL text_encoder_2")
     return out, hf_config
 
 
-def sdxl_text_encoder_2_state_dict_to_single_file(model: CLIPTextModelWithProjection) -> dict[str, torch.Tensor]:
+def sdxl_text_encoder_2_state_dict_to_single_file(
+    model: CLIPTextModelWithProjection, prefix: str = SDXL_EMBEDDER_1_PREFIX
+) -> dict[str, torch.Tensor]:
     """The inverse of `sdxl_text_encoder_2_state_dict_from_single_file` (prefixed OpenCLIP keys, fused
     in_proj, transposed projection); builds single-file fixtures."""
     sd = {k: v for k, v in canonical_clip_keys(model.state_dict()).items() if k not in IGNORED_HF_KEYS}
     fields = TextEncoderConfig.__dataclass_fields__
-    config = TextEncoderConfig(**{name: getattr(model.config, name) for name in fields})
+    config = TextEncoderConfig(**{name: getattr(model.config, name) for name in fields if hasattr(model.config, name)})
     tower = {k: v for k, v in sd.items() if k != HF_PROJECTION}
     out = text_encoder_state_dict_to_openclip(tower, config)
     out[OPENCLIP_PROJECTION] = sd[HF_PROJECTION].T.contiguous()
-    return {SDXL_EMBEDDER_1_PREFIX + k: v for k, v in out.items()}
+    return {prefix + k: v for k, v in out.items()}
 
 
 def canonical_clip_keys(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

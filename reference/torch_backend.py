@@ -56,7 +56,8 @@ class TorchComponent:
         args = [torch.from_numpy(np.ascontiguousarray(inputs[t.name])).to(self.device) for t in self.contract.inputs]
         with torch.inference_mode():
             out = self.module(*args)
-        return {self.contract.outputs[0].name: out.detach().to("cpu", torch.float32).numpy()}
+        outs = out if isinstance(out, (tuple, list)) else (out,)  # several outputs (text_encoder_2), in contract order
+        return {t.name: o.detach().to("cpu", torch.float32).numpy() for t, o in zip(self.contract.outputs, outs)}
 
     def __repr__(self) -> str:
         return f"TorchComponent({self.contract.name}, device={self.device})"
@@ -114,7 +115,7 @@ def torch_pipeline(model: LoadedModel | str | Path, device: str | torch.device |
     precision = "fp16" if weight.dtype == torch.float16 else "fp32"
     return Pipeline(
         components, loaded.tokenizer, SchedulerConfig.from_dict(dict(loaded.scheduler_config)), loaded.facts(), profile,
-        backend="torch", precision=precision,
+        backend="torch", precision=precision, tokenizer_2=getattr(loaded, "tokenizer_2", None),
     )
 
 
@@ -145,6 +146,7 @@ def open_components(
     elif source.is_file() and manifest.tokenizer is not None:
         options["tokenizer"] = Path(artifacts_dir) / manifest.tokenizer.file  # a single file's tokenizer was copied in
     loaded = load_model(source, dtype=PRECISION_DTYPES[precision], **options)
+    _fuse_exported_loras(loaded, Path(artifacts_dir), manifest.source.get("loras") or [])
     facts = loaded.facts()
     if facts != manifest.facts:
         raise BackendError(
@@ -155,6 +157,22 @@ def open_components(
     contracts = {name: entry.contract for name, entry in manifest.components.items()}
     logger.info("torch backend: %s from %s on %s (%s)", sorted(contracts), source, device, precision)
     return torch_components(loaded, contracts, device)
+
+
+def _fuse_exported_loras(loaded: LoadedModel, root: Path, fused: list[dict[str, Any]]) -> None:
+    """The LoRAs the export fused (manifest.source["loras"]), fused again into the source weights: the same
+    files (sha256 checked) at the same scales, so the torch backend runs the network the artifacts hold."""
+    if not fused:
+        return
+    from .lora import fuse_lora_files, read_lora_any
+
+    files = []
+    for record in fused:
+        lora = read_lora_any(_resolve(root, str(record["path"])))
+        if lora.sha256 != record.get("sha256"):
+            raise BackendError(f"the LoRA {record['path']} fused into {root} has changed since the export; rebuild the artifacts")
+        files.append((lora, float(record["scale"])))
+    fuse_lora_files(loaded, files)
 
 
 def _resolve(root: Path, value: str) -> Path:

@@ -12,6 +12,7 @@ state dict loads without renaming.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -122,7 +123,8 @@ class UNetModel(nn.Module):
     multiples of `config.downsampling_factor`. Returns (B, out_channels, H, W).
     """
 
-    def __init__(self, config: UNetConfig) -> None:
+    def __init__(self, config: UNetConfig, encoder_only: bool = False) -> None:
+        """encoder_only: stop after the middle block (a ControlNet's trainable copy, reference/controlnet.py)."""
         super().__init__()
         self.config = config
         c = config
@@ -130,6 +132,8 @@ class UNetModel(nn.Module):
         self.time_embed = nn.Sequential(
             nn.Linear(c.model_channels, time_embed_dim), nn.SiLU(), nn.Linear(time_embed_dim, time_embed_dim)
         )
+        if c.time_cond_proj_dim is not None:  # LCM: w-embedding -> timestep-embedding width (diffusers' cond_proj)
+            self.time_cond_proj = nn.Linear(c.time_cond_proj_dim, c.model_channels, bias=False)
         if c.num_classes is not None:
             self.label_emb: nn.Module = nn.Embedding(c.num_classes, time_embed_dim)
         elif c.adm_in_channels is not None:
@@ -177,6 +181,8 @@ class UNetModel(nn.Module):
         self.middle_block = TimestepEmbedSequential(
             resblock(ch, ch), transformer(ch, len(c.channel_mult) - 1), resblock(ch, ch)
         )
+        if encoder_only:
+            return
 
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(c.channel_mult))):
@@ -264,6 +270,57 @@ class UNetModel(nn.Module):
                     f"{c.adm_in_channels} (adm_in_channels), got {tuple(text_embeds.shape)} and {tuple(time_ids.shape)}"
                 )
 
+    def _check_timestep_cond(self, x: torch.Tensor, timestep_cond: torch.Tensor | None) -> None:
+        d = self.config.time_cond_proj_dim
+        if d is None and timestep_cond is not None:
+            raise UNetInputError("UNetModel: got timestep_cond but config.time_cond_proj_dim is None; drop it")
+        if d is not None and timestep_cond is None:
+            raise UNetInputError(
+                f"UNetModel: config.time_cond_proj_dim={d} (an LCM-distilled UNet), so pass timestep_cond (B, {d}): "
+                "the guidance scale's w-embedding"
+            )
+        if timestep_cond is not None and not torch.jit.is_tracing() and tuple(timestep_cond.shape) != (x.shape[0], d):
+            raise UNetInputError(f"UNetModel: timestep_cond must be (B, {d}) with B = {x.shape[0]}, got {tuple(timestep_cond.shape)}")
+
+    def embedding(
+        self,
+        x: torch.Tensor,
+        timesteps: torch.Tensor | float,
+        context: torch.Tensor | None,
+        y: torch.Tensor | None,
+        text_embeds: torch.Tensor | None,
+        time_ids: torch.Tensor | None,
+        timestep_cond: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Check the inputs and embed what every ResBlock adds: the timestep (plus an LCM's w-embedding), and
+        class labels or SDXL's vector condition -> emb (B, 4*C). Shared with the ControlNet's encoder copy."""
+        if not isinstance(timesteps, torch.Tensor):
+            timesteps = torch.tensor(timesteps, device=x.device)
+        self._check_inputs(x, timesteps, context, y, text_embeds, time_ids)
+        self._check_timestep_cond(x, timestep_cond)
+        timesteps = timesteps.reshape(-1).expand(x.shape[0])  # (B,); a scalar or (1,) is broadcast
+        t_emb = timestep_embedding(timesteps, self.config.model_channels).to(x.dtype)  # (B, C)
+        if timestep_cond is not None:
+            t_emb = t_emb + self.time_cond_proj(timestep_cond.to(x.dtype))  # (B, C), diffusers' TimestepEmbedding
+        emb = self.time_embed(t_emb)  # (B, 4*C)
+        if self.config.num_classes is not None:
+            emb = emb + self.label_emb(y)  # (B, 4*C)
+        elif text_embeds is not None and time_ids is not None:
+            emb = emb + self.label_emb(self.added_condition(text_embeds, time_ids).to(emb.dtype))  # (B, 4*C)
+        return emb
+
+    def _check_residuals(self, down: Sequence[torch.Tensor] | None, mid: torch.Tensor | None) -> None:
+        if (down is None) != (mid is None):
+            raise UNetInputError(
+                "UNetModel: pass both down_block_additional_residuals and mid_block_additional_residual "
+                "(a ControlNet's outputs) or neither"
+            )
+        if down is not None and len(down) != len(self.input_blocks):
+            raise UNetInputError(
+                f"UNetModel: down_block_additional_residuals needs one tensor per input block "
+                f"({len(self.input_blocks)}), got {len(down)}; the ControlNet was made for another base model"
+            )
+
     def forward(
         self,
         x: torch.Tensor,
@@ -272,25 +329,29 @@ class UNetModel(nn.Module):
         y: torch.Tensor | None = None,
         text_embeds: torch.Tensor | None = None,
         time_ids: torch.Tensor | None = None,
+        timestep_cond: torch.Tensor | None = None,
+        down_block_additional_residuals: Sequence[torch.Tensor] | None = None,
+        mid_block_additional_residual: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """text_embeds (B, P) and time_ids (B, N): SDXL's added conditioning (diffusers' `added_cond_kwargs`),
-        required exactly when config.adm_in_channels is set."""
-        if not isinstance(timesteps, torch.Tensor):
-            timesteps = torch.tensor(timesteps, device=x.device)
-        self._check_inputs(x, timesteps, context, y, text_embeds, time_ids)
-        timesteps = timesteps.reshape(-1).expand(x.shape[0])  # (B,); a scalar or (1,) is broadcast
-        emb = self.time_embed(timestep_embedding(timesteps, self.config.model_channels).to(x.dtype))  # (B, 4*C)
-        if self.config.num_classes is not None:
-            emb = emb + self.label_emb(y)  # (B, 4*C)
-        elif text_embeds is not None and time_ids is not None:
-            emb = emb + self.label_emb(self.added_condition(text_embeds, time_ids).to(emb.dtype))  # (B, 4*C)
+        required exactly when config.adm_in_channels is set. timestep_cond (B, time_cond_proj_dim): an LCM's
+        guidance-scale embedding, required exactly when config.time_cond_proj_dim is set.
+        down_block_additional_residuals (one per input block, shaped as its output) and
+        mid_block_additional_residual (shaped as the middle block's output): a ControlNet's residuals
+        (reference/controlnet.py), added to the skip connections and the middle block's output as diffusers does."""
+        emb = self.embedding(x, timesteps, context, y, text_embeds, time_ids, timestep_cond)
+        self._check_residuals(down_block_additional_residuals, mid_block_additional_residual)
 
         skips = []
         h = x
         for block in self.input_blocks:
             h = block(h, emb, context)
             skips.append(h)
+        if down_block_additional_residuals is not None:
+            skips = [s + r for s, r in zip(skips, down_block_additional_residuals)]  # the skips only, not h
         h = self.middle_block(h, emb, context)
+        if mid_block_additional_residual is not None:
+            h = h + mid_block_additional_residual
         for block in self.output_blocks:
             h = torch.cat([h, skips.pop()], dim=1)  # (B, C + C_skip, H, W)
             h = block(h, emb, context)

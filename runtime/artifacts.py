@@ -58,6 +58,7 @@ class Artifacts:
     tokenizer: PromptTokenizer | None
     scheduler_config: SchedulerConfig
     model_hash: str  # sha256 of the source weights (what the PNG metadata names)
+    tokenizer_2: PromptTokenizer | None = None  # SDXL's second tokenizer (text_encoder_2's ids)
 
     @classmethod
     def open(cls, path: str | Path | None = None) -> Artifacts:
@@ -71,13 +72,16 @@ class Artifacts:
             raise ArtifactError(f"{root} is not a folder; pass --model DIR with a built artifacts folder")
         manifest_bytes = Manifest.read_bytes(root)
         manifest = Manifest.parse(manifest_bytes, root / MANIFEST)
-        tokenizer = None
-        if manifest.tokenizer is not None:
-            data = manifest.read_file(root, manifest.tokenizer, MAX_TOKENIZER_JSON_BYTES, "tokenizer.json")
-            where = root / manifest.tokenizer.file
-            tokenizer = PromptTokenizer.from_str(utf8_text(data, where), str(where))
-        elif "text_encoder" in manifest.components:
-            raise ArtifactError(f"{root / MANIFEST} lists a text encoder but no tokenizer; rebuild the artifacts")
+        tokenizers = []
+        for entry, component in ((manifest.tokenizer, "text_encoder"), (manifest.tokenizer_2, "text_encoder_2")):
+            if entry is not None:
+                data = manifest.read_file(root, entry, MAX_TOKENIZER_JSON_BYTES, "tokenizer.json")
+                where = root / entry.file
+                tokenizers.append(PromptTokenizer.from_str(utf8_text(data, where), str(where)))
+            elif component in manifest.components:
+                raise ArtifactError(f"{root / MANIFEST} lists {component} but not its tokenizer; rebuild the artifacts")
+            else:
+                tokenizers.append(None)
         scheduler_config = read_scheduler_config(root, manifest)
         model_hash = manifest.source.get("sha256") or hashlib.sha256(manifest_bytes).hexdigest()
-        return cls(root, manifest, tokenizer, scheduler_config, model_hash)
+        return cls(root, manifest, tokenizers[0], scheduler_config, model_hash, tokenizers[1])

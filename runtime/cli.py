@@ -1,6 +1,7 @@
 """`ldm-rt`: sample images from built artifacts and inspect them.
 
     ldm-rt sample --prompt "a red cube" --steps 25 --seed 1 --out cube.png [--model DIR]
+    ldm-rt sample --model SDXL_BASE --refiner SDXL_REFINER --refiner-start 0.8 --prompt "..." --out x.png
     ldm-rt info [--model DIR]
     ldm-rt bench [--model DIR] [--runs 3]
 
@@ -26,8 +27,9 @@ from . import bench
 from .atomic import NotAFileTarget, check_file_target
 from .cli_support import USER_ERRORS, OneLineParser, run
 from .images import ImageOutputError, output_format, output_paths
+from .lora import parse_lora_arg
 from .manifest import Manifest
-from .params import check_image_count
+from .params import AESTHETIC_SCORE, MICRO_CONDITIONING, NEGATIVE_AESTHETIC_SCORE, REFINER_START, check_image_count
 from .schedulers import SCHEDULERS, SchedulerConfig, usable_schedulers
 
 PROG = "ldm-rt"
@@ -39,6 +41,15 @@ class CliError(ValueError):
 
 
 PROVIDERS = ("cpu", "cuda")
+# SDXL micro-conditioning flags (params.MICRO_CONDITIONING): what each holds, and its default for --help.
+MICRO_FLAGS = {name: "score" if "aesthetic" in name else "crop" if "crops" in name else "size" for name in MICRO_CONDITIONING}
+MICRO_DEFAULTS = {
+    **{name: "the output size" for name in MICRO_FLAGS if MICRO_FLAGS[name] == "size"},
+    **{name: "0 0" for name in MICRO_FLAGS if MICRO_FLAGS[name] == "crop"},
+    "negative_original_size": "--original-size", "negative_target_size": "--target-size",
+    "negative_crops_coords_top_left": "--crops-coords-top-left",
+    "aesthetic_score": AESTHETIC_SCORE, "negative_aesthetic_score": NEGATIVE_AESTHETIC_SCORE,
+}  # fmt: skip
 
 
 def provider_choice(value: str) -> str:
@@ -104,6 +115,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="do not keep compiled graphs (--backend openvino) in ~/.cache/ldm-rt for the next run",
     )  # fmt: skip
     s.add_argument("--model", type=Path, default=None, help="artifacts folder (default: the shipped default model)")
+    s.add_argument(
+        "--lora", action="append", default=[], metavar="FILE[:SCALE]",
+        help="apply a LoRA (.safetensors, diffusers/PEFT or kohya layout) at SCALE (default 1) as the model opens; repeatable, scales add up",
+    )  # fmt: skip
+    xl = s.add_argument_group("SDXL", "base + refiner on latents, and the micro-conditioning (diffusers' names; sizes are HEIGHT WIDTH)")
+    xl.add_argument("--refiner", type=Path, default=None, metavar="DIR",
+                    help="an SDXL refiner's artifacts folder: it takes over from --model at --refiner-start of the schedule")
+    xl.add_argument("--refiner-start", type=float, default=None, metavar="F",
+                    help=f"with --refiner: the fraction of the schedule the base runs, in (0, 1) (default {REFINER_START})")
+    for name, what in MICRO_FLAGS.items():
+        flag = "--" + name.replace("_", "-")
+        if what == "score":
+            xl.add_argument(flag, type=float, default=None, metavar="S", help=f"{name} (refiner; default {MICRO_DEFAULTS[name]})")
+        else:
+            xl.add_argument(flag, type=int, nargs=2, default=None, metavar=("TOP", "LEFT") if what == "crop" else ("H", "W"),
+                            help=f"{name} (default {MICRO_DEFAULTS[name]})")
     s.add_argument("--verbose", action="store_true", help="log loading details and print per-stage timings")
 
     i = sub.add_parser("info", help="describe an artifacts folder", description="Describe an artifacts folder: components, precisions, profiles, parity.")
@@ -150,6 +177,10 @@ def load_latents(path: Path) -> np.ndarray:
 def sample(args: argparse.Namespace) -> int:
     from .pipeline import Pipeline  # after argument parsing, so `--help` stays fast
 
+    if args.refiner_start is not None and args.refiner is None:
+        raise CliError("--refiner-start needs --refiner: the refiner takes over at that fraction of the schedule")
+
+    loras = [parse_lora_arg(text) for text in args.lora]  # a scale that is not a number: one line, before any work
     check_image_count(args.batch, "images (--batch)")  # before a file name is made for each
     check_writable(args.out, output_paths(args.out, max(args.batch, 1), args.grid))
     if args.mask is not None and args.init_image is None:
@@ -167,8 +198,9 @@ def sample(args: argparse.Namespace) -> int:
         raise CliError(f"--bf16 needs --backend openvino (the {args.backend} backend computes in the artifacts' precision)")
     if args.spin and args.backend != "onnxruntime":  # the others' thread pools decide their own waiting
         raise CliError(f"--spin sets ONNX Runtime's thread pool and the {args.backend} backend ignores it; drop --spin or use --backend onnxruntime")
-    pipe = Pipeline.load(
-        args.model,
+    if args.refiner is not None and args.mask is not None:
+        raise CliError("--refiner does not inpaint; drop --refiner or --mask")
+    options = dict(
         backend=args.backend,
         precision=args.precision,
         providers=None if args.provider is None else [args.provider],
@@ -177,6 +209,9 @@ def sample(args: argparse.Namespace) -> int:
         compile_cache=not args.no_compile_cache,
         reduced_precision=args.bf16,
     )
+    pipe = Pipeline.load(args.model, **options, **({"loras": loras} if loras else {}))  # the base model's LoRAs, not the refiner's
+    refiner = Pipeline.load(args.refiner, **options) if args.refiner is not None else None
+    micro = {name: tuple(v) if isinstance(v := getattr(args, name), list) else v for name in MICRO_CONDITIONING}
 
     bar: tqdm | None = None
 
@@ -204,6 +239,9 @@ def sample(args: argparse.Namespace) -> int:
             mask=args.mask,
             mask_blur=0.0 if args.mask_blur is None else args.mask_blur,
             callback=progress,
+            refiner=refiner,
+            refiner_start=args.refiner_start,
+            **micro,
         )
     finally:
         if bar is not None:
@@ -219,7 +257,7 @@ def sample(args: argparse.Namespace) -> int:
 def format_timings(timings: dict) -> str:
     """One line: seconds per stage in pipeline order; the UNet as total, steps and mean per step."""
     parts = []
-    for stage in ("text_encoder", "vae_encoder", "unet", "vae_decoder", "total"):
+    for stage in ("text_encoder", "text_encoder_2", "vae_encoder", "unet", "vae_decoder", "total"):
         if stage not in timings:
             continue
         value = timings[stage]
@@ -245,7 +283,9 @@ def describe(manifest: Manifest, root: Path) -> list[str]:
         f"created: {manifest.created or '?'}",
         f"latents: {f.latent_channels} channels, factor {f.latent_factor}, scale {f.scale_factor}; "
         f"UNet in/out {f.unet_in_channels}/{f.unet_out_channels}; autoencoder {f.autoencoder_kind}",
-        f"text: context length {f.context_length}, dim {f.context_dim}, vocab {f.vocab_size}",
+        f"text: context length {f.context_length}, dim {f.context_dim}, vocab {f.vocab_size}"
+        + (f"; SDXL: second encoder width {f.text_encoder_2_dim}, pooled {f.pooled_dim}, {f.time_ids} time ids"
+           f"{', empty negative = zeros' if f.force_zeros_for_empty_prompt else ''}" if f.time_ids is not None else ""),
         f"profile: batch {':'.join(map(str, prof.batch))}, height {':'.join(map(str, prof.height))}, "
         f"width {':'.join(map(str, prof.width))} (min:opt:max; multiple of {f.pixel_multiple}){' static' if prof.is_static else ''}",
         "components:",

@@ -9,7 +9,11 @@ Conventions every component keeps:
 - the VAE decoder takes the *scaled* latent (what the UNet works on) and divides by the latent scale
   factor inside the graph; it returns the image in [-1, 1] (not clamped);
 - the VAE encoder returns the distribution parameters (mean, logvar for KL; the pre-quantisation latent
-  for VQ), unscaled: the runtime takes the mean or a sample, then multiplies by the scale factor.
+  for VQ), unscaled: the runtime takes the mean or a sample, then multiplies by the scale factor;
+- SDXL (Podell et al. 2023): `text_encoder` returns its penultimate layer as `last_hidden_state`;
+  `text_encoder_2` has two outputs, its penultimate layer and the projected pooled `text_embeds`; the
+  UNet also takes `text_embeds` and the micro-conditioning `time_ids` (runtime/params.MicroConditioning);
+  a refiner has `text_encoder_2` only. A component's outputs are listed in the order its graph returns them.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
 DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32}
 
 
@@ -117,6 +121,8 @@ class ComponentContract:
                 out[t.name] = rng.integers(0, max(high, 1), size=shape).astype(DTYPES[t.dtype])
             elif t.name == "timestep":
                 out[t.name] = rng.uniform(0, 999, size=shape).astype(np.float32)
+            elif t.name == "time_ids":  # pixel sizes and crop offsets, as a request sends them
+                out[t.name] = rng.uniform(0, 1024, size=shape).round().astype(np.float32)
             else:
                 out[t.name] = rng.standard_normal(shape).astype(DTYPES[t.dtype])
         return out
@@ -193,6 +199,23 @@ class ModelFacts:
     pooled_dim: int | None = None
     time_ids: int | None = None
     force_zeros_for_empty_prompt: bool = False
+    # LCM-distilled UNet (diffusers' time_cond_proj_dim): it takes the guidance scale as a w-embedding of this
+    # width (`timestep_cond`) instead of an unconditional batch.
+    time_cond_proj_dim: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.text_encoder_2_dim is not None:
+            first = (self.context_dim or 0) - self.text_encoder_2_dim
+            if self.context_length is None or self.pooled_dim is None or first < 0 or (first > 0) != self.has_text_encoder:
+                raise ContractError(
+                    f"model facts: text_encoder_2_dim {self.text_encoder_2_dim} needs a context length, pooled_dim and a "
+                    f"context_dim ({self.context_dim}) that is it plus the first encoder's width (has_text_encoder="
+                    f"{self.has_text_encoder}); the model's config is inconsistent"
+                )
+        elif not self.has_text_encoder and self.context_length is not None:
+            raise ContractError("model facts: a context without any text encoder; the model's config is inconsistent")
+        if self.time_ids is not None and (self.pooled_dim is None or self.time_ids < 1):
+            raise ContractError(f"model facts: time_ids {self.time_ids} needs pooled_dim (the UNet's text_embeds); the model's config is inconsistent")
 
     @property
     def pixel_multiple(self) -> int:
@@ -237,14 +260,33 @@ def build_contracts(facts: ModelFacts, profile: ShapeProfile) -> dict[str, Compo
 
     if facts.context_length is not None:
         length = facts.context_length
-        contracts["text_encoder"] = ComponentContract(
-            name="text_encoder",
-            inputs=(TensorSpec("input_ids", "int64", ("text_batch", length)),),
-            outputs=(TensorSpec("last_hidden_state", "float32", ("text_batch", length, facts.context_dim)),),
-            dims=(Dim("text_batch", b_min, 2 * b_opt, 2 * b_max),),
-            tolerance={"fp32": Tolerance(1e-4), "fp16": Tolerance(2e-2, 1e-2)},
-            extra={"vocab_size": facts.vocab_size},
-        )
+        text_batch = Dim("text_batch", b_min, 2 * b_opt, 2 * b_max)
+        text_tol = {"fp32": Tolerance(1e-4), "fp16": Tolerance(2e-2, 1e-2)}
+        # SDXL: the UNet's context is [text_encoder's sequence, text_encoder_2's sequence] on the channel axis.
+        dim_2 = facts.text_encoder_2_dim
+        if facts.has_text_encoder:
+            # SDXL's first encoder returns its penultimate layer under the same name (export_wrappers says so).
+            contracts["text_encoder"] = ComponentContract(
+                name="text_encoder",
+                inputs=(TensorSpec("input_ids", "int64", ("text_batch", length)),),
+                outputs=(TensorSpec("last_hidden_state", "float32", ("text_batch", length, facts.context_dim - (dim_2 or 0))),),
+                dims=(text_batch,),
+                tolerance=text_tol,
+                extra={"vocab_size": facts.vocab_size},
+            )
+        if dim_2 is not None:
+            # Its own tokenizer (pads with its own pad token) but the same length and, in SDXL, vocabulary.
+            contracts["text_encoder_2"] = ComponentContract(
+                name="text_encoder_2",
+                inputs=(TensorSpec("input_ids", "int64", ("text_batch", length)),),
+                outputs=(
+                    TensorSpec("last_hidden_state", "float32", ("text_batch", length, dim_2)),  # penultimate layer
+                    TensorSpec("text_embeds", "float32", ("text_batch", facts.pooled_dim)),  # projected pooled output
+                ),
+                dims=(text_batch,),
+                tolerance=text_tol,
+                extra={"vocab_size": facts.vocab_size},
+            )
 
     unet_inputs = [
         TensorSpec("sample", "float32", ("unet_batch", facts.unet_in_channels, "latent_height", "latent_width")),
@@ -254,6 +296,12 @@ def build_contracts(facts: ModelFacts, profile: ShapeProfile) -> dict[str, Compo
         unet_inputs.append(TensorSpec("encoder_hidden_states", "float32", ("unet_batch", facts.context_length, facts.context_dim)))
     if facts.num_classes is not None:
         unet_inputs.append(TensorSpec("class_labels", "int64", ("unet_batch",)))
+    if facts.time_ids is not None:
+        # SDXL's added conditioning (diffusers' added_cond_kwargs): pooled text embeds and micro-conditioning ids.
+        unet_inputs.append(TensorSpec("text_embeds", "float32", ("unet_batch", facts.pooled_dim)))
+        unet_inputs.append(TensorSpec("time_ids", "float32", ("unet_batch", facts.time_ids)))
+    if facts.time_cond_proj_dim is not None:
+        unet_inputs.append(TensorSpec("timestep_cond", "float32", ("unet_batch", facts.time_cond_proj_dim)))
     contracts["unet"] = ComponentContract(
         name="unet",
         inputs=tuple(unet_inputs),

@@ -1,5 +1,6 @@
 """Classifier-free guidance (Ho & Salimans 2022, eq. 6) as the manifest's GUIDANCE convention states it:
-one batched UNet call of 2B rows ordered [uncond, cond]; guidance 1.0 runs the conditional half only.
+one batched UNet call of 2B rows ordered [uncond, cond]; guidance <= 1.0 runs the conditional half only (as
+diffusers, whose guidance is on only above 1: SDXL-Turbo and SD-Turbo sample at guidance 0).
 
 Guidance rescale (Lin et al., WACV 2024, Sec. 3.4; diffusers' `guidance_rescale`) optionally pulls the guided
 prediction back to the spread of the conditional one: at high guidance the guided output's standard deviation
@@ -12,11 +13,11 @@ import numpy as np
 
 from .manifest import GUIDANCE
 
-SKIP_AT = float(GUIDANCE["skip_uncond_when_guidance_is"])
+SKIP_AT_MOST = float(GUIDANCE["skip_uncond_when_guidance_at_most"])
 
 
 def uses_uncond(guidance: float) -> bool:
-    return float(guidance) != SKIP_AT
+    return float(guidance) > SKIP_AT_MOST
 
 
 def double(x: np.ndarray) -> np.ndarray:

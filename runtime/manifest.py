@@ -26,7 +26,9 @@ MANIFEST = "manifest.json"
 GUIDANCE = {
     "formula": "eps = eps_uncond + guidance * (eps_cond - eps_uncond)",
     "unet_batch_order": ["uncond", "cond"],
-    "skip_uncond_when_guidance_is": 1.0,
+    # guidance <= 1 runs the conditional half only (eps_cond), as diffusers (`guidance_scale > 1` enables CFG):
+    # SDXL-Turbo and SD-Turbo sample at guidance 0.
+    "skip_uncond_when_guidance_at_most": 1.0,
 }
 
 
@@ -155,6 +157,8 @@ class Manifest:
     created: str = ""
     guidance: dict[str, Any] = field(default_factory=lambda: dict(GUIDANCE))
     sampler_spec: dict[str, Any] = field(default_factory=dict)  # scheduler tables for native ports
+    tokenizer_2: FileEntry | None = None  # SDXL's second tokenizer (text_encoder_2's ids; its own pad token)
+    lora_targets: FileEntry | None = None  # where each LoRA-adaptable weight sits in the ONNX files (runtime/lora.py)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -214,6 +218,8 @@ class Manifest:
             created=d.get("created", ""),
             guidance=obj(d.get("guidance", dict(GUIDANCE)), "guidance"),
             sampler_spec=obj(d.get("sampler_spec", {}), "sampler_spec"),
+            tokenizer_2=optional(d.get("tokenizer_2"), "tokenizer_2"),
+            lora_targets=optional(d.get("lora_targets"), "lora_targets"),
         )
 
     @classmethod

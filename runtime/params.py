@@ -179,3 +179,108 @@ def make_params(
         prompts, negatives, steps, guidance, scheduler, seed, batch, sizes["height"], sizes["width"], strength,
         guidance_rescale, mask_blur,
     )
+
+
+# SDXL micro-conditioning (Podell et al. 2023, Sec. 2.2): sizes and crop offsets in pixels, each bounded before
+# it is embedded (no model is trained on sizes anywhere near this; a typo such as 10240000 is refused).
+MAX_TIME_ID_PIXELS = 16384
+# The aesthetic score of SDXL's refiner (a LAION aesthetic predictor's 0..10 scale); diffusers' defaults.
+AESTHETIC_SCORE = 6.0
+NEGATIVE_AESTHETIC_SCORE = 2.5
+# SDXL's base + refiner recipe: the refiner takes over for the last 20 % of the schedule (diffusers' docs).
+REFINER_START = 0.8
+MICRO_CONDITIONING = (
+    "original_size", "crops_coords_top_left", "target_size",
+    "negative_original_size", "negative_crops_coords_top_left", "negative_target_size",
+    "aesthetic_score", "negative_aesthetic_score",
+)  # fmt: skip
+# What each count of time ids holds (diffusers' _get_add_time_ids): 6 = original (h, w), crop (top, left),
+# target (h, w) (SDXL base, Turbo); 5 = original (h, w), crop (top, left), aesthetic score (SDXL refiner).
+TIME_ID_LAYOUTS = {
+    6: ("original_size", "crops_coords_top_left", "target_size"),
+    5: ("original_size", "crops_coords_top_left", "aesthetic_score"),
+}
+
+
+@dataclass(frozen=True)
+class MicroConditioning:
+    """SDXL's size, crop and aesthetic conditioning of one request, diffusers' names and defaults: sizes are
+    (height, width) and default to the output size, crops (top, left) default to (0, 0), and each negative_*
+    value (the unconditional half under guidance) defaults to its positive counterpart (diffusers' txt2img
+    does that only when both negative sizes are given; its img2img uses (0, 0) for the negative crop)."""
+
+    original_size: tuple[int, int]
+    crops_coords_top_left: tuple[int, int]
+    target_size: tuple[int, int]
+    negative_original_size: tuple[int, int]
+    negative_crops_coords_top_left: tuple[int, int]
+    negative_target_size: tuple[int, int]
+    aesthetic_score: float = AESTHETIC_SCORE
+    negative_aesthetic_score: float = NEGATIVE_AESTHETIC_SCORE
+
+    def time_ids(self, n: int) -> tuple[list[float], list[float]]:
+        """(cond, uncond) rows of the UNet's `time_ids` input for a model taking n ids (TIME_ID_LAYOUTS)."""
+        rows = []
+        for prefix in ("", "negative_"):
+            row: list[float] = []
+            for name in TIME_ID_LAYOUTS[n]:
+                value = getattr(self, prefix + name)
+                row.extend(value if isinstance(value, tuple) else (value,))
+            rows.append([float(v) for v in row])
+        return rows[0], rows[1]
+
+    def to_dict(self, n: int) -> dict[str, Any]:
+        """The values a model of n time ids reads (for the image metadata), as JSON lists and numbers."""
+        names = [name for name in MICRO_CONDITIONING if name.removeprefix("negative_") in TIME_ID_LAYOUTS[n]]
+        return {name: list(v) if isinstance(v := getattr(self, name), tuple) else v for name in names}
+
+
+def _pair(value: Any, what: str, low: int) -> tuple[int, int]:
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) != 2:
+        raise GenerationError(f"{what} must be two integers (height, width) / (top, left), got {value!r}")
+    pair = tuple(_int(v, what) for v in value)
+    if not all(low <= v <= MAX_TIME_ID_PIXELS for v in pair):
+        raise GenerationError(f"{what} must be integers in [{low}, {MAX_TIME_ID_PIXELS}] pixels, got {list(value)!r}")
+    return pair[0], pair[1]
+
+
+def _score(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= float(value) <= 10.0:
+        raise GenerationError(f"{what} must be a number in [0, 10] (an aesthetic score), got {value!r}")
+    return float(value)
+
+
+def make_micro_conditioning(time_ids: int | None, height: int, width: int, given: dict[str, Any]) -> MicroConditioning | None:
+    """The request's micro-conditioning for a UNet taking `time_ids` ids (None: the model takes none, and any
+    value given is refused), each value checked; `given` maps MICRO_CONDITIONING names to values or None."""
+    given = {k: v for k, v in given.items() if v is not None}
+    if time_ids is None:
+        if given:
+            raise GenerationError(f"this model takes no micro-conditioning (an SDXL UNet's time ids); drop {', '.join(sorted(given))}")
+        return None
+    if time_ids not in TIME_ID_LAYOUTS:
+        raise GenerationError(f"the UNet takes {time_ids} time ids; the runtime knows layouts of {sorted(TIME_ID_LAYOUTS)}")
+    used = TIME_ID_LAYOUTS[time_ids]
+    unused = sorted(k for k in given if k.removeprefix("negative_") not in used)
+    if unused:
+        kind = "a refiner's (5 time ids: sizes, crop and aesthetic score)" if time_ids == 5 else "a base model's (6 time ids: sizes and crop)"
+        raise GenerationError(f"this UNet is {kind} and does not read {', '.join(unused)}; drop them")
+    values: dict[str, Any] = {}
+    for name in MICRO_CONDITIONING[:3]:
+        low = 0 if name.startswith("crops") else 1
+        default = (0, 0) if name.startswith("crops") else (height, width)
+        values[name] = _pair(given[name], name, low) if name in given else default
+        neg = "negative_" + name
+        values[neg] = _pair(given[neg], neg, low) if neg in given else values[name]
+    values["aesthetic_score"] = _score(given.get("aesthetic_score", AESTHETIC_SCORE), "aesthetic_score")
+    values["negative_aesthetic_score"] = _score(given.get("negative_aesthetic_score", NEGATIVE_AESTHETIC_SCORE), "negative_aesthetic_score")
+    return MicroConditioning(**values)
+
+
+def check_denoising_fraction(value: Any, what: str) -> float | None:
+    """denoising_start / denoising_end: None, or a fraction strictly inside (0, 1) of the schedule."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 < float(value) < 1.0:
+        raise GenerationError(f"{what} must be a fraction of the schedule in (0, 1) (e.g. 0.8), got {value!r}")
+    return float(value)

@@ -17,12 +17,16 @@ PyTorch networks (the `Pipeline(components, tokenizer, scheduler_config, facts, 
 Randomness (the same on every backend, the torch reference included, so a seed means one image): one
 `np.random.default_rng(seed)`; the initial noise is drawn first, `standard_normal((B, C, h, w),
 dtype=float32)` (skipped when `latents` is given), then each stochastic scheduler step draws its noise.
+A base + refiner call (`refiner=`) uses one generator for both: the base's draws, then the refiner's (its
+initial draw is made too, though continuing from latents uses none).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import numbers
+import secrets
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -36,6 +40,7 @@ from PIL import Image
 from . import guidance as cfg
 from .artifacts import Artifacts
 from .backends.base import Component, HostOptions, SupportsUpload, default_compile_cache, open_components
+from .lora import LoraSpec, as_specs, load_loras, records
 from .contracts import ModelFacts, ShapeProfile
 from .images import (
     TEXT_KEYS,
@@ -49,9 +54,21 @@ from .images import (
     to_uint8,
     write_images,
 )
-from .params import GenerationError, GenerationParams, as_prompts, make_params
+from .params import (
+    MICRO_CONDITIONING,
+    REFINER_START,
+    TIME_ID_LAYOUTS,
+    GenerationError,
+    GenerationParams,
+    MicroConditioning,
+    as_prompts,
+    check_denoising_fraction,
+    make_micro_conditioning,
+    make_params,
+)
 from .schedulers import SchedulerConfig, usable_schedulers
 from .schedulers.config import SchedulerConfigError
+from .schedulers.lcm import guidance_embedding
 from .tokenizer import PromptTokenizer
 
 log = logging.getLogger(__name__)
@@ -73,6 +90,7 @@ class Result:
     params: dict[str, Any]  # what produced the images (GenerationParams + model hash, backend, precision, reduced_precision)
     timings: dict[str, Any] = field(default_factory=dict)  # seconds per stage; "unet" is a list per step
     latents: np.ndarray | None = None  # (B, C, h, w) final scaled latents, before decoding
+    # images is empty (0, H, W, 3) when generate(decode=False) asked for latents only (a refiner's input).
 
     def to_pil(self) -> list[Image.Image]:
         return [Image.fromarray(im) for im in self.images]
@@ -98,6 +116,8 @@ class Result:
         """Write the images with their parameters (`metadata`), in the format the extension names (.png;
         .jpg/.jpeg and .webp carry them in EXIF): one image at `path`, a batch at NAME_0.EXT, NAME_1.EXT, ...
         or, with as_grid, one grid image at `path`. All files are written or none. Returns the paths."""
+        if not len(self.images):
+            raise GenerationError("this result holds latents only (generate(decode=False)); nothing to save")
         if as_grid:
             return write_images([(path, grid(self.images), self.metadata(None))])
         paths = output_paths(path, len(self.images))
@@ -135,19 +155,26 @@ class Pipeline:
         model_hash: str = "",
         artifacts: Artifacts | None = None,
         reduced_precision: bool = False,
+        tokenizer_2: PromptTokenizer | None = None,
     ) -> None:
         """`components`: text_encoder (if the model has one), unet, vae_decoder, vae_encoder (img2img and
         inpainting), each with a `run` keyed by its contract's tensor names; `profile`: the batch and size
         ranges requests are checked against (its optimum is the default size); `model_hash`: what the image
         metadata names as the model; `artifacts`: the folder they came from, if any (Pipeline.load);
-        `reduced_precision`: the components were opened with HostOptions.reduced_precision (recorded in params)."""
+        `reduced_precision`: the components were opened with HostOptions.reduced_precision (recorded in params);
+        `tokenizer_2`: SDXL's second tokenizer, for text_encoder_2 (its own pad token)."""
         self.components = MappingProxyType(dict(components))
         missing = sorted({"unet", "vae_decoder"} - set(self.components))
         if missing:
             raise GenerationError(f"the pipeline needs the components {missing}; pass them with the others")
         if "text_encoder" in self.components and tokenizer is None:
             raise GenerationError("the model has a text encoder: pass its tokenizer")
+        if "text_encoder_2" in self.components and tokenizer_2 is None:
+            raise GenerationError("the model has a second text encoder (SDXL): pass its tokenizer as tokenizer_2")
         self.tokenizer = tokenizer
+        self.tokenizer_2 = tokenizer_2
+        # Whether prompts mean anything: SD's one encoder, SDXL's two, or an SDXL refiner's second only.
+        self.has_text = "text_encoder" in self.components or "text_encoder_2" in self.components
         self.scheduler_config = scheduler_config
         self.facts = facts
         self.profile = profile
@@ -156,6 +183,9 @@ class Pipeline:
         self.reduced_precision = reduced_precision
         self.model_hash = model_hash
         self.artifacts = artifacts
+        # LoRAs in these weights (fused at export, or applied as the components opened): file, sha256, scale.
+        fused_loras = artifacts.manifest.source.get("loras", []) if artifacts is not None else []
+        self.loras: tuple[dict[str, Any], ...] = tuple({**r, "applied": "export"} for r in fused_loras if isinstance(r, dict))
         # Every scheduler that takes the model's schedule; the rest (pndm, lms under zero terminal SNR) fail
         # when asked for, with the reason and the usable names, instead of refusing the whole model.
         schedulers, self._unusable = usable_schedulers(scheduler_config)
@@ -164,6 +194,15 @@ class Pipeline:
         self.schedulers = MappingProxyType(schedulers)
         unet_inputs = {t.name for t in self.components["unet"].contract.inputs}
         self.num_classes = self.facts.num_classes if "class_labels" in unet_inputs else None
+        # SDXL: the UNet's pooled text embeds come from text_encoder_2, the time ids from the request.
+        self.time_ids = self.facts.time_ids if "time_ids" in unet_inputs else None
+        # An SDXL refiner's UNet reads an aesthetic score instead of a target size; it continues from an image or latents.
+        self.is_refiner = "aesthetic_score" in TIME_ID_LAYOUTS.get(self.time_ids, ())
+        if self.time_ids is not None and "text_encoder_2" not in self.components:
+            raise GenerationError(
+                "this UNet takes SDXL's pooled text embeds and time ids, but the model has no text_encoder_2 to make them; "
+                "rebuild the artifacts from a complete SDXL model (both text encoders, or a refiner's second)"
+            )
         lc, cin = self.facts.latent_channels, self.facts.unet_in_channels
         if cin not in (lc, 2 * lc + 1):
             raise GenerationError(
@@ -179,6 +218,7 @@ class Pipeline:
         return cls(
             components, artifacts.tokenizer, artifacts.scheduler_config, artifacts.manifest.facts, artifacts.manifest.profile,
             backend=backend, precision=precision, model_hash=artifacts.model_hash, artifacts=artifacts, reduced_precision=reduced_precision,
+            tokenizer_2=artifacts.tokenizer_2,
         )
 
     @classmethod
@@ -192,13 +232,17 @@ class Pipeline:
         spin: bool = False,
         compile_cache: str | Path | bool = True,
         reduced_precision: bool = False,
+        loras: Sequence[LoraSpec | tuple[str | Path, float] | str] | None = None,
     ) -> Pipeline:
         """Open an artifacts folder (default: the shipped default model) with one backend; hashes are checked here, once.
         `threads`: CPU threads per operator (default: one per physical core); `spin`: idle threads
         spin-wait between operators (off by default: backends/base.HostOptions says why). `compile_cache`:
         where providers that compile graphs on opening (OpenVINO) keep them for the next process: True (the
         user's cache folder, ~/.cache/ldm-rt), a folder, or False (compile every time). `reduced_precision`:
-        let the backend compute in bf16 where the CPU supports it (OpenVINO; backends/base.HostOptions)."""
+        let the backend compute in bf16 where the CPU supports it (OpenVINO; backends/base.HostOptions).
+        `loras`: LoRA files to apply, each (FILE, SCALE), "FILE[:SCALE]" or a runtime.lora.LoraSpec; their deltas
+        are added to the weights as the components open (ONNX Runtime; runtime/lora.py), recorded in every
+        result's params (file, sha256, scale)."""
         if compile_cache is True:
             cache: Path | None = default_compile_cache()
         elif compile_cache is False or compile_cache is None:
@@ -207,8 +251,12 @@ class Pipeline:
             cache = Path(compile_cache)
         host = HostOptions(threads, spin, cache, reduced_precision)  # validated before anything is opened
         artifacts = Artifacts.open(artifacts_dir)
-        components = open_components(backend, artifacts.root, artifacts.manifest, precision, providers, host)
-        return cls.from_artifacts(artifacts, components, backend, precision, host.reduced_precision)
+        # LoRAs (file, scale) are added to the weights as the sessions open; the files on disk stay as they are.
+        lora_files = load_loras(as_specs(loras))
+        components = open_components(backend, artifacts.root, artifacts.manifest, precision, providers, host, loras=lora_files)
+        pipe = cls.from_artifacts(artifacts, components, backend, precision, host.reduced_precision)
+        pipe.loras += tuple({**r, "applied": "run time"} for r in records(lora_files))
+        return pipe
 
     def close(self) -> None:
         """Release what the components hold outside Python's memory (TensorRT: device buffers, streams, graphs)."""
@@ -242,6 +290,21 @@ class Pipeline:
         callback: StepCallback | None = None,
         guidance_rescale: float = 0.0,
         mask_blur: float | None = 0.0,
+        *,
+        original_size: tuple[int, int] | None = None,
+        crops_coords_top_left: tuple[int, int] | None = None,
+        target_size: tuple[int, int] | None = None,
+        negative_original_size: tuple[int, int] | None = None,
+        negative_crops_coords_top_left: tuple[int, int] | None = None,
+        negative_target_size: tuple[int, int] | None = None,
+        aesthetic_score: float | None = None,
+        negative_aesthetic_score: float | None = None,
+        init_latents: np.ndarray | None = None,
+        denoising_start: float | None = None,
+        denoising_end: float | None = None,
+        decode: bool = True,
+        refiner: Pipeline | None = None,
+        refiner_start: float | None = None,
     ) -> Result:
         """Images for `prompt` (`batch` per prompt). `latents`: unit-variance noise (B, C, h, w) used instead
         of drawing it (multiplied by the scheduler's init_noise_sigma, as diffusers' `latents=`);
@@ -251,37 +314,150 @@ class Pipeline:
         the decoder's pixels everywhere, as diffusers returns them). `class_labels` (one per prompt) for
         class-conditional models. `guidance_rescale` in [0, 1] (Lin et al. suggest 0.7):
         runtime/guidance.py. Defaults: `seed` None draws a fresh seed (recorded in Result.params, so the image
-        can be made again); `negative_prompt` "" is the unconditional half of guidance."""
+        can be made again); `negative_prompt` "" is the unconditional half of guidance (zero embeddings
+        instead when the model says force_zeros_for_empty_prompt, as SDXL's folders do).
+
+        SDXL (keyword-only, diffusers' names): the micro-conditioning `original_size`, `crops_coords_top_left`,
+        `target_size` (base) or `aesthetic_score` (refiner) and their `negative_*` counterparts
+        (params.MicroConditioning: defaults, time-id layout); they are recorded in Result.params. The base +
+        refiner hand-off, on latents as diffusers' `denoising_end` / `denoising_start` split the timesteps:
+        `denoising_end=0.8, decode=False` stops the base at 80 % of the schedule (Result.latents), and a refiner
+        pipeline's `generate(..., init_latents=those, denoising_start=0.8)` continues; `refiner=PIPE,
+        refiner_start=0.8` does both in one call. `init_latents` without denoising_start: img2img from
+        scaled latents (B, C, h, w) instead of an image."""
+        micro_given = {name: value for name, value in locals().items() if name in MICRO_CONDITIONING}
+        request = dict(
+            prompt=prompt, negative_prompt=negative_prompt, steps=steps, guidance=guidance, scheduler=scheduler,
+            batch=batch, height=height, width=width, latents=latents, init_image=init_image, strength=strength, mask=mask,
+            class_labels=class_labels, callback=callback, guidance_rescale=guidance_rescale, mask_blur=mask_blur,
+        )
+        if refiner is not None:
+            if denoising_start is not None or denoising_end is not None or init_latents is not None or not decode:
+                raise GenerationError("refiner= splits the schedule itself; drop denoising_start, denoising_end, init_latents and decode=False")
+            return self._generate_with_refiner(refiner, refiner_start, seed, request, micro_given)
+        if refiner_start is not None:
+            raise GenerationError("refiner_start needs refiner: the pipeline that takes over at that fraction of the schedule")
+        return self._generate(
+            **request, seed=seed, micro_given=micro_given, init_latents=init_latents, denoising_start=denoising_start,
+            denoising_end=denoising_end, decode=decode, rng=None,
+        )
+
+    def _generate_with_refiner(
+        self, refiner: Pipeline, refiner_start: float | None, seed: int | None, request: dict[str, Any], micro_given: dict[str, Any]
+    ) -> Result:
+        """This pipeline up to `refiner_start` of the schedule, then `refiner` from there on its latents, with one
+        random generator for both (diffusers' recipe passes one generator to both pipelines)."""
+        if not isinstance(refiner, Pipeline):
+            raise GenerationError(f"refiner must be a Pipeline (Pipeline.load(REFINER_ARTIFACTS)), got {type(refiner).__name__}")
+        if request["mask"] is not None:
+            raise GenerationError("refiner= does not inpaint; inpaint without a refiner")
+        if self.is_refiner:
+            raise GenerationError(
+                "the base model is an SDXL refiner (its UNet reads an aesthetic score); pass the base model as the "
+                "pipeline (--model) and the refiner as refiner= (--refiner)"
+            )
+        if refiner.time_ids is None:
+            raise GenerationError("the refiner is not an SDXL model (its UNet takes no time ids); pass an SDXL refiner's artifacts")
+        start = check_denoising_fraction(REFINER_START if refiner_start is None else refiner_start, "refiner_start")
+        for fact in ("latent_channels", "latent_factor", "scale_factor"):
+            if getattr(self.facts, fact) != getattr(refiner.facts, fact):
+                raise GenerationError(
+                    f"the refiner's latents differ from this model's ({fact} {getattr(refiner.facts, fact)} != "
+                    f"{getattr(self.facts, fact)}); pair a base and a refiner that share their autoencoder"
+                )
+        if seed is None:
+            seed = secrets.randbits(63)
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+            raise GenerationError(f"seed must be an integer >= 0, got {seed!r}")
+        rng = np.random.default_rng(int(seed))
+        given = {k: v for k, v in micro_given.items() if v is not None}
+        # Each model reads the micro-conditioning its time ids hold (SDXL's refiner: aesthetic scores, no target size).
+        base_micro, refiner_micro = (
+            {k: v for k, v in given.items() if time_ids is not None and k.removeprefix("negative_") in TIME_ID_LAYOUTS.get(time_ids, ())}
+            for time_ids in (self.time_ids, refiner.time_ids)
+        )
+        unused = sorted(set(given) - set(base_micro) - set(refiner_micro))
+        if unused:
+            raise GenerationError(f"neither the base nor the refiner reads {', '.join(unused)}; drop them")
+        base = self._generate(
+            **request, seed=seed, micro_given=base_micro, init_latents=None, denoising_start=None, denoising_end=start,
+            decode=False, rng=rng,
+        )
+        refined = refiner._generate(
+            **{**request, "latents": None, "init_image": None, "strength": None, "height": base.params["height"], "width": base.params["width"]},
+            seed=seed, micro_given=refiner_micro, init_latents=base.latents, denoising_start=start, denoising_end=None,
+            decode=True, rng=rng,
+        )
+        params = {
+            **refined.params,
+            "mode": f"{base.params['mode']}+refiner",
+            "refiner_start": start,
+            "base_model_hash": self.model_hash,
+            **{f"base_{k}": v for k, v in base.params.items() if k in MICRO_CONDITIONING or (k == "strength" and request["init_image"] is not None)},
+        }
+        timings = {**refined.timings, "base": base.timings, "total": base.timings["total"] + refined.timings["total"]}
+        return Result(refined.images, params, timings, refined.latents)
+
+    def _generate(
+        self, prompt, negative_prompt, steps, guidance, scheduler, seed, batch, height, width, latents, init_image,
+        strength, mask, class_labels, callback, guidance_rescale, mask_blur, micro_given, init_latents,
+        denoising_start, denoising_end, decode, *, rng: np.random.Generator | None,
+    ) -> Result:  # fmt: skip
+        """generate() of one pipeline; `rng`: continue this generator instead of seeding one (the refiner hand-off)."""
         start_time = time.perf_counter()
         as_prompts(prompt, "prompt")  # a clear error for None, numbers or non-UTF-8 text before anything else
         if mask is not None and init_image is None:
             raise GenerationError("mask needs init_image: inpainting repaints part of an image")
-        if strength is not None and init_image is None:
+        if strength is not None and init_image is None and init_latents is None:
             raise GenerationError("strength needs init_image: it is the fraction of the schedule run from that image")
         if mask_blur and mask is None:
             raise GenerationError("mask_blur needs mask: it softens the seam of the inpainted region")
         if self.inpainting_unet and mask is None:
             raise GenerationError("this is an inpainting model: pass init_image and mask")
+        denoising_start = check_denoising_fraction(denoising_start, "denoising_start")
+        denoising_end = check_denoising_fraction(denoising_end, "denoising_end")
+        if self.is_refiner and init_image is None and init_latents is None:
+            raise GenerationError(
+                "this model is an SDXL refiner: it continues from an image or latents, it does not start from noise; "
+                "pass init_image (img2img), or use it as the refiner of a base model (refiner=, --refiner)"
+            )
+        if init_latents is not None and init_image is not None:
+            raise GenerationError("pass init_image or init_latents, not both: both are the starting point")
+        if denoising_start is not None:
+            if init_latents is None:
+                raise GenerationError("denoising_start needs init_latents: the latents an earlier pipeline stopped at (denoising_end)")
+            if strength is not None:
+                raise GenerationError("denoising_start decides where the schedule starts; drop strength")
+            if denoising_end is not None and denoising_end <= denoising_start:
+                raise GenerationError(f"denoising_end {denoising_end} must be after denoising_start {denoising_start}")
         if strength is None:
             strength = INPAINT_STRENGTH if mask is not None else IMG2IMG_STRENGTH
         init = as_rgb_array(init_image) if init_image is not None else None
         if init is not None:  # img2img defaults to the image's own size
             height, width = height or init.shape[0], width or init.shape[1]
+        if init_latents is not None:
+            init_latents = np.asarray(init_latents)
+            if init_latents.ndim == 4:  # the latents' own size, as diffusers' refiner reads it
+                f = self.facts.latent_factor
+                height, width = height or init_latents.shape[2] * f, width or init_latents.shape[3] * f
         labels = self._class_labels(class_labels)
         if labels is not None and isinstance(prompt, str) and len(labels) > 1:
             prompt = [prompt] * len(labels)  # one (empty) prompt per label
-        if "text_encoder" not in self.components and any(prompt if not isinstance(prompt, str) else [prompt]):
+        if not self.has_text and any(prompt if not isinstance(prompt, str) else [prompt]):
             raise GenerationError("this model has no text encoder and takes no prompt; pass prompt=''")
         p = make_params(
             self, prompt=prompt, negative_prompt=negative_prompt, steps=steps, guidance=guidance,
             scheduler=scheduler, seed=seed, batch=batch, height=height, width=width, strength=strength,
             guidance_rescale=guidance_rescale, mask_blur=mask_blur,
         )
+        micro = make_micro_conditioning(self.time_ids, p.height, p.width, micro_given)
         if labels is not None and len(labels) != len(p.prompts):
             raise GenerationError(f"{len(labels)} class labels for {len(p.prompts)} prompts; pass one per prompt")
         f = self.facts.latent_factor
         shape = (p.images, self.facts.latent_channels, p.height // f, p.width // f)
         latents = None if latents is None else checked_latents(latents, shape)
+        if init_latents is not None:
+            init_latents = checked_latents(init_latents, shape, "init_latents")
 
         if p.scheduler in self._unusable:
             raise GenerationError(f"{self._unusable[p.scheduler]}; this model can use {', '.join(self.schedulers)}")
@@ -292,21 +468,38 @@ class Pipeline:
                 "another scheduler)", p.scheduler, fewest, p.steps,
             )
         run = self.schedulers[p.scheduler].set_timesteps(p.steps)
-        if init is not None:
+        if denoising_start is not None:
+            run = start_at(run, denoising_start, p.scheduler)
+        elif init is not None or init_latents is not None:
             run = run.with_strength(p.strength)
+        num_steps = len(run.timesteps) if denoising_end is None else steps_before(run, denoising_end, p.scheduler)
         timings: dict[str, Any] = {"unet": []}
-        use_cfg = "text_encoder" in self.components and cfg.uses_uncond(p.guidance)
-        context = self._encode_prompts(p, use_cfg, timings)
-        rng = np.random.default_rng(p.seed)
+        # An LCM-distilled UNet takes guidance as its timestep_cond input: no unconditional batch.
+        use_cfg = self.has_text and cfg.uses_uncond(p.guidance) and self.facts.time_cond_proj_dim is None
+        if self.facts.time_cond_proj_dim is not None and any(p.negative_prompts):
+            log.warning("this LCM-distilled model takes guidance as an embedding, with no unconditional batch: the negative prompt is not used")
+        context, pooled = self._encode_prompts(p, use_cfg, timings)
+        rng = np.random.default_rng(p.seed) if rng is None else rng
         noise = latents if latents is not None else rng.standard_normal(shape, dtype=np.float32)  # drawn first
-        start = self._start(p, run, noise, init, mask, timings)
+        if denoising_start is not None:
+            start = Start(init_latents, noise)  # continue where the other pipeline stopped: no noise added
+        elif init_latents is not None:
+            start = Start(run.add_noise(init_latents, noise, 0), noise, init_latents)
+        else:
+            start = self._start(p, run, noise, init, mask, timings)
         if labels is not None:
             labels = np.repeat(labels, p.batch)  # (B,)
-        x = self._denoise(p, run, start, context, labels, use_cfg, rng, timings, callback)
-        decoded = self._call("vae_decoder", {"latent": x}, timings)["image"]
-        images = to_uint8(decoded)
-        if start.pixel_mask is not None and p.mask_blur is not None:
-            images = paste_kept(images, start.pixels, start.pixel_mask, p.mask_blur)
+        added = self._added_conditioning(p, micro, pooled, use_cfg)
+        if self.facts.time_cond_proj_dim is not None:  # (B, time_cond_proj_dim), the same every step
+            added["timestep_cond"] = guidance_embedding(p.guidance, self.facts.time_cond_proj_dim, p.images)
+        x = self._denoise(p, run, num_steps, start, context, labels, added, use_cfg, rng, timings, callback)
+        if decode:
+            decoded = self._call("vae_decoder", {"latent": x}, timings)["image"]
+            images = to_uint8(decoded)
+            if start.pixel_mask is not None and p.mask_blur is not None:
+                images = paste_kept(images, start.pixels, start.pixel_mask, p.mask_blur)
+        else:
+            images = np.zeros((0, p.height, p.width, 3), np.uint8)
         timings["total"] = time.perf_counter() - start_time
         params = {
             **p.to_dict(),
@@ -315,22 +508,45 @@ class Pipeline:
             "precision": self.precision,
             # Asked for (bf16 where the CPU has it; the backend warns when it computes in f32 instead).
             "reduced_precision": self.reduced_precision,
-            "mode": "inpaint" if mask is not None else "img2img" if init is not None else "txt2img",
+            **({"loras": list(self.loras)} if self.loras else {}),
+            "mode": "inpaint" if mask is not None else "img2img" if init is not None or init_latents is not None else "txt2img",
         }
+        if micro is not None:
+            params.update(micro.to_dict(self.time_ids))
+        if denoising_start is not None or denoising_end is not None:
+            params.update(denoising_start=denoising_start, denoising_end=denoising_end)
         if labels is not None:
             params["class_labels"] = labels.tolist()
         return Result(images, params, timings, x)
 
-    def _denoise(self, p: GenerationParams, run, start: Start, context, labels, use_cfg: bool, rng, timings: dict, callback) -> np.ndarray:
-        """The sampling loop: guided UNet call per step, scheduler step, inpainting blend. Returns final latents."""
+    def _added_conditioning(
+        self, p: GenerationParams, micro: MicroConditioning | None, pooled: np.ndarray | None, use_cfg: bool
+    ) -> dict[str, np.ndarray]:
+        """SDXL's UNet inputs besides the context: text_embeds (rows, P) and time_ids (rows, N), rows as the context's."""
+        if self.time_ids is None or micro is None or pooled is None:
+            return {}
+        cond, uncond = micro.time_ids(self.time_ids)
+        ids = np.tile(np.asarray(cond, np.float32), (p.images, 1))  # (B, N)
+        if use_cfg:
+            ids = np.concatenate([np.tile(np.asarray(uncond, np.float32), (p.images, 1)), ids])  # (2B, N): [uncond, cond]
+        return {"text_embeds": pooled.astype(np.float32), "time_ids": ids}
+
+    def _denoise(
+        self, p: GenerationParams, run, num_steps: int, start: Start, context, labels, added: dict[str, np.ndarray],
+        use_cfg: bool, rng, timings: dict, callback,
+    ) -> np.ndarray:  # fmt: skip
+        """The sampling loop: guided UNet call per step, scheduler step, inpainting blend; the first `num_steps`
+        steps of `run` (fewer than all under denoising_end). Returns final latents."""
         unet = self.components["unet"]
         fixed: dict[str, Any] = {}
         if context is not None:  # (B or 2B, L, D), read by every step: kept on the device if the backend can
             fixed["encoder_hidden_states"] = unet.upload("encoder_hidden_states", context) if isinstance(unet, SupportsUpload) else context
         if labels is not None:
             fixed["class_labels"] = cfg.double(labels) if use_cfg else labels  # (B or 2B,) int64
+        for name, value in added.items():  # SDXL: (B or 2B, P) text_embeds, (B or 2B, N) time_ids
+            fixed[name] = unet.upload(name, value) if isinstance(unet, SupportsUpload) else value
         x = start.x
-        for i, t in enumerate(run.timesteps):
+        for i, t in enumerate(run.timesteps[:num_steps]):
             x_in = run.scale_model_input(x, i)
             if self.inpainting_unet:
                 x_in = np.concatenate([x_in, start.mask, start.masked_image_latents], axis=1)  # (B, 2C+1, h, w)
@@ -347,7 +563,7 @@ class Pipeline:
                 known = start.image_latents if last else run.add_noise(start.image_latents, start.noise, i + 1)
                 x = (start.mask * x + (1.0 - start.mask) * known).astype(np.float32)
             if callback is not None:
-                callback(i, len(run.timesteps), float(t), x)
+                callback(i, num_steps, float(t), x)
         return x.astype(np.float32)
 
     # ---- stages ----------------------------------------------------------------------------------------------
@@ -379,17 +595,42 @@ class Pipeline:
             raise GenerationError(f"class_labels must be ints in [0, {self.num_classes}), got {class_labels!r}")
         return labels.astype(np.int64)
 
-    def _encode_prompts(self, p: GenerationParams, use_cfg: bool, timings: dict) -> np.ndarray | None:
-        """Context (B or 2B, L, D), rows [uncond..., cond...] under guidance, each prompt repeated `batch` times."""
-        if "text_encoder" not in self.components:
-            return None
-        tokenizer = self.tokenizer
-        # The tokenizer warns about each prompt it truncates or has unknown words in (numbered within its list).
-        ids = tokenizer(list(p.prompts)).ids
+    def _encode_prompts(self, p: GenerationParams, use_cfg: bool, timings: dict) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """(context (rows, L, D), pooled (rows, P) or None); rows are [uncond..., cond...] under guidance, each
+        prompt repeated `batch` times. SDXL: the context is [text_encoder's, text_encoder_2's] penultimate
+        layers on the channel axis (a refiner: the second's alone), each encoder reading its own tokenizer's ids;
+        `pooled` is text_encoder_2's projected pooled output. With force_zeros_for_empty_prompt an empty negative
+        prompt is zeros in both (diffusers' negative_prompt=None), and is not encoded at all."""
+        if not self.has_text:
+            return None, None
+        zero = [False] * len(p.prompts)
+        negatives: list[str] = []
         if use_cfg:
-            ids = np.concatenate([tokenizer(list(p.negative_prompts), what="negative prompt").ids, ids])  # (2P, L): [uncond, cond]
-        ids = np.repeat(ids, p.batch, axis=0)  # (rows, L), each prompt `batch` times in a row, as diffusers
-        return self._call("text_encoder", {"input_ids": ids}, timings)["last_hidden_state"]
+            zero = [self.facts.force_zeros_for_empty_prompt and n == "" for n in p.negative_prompts] + zero
+            negatives = [n for n, z in zip(p.negative_prompts, zero) if not z]
+        parts, pooled = [], None
+        for name, tokenizer in (("text_encoder", self.tokenizer), ("text_encoder_2", self.tokenizer_2)):
+            if name not in self.components:
+                continue
+            # The tokenizer warns about each prompt it truncates or has unknown words in (numbered within its list).
+            ids = tokenizer(list(p.prompts)).ids
+            if negatives:
+                ids = np.concatenate([tokenizer(negatives, what="negative prompt").ids, ids])  # (2P, L): [uncond, cond]
+            ids = np.repeat(ids, p.batch, axis=0)  # (rows, L), each prompt `batch` times in a row, as diffusers
+            outs = self._call(name, {"input_ids": ids}, timings)
+            parts.append(outs["last_hidden_state"])
+            pooled = outs.get("text_embeds", pooled)
+        context = np.concatenate(parts, axis=-1) if len(parts) > 1 else parts[0]  # (rows, L, D1 + D2)
+        if any(zero):  # put the zero rows back in their places
+            keep = np.repeat(~np.asarray(zero), p.batch)
+            full = np.zeros((len(keep), *context.shape[1:]), np.float32)
+            full[keep] = context
+            context = full
+            if pooled is not None:
+                full_pooled = np.zeros((len(keep), *pooled.shape[1:]), np.float32)
+                full_pooled[keep] = pooled
+                pooled = full_pooled
+        return context, pooled
 
     def _encode_image(self, image: np.ndarray, timings: dict) -> np.ndarray:
         """(1, 3, H, W) in [-1, 1] -> scaled latent (1, C, h, w): the posterior mean (KL) or the latent (VQ)."""
@@ -421,13 +662,46 @@ class Pipeline:
         return Start(x, noise, image_latents, latent_mask, masked_latents, pixels, pixel_mask)
 
 
-def checked_latents(latents: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+def checked_latents(latents: np.ndarray, shape: tuple[int, ...], what: str = "latents") -> np.ndarray:
     latents = np.asarray(latents)
     if latents.dtype.kind != "f":  # complex, bool, int, datetime, str, structured: not noise
-        raise GenerationError(f"latents must be a float16/32/64 array of noise, got dtype {latents.dtype}")
+        kind = "noise" if what == "latents" else "latents"
+        raise GenerationError(f"{what} must be a float16/32/64 array of {kind}, got dtype {latents.dtype}")
     if latents.shape != shape:
         b, _, h, w = shape
-        raise GenerationError(f"latents have shape {latents.shape}, expected {shape} for {b} images with latents of {h}x{w}")
+        raise GenerationError(f"{what} have shape {latents.shape}, expected {shape} for {b} images with latents of {h}x{w}")
     if not np.all(np.isfinite(latents)):
-        raise GenerationError("latents contain NaN or Inf")
+        raise GenerationError(f"{what} contain NaN or Inf")
     return latents.astype(np.float32)
+
+
+def _cutoff(run, fraction: float) -> int:
+    """diffusers' discrete_timestep_cutoff: the timestep at `fraction` of the training schedule, counted from its noisy end."""
+    t = run.config.num_train_timesteps
+    return int(round(t - fraction * t))
+
+
+def steps_before(run, denoising_end: float, scheduler: str) -> int:
+    """How many steps of `run` come before denoising_end (diffusers: the timesteps >= the cutoff)."""
+    n = int(np.sum(np.asarray(run.timesteps) >= _cutoff(run, denoising_end)))
+    if n == 0:
+        raise GenerationError(f"denoising_end {denoising_end} leaves no {scheduler} step of this schedule; raise it or the steps")
+    return n
+
+
+def start_at(run, denoising_start: float, scheduler: str):
+    """The run from denoising_start on, as diffusers' SDXL img2img get_timesteps(denoising_start=...) slices it:
+    the timesteps below the cutoff (one more for a second-order scheduler whose count is even, so a step is
+    never cut between its two evaluations), with a fresh multistep history (diffusers' set_begin_index)."""
+    num = int(np.sum(np.asarray(run.all_timesteps) < _cutoff(run, denoising_start)))
+    if run.order == 2 and num % 2 == 0:
+        num += 1
+    if num == 0:
+        raise GenerationError(f"denoising_start {denoising_start} leaves no {scheduler} step of this schedule; lower it or raise the steps")
+    begin = len(run.all_timesteps) - num
+    # with_strength is the one way a run starts late; it keeps int(n * strength) steps of n, so ask for n - k.
+    n, k = run.num_inference_steps, begin // run.order
+    started = run.with_strength(min(1.0, (n - k + 0.5) / n)) if begin else run
+    if started.begin_index != begin:
+        raise GenerationError(f"{scheduler} cannot start at denoising_start {denoising_start} (its steps do not split there); use euler, ddim or dpmpp-2m")
+    return started

@@ -26,6 +26,7 @@ import numpy as np
 from .atomic import atomic_write_text
 from .cli_support import OneLineParser, run
 from .manifest import GUIDANCE, Manifest
+from .params import TIME_ID_LAYOUTS
 from .schedulers import SCHEDULERS, Scheduler, SchedulerConfig, SchedulerConfigError, SchedulerRun, make_scheduler
 
 SPEC_FORMAT = "ldm-rt-sampler-spec"
@@ -121,7 +122,7 @@ def _scheduler_entry(name: str, config: SchedulerConfig, counts: list[int], base
         scheduler = make_scheduler(name, config)
     except SchedulerConfigError as e:
         return {"unsupported": str(e)}
-    first = scheduler.set_timesteps(counts[0])
+    first = scheduler.set_timesteps(1)  # every scheduler takes one step; counts[0] may be refused (below)
     shared = config.to_dict()
     entry: dict[str, Any] = {
         "diffusers_class": scheduler.diffusers_class,
@@ -132,6 +133,8 @@ def _scheduler_entry(name: str, config: SchedulerConfig, counts: list[int], base
     }
     if name == "ddim":
         entry["eta"] = scheduler.eta
+    if name == "tcd":
+        entry["gamma"] = scheduler.gamma
     if not np.array_equal(scheduler.alphas_cumprod, base_alphas):
         entry["alphas_cumprod"] = f32(scheduler.alphas_cumprod)  # zero-SNR floor of the sigma schedulers
     runs = {}
@@ -145,7 +148,7 @@ def _scheduler_entry(name: str, config: SchedulerConfig, counts: list[int], base
 
 
 # Keys of SchedulerRun.tables() that the spec states once per scheduler or that a fresh run makes redundant.
-_SHARED_KEYS = {"scheduler", "diffusers_class", "config", "alphas_cumprod", "all_timesteps", "begin_index", "eta"}
+_SHARED_KEYS = {"scheduler", "diffusers_class", "config", "alphas_cumprod", "all_timesteps", "begin_index", "eta", "gamma"}
 
 
 def _run_entry(run: SchedulerRun) -> dict[str, Any]:
@@ -205,9 +208,26 @@ def _model_entry(manifest: Manifest) -> dict[str, Any]:
         "autoencoder_kind": facts.autoencoder_kind,
         "num_classes": facts.num_classes,
         "tokenizer": tokenizer,
+        **_sdxl_entry(manifest),
         "scheduler_config_file": manifest.scheduler.file,
         "profile": {"batch": list(manifest.profile.batch), "height": list(manifest.profile.height), "width": list(manifest.profile.width)},
         "components": {name: entry.contract.to_dict() for name, entry in manifest.components.items()},
+    }
+
+
+def _sdxl_entry(manifest: Manifest) -> dict[str, Any]:
+    """SDXL's extra model facts (docs/sampler_spec.md, SDXL): the second tokenizer, the time-id layout, and
+    whether an empty negative prompt means zero embeddings; nothing for SD 1.x/2.x."""
+    facts = manifest.facts
+    if facts.time_ids is None and manifest.tokenizer_2 is None:
+        return {}
+    tokenizer_2 = None
+    if manifest.tokenizer_2 is not None:
+        tokenizer_2 = {"file": manifest.tokenizer_2.file, "sha256": manifest.tokenizer_2.sha256, "max_length": facts.context_length}
+    return {
+        "tokenizer_2": tokenizer_2,
+        "time_ids": list(TIME_ID_LAYOUTS.get(facts.time_ids, ())),  # the names, in order; sizes are (height, width)
+        "force_zeros_for_empty_prompt": facts.force_zeros_for_empty_prompt,
     }
 
 

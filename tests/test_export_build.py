@@ -207,6 +207,7 @@ def test_manifest_is_valid_and_every_hash_verifies(built):
     listed = {pe.onnx.file for e in m.components.values() for pe in e.precisions.values()}
     listed |= {pe.ort.onnx.file for e in m.components.values() for pe in e.precisions.values() if pe.ort}
     listed |= {m.scheduler.file, m.tokenizer.file, MANIFEST}
+    listed |= {m.lora_targets.file}  # where each LoRA-adaptable weight sits in the ONNX files (export/lora_targets.py)
     present = {p.relative_to(built.out).as_posix() for p in built.out.rglob("*") if p.is_file()}
     assert present == listed
 

@@ -72,7 +72,6 @@ def test_config_from_real_sd_configs():
     [
         ({"addition_embed_type": "text"}, "addition_embed_type"),
         ({"class_embed_type": "timestep"}, "class_embed_type"),
-        ({"time_cond_proj_dim": 256}, "time_cond_proj_dim"),
         ({"act_fn": "gelu"}, "act_fn"),
         ({"norm_num_groups": 7}, "norm_num_groups"),
         ({"_class_name": "UNet2DModel"}, "_class_name"),

@@ -244,11 +244,11 @@ def test_invalid_sdxl_fields_are_named(fields, named):
         UNetConfig(model_channels=32, channel_mult=(1, 2), attention_resolutions=(2,), **fields)
 
 
-def test_whole_sdxl_model_is_refused_until_its_conditioning_exists():
-    # The UNet loads, but no ldm-rt model can feed it yet (second text encoder, micro-conditioning): a
-    # whole-model load says so instead of failing on the first encoder's width (768 vs 2048).
+def test_sdxl_unet_with_one_text_encoder_is_refused():
+    # A whole model with SD's one encoder cannot feed this UNet (no pooled embeds, half the context): the
+    # config says the second encoder is missing instead of failing on the first encoder's width (768 vs 2048).
     unet = unet_config_from_diffusers(SDXL_BASE)
-    with pytest.raises(ConfigError, match="SDXL's added conditioning"):
+    with pytest.raises(ConfigError, match="SDXL's added conditioning .* no text_encoder_2"):
         LDMConfig(unet=unet)
 
 

@@ -95,7 +95,7 @@ def test_classifier_free_guidance_formula_and_order():
     out = np.concatenate([eps_u, eps_c])  # the UNet's [uncond, cond] batch
     np.testing.assert_allclose(cfg.combine(out, 7.5), eps_u + 7.5 * (eps_c - eps_u), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(cfg.combine(out, 1.0), eps_c, atol=1e-6)
-    assert cfg.uses_uncond(7.5) and cfg.uses_uncond(0.0) and not cfg.uses_uncond(1.0)
+    assert cfg.uses_uncond(7.5) and not cfg.uses_uncond(0.0) and not cfg.uses_uncond(1.0)  # <= 1: cond only (Turbo)
     assert cfg.double(eps_u).shape == (4, 4, 3, 3)
 
 

@@ -31,6 +31,8 @@ CLASSES = {
     "lms": "LMSDiscreteScheduler",
     "unipc": "UniPCMultistepScheduler",
     "heun": "HeunDiscreteScheduler",
+    "lcm": "LCMScheduler",
+    "tcd": "TCDScheduler",
 }
 SD1 = dict(
     beta_start=0.00085,
@@ -74,7 +76,7 @@ def feed(monkeypatch):
         assert tuple(shape) == noise.current.shape
         return torch.from_numpy(noise.current.copy()).to(dtype or torch.float32)
 
-    for module in ("scheduling_ddpm", "scheduling_ddim", "scheduling_euler_ancestral_discrete", "scheduling_dpmsolver_multistep"):
+    for module in ("scheduling_ddpm", "scheduling_ddim", "scheduling_euler_ancestral_discrete", "scheduling_dpmsolver_multistep", "scheduling_lcm", "scheduling_tcd"):
         module = importlib.import_module(f"diffusers.schedulers.{module}")
         monkeypatch.setattr(module, "randn_tensor", fake_randn_tensor)
     return noise
@@ -121,9 +123,11 @@ def assert_same_timesteps(theirs, ours) -> None:
 
 
 def run_trajectory(
-    kind, config, n, feed, *, eta=0.0, strength=None, teacher_forcing=False, model=toy_model, shape=(2, 4, 8, 8)
+    kind, config, n, feed, *, eta=0.0, strength=None, teacher_forcing=False, model=toy_model, shape=(2, 4, 8, 8), gamma=None
 ):
-    theirs, ours = make_pair(kind, config, **({"eta": eta} if kind == "ddim" else {}))
+    # ddim's eta and tcd's gamma (diffusers: `eta` of step; both default to 0.3 when not given)
+    step_kwargs = {"eta": eta} if kind == "ddim" else {"eta": gamma} if gamma is not None else {}
+    theirs, ours = make_pair(kind, config, **({"eta": eta} if kind == "ddim" else {"gamma": gamma} if gamma is not None else {}))
     rng = np.random.default_rng(n)
     unit = rng.standard_normal(shape).astype(np.float32)
     theirs.set_timesteps(n)
@@ -133,6 +137,8 @@ def run_trajectory(
         x_ref = torch.from_numpy(unit) * theirs.init_noise_sigma
         x = unit * run.init_noise_sigma
     else:
+        if kind == "lcm":  # LatentConsistencyModelImg2ImgPipeline rebuilds the schedule for the strength first
+            theirs.set_timesteps(n, strength=strength)
         timesteps, _ = img2img_get_timesteps()(SimpleNamespace(scheduler=theirs), n, strength, "cpu")
         run = run.with_strength(strength)
         x0 = (0.5 * rng.standard_normal(shape)).astype(np.float32)
@@ -148,7 +154,7 @@ def run_trajectory(
         x_in_ref = theirs.scale_model_input(x_ref, t)
         assert_close(x_in_ref.numpy(), x_in, x_ref.numpy(), f"{kind} n={n}: model input {i}")
         out_ref = theirs.step(
-            torch.from_numpy(model(x_in_ref.numpy(), t.item())), t, x_ref, **({"eta": eta} if kind == "ddim" else {})
+            torch.from_numpy(model(x_in_ref.numpy(), t.item())), t, x_ref, **step_kwargs
         ).prev_sample
         x_new = run.step(model(x_in, run.timesteps[i]), i, x, noise=feed.current)
         assert x_new.dtype == np.float32
@@ -233,6 +239,15 @@ EXTRA_CASES = {
         "dpm", dict(SD1, algorithm_type="sde-dpmsolver++", solver_order=3, final_sigmas_type="sigma_min", lower_order_final=False), {}
     ),
     "dpmpp-2m-sde-sample": ("dpm", dict(SD1, algorithm_type="sde-dpmsolver++", prediction_type="sample"), {}),
+    "lcm-original-steps-100": ("lcm", dict(SD1, original_inference_steps=100), {}),
+    "lcm-original-steps-37-scaling-3": ("lcm", dict(SD1, original_inference_steps=37, timestep_scaling=3.0), {}),
+    "lcm-v": ("lcm", dict(SD1, prediction_type="v_prediction"), {}),
+    "lcm-sample-clip": ("lcm", dict(SD1, prediction_type="sample", clip_sample=True, clip_sample_range=0.5), {}),
+    "lcm-thresholding": ("lcm", dict(SD1, thresholding=True, sample_max_value=1.5), {}),
+    "tcd-gamma-0": ("tcd", SD1, {"gamma": 0.0}),
+    "tcd-gamma-1": ("tcd", SD1, {"gamma": 1.0}),
+    "tcd-gamma-0.55-v": ("tcd", dict(SD1, prediction_type="v_prediction"), {"gamma": 0.55}),
+    "tcd-sample-original-steps-100": ("tcd", dict(SD1, prediction_type="sample", original_inference_steps=100), {}),
 }
 
 
@@ -248,7 +263,7 @@ ZERO_SNR = dict(SD1, prediction_type="v_prediction", timestep_spacing="trailing"
 
 
 @pytest.mark.parametrize("n", (1, 7, 25))
-@pytest.mark.parametrize("kind", ["ddpm", "ddim", "euler", "euler-a", "dpm", "unipc", "dpm-sde"])
+@pytest.mark.parametrize("kind", ["ddpm", "ddim", "euler", "euler-a", "dpm", "unipc", "dpm-sde", "lcm", "tcd"])
 def test_zero_terminal_snr_matches_diffusers(kind, n, feed):
     # sigma_T = 4096 here: diffusers' float32 Euler step cancels ~1e-4 of a 4096-sized sample, so compare
     # step by step from diffusers' own samples instead of along two free-running trajectories.
@@ -306,6 +321,8 @@ def test_timesteps_sigmas_and_init_sigma_match_diffusers(kind, preset):
             continue  # diffusers inverts 1000 sigmas one by one: slow, and nothing new
         if kind == "pndm" and n < 4 and not ours.config.skip_prk_steps:
             continue
+        if kind in ("lcm", "tcd") and n > ours.config.original_inference_steps:
+            continue  # diffusers and we refuse: the steps are picked from the distillation schedule (tested elsewhere)
         if kind in ("ddim", "ddpm", "pndm") and n == 1000 and ours.config.timestep_spacing == "leading":
             if ours.config.steps_offset:
                 continue  # timestep 1000: diffusers indexes past alphas_cumprod, we raise (tested elsewhere)
@@ -380,3 +397,92 @@ def test_unipc_refuses_the_config_whose_last_step_diffusers_divides_by_zero():
     assert not torch.isfinite(x).any()
     with pytest.raises(SchedulerConfigError, match="lower_order_final=true or final_sigmas_type='sigma_min'"):
         scheduler_from_diffusers_config({"_class_name": "UniPCMultistepScheduler", **SD1, "lower_order_final": False})
+
+
+# ---- LCM: steps are picked from the distillation schedule ----------------------------------------------------
+def test_lcm_refuses_more_steps_than_the_distillation_schedule_as_diffusers_does():
+    from ldm_rt.runtime.schedulers import SchedulerConfigError
+
+    theirs, ours = make_pair("lcm", dict(SD1, original_inference_steps=20))
+    with pytest.raises(ValueError):
+        theirs.set_timesteps(21)
+    with pytest.raises(SchedulerConfigError, match="at most 20 steps"):
+        ours.set_timesteps(21)
+    run = ours.set_timesteps(20)
+    with pytest.raises(SchedulerConfigError, match="raise strength or lower the steps"):
+        run.with_strength(0.5)  # keeps 10 distillation timesteps for 20 steps
+    with pytest.raises(ValueError):
+        theirs.set_timesteps(20, strength=0.5)
+
+
+# ---- DPM++ 2S ancestral: no diffusers class; k-diffusion's sampler is the oracle ------------------------------
+def sample_dpmpp_2s_ancestral(model, x, sigmas, noises):
+    """k-diffusion's sample_dpmpp_2s_ancestral (k_diffusion/sampling.py, v0.1.1, MIT; eta = s_noise = 1), transcribed
+    in torch with the noise sampler replaced by `noises` (k-diffusion is not a dependency). Returns every x."""
+
+    def get_ancestral_step(sigma_from, sigma_to):
+        sigma_up = min(sigma_to, (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5)
+        return (sigma_to**2 - sigma_up**2) ** 0.5, sigma_up
+
+    sigma_fn = lambda t: t.neg().exp()  # noqa: E731
+    t_fn = lambda sigma: sigma.log().neg()  # noqa: E731
+    out = []
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i])
+        sigma_down, sigma_up = get_ancestral_step(sigmas[i], sigmas[i + 1])
+        if sigma_down == 0:
+            d = (x - denoised) / sigmas[i]
+            x = x + d * (sigma_down - sigmas[i])
+        else:
+            t, t_next = t_fn(sigmas[i]), t_fn(sigma_down)
+            r = 1 / 2
+            h = t_next - t
+            s = t + r * h
+            x_2 = (sigma_fn(s) / sigma_fn(t)) * x - (-h * r).expm1() * denoised
+            denoised_2 = model(x_2, sigma_fn(s))
+            x = (sigma_fn(t_next) / sigma_fn(t)) * x - (-h).expm1() * denoised_2
+        if sigmas[i + 1] > 0:
+            x = x + noises[i] * sigma_up
+        out.append(x)
+    return out
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("n", (1, 4, 25))
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+def test_dpmpp_2s_ancestral_matches_k_diffusion_on_euler_ancestrals_sigmas(spacing, n, prediction_type):
+    from ldm_rt.runtime.schedulers import make_scheduler
+    from ldm_rt.runtime.schedulers.config import SchedulerConfig
+
+    config = dict(SD1, timestep_spacing=spacing, prediction_type=prediction_type)
+    theirs = diffusers.EulerAncestralDiscreteScheduler.from_config(config)  # the sigma schedule and t(sigma)
+    theirs.set_timesteps(n)
+    run = make_scheduler("dpmpp-2s-a", SchedulerConfig.from_dict(config)).set_timesteps(n)
+    sigmas64 = theirs.sigmas.double()
+    log_sigmas = np.log(((1 - theirs.alphas_cumprod) / theirs.alphas_cumprod) ** 0.5).numpy()
+    step_t = dict(zip(theirs.sigmas[:-1].tolist(), theirs.timesteps.tolist()))
+    calls = []
+
+    def denoiser(x, sigma):  # k-diffusion's CompVis-style wrapper: c_in, t(sigma), D from eps or v
+        s = float(sigma)
+        t = step_t.get(float(np.float32(s)), float(diffusers.EulerDiscreteScheduler._sigma_to_t(None, np.array([s]), log_sigmas)[0]))
+        x_in = (x / (s**2 + 1) ** 0.5).float().numpy()
+        calls.append((t, x_in))
+        m = torch.from_numpy(toy_model(x_in, t)).double()
+        if prediction_type == "epsilon":
+            return x - s * m
+        return m * (-s / (s**2 + 1) ** 0.5) + x / (s**2 + 1)
+
+    rng = np.random.default_rng(n)
+    x = rng.standard_normal((2, 4, 8, 8)).astype(np.float32) * np.float32(run.init_noise_sigma)
+    noises = [rng.standard_normal(x.shape).astype(np.float32) for _ in range(n)]
+    ref = sample_dpmpp_2s_ancestral(denoiser, torch.from_numpy(x).double(), sigmas64, [torch.from_numpy(z).double() for z in noises])
+    assert run.init_noise_sigma == pytest.approx(float(theirs.init_noise_sigma), rel=1e-6)
+    assert len(run.timesteps) == len(calls) == 2 * n - 1
+    for i, t in enumerate(run.timesteps):
+        x_in = run.scale_model_input(x, i)
+        np.testing.assert_allclose(float(t), calls[i][0], rtol=1e-4, err_msg=f"timestep {i}")  # float32 midpoint sigma
+        np.testing.assert_allclose(x_in, calls[i][1], rtol=1e-4, atol=1e-4, err_msg=f"model input {i}")
+        x = run.step(toy_model(x_in, t), i, x, noise=noises[i // 2] if i % 2 else None)
+        if i % 2 or i == len(run.timesteps) - 1:
+            assert_close(ref[i // 2].numpy(), x, ref[i // 2].numpy(), f"step {i // 2}")

@@ -93,7 +93,7 @@ def test_bad_config_is_one_line_and_nonzero_exit(tmp_path, capsys, args, message
 
 def test_missing_config_file_is_one_line(tmp_path, capsys):
     assert main(["--config", str(tmp_path / "nope.json"), "--out", str(tmp_path / "run")]) == 2
-    assert "nope.json does not exist" in capsys.readouterr().err
+    assert "nope.json is missing; pass an existing JSON object file as --config" in capsys.readouterr().err
 
 
 def _random_vgg_file(path, drop: str | None = None):

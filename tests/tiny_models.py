@@ -7,19 +7,24 @@ single-file and ldm-rt layouts are then derived from it with ldm-rt's own key ma
     make_tiny_diffusers_sd(path, variant="v1" | "v2" | "inpaint")  # diffusers StableDiffusionPipeline folder
     make_tiny_single_file(diffusers_path, out_file, variant)         # original SD single file (.safetensors/.ckpt)
     make_tiny_ldm_rt_model(path)                                     # ldm-rt model folder (word-level tokenizer)
+    make_tiny_sdxl(path, variant="base" | "refiner" | "turbo")       # diffusers SDXL folder, saved by its pipeline
+    make_tiny_sdxl_single_file(sdxl_path, out_file)                  # sgm-layout SDXL single file (.safetensors)
+    make_tiny_controlnet(path, base)                                 # diffusers ControlNetModel folder for a tiny SD
+    make_tiny_controlnet_single_file(controlnet_path, out_file)      # original ControlNet file (.safetensors/.pth)
 
 The random weights are drawn with a wider spread than a fresh init (norms included) and the
 conditioning paths are amplified, so that a change of prompt, guidance, scheduler or step count moves the
 final 8-bit image far more than any parity tolerance: a parity test on these models is sensitive.
 
-Session-scoped fixtures (`tiny_sd_v1`, `tiny_sd_v2`, `tiny_sd_inpaint`, `tiny_ldm_rt_model`, ...) are at the
-end; register them for the whole suite with `pytest_plugins = ["tiny_models"]` in tests/conftest.py.
+Session-scoped fixtures (`tiny_sd_v1`, `tiny_sd_v2`, `tiny_sd_inpaint`, `tiny_ldm_rt_model`, `tiny_sdxl_base`,
+`tiny_sdxl_refiner`, `tiny_sdxl_turbo`, ...) are at the end; register them for the whole suite with `pytest_plugins = ["tiny_models"]` in tests/conftest.py.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -367,6 +372,244 @@ def make_tiny_ldm_rt_model(path: str | Path, seed: int = 0, max_length: int = 16
     return Path(path)
 
 
+# ---- SDXL ------------------------------------------------------------------------------------------
+# Widths of the tiny SDXL's two encoders; the base UNet cross-attends to both (32 + 48), a refiner to the second.
+TINY_SDXL_TEXT_DIM = 32
+TINY_SDXL_TEXT_2_DIM = 48
+TINY_SDXL_POOLED = 16  # text_encoder_2's projection_dim: the UNet's text_embeds
+TINY_SDXL_TIME_DIM = 8  # addition_time_embed_dim: width of each time id's Fourier embedding
+SDXL_SCALE_FACTOR = 0.13025
+SDXL_VARIANTS = ("base", "refiner", "turbo")
+ADD_EMBEDDING_GAIN = 4.0  # add_embedding (pooled text + time ids) scaled up so the micro-conditioning matters (see make_tiny_sdxl)
+
+
+def _tiny_sdxl_unet_config(refiner: bool) -> dict:
+    """diffusers UNet2DConditionModel kwargs. The base: SDXL's layout in miniature (no attention at the first
+    level, per-level transformer depth 1/2 at the attention levels, 6 time ids); the refiner: attention only
+    at the middle two of four levels, depth 2 everywhere, 5 time ids, a context of text_encoder_2's width.
+    Heads are as wide as `reference/checkpoints.py` infers for a single file this narrow (min(64, width/2) at
+    the narrowest attention level). 32 GroupNorm groups, as SDXL has (a single file does not show them), over
+    at least 64 channels: with one channel per group, the norm after each ResBlock's time-embedding add would
+    cancel that per-channel constant, and with it the time ids."""
+    if refiner:
+        widths, down = (64, 64, 128, 128), ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
+        up, heads, depth, n_ids = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), (2, 2, 4, 4), 2, 5
+        context = TINY_SDXL_TEXT_2_DIM
+    else:
+        widths, down = (64, 128, 128), ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D")
+        up, heads, depth, n_ids = ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), (1, 2, 2), (1, 1, 2), 6
+        context = TINY_SDXL_TEXT_DIM + TINY_SDXL_TEXT_2_DIM
+    return dict(
+        sample_size=TINY_IMAGE_SIZE // 2,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=down,
+        up_block_types=up,
+        block_out_channels=widths,
+        layers_per_block=1,
+        norm_num_groups=32,
+        attention_head_dim=heads,  # diffusers' name for heads per level
+        transformer_layers_per_block=depth,
+        cross_attention_dim=context,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=TINY_SDXL_TIME_DIM,
+        projection_class_embeddings_input_dim=TINY_SDXL_POOLED + n_ids * TINY_SDXL_TIME_DIM,
+    )
+
+
+def sdxl_scheduler_config(turbo: bool = False) -> dict:
+    """The scheduler_config.json SDXL base/refiner ship (Euler), or SDXL-Turbo's (Euler ancestral, trailing)."""
+    if turbo:
+        return runtime_sd_scheduler_config(
+            _class_name="EulerAncestralDiscreteScheduler", _diffusers_version="0.42.1", timestep_spacing="trailing"
+        )
+    return runtime_sd_scheduler_config(
+        _class_name="EulerDiscreteScheduler", _diffusers_version="0.42.1", interpolation_type="linear", use_karras_sigmas=False
+    )
+
+
+def make_tiny_sdxl(path: str | Path, variant: str = "base", seed: int = 0) -> Path:
+    """Write a diffusers-layout SDXL folder with random weights, saved by diffusers' own pipeline, and return it.
+
+    "base" (StableDiffusionXLPipeline): tokenizer/ (pads with <|endoftext|>) + text_encoder/ (CLIPTextModel,
+    quick_gelu), tokenizer_2/ (pads with "!") + text_encoder_2/ (CLIPTextModelWithProjection, gelu), a text_time
+    UNet, a VAE with SDXL's scale factor, Euler; force_zeros_for_empty_prompt true, as SDXL ships.
+    "refiner" (StableDiffusionXLImg2ImgPipeline): only tokenizer_2/ + text_encoder_2/, a 5-time-id UNet,
+    requires_aesthetics_score true, force_zeros_for_empty_prompt false, as the refiner ships.
+    "turbo": the base with SDXL-Turbo's scheduler (Euler ancestral, trailing spacing).
+    """
+    from diffusers import (
+        AutoencoderKL,
+        EulerAncestralDiscreteScheduler,
+        EulerDiscreteScheduler,
+        StableDiffusionXLImg2ImgPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    if variant not in SDXL_VARIANTS:
+        raise ValueError(f"variant must be one of {SDXL_VARIANTS}, got {variant!r}")
+    refiner = variant == "refiner"
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(seed)
+
+    unet = UNet2DConditionModel(**_tiny_sdxl_unet_config(refiner))
+    _randomise(unet, generator)
+    _strengthen_unet(unet)
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if name.startswith("add_embedding.") and name.endswith("weight"):
+                p.mul_(ADD_EMBEDDING_GAIN)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(32, 64), layers_per_block=1, latent_channels=4, norm_num_groups=32,
+        sample_size=TINY_IMAGE_SIZE, scaling_factor=SDXL_SCALE_FACTOR,
+    )  # fmt: skip
+    _randomise(vae, generator)
+
+    vocab, _ = tiny_clip_vocab()
+    tokenizers = {}
+    pads = {"tokenizer": "<|endoftext|>", "tokenizer_2": "!"}
+    for name, pad in pads.items():
+        tokenizers[name] = CLIPTokenizer.from_pretrained(str(write_tiny_clip_tokenizer(path / name, pad_token=pad)))
+    common = dict(
+        vocab_size=len(vocab), intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+        max_position_embeddings=TINY_MAX_LENGTH, layer_norm_eps=1e-5, bos_token_id=vocab["<|startoftext|>"],
+        eos_token_id=vocab["<|endoftext|>"],
+    )  # fmt: skip
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(
+        hidden_size=TINY_SDXL_TEXT_2_DIM, hidden_act="gelu", projection_dim=TINY_SDXL_POOLED, pad_token_id=vocab["!"], **common,
+    ))  # fmt: skip
+    _randomise(text_encoder_2, generator)
+    if refiner:
+        text_encoder, tokenizer = None, None
+    else:
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            hidden_size=TINY_SDXL_TEXT_DIM, hidden_act="quick_gelu", pad_token_id=vocab["<|endoftext|>"], **common,
+        ))  # fmt: skip
+        _randomise(text_encoder, generator)
+        tokenizer = tokenizers["tokenizer"]
+    scheduler_cls = EulerAncestralDiscreteScheduler if variant == "turbo" else EulerDiscreteScheduler
+    scheduler = scheduler_cls.from_config(sdxl_scheduler_config(turbo=variant == "turbo"))
+    parts = dict(
+        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+        tokenizer_2=tokenizers["tokenizer_2"], unet=unet, scheduler=scheduler,
+    )  # fmt: skip
+    if refiner:
+        pipe = StableDiffusionXLImg2ImgPipeline(**parts, requires_aesthetics_score=True, force_zeros_for_empty_prompt=False)
+    else:
+        pipe = StableDiffusionXLPipeline(**parts, force_zeros_for_empty_prompt=True)
+    pipe.save_pretrained(str(path), safe_serialization=True)
+    # transformers 5 writes a tokenizer.json only; SDXL repositories ship vocab.json + merges.txt: write those.
+    for name, pad in pads.items():
+        shutil.rmtree(path / name)
+        if not (refiner and name == "tokenizer"):
+            write_tiny_clip_tokenizer(path / name, pad_token=pad)
+    if not refiner:
+        _canonical_text_keys(path / "text_encoder" / "model.safetensors")
+    return path
+
+
+def sdxl_single_file_state_dict(diffusers_path: str | Path) -> dict[str, torch.Tensor]:
+    """The sgm single-file state dict of a tiny SDXL folder, converted with ldm-rt's key maps: UNet and VAE
+    in the original layout, `conditioner.embedders.0.transformer.` (CLIP, Hugging Face keys) and
+    `conditioner.embedders.1.model.` (OpenCLIP: fused in_proj, (width, proj) projection) for a base,
+    `conditioner.embedders.0.model.` alone for a refiner; plus a DDPM buffer a loader must skip."""
+    from transformers import CLIPTextModelWithProjection
+
+    from ldm_rt.reference.keymap_autoencoder import autoencoder_config_from_diffusers, autoencoder_state_dict_from_diffusers
+    from ldm_rt.reference.keymap_unet import unet_config_from_diffusers, unet_state_dict_from_diffusers
+    from ldm_rt.reference.text_encoder_sdxl import (
+        SDXL_EMBEDDER_0_PREFIX,
+        SDXL_EMBEDDER_1_PREFIX,
+        SDXL_REFINER_EMBEDDER_PREFIX,
+        sdxl_text_encoder_2_state_dict_to_single_file,
+    )
+
+    src = Path(diffusers_path)
+    unet_config = unet_config_from_diffusers(json.loads((src / "unet" / "config.json").read_text()))
+    vae_config = autoencoder_config_from_diffusers(json.loads((src / "vae" / "config.json").read_text()))
+    out: dict[str, torch.Tensor] = {}
+    for k, v in unet_state_dict_from_diffusers(_load_safetensors(src / "unet"), unet_config).items():
+        out["model.diffusion_model." + k] = v
+    for k, v in autoencoder_state_dict_from_diffusers(_load_safetensors(src / "vae"), vae_config).items():
+        out["first_stage_model." + k] = v
+    refiner = not (src / "text_encoder").is_dir()
+    if not refiner:
+        out.update({SDXL_EMBEDDER_0_PREFIX + k: v for k, v in _load_safetensors(src / "text_encoder").items()})
+    text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(str(src / "text_encoder_2"))
+    out.update(sdxl_text_encoder_2_state_dict_to_single_file(text_encoder_2, SDXL_REFINER_EMBEDDER_PREFIX if refiner else SDXL_EMBEDDER_1_PREFIX))
+    out["alphas_cumprod"] = torch.cumprod(1 - torch.linspace(0.00085**0.5, 0.012**0.5, 1000) ** 2, 0)
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def make_tiny_sdxl_single_file(diffusers_path: str | Path, out_file: str | Path) -> Path:
+    """An sgm-layout SDXL single file (.safetensors) of a tiny SDXL folder (base or refiner)."""
+    from safetensors.torch import save_file
+
+    out_file = Path(out_file)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    save_file(sdxl_single_file_state_dict(diffusers_path), str(out_file))
+    return out_file
+
+
+# ---- ControlNet ------------------------------------------------------------------------------------
+# E(c)'s widths: one stride-2 step, as the tiny VAE's, so a TINY_IMAGE_SIZE control image meets the latent's size.
+TINY_HINT_BLOCK_CHANNELS = (16, 32)
+# E(c)'s last convolution scaled up: a new control image then moves the UNet's eps by about 25 % (unscaled: 3 %).
+HINT_GAIN = 8.0
+
+
+def make_tiny_controlnet(
+    path: str | Path, base: str | Path, seed: int = 0, hint_block_channels: tuple[int, ...] = TINY_HINT_BLOCK_CHANNELS
+) -> Path:
+    """A diffusers ControlNetModel folder for the tiny SD folder `base`, made as users make one
+    (ControlNetModel.from_unet), then every weight redrawn: the zero convolutions too, or a parity test on
+    them would compare zeros."""
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(Path(base) / "unet")
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=hint_block_channels)
+    generator = torch.Generator().manual_seed(1000 + seed)
+    _randomise(controlnet, generator)
+    _strengthen_unet(controlnet)
+    with torch.no_grad():
+        controlnet.controlnet_cond_embedding.conv_out.weight.mul_(HINT_GAIN)
+    controlnet.save_pretrained(path, safe_serialization=True)
+    return Path(path)
+
+
+def controlnet_single_file_state_dict(controlnet_path: str | Path) -> dict[str, torch.Tensor]:
+    """The original (`control_model.`-prefixed cldm) state dict of a tiny diffusers ControlNet folder, converted
+    with ldm-rt's key map (tests cross-check it against diffusers' own converter)."""
+    from ldm_rt.reference.keymap_controlnet import ORIGINAL_PREFIX, controlnet_config_from_diffusers, controlnet_state_dict_from_diffusers
+
+    folder = Path(controlnet_path)
+    config = controlnet_config_from_diffusers(json.loads((folder / "config.json").read_text()))
+    ours = controlnet_state_dict_from_diffusers(_load_safetensors(folder), config)
+    return {ORIGINAL_PREFIX + k: v.contiguous() for k, v in ours.items()}
+
+
+def make_tiny_controlnet_single_file(controlnet_path: str | Path, out_file: str | Path) -> Path:
+    """An original-layout ControlNet file: `.safetensors`, or `.pth` (a torch.save of the tensors only, loadable
+    with weights_only=True, as lllyasviel's control_v11*.pth)."""
+    out_file = Path(out_file)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    sd = controlnet_single_file_state_dict(controlnet_path)
+    if out_file.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(sd, str(out_file))
+    elif out_file.suffix == ".pth":
+        torch.save(sd, out_file)
+    else:
+        raise ValueError(f"out_file must end in .safetensors or .pth, got {out_file.name}")
+    return out_file
+
+
 # ---- session-scoped fixtures (register with pytest_plugins = ["tiny_models"]) ------------------------
 @pytest.fixture(scope="session")
 def tiny_sd_v1(tmp_path_factory) -> Path:
@@ -397,3 +640,29 @@ def tiny_single_file_v2(tiny_sd_v2, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_ldm_rt_model(tmp_path_factory) -> Path:
     return make_tiny_ldm_rt_model(tmp_path_factory.mktemp("tiny_ldm_rt") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_base(tmp_path_factory) -> Path:
+    return make_tiny_sdxl(tmp_path_factory.mktemp("tiny_sdxl_base"), "base")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_refiner(tmp_path_factory) -> Path:
+    return make_tiny_sdxl(tmp_path_factory.mktemp("tiny_sdxl_refiner"), "refiner", seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_turbo(tmp_path_factory) -> Path:
+    return make_tiny_sdxl(tmp_path_factory.mktemp("tiny_sdxl_turbo"), "turbo", seed=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_controlnet_v1(tiny_sd_v1, tmp_path_factory) -> Path:
+    return make_tiny_controlnet(tmp_path_factory.mktemp("tiny_controlnet_v1") / "controlnet", tiny_sd_v1)
+
+
+@pytest.fixture(scope="session")
+def tiny_controlnet_v1_b(tiny_sd_v1, tmp_path_factory) -> Path:
+    """A second ControlNet for the same base (MultiControlNet tests)."""
+    return make_tiny_controlnet(tmp_path_factory.mktemp("tiny_controlnet_v1_b") / "controlnet", tiny_sd_v1, seed=1)

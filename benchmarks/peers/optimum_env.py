@@ -15,9 +15,13 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import logging
-import subprocess
 import sys
 from pathlib import Path
+
+if __package__:
+    from .peer_env import PeerEnv, PeerEnvError
+else:  # run as a script, inside the Optimum venv (the export)
+    from peer_env import PeerEnv, PeerEnvError
 
 log = logging.getLogger("benchmarks.optimum_env")
 
@@ -27,42 +31,29 @@ CONSTRAINTS = HERE / "optimum-constraints.txt"
 REQUIREMENTS = ("optimum-onnx[onnxruntime]==0.1.0", "diffusers", "torch")
 
 
-class OptimumEnvError(RuntimeError):
+class OptimumEnvError(PeerEnvError):
     """The Optimum environment could not be made or used; the message says what to run."""
 
 
+def env(venv: Path = DEFAULT_VENV) -> PeerEnv:
+    return PeerEnv("Optimum", venv, REQUIREMENTS, CONSTRAINTS, probe="import optimum.onnxruntime, diffusers")
+
+
 def venv_python(venv: Path = DEFAULT_VENV) -> Path:
-    return venv / "bin" / "python"
+    return env(venv).python
 
 
 def is_ready(venv: Path = DEFAULT_VENV) -> bool:
-    python = venv_python(venv)
-    if not python.is_file():
-        return False
-    probe = subprocess.run([str(python), "-c", "import optimum.onnxruntime, diffusers"], capture_output=True)
-    return probe.returncode == 0
+    return env(venv).is_ready()
 
 
 def create(venv: Path = DEFAULT_VENV, log_file: Path | None = None) -> Path:
     """Make the venv if it is not usable yet; returns its python. Output of pip goes to `log_file`."""
-    if is_ready(venv):
-        return venv_python(venv)
     onnxruntime = importlib.metadata.version("onnxruntime")  # the harness's: both ORT peers run the same engine
-    commands = [
-        [sys.executable, "-m", "venv", "--clear", str(venv)],
-        [str(venv_python(venv)), "-m", "pip", "install", "-q", "-c", str(CONSTRAINTS), *REQUIREMENTS, f"onnxruntime=={onnxruntime}"],
-    ]
-    out = open(log_file, "a") if log_file is not None else subprocess.DEVNULL
     try:
-        for command in commands:
-            log.info("running %s", " ".join(command))
-            if subprocess.run(command, stdout=out, stderr=subprocess.STDOUT).returncode != 0:
-                where = f"; see {log_file}" if log_file is not None else ""
-                raise OptimumEnvError(f"`{' '.join(command)}` failed{where}")
-    finally:
-        if log_file is not None:
-            out.close()
-    return venv_python(venv)
+        return env(venv).create(log_file, extra=(f"onnxruntime=={onnxruntime}",))
+    except PeerEnvError as e:
+        raise OptimumEnvError(str(e)) from None
 
 
 def export(source: Path, out: Path) -> None:

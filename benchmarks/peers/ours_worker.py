@@ -39,7 +39,21 @@ def prepare(spec: dict):
         return r.images
 
     versions = {name: md.version(name) for name in ("onnxruntime", "numpy", "ldm-rt")}
-    return generate, clock, {"import_s": import_s, "load_s": load_s, "threads": physical_cores(), "versions": versions}
+    info = {"import_s": import_s, "load_s": load_s, "threads": physical_cores(), "versions": versions, "precision": precision(spec)}
+    return generate, clock, info
+
+
+def precision(spec: dict) -> str:
+    """What the pipeline computes in: f32, or bf16 where OpenVINO was asked for reduced precision and the CPU has it
+    (the OpenVINO backend's own rule, runtime/backends/openvino_backend.compile_config)."""
+    if spec.get("backend") != "openvino" or not spec.get("reduced_precision"):
+        return "f32"
+    import openvino as ov
+
+    from ldm_rt.runtime.backends.base import HostOptions
+    from ldm_rt.runtime.backends.openvino_backend import compile_config
+
+    return str(compile_config(ov.Core(), HostOptions(reduced_precision=True))["INFERENCE_PRECISION_HINT"])
 
 
 if __name__ == "__main__":

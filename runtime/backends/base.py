@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import inspect
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -161,10 +162,21 @@ def open_components(
     precision: str = "fp32",
     providers: Sequence[str] | None = None,
     host: HostOptions = HostOptions(),
+    loras: Sequence[tuple[object, float]] = (),
 ) -> dict[str, Component]:
+    """`loras`: (runtime.lora.LoraFile, scale) pairs the backend applies to the weights as it opens them
+    (ONNX Runtime: patched initializers; TensorRT: refit); backends without a `loras` parameter refuse them."""
     if precision not in PRECISIONS:
         raise BackendError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    return backend_factory(backend)(Path(artifacts_dir), manifest, precision, providers, host=host)
+    factory = backend_factory(backend)
+    if not loras:
+        return factory(Path(artifacts_dir), manifest, precision, providers, host=host)
+    if "loras" not in inspect.signature(factory).parameters:
+        raise BackendError(
+            f"backend {backend!r} cannot apply LoRAs at run time; use --backend onnxruntime, or fuse them at export "
+            "(python export/build_engines.py --lora FILE[:SCALE])"
+        )
+    return factory(Path(artifacts_dir), manifest, precision, providers, host=host, loras=loras)
 
 
 def placeholder_for(contract: ComponentContract, name: str, shape: tuple[int, ...]) -> np.ndarray:

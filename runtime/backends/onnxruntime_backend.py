@@ -19,7 +19,8 @@ import numpy as np
 import onnxruntime as ort
 
 from ..contracts import ComponentContract
-from ..manifest import ArtifactError, Manifest, PrecisionEntry
+from ..lora import LoraError, LoraFile, LoraTargets, combined_deltas, patched_initializers, patched_model_bytes
+from ..manifest import ArtifactError, FileEntry, Manifest, PrecisionEntry
 from .base import BackendError, HostOptions, physical_cores, placeholder_for, precision_entry
 
 log = logging.getLogger(__name__)
@@ -67,8 +68,10 @@ def resolve_providers(providers: Sequence[str] | None) -> list[str]:
 class OrtComponent:
     """One exported component in an ONNX Runtime session."""
 
-    def __init__(self, session: ort.InferenceSession, contract: ComponentContract) -> None:
+    def __init__(self, session: ort.InferenceSession, contract: ComponentContract, weights: Sequence[ort.OrtValue] = ()) -> None:
         self.session = session
+        # LoRA-patched initializers: ONNX Runtime uses their memory as it is, so they live as long as the session.
+        self._weights = list(weights)
         self.contract = contract
         self.output_names = [t.name for t in contract.outputs]
         self.on_cuda = session.get_providers()[0] == "CUDAExecutionProvider"
@@ -100,30 +103,70 @@ class OrtComponent:
         return dict(zip(self.output_names, binding.copy_outputs_to_cpu()))
 
 
-def open_session(path: Path, options: ort.SessionOptions, providers: list[str] | None) -> ort.InferenceSession:
-    """One session on `path`; export's parity check opens its sessions here too, so what it checks is what runs."""
+def open_session(
+    path: Path, options: ort.SessionOptions, providers: list[str] | None, model: bytes | None = None, disabled_optimizers: Sequence[str] = ()
+) -> ort.InferenceSession:
+    """One session on `path` (or on `model`, the bytes of a patched copy of it); export's parity check opens
+    its sessions here too, so what it checks is what runs."""
     try:
-        return ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        return ort.InferenceSession(
+            str(path) if model is None else model, sess_options=options, providers=providers,
+            **({"disabled_optimizers": list(disabled_optimizers)} if disabled_optimizers else {}),
+        )
     except Exception as e:  # onnxruntime's pybind errors share no narrower base class
         raise ArtifactError(f"{path} cannot be loaded by onnxruntime ({type(e).__name__}); rebuild the artifacts") from None
 
 
+# ONNX Runtime's NCHWc layout pass (ORT_ENABLE_ALL, CPU) reorders Conv weights from the file's own initializers
+# and ignores overriding ones (measured with onnxruntime 1.32: every patched Conv kept its old weight).
+OVERRIDE_UNSAFE_OPTIMIZERS = ("NchwcTransformer",)
+
+
+class _Patch:
+    """LoRA deltas to apply to one component's weights as its session opens (runtime/lora.py). The weights on
+    disk are never modified: the session is opened from a patched copy of the file's bytes, or, for files with
+    external data (past 2 GB), with the patched weights as overriding initializers."""
+
+    def __init__(self, targets: LoraTargets, deltas: dict, host: HostOptions, external: bool) -> None:
+        self.targets, self.deltas, self.host, self.external = targets, deltas, host, external
+        self.weights: list[ort.OrtValue] = []
+
+    def open(self, path: Path, entry: FileEntry, options: ort.SessionOptions, providers: list[str] | None) -> ort.InferenceSession:
+        patched = patched_initializers(path, entry.file, entry.sha256, self.targets, self.deltas)
+        if not patched:
+            return open_session(path, options, providers)
+        if not self.external:
+            return open_session(path, options, providers, model=patched_model_bytes(path, patched))
+        # Initializer names repeat across files (onnx::MatMul_277), so these options serve this session only.
+        own = session_options(self.host)
+        self.weights = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(w)) for w in patched.values()]
+        for name, value in zip(patched, self.weights):
+            own.add_initializer(name, value)
+        return open_session(path, own, providers, disabled_optimizers=OVERRIDE_UNSAFE_OPTIMIZERS)
+
+
 def _open(
-    artifacts_dir: Path, manifest: Manifest, pe: PrecisionEntry, fused: bool, options: ort.SessionOptions, providers: list[str] | None
+    artifacts_dir: Path, manifest: Manifest, pe: PrecisionEntry, fused: bool, options: ort.SessionOptions, providers: list[str] | None,
+    patch: _Patch | None = None,
 ) -> tuple[ort.InferenceSession, str]:
     """The session of the ONNX Runtime variant when there is one (and `fused`), else of the portable file;
-    and the file it was opened from."""
+    and the file it was opened from. `patch`: LoRA deltas for its weights."""
     if pe.external_data is not None:
         manifest.verify_file(artifacts_dir, pe.external_data)  # shared by both files
     if fused and pe.ort is not None:
         path = manifest.verify_file(artifacts_dir, pe.ort.onnx)
         try:
+            if patch is not None:
+                return patch.open(path, pe.ort.onnx, options, providers), pe.ort.onnx.file
             return open_session(path, options, providers), pe.ort.onnx.file
         except ArtifactError as e:
             # Both files compute the same parity-checked function; an onnxruntime build without the
             # contrib ops can still run the portable one.
             log.warning("%s; using the portable %s instead", e, pe.onnx.file)
-    return open_session(manifest.verify_file(artifacts_dir, pe.onnx), options, providers), pe.onnx.file
+    path = manifest.verify_file(artifacts_dir, pe.onnx)
+    if patch is not None:
+        return patch.open(path, pe.onnx, options, providers), pe.onnx.file
+    return open_session(path, options, providers), pe.onnx.file
 
 
 def open_components(
@@ -133,16 +176,27 @@ def open_components(
     providers: Sequence[str] | None = None,
     host: HostOptions = HostOptions(),
     fused: bool = True,
+    loras: Sequence[tuple[LoraFile, float]] = (),
 ) -> dict[str, OrtComponent]:
     """Sessions for every component of the artifacts at `precision`, files checked against the manifest.
-    `fused=False` opens the portable ONNX files even where an ONNX Runtime variant exists."""
+    `fused=False` opens the portable ONNX files even where an ONNX Runtime variant exists. `loras`: (file,
+    scale) pairs whose deltas are added to the weights they adapt as the sessions open (the artifacts'
+    lora_targets.json says where each weight is); a LoraError when they do not fit this model."""
     options = session_options(host)
+    deltas: dict = {}
+    if loras:
+        targets = LoraTargets.read(artifacts_dir, manifest)
+        deltas = combined_deltas(loras, targets.modules)
+        missing = sorted(set(deltas) - set(manifest.components))
+        if missing:
+            raise LoraError(f"the LoRA adapts {', '.join(missing)}, which {artifacts_dir} has no ONNX file for; rebuild the artifacts")
     chosen = resolve_providers(providers)
     asked_for_cuda = any(PROVIDER_ALIASES.get(p.lower(), p) == CUDA for p in providers or ())
     components = {}
     for name, entry in manifest.components.items():
         pe = precision_entry(artifacts_dir, manifest, name, precision)
-        session, file = _open(artifacts_dir, manifest, pe, fused, options, chosen)
+        patch = _Patch(targets, deltas, host, pe.external_data is not None) if deltas.get(name) else None
+        session, file = _open(artifacts_dir, manifest, pe, fused, options, chosen, patch)
         running_on = session.get_providers()[0]
         if chosen[0] == CUDA and running_on != CUDA:
             # ONNX Runtime falls back to the CPU when the CUDA provider cannot be created, saying so only in
@@ -154,5 +208,6 @@ def open_components(
             log.warning("%s; running on the CPU", cause)
             chosen = ["CPUExecutionProvider"]  # the rest would fail the same way
         log.info("opened %s (%s) from %s on %s", name, precision, file, running_on)
-        components[name] = OrtComponent(session, entry.contract)
+        components[name] = OrtComponent(session, entry.contract, patch.weights if patch is not None else ())
+        deltas.pop(name, None)  # this component's deltas are in its session now: free them before the next one
     return components

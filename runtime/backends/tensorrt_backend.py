@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from ..contracts import DTYPES, ComponentContract
+from ..lora import LoraFile, LoraTargets, combined_deltas, patched_initializers
 from ..manifest import ArtifactError, FileEntry, Manifest
 from . import cuda_probe
 from .base import BackendError, HostOptions, precision_entry
@@ -223,10 +224,37 @@ class TrtComponent:
             self.close()
 
 
+def refit_engine(trt: Any, engine: Any, weights: dict[str, np.ndarray], where: str) -> None:
+    """Replace the named weights of a refittable engine in place (trt.Refitter; TensorRT names an ONNX model's
+    refittable weights after its initializers). Every weight is set before the one refit call, and the arrays
+    stay referenced until it returns (trt.Weights does not copy). UNVERIFIED: no GPU has run this."""
+    refitter = trt.Refitter(engine, trt.Logger(trt.Logger.WARNING))
+    held = {name: np.ascontiguousarray(w) for name, w in weights.items()}
+    refused = [name for name, w in held.items() if not refitter.set_named_weights(name, trt.Weights(w))]
+    if refused:
+        raise BackendError(
+            f"{where}: TensorRT cannot refit {', '.join(refused[:3])}{' ...' if len(refused) > 3 else ''}; "
+            "fuse the LoRA at export (--lora) or use --backend onnxruntime"
+        )
+    missing = list(refitter.get_missing_weights())
+    if missing:  # weights TensorRT fused with the ones set, which it needs together
+        raise BackendError(f"{where}: refitting needs weights the LoRA does not change ({', '.join(missing[:3])}); fuse the LoRA at export (--lora)")
+    if not refitter.refit_cuda_engine():
+        raise BackendError(f"{where}: TensorRT refused the refit; fuse the LoRA at export (--lora) or use --backend onnxruntime")
+
+
 def open_components(
-    artifacts_dir: Path, manifest: Manifest, precision: str, providers: Sequence[str] | None = None, host: HostOptions = HostOptions()
+    artifacts_dir: Path, manifest: Manifest, precision: str, providers: Sequence[str] | None = None, host: HostOptions = HostOptions(),
+    loras: Sequence[tuple[LoraFile, float]] = (),
 ) -> dict[str, TrtComponent]:
-    """Engines for every component at `precision`; `providers` and `host` are unused (the GPU computes)."""
+    """Engines for every component at `precision`; `providers` and `host` are unused (the GPU computes).
+    `loras`: (file, scale) pairs; the engines they adapt must be refittable (built with --refit) and are refit
+    in place with the patched weights (read from the ONNX file each engine was built from)."""
+    deltas: dict = {}
+    targets: LoraTargets | None = None
+    if loras:
+        targets = LoraTargets.read(artifacts_dir, manifest)
+        deltas = combined_deltas(loras, targets.modules)
     trt, cudart = import_tensorrt()
     gpu = device_description(cudart)
     runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
@@ -239,6 +267,15 @@ def open_components(
             engine = runtime.deserialize_cuda_engine(path.read_bytes())
             if engine is None:
                 raise ArtifactError(f"{path} is not a TensorRT engine this TensorRT can load; rebuild the engines")
+            if deltas.get(name):
+                if not engine_entry.get("flags", {}).get("refittable"):
+                    raise BackendError(f"{path.name} was built without --refit, so a LoRA cannot be applied to it; rebuild with --refit or fuse the LoRA at export (--lora)")
+                pe = precision_entry(artifacts_dir, manifest, name, precision)
+                onnx_path = manifest.verify_file(artifacts_dir, pe.onnx)
+                if pe.external_data is not None:
+                    manifest.verify_file(artifacts_dir, pe.external_data)  # the base weights are read from it
+                assert targets is not None
+                refit_engine(trt, engine, patched_initializers(onnx_path, pe.onnx.file, pe.onnx.sha256, targets, deltas), path.name)
             profile = engine_entry.get("profile", {})
             log.info("opened %s (%s) engine %s: %s", name, precision, path.name, json.dumps(profile))
             static = bool(engine_entry.get("flags", {}).get("static"))  # one shape per input: replay a CUDA graph

@@ -8,12 +8,15 @@ from .base import Scheduler, SchedulerRun, SchedulerStepError
 from .config import PREDICTION_TYPES, SchedulerConfig, SchedulerConfigError, sd_scheduler_config
 from .ddim import DDIMScheduler
 from .ddpm import DDPMScheduler
+from .dpm_2s_ancestral import DPMPP2SAncestralScheduler
 from .dpm_solver import DPMSolverMultistepScheduler
 from .euler import EulerScheduler
 from .euler_ancestral import EulerAncestralScheduler
 from .heun import HeunScheduler
+from .lcm import LCMScheduler
 from .lms import LMSScheduler
 from .pndm import PNDMScheduler
+from .tcd import TCDScheduler
 from .registry import (
     DIFFUSERS_DEFAULTS,
     DIFFUSERS_SCHEDULERS,
@@ -30,10 +33,12 @@ __all__ = [
     "DDPMScheduler",
     "DIFFUSERS_DEFAULTS",
     "DIFFUSERS_SCHEDULERS",
+    "DPMPP2SAncestralScheduler",
     "DPMSolverMultistepScheduler",
     "EulerAncestralScheduler",
     "EulerScheduler",
     "HeunScheduler",
+    "LCMScheduler",
     "LMSScheduler",
     "PNDMScheduler",
     "PREDICTION_TYPES",
@@ -43,6 +48,7 @@ __all__ = [
     "SchedulerConfigError",
     "SchedulerRun",
     "SchedulerStepError",
+    "TCDScheduler",
     "UniPCMultistepScheduler",
     "make_scheduler",
     "scheduler_from_diffusers_config",

@@ -115,6 +115,10 @@ class SchedulerConfig:
     disable_corrector: tuple[int, ...] = ()
     # DPM: drop timesteps whose log-SNR lambda is below this; null in JSON means -inf (no clipping).
     lambda_min_clipped: float = -math.inf
+    # LCM / TCD: the distillation schedule (T // original_inference_steps apart) the steps are picked from,
+    # and the factor on t in the consistency boundary scalings c_skip, c_out (Luo et al. 2023, eq. 9).
+    original_inference_steps: int = 50
+    timestep_scaling: float = 10.0
 
     def __post_init__(self) -> None:
         if self.lambda_min_clipped is None:
@@ -149,6 +153,10 @@ class SchedulerConfig:
             raise SchedulerConfigError(
                 f"need 0 < beta_start <= beta_end < 1, got beta_start={self.beta_start}, beta_end={self.beta_end}"
             )
+        if self.original_inference_steps < 1:  # above num_train_timesteps: LCM / TCD refuse it, as diffusers
+            raise SchedulerConfigError(f"original_inference_steps must be >= 1, got {self.original_inference_steps}")
+        if self.timestep_scaling <= 0:
+            raise SchedulerConfigError(f"timestep_scaling must be > 0, got {self.timestep_scaling}")
         if self.steps_offset < 0:
             raise SchedulerConfigError(f"steps_offset must be >= 0, got {self.steps_offset}")
         if self.clip_sample_range <= 0 or self.sample_max_value <= 0:

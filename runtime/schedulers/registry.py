@@ -13,12 +13,15 @@ from .base import Scheduler
 from .config import SchedulerConfig, SchedulerConfigError, read_scheduler_json
 from .ddim import DDIMScheduler
 from .ddpm import DDPMScheduler
+from .dpm_2s_ancestral import DPMPP2SAncestralScheduler
 from .dpm_solver import DPMSolverMultistepScheduler
 from .euler import EulerScheduler
 from .euler_ancestral import EulerAncestralScheduler
 from .heun import HeunScheduler
+from .lcm import LCMScheduler
 from .lms import LMSScheduler
 from .pndm import PNDMScheduler
+from .tcd import TCDScheduler
 from .unipc import UniPCMultistepScheduler
 
 
@@ -38,8 +41,8 @@ def _dpmpp_2m(karras: bool, sde: bool = False) -> Callable[..., Scheduler]:
 
 
 # CLI name -> factory(config, **options); OPTIONS lists the keyword options a name accepts.
-OPTIONS: dict[str, tuple[str, ...]] = {"ddim": ("eta",)}
-_CLASS_OPTIONS: dict[str, tuple[str, ...]] = {"DDIMScheduler": ("eta",)}
+OPTIONS: dict[str, tuple[str, ...]] = {"ddim": ("eta",), "tcd": ("gamma",)}
+_CLASS_OPTIONS: dict[str, tuple[str, ...]] = {"DDIMScheduler": ("eta",), "TCDScheduler": ("gamma",)}
 SCHEDULERS: dict[str, Callable[..., Scheduler]] = {
     "ddpm": DDPMScheduler,
     "ddim": DDIMScheduler,
@@ -54,6 +57,9 @@ SCHEDULERS: dict[str, Callable[..., Scheduler]] = {
     "lms": LMSScheduler,
     "unipc": UniPCMultistepScheduler,
     "heun": HeunScheduler,
+    "lcm": LCMScheduler,
+    "tcd": TCDScheduler,
+    "dpmpp-2s-a": DPMPP2SAncestralScheduler,  # no diffusers class: k-diffusion's sample_dpmpp_2s_ancestral
 }
 
 DIFFUSERS_SCHEDULERS: dict[str, type[Scheduler]] = {
@@ -68,6 +74,8 @@ DIFFUSERS_SCHEDULERS: dict[str, type[Scheduler]] = {
         LMSScheduler,
         UniPCMultistepScheduler,
         HeunScheduler,
+        LCMScheduler,
+        TCDScheduler,
     )
 }
 
@@ -118,7 +126,14 @@ DIFFUSERS_DEFAULTS: dict[str, dict[str, Any]] = {
         "timestep_spacing": "linspace", "final_sigmas_type": "zero", "rescale_betas_zero_snr": False,
         "sigma_min": None, "sigma_max": None, "disable_corrector": [],
     },
+    "LCMScheduler": {
+        **_COMMON, **_THRESHOLDING, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+        "original_inference_steps": 50, "clip_sample": False, "clip_sample_range": 1.0, "set_alpha_to_one": True,
+        "timestep_spacing": "leading", "timestep_scaling": 10.0, "rescale_betas_zero_snr": False,
+    },
 }  # fmt: skip
+# TCD's constructor takes exactly LCM's arguments, with the same defaults.
+DIFFUSERS_DEFAULTS["TCDScheduler"] = dict(DIFFUSERS_DEFAULTS["LCMScheduler"])
 
 
 def make_scheduler(name: str, config: SchedulerConfig | None = None, **options: Any) -> Scheduler:

@@ -1,0 +1,63 @@
+// An artifacts folder opened for sampling, as runtime/artifacts.py + manifest.py read it: manifest.json
+// (format checked, bounded), tokenizer.json and scheduler_config.json (read once, bounded, hash-checked),
+// and each component's portable ONNX file (confined to the folder, size and sha256 checked before a backend
+// opens it). Every path named by the manifest stays inside the folder (no absolute paths, '..', backslashes
+// or symlinks out of it). Errors are ArtifactError with the Python runtime's messages.
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <map>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "ldm_rt/native/scheduler.hpp"
+#include "ldm_rt/native/tokenizer.hpp"
+
+namespace ldm_rt::native {
+
+// runtime/contracts.py ModelFacts (the fields the sampler reads).
+struct ModelFacts {
+  int64_t latent_channels = 0;
+  int64_t latent_factor = 0;
+  int64_t unet_factor = 0;
+  int64_t unet_in_channels = 0;
+  int64_t unet_out_channels = 0;
+  std::optional<int64_t> context_length;
+  std::optional<int64_t> context_dim;
+  std::optional<int64_t> num_classes;
+  std::string autoencoder_kind;  // "kl" or "vq"
+  double scale_factor = 1.0;
+  int64_t pixel_multiple() const { return latent_factor * unet_factor; }
+};
+
+// runtime/contracts.py ShapeProfile: [min, opt, max] of images per call, height and width in pixels.
+struct ShapeProfile {
+  std::array<int64_t, 3> batch{}, height{}, width{};
+};
+
+// One component's portable ONNX file at the chosen precision, verified, and its tensor names.
+struct ComponentFiles {
+  std::string onnx;                       // verified path inside the folder
+  std::vector<std::string> inputs;        // the contract's input names
+  std::vector<std::string> outputs;       // the contract's output names
+};
+
+struct Artifacts {
+  std::string root;
+  ModelFacts facts;
+  ShapeProfile profile;
+  std::map<std::string, ComponentFiles> components;  // text_encoder, unet, vae_decoder, vae_encoder
+  std::optional<PromptTokenizer> tokenizer;
+  SchedulerConfig scheduler_config;
+  std::string model_hash;  // the source weights' sha256 (what image metadata names)
+
+  // Reads and checks the folder; component files at `precision` ("fp32" or "fp16") are hash-checked here.
+  static Artifacts open(const std::string& dir, const std::string& precision = "fp32");
+};
+
+// Python's str(Path(p)): '.' parts and repeated or trailing slashes dropped ("" -> ".").
+std::string normal_path(const std::string& p);
+
+}  // namespace ldm_rt::native

@@ -1,0 +1,46 @@
+// The text an image file carries, byte for byte as the Python runtime writes it (pipeline.Result.metadata):
+// one entry per images.TEXT_KEYS, batch_index when there are several, all parameters as JSON under
+// "parameters" (json.dumps(params, sort_keys=True)), and "Software".
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "ldm_rt/native/png_io.hpp"
+
+namespace ldm_rt::native {
+
+// What produced the images (runtime/params.py GenerationParams + model hash, backend, precision, mode).
+struct GenerationParams {
+  std::vector<std::string> prompts;
+  std::vector<std::string> negative_prompts;  // one per prompt
+  int64_t steps = 0;
+  double guidance = 0.0;
+  std::string scheduler;
+  uint64_t seed = 0;
+  int64_t batch = 1;  // images per prompt
+  int64_t height = 0, width = 0;
+  double strength = 1.0;
+  double guidance_rescale = 0.0;
+  std::optional<double> mask_blur = 0.0;  // nullopt: no paste-back
+  std::string model_hash;
+  std::string backend = "openvino";
+  std::string precision = "fp32";
+  bool reduced_precision = false;
+  std::string mode = "txt2img";  // "img2img", "inpaint"
+
+  int64_t images() const { return int64_t(prompts.size()) * batch; }
+  // json.dumps(params, sort_keys=True) as Python writes it (ensure_ascii, ", " and ": ").
+  std::string to_json() const;
+  // The text chunks of image `index` of `count` (Result.metadata(index)).
+  TextChunks text(std::size_t index, std::size_t count) const;
+};
+
+// Python's repr of a float ("7.5", "1.0", "1e-05"), the form str() and json.dumps give.
+std::string python_float(double v);
+// A JSON string literal as json.dumps(ensure_ascii=True) writes it.
+std::string python_json_string(const std::string& utf8);
+
+}  // namespace ldm_rt::native

@@ -1,0 +1,115 @@
+// The native sampling loop (runtime/pipeline.py without Python): load an artifacts folder once, then generate
+// from any number of threads. Same seed, same arguments, same image as `ldm-rt sample` (to float rounding of
+// two inference engines): one numpy-compatible generator per request, the initial noise drawn first, then
+// each stochastic step's noise.
+//
+//   #include <ldm_rt/native/pipeline.hpp>
+//   auto pipe = ldm_rt::native::Pipeline::load({"path/to/artifacts"});
+//   ldm_rt::native::Request r;
+//   r.prompts = {"a red circle on a white background"};
+//   r.seed = 1;
+//   auto result = pipe->generate(r);                 // throws ldm_rt::native::Error (one line) on bad input
+//   result.save("circle.png");
+//
+// Thread safety: a Pipeline holds only read-only things (artifacts, compiled networks, immutable schedulers);
+// everything a call changes (scheduler run, generator) is local to generate().
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "ldm_rt/native/artifacts.hpp"
+#include "ldm_rt/native/backend.hpp"
+#include "ldm_rt/native/errors.hpp"
+#include "ldm_rt/native/metadata.hpp"
+#include "ldm_rt/native/png_io.hpp"
+#include "ldm_rt/native/scheduler.hpp"
+
+namespace ldm_rt::native {
+
+// runtime/params.py: what one call may produce, whatever the profile allows.
+constexpr int64_t kMaxImagesPerCall = 1024;
+constexpr int64_t kMaxPixelsPerCall = int64_t{1} << 28;
+// runtime/pipeline.py: img2img keeps 80 % of the steps; inpainting starts from pure noise.
+constexpr double kImg2ImgStrength = 0.8;
+constexpr double kInpaintStrength = 1.0;
+
+struct LoadOptions {
+  std::string model_dir;             // an artifacts folder written by export
+  std::string precision = "fp32";    // which built ONNX files: "fp32" or "fp16"
+  HostOptions host;                  // threads, bf16, compile cache, warnings
+};
+
+// One request (Pipeline.generate's arguments).
+struct Request {
+  std::vector<std::string> prompts{""};
+  std::vector<std::string> negative_prompts{""};  // one, or one per prompt
+  int64_t steps = 25;
+  double guidance = 7.5;
+  double guidance_rescale = 0.0;
+  std::string scheduler = "ddim";
+  std::optional<uint64_t> seed;       // none: a fresh random seed (recorded in the result)
+  int64_t batch = 1;                  // images per prompt
+  std::optional<int64_t> height, width;  // default: the init image's size, else the profile's optimum
+  std::optional<Image> init_image;    // img2img; with mask, inpainting
+  std::optional<double> strength;     // default 0.8 (1.0 with a mask)
+  std::optional<Mask> mask;           // 1 = repaint
+  std::optional<double> mask_blur = 0.0;  // 0: hard seam; nullopt: the decoder's pixels everywhere
+  // After every denoising step: (step index, steps, timestep). Called on the generating thread.
+  std::function<void(int64_t, int64_t, double)> callback;
+};
+
+struct Result {
+  std::vector<Image> images;
+  GenerationParams params;
+  std::map<std::string, double> timings;  // seconds: text_encoder, vae_encoder, unet, vae_decoder, total
+
+  // Image files with their parameters (PNG only): `path` for one image, NAME_0.png, NAME_1.png, ... for a
+  // batch; all are written or none. Returns the paths.
+  std::vector<std::string> save(const std::string& path) const;
+};
+
+// The files a save(path) of `count` images writes (images.output_paths).
+std::vector<std::string> output_paths(const std::string& path, std::size_t count);
+
+class Pipeline {
+ public:
+  // Every error is an ldm_rt::native::Error (ArtifactError, GenerationError, ImageInputError, OutputError,
+  // BackendError) whose what() is the Python runtime's one-line message for the same input.
+  static std::shared_ptr<const Pipeline> load(const LoadOptions& options);
+  Result generate(const Request& request) const;
+
+  const Artifacts& artifacts() const { return artifacts_; }
+  // Scheduler names this model can use, in registry order.
+  std::vector<std::string> schedulers() const;
+
+  Pipeline(Artifacts artifacts, std::map<std::string, std::unique_ptr<Component>> components, std::string precision,
+           bool reduced_precision, std::function<void(const std::string&)> warn);
+
+ private:
+  struct Start;
+  static std::shared_ptr<const Pipeline> open(const LoadOptions& options);
+  Result run_request(const Request& request) const;
+  Tensor encode_prompts(const GenerationParams& p, bool use_cfg, std::map<std::string, double>& timings) const;
+  Tensor encode_image(const std::vector<float>& image, int64_t h, int64_t w, std::map<std::string, double>& timings) const;
+  std::map<std::string, Tensor> call(const std::string& name, const std::vector<Feed>& feeds,
+                                     std::map<std::string, double>& timings, std::optional<int64_t> step = {}) const;
+  void warn(const std::string& message) const {
+    if (warn_) warn_(message);
+  }
+
+  Artifacts artifacts_;
+  std::map<std::string, std::unique_ptr<Component>> components_;
+  std::string precision_;
+  bool reduced_precision_ = false;
+  std::function<void(const std::string&)> warn_;
+  UsableSchedulers schedulers_;
+  bool inpainting_unet_ = false;
+};
+
+}  // namespace ldm_rt::native

@@ -1,0 +1,306 @@
+#include "ldm_rt/native/artifacts.hpp"
+
+#include <sys/stat.h>
+
+#include <filesystem>
+#include <sstream>
+
+#include "ldm_rt/native/errors.hpp"
+#include "ldm_rt/native/json.hpp"
+#include "ldm_rt/native/sha256.hpp"
+
+namespace ldm_rt::native {
+namespace {
+
+namespace fs = std::filesystem;
+
+constexpr const char* kManifest = "manifest.json";
+constexpr const char* kFormat = "ldm-rt-artifacts";
+constexpr int64_t kFormatVersion = 1;
+constexpr const char* kRebuild = "rebuild the artifacts";
+// runtime/manifest.py MAX_MANIFEST_BYTES, MAX_SCHEDULER_CONFIG_BYTES.
+constexpr std::size_t kMaxManifestBytes = std::size_t{16} << 20;
+constexpr std::size_t kMaxSchedulerConfigBytes = std::size_t{1} << 20;
+
+std::string join(const std::string& folder, const std::string& rel) { return normal_path(folder + "/" + rel); }
+
+// Python's repr of a JSON value in a message: 'text', None, True, 12.
+std::string py_repr(const Json* v) {
+  if (v == nullptr || v->is_null()) return "None";
+  if (v->is_string()) return "'" + v->as_string() + "'";
+  if (v->is_bool()) return v->as_bool() ? "True" : "False";
+  if (v->is_number()) return v->number_text();
+  return v->dump();
+}
+
+struct FileEntry {
+  std::string file, sha256;
+  int64_t bytes = 0;
+};
+
+// The manifest's structure errors, worded as manifest.Manifest.parse words them.
+[[noreturn]] void malformed(const std::string& manifest_path, const std::string& what) {
+  throw ArtifactError(manifest_path + " is malformed (" + what + "); rebuild the artifacts");
+}
+
+const Json& key(const Json& obj, const std::string& name, const std::string& manifest_path) {
+  if (!obj.is_object()) malformed(manifest_path, "TypeError('expected a JSON object')");
+  const Json* v = obj.find(name);
+  if (v == nullptr) malformed(manifest_path, "KeyError('" + name + "')");
+  return *v;
+}
+
+FileEntry file_entry(const Json& v, const std::string& what, const std::string& mp) {
+  if (!v.is_object()) malformed(mp, "TypeError('" + what + " must be a JSON object, got " + Json::type_name(v.type()) + "')");
+  const Json& file = key(v, "file", mp);
+  const Json& sha = key(v, "sha256", mp);
+  const Json& bytes = key(v, "bytes", mp);
+  if (!file.is_string() || !sha.is_string()) malformed(mp, "TypeError('file and sha256 must be strings')");
+  if (!bytes.is_integer() || bytes.as_int() < 0) {
+    malformed(mp, "TypeError('bytes must be a non-negative integer, got " + py_repr(&bytes) + " for \\'" + file.as_string() + "\\'')");
+  }
+  return {file.as_string(), sha.as_string(), bytes.as_int()};
+}
+
+int64_t int_fact(const Json& facts, const std::string& name, const std::string& mp) {
+  const Json& v = key(facts, name, mp);
+  if (!v.is_integer()) malformed(mp, "TypeError('ModelFacts field " + name + " has the wrong type: " + py_repr(&v) + "')");
+  return v.as_int();
+}
+
+std::optional<int64_t> optional_int_fact(const Json& facts, const std::string& name, const std::string& mp) {
+  const Json* v = facts.find(name);
+  if (v == nullptr) malformed(mp, "TypeError(\"ModelFacts.__init__() missing required argument: '" + name + "'\")");
+  if (v->is_null()) return std::nullopt;
+  if (!v->is_integer()) malformed(mp, "TypeError('ModelFacts field " + name + " has the wrong type: " + py_repr(v) + "')");
+  return v->as_int();
+}
+
+std::array<int64_t, 3> range(const Json& v, const std::string& what, const std::string& mp) {
+  bool ok = v.is_array() && v.size() == 3;
+  for (std::size_t k = 0; ok && k < 3; ++k) ok = v[k].is_integer();
+  std::array<int64_t, 3> r{};
+  if (ok) r = {v[0].as_int(), v[1].as_int(), v[2].as_int()};
+  if (!ok || !(0 < r[0] && r[0] <= r[1] && r[1] <= r[2])) {
+    malformed(mp, "ValueError('" + what + " must be [min, opt, max] with 0 < min <= opt <= max, got " + v.dump() + "')");
+  }
+  return r;
+}
+
+// files.inside: folder/rel when `rel` is a relative POSIX path that stays inside `folder` with symlinks
+// resolved (decided from names and links alone, before anything is opened); nullopt otherwise.
+std::optional<std::string> inside(const std::string& folder, const std::string& rel) {
+  if (rel.empty() || rel.find('\0') != std::string::npos || rel.find('\\') != std::string::npos) return std::nullopt;
+  if (rel.size() >= 2 && rel[1] == ':' && std::isalpha(static_cast<unsigned char>(rel[0]))) return std::nullopt;  // a drive
+  if (rel[0] == '/') return std::nullopt;
+  std::stringstream parts(rel);
+  for (std::string part; std::getline(parts, part, '/');) {
+    if (part == "..") return std::nullopt;
+  }
+  std::error_code ec;
+  fs::path base = fs::weakly_canonical(fs::path(folder), ec);
+  if (ec) return std::nullopt;
+  fs::path resolved = fs::weakly_canonical(base / rel, ec);
+  if (ec) return std::nullopt;
+  auto b = base.begin(), r = resolved.begin();
+  for (; b != base.end(); ++b, ++r) {
+    if (r == resolved.end() || *b != *r) return std::nullopt;
+  }
+  return join(folder, rel);
+}
+
+std::string confined(const std::string& folder, const std::string& rel) {
+  auto path = inside(folder, rel);
+  if (!path) {
+    throw ArtifactError(join(folder, kManifest) + " names the file '" + rel + "', which lies outside the artifacts folder " +
+                        normal_path(folder) + " (an absolute path, '..', a backslash or drive, or a symlink out of it); "
+                        "refusing to read it; rebuild the artifacts");
+  }
+  return *path;
+}
+
+std::string read_bounded_artifact(const std::string& path, std::size_t limit, const std::string& what) {
+  try {
+    return read_bounded(path, limit, what, kRebuild);
+  } catch (const JsonError& e) {
+    throw ArtifactError(e.what());
+  }
+}
+
+// Manifest.verify_file: inside the folder, present, size and sha256 as the manifest says.
+std::string verify_file(const std::string& folder, const FileEntry& entry) {
+  std::string path = confined(folder, entry.file);
+  struct stat st {};
+  if (::stat(path.c_str(), &st) != 0 || !S_ISREG(st.st_mode)) throw ArtifactError(path + " is missing; rebuild the artifacts");
+  if (int64_t(st.st_size) != entry.bytes || sha256_hex_file(path) != entry.sha256) {
+    throw ArtifactError(path + " does not match the manifest's hash (truncated or changed); rebuild the artifacts");
+  }
+  return path;
+}
+
+// Manifest.read_file: a small side file's bytes, bounded and checked against the manifest's size and hash.
+std::string read_side_file(const std::string& folder, const FileEntry& entry, std::size_t limit, const std::string& what) {
+  std::string path = confined(folder, entry.file);
+  if (entry.bytes > int64_t(limit)) {
+    throw ArtifactError(join(folder, kManifest) + " lists " + entry.file + " at " + std::to_string(entry.bytes) +
+                        " bytes, more than a " + what + " may have (" + std::to_string(limit) + "); rebuild the artifacts");
+  }
+  std::string data = read_bounded_artifact(path, limit, what);
+  if (int64_t(data.size()) != entry.bytes || sha256_hex(data) != entry.sha256) {
+    throw ArtifactError(path + " does not match the manifest's hash (truncated or changed); rebuild the artifacts");
+  }
+  return data;
+}
+
+std::vector<std::string> tensor_names(const Json& list, const std::string& mp) {
+  std::vector<std::string> names;
+  if (!list.is_array()) malformed(mp, "TypeError('contract tensors must be a JSON array')");
+  for (const Json& t : list.as_array()) {
+    const Json& name = key(t, "name", mp);
+    if (!name.is_string()) malformed(mp, "TypeError('a tensor name must be a string')");
+    names.push_back(name.as_string());
+  }
+  return names;
+}
+
+}  // namespace
+
+std::string normal_path(const std::string& p) {
+  if (p.empty()) return ".";
+  bool absolute = p[0] == '/';
+  std::string out;
+  std::stringstream parts(p);
+  for (std::string part; std::getline(parts, part, '/');) {
+    if (part.empty() || part == ".") continue;
+    if (!out.empty()) out += "/";
+    out += part;
+  }
+  if (absolute) return "/" + out;
+  return out.empty() ? "." : out;
+}
+
+Artifacts Artifacts::open(const std::string& dir, const std::string& precision) {
+  Artifacts a;
+  a.root = normal_path(dir);
+  struct stat st {};
+  if (::stat(a.root.c_str(), &st) != 0 || !S_ISDIR(st.st_mode)) {
+    throw ArtifactError(a.root + " is not a folder; pass --model DIR with a built artifacts folder");
+  }
+  std::string mp = confined(a.root, kManifest);
+  if (::stat(mp.c_str(), &st) != 0 || !S_ISREG(st.st_mode)) {
+    throw ArtifactError(mp + " not found: " + a.root + " is not a finished artifacts folder; build one with "
+                        "`python export/build_engines.py --model SRC --out DIR`");
+  }
+  std::string manifest_bytes = read_bounded_artifact(mp, kMaxManifestBytes, "manifest");
+  Json d;
+  try {
+    d = json_object(manifest_bytes, mp, kRebuild);
+  } catch (const JsonError& e) {
+    throw ArtifactError(e.what());
+  }
+  const Json* format = d.find("format");
+  const Json* version = d.find("format_version");
+  if (!(format && format->is_string() && format->as_string() == kFormat && version && version->is_integer() &&
+        version->as_int() == kFormatVersion)) {
+    throw ArtifactError(mp + ": format " + py_repr(format) + " v" + (version ? py_repr(version) : "None") + " is not '" +
+                        kFormat + "' v1; rebuild the artifacts with this ldm-rt");
+  }
+  try {
+    const Json& facts = key(d, "facts", mp);
+    if (!facts.is_object()) malformed(mp, "TypeError('facts must be a JSON object')");
+    ModelFacts& f = a.facts;
+    f.latent_channels = int_fact(facts, "latent_channels", mp);
+    f.latent_factor = int_fact(facts, "latent_factor", mp);
+    f.unet_factor = int_fact(facts, "unet_factor", mp);
+    f.unet_in_channels = int_fact(facts, "unet_in_channels", mp);
+    f.unet_out_channels = int_fact(facts, "unet_out_channels", mp);
+    f.context_length = optional_int_fact(facts, "context_length", mp);
+    f.context_dim = optional_int_fact(facts, "context_dim", mp);
+    f.num_classes = optional_int_fact(facts, "num_classes", mp);
+    const Json& kind = key(facts, "autoencoder_kind", mp);
+    const Json& scale = key(facts, "scale_factor", mp);
+    if (!kind.is_string() || !scale.is_number()) malformed(mp, "TypeError('ModelFacts field autoencoder_kind or scale_factor has the wrong type')");
+    f.autoencoder_kind = kind.as_string();
+    f.scale_factor = scale.as_double();
+    if (f.latent_channels < 1 || f.latent_factor < 1 || f.unet_factor < 1 || f.unet_in_channels < 1) {
+      malformed(mp, "ValueError('latent sizes and channels must be positive')");
+    }
+    const Json& prof = key(d, "profile", mp);
+    a.profile.batch = range(key(prof, "batch", mp), "profile.batch", mp);
+    a.profile.height = range(key(prof, "height", mp), "profile.height", mp);
+    a.profile.width = range(key(prof, "width", mp), "profile.width", mp);
+
+    const Json& comps = key(d, "components", mp);
+    if (!comps.is_object()) malformed(mp, "TypeError('components must be a JSON object')");
+    std::map<std::string, FileEntry> onnx, external;
+    for (const auto& [name, c] : comps.as_object()) {
+      const Json& contract = key(c, "contract", mp);
+      ComponentFiles files;
+      files.inputs = tensor_names(key(contract, "inputs", mp), mp);
+      files.outputs = tensor_names(key(contract, "outputs", mp), mp);
+      const Json& precisions = key(c, "precisions", mp);
+      if (!precisions.is_object()) malformed(mp, "TypeError('components." + name + ".precisions must be a JSON object')");
+      if (const Json* pe = precisions.find(precision)) {
+        std::string at = "components." + name + ".precisions." + precision;
+        onnx[name] = file_entry(key(*pe, "onnx", mp), at + ".onnx", mp);
+        if (const Json* ext = pe->find("external_data"); ext && !ext->is_null()) {
+          external[name] = file_entry(*ext, at + ".external_data", mp);
+        }
+      } else {
+        std::string built;
+        for (const auto& [p, _] : precisions.as_object()) built += (built.empty() ? "" : ", ") + p;
+        throw BackendError(a.root + " has no " + precision + " " + name + " (built: " + (built.empty() ? "none" : built) +
+                           "); rebuild with --fp16 or use --precision fp32");
+      }
+      a.components[name] = files;
+    }
+    std::optional<FileEntry> tokenizer;
+    if (const Json* t = d.find("tokenizer"); t && !t->is_null()) tokenizer = file_entry(*t, "tokenizer", mp);
+    FileEntry scheduler = file_entry(key(d, "scheduler", mp), "scheduler", mp);
+    std::string source_hash;
+    if (const Json* source = d.find("source")) {
+      if (!source->is_object()) malformed(mp, "TypeError('source must be a JSON object, got " + std::string(Json::type_name(source->type())) + "')");
+      if (const Json* sha = source->find("sha256")) {
+        if (!sha->is_string()) malformed(mp, "TypeError('source.sha256 must be a string, got " + py_repr(sha) + "')");
+        source_hash = sha->as_string();
+      }
+    }
+
+    // Side files (Artifacts.open), then the ONNX files (the backend's verify_file in Python).
+    if (tokenizer) {
+      std::string data = read_side_file(a.root, *tokenizer, kMaxTokenizerJsonBytes, "tokenizer.json");
+      std::string where = join(a.root, tokenizer->file);
+      try {
+        check_utf8(data, where, kRebuild);
+      } catch (const JsonError& e) {
+        throw ArtifactError(e.what());
+      }
+      a.tokenizer = PromptTokenizer::from_json_text(data, where);
+    } else if (a.components.count("text_encoder")) {
+      throw ArtifactError(mp + " lists a text encoder but no tokenizer; rebuild the artifacts");
+    }
+    std::string sched_data = read_side_file(a.root, scheduler, kMaxSchedulerConfigBytes, "scheduler config");
+    std::string sched_where = join(a.root, scheduler.file);
+    Json sched_json;
+    try {
+      sched_json = json_object(sched_data, sched_where, kRebuild);
+    } catch (const JsonError& e) {
+      throw ArtifactError(e.what());
+    }
+    try {
+      a.scheduler_config = SchedulerConfig::from_json(sched_json);
+    } catch (const SchedulerConfigError& e) {
+      throw SchedulerConfigError(sched_where + ": " + e.what());
+    }
+    a.model_hash = source_hash.empty() ? sha256_hex(manifest_bytes) : source_hash;
+    for (auto& [name, files] : a.components) {
+      if (external.count(name)) verify_file(a.root, external[name]);  // read by the backend beside the ONNX file
+      files.onnx = verify_file(a.root, onnx[name]);
+    }
+  } catch (const JsonError& e) {
+    malformed(mp, std::string("TypeError('") + e.what() + "')");
+  }
+  return a;
+}
+
+}  // namespace ldm_rt::native

@@ -1,0 +1,374 @@
+// ldm-rt-native: `ldm-rt sample` without Python. Same flags, same images for the same seed, same one-line
+// errors (`ldm-rt-native: error: MESSAGE`, exit status 2, no file written).
+#include <unistd.h>
+
+#include <csignal>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <iostream>
+#include <map>
+#include <optional>
+#include <sstream>
+#include <string>
+#include <sys/stat.h>
+#include <vector>
+
+#include "ldm_rt/native/pipeline.hpp"
+
+using namespace ldm_rt::native;
+
+namespace {
+
+constexpr const char* kProg = "ldm-rt-native";
+
+#ifndef LDM_RT_DEFAULT_MODEL
+#define LDM_RT_DEFAULT_MODEL ""
+#endif
+
+// A usage error (argparse's wording, then "; see --help").
+struct UsageError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+struct CliError : Error {
+  using Error::Error;
+};
+
+const char* kHelp = R"(usage: ldm-rt-native [-h] [--prompt PROMPT] [--negative-prompt NEGATIVE_PROMPT] [--steps STEPS]
+                     [--guidance GUIDANCE] [--guidance-rescale GUIDANCE_RESCALE] [--scheduler NAME] [--seed SEED]
+                     [--height HEIGHT] [--width WIDTH] [--batch BATCH] [--init-image INIT_IMAGE] [--strength STRENGTH]
+                     [--mask MASK] [--mask-blur PX] [--out OUT] [--precision {fp32,fp16}] [--threads THREADS] [--bf16]
+                     [--no-compile-cache] [--model MODEL] [--verbose]
+
+Generate images from a prompt with the native runtime (no Python): the artifacts folder's tokenizer, scheduler and
+portable ONNX files on OpenVINO's C++ API. The same arguments and seed give the image `ldm-rt sample` gives.
+
+options:
+  -h, --help            show this help message and exit
+  --prompt PROMPT       what to draw
+  --negative-prompt NEGATIVE_PROMPT
+                        what to steer away from (the unconditional half of guidance)
+  --steps STEPS         denoising steps (default 25)
+  --guidance GUIDANCE   classifier-free guidance scale; 1.0 skips the unconditional pass (default 7.5)
+  --guidance-rescale GUIDANCE_RESCALE
+                        pull the guided prediction back to the conditional one's spread, 0..1 (Lin et al.: 0.7 for
+                        zero-SNR models; default 0)
+  --scheduler NAME      sampler (default ddim): SCHEDULERS; pndm, lms and heun cannot sample zero-terminal-SNR
+                        models such as the default one
+  --seed SEED           random seed (default: random; written into the image file)
+  --height HEIGHT       image height in pixels (default: the artifacts' optimum)
+  --width WIDTH         image width in pixels (default: the artifacts' optimum)
+  --batch BATCH         images to generate (default 1)
+  --init-image INIT_IMAGE
+                        PNG image to start from (img2img; with --mask, inpainting)
+  --strength STRENGTH   fraction of the schedule to run from the init image, in (0, 1] (default 0.8; 1.0 with --mask)
+  --mask MASK           inpainting mask PNG: white = repaint, black = keep
+  --mask-blur PX        with --mask: Gaussian radius in pixels of the seam where the kept pixels are pasted back
+                        (default 0: hard edge)
+  --out OUT             output image, .png, with the parameters in PNG text chunks; a batch writes NAME_0.png,
+                        NAME_1.png, ...; all or none are written (default sample.png)
+  --precision {fp32,fp16}
+                        which built precision to run (default fp32)
+  --threads THREADS     CPU threads per operator (default: one per physical core; at most 4 per CPU)
+  --bf16                compute in bf16 where the CPU supports it (AVX512_BF16 or AMX; elsewhere a warning and f32).
+                        Off by default: f32 draws the images ldm-rt sample draws; bf16 is faster on CPUs with AMX,
+                        images within a few 8-bit levels
+  --no-compile-cache    do not keep compiled graphs in ~/.cache/ldm-rt/openvino for the next run
+  --model MODEL         artifacts folder (default: DEFAULT_MODEL)
+  --verbose             print per-stage timings
+)";
+
+std::string replace(std::string s, const std::string& from, const std::string& to) {
+  auto at = s.find(from);
+  return at == std::string::npos ? s : s.replace(at, from.size(), to);
+}
+
+std::string help_text() {
+  std::string names;
+  for (const auto& n : scheduler_names()) names += (names.empty() ? "" : ", ") + n;
+  return replace(replace(kHelp, "SCHEDULERS", names), "DEFAULT_MODEL", std::string(LDM_RT_DEFAULT_MODEL).empty() ? "none" : LDM_RT_DEFAULT_MODEL);
+}
+
+// Python's int(): optional sign, digits (underscores between digits), surrounding whitespace.
+std::optional<long long> parse_int(const std::string& text) {
+  std::string s;
+  size_t b = text.find_first_not_of(" \t\n"), e = text.find_last_not_of(" \t\n");
+  if (b == std::string::npos) return std::nullopt;
+  std::string t = text.substr(b, e - b + 1);
+  for (size_t k = 0; k < t.size(); ++k) {
+    if (t[k] == '_' && k > 0 && k + 1 < t.size() && std::isdigit((unsigned char)t[k - 1]) && std::isdigit((unsigned char)t[k + 1])) continue;
+    s.push_back(t[k]);
+  }
+  size_t start = (s[0] == '+' || s[0] == '-') ? 1 : 0;
+  if (start == s.size()) return std::nullopt;
+  for (size_t k = start; k < s.size(); ++k) {
+    if (!std::isdigit((unsigned char)s[k])) return std::nullopt;
+  }
+  errno = 0;
+  long long v = std::strtoll(s.c_str(), nullptr, 10);
+  if (errno == ERANGE) return std::nullopt;
+  return v;
+}
+
+std::optional<double> parse_float(const std::string& text) {
+  if (text.empty()) return std::nullopt;
+  char* end = nullptr;
+  double v = std::strtod(text.c_str(), &end);
+  while (end && (*end == ' ' || *end == '\t' || *end == '\n')) ++end;
+  if (end == text.c_str() || *end != '\0') return std::nullopt;
+  return v;
+}
+
+std::string py_repr(const std::string& s) { return "'" + s + "'"; }
+
+struct Args {
+  std::string prompt, negative_prompt;
+  long long steps = 25;
+  double guidance = 7.5, guidance_rescale = 0.0;
+  std::string scheduler = "ddim";
+  std::optional<long long> seed;
+  std::optional<long long> height, width;
+  long long batch = 1;
+  std::optional<std::string> init_image, mask, model;
+  std::optional<double> strength, mask_blur;
+  std::string out = "sample.png";
+  std::string precision = "fp32";
+  std::optional<long long> threads;
+  bool bf16 = false, no_compile_cache = false, verbose = false, help = false;
+};
+
+Args parse(int argc, char** argv) {
+  Args a;
+  std::vector<std::string> unrecognized;
+  for (int k = 1; k < argc; ++k) {
+    std::string arg = argv[k], value;
+    bool inline_value = false;
+    if (arg.rfind("--", 0) == 0 && arg.find('=') != std::string::npos) {
+      value = arg.substr(arg.find('=') + 1), arg = arg.substr(0, arg.find('=')), inline_value = true;
+    }
+    auto flag = [&](bool& target) {
+      if (inline_value) throw UsageError("argument " + arg + ": ignored explicit argument " + py_repr(value));
+      target = true;
+    };
+    auto next = [&]() -> std::string {
+      if (inline_value) return value;
+      if (k + 1 >= argc || (argv[k + 1][0] == '-' && argv[k + 1][1] != '\0' && !std::isdigit((unsigned char)argv[k + 1][1]) && argv[k + 1][1] != '.')) {
+        throw UsageError("argument " + arg + ": expected one argument");
+      }
+      return argv[++k];
+    };
+    auto integer = [&]() {
+      std::string v = next();
+      auto n = parse_int(v);
+      if (!n) throw UsageError("argument " + arg + ": invalid int value: " + py_repr(v));
+      return *n;
+    };
+    auto real = [&]() {
+      std::string v = next();
+      auto x = parse_float(v);
+      if (!x) throw UsageError("argument " + arg + ": invalid float value: " + py_repr(v));
+      return *x;
+    };
+    if (arg == "-h" || arg == "--help") a.help = true;
+    else if (arg == "--prompt") a.prompt = next();
+    else if (arg == "--negative-prompt") a.negative_prompt = next();
+    else if (arg == "--steps") a.steps = integer();
+    else if (arg == "--guidance") a.guidance = real();
+    else if (arg == "--guidance-rescale") a.guidance_rescale = real();
+    else if (arg == "--scheduler") {
+      std::string v = next();
+      const auto& names = scheduler_names();
+      if (std::find(names.begin(), names.end(), v) == names.end()) {
+        std::string choices;
+        for (const auto& n : names) choices += (choices.empty() ? "" : ", ") + py_repr(n);
+        throw UsageError("argument --scheduler: invalid choice: " + py_repr(v) + " (choose from " + choices + ")");
+      }
+      a.scheduler = v;
+    } else if (arg == "--seed") a.seed = integer();
+    else if (arg == "--height") a.height = integer();
+    else if (arg == "--width") a.width = integer();
+    else if (arg == "--batch") a.batch = integer();
+    else if (arg == "--init-image") a.init_image = next();
+    else if (arg == "--strength") a.strength = real();
+    else if (arg == "--mask") a.mask = next();
+    else if (arg == "--mask-blur") a.mask_blur = real();
+    else if (arg == "--out") a.out = next();
+    else if (arg == "--precision") {
+      std::string v = next();
+      if (v != "fp32" && v != "fp16") throw UsageError("argument --precision: invalid choice: " + py_repr(v) + " (choose from 'fp32', 'fp16')");
+      a.precision = v;
+    } else if (arg == "--threads") a.threads = integer();
+    else if (arg == "--bf16") flag(a.bf16);
+    else if (arg == "--no-compile-cache") flag(a.no_compile_cache);
+    else if (arg == "--model") a.model = next();
+    else if (arg == "--verbose") flag(a.verbose);
+    else unrecognized.push_back(argv[k]);
+  }
+  if (!unrecognized.empty() && !a.help) {
+    std::string all;
+    for (const auto& u : unrecognized) all += (all.empty() ? "" : " ") + u;
+    throw UsageError("unrecognized arguments: " + all);
+  }
+  return a;
+}
+
+bool is_dir(const std::string& p) {
+  struct stat st {};
+  return ::stat(p.c_str(), &st) == 0 && S_ISDIR(st.st_mode);
+}
+
+std::string parent_of(const std::string& path) {
+  std::string p = normal_path(path);
+  auto slash = p.rfind('/');
+  if (slash == std::string::npos) return ".";
+  return slash == 0 ? "/" : p.substr(0, slash);
+}
+
+// cli.check_writable: before any work, the format --out names, its folder and every file the run writes.
+void check_writable(const std::string& out, const std::vector<std::string>& paths) {
+  std::string shown = normal_path(out);
+  if (is_dir(out)) throw CliError("--out " + shown + " is a folder; give a file name like " + normal_path(out + "/sample.png"));
+  std::vector<std::string> all = {out};
+  all.insert(all.end(), paths.begin(), paths.end());
+  for (const auto& p : all) {
+    std::string reason = not_a_file_target(p);
+    if (!reason.empty()) throw CliError("--out " + replace(reason, p, normal_path(p)));
+  }
+  std::string name = shown.substr(shown.rfind('/') == std::string::npos ? 0 : shown.rfind('/') + 1);
+  auto dot = name.rfind('.');
+  std::string suffix = dot == std::string::npos || dot == 0 ? "" : name.substr(dot);
+  for (char& c : suffix) c = char(std::tolower((unsigned char)c));
+  if (suffix != ".png") {
+    std::string kind = suffix.empty() ? "a name without an extension" : suffix + " files";
+    throw CliError("--out " + shown + ": cannot write " + kind + "; end the name with .png (ldm-rt-native writes PNG only)");
+  }
+  std::string parent = parent_of(out);
+  if (!is_dir(parent)) throw CliError("--out " + shown + ": folder " + parent + " does not exist; create it first");
+  for (const auto& p : paths) {
+    struct stat st {};
+    bool exists = ::stat(p.c_str(), &st) == 0;
+    if (::access(parent.c_str(), W_OK) != 0 || (exists && ::access(p.c_str(), W_OK) != 0)) {
+      throw CliError("--out " + normal_path(p) + " is not writable; choose another path");
+    }
+  }
+}
+
+std::string fixed3(double v) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.3f", v);
+  return buf;
+}
+
+std::string format_timings(const std::map<std::string, double>& t, long long unet_steps) {
+  std::vector<std::string> parts;
+  for (const char* stage : {"text_encoder", "vae_encoder", "unet", "vae_decoder", "total"}) {
+    auto it = t.find(stage);
+    if (it == t.end()) continue;
+    if (std::string(stage) == "unet") {
+      parts.push_back("unet " + fixed3(it->second) + "s (" + std::to_string(unet_steps) + " steps, " +
+                      fixed3(it->second / double(std::max(unet_steps, 1LL))) + "s/step)");
+    } else {
+      parts.push_back(std::string(stage) + " " + fixed3(it->second) + "s");
+    }
+  }
+  std::string line = "timings: ";
+  for (size_t k = 0; k < parts.size(); ++k) line += (k ? ", " : "") + parts[k];
+  return line;
+}
+
+int sample(const Args& a) {
+  if (a.batch > kMaxImagesPerCall) {
+    throw GenerationError(std::to_string(a.batch) + " images (--batch) is over the runtime's limit of " +
+                          std::to_string(kMaxImagesPerCall) + "; generate them in several calls");
+  }
+  check_writable(a.out, output_paths(a.out, size_t(std::max(a.batch, 1LL))));
+  if (a.mask && !a.init_image) throw CliError("--mask needs --init-image: inpainting repaints part of an image");
+  if (a.strength && !a.init_image) throw CliError("--strength needs --init-image: it is the fraction of the schedule run from that image");
+  if (a.mask_blur && !a.mask) throw CliError("--mask-blur needs --mask: it softens the seam of the inpainted region");
+  if (a.threads && *a.threads < 1) {
+    throw CliError("--threads must be at least 1, got " + std::to_string(*a.threads) + "; leave it out for one per physical core");
+  }
+  LoadOptions options;
+  if (a.model) {
+    options.model_dir = *a.model;
+  } else {
+    options.model_dir = LDM_RT_DEFAULT_MODEL;
+    struct stat st {};
+    if (options.model_dir.empty() || ::stat((options.model_dir + "/manifest.json").c_str(), &st) != 0) {
+      throw ArtifactError("the shipped default model's artifacts are missing (" + options.model_dir +
+                          "); pass --model DIR with a folder built by `python export/build_engines.py`");
+    }
+  }
+  options.precision = a.precision;
+  options.host.threads = a.threads ? int(std::min<long long>(*a.threads, 1 << 30)) : 0;
+  options.host.reduced_precision = a.bf16;
+  options.host.compile_cache = a.no_compile_cache ? "" : default_compile_cache();
+  options.host.warn = [](const std::string& m) { std::cerr << kProg << ": WARNING: " << m << std::endl; };
+  auto pipe = Pipeline::load(options);
+
+  Request r;
+  r.prompts = {a.prompt};
+  r.negative_prompts = {a.negative_prompt};
+  r.steps = a.steps;
+  r.guidance = a.guidance;
+  r.guidance_rescale = a.guidance_rescale;
+  r.scheduler = a.scheduler;
+  if (a.seed) {
+    if (*a.seed < 0) throw GenerationError("seed must be >= 0, got " + std::to_string(*a.seed));
+    r.seed = uint64_t(*a.seed);
+  }
+  r.batch = a.batch;
+  r.height = a.height;
+  r.width = a.width;
+  if (a.init_image) r.init_image = read_rgb_png(*a.init_image, "init image");
+  r.strength = a.strength;
+  if (a.mask) r.mask = read_mask_png(*a.mask);
+  r.mask_blur = a.mask_blur ? *a.mask_blur : 0.0;
+  long long unet_steps = 0;
+  r.callback = [&unet_steps](int64_t, int64_t, double) { ++unet_steps; };
+  Result result = pipe->generate(r);
+  for (const auto& path : result.save(a.out)) std::cout << path << "\n";
+  std::cout.flush();
+  if (a.verbose) std::cerr << format_timings(result.timings, unet_steps) << std::endl;
+  return 0;
+}
+
+std::string one_line(const std::string& message) {
+  std::istringstream words(message);
+  std::string out;
+  for (std::string w; words >> w;) out += (out.empty() ? "" : " ") + w;
+  return out;
+}
+
+extern "C" void on_interrupt(int) {
+  const char msg[] = "ldm-rt-native: interrupted\n";
+  ssize_t ignored = ::write(2, msg, sizeof msg - 1);
+  (void)ignored;
+  ::_exit(130);  // 128 + SIGINT
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::signal(SIGINT, on_interrupt);
+  try {
+    Args a = parse(argc, argv);
+    if (a.help) {
+      std::cout << help_text();
+      return 0;
+    }
+    return sample(a);
+  } catch (const UsageError& e) {
+    std::cerr << kProg << ": error: " << one_line(e.what()) << "; see --help" << std::endl;
+    return 2;
+  } catch (const std::invalid_argument& e) {  // the numerics' errors (scheduler, tokenizer, JSON)
+    std::cerr << kProg << ": error: " << one_line(e.what()) << std::endl;
+    return 2;
+  } catch (const Error& e) {
+    std::cerr << kProg << ": error: " << one_line(e.what()) << std::endl;
+    return 2;
+  } catch (const std::exception& e) {
+    std::cerr << kProg << ": internal error: " << one_line(e.what()) << std::endl;
+    return 1;
+  }
+}

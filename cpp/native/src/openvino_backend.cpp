@@ -1,0 +1,205 @@
+#include "ldm_rt/native/openvino_backend.hpp"
+
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <mutex>
+#include <openvino/openvino.hpp>
+#include <set>
+#include <sstream>
+
+#include "ldm_rt/native/errors.hpp"
+
+namespace ldm_rt::native {
+namespace {
+
+constexpr const char* kDevice = "CPU";
+
+// OpenVINO's errors span many lines (source locations first); the last non-empty one says what failed.
+std::string one_line(const std::exception& e) {
+  std::stringstream lines(e.what());
+  std::string last;
+  for (std::string line; std::getline(lines, line);) {
+    auto b = line.find_first_not_of(" \t\r");
+    if (b != std::string::npos) last = line.substr(b, line.find_last_not_of(" \t\r") - b + 1);
+  }
+  return (last.empty() ? std::string("error") : last).substr(0, 200);
+}
+
+bool make_dirs(const std::string& path) {
+  std::string partial;
+  std::stringstream parts(path);
+  if (!path.empty() && path[0] == '/') partial = "/";
+  for (std::string part; std::getline(parts, part, '/');) {
+    if (part.empty()) continue;
+    partial += (partial.empty() || partial.back() == '/' ? "" : "/") + part;
+    if (::mkdir(partial.c_str(), 0777) != 0 && errno != EEXIST) return false;
+  }
+  struct stat st {};
+  return ::stat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode);
+}
+
+class OpenVinoComponent : public Component {
+ public:
+  OpenVinoComponent(ov::CompiledModel compiled, std::vector<std::string> outputs)
+      : compiled_(std::move(compiled)), outputs_(std::move(outputs)) {}
+
+  std::map<std::string, Tensor> run(const std::vector<Feed>& feeds) const override {
+    ov::InferRequest request = borrow();
+    try {
+      for (const Feed& f : feeds) {
+        ov::Shape shape(f.shape.begin(), f.shape.end());
+        // Wraps the caller's memory (read only during infer): no copy in.
+        ov::Tensor t = f.f32 != nullptr ? ov::Tensor(ov::element::f32, shape, const_cast<float*>(f.f32))
+                                        : ov::Tensor(ov::element::i64, shape, const_cast<int64_t*>(f.i64));
+        request.set_tensor(f.name, t);
+      }
+      request.infer();
+      std::map<std::string, Tensor> out;
+      for (const std::string& name : outputs_) {
+        ov::Tensor t = request.get_tensor(name);
+        if (t.get_element_type() != ov::element::f32) {
+          throw BackendError("OpenVINO returned " + t.get_element_type().get_type_name() + " for " + name + "; expected f32");
+        }
+        Tensor result;
+        for (auto d : t.get_shape()) result.shape.push_back(int64_t(d));
+        const float* p = t.data<const float>();
+        result.data.assign(p, p + t.get_size());
+        out.emplace(name, std::move(result));
+      }
+      give_back(std::move(request));
+      return out;
+    } catch (const ov::Exception& e) {
+      throw BackendError("OpenVINO failed to run the network (" + one_line(e) + ")");
+    }
+  }
+
+ private:
+  ov::InferRequest borrow() const {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (!idle_.empty()) {
+        ov::InferRequest r = std::move(idle_.back());
+        idle_.pop_back();
+        return r;
+      }
+    }
+    return compiled_.create_infer_request();  // at most one per concurrent call
+  }
+  void give_back(ov::InferRequest r) const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    idle_.push_back(std::move(r));
+  }
+
+  mutable ov::CompiledModel compiled_;
+  std::vector<std::string> outputs_;
+  mutable std::mutex mutex_;
+  mutable std::vector<ov::InferRequest> idle_;
+};
+
+class OpenVinoBackend : public Backend {
+ public:
+  explicit OpenVinoBackend(const HostOptions& host) {
+    try {
+      precision_ = ov::element::f32;
+      if (host.reduced_precision) {
+        auto caps = core_.get_property(kDevice, ov::device::capabilities);
+        if (std::find(caps.begin(), caps.end(), ov::device::capability::BF16) != caps.end()) {
+          precision_ = ov::element::bf16;
+        } else if (host.warn) {
+          host.warn("this CPU has no bf16 support OpenVINO can use; computing in f32");
+        }
+      }
+      config_.emplace(ov::inference_num_threads(host.threads > 0 ? host.threads : physical_cores()));
+      config_.emplace(ov::hint::inference_precision(precision_));
+      if (!host.compile_cache.empty()) {
+        std::string folder = host.compile_cache + "/openvino";
+        if (make_dirs(folder)) {
+          config_.emplace(ov::cache_dir(folder));
+        } else if (host.warn) {
+          host.warn("no compile cache: cannot create " + folder + " (" + std::strerror(errno) + "); pass --no-compile-cache to silence this");
+        }
+      }
+    } catch (const ov::Exception& e) {
+      throw BackendError("OpenVINO cannot be set up (" + one_line(e) + ")");
+    }
+  }
+
+  std::string name() const override { return "openvino"; }
+  std::string inference_precision() const override { return precision_ == ov::element::bf16 ? "bf16" : "f32"; }
+
+  std::unique_ptr<Component> open(const std::string&, const ComponentFiles& files) const override {
+    std::shared_ptr<ov::Model> model;
+    try {
+      model = core_.read_model(files.onnx);
+    } catch (const ov::Exception& e) {
+      throw ArtifactError(files.onnx + " cannot be read by OpenVINO " + version() + " (" + one_line(e) + "); rebuild the artifacts");
+    }
+    try {
+      ov::CompiledModel compiled = core_.compile_model(model, kDevice, config_);
+      return std::make_unique<OpenVinoComponent>(std::move(compiled), files.outputs);
+    } catch (const ov::Exception& e) {
+      throw BackendError("OpenVINO " + version() + " cannot compile " + files.onnx + " (" + one_line(e) + ")");
+    }
+  }
+
+ private:
+  static std::string version() { return ov::get_openvino_version().buildNumber; }
+
+  mutable ov::Core core_;  // read_model / compile_model are thread safe; called at load only
+  ov::element::Type precision_;
+  ov::AnyMap config_;
+};
+
+}  // namespace
+
+int physical_cores() {
+  std::set<std::pair<std::string, std::string>> cores;
+  for (int cpu = 0;; ++cpu) {
+    std::string dir = "/sys/devices/system/cpu/cpu" + std::to_string(cpu);
+    struct stat st {};
+    if (::stat(dir.c_str(), &st) != 0) break;
+    std::ifstream package(dir + "/topology/physical_package_id"), core(dir + "/topology/core_id");
+    std::string p, c;
+    if (package >> p && core >> c) cores.emplace(p, c);
+  }
+  if (!cores.empty()) return int(cores.size());
+  long n = ::sysconf(_SC_NPROCESSORS_ONLN);
+  return n > 0 ? int(n) : 1;
+}
+
+std::string default_compile_cache() {
+  const char* xdg = std::getenv("XDG_CACHE_HOME");
+  if (xdg != nullptr && *xdg) return std::string(xdg) + "/ldm-rt";
+  const char* home = std::getenv("HOME");
+  if (home != nullptr && *home) return std::string(home) + "/.cache/ldm-rt";
+  return "";
+}
+
+void check_host_options(const HostOptions& host) {
+  if (host.threads < 0) {
+    throw BackendError("threads must be a whole number >= 1 (or None: one per physical core), got " + std::to_string(host.threads));
+  }
+  long cpus = ::sysconf(_SC_NPROCESSORS_ONLN);
+  if (cpus < 1) cpus = 1;
+  if (host.threads > kMaxThreadsPerCpu * cpus) {
+    throw BackendError("threads " + std::to_string(host.threads) + " is more than " + std::to_string(kMaxThreadsPerCpu) +
+                       "x this host's " + std::to_string(cpus) + " CPUs; leave it out for one per physical core");
+  }
+  struct stat st {};
+  if (!host.compile_cache.empty() && ::stat(host.compile_cache.c_str(), &st) == 0 && S_ISREG(st.st_mode)) {
+    throw BackendError("compile cache " + host.compile_cache + " is a file; give a folder (or no cache)");
+  }
+}
+
+std::unique_ptr<Backend> open_openvino(const HostOptions& host) {
+  check_host_options(host);
+  return std::make_unique<OpenVinoBackend>(host);
+}
+
+}  // namespace ldm_rt::native

@@ -1,0 +1,489 @@
+#include "ldm_rt/native/pipeline.hpp"
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cmath>
+#include <random>
+#include <set>
+
+#include "ldm_rt/native/image_ops.hpp"
+#include "ldm_rt/native/openvino_backend.hpp"
+#include "ldm_rt/native/rng.hpp"
+
+namespace ldm_rt::native {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+
+std::string join(const std::vector<std::string>& items, const std::string& sep) {
+  std::string out;
+  for (size_t k = 0; k < items.size(); ++k) out += (k ? sep : "") + items[k];
+  return out;
+}
+
+// Python's str() of a float in messages; repr for values shown with !r.
+std::string num(double v) { return python_float(v); }
+
+// params.as_prompts: a non-empty list of valid UTF-8 strings.
+void check_prompts(const std::vector<std::string>& prompts, const std::string& what) {
+  if (prompts.empty()) throw GenerationError(what + " must be a string or a non-empty list of strings, got an empty list");
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    const std::string& p = prompts[i];
+    size_t chars = 0;
+    for (size_t k = 0; k < p.size(); ++chars) {
+      auto c = static_cast<unsigned char>(p[k]);
+      size_t n = c < 0x80 ? 1 : (c >> 5) == 6 ? 2 : (c >> 4) == 14 ? 3 : (c >> 3) == 30 ? 4 : 0;
+      bool ok = n > 0 && k + n <= p.size();
+      for (size_t j = 1; ok && j < n; ++j) ok = (static_cast<unsigned char>(p[k + j]) & 0xC0) == 0x80;
+      if (!ok) {
+        std::string where = prompts.size() == 1 ? what : what + " " + std::to_string(i);
+        // Python sees a byte that is not UTF-8 as a lone surrogate (surrogateescape) and names it so.
+        char repr[16];
+        std::snprintf(repr, sizeof repr, "'\\udc%02x'", unsigned(c));
+        throw GenerationError(where + " is not valid text: character " + std::to_string(chars) + " (" + repr +
+                              ") is not Unicode (bytes that are not UTF-8?); pass UTF-8 text");
+      }
+      k += n;
+    }
+  }
+}
+
+// guidance.combine: (2B, ...) [uncond, cond] -> (B, ...), with guidance rescale (Lin et al. 2024, Sec. 3.4).
+Tensor combine(const Tensor& out, double guidance, double rescale) {
+  int64_t rows = out.dim(0) / 2;
+  size_t per_row = out.numel() / size_t(out.dim(0));
+  std::vector<int64_t> shape = out.shape;
+  shape[0] = rows;
+  Tensor guided(shape);
+  const float w = float(guidance);
+  for (size_t r = 0; r < size_t(rows); ++r) {
+    const float* u = out.data.data() + r * per_row;
+    const float* c = out.data.data() + (size_t(rows) + r) * per_row;
+    float* g = guided.data.data() + r * per_row;
+    for (size_t k = 0; k < per_row; ++k) g[k] = u[k] + w * (c[k] - u[k]);
+    if (rescale == 0.0) continue;
+    auto std_of = [per_row](const float* x) {  // sample standard deviation (ddof=1), as diffusers
+      double mean = 0.0;
+      for (size_t k = 0; k < per_row; ++k) mean += x[k];
+      mean /= double(per_row);
+      double ss = 0.0;
+      for (size_t k = 0; k < per_row; ++k) ss += (x[k] - mean) * (x[k] - mean);
+      return float(std::sqrt(ss / double(per_row - 1)));
+    };
+    float std_guided = std_of(g), std_cond = std_of(c);
+    float ratio = std_guided > 0 ? std_cond / std_guided : 1.0f;  // a constant row has no spread to match
+    float factor = float(rescale) * ratio + float(1.0 - rescale);
+    for (size_t k = 0; k < per_row; ++k) g[k] = g[k] * factor;
+  }
+  return guided;
+}
+
+Tensor doubled(const Tensor& x) { return Tensor::concat_rows({&x, &x}); }
+
+// Each row of `x` `times` times in a row (np.repeat along axis 0).
+template <typename T>
+std::vector<T> repeat_rows(const std::vector<T>& x, size_t rows, size_t times) {
+  size_t per = rows ? x.size() / rows : 0;
+  std::vector<T> out;
+  out.reserve(x.size() * times);
+  for (size_t r = 0; r < rows; ++r) {
+    for (size_t t = 0; t < times; ++t) out.insert(out.end(), x.begin() + long(r * per), x.begin() + long((r + 1) * per));
+  }
+  return out;
+}
+
+uint64_t fresh_seed() {
+  std::random_device rd;  // secrets.randbits(63)
+  return ((uint64_t(rd()) << 32) | uint64_t(rd())) >> 1;
+}
+
+}  // namespace
+
+struct Pipeline::Start {
+  Tensor x;                            // (B, C, h, w) initial latents
+  Tensor noise;                        // the unit-variance noise they came from
+  std::optional<Tensor> image_latents; // (B, C, h, w)
+  std::optional<Tensor> mask;          // (B, 1, h, w), 1 = repaint
+  std::optional<Tensor> masked_image_latents;
+  std::optional<Image> pixels;         // the init image at the output size
+  std::optional<Mask> pixel_mask;      // the mask at the output size
+};
+
+std::vector<std::string> output_paths(const std::string& path, std::size_t count) {
+  if (count == 1) return {path};
+  auto slash = path.rfind('/');
+  auto dot = path.rfind('.');
+  std::string stem = path, suffix;
+  if (dot != std::string::npos && (slash == std::string::npos || dot > slash + 1)) {
+    stem = path.substr(0, dot), suffix = path.substr(dot);
+  }
+  std::vector<std::string> out;
+  for (size_t k = 0; k < count; ++k) out.push_back(stem + "_" + std::to_string(k) + suffix);
+  return out;
+}
+
+std::vector<std::string> Result::save(const std::string& path) const {
+  std::vector<std::string> paths = output_paths(path, images.size());
+  std::vector<std::pair<std::string, std::vector<uint8_t>>> files;
+  for (size_t k = 0; k < images.size(); ++k) files.emplace_back(paths[k], encode_png(images[k], params.text(k, images.size())));
+  write_files_all_or_none(files);
+  return paths;
+}
+
+std::shared_ptr<const Pipeline> Pipeline::load(const LoadOptions& options) {
+  try {
+    return open(options);
+  } catch (const Error&) {
+    throw;
+  } catch (const std::invalid_argument& e) {  // the numerics' errors (tokenizer.json, scheduler config, JSON)
+    throw ArtifactError(e.what());
+  }
+}
+
+std::shared_ptr<const Pipeline> Pipeline::open(const LoadOptions& options) {
+  if (options.precision != "fp32" && options.precision != "fp16") {
+    throw BackendError("precision must be one of fp32, fp16, got '" + options.precision + "'");
+  }
+  check_host_options(options.host);  // before anything is opened
+  Artifacts artifacts = Artifacts::open(options.model_dir, options.precision);
+  std::unique_ptr<Backend> backend = open_openvino(options.host);
+  std::map<std::string, std::unique_ptr<Component>> components;
+  for (const auto& [name, files] : artifacts.components) components.emplace(name, backend->open(name, files));
+  return std::make_shared<const Pipeline>(std::move(artifacts), std::move(components), options.precision,
+                                          backend->inference_precision() == "bf16" || options.host.reduced_precision,
+                                          options.host.warn);
+}
+
+Pipeline::Pipeline(Artifacts artifacts, std::map<std::string, std::unique_ptr<Component>> components, std::string precision,
+                   bool reduced_precision, std::function<void(const std::string&)> warn)
+    : artifacts_(std::move(artifacts)),
+      components_(std::move(components)),
+      precision_(std::move(precision)),
+      reduced_precision_(reduced_precision),
+      warn_(std::move(warn)) {
+  std::vector<std::string> missing;
+  for (const char* name : {"unet", "vae_decoder"}) {
+    if (!components_.count(name)) missing.push_back(std::string("'") + name + "'");
+  }
+  if (!missing.empty()) throw GenerationError("the pipeline needs the components [" + join(missing, ", ") + "]; pass them with the others");
+  const ComponentFiles& unet = artifacts_.components.at("unet");
+  if (std::find(unet.inputs.begin(), unet.inputs.end(), "class_labels") != unet.inputs.end()) {
+    throw GenerationError("this model is class-conditional, which ldm-rt-native does not run; use ldm-rt sample");
+  }
+  for (const std::string& input : unet.inputs) {  // SDXL's text_embeds and time_ids are not fed here
+    if (input != "sample" && input != "timestep" && input != "encoder_hidden_states") {
+      throw GenerationError("this model's UNet takes " + input + ", which ldm-rt-native does not feed (SDXL models are not "
+                            "supported natively yet); use ldm-rt sample");
+    }
+  }
+  schedulers_ = usable_schedulers(artifacts_.scheduler_config);
+  if (schedulers_.usable.empty()) throw SchedulerConfigError(schedulers_.unusable.begin()->second);
+  int64_t lc = artifacts_.facts.latent_channels, cin = artifacts_.facts.unet_in_channels;
+  if (cin != lc && cin != 2 * lc + 1) {
+    throw GenerationError("a UNet with " + std::to_string(cin) + " input channels for " + std::to_string(lc) +
+                          " latent channels (concat conditioning) is not supported by the runtime pipeline");
+  }
+  inpainting_unet_ = cin == 2 * lc + 1;
+}
+
+std::vector<std::string> Pipeline::schedulers() const {
+  std::vector<std::string> names;
+  for (const auto& [name, _] : schedulers_.usable) names.push_back(name);
+  return names;
+}
+
+std::map<std::string, Tensor> Pipeline::call(const std::string& name, const std::vector<Feed>& feeds,
+                                             std::map<std::string, double>& timings, std::optional<int64_t> step) const {
+  auto t0 = Clock::now();
+  std::map<std::string, Tensor> outs = components_.at(name)->run(feeds);
+  timings[name] += seconds_since(t0);
+  for (const auto& [key, value] : outs) {
+    for (float v : value.data) {
+      if (!std::isfinite(v)) {
+        std::string where = step ? " at step " + std::to_string(*step) : "";
+        std::string hint = precision_ == "fp16" ? " (fp16 overflow? try --precision fp32)" : "";
+        throw GenerationError(name + " produced non-finite values in " + key + where + hint);
+      }
+    }
+  }
+  return outs;
+}
+
+Tensor Pipeline::encode_prompts(const GenerationParams& p, bool use_cfg, std::map<std::string, double>& timings) const {
+  const PromptTokenizer& tok = *artifacts_.tokenizer;
+  TokenizedPrompts cond = tok.encode(p.prompts);
+  for (const std::string& w : tok.warnings(p.prompts, cond, "prompt")) warn(w);
+  std::vector<int64_t> ids = cond.ids.data;
+  size_t rows = p.prompts.size();
+  if (use_cfg) {  // (2P, L): [uncond, cond]
+    TokenizedPrompts uncond = tok.encode(p.negative_prompts);
+    for (const std::string& w : tok.warnings(p.negative_prompts, uncond, "negative prompt")) warn(w);
+    ids.insert(ids.begin(), uncond.ids.data.begin(), uncond.ids.data.end());
+    rows *= 2;
+  }
+  ids = repeat_rows(ids, rows, size_t(p.batch));  // each prompt `batch` times in a row, as diffusers
+  int64_t length = tok.max_length();
+  Feed feed{"input_ids", {int64_t(rows) * p.batch, length}, nullptr, ids.data()};
+  return call("text_encoder", {feed}, timings).at("last_hidden_state");
+}
+
+Tensor Pipeline::encode_image(const std::vector<float>& image, int64_t h, int64_t w, std::map<std::string, double>& timings) const {
+  Feed feed{"image", {1, 3, h, w}, image.data(), nullptr};
+  Tensor params = call("vae_encoder", {feed}, timings).at("latent_parameters");  // (1, 2C or C, h, w)
+  int64_t lc = artifacts_.facts.latent_channels;
+  size_t plane = size_t(params.dim(2)) * size_t(params.dim(3));
+  Tensor mean({1, lc, params.dim(2), params.dim(3)});
+  const float scale = float(artifacts_.facts.scale_factor);
+  for (size_t k = 0; k < size_t(lc) * plane; ++k) mean.data[k] = params.data[k] * scale;  // KL: the posterior mean
+  return mean;
+}
+
+Result Pipeline::generate(const Request& r) const {
+  try {
+    return run_request(r);
+  } catch (const Error&) {
+    throw;
+  } catch (const std::invalid_argument& e) {  // the numerics' errors (scheduler, tokenizer): one type for callers
+    throw GenerationError(e.what());
+  }
+}
+
+Result Pipeline::run_request(const Request& r) const {
+  auto start_time = Clock::now();
+  check_prompts(r.prompts, "prompt");
+  if (r.mask && !r.init_image) throw GenerationError("mask needs init_image: inpainting repaints part of an image");
+  if (r.strength && !r.init_image) {
+    throw GenerationError("strength needs init_image: it is the fraction of the schedule run from that image");
+  }
+  if (r.mask_blur && *r.mask_blur != 0.0 && !r.mask) {
+    throw GenerationError("mask_blur needs mask: it softens the seam of the inpainted region");
+  }
+  if (inpainting_unet_ && !r.mask) throw GenerationError("this is an inpainting model: pass init_image and mask");
+  double strength_in = r.strength ? *r.strength : r.mask ? kInpaintStrength : kImg2ImgStrength;
+  std::optional<int64_t> height = r.height, width = r.width;
+  if (r.init_image) {
+    const Image& im = *r.init_image;
+    if (im.width < 1 || im.height < 1 || im.rgb.size() != size_t(im.width) * size_t(im.height) * 3) {
+      throw ImageInputError("init image must be uint8 (H, W, 3), got " + std::to_string(im.rgb.size()) + " bytes for " +
+                            std::to_string(im.width) + "x" + std::to_string(im.height));
+    }
+    if (int64_t(im.width) * im.height > kMaxInputPixels) {
+      throw ImageInputError("init image is " + std::to_string(im.width) + "x" + std::to_string(im.height) +
+                            ", over the limit of 67.1 MP (8192x8192); downscale it first");
+    }
+    if (!height) height = im.height;
+    if (!width) width = im.width;
+  }
+  bool has_text = components_.count("text_encoder") > 0;
+  if (!has_text) {
+    for (const auto& p : r.prompts) {
+      if (!p.empty()) throw GenerationError("this model has no text encoder and takes no prompt; pass prompt=''");
+    }
+  }
+
+  // ---- params.make_params -----------------------------------------------------------------------------
+  GenerationParams p;
+  p.prompts = r.prompts;
+  check_prompts(r.negative_prompts, "negative_prompt");
+  p.negative_prompts = r.negative_prompts;
+  if (p.negative_prompts.size() == 1) p.negative_prompts.assign(p.prompts.size(), r.negative_prompts[0]);
+  if (p.negative_prompts.size() != p.prompts.size()) {
+    throw GenerationError("got " + std::to_string(r.negative_prompts.size()) + " negative prompts for " +
+                          std::to_string(p.prompts.size()) + " prompts; give one, or one per prompt");
+  }
+  if (r.steps < 1) throw GenerationError("steps must be >= 1, got " + std::to_string(r.steps));
+  p.steps = r.steps;
+  if (!std::isfinite(r.guidance)) throw GenerationError("guidance must be a finite number, got " + num(r.guidance));
+  p.guidance = r.guidance;
+  const auto& names = scheduler_names();
+  if (std::find(names.begin(), names.end(), r.scheduler) == names.end()) {
+    throw GenerationError("unknown scheduler '" + r.scheduler + "'; choose one of " + join(names, ", "));
+  }
+  p.scheduler = r.scheduler;
+  p.seed = r.seed ? *r.seed : fresh_seed();
+  if (r.batch < 1) throw GenerationError("batch must be >= 1, got " + std::to_string(r.batch));
+  p.batch = r.batch;
+  const ShapeProfile& profile = artifacts_.profile;
+  int64_t images = p.images();
+  std::string per_call = std::to_string(images) + " images per call (" + std::to_string(p.prompts.size()) +
+                         " prompts x batch " + std::to_string(p.batch) + ")";
+  if (images > kMaxImagesPerCall) {
+    throw GenerationError(per_call + " is over the runtime's limit of " + std::to_string(kMaxImagesPerCall) +
+                          "; generate them in several calls");
+  }
+  if (images < profile.batch[0] || images > profile.batch[2]) {
+    throw GenerationError(per_call + " is outside the artifacts' batch range [" + std::to_string(profile.batch[0]) + ", " +
+                          std::to_string(profile.batch[2]) + "]; rebuild with a wider --batch-range");
+  }
+  int64_t multiple = artifacts_.facts.pixel_multiple();
+  for (auto [name, value, range] : {std::tuple<const char*, std::optional<int64_t>, std::array<int64_t, 3>>{"height", height, profile.height},
+                                    {"width", width, profile.width}}) {
+    int64_t v = value ? *value : range[1];
+    if (v % multiple != 0 || v < range[0] || v > range[2]) {
+      throw GenerationError(std::string(name) + " " + std::to_string(v) + " must be a multiple of " + std::to_string(multiple) +
+                            " in [" + std::to_string(range[0]) + ", " + std::to_string(range[2]) +
+                            "] for these artifacts; rebuild with a wider --" + name + "-range for other sizes");
+    }
+    (std::string(name) == "height" ? p.height : p.width) = v;
+  }
+  if (images * p.height * p.width > kMaxPixelsPerCall) {
+    throw GenerationError(std::to_string(images) + " images of " + std::to_string(p.width) + "x" + std::to_string(p.height) +
+                          " in one call is over the runtime's limit of " + std::to_string(kMaxPixelsPerCall) +
+                          " pixels per call; generate them in several calls");
+  }
+  if (!(strength_in > 0.0 && strength_in <= 1.0)) throw GenerationError("strength must be in (0, 1], got " + num(strength_in));
+  p.strength = strength_in;
+  if (!(r.guidance_rescale >= 0.0 && r.guidance_rescale <= 1.0)) {
+    throw GenerationError("guidance_rescale must be in [0, 1] (0: plain guidance; 0.7 as Lin et al.), got " + num(r.guidance_rescale));
+  }
+  p.guidance_rescale = r.guidance_rescale;
+  if (r.mask_blur) {
+    int64_t largest = std::max(p.height, p.width);
+    if (!(*r.mask_blur >= 0.0 && *r.mask_blur <= double(largest))) {
+      throw GenerationError("mask_blur must be a number of pixels in [0, " + std::to_string(largest) + "] (0: hard edge), got " +
+                            num(*r.mask_blur));
+    }
+  }
+  p.mask_blur = r.mask_blur;
+  p.model_hash = artifacts_.model_hash;
+  p.precision = precision_;
+  p.reduced_precision = reduced_precision_;
+  p.mode = r.mask ? "inpaint" : r.init_image ? "img2img" : "txt2img";
+
+  const ModelFacts& f = artifacts_.facts;
+  std::vector<int64_t> shape = {images, f.latent_channels, p.height / f.latent_factor, p.width / f.latent_factor};
+
+  // ---- scheduler ----------------------------------------------------------------------------------------
+  if (auto it = schedulers_.unusable.find(p.scheduler); it != schedulers_.unusable.end()) {
+    throw GenerationError(it->second + "; this model can use " + join(schedulers(), ", "));
+  }
+  std::shared_ptr<const Scheduler> scheduler;
+  for (const auto& [name, s] : schedulers_.usable) {
+    if (name == p.scheduler) scheduler = s;
+  }
+  int64_t fewest = scheduler->fewest_sound_steps();
+  if (p.steps < fewest) {
+    warn(p.scheduler + " has given broken images on this model's schedule below " + std::to_string(fewest) + " steps; running " +
+         std::to_string(p.steps) + " (use more steps or another scheduler)");
+  }
+  std::unique_ptr<SchedulerRun> run = scheduler->set_timesteps(p.steps);
+  if (r.init_image) run = run->with_strength(p.strength);
+
+  std::map<std::string, double> timings;
+  bool use_cfg = has_text && p.guidance != 1.0;  // manifest GUIDANCE: guidance 1.0 skips the unconditional half
+  std::optional<Tensor> context;
+  if (has_text) context = encode_prompts(p, use_cfg, timings);
+  Generator rng(p.seed);
+  Tensor noise = rng.standard_normal(shape);  // drawn first
+
+  // ---- the starting point (Pipeline._start) ------------------------------------------------------------
+  Start start;
+  start.noise = noise;
+  const float sigma0 = float(run->init_noise_sigma());
+  auto scaled_noise = [&] {
+    Tensor x = noise;
+    for (float& v : x.data) v = v * sigma0;
+    return x;
+  };
+  if (!r.init_image) {
+    start.x = scaled_noise();
+  } else {
+    Image pixels = resize_lanczos(*r.init_image, int(p.height), int(p.width));
+    Tensor image = image_to_model(pixels);  // (1, 3, H, W)
+    Tensor one = encode_image(image.data, p.height, p.width, timings);
+    std::vector<const Tensor*> copies(size_t(images), &one);
+    start.image_latents = Tensor::concat_rows(copies);  // (B, C, h, w)
+    if (!r.mask) {
+      start.x = run->add_noise(*start.image_latents, noise, 0);
+    } else {
+      const Mask& given = *r.mask;
+      if (given.width < 1 || given.height < 1 || given.values.size() != size_t(given.width) * size_t(given.height)) {
+        throw ImageInputError("mask must be (H, W), got " + std::to_string(given.values.size()) + " values for " +
+                              std::to_string(given.width) + "x" + std::to_string(given.height));
+      }
+      for (float v : given.values) {
+        if (!std::isfinite(v)) throw ImageInputError("mask contains NaN or Inf; give values in [0, 1] (1 = repaint, 0 = keep)");
+        if (v < 0.0f || v > 1.0f) throw ImageInputError("mask values must lie in [0, 1]; scale it first");
+      }
+      Mask pixel_mask = resize_lanczos(given, int(p.height), int(p.width));
+      int64_t lf = f.latent_factor, h = shape[2], w = shape[3];
+      Tensor latent_mask({images, 1, h, w});
+      for (int64_t y = 0; y < h; ++y) {
+        for (int64_t x = 0; x < w; ++x) {  // nearest downsampling of the binarised mask, m[::f, ::f]
+          float m = pixel_mask.values[size_t(y * lf) * size_t(p.width) + size_t(x * lf)] >= 0.5f ? 1.0f : 0.0f;
+          for (int64_t b = 0; b < images; ++b) latent_mask.data[size_t((b * h + y) * w + x)] = m;
+        }
+      }
+      if (inpainting_unet_) {
+        Tensor masked = image;
+        size_t plane = size_t(p.height) * size_t(p.width);
+        for (size_t c = 0; c < 3; ++c) {
+          for (size_t q = 0; q < plane; ++q) {
+            if (pixel_mask.values[q] >= 0.5f) masked.data[c * plane + q] = 0.0f;
+          }
+        }
+        Tensor enc = encode_image(masked.data, p.height, p.width, timings);
+        std::vector<const Tensor*> reps(size_t(images), &enc);
+        start.masked_image_latents = Tensor::concat_rows(reps);
+      }
+      start.x = p.strength == 1.0 ? scaled_noise() : run->add_noise(*start.image_latents, noise, 0);
+      start.mask = std::move(latent_mask);
+      start.pixels = std::move(pixels);
+      start.pixel_mask = std::move(pixel_mask);
+    }
+  }
+
+  // ---- the loop (Pipeline._denoise) --------------------------------------------------------------------
+  Tensor x = start.x;
+  size_t n = run->size();
+  for (size_t i = 0; i < n; ++i) {
+    double t = run->timesteps()[i];
+    Tensor x_in = run->scale_model_input(x, i);
+    if (inpainting_unet_) {  // (B, 2C+1, h, w): [x_in, mask, masked image latents] along channels
+      int64_t c = f.latent_channels, plane = shape[2] * shape[3];
+      Tensor cat({images, 2 * c + 1, shape[2], shape[3]});
+      for (int64_t b = 0; b < images; ++b) {
+        float* dst = cat.data.data() + size_t(b * (2 * c + 1) * plane);
+        std::copy_n(x_in.data.data() + size_t(b * c * plane), size_t(c * plane), dst);
+        std::copy_n(start.mask->data.data() + size_t(b * plane), size_t(plane), dst + c * plane);
+        std::copy_n(start.masked_image_latents->data.data() + size_t(b * c * plane), size_t(c * plane), dst + (c + 1) * plane);
+      }
+      x_in = std::move(cat);
+    }
+    if (use_cfg) x_in = doubled(x_in);  // (2B, ...) [uncond, cond]
+    std::vector<float> timestep(size_t(x_in.dim(0)), float(t));
+    std::vector<Feed> feeds = {{"sample", x_in.shape, x_in.data.data(), nullptr},
+                               {"timestep", {x_in.dim(0)}, timestep.data(), nullptr}};
+    if (context) feeds.push_back({"encoder_hidden_states", context->shape, context->data.data(), nullptr});
+    auto t0 = Clock::now();
+    Tensor out = call("unet", feeds, timings, int64_t(i)).at("out_sample");
+    (void)t0;
+    Tensor eps = use_cfg ? combine(out, p.guidance, p.guidance_rescale) : std::move(out);
+    x = run->step(eps, i, x, &rng);
+    if (start.mask && !inpainting_unet_) {
+      // Latent blend (diffusers' inpainting with a plain UNet): the known region at the next step's noise
+      // level, and clean after the last step.
+      Tensor known = i + 1 == n ? *start.image_latents : run->add_noise(*start.image_latents, start.noise, i + 1);
+      size_t plane = size_t(shape[2] * shape[3]), per_image = size_t(f.latent_channels) * plane;
+      for (size_t k = 0; k < x.data.size(); ++k) {
+        float m = start.mask->data[(k / per_image) * plane + k % plane];
+        x.data[k] = m * x.data[k] + (1.0f - m) * known.data[k];
+      }
+    }
+    if (r.callback) r.callback(int64_t(i), int64_t(n), t);
+  }
+  Feed latent{"latent", x.shape, x.data.data(), nullptr};
+  Tensor decoded = call("vae_decoder", {latent}, timings).at("image");
+  Result result;
+  result.images = to_uint8(decoded);
+  if (start.pixel_mask && p.mask_blur) paste_kept(result.images, *start.pixels, *start.pixel_mask, *p.mask_blur);
+  timings["total"] = seconds_since(start_time);
+  result.params = std::move(p);
+  result.timings = std::move(timings);
+  return result;
+}
+
+}  // namespace ldm_rt::native

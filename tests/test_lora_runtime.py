@@ -1,0 +1,216 @@
+"""LoRA at the edges: the CLIs (`ldm-rt sample --lora`, `build_engines.py --lora`) and their bad input (a LoRA for
+another architecture, a truncated file, a scale that is not a number, a pickle: one line, exit 2, nothing
+written), backends that cannot apply LoRAs, ONNX Runtime's overriding initializers for files with external
+data, and the TensorRT refit against a fake `tensorrt` (unverified on a GPU)."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from PIL import Image
+from test_lora_formats import write_safetensors
+from test_runtime_fixtures import exported
+
+from ldm_rt.runtime.backends.base import BackendError
+from ldm_rt.runtime.artifacts import default_artifacts_dir
+from ldm_rt.runtime.lora import LoraError, LoraTargets
+from ldm_rt.runtime.manifest import ArtifactError
+
+pytest.importorskip("torch")
+
+Q = "input_blocks.1.1.transformer_blocks.0.attn1.to_q"
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory, tiny_sd_v1):
+    return exported(tmp_path_factory, tiny_sd_v1, fp16=True)  # shared with the runtime and LoRA parity tests
+
+
+@pytest.fixture(scope="module")
+def loras(artifacts, tmp_path_factory):
+    """A small kohya LoRA for the tiny SD v1 (named from the artifacts' own module table), and bad ones."""
+    folder = tmp_path_factory.mktemp("lora_files")
+    info = LoraTargets.read(artifacts).modules["unet"][Q]
+    out_dim, in_dim = info.shape
+    rng = np.random.default_rng(0)
+    flat = "lora_unet_" + info.aliases[0].replace(".", "_")
+    good = write_safetensors(folder / "good.safetensors", {
+        f"{flat}.lora_down.weight": rng.standard_normal((2, in_dim)), f"{flat}.lora_up.weight": 3 * rng.standard_normal((out_dim, 2)),
+        f"{flat}.alpha": np.float32(1.0),
+    })  # fmt: skip
+    sdxl = write_safetensors(folder / "sdxl.safetensors", {
+        "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k.lora_down.weight": rng.standard_normal((4, 2048)),
+        "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k.lora_up.weight": rng.standard_normal((640, 4)),
+        "lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": rng.standard_normal((4, 1280)),
+        "lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": rng.standard_normal((5120, 4)),
+    })  # fmt: skip
+    truncated = folder / "truncated.safetensors"
+    truncated.write_bytes(good.read_bytes()[:-16])
+    pickled = folder / "evil.ckpt"
+    pickled.write_bytes(pickle.dumps(SimpleNamespace(x=1)))  # not tensors: weights_only refuses it
+    return SimpleNamespace(good=good, sdxl=sdxl, truncated=truncated, pickled=pickled)
+
+
+def bad_inputs(loras) -> dict[str, tuple[str, str]]:
+    """--lora value -> what the one line must say."""
+    return {
+        "another architecture": (str(loras.sdxl), "none of its 4 keys names a module of this model"),
+        "truncated": (str(loras.truncated), "truncated"),
+        "scale not a number": (f"{loras.good}:lots", "scale 'lots' is not a number"),
+        "pickle": (str(loras.pickled), "pickle"),
+    }
+
+
+def test_sample_applies_a_lora_and_records_it_in_the_png(artifacts, loras, tmp_path, capsys):
+    from ldm_rt.runtime.cli import main
+
+    common = ["sample", "--model", str(artifacts), "--prompt", "a red car", "--steps", "2", "--seed", "1", "--height", "16", "--width", "16"]
+    assert main([*common, "--out", str(tmp_path / "plain.png")]) == 0
+    assert main([*common, "--lora", f"{loras.good}:0.8", "--out", str(tmp_path / "lora.png")]) == 0
+    capsys.readouterr()
+    with Image.open(tmp_path / "lora.png") as im:
+        params = json.loads(im.text["parameters"])
+        pixels = np.asarray(im.convert("RGB"))
+    assert [(r["file"], r["scale"], r["applied"]) for r in params["loras"]] == [("good.safetensors", 0.8, "run time")]
+    assert len(params["loras"][0]["sha256"]) == 64
+    assert not np.array_equal(pixels, np.asarray(Image.open(tmp_path / "plain.png").convert("RGB")))
+
+
+@pytest.mark.parametrize("case", ["another architecture", "truncated", "scale not a number", "pickle"])
+def test_sample_refuses_bad_loras_in_one_line(artifacts, loras, tmp_path, capsys, case):
+    from ldm_rt.runtime.cli import main
+
+    value, message = bad_inputs(loras)[case]
+    out = tmp_path / "x.png"
+    try:
+        code = main(["sample", "--model", str(artifacts), "--prompt", "a cat", "--steps", "2", "--lora", value, "--out", str(out)])
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
+    assert err.startswith("ldm-rt: error: ")
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("case", ["another architecture", "truncated", "scale not a number", "pickle"])
+def test_export_refuses_bad_loras_in_one_line(tiny_sd_v1, loras, tmp_path, capsys, case):
+    from ldm_rt.export.build_engines import main
+
+    value, message = bad_inputs(loras)[case]
+    out = tmp_path / "art"
+    try:
+        code = main(["--model", str(tiny_sd_v1), "--out", str(out), "--onnx-only", "--lora", value])
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and message in err[-1], err
+    assert err[-1].startswith("build_engines.py: error: ")
+    assert all("error" not in line for line in err[:-1])  # the rest are progress lines
+    assert list(tmp_path.iterdir()) == []  # no output folder, no lock file, no leftovers
+
+
+def test_backends_without_lora_support_refuse_them(artifacts, loras):
+    from ldm_rt.runtime.backends.base import open_components
+    from ldm_rt.runtime.lora import read_lora
+    from ldm_rt.runtime.manifest import Manifest
+
+    with pytest.raises(BackendError, match="backend 'torch' cannot apply LoRAs at run time"):
+        open_components("torch", artifacts, Manifest.read(artifacts), loras=[(read_lora(loras.good), 1.0)])
+
+
+def test_overriding_initializers_hold_for_convs_in_files_with_external_data(tmp_path):
+    """ONNX Runtime's NCHWc pass reorders Conv weights from the file, ignoring overriding initializers; the
+    backend turns it off for that path (files past 2 GB). A patched Conv must compute with the new weight."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from ldm_rt.runtime.backends.onnxruntime_backend import OVERRIDE_UNSAFE_OPTIMIZERS, open_session, session_options
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((16, 8, 3, 3)).astype(np.float32)
+    new = w + rng.standard_normal(w.shape).astype(np.float32)
+
+    def model(weight: np.ndarray, path: Path, external: bool) -> Path:
+        graph = helper.make_graph(
+            [helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])], "g",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 16, 16])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16, 16, 16])], [numpy_helper.from_array(weight, "w")],
+        )  # fmt: skip
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path),
+                  save_as_external_data=external, all_tensors_to_one_file=True, location=path.name + ".data", size_threshold=0)  # fmt: skip
+        return path
+
+    x = rng.standard_normal((1, 8, 16, 16)).astype(np.float32)
+    expected = open_session(model(new, tmp_path / "new.onnx", False), session_options(), None).run(None, {"x": x})[0]
+    base = model(w, tmp_path / "base.onnx", True)
+    options = session_options()
+    value = ort.OrtValue.ortvalue_from_numpy(new)
+    options.add_initializer("w", value)
+    got = open_session(base, options, None, disabled_optimizers=OVERRIDE_UNSAFE_OPTIMIZERS).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+class FakeRefitter:
+    """trt.Refitter as documented: set_named_weights -> bool, get_missing_weights, refit_cuda_engine -> bool."""
+
+    def __init__(self, engine, logger) -> None:
+        self.engine = engine
+
+    def set_named_weights(self, name, weights) -> bool:
+        if name not in self.engine.refittable:
+            return False
+        self.engine.pending[name] = np.array(weights.array)
+        return True
+
+    def get_missing_weights(self) -> list[str]:
+        return [n for n in self.engine.together if n not in self.engine.pending]
+
+    def refit_cuda_engine(self) -> bool:
+        self.engine.weights.update(self.engine.pending)
+        return self.engine.refit_ok
+
+
+def fake_trt():
+    class Logger:
+        WARNING = 2
+
+        def __init__(self, severity) -> None:
+            pass
+
+    return SimpleNamespace(Refitter=FakeRefitter, Weights=lambda a: SimpleNamespace(array=a), Logger=Logger)
+
+
+def test_tensorrt_refit_sets_every_weight_then_refits_once():
+    from ldm_rt.runtime.backends.tensorrt_backend import refit_engine
+
+    engine = SimpleNamespace(refittable={"a", "b"}, together=[], pending={}, weights={}, refit_ok=True)
+    refit_engine(fake_trt(), engine, {"a": np.ones((2, 2), np.float16), "b": np.zeros(3, np.float32)}, "unet.plan")
+    assert engine.weights["a"].dtype == np.float16 and set(engine.weights) == {"a", "b"}
+    with pytest.raises(BackendError, match="cannot refit c"):
+        refit_engine(fake_trt(), engine, {"c": np.ones(1, np.float32)}, "unet.plan")
+    needy = SimpleNamespace(refittable={"a", "b"}, together=["b"], pending={}, weights={}, refit_ok=True)
+    with pytest.raises(BackendError, match=r"needs weights the LoRA does not change \(b\)"):
+        refit_engine(fake_trt(), needy, {"a": np.ones(1, np.float32)}, "unet.plan")
+    refused = SimpleNamespace(refittable={"a"}, together=[], pending={}, weights={}, refit_ok=False)
+    with pytest.raises(BackendError, match="refused the refit"):
+        refit_engine(fake_trt(), refused, {"a": np.ones(1, np.float32)}, "unet.plan")
+
+
+def test_old_artifacts_without_targets_say_to_rebuild():
+    with pytest.raises(LoraError, match="built before LoRA support; rebuild"):
+        LoraTargets.read(default_artifacts_dir())  # the shipped model predates LoRA support
+
+
+def test_a_changed_targets_file_is_refused(artifacts, tmp_path):
+    import shutil
+
+    copy = Path(shutil.copytree(artifacts, tmp_path / "copy"))
+    (copy / "lora_targets.json").write_text((copy / "lora_targets.json").read_text().replace('"W"', '"T"', 1))
+    with pytest.raises(ArtifactError, match="does not match the manifest's hash"):
+        LoraTargets.read(copy)
