@@ -5,6 +5,8 @@
 #include <cstdio>
 #include <cstdlib>
 
+#include "ldm_rt/native/json.hpp"
+
 namespace ldm_rt::native {
 
 std::string python_float(double v) {
@@ -43,55 +45,11 @@ std::string python_float(double v) {
   return negative ? "-" + out : out;
 }
 
-std::string python_json_string(const std::string& utf8) {
-  std::string out = "\"";
-  char buf[16];
-  auto u = [&](unsigned cp) {
-    std::snprintf(buf, sizeof buf, "\\u%04x", cp);
-    out += buf;
-  };
-  for (size_t i = 0; i < utf8.size();) {
-    auto c = static_cast<unsigned char>(utf8[i]);
-    unsigned cp = c;
-    size_t n = 1;
-    if (c >= 0xF0 && i + 3 < utf8.size() + 0) {
-      cp = ((c & 0x07u) << 18) | ((utf8[i + 1] & 0x3Fu) << 12) | ((utf8[i + 2] & 0x3Fu) << 6) | (utf8[i + 3] & 0x3Fu), n = 4;
-    } else if (c >= 0xE0 && i + 2 < utf8.size()) {
-      cp = ((c & 0x0Fu) << 12) | ((utf8[i + 1] & 0x3Fu) << 6) | (utf8[i + 2] & 0x3Fu), n = 3;
-    } else if (c >= 0xC0 && i + 1 < utf8.size()) {
-      cp = ((c & 0x1Fu) << 6) | (utf8[i + 1] & 0x3Fu), n = 2;
-    }
-    i += n;
-    switch (cp) {
-      case '"': out += "\\\""; break;
-      case '\\': out += "\\\\"; break;
-      case '\n': out += "\\n"; break;
-      case '\r': out += "\\r"; break;
-      case '\t': out += "\\t"; break;
-      case '\b': out += "\\b"; break;
-      case '\f': out += "\\f"; break;
-      default:
-        if (cp < 0x20 || (cp > 0x7E && cp != 0x7F)) {
-          if (cp >= 0x10000) {
-            unsigned v = cp - 0x10000;
-            u(0xD800 + (v >> 10));
-            u(0xDC00 + (v & 0x3FF));
-          } else {
-            u(cp);
-          }
-        } else {
-          out.push_back(char(cp));
-        }
-    }
-  }
-  return out + "\"";
-}
-
 namespace {
 
 std::string list(const std::vector<std::string>& items) {
   std::string out = "[";
-  for (size_t k = 0; k < items.size(); ++k) out += (k ? ", " : "") + python_json_string(items[k]);
+  for (size_t k = 0; k < items.size(); ++k) out += (k ? ", " : "") + json_quote(items[k], true);
   return out + "]";
 }
 
@@ -100,19 +58,19 @@ std::string list(const std::vector<std::string>& items) {
 std::string GenerationParams::to_json() const {
   // Keys in sorted order, as sort_keys=True.
   std::string s = "{";
-  s += "\"backend\": " + python_json_string(backend);
+  s += "\"backend\": " + json_quote(backend, true);
   s += ", \"batch\": " + std::to_string(batch);
   s += ", \"guidance\": " + python_float(guidance);
   s += ", \"guidance_rescale\": " + python_float(guidance_rescale);
   s += ", \"height\": " + std::to_string(height);
   s += ", \"mask_blur\": " + (mask_blur ? python_float(*mask_blur) : std::string("null"));
-  s += ", \"mode\": " + python_json_string(mode);
-  s += ", \"model_hash\": " + python_json_string(model_hash);
+  s += ", \"mode\": " + json_quote(mode, true);
+  s += ", \"model_hash\": " + json_quote(model_hash, true);
   s += ", \"negative_prompts\": " + list(negative_prompts);
-  s += ", \"precision\": " + python_json_string(precision);
+  s += ", \"precision\": " + json_quote(precision, true);
   s += ", \"prompts\": " + list(prompts);
   s += ", \"reduced_precision\": " + std::string(reduced_precision ? "true" : "false");
-  s += ", \"scheduler\": " + python_json_string(scheduler);
+  s += ", \"scheduler\": " + json_quote(scheduler, true);
   s += ", \"seed\": " + std::to_string(seed);
   s += ", \"steps\": " + std::to_string(steps);
   s += ", \"strength\": " + python_float(strength);

@@ -12,6 +12,8 @@
 #include <cstring>
 #include <limits>
 
+#include "utf8.hpp"
+
 namespace ldm_rt::native {
 
 // ---- values -------------------------------------------------------------------------------------------
@@ -143,12 +145,29 @@ const Json& Json::at(std::string_view key) const {
   return *v;
 }
 
-std::string json_quote(std::string_view s) {
-  std::string out;
+std::string json_quote(std::string_view s, bool ensure_ascii) {
+  std::string out = "\"";
   out.reserve(s.size() + 2);
-  out += '"';
-  for (unsigned char c : s) {
-    switch (c) {
+  char buf[8];
+  auto u = [&](unsigned cp) {
+    std::snprintf(buf, sizeof buf, "\\u%04x", cp);
+    out += buf;
+  };
+  for (std::size_t i = 0; i < s.size();) {
+    auto c = static_cast<unsigned char>(s[i]);
+    unsigned cp = c;
+    std::size_t n = 1;
+    if (ensure_ascii) {  // escaped per code point, so decode it (surrogate pairs past the BMP, as Python)
+      if (c >= 0xF0 && i + 3 < s.size()) {
+        cp = ((c & 0x07u) << 18) | ((s[i + 1] & 0x3Fu) << 12) | ((s[i + 2] & 0x3Fu) << 6) | (s[i + 3] & 0x3Fu), n = 4;
+      } else if (c >= 0xE0 && i + 2 < s.size()) {
+        cp = ((c & 0x0Fu) << 12) | ((s[i + 1] & 0x3Fu) << 6) | (s[i + 2] & 0x3Fu), n = 3;
+      } else if (c >= 0xC0 && i + 1 < s.size()) {
+        cp = ((c & 0x1Fu) << 6) | (s[i + 1] & 0x3Fu), n = 2;
+      }
+    }
+    i += n;
+    switch (cp) {
       case '"': out += "\\\""; break;
       case '\\': out += "\\\\"; break;
       case '\n': out += "\\n"; break;
@@ -157,12 +176,16 @@ std::string json_quote(std::string_view s) {
       case '\b': out += "\\b"; break;
       case '\f': out += "\\f"; break;
       default:
-        if (c < 0x20) {
-          char buf[8];
-          std::snprintf(buf, sizeof buf, "\\u%04x", c);
-          out += buf;
+        if (cp < 0x20 || (ensure_ascii && cp > 0x7F)) {
+          if (cp >= 0x10000) {
+            unsigned v = cp - 0x10000;
+            u(0xD800 + (v >> 10));
+            u(0xDC00 + (v & 0x3FF));
+          } else {
+            u(cp);
+          }
         } else {
-          out += static_cast<char>(c);
+          out += static_cast<char>(cp);  // without ensure_ascii, a byte of the UTF-8 text as it is
         }
     }
   }
@@ -344,24 +367,6 @@ class Parser {
     return Json::number(std::string(s_.substr(start, p_ - start)));
   }
 
-  static void put_utf8(std::string& out, uint32_t cp) {
-    if (cp < 0x80) {
-      out += static_cast<char>(cp);
-    } else if (cp < 0x800) {
-      out += static_cast<char>(0xC0 | (cp >> 6));
-      out += static_cast<char>(0x80 | (cp & 0x3F));
-    } else if (cp < 0x10000) {
-      out += static_cast<char>(0xE0 | (cp >> 12));
-      out += static_cast<char>(0x80 | ((cp >> 6) & 0x3F));
-      out += static_cast<char>(0x80 | (cp & 0x3F));
-    } else {
-      out += static_cast<char>(0xF0 | (cp >> 18));
-      out += static_cast<char>(0x80 | ((cp >> 12) & 0x3F));
-      out += static_cast<char>(0x80 | ((cp >> 6) & 0x3F));
-      out += static_cast<char>(0x80 | (cp & 0x3F));
-    }
-  }
-
   uint32_t hex4() {
     if (p_ + 4 > s_.size()) fail("Invalid \\uXXXX escape");
     uint32_t v = 0;
@@ -416,7 +421,7 @@ class Parser {
           } else if (cp >= 0xDC00 && cp <= 0xDFFF) {
             fail("Lone surrogate in string");
           }
-          put_utf8(out, cp);
+          append_utf8(out, static_cast<char32_t>(cp));
           break;
         }
         default: --p_; fail("Invalid \\escape");

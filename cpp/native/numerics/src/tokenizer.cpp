@@ -18,6 +18,7 @@
 #include <unordered_map>
 
 #include "pyrepr.hpp"
+#include "utf8.hpp"
 
 namespace ldm_rt::native {
 
@@ -29,24 +30,6 @@ struct NText {
   std::u32string cps;
   std::vector<std::pair<uint32_t, uint32_t>> spans;  // per code point: [start, end) bytes of the original
 };
-
-void append_utf8(std::string& out, char32_t cp) {
-  if (cp < 0x80) {
-    out += static_cast<char>(cp);
-  } else if (cp < 0x800) {
-    out += static_cast<char>(0xC0 | (cp >> 6));
-    out += static_cast<char>(0x80 | (cp & 0x3F));
-  } else if (cp < 0x10000) {
-    out += static_cast<char>(0xE0 | (cp >> 12));
-    out += static_cast<char>(0x80 | ((cp >> 6) & 0x3F));
-    out += static_cast<char>(0x80 | (cp & 0x3F));
-  } else {
-    out += static_cast<char>(0xF0 | (cp >> 18));
-    out += static_cast<char>(0x80 | ((cp >> 12) & 0x3F));
-    out += static_cast<char>(0x80 | ((cp >> 6) & 0x3F));
-    out += static_cast<char>(0x80 | (cp & 0x3F));
-  }
-}
 
 std::string to_utf8(const std::u32string& s, std::size_t begin = 0, std::size_t end = std::u32string::npos) {
   std::string out;

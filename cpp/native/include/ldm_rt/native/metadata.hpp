@@ -40,7 +40,5 @@ struct GenerationParams {
 
 // Python's repr of a float ("7.5", "1.0", "1e-05"), the form str() and json.dumps give.
 std::string python_float(double v);
-// A JSON string literal as json.dumps(ensure_ascii=True) writes it.
-std::string python_json_string(const std::string& utf8);
 
 }  // namespace ldm_rt::native

@@ -92,7 +92,8 @@ Json json_object(std::string_view data, const std::string& path, std::string_vie
 Json read_json_object(const std::string& path, std::string_view fix, std::size_t limit = std::size_t{16} << 20,
                       std::string_view what = "JSON config");
 
-// JSON string literal for `s` (with quotes), escaping as Python's json.dumps(ensure_ascii=False) does.
-std::string json_quote(std::string_view s);
+// JSON string literal for `s` (with quotes), escaping as Python's json.dumps(ensure_ascii=...) does: by
+// default the UTF-8 text is kept; with ensure_ascii every code point past ASCII is a \u escape.
+std::string json_quote(std::string_view s, bool ensure_ascii = false);
 
 }  // namespace ldm_rt::native
