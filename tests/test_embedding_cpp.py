@@ -6,15 +6,13 @@ are prepared: the shipped default model when it exists, else the tiny model expo
 
 from __future__ import annotations
 
-import shutil
 import subprocess
-import sys
-import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+from cmake_build import CMakeBuild, start_build
 from test_runtime_fixtures import exported
 
 from ldm_rt.runtime.artifacts import default_artifacts_dir
@@ -23,39 +21,13 @@ from ldm_rt.runtime.manifest import MANIFEST, ArtifactError
 from ldm_rt.runtime.params import GenerationError
 from ldm_rt.runtime.pipeline import Pipeline
 
-CPP = Path(__file__).resolve().parents[1] / "cpp"
 STEPS = "3"
 
 
-class Build(threading.Thread):
-    """cmake configure + build of cpp/ into `out`; `log` holds both commands' output."""
-
-    def __init__(self, out: Path) -> None:
-        super().__init__(daemon=True)
-        self.out, self.log, self.ok = out, "", False
-
-    def run(self) -> None:
-        commands = [
-            # The embedding host only: the native runtime has its own test (test_native_runtime.py).
-            ["cmake", "-S", str(CPP), "-B", str(self.out), f"-DPython_EXECUTABLE={sys.executable}", "-DLDM_RT_NATIVE=OFF"],
-            ["cmake", "--build", str(self.out), "--parallel", "2"],
-        ]
-        for cmd in commands:
-            done = subprocess.run(cmd, capture_output=True, text=True)
-            self.log += f"$ {' '.join(cmd)}\n{done.stdout}{done.stderr}"
-            if done.returncode != 0:
-                return
-        self.ok = True
-
-
 @pytest.fixture(scope="module")
-def build(tmp_path_factory):
-    missing = [tool for tool in ("cmake", "g++") if shutil.which(tool) is None]
-    if missing:
-        pytest.skip(f"{' and '.join(missing)} not installed: the C++ library cannot be built here")
-    thread = Build(tmp_path_factory.mktemp("cpp_build"))
-    thread.start()
-    return thread
+def build(tmp_path_factory) -> CMakeBuild:
+    # The embedding host only: the native runtime has its own test (test_native_runtime.py).
+    return start_build(tmp_path_factory.mktemp("cpp_build"), "the C++ library", ["-DLDM_RT_NATIVE=OFF"])
 
 
 @pytest.fixture(scope="module")

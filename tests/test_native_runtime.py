@@ -12,13 +12,12 @@ import json
 import os
 import shutil
 import subprocess
-import sys
-import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+from cmake_build import CPP, CMakeBuild, start_build
 from test_runtime_fixtures import exported, psnr
 
 from ldm_rt.runtime.artifacts import default_artifacts_dir
@@ -27,7 +26,6 @@ from ldm_rt.runtime.manifest import MANIFEST
 from ldm_rt.runtime.pipeline import Pipeline
 from ldm_rt.runtime.schedulers import usable_schedulers
 
-CPP = Path(__file__).resolve().parents[1] / "cpp"
 NATIVE_DB = 45.0  # both engines fp32 (issue 20)
 WRONG_DB = 30.0  # what another seed gives at most: the comparison must separate the two
 STEPS = 6
@@ -35,38 +33,15 @@ PROMPT = "a large red circle on the left on a white background"
 NEGATIVE = "a small blue square"
 
 
-class Build(threading.Thread):
-    """cmake configure + build of cpp/ (the native targets only) into `out`; `log` holds the output."""
-
-    def __init__(self, out: Path) -> None:
-        super().__init__(daemon=True)
-        self.out, self.log, self.ok = out, "", False
-
-    def run(self) -> None:
-        commands = [
-            ["cmake", "-S", str(CPP), "-B", str(self.out), f"-DPython_EXECUTABLE={sys.executable}", "-DLDM_RT_EMBEDDING=OFF",
-             "-DCMAKE_BUILD_TYPE=Release"],
-            ["cmake", "--build", str(self.out), "--parallel", "2", "--target", "ldm-rt-native", "native_generate_many"],
-        ]  # fmt: skip
-        for cmd in commands:
-            done = subprocess.run(cmd, capture_output=True, text=True)
-            self.log += f"$ {' '.join(cmd)}\n{done.stdout}{done.stderr}"
-            if done.returncode != 0:
-                return
-        self.ok = True
-
-
 @pytest.fixture(scope="session")
-def native_build(tmp_path_factory) -> Build:
-    missing = [tool for tool in ("cmake", "g++") if shutil.which(tool) is None]
-    if missing:
-        pytest.skip(f"{' and '.join(missing)} not installed: the native runtime cannot be built here")
+def native_build(tmp_path_factory) -> CMakeBuild:
     pytest.importorskip("openvino")
     # LDM_RT_NATIVE_BUILD_DIR: build there (incrementally, kept between sessions) instead of a fresh temp folder.
     folder = os.environ.get("LDM_RT_NATIVE_BUILD_DIR")
-    thread = Build(Path(folder) if folder else tmp_path_factory.mktemp("native_build"))
-    thread.start()
-    return thread
+    return start_build(
+        Path(folder) if folder else tmp_path_factory.mktemp("native_build"), "the native runtime",
+        ["-DLDM_RT_EMBEDDING=OFF", "-DCMAKE_BUILD_TYPE=Release"], ["ldm-rt-native", "native_generate_many"],
+    )
 
 
 class Native:
