@@ -1,49 +1,13 @@
 #include "ldm_rt/native/metadata.hpp"
 
-#include <charconv>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
 
 #include "ldm_rt/native/json.hpp"
+#include "ldm_rt/native/pyrepr.hpp"
 
 namespace ldm_rt::native {
-
-std::string python_float(double v) {
-  if (std::isnan(v)) return "nan";
-  if (std::isinf(v)) return v > 0 ? "inf" : "-inf";
-  if (v == 0.0) return std::signbit(v) ? "-0.0" : "0.0";
-  char buf[64];
-  // Shortest round-trip digits in scientific form, then laid out as Python's repr (float_repr_style 'short'):
-  // fixed notation for decimal exponents -4 <= e < 16, else d.ddde+XX.
-  auto res = std::to_chars(buf, buf + sizeof buf, v, std::chars_format::scientific);
-  std::string s(buf, res.ptr);
-  bool negative = s[0] == '-';
-  if (negative) s = s.substr(1);
-  auto e = s.find('e');
-  int exp10 = std::atoi(s.c_str() + e + 1);
-  std::string digits;
-  for (char c : s.substr(0, e)) {
-    if (c != '.') digits.push_back(c);
-  }
-  std::string out;
-  if (exp10 >= -4 && exp10 < 16) {
-    if (exp10 < 0) {
-      out = "0." + std::string(size_t(-exp10 - 1), '0') + digits;
-    } else if (size_t(exp10) + 1 >= digits.size()) {
-      out = digits + std::string(size_t(exp10) + 1 - digits.size(), '0') + ".0";
-    } else {
-      out = digits.substr(0, size_t(exp10) + 1) + "." + digits.substr(size_t(exp10) + 1);
-    }
-  } else {
-    out = digits.substr(0, 1);
-    if (digits.size() > 1) out += "." + digits.substr(1);
-    char ebuf[16];
-    std::snprintf(ebuf, sizeof ebuf, "e%c%02d", exp10 < 0 ? '-' : '+', std::abs(exp10));
-    out += ebuf;
-  }
-  return negative ? "-" + out : out;
-}
 
 namespace {
 
@@ -60,10 +24,10 @@ std::string GenerationParams::to_json() const {
   std::string s = "{";
   s += "\"backend\": " + json_quote(backend, true);
   s += ", \"batch\": " + std::to_string(batch);
-  s += ", \"guidance\": " + python_float(guidance);
-  s += ", \"guidance_rescale\": " + python_float(guidance_rescale);
+  s += ", \"guidance\": " + py_float_repr(guidance);
+  s += ", \"guidance_rescale\": " + py_float_repr(guidance_rescale);
   s += ", \"height\": " + std::to_string(height);
-  s += ", \"mask_blur\": " + (mask_blur ? python_float(*mask_blur) : std::string("null"));
+  s += ", \"mask_blur\": " + (mask_blur ? py_float_repr(*mask_blur) : std::string("null"));
   s += ", \"mode\": " + json_quote(mode, true);
   s += ", \"model_hash\": " + json_quote(model_hash, true);
   s += ", \"negative_prompts\": " + list(negative_prompts);
@@ -73,7 +37,7 @@ std::string GenerationParams::to_json() const {
   s += ", \"scheduler\": " + json_quote(scheduler, true);
   s += ", \"seed\": " + std::to_string(seed);
   s += ", \"steps\": " + std::to_string(steps);
-  s += ", \"strength\": " + python_float(strength);
+  s += ", \"strength\": " + py_float_repr(strength);
   s += ", \"width\": " + std::to_string(width);
   return s + "}";
 }
@@ -86,8 +50,8 @@ TextChunks GenerationParams::text(std::size_t index, std::size_t count) const {
       {"seed", std::to_string(seed)},
       {"steps", std::to_string(steps)},
       {"scheduler", scheduler},
-      {"guidance", python_float(guidance)},
-      {"guidance_rescale", python_float(guidance_rescale)},
+      {"guidance", py_float_repr(guidance)},
+      {"guidance_rescale", py_float_repr(guidance_rescale)},
       {"model_hash", model_hash},
   };
   if (count > 1) t.emplace_back("batch_index", std::to_string(index));

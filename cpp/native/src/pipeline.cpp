@@ -9,6 +9,7 @@
 
 #include "ldm_rt/native/image_ops.hpp"
 #include "ldm_rt/native/openvino_backend.hpp"
+#include "ldm_rt/native/pyrepr.hpp"
 #include "ldm_rt/native/rng.hpp"
 
 namespace ldm_rt::native {
@@ -25,7 +26,7 @@ std::string join(const std::vector<std::string>& items, const std::string& sep) 
 }
 
 // Python's str() of a float in messages; repr for values shown with !r.
-std::string num(double v) { return python_float(v); }
+std::string num(double v) { return py_float_repr(v); }
 
 // params.as_prompts: a non-empty list of valid UTF-8 strings.
 void check_prompts(const std::vector<std::string>& prompts, const std::string& what) {

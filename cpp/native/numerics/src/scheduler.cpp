@@ -11,7 +11,7 @@
 #include <set>
 #include <tuple>
 
-#include "pyrepr.hpp"
+#include "ldm_rt/native/pyrepr.hpp"
 
 namespace ldm_rt::native {
 

@@ -17,7 +17,7 @@
 #include <tuple>
 #include <unordered_map>
 
-#include "pyrepr.hpp"
+#include "ldm_rt/native/pyrepr.hpp"
 #include "utf8.hpp"
 
 namespace ldm_rt::native {

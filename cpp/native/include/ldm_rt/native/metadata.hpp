@@ -38,7 +38,5 @@ struct GenerationParams {
   TextChunks text(std::size_t index, std::size_t count) const;
 };
 
-// Python's repr of a float ("7.5", "1.0", "1e-05"), the form str() and json.dumps give.
-std::string python_float(double v);
 
 }  // namespace ldm_rt::native
