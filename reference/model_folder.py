@@ -55,30 +55,34 @@ class LoadedModel:
     def facts(self) -> ModelFacts:
         """What the component contracts need to know about this model (runtime/contracts.py)."""
         config = self.model.config
+        shared = dict(
+            latent_channels=config.latent_channels,
+            latent_factor=config.latent_factor,
+            unet_factor=config.unet.downsampling_factor,
+            unet_in_channels=config.unet.in_channels,
+            unet_out_channels=config.unet.out_channels,
+            autoencoder_kind=config.autoencoder.kind,
+            scale_factor=float(config.scale_factor),
+            time_cond_proj_dim=config.unet.time_cond_proj_dim,
+        )
         if config.text_encoder_2 is not None:
-            return self._sdxl_facts()
+            return ModelFacts(**shared, **self._sdxl_text_facts())
         has_text = config.text_encoder is not None
         if config.unet.context_dim is not None and not has_text:
             raise CheckpointError("the UNet cross-attends but the model has no text encoder; the contracts cannot express that")
         if has_text and self.tokenizer is None:
             raise CheckpointError("the model has a text encoder but no tokenizer; load it with its tokenizer")
         return ModelFacts(
-            latent_channels=config.latent_channels,
-            latent_factor=config.latent_factor,
-            unet_factor=config.unet.downsampling_factor,
-            unet_in_channels=config.unet.in_channels,
-            unet_out_channels=config.unet.out_channels,
+            **shared,
             # The tokenizer fixes the sequence length the graphs take.
             context_length=self.tokenizer.max_length if has_text else None,
             context_dim=config.unet.context_dim if has_text else None,
             vocab_size=config.text_encoder.vocab_size if has_text else None,
             num_classes=config.unet.num_classes,
-            autoencoder_kind=config.autoencoder.kind,
-            scale_factor=float(config.scale_factor),
-            time_cond_proj_dim=config.unet.time_cond_proj_dim,
         )
 
-    def _sdxl_facts(self) -> ModelFacts:
+    def _sdxl_text_facts(self) -> dict[str, Any]:
+        """The ModelFacts fields of SDXL's conditioning: both encoders (or a refiner's second alone)."""
         config = self.model.config
         te, te2 = config.text_encoder, config.text_encoder_2
         assert te2 is not None
@@ -92,24 +96,16 @@ class LoadedModel:
                 f"tokenizer pads to {self.tokenizer.max_length} tokens but tokenizer_2 to {self.tokenizer_2.max_length}; "
                 "SDXL concatenates the two sequences, so both must have one length: pass the tokenizers of this model"
             )
-        return ModelFacts(
-            latent_channels=config.latent_channels,
-            latent_factor=config.latent_factor,
-            unet_factor=config.unet.downsampling_factor,
-            unet_in_channels=config.unet.in_channels,
-            unet_out_channels=config.unet.out_channels,
+        return dict(
             context_length=lengths.pop(),
             context_dim=config.unet.context_dim,
             vocab_size=(te or te2).vocab_size,
             num_classes=None,
-            autoencoder_kind=config.autoencoder.kind,
-            scale_factor=float(config.scale_factor),
             has_text_encoder=te is not None,
             text_encoder_2_dim=te2.hidden_size,
             pooled_dim=te2.projection_dim,
             time_ids=config.time_ids,
             force_zeros_for_empty_prompt=config.force_zeros_for_empty_prompt,
-            time_cond_proj_dim=config.unet.time_cond_proj_dim,
         )
 
 
