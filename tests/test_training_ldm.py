@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import socket
+import signal
 import subprocess
 import sys
 import textwrap
@@ -225,18 +225,15 @@ def test_cli_without_autoencoder_is_one_line(tmp_path, capsys):
     assert "--ae" in err and "\n" not in err
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_ddp_processes_end_with_identical_weights(tmp_path, ae_folder):
     config = tiny(ae_folder, steps=3, batch_size=2)
     (tmp_path / "config.json").write_text(json.dumps(to_dict(config)))
     worker = tmp_path / "worker.py"
+    # A hung collective must fail this test with the stacks of both ranks, not time out silently: each worker
+    # dumps its threads and exits well before the test's own limit.
     worker.write_text(textwrap.dedent(f"""
-        import os, json
+        import faulthandler, os, json
+        faulthandler.dump_traceback_later(200, exit=True)
         from safetensors.torch import save_file
         from ldm_rt.training.config_loading import load_config
         from ldm_rt.training.train_ldm import LDMTrainConfig, train
@@ -246,10 +243,18 @@ def test_two_ddp_processes_end_with_identical_weights(tmp_path, ae_folder):
         save_file(state, {str(tmp_path)!r} + f"/rank{{os.environ['RANK']}}.safetensors")
     """))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(worker)]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # --standalone: torchrun binds its own free rendezvous port (no pick-then-release race with other processes).
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker)]
+    log = tmp_path / "torchrun.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            returncode = proc.wait(timeout=300)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # the agent and both workers: nothing left running after the test
+            proc.wait()
+            returncode = "timeout"
+    assert returncode == 0, f"torchrun: {returncode}\n" + log.read_text(errors="replace")[-6000:]
     rank0, rank1 = (load_file(str(tmp_path / f"rank{r}.safetensors")) for r in (0, 1))
     assert rank0.keys() == rank1.keys()
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
