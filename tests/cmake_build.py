@@ -1,11 +1,20 @@
 """One background CMake build of cpp/ for the C++ tests (the embedding host, the native runtime).
 
-The build runs in a thread while the test prepares its Python side (artifacts); a test joins it before it
-needs the executables. Skips, with the reason, where cmake or g++ is not installed.
+The build runs in a thread while the test prepares its Python side (artifacts); a test waits for the targets
+it needs. Skips, with the reason, where cmake or g++ is not installed.
+
+The native tests (test_native_numerics.py, test_native_runtime.py, test_native_sdxl.py) share one build per
+session (`native_build`): one configure, the numerics library compiled once, the numerics test driver first
+(its file runs first), then the runtime's executables; a session that ends before needing them stops it.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import importlib.util
+import os
+import signal
 import shutil
 import subprocess
 import sys
@@ -16,34 +25,123 @@ from pathlib import Path
 import pytest
 
 CPP = Path(__file__).resolve().parents[1] / "cpp"
+NUMERICS = CPP / "native" / "numerics"
+NUMERICS_TARGETS = ("ldm_rt_numerics_probe",)
+RUNTIME_TARGETS = ("ldm-rt-native", "native_generate_many", "native_bench_worker")
+# -O1: a third less compile time than Release's -O3 and the same IEEE arithmetic (no fast-math at any level,
+# -ffp-contract=off in the targets); inference time is OpenVINO's, whatever this build's level.
+TEST_FLAGS = ["-DCMAKE_BUILD_TYPE=Release", "-DCMAKE_CXX_FLAGS_RELEASE=-O1 -DNDEBUG"]
 
 
 class CMakeBuild(threading.Thread):
-    """cmake configure (with `options`) + build (of `targets`, all when empty) of cpp/ into `out`; `log` holds both
-    commands' output, `ok` whether both succeeded."""
+    """cmake configure (of `source`, with `options`) + build of each stage of targets in order ([] builds all)
+    into `out`; `log` holds every command's output. wait(targets) returns once those are built (or the build
+    stopped) and says whether they were."""
 
-    def __init__(self, out: Path, options: Sequence[str] = (), targets: Sequence[str] = ()) -> None:
+    def __init__(self, out: Path, options: Sequence[str] = (), targets: Sequence[str] = (), *,
+                 stages: Sequence[Sequence[str]] | None = None, source: Path = CPP) -> None:  # fmt: skip
         super().__init__(daemon=True)
-        self.out, self.log, self.ok = out, "", False
-        self.commands = [
-            ["cmake", "-S", str(CPP), "-B", str(out), f"-DPython_EXECUTABLE={sys.executable}", *options],
-            ["cmake", "--build", str(out), "--parallel", "2", *(["--target", *targets] if targets else [])],
-        ]
+        self.out, self.log = out, ""
+        self.stages = [list(s) for s in stages] if stages is not None else [list(targets)]
+        self.built: list[list[str]] = []  # the stages that finished, in order
+        self.configure = ["cmake", "-S", str(source), "-B", str(out), f"-DPython_EXECUTABLE={sys.executable}", *options]
+        self._progress = threading.Condition()
+        self.finished = False  # run() returned (built or failed)
+        self.stopped = False
+        self._proc: subprocess.Popen | None = None
+
+    def _build(self, targets: list[str]) -> list[str]:
+        return ["cmake", "--build", str(self.out), "--parallel", "2", *(["--target", *targets] if targets else [])]
+
+    def _run(self, cmd: list[str]) -> bool:
+        # Its own process group, so stop() ends the compilers too, not only cmake.
+        with self._progress:
+            if self.stopped:
+                return False
+            self._proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        output, _ = self._proc.communicate()
+        self.log += f"$ {' '.join(cmd)}\n{output}"
+        return self._proc.returncode == 0
+
+    def stop(self) -> None:
+        """Ends the build where it is (a session that needed only its first stage leaves no compiler running)."""
+        with self._progress:
+            self.stopped = True
+            if self._proc is not None and self._proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self._proc.pid, signal.SIGTERM)
 
     def run(self) -> None:
-        for cmd in self.commands:
-            done = subprocess.run(cmd, capture_output=True, text=True)
-            self.log += f"$ {' '.join(cmd)}\n{done.stdout}{done.stderr}"
-            if done.returncode != 0:
+        try:
+            if not self._run(self.configure):
                 return
-        self.ok = True
+            for stage in self.stages:
+                if not self._run(self._build(stage)):
+                    return
+                with self._progress:
+                    self.built.append(stage)
+                    self._progress.notify_all()
+        finally:
+            with self._progress:
+                self.finished = True
+                self._progress.notify_all()
+
+    @property
+    def ok(self) -> bool:
+        """Every stage built."""
+        return len(self.built) == len(self.stages)
+
+    def has(self, targets: Sequence[str]) -> bool:
+        return all(any(t in stage or not stage for stage in self.built) for t in targets)
+
+    def wait(self, targets: Sequence[str] = (), timeout: float = 900) -> bool:
+        """Blocks until `targets` (all stages when empty) are built or the build stopped; whether they were."""
+        with self._progress:
+            self._progress.wait_for(lambda: (self.has(targets) if targets else self.ok) or self.finished, timeout)
+        return self.has(targets) if targets else self.ok
+
+
+def check_tools(what: str) -> None:
+    missing = [tool for tool in ("cmake", "g++") if shutil.which(tool) is None]
+    if missing:
+        pytest.skip(f"{' and '.join(missing)} not installed: {what} cannot be built here")
 
 
 def start_build(out: Path, what: str, options: Sequence[str] = (), targets: Sequence[str] = ()) -> CMakeBuild:
     """The build started in the background; skips (naming `what` cannot be built) without cmake or g++."""
-    missing = [tool for tool in ("cmake", "g++") if shutil.which(tool) is None]
-    if missing:
-        pytest.skip(f"{' and '.join(missing)} not installed: {what} cannot be built here")
+    check_tools(what)
     build = CMakeBuild(out, options, targets)
     build.start()
     return build
+
+
+_native: dict[str, CMakeBuild] = {}
+
+
+def native_build(tmp_path_factory: pytest.TempPathFactory) -> CMakeBuild:
+    """The session's one build for the native tests, started by whichever asks first. With OpenVINO (the
+    `native` extra): cpp/ with the numerics test driver on, the driver built first, then the runtime's
+    executables. Without it: cpp/native/numerics alone (the runtime tests skip). LDM_RT_NATIVE_BUILD_DIR: build
+    there (incrementally, kept between sessions) instead of a fresh temp folder."""
+    if "build" not in _native:
+        check_tools("the native runtime")
+        folder = os.environ.get("LDM_RT_NATIVE_BUILD_DIR")
+        out = Path(folder) if folder else tmp_path_factory.mktemp("native_build")
+        if importlib.util.find_spec("openvino") is not None:
+            build = CMakeBuild(out, [*TEST_FLAGS, "-DLDM_RT_EMBEDDING=OFF", "-DLDM_RT_NUMERICS_TESTS=ON"],
+                               stages=[NUMERICS_TARGETS, RUNTIME_TARGETS])  # fmt: skip
+        else:
+            build = CMakeBuild(out, TEST_FLAGS, stages=[NUMERICS_TARGETS], source=NUMERICS)
+        build.start()
+        atexit.register(build.stop)
+        _native["build"] = build
+    return _native["build"]
+
+
+def built_probe(build: CMakeBuild) -> Path:
+    """The numerics test driver of `build`, waiting for it (the test fails with the build's log if it failed)."""
+    assert build.wait(NUMERICS_TARGETS), f"the numerics test driver did not build:\n{build.log[-4000:]}"
+    # In the cpp/ build it sits in the numerics subfolder; built from numerics/ alone, at the top.
+    found = [p for p in (build.out / "native" / "numerics" / NUMERICS_TARGETS[0], build.out / NUMERICS_TARGETS[0]) if p.is_file()]
+    assert found, f"no {NUMERICS_TARGETS[0]} in {build.out}"
+    return found[0]

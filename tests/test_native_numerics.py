@@ -24,28 +24,21 @@ from ldm_rt.runtime.schedulers.registry import SCHEDULERS, usable_schedulers
 from ldm_rt.runtime.tokenizer import PromptTokenizer
 
 REPO = Path(__file__).resolve().parents[1]
-SOURCE = REPO / "cpp" / "native" / "numerics"
 GOLDEN = REPO / "tests" / "golden" / "sampler_vectors.json"
 DEFAULT_TOKENIZER = REPO / "engines" / "default" / "artifacts" / "tokenizer.json"
 sys.path.insert(0, str(REPO / "tests"))
+from cmake_build import built_probe, native_build  # noqa: E402
 
 pytestmark = pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake is not installed")
 
 
 @pytest.fixture(scope="session")
 def probe(tmp_path_factory) -> Path:
-    """The test driver, built from source (LDM_RT_NUMERICS_PROBE: an already built one, for local iteration)."""
+    """The test driver, from the native tests' one shared build (LDM_RT_NUMERICS_PROBE: an already built one,
+    for local iteration)."""
     if os.environ.get("LDM_RT_NUMERICS_PROBE"):
         return Path(os.environ["LDM_RT_NUMERICS_PROBE"])
-    build = tmp_path_factory.mktemp("native-numerics")
-    for cmd in (
-        # -O1: a third less compile time than Release's -O3 and the same IEEE arithmetic (no fast-math at any level)
-        ["cmake", "-S", str(SOURCE), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release", "-DCMAKE_CXX_FLAGS_RELEASE=-O1 -DNDEBUG"],
-        ["cmake", "--build", str(build), "-j2", "--target", "ldm_rt_numerics_probe"],
-    ):
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-        assert r.returncode == 0, f"{' '.join(cmd)} failed:\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
-    return build / "ldm_rt_numerics_probe"
+    return built_probe(native_build(tmp_path_factory))
 
 
 def run_probe(probe: Path, *args: str, stdin: str | None = None, ok: bool = True) -> subprocess.CompletedProcess:
@@ -240,6 +233,7 @@ def test_lcm_guidance_embedding_matches_python(probe, guidance, dim, rows):
 
 def test_scheduler_options_ddim_eta_and_tcd_gamma_match_python(probe, tmp_path):
     cases = [("ddim", "eta", v) for v in (0.0, 0.5, 1.0, -1.0)] + [("tcd", "gamma", v) for v in (0.0, 0.3, 1.0, 1.5)]
+    cases += [("dpmpp-2s-a", "eta", v) for v in (0.0, 0.5, 1.0, 1.5)]
     jobs = [
         {"config": BASE, "name": n, "steps": s, "seed": 5, "shape": SHAPE, "strength": st, "option": v}
         for n, _, v in cases
@@ -257,7 +251,7 @@ def test_scheduler_options_ddim_eta_and_tcd_gamma_match_python(probe, tmp_path):
             continue
         assert got["noise_steps"] == ref["noise_steps"], label
         np.testing.assert_allclose(bits(got["final"]), ref["final"].ravel(), rtol=1e-5, atol=1e-6, err_msg=label)
-    assert sum("error" in r for r in results) == 8  # eta -1 and gamma 1.5 refused, with the runtime's words
+    assert sum("error" in r for r in results) == 12  # eta -1, gamma 1.5 and 2S a's eta 1.5 refused, with the runtime's words
 
 
 def test_usable_schedulers_and_refusals_match_python(probe, tmp_path):

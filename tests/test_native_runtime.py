@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from cmake_build import CPP, CMakeBuild, start_build
+from cmake_build import CPP, RUNTIME_TARGETS, CMakeBuild
+from cmake_build import native_build as shared_native_build
 from test_runtime_fixtures import exported, psnr
 
 from ldm_rt.runtime.artifacts import default_artifacts_dir
@@ -36,12 +37,7 @@ NEGATIVE = "a small blue square"
 @pytest.fixture(scope="session")
 def native_build(tmp_path_factory) -> CMakeBuild:
     pytest.importorskip("openvino")
-    # LDM_RT_NATIVE_BUILD_DIR: build there (incrementally, kept between sessions) instead of a fresh temp folder.
-    folder = os.environ.get("LDM_RT_NATIVE_BUILD_DIR")
-    return start_build(
-        Path(folder) if folder else tmp_path_factory.mktemp("native_build"), "the native runtime",
-        ["-DLDM_RT_EMBEDDING=OFF", "-DCMAKE_BUILD_TYPE=Release"], ["ldm-rt-native", "native_generate_many"],
-    )
+    return shared_native_build(tmp_path_factory)  # the build test_native_numerics.py uses too
 
 
 class Native:
@@ -75,8 +71,7 @@ class Native:
 
 @pytest.fixture(scope="session")
 def native(native_build, tmp_path_factory) -> Native:
-    native_build.join(timeout=900)
-    assert native_build.ok, f"the native build failed:\n{native_build.log[-4000:]}"
+    assert native_build.wait(RUNTIME_TARGETS), f"the native build failed:\n{native_build.log[-4000:]}"
     return Native(native_build.out, tmp_path_factory.mktemp("native_cache"))
 
 
@@ -253,8 +248,8 @@ def test_bad_input_gets_the_messages_of_ldm_rt_sample(native, default_model, tmp
         assert done.returncode == 2, (args, done.stderr)
         assert done.stderr.splitlines() == [f"ldm-rt-native: error: {expected}"], args
         assert not out.exists()
-    done = native.run(*model, "--out", tmp_path / "x.jpg")  # PNG only: said so, nothing written
-    assert done.returncode == 2 and "end the name with .png" in done.stderr and not (tmp_path / "x.jpg").exists()
+    done = native.run(*model, "--out", tmp_path / "x.webp")  # no libwebp here: said so, nothing written
+    assert done.returncode == 2 and "built without libwebp" in done.stderr and not (tmp_path / "x.webp").exists()
 
 
 def test_one_loaded_pipeline_serves_many_threads(native, default_model, tmp_path):
@@ -270,14 +265,20 @@ def test_one_loaded_pipeline_serves_many_threads(native, default_model, tmp_path
 
 
 def test_a_service_finds_the_package_links_one_library_and_draws_the_same_image(native, native_build, default_model, tmp_path):
-    """cpp/native/examples/service: a separate CMake project, find_package(ldm_rt_native) from the build folder."""
-    build = tmp_path / "service"
+    """cpp/native/examples/service: a separate CMake project, find_package(ldm_rt_native) from an install prefix
+    (cmake --install), built and run; from the build folder itself, configured."""
+    prefix, build = tmp_path / "prefix", tmp_path / "service"
+    service = CPP / "native" / "examples" / "service"
     for cmd in (
-        ["cmake", "-S", str(CPP / "native" / "examples" / "service"), "-B", str(build), f"-Dldm_rt_native_DIR={native_build.out}"],
+        ["cmake", "--install", str(native_build.out), "--prefix", str(prefix)],
+        ["cmake", "-S", str(service), "-B", str(build), f"-DCMAKE_PREFIX_PATH={prefix}"],
         ["cmake", "--build", str(build), "--parallel", "2"],
+        ["cmake", "-S", str(service), "-B", str(tmp_path / "from_build"), f"-Dldm_rt_native_DIR={native_build.out}"],
     ):
         done = subprocess.run(cmd, capture_output=True, text=True)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert (prefix / "lib" / "cmake" / "ldm_rt_native" / "ldm_rt_nativeConfigVersion.cmake").is_file()
+    assert (prefix / "include" / "ldm_rt" / "native" / "pipeline.hpp").is_file() and (prefix / "bin" / "ldm-rt-native").is_file()
     assert "libpython" not in subprocess.run(["ldd", str(build / "service")], capture_output=True, text=True).stdout
     out = tmp_path / "circle.png"
     done = subprocess.run([str(build / "service"), str(default_model), PROMPT, "7", str(out)], capture_output=True, text=True, env=native.env)
@@ -306,3 +307,60 @@ def test_png_kinds_are_read_as_pillow_reads_them(native, default_model, tmp_path
         assert psnr(got, expected) >= NATIVE_DB, init
         keep = mask16 < 32768
         np.testing.assert_array_equal(got[keep], np.asarray(Image.open(tmp_path / init).convert("RGB"))[keep])
+
+
+def test_jpeg_in_and_out_as_ldm_rt_sample(native, default_model, tmp_path):
+    """JPEG output as Pillow writes it (quality 95: the same decoded pixels; parameters in the EXIF UserComment),
+    and JPEG init image and mask read as Pillow reads them (grey and colour)."""
+    args = ["--model", default_model, "--prompt", PROMPT, "--steps", 6, "--seed", 4, "--scheduler", "euler"]
+    done = native.run(*args, "--out", tmp_path / "c.jpg")
+    if "built without libjpeg" in done.stderr:
+        pytest.skip("ldm-rt-native was built without libjpeg (libjpeg-dev)")
+    assert done.returncode == 0, done.stderr
+    assert ldm_rt_main(["sample", *map(str, args), "--out", str(tmp_path / "py.jpg")]) == 0
+    with Image.open(tmp_path / "c.jpg") as c, Image.open(tmp_path / "py.jpg") as py:
+        np.testing.assert_array_equal(np.asarray(c), np.asarray(py))
+        texts = [json.loads(im.getexif().get_ifd(0x8769)[0x9286][8:].decode("utf-16-be")) for im in (c, py)]
+    params = [json.loads(t.pop("parameters")) for t in texts]
+    assert (params[0].pop("backend"), params[1].pop("backend")) == ("openvino", "onnxruntime") and params[0] == params[1]
+    assert (texts[0].pop("Software"), texts[1].pop("Software")) == ("ldm-rt-native", "ldm-rt") and texts[0] == texts[1]
+
+    pipe = Pipeline.load(default_model)
+    rng = np.random.default_rng(1)
+    Image.fromarray(rng.integers(0, 256, (64, 80, 3), dtype=np.uint8)).save(tmp_path / "init.jpg", quality=90)
+    mask = np.zeros((64, 80), np.uint8)
+    mask[16:48, 10:50] = 255
+    Image.fromarray(mask).save(tmp_path / "grey_mask.jpg")
+    Image.fromarray(np.repeat(mask[..., None], 3, axis=2)).save(tmp_path / "colour_mask.jpg")
+    for name in ("grey_mask.jpg", "colour_mask.jpg"):
+        init, m = tmp_path / "init.jpg", tmp_path / name
+        expected = pipe.generate(PROMPT, steps=6, seed=2, init_image=init, mask=m).images[0]  # at the init image's size
+        got = native.image(tmp_path / "out.png", *args[:4], "--steps", 6, "--seed", 2, "--init-image", init, "--mask", m)
+        assert psnr(got, expected) >= NATIVE_DB, name
+        keep = np.asarray(Image.open(m).convert("L")) < 128
+        np.testing.assert_array_equal(got[keep], np.asarray(Image.open(init).convert("RGB"))[keep])
+
+
+def test_the_benchmark_worker_speaks_the_peer_protocol(native_build, native, default_model, tmp_path):
+    """benchmarks/run.py's ours-native row: native_bench_worker answers benchmarks/peers/worker_common.py's
+    protocol (ready, warmup, run with stage times, final with peak RSS) and draws ldm-rt's image from the noise file."""
+    import sys
+
+    sys.path.insert(0, str(CPP.parent))
+    from benchmarks.peers.worker_common import RESULT_PREFIX
+
+    noise = np.random.default_rng(0).standard_normal((1, 4, 16, 16), dtype=np.float32)
+    np.save(tmp_path / "noise.npy", noise)
+    spec = {"model": str(default_model), "prompt": PROMPT, "negative_prompt": "", "steps": 5, "guidance": 7.5, "scheduler": "ddim",
+            "seed": 0, "batch": 1, "height": 64, "width": 64, "threads": 1, "noise_file": str(tmp_path / "noise.npy"),
+            "image_out": str(tmp_path / "image.npy")}  # fmt: skip
+    done = subprocess.run([str(native_build.out / "native_bench_worker"), "--spec", json.dumps(spec)], input="warmup\nrun\nexit\n",
+                          capture_output=True, text=True, timeout=300, env=native.env)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    events = [json.loads(line.removeprefix(RESULT_PREFIX)) for line in done.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
+    assert [e["event"] for e in events] == ["ready", "done", "run", "final"]
+    assert events[0]["precision"] == "f32" and events[0]["load_s"] > 0 and events[3]["peak_rss_mb"] > 10
+    run = events[2]
+    assert len(run["unet"]) == 5 and run["total"] >= sum(run["unet"]) and run["vae_decoder"] > 0
+    expected = Pipeline.load(default_model).generate(PROMPT, steps=5, latents=noise).images
+    assert psnr(np.load(tmp_path / "image.npy")[0], expected[0]) >= NATIVE_DB

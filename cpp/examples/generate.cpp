@@ -6,15 +6,18 @@
 // --out FILE.ppm writes a binary PPM (P6), FILE.raw the bare RGB bytes (rows top to bottom). With
 // --threads N, N threads share one Pipeline and thread k generates seed + k into NAME_k.EXT. Errors are one
 // line on stderr ("generate: error: ...") with exit status 2, as `ldm-rt sample`.
+#include <array>
 #include <cstdint>
 #include <cstdlib>
 #include <exception>
 #include <fstream>
 #include <iostream>
 #include <map>
+#include <optional>
 #include <random>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "ldm_rt/pipeline.hpp"
@@ -24,7 +27,11 @@ namespace {
 const char* const kUsage =
     "usage: generate --out FILE.ppm|FILE.raw [--model DIR] [--prompt TEXT] [--negative-prompt TEXT]\n"
     "                [--steps N] [--guidance G] [--seed N] [--width W] [--height H] [--scheduler NAME]\n"
-    "                [--backend NAME] [--precision fp32|fp16] [--threads N] [--python PATH]";
+    "                [--backend NAME] [--precision fp32|fp16] [--threads N] [--python PATH]\n"
+    "                [--control-image FILE [--controlnet-scale S]]...   (ControlNet artifacts, export order)\n"
+    "                [--original-size H W] [--crops-coords-top-left TOP LEFT] [--target-size H W]\n"
+    "                [--negative-original-size H W] [--negative-crops-coords-top-left TOP LEFT]\n"
+    "                [--negative-target-size H W] [--aesthetic-score S] [--negative-aesthetic-score S]   (SDXL)";
 
 struct UsageError : std::runtime_error {
   using std::runtime_error::runtime_error;
@@ -47,8 +54,22 @@ long long to_integer(const std::string& flag, const std::string& value) {
   throw UsageError(flag + " needs an integer, got '" + value + "'");
 }
 
+// SDXL micro-conditioning, as `ldm-rt sample` spells it: two integers (sizes H W, crops TOP LEFT) or one score.
+const std::vector<std::pair<std::string, std::optional<std::array<int, 2>> ldm_rt::Request::*>> kPairFlags = {
+    {"--original-size", &ldm_rt::Request::original_size},
+    {"--crops-coords-top-left", &ldm_rt::Request::crops_coords_top_left},
+    {"--target-size", &ldm_rt::Request::target_size},
+    {"--negative-original-size", &ldm_rt::Request::negative_original_size},
+    {"--negative-crops-coords-top-left", &ldm_rt::Request::negative_crops_coords_top_left},
+    {"--negative-target-size", &ldm_rt::Request::negative_target_size}};
+const std::vector<std::pair<std::string, std::optional<float> ldm_rt::Request::*>> kScoreFlags = {
+    {"--aesthetic-score", &ldm_rt::Request::aesthetic_score},
+    {"--negative-aesthetic-score", &ldm_rt::Request::negative_aesthetic_score}};
+
 Options parse(int argc, char** argv) {
   std::map<std::string, std::string> values;
+  std::map<std::string, std::array<std::string, 2>> pairs;  // the SDXL flags above that take two values
+  std::map<std::string, std::vector<std::string>> repeated;  // --control-image, --controlnet-scale: one per ControlNet
   const std::vector<std::string> flags = {"--model",  "--prompt", "--negative-prompt", "--steps",     "--guidance",
                                           "--seed",   "--width",  "--height",          "--scheduler", "--backend",
                                           "--precision", "--threads", "--out",         "--python"};
@@ -60,8 +81,23 @@ Options parse(int argc, char** argv) {
     }
     bool known = false;
     for (const auto& f : flags) known = known || f == flag;
-    if (!known) throw UsageError("unknown argument '" + flag + "'");
+    bool pair = false;
+    for (const auto& f : kPairFlags) pair = pair || f.first == flag;
+    for (const auto& f : kScoreFlags) known = known || f.first == flag;
+    if (pair) {
+      const bool two = i + 2 < argc && std::string(argv[i + 1]).rfind("--", 0) != 0 && std::string(argv[i + 2]).rfind("--", 0) != 0;
+      if (!two) throw UsageError(flag + " needs two values");
+      pairs[flag] = {argv[i + 1], argv[i + 2]};
+      i += 2;
+      continue;
+    }
+    const bool repeatable = flag == "--control-image" || flag == "--controlnet-scale";
+    if (!known && !repeatable) throw UsageError("unknown argument '" + flag + "'");
     if (i + 1 >= argc) throw UsageError(flag + " needs a value");
+    if (repeatable) {
+      repeated[flag].push_back(argv[++i]);
+      continue;
+    }
     values[flag] = argv[++i];
   }
   Options o;
@@ -94,6 +130,36 @@ Options parse(int argc, char** argv) {
     if (seed < 0) throw UsageError("--seed must be >= 0, got " + values["--seed"]);
     o.request.seed = static_cast<uint64_t>(seed);
     o.seed_given = true;
+  }
+  o.request.control_images = repeated["--control-image"];
+  for (const auto& scale : repeated["--controlnet-scale"]) {
+    try {
+      o.request.controlnet_scales.push_back(std::stof(scale));
+    } catch (const std::exception&) {
+      throw UsageError("--controlnet-scale needs a number, got '" + scale + "'");
+    }
+  }
+  if (!o.request.controlnet_scales.empty() && o.request.controlnet_scales.size() != o.request.control_images.size()) {
+    throw UsageError("give one --controlnet-scale after each --control-image, or none");
+  }
+  // Ranges (sizes in [1, 16384], crops in [0, 16384], scores in [0, 10]) are the runtime's to check, as above.
+  for (const auto& [flag, field] : kPairFlags) {
+    if (pairs.count(flag) == 0) continue;
+    std::array<int, 2> v{};
+    for (int k = 0; k < 2; ++k) {
+      long long n = to_integer(flag, pairs[flag][k]);
+      if (n < -(1LL << 30) || n > (1LL << 30)) throw UsageError(flag + " values must be in [0, 16384], got " + pairs[flag][k]);
+      v[k] = static_cast<int>(n);
+    }
+    o.request.*field = v;
+  }
+  for (const auto& [flag, field] : kScoreFlags) {
+    if (!has(flag.c_str())) continue;
+    try {
+      o.request.*field = std::stof(values[flag]);
+    } catch (const std::exception&) {
+      throw UsageError(flag + " needs a number, got '" + values[flag] + "'");
+    }
   }
   if (has("--threads")) {
     long long n = to_integer("--threads", values["--threads"]);

@@ -8,6 +8,7 @@
 
 #include <pybind11/embed.h>
 #include <pybind11/numpy.h>
+#include <pybind11/stl.h>
 
 #include <mutex>
 #include <utility>
@@ -166,11 +167,27 @@ Image Pipeline::generate(const Request& request) const {
   Image image;
   py::gil_scoped_acquire gil;
   call_python([&] {
+    py::dict control;  // only what was given, so the runtime's defaults and checks apply
+    if (!request.control_images.empty()) control["control_image"] = py::cast(request.control_images);
+    if (!request.controlnet_scales.empty()) control["controlnet_conditioning_scale"] = py::cast(request.controlnet_scales);
+    py::dict micro;  // SDXL micro-conditioning: only what was given (the runtime checks it against the model)
+    const std::pair<const char*, const std::optional<std::array<int, 2>>*> pairs[] = {
+        {"original_size", &request.original_size}, {"crops_coords_top_left", &request.crops_coords_top_left},
+        {"target_size", &request.target_size}, {"negative_original_size", &request.negative_original_size},
+        {"negative_crops_coords_top_left", &request.negative_crops_coords_top_left},
+        {"negative_target_size", &request.negative_target_size}};
+    for (const auto& [name, value] : pairs) {
+      if (value->has_value()) micro[name] = py::make_tuple((**value)[0], (**value)[1]);
+    }
+    if (request.aesthetic_score) micro["aesthetic_score"] = *request.aesthetic_score;
+    if (request.negative_aesthetic_score) micro["negative_aesthetic_score"] = *request.negative_aesthetic_score;
+    py::object scheduler = request.scheduler.empty() ? py::object(py::none()) : py::object(py::str(request.scheduler));
     py::object result = impl_->pipe.attr("generate")(
         py::arg("prompt") = request.prompt, py::arg("negative_prompt") = request.negative_prompt,
         py::arg("steps") = request.steps, py::arg("guidance") = request.guidance,
-        py::arg("scheduler") = request.scheduler, py::arg("seed") = request.seed,
-        py::arg("height") = size_or_none(request.height), py::arg("width") = size_or_none(request.width));
+        py::arg("scheduler") = scheduler, py::arg("seed") = request.seed,
+        py::arg("height") = size_or_none(request.height), py::arg("width") = size_or_none(request.width), **control,
+        **micro);
     using Pixels = py::array_t<uint8_t, py::array::c_style | py::array::forcecast>;
     Pixels images = Pixels::ensure(result.attr("images"));
     if (!images || images.ndim() != 4 || images.shape(0) < 1 || images.shape(3) != 3) {

@@ -9,8 +9,10 @@
 // See cpp/README.md.
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -44,7 +46,17 @@ struct Request {
   uint64_t seed = 0;
   int width = 0;
   int height = 0;
-  std::string scheduler = "ddim";
+  std::string scheduler;  // "" = the model's own (its folder's scheduler class: euler for SDXL, lcm for LCM, ...)
+  // Artifacts built with --controlnet: one control image file (PNG, JPEG, ...) per ControlNet, in export order
+  // (resized to the output size), and none or one conditioning scale each (default 1.0), as `--control-image`
+  // and `--controlnet-scale`.
+  std::vector<std::string> control_images;
+  std::vector<float> controlnet_scales;
+  // SDXL micro-conditioning, diffusers' names as in the Python API; unset: the runtime's defaults (sizes: the
+  // output size; crops: {0, 0}; a refiner's scores 6.0 / 2.5). Sizes are {height, width}, crops {top, left}.
+  std::optional<std::array<int, 2>> original_size, crops_coords_top_left, target_size;
+  std::optional<std::array<int, 2>> negative_original_size, negative_crops_coords_top_left, negative_target_size;
+  std::optional<float> aesthetic_score, negative_aesthetic_score;  // an SDXL refiner's
 };
 
 // Start the embedded interpreter with the Python environment (venv) of `python_executable`, e.g.

@@ -5,10 +5,13 @@
 //   {"prompt": "a red circle", "seed": 1, "steps": 25, "scheduler": "ddim", "out": "circle.png"}
 //
 // Fields (all optional but "out"): prompt, negative_prompt, steps, guidance, guidance_rescale, scheduler, seed,
-// batch, height, width, init_image, strength, mask, mask_blur; PNG paths for images.
+// batch, height, width, init_image, strength, mask, mask_blur, latents (a .npy path); SDXL's original_size,
+// crops_coords_top_left, target_size and their negative_* ([a, b] each), aesthetic_score,
+// negative_aesthetic_score; PNG paths for images.
 #include <exception>
 #include <fstream>
 #include <iostream>
+#include <optional>
 #include <sstream>
 #include <string>
 #include <thread>
@@ -33,10 +36,24 @@ native::Request request_from(const native::Json& j) {
   if (auto* v = j.find("batch")) r.batch = v->as_int();
   if (auto* v = j.find("height")) r.height = v->as_int();
   if (auto* v = j.find("width")) r.width = v->as_int();
-  if (auto* v = j.find("init_image")) r.init_image = native::read_rgb_png(v->as_string());
+  if (auto* v = j.find("init_image")) r.init_image = native::read_rgb_image(v->as_string());
   if (auto* v = j.find("strength")) r.strength = v->as_double();
-  if (auto* v = j.find("mask")) r.mask = native::read_mask_png(v->as_string());
+  if (auto* v = j.find("mask")) r.mask = native::read_mask_image(v->as_string());
   if (auto* v = j.find("mask_blur")) r.mask_blur = v->as_double();
+  if (auto* v = j.find("latents")) r.latents = native::read_npy(v->as_string());
+  auto pair = [&j](const char* name) -> std::optional<native::Pair> {
+    const native::Json* v = j.find(name);
+    if (!v) return std::nullopt;
+    return native::Pair{(*v)[0].as_int(), (*v)[1].as_int()};
+  };
+  r.micro.original_size = pair("original_size");
+  r.micro.crops_coords_top_left = pair("crops_coords_top_left");
+  r.micro.target_size = pair("target_size");
+  r.micro.negative_original_size = pair("negative_original_size");
+  r.micro.negative_crops_coords_top_left = pair("negative_crops_coords_top_left");
+  r.micro.negative_target_size = pair("negative_target_size");
+  if (auto* v = j.find("aesthetic_score")) r.micro.aesthetic_score = v->as_double();
+  if (auto* v = j.find("negative_aesthetic_score")) r.micro.negative_aesthetic_score = v->as_double();
   return r;
 }
 

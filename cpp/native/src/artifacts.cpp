@@ -76,6 +76,19 @@ std::optional<int64_t> optional_int_fact(const Json& facts, const std::string& n
   return v->as_int();
 }
 
+// A fact older manifests may lack (ModelFacts' defaulted fields): the default when absent.
+std::optional<int64_t> defaulted_int_fact(const Json& facts, const std::string& name, const std::string& mp) {
+  if (facts.find(name) == nullptr) return std::nullopt;
+  return optional_int_fact(facts, name, mp);
+}
+
+bool bool_fact(const Json& facts, const std::string& name, bool fallback, const std::string& mp) {
+  const Json* v = facts.find(name);
+  if (v == nullptr) return fallback;
+  if (!v->is_bool()) malformed(mp, "TypeError('ModelFacts field " + name + " has the wrong type: " + py_repr(v) + "')");
+  return v->as_bool();
+}
+
 std::array<int64_t, 3> range(const Json& v, const std::string& what, const std::string& mp) {
   bool ok = v.is_array() && v.size() == 3;
   for (std::size_t k = 0; ok && k < 3; ++k) ok = v[k].is_integer();
@@ -222,6 +235,15 @@ Artifacts Artifacts::open(const std::string& dir, const std::string& precision) 
     if (!kind.is_string() || !scale.is_number()) malformed(mp, "TypeError('ModelFacts field autoencoder_kind or scale_factor has the wrong type')");
     f.autoencoder_kind = kind.as_string();
     f.scale_factor = scale.as_double();
+    f.has_text_encoder = bool_fact(facts, "has_text_encoder", true, mp);
+    f.text_encoder_2_dim = defaulted_int_fact(facts, "text_encoder_2_dim", mp);
+    f.pooled_dim = defaulted_int_fact(facts, "pooled_dim", mp);
+    f.time_ids = defaulted_int_fact(facts, "time_ids", mp);
+    f.force_zeros_for_empty_prompt = bool_fact(facts, "force_zeros_for_empty_prompt", false, mp);
+    if (f.time_ids && (!f.pooled_dim || *f.time_ids < 1)) {
+      malformed(mp, "ContractError(\"model facts: time_ids " + std::to_string(*f.time_ids) +
+                        " needs pooled_dim (the UNet's text_embeds); the model's config is inconsistent\")");
+    }
     if (f.latent_channels < 1 || f.latent_factor < 1 || f.unet_factor < 1 || f.unet_in_channels < 1) {
       malformed(mp, "ValueError('latent sizes and channels must be positive')");
     }
@@ -254,8 +276,11 @@ Artifacts Artifacts::open(const std::string& dir, const std::string& precision) 
       }
       a.components[name] = files;
     }
-    std::optional<FileEntry> tokenizer;
-    if (const Json* t = d.find("tokenizer"); t && !t->is_null()) tokenizer = file_entry(*t, "tokenizer", mp);
+    std::optional<FileEntry> tokenizers[2];
+    const char* tokenizer_keys[2] = {"tokenizer", "tokenizer_2"};
+    for (int k = 0; k < 2; ++k) {
+      if (const Json* t = d.find(tokenizer_keys[k]); t && !t->is_null()) tokenizers[k] = file_entry(*t, tokenizer_keys[k], mp);
+    }
     FileEntry scheduler = file_entry(key(d, "scheduler", mp), "scheduler", mp);
     std::string source_hash;
     if (const Json* source = d.find("source")) {
@@ -267,17 +292,20 @@ Artifacts Artifacts::open(const std::string& dir, const std::string& precision) 
     }
 
     // Side files (Artifacts.open), then the ONNX files (the backend's verify_file in Python).
-    if (tokenizer) {
-      std::string data = read_side_file(a.root, *tokenizer, kMaxTokenizerJsonBytes, "tokenizer.json");
-      std::string where = join(a.root, tokenizer->file);
-      try {
-        check_utf8(data, where, kRebuild);
-      } catch (const JsonError& e) {
-        throw ArtifactError(e.what());
+    const char* encoders[2] = {"text_encoder", "text_encoder_2"};
+    for (int k = 0; k < 2; ++k) {
+      if (tokenizers[k]) {
+        std::string data = read_side_file(a.root, *tokenizers[k], kMaxTokenizerJsonBytes, "tokenizer.json");
+        std::string where = join(a.root, tokenizers[k]->file);
+        try {
+          check_utf8(data, where, kRebuild);
+        } catch (const JsonError& e) {
+          throw ArtifactError(e.what());
+        }
+        (k == 0 ? a.tokenizer : a.tokenizer_2) = PromptTokenizer::from_json_text(data, where);
+      } else if (a.components.count(encoders[k])) {
+        throw ArtifactError(mp + " lists " + encoders[k] + " but not its tokenizer; rebuild the artifacts");
       }
-      a.tokenizer = PromptTokenizer::from_json_text(data, where);
-    } else if (a.components.count("text_encoder")) {
-      throw ArtifactError(mp + " lists a text encoder but no tokenizer; rebuild the artifacts");
     }
     std::string sched_data = read_side_file(a.root, scheduler, kMaxSchedulerConfigBytes, "scheduler config");
     std::string sched_where = join(a.root, scheduler.file);

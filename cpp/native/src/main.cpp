@@ -36,9 +36,11 @@ struct CliError : Error {
 
 const char* kHelp = R"(usage: ldm-rt-native [-h] [--prompt PROMPT] [--negative-prompt NEGATIVE_PROMPT] [--steps STEPS]
                      [--guidance GUIDANCE] [--guidance-rescale GUIDANCE_RESCALE] [--scheduler NAME] [--seed SEED]
-                     [--height HEIGHT] [--width WIDTH] [--batch BATCH] [--init-image INIT_IMAGE] [--strength STRENGTH]
+                     [--height HEIGHT] [--width WIDTH] [--batch BATCH] [--latents LATENTS] [--init-image INIT_IMAGE] [--strength STRENGTH]
                      [--mask MASK] [--mask-blur PX] [--out OUT] [--precision {fp32,fp16}] [--threads THREADS] [--bf16]
-                     [--no-compile-cache] [--model MODEL] [--verbose]
+                     [--no-compile-cache] [--model MODEL] [--original-size H W] [--crops-coords-top-left TOP LEFT]
+                     [--target-size H W] [--negative-original-size H W] [--negative-crops-coords-top-left TOP LEFT]
+                     [--negative-target-size H W] [--aesthetic-score S] [--negative-aesthetic-score S] [--verbose]
 
 Generate images from a prompt with the native runtime (no Python): the artifacts folder's tokenizer, scheduler and
 portable ONNX files on OpenVINO's C++ API. The same arguments and seed give the image `ldm-rt sample` gives.
@@ -59,14 +61,16 @@ options:
   --height HEIGHT       image height in pixels (default: the artifacts' optimum)
   --width WIDTH         image width in pixels (default: the artifacts' optimum)
   --batch BATCH         images to generate (default 1)
+  --latents LATENTS     FILE.npy of unit-variance initial noise (B, C, H/f, W/f) instead of drawing it
   --init-image INIT_IMAGE
-                        PNG image to start from (img2img; with --mask, inpainting)
+                        PNG or JPEG image to start from (img2img; with --mask, inpainting)
   --strength STRENGTH   fraction of the schedule to run from the init image, in (0, 1] (default 0.8; 1.0 with --mask)
-  --mask MASK           inpainting mask PNG: white = repaint, black = keep
+  --mask MASK           inpainting mask image (PNG or JPEG): white = repaint, black = keep
   --mask-blur PX        with --mask: Gaussian radius in pixels of the seam where the kept pixels are pasted back
                         (default 0: hard edge)
-  --out OUT             output image, .png, with the parameters in PNG text chunks; a batch writes NAME_0.png,
-                        NAME_1.png, ...; all or none are written (default sample.png)
+  --out OUT             output image, .png or .jpg/.jpeg (parameters in PNG text chunks, else in EXIF; no
+                        .webp); a batch writes NAME_0.png, NAME_1.png, ...; all or none are written (default
+                        sample.png)
   --precision {fp32,fp16}
                         which built precision to run (default fp32)
   --threads THREADS     CPU threads per operator (default: one per physical core; at most 4 per CPU)
@@ -76,6 +80,23 @@ options:
   --no-compile-cache    do not keep compiled graphs in ~/.cache/ldm-rt/openvino for the next run
   --model MODEL         artifacts folder (default: DEFAULT_MODEL)
   --verbose             print per-stage timings
+
+SDXL:
+  the micro-conditioning (diffusers' names; sizes are HEIGHT WIDTH)
+
+  --original-size H W   original_size (default the output size)
+  --crops-coords-top-left TOP LEFT
+                        crops_coords_top_left (default 0 0)
+  --target-size H W     target_size (default the output size)
+  --negative-original-size H W
+                        negative_original_size (default --original-size)
+  --negative-crops-coords-top-left TOP LEFT
+                        negative_crops_coords_top_left (default --crops-coords-top-left)
+  --negative-target-size H W
+                        negative_target_size (default --target-size)
+  --aesthetic-score S   aesthetic_score (refiner; default 6.0)
+  --negative-aesthetic-score S
+                        negative_aesthetic_score (refiner; default 2.5)
 )";
 
 std::string replace(std::string s, const std::string& from, const std::string& to) {
@@ -129,7 +150,8 @@ struct Args {
   std::optional<long long> seed;
   std::optional<long long> height, width;
   long long batch = 1;
-  std::optional<std::string> init_image, mask, model;
+  std::optional<std::string> init_image, mask, model, latents;
+  MicroRequest micro;
   std::optional<double> strength, mask_blur;
   std::string out = "sample.png";
   std::string precision = "fp32";
@@ -163,6 +185,19 @@ Args parse(int argc, char** argv) {
       if (!n) throw UsageError("argument " + arg + ": invalid int value: " + py_repr(v));
       return *n;
     };
+    auto pair = [&]() {  // nargs=2 ints
+      Pair p{};
+      for (int n = 0; n < 2; ++n) {
+        bool missing = inline_value || k + 1 >= argc ||
+                       (argv[k + 1][0] == '-' && argv[k + 1][1] != '\0' && !std::isdigit((unsigned char)argv[k + 1][1]));
+        if (missing) throw UsageError("argument " + arg + ": expected 2 arguments");
+        std::string v = argv[++k];
+        auto x = parse_int(v);
+        if (!x) throw UsageError("argument " + arg + ": invalid int value: " + py_repr(v));
+        p[size_t(n)] = *x;
+      }
+      return p;
+    };
     auto real = [&]() {
       std::string v = next();
       auto x = parse_float(v);
@@ -188,6 +223,15 @@ Args parse(int argc, char** argv) {
     else if (arg == "--height") a.height = integer();
     else if (arg == "--width") a.width = integer();
     else if (arg == "--batch") a.batch = integer();
+    else if (arg == "--latents") a.latents = next();
+    else if (arg == "--original-size") a.micro.original_size = pair();
+    else if (arg == "--crops-coords-top-left") a.micro.crops_coords_top_left = pair();
+    else if (arg == "--target-size") a.micro.target_size = pair();
+    else if (arg == "--negative-original-size") a.micro.negative_original_size = pair();
+    else if (arg == "--negative-crops-coords-top-left") a.micro.negative_crops_coords_top_left = pair();
+    else if (arg == "--negative-target-size") a.micro.negative_target_size = pair();
+    else if (arg == "--aesthetic-score") a.micro.aesthetic_score = real();
+    else if (arg == "--negative-aesthetic-score") a.micro.negative_aesthetic_score = real();
     else if (arg == "--init-image") a.init_image = next();
     else if (arg == "--strength") a.strength = real();
     else if (arg == "--mask") a.mask = next();
@@ -234,13 +278,10 @@ void check_writable(const std::string& out, const std::vector<std::string>& path
     std::string reason = not_a_file_target(p);
     if (!reason.empty()) throw CliError("--out " + replace(reason, p, normal_path(p)));
   }
-  std::string name = shown.substr(shown.rfind('/') == std::string::npos ? 0 : shown.rfind('/') + 1);
-  auto dot = name.rfind('.');
-  std::string suffix = dot == std::string::npos || dot == 0 ? "" : name.substr(dot);
-  for (char& c : suffix) c = char(std::tolower((unsigned char)c));
-  if (suffix != ".png") {
-    std::string kind = suffix.empty() ? "a name without an extension" : suffix + " files";
-    throw CliError("--out " + shown + ": cannot write " + kind + "; end the name with .png (ldm-rt-native writes PNG only)");
+  try {
+    output_format(out);
+  } catch (const OutputError& e) {
+    throw CliError(std::string("--out ") + e.what());
   }
   std::string parent = parent_of(out);
   if (!is_dir(parent)) throw CliError("--out " + shown + ": folder " + parent + " does not exist; create it first");
@@ -261,7 +302,7 @@ std::string fixed3(double v) {
 
 std::string format_timings(const std::map<std::string, double>& t, long long unet_steps) {
   std::vector<std::string> parts;
-  for (const char* stage : {"text_encoder", "vae_encoder", "unet", "vae_decoder", "total"}) {
+  for (const char* stage : {"text_encoder", "text_encoder_2", "vae_encoder", "unet", "vae_decoder", "total"}) {
     auto it = t.find(stage);
     if (it == t.end()) continue;
     if (std::string(stage) == "unet") {
@@ -285,6 +326,16 @@ int sample(const Args& a) {
   if (a.mask && !a.init_image) throw CliError("--mask needs --init-image: inpainting repaints part of an image");
   if (a.strength && !a.init_image) throw CliError("--strength needs --init-image: it is the fraction of the schedule run from that image");
   if (a.mask_blur && !a.mask) throw CliError("--mask-blur needs --mask: it softens the seam of the inpainted region");
+  std::optional<LatentsInput> latents;
+  if (a.latents) {  // cli.load_latents: the header now, the values once the pipeline has checked them
+    try {
+      latents = read_npy(normal_path(*a.latents));
+    } catch (const NpyError& e) {
+      std::string shown = normal_path(*a.latents);
+      if (std::string(e.what()) == "npz") throw CliError("--latents " + shown + " is an .npz archive; save one array with numpy.save as FILE.npy");
+      throw CliError("cannot read --latents " + shown + ": " + e.what());
+    }
+  }
   if (a.threads && *a.threads < 1) {
     throw CliError("--threads must be at least 1, got " + std::to_string(*a.threads) + "; leave it out for one per physical core");
   }
@@ -320,9 +371,11 @@ int sample(const Args& a) {
   r.batch = a.batch;
   r.height = a.height;
   r.width = a.width;
-  if (a.init_image) r.init_image = read_rgb_png(*a.init_image, "init image");
+  r.latents = latents;
+  r.micro = a.micro;
+  if (a.init_image) r.init_image = read_rgb_image(*a.init_image, "init image");
   r.strength = a.strength;
-  if (a.mask) r.mask = read_mask_png(*a.mask);
+  if (a.mask) r.mask = read_mask_image(*a.mask);
   r.mask_blur = a.mask_blur ? *a.mask_blur : 0.0;
   long long unet_steps = 0;
   r.callback = [&unet_steps](int64_t, int64_t, double) { ++unet_steps; };

@@ -20,25 +20,26 @@ std::string list(const std::vector<std::string>& items) {
 }  // namespace
 
 std::string GenerationParams::to_json() const {
-  // Keys in sorted order, as sort_keys=True.
+  std::map<std::string, std::string> entries = micro;  // std::map: keys in sorted order, as sort_keys=True
+  entries["backend"] = json_quote(backend, true);
+  entries["batch"] = std::to_string(batch);
+  entries["guidance"] = py_float_repr(guidance);
+  entries["guidance_rescale"] = py_float_repr(guidance_rescale);
+  entries["height"] = std::to_string(height);
+  entries["mask_blur"] = mask_blur ? py_float_repr(*mask_blur) : std::string("null");
+  entries["mode"] = json_quote(mode, true);
+  entries["model_hash"] = json_quote(model_hash, true);
+  entries["negative_prompts"] = list(negative_prompts);
+  entries["precision"] = json_quote(precision, true);
+  entries["prompts"] = list(prompts);
+  entries["reduced_precision"] = reduced_precision ? "true" : "false";
+  entries["scheduler"] = json_quote(scheduler, true);
+  entries["seed"] = std::to_string(seed);
+  entries["steps"] = std::to_string(steps);
+  entries["strength"] = py_float_repr(strength);
+  entries["width"] = std::to_string(width);
   std::string s = "{";
-  s += "\"backend\": " + json_quote(backend, true);
-  s += ", \"batch\": " + std::to_string(batch);
-  s += ", \"guidance\": " + py_float_repr(guidance);
-  s += ", \"guidance_rescale\": " + py_float_repr(guidance_rescale);
-  s += ", \"height\": " + std::to_string(height);
-  s += ", \"mask_blur\": " + (mask_blur ? py_float_repr(*mask_blur) : std::string("null"));
-  s += ", \"mode\": " + json_quote(mode, true);
-  s += ", \"model_hash\": " + json_quote(model_hash, true);
-  s += ", \"negative_prompts\": " + list(negative_prompts);
-  s += ", \"precision\": " + json_quote(precision, true);
-  s += ", \"prompts\": " + list(prompts);
-  s += ", \"reduced_precision\": " + std::string(reduced_precision ? "true" : "false");
-  s += ", \"scheduler\": " + json_quote(scheduler, true);
-  s += ", \"seed\": " + std::to_string(seed);
-  s += ", \"steps\": " + std::to_string(steps);
-  s += ", \"strength\": " + py_float_repr(strength);
-  s += ", \"width\": " + std::to_string(width);
+  for (const auto& [key, value] : entries) s += (s.size() > 1 ? ", " : "") + json_quote(key, true) + ": " + value;
   return s + "}";
 }
 

@@ -6,8 +6,10 @@
 #include <cmath>
 #include <random>
 #include <set>
+#include <tuple>
 
 #include "ldm_rt/native/image_ops.hpp"
+#include "ldm_rt/native/jpeg_io.hpp"
 #include "ldm_rt/native/openvino_backend.hpp"
 #include "ldm_rt/native/pyrepr.hpp"
 #include "ldm_rt/native/rng.hpp"
@@ -96,6 +98,26 @@ std::vector<T> repeat_rows(const std::vector<T>& x, size_t rows, size_t times) {
   return out;
 }
 
+// pipeline.checked_latents: a float array of the latents' shape, finite, as float32.
+Tensor checked_latents(const LatentsInput& latents, const std::vector<int64_t>& shape) {
+  if (!latents.is_float) throw GenerationError("latents must be a float16/32/64 array of noise, got dtype " + latents.dtype);
+  if (latents.shape != shape) {
+    throw GenerationError("latents have shape " + shape_str(latents.shape) + ", expected " + shape_str(shape) + " for " +
+                          std::to_string(shape[0]) + " images with latents of " + std::to_string(shape[2]) + "x" +
+                          std::to_string(shape[3]));
+  }
+  Tensor t;
+  try {
+    t = latents.values();
+  } catch (const NpyError& e) {
+    throw GenerationError(std::string("cannot read the latents: ") + e.what());
+  }
+  for (float v : t.data) {
+    if (!std::isfinite(v)) throw GenerationError("latents contain NaN or Inf");
+  }
+  return t;
+}
+
 uint64_t fresh_seed() {
   std::random_device rd;  // secrets.randbits(63)
   return ((uint64_t(rd()) << 32) | uint64_t(rd())) >> 1;
@@ -126,10 +148,29 @@ std::vector<std::string> output_paths(const std::string& path, std::size_t count
   return out;
 }
 
+std::string output_format(const std::string& path) {
+  auto slash = path.rfind('/');
+  std::string name = path.substr(slash == std::string::npos ? 0 : slash + 1);
+  auto dot = name.rfind('.');
+  std::string suffix = dot == std::string::npos || dot == 0 ? "" : name.substr(dot);
+  for (char& c : suffix) c = char(std::tolower(static_cast<unsigned char>(c)));
+  if (suffix == ".png") return "PNG";
+  if ((suffix == ".jpg" || suffix == ".jpeg") && jpeg_supported()) return "JPEG";
+  std::string kind = suffix.empty() ? "a name without an extension" : suffix + " files";
+  std::string names = jpeg_supported() ? "one of .png, .jpg, .jpeg" : ".png";
+  std::string why = suffix == ".webp" ? " (ldm-rt-native was built without libwebp)"
+                    : (suffix == ".jpg" || suffix == ".jpeg") ? " (ldm-rt-native was built without libjpeg)" : "";
+  throw OutputError(normal_path(path) + ": cannot write " + kind + "; end the name with " + names + why);
+}
+
 std::vector<std::string> Result::save(const std::string& path) const {
   std::vector<std::string> paths = output_paths(path, images.size());
   std::vector<std::pair<std::string, std::vector<uint8_t>>> files;
-  for (size_t k = 0; k < images.size(); ++k) files.emplace_back(paths[k], encode_png(images[k], params.text(k, images.size())));
+  std::string format = output_format(path);  // before any encoding: a name we cannot write fails first
+  for (size_t k = 0; k < images.size(); ++k) {
+    TextChunks text = params.text(k, images.size());
+    files.emplace_back(paths[k], format == "PNG" ? encode_png(images[k], text) : encode_jpeg(images[k], text));
+  }
   write_files_all_or_none(files);
   return paths;
 }
@@ -171,13 +212,23 @@ Pipeline::Pipeline(Artifacts artifacts, std::map<std::string, std::unique_ptr<Co
   }
   if (!missing.empty()) throw GenerationError("the pipeline needs the components [" + join(missing, ", ") + "]; pass them with the others");
   const ComponentFiles& unet = artifacts_.components.at("unet");
-  if (std::find(unet.inputs.begin(), unet.inputs.end(), "class_labels") != unet.inputs.end()) {
+  auto takes = [&unet](const char* input) { return std::find(unet.inputs.begin(), unet.inputs.end(), input) != unet.inputs.end(); };
+  if (takes("class_labels")) {
     throw GenerationError("this model is class-conditional, which ldm-rt-native does not run; use ldm-rt sample");
   }
-  for (const std::string& input : unet.inputs) {  // SDXL's text_embeds and time_ids are not fed here
-    if (input != "sample" && input != "timestep" && input != "encoder_hidden_states") {
-      throw GenerationError("this model's UNet takes " + input + ", which ldm-rt-native does not feed (SDXL models are not "
-                            "supported natively yet); use ldm-rt sample");
+  // SDXL: the UNet's pooled text embeds come from text_encoder_2, the time ids from the request.
+  if (takes("time_ids")) time_ids_ = artifacts_.facts.time_ids;
+  is_refiner_ = time_ids_ == int64_t{5};
+  has_text_ = components_.count("text_encoder") > 0 || components_.count("text_encoder_2") > 0;
+  if (time_ids_ && !components_.count("text_encoder_2")) {
+    throw GenerationError("this UNet takes SDXL's pooled text embeds and time ids, but the model has no text_encoder_2 to make them; "
+                          "rebuild the artifacts from a complete SDXL model (both text encoders, or a refiner's second)");
+  }
+  for (const std::string& input : unet.inputs) {
+    bool fed = input == "sample" || input == "timestep" || input == "encoder_hidden_states" ||
+               (time_ids_ && (input == "text_embeds" || input == "time_ids"));
+    if (!fed) {
+      throw GenerationError("this model's UNet takes " + input + ", which ldm-rt-native does not feed; use ldm-rt sample");
     }
   }
   schedulers_ = usable_schedulers(artifacts_.scheduler_config);
@@ -213,22 +264,73 @@ std::map<std::string, Tensor> Pipeline::call(const std::string& name, const std:
   return outs;
 }
 
-Tensor Pipeline::encode_prompts(const GenerationParams& p, bool use_cfg, std::map<std::string, double>& timings) const {
-  const PromptTokenizer& tok = *artifacts_.tokenizer;
-  TokenizedPrompts cond = tok.encode(p.prompts);
-  for (const std::string& w : tok.warnings(p.prompts, cond, "prompt")) warn(w);
-  std::vector<int64_t> ids = cond.ids.data;
-  size_t rows = p.prompts.size();
-  if (use_cfg) {  // (2P, L): [uncond, cond]
-    TokenizedPrompts uncond = tok.encode(p.negative_prompts);
-    for (const std::string& w : tok.warnings(p.negative_prompts, uncond, "negative prompt")) warn(w);
-    ids.insert(ids.begin(), uncond.ids.data.begin(), uncond.ids.data.end());
-    rows *= 2;
+std::pair<Tensor, std::optional<Tensor>> Pipeline::encode_prompts(const GenerationParams& p, bool use_cfg,
+                                                                  std::map<std::string, double>& timings) const {
+  // Rows are [uncond..., cond...] under guidance, each prompt `batch` times in a row (as diffusers). SDXL: the
+  // context is [text_encoder's, text_encoder_2's] penultimate layers on the channel axis (a refiner: the
+  // second's alone), each encoder reading its own tokenizer's ids; pooled is text_encoder_2's projection. With
+  // force_zeros_for_empty_prompt an empty negative prompt is zeros in both, and is not encoded at all.
+  size_t prompts = p.prompts.size();
+  std::vector<bool> zero(prompts, false);
+  std::vector<std::string> negatives;
+  if (use_cfg) {
+    std::vector<bool> uncond_zero;
+    for (const std::string& n : p.negative_prompts) {
+      bool z = artifacts_.facts.force_zeros_for_empty_prompt && n.empty();
+      uncond_zero.push_back(z);
+      if (!z) negatives.push_back(n);
+    }
+    zero.insert(zero.begin(), uncond_zero.begin(), uncond_zero.end());
   }
-  ids = repeat_rows(ids, rows, size_t(p.batch));  // each prompt `batch` times in a row, as diffusers
-  int64_t length = tok.max_length();
-  Feed feed{"input_ids", {int64_t(rows) * p.batch, length}, nullptr, ids.data()};
-  return call("text_encoder", {feed}, timings).at("last_hidden_state");
+  std::vector<Tensor> parts;
+  std::optional<Tensor> pooled;
+  for (const char* name : {"text_encoder", "text_encoder_2"}) {
+    if (!components_.count(name)) continue;
+    const PromptTokenizer& tok = std::string(name) == "text_encoder" ? *artifacts_.tokenizer : *artifacts_.tokenizer_2;
+    TokenizedPrompts cond = tok.encode(p.prompts);
+    for (const std::string& w : tok.warnings(p.prompts, cond, "prompt")) warn(w);
+    std::vector<int64_t> ids = cond.ids.data;
+    size_t rows = prompts;
+    if (!negatives.empty()) {  // (2P, L): [uncond, cond]
+      TokenizedPrompts uncond = tok.encode(negatives);
+      for (const std::string& w : tok.warnings(negatives, uncond, "negative prompt")) warn(w);
+      ids.insert(ids.begin(), uncond.ids.data.begin(), uncond.ids.data.end());
+      rows += negatives.size();
+    }
+    ids = repeat_rows(ids, rows, size_t(p.batch));
+    Feed feed{"input_ids", {int64_t(rows) * p.batch, tok.max_length()}, nullptr, ids.data()};
+    std::map<std::string, Tensor> outs = call(name, {feed}, timings);
+    parts.push_back(std::move(outs.at("last_hidden_state")));
+    if (auto it = outs.find("text_embeds"); it != outs.end()) pooled = std::move(it->second);
+  }
+  Tensor context = std::move(parts[0]);
+  if (parts.size() > 1) {  // (rows, L, D1 + D2)
+    const Tensor& b = parts[1];
+    int64_t d1 = context.dim(2), d2 = b.dim(2), positions = context.dim(0) * context.dim(1);
+    Tensor both({context.dim(0), context.dim(1), d1 + d2});
+    for (int64_t q = 0; q < positions; ++q) {
+      std::copy_n(context.data.data() + q * d1, d1, both.data.data() + q * (d1 + d2));
+      std::copy_n(b.data.data() + q * d2, d2, both.data.data() + q * (d1 + d2) + d1);
+    }
+    context = std::move(both);
+  }
+  if (std::find(zero.begin(), zero.end(), true) != zero.end()) {  // the zero rows back in their places
+    auto spread = [&](const Tensor& t) {
+      std::vector<int64_t> shape = t.shape;
+      shape[0] = int64_t(zero.size()) * p.batch;
+      Tensor full(shape);
+      size_t per_row = t.numel() / size_t(t.dim(0)), from = 0;
+      for (size_t row = 0; row < size_t(shape[0]); ++row) {
+        if (zero[row / size_t(p.batch)]) continue;
+        std::copy_n(t.data.data() + from * per_row, per_row, full.data.data() + row * per_row);
+        ++from;
+      }
+      return full;
+    };
+    context = spread(context);
+    if (pooled) pooled = spread(*pooled);
+  }
+  return {std::move(context), std::move(pooled)};
 }
 
 Tensor Pipeline::encode_image(const std::vector<float>& image, int64_t h, int64_t w, std::map<std::string, double>& timings) const {
@@ -263,6 +365,10 @@ Result Pipeline::run_request(const Request& r) const {
     throw GenerationError("mask_blur needs mask: it softens the seam of the inpainted region");
   }
   if (inpainting_unet_ && !r.mask) throw GenerationError("this is an inpainting model: pass init_image and mask");
+  if (is_refiner_ && !r.init_image) {
+    throw GenerationError("this model is an SDXL refiner: it continues from an image or latents, it does not start from noise; "
+                          "pass init_image (img2img), or use it as the refiner of a base model (refiner=, --refiner)");
+  }
   double strength_in = r.strength ? *r.strength : r.mask ? kInpaintStrength : kImg2ImgStrength;
   std::optional<int64_t> height = r.height, width = r.width;
   if (r.init_image) {
@@ -278,7 +384,7 @@ Result Pipeline::run_request(const Request& r) const {
     if (!height) height = im.height;
     if (!width) width = im.width;
   }
-  bool has_text = components_.count("text_encoder") > 0;
+  bool has_text = has_text_;
   if (!has_text) {
     for (const auto& p : r.prompts) {
       if (!p.empty()) throw GenerationError("this model has no text encoder and takes no prompt; pass prompt=''");
@@ -353,9 +459,13 @@ Result Pipeline::run_request(const Request& r) const {
   p.precision = precision_;
   p.reduced_precision = reduced_precision_;
   p.mode = r.mask ? "inpaint" : r.init_image ? "img2img" : "txt2img";
+  std::optional<MicroConditioning> micro = make_micro_conditioning(time_ids_, p.height, p.width, r.micro);
+  if (micro) p.micro = micro->to_json(*time_ids_);
 
   const ModelFacts& f = artifacts_.facts;
   std::vector<int64_t> shape = {images, f.latent_channels, p.height / f.latent_factor, p.width / f.latent_factor};
+  std::optional<Tensor> given_noise;
+  if (r.latents) given_noise = checked_latents(*r.latents, shape);
 
   // ---- scheduler ----------------------------------------------------------------------------------------
   if (auto it = schedulers_.unusable.find(p.scheduler); it != schedulers_.unusable.end()) {
@@ -374,11 +484,23 @@ Result Pipeline::run_request(const Request& r) const {
   if (r.init_image) run = run->with_strength(p.strength);
 
   std::map<std::string, double> timings;
-  bool use_cfg = has_text && p.guidance != 1.0;  // manifest GUIDANCE: guidance 1.0 skips the unconditional half
-  std::optional<Tensor> context;
-  if (has_text) context = encode_prompts(p, use_cfg, timings);
+  bool use_cfg = has_text && p.guidance > 1.0;  // manifest GUIDANCE: guidance <= 1.0 skips the unconditional half
+  std::optional<Tensor> context, pooled;
+  if (has_text) std::tie(context, pooled) = encode_prompts(p, use_cfg, timings);
+  // SDXL's UNet inputs besides the context: text_embeds (rows, P) and time_ids (rows, N), rows as the context's.
+  std::optional<Tensor> time_ids;
+  if (time_ids_ && micro && pooled) {
+    auto [cond, uncond] = micro->time_ids(*time_ids_);
+    int64_t n = int64_t(cond.size());
+    Tensor ids({(use_cfg ? 2 : 1) * images, n});
+    float* at = ids.data.data();
+    for (const std::vector<float>* row : {use_cfg ? &uncond : nullptr, &cond}) {
+      for (int64_t b = 0; row && b < images; ++b, at += n) std::copy(row->begin(), row->end(), at);
+    }
+    time_ids = std::move(ids);
+  }
   Generator rng(p.seed);
-  Tensor noise = rng.standard_normal(shape);  // drawn first
+  Tensor noise = given_noise ? std::move(*given_noise) : rng.standard_normal(shape);  // drawn first
 
   // ---- the starting point (Pipeline._start) ------------------------------------------------------------
   Start start;
@@ -459,6 +581,10 @@ Result Pipeline::run_request(const Request& r) const {
     std::vector<Feed> feeds = {{"sample", x_in.shape, x_in.data.data(), nullptr},
                                {"timestep", {x_in.dim(0)}, timestep.data(), nullptr}};
     if (context) feeds.push_back({"encoder_hidden_states", context->shape, context->data.data(), nullptr});
+    if (time_ids) {
+      feeds.push_back({"text_embeds", pooled->shape, pooled->data.data(), nullptr});
+      feeds.push_back({"time_ids", time_ids->shape, time_ids->data.data(), nullptr});
+    }
     auto t0 = Clock::now();
     Tensor out = call("unet", feeds, timings, int64_t(i)).at("out_sample");
     (void)t0;

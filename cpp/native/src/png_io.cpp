@@ -14,6 +14,7 @@
 #include <sstream>
 
 #include "ldm_rt/native/errors.hpp"
+#include "ldm_rt/native/jpeg_io.hpp"
 
 namespace ldm_rt::native {
 namespace {
@@ -34,13 +35,17 @@ std::string one_decimal(double v) {
   return buf;
 }
 
-void check_size(int64_t width, int64_t height, const std::string& what) {
+}  // namespace
+
+void check_input_size(int64_t width, int64_t height, const std::string& what) {
   if (width * height > kMaxInputPixels) {
     throw ImageInputError(what + " is " + std::to_string(width) + "x" + std::to_string(height) + " (" +
                           one_decimal(double(width * height) / 1e6) + " MP), over the limit of " +
                           one_decimal(double(kMaxInputPixels) / 1e6) + " MP (8192x8192); downscale it first");
   }
 }
+
+namespace {
 
 // What libpng decoded: 8-bit samples (channels 1 or 3) or 16-bit grey.
 struct Decoded {
@@ -125,7 +130,8 @@ Decoded open_png(const std::string& path, const std::string& what, Want want) {
   unsigned char sig[8] = {0};
   if (std::fread(sig, 1, 8, f.get()) != 8 || png_sig_cmp(sig, 0, 8) != 0) {
     throw ImageInputError("cannot read " + what + " " + path +
-                          ": ldm-rt-native reads PNG files only; convert it to PNG");
+                          (jpeg_supported() ? ": ldm-rt-native reads PNG and JPEG files only; convert it to PNG"
+                                            : ": ldm-rt-native reads PNG files only; convert it to PNG"));
   }
   std::rewind(f.get());
   Decoded out;
@@ -133,7 +139,7 @@ Decoded open_png(const std::string& path, const std::string& what, Want want) {
   if (!decode(f.get(), out, want, &what, &size_error)) {
     throw ImageInputError("cannot read " + what + " " + path + ": " + (out.error[0] ? out.error : "not a valid PNG"));
   }
-  if (!size_error.empty()) check_size(out.width, out.height, what);
+  if (!size_error.empty()) check_input_size(out.width, out.height, what);
   return out;
 }
 
@@ -211,6 +217,28 @@ Image read_rgb_png(const std::string& path, const std::string& what) {
     image.rgb = std::move(d.data);
   }
   return image;
+}
+
+namespace {
+
+// A JPEG's first bytes (SOI, then a marker), as Pillow's JpegImagePlugin recognises it.
+bool is_jpeg_file(const std::string& path) {
+  unsigned char head[3] = {0};
+  std::FILE* f = std::fopen(path.c_str(), "rb");
+  if (f == nullptr) return false;
+  size_t got = std::fread(head, 1, 3, f);
+  std::fclose(f);
+  return got == 3 && head[0] == 0xFF && head[1] == 0xD8 && head[2] == 0xFF;
+}
+
+}  // namespace
+
+Image read_rgb_image(const std::string& path, const std::string& what) {
+  return jpeg_supported() && is_jpeg_file(path) ? read_rgb_jpeg(path, what) : read_rgb_png(path, what);
+}
+
+Mask read_mask_image(const std::string& path) {
+  return jpeg_supported() && is_jpeg_file(path) ? read_mask_jpeg(path) : read_mask_png(path);
 }
 
 Mask read_mask_png(const std::string& path) {

@@ -448,8 +448,10 @@ Vec karras_sigmas(double sigma_min, double sigma_max, int64_t n) {
 }
 
 // sigmas.py sigma_to_t: fractional timesteps by interpolating log sigma in the (float32) training table.
-// `f64_table`: the table was cast to float64 first (dpm_2s_ancestral.py), so its differences are float64 too.
-Vec sigma_to_t(const Vec& sigmas, const std::vector<float>& log_sigmas, bool f64_table = false) {
+// `f64_table`: the table was cast to float64 first (dpm_2s_ancestral.py), so its differences are float64 too;
+// a float64 table (F = double, dpm_sde.py) always subtracts in float64.
+template <class F>
+Vec sigma_to_t(const Vec& sigmas, const std::vector<F>& log_sigmas, bool f64_table = false) {
   const std::size_t T = log_sigmas.size();
   Vec out(sigmas.size());
   for (std::size_t k = 0; k < sigmas.size(); ++k) {
@@ -466,7 +468,7 @@ Vec sigma_to_t(const Vec& sigmas, const std::vector<float>& log_sigmas, bool f64
     }
     low = std::min(low, T - 2);
     std::size_t high = low + 1;
-    float lo = log_sigmas[low], hi = log_sigmas[high];
+    F lo = log_sigmas[low], hi = log_sigmas[high];
     double diff = f64_table ? static_cast<double>(lo) - static_cast<double>(hi) : static_cast<double>(lo - hi);
     double w = (static_cast<double>(lo) - log_sigma) / diff;
     w = std::min(std::max(w, 0.0), 1.0);
@@ -587,11 +589,11 @@ std::pair<double, double> vp(double sigma) {
 
 // ---- schedulers (registry.py) ---------------------------------------------------------------------------
 
-enum class Cls { DDPM, DDIM, Euler, EulerA, DPM, PNDM, LMS, UniPC, Heun, LCM, TCD, DPM2SA };
+enum class Cls { DDPM, DDIM, Euler, EulerA, DPM, PNDM, LMS, UniPC, Heun, LCM, TCD, DPM2SA, DPMSDE };
 
 struct Scheduler::Kind {
   Cls cls;
-  double eta = 0.0;                   // ddim
+  double eta = 0.0;                   // ddim's eta, tcd's gamma, dpmpp-2s-a's eta
   double final_alpha_cumprod = 1.0;   // ddim, pndm
 };
 
@@ -627,7 +629,12 @@ const ClassInfo& info(Cls c) {
   static const ClassInfo lcm{"LCMScheduler", kPredictionTypes, false, "", {}};
   static const ClassInfo tcd{"TCDScheduler", kPredictionTypes, false, "", {}};
   static const ClassInfo dpm2sa{"", {"epsilon", "v_prediction"}, true, "", {}};  // k-diffusion's, no diffusers class
+  static const ClassInfo dpmsde{"DPMSolverSDEScheduler", {"epsilon", "v_prediction"}, false,
+                                "diffusers' DPMSolverSDEScheduler has no rescale_betas_zero_snr option, so there is no "
+                                "such DPM++ SDE to match",
+                                {}};
   switch (c) {
+    case Cls::DPMSDE: return dpmsde;
     case Cls::DPM2SA: return dpm2sa;
     case Cls::TCD: return tcd;
     case Cls::LCM: return lcm;
@@ -658,6 +665,7 @@ const std::vector<Registered>& registry() {
       {"lms", Cls::LMS},         {"unipc", Cls::UniPC},
       {"heun", Cls::Heun},       {"lcm", Cls::LCM},
       {"tcd", Cls::TCD},         {"dpmpp-2s-a", Cls::DPM2SA},
+      {"dpmpp-sde", Cls::DPMSDE}, {"dpmpp-sde-karras", Cls::DPMSDE},
   };
   return r;
 }
@@ -697,13 +705,14 @@ std::shared_ptr<const Scheduler> Scheduler::make(const std::string& name, const 
   for (const auto& r : registry())
     if (name == r.name) reg = &r;
   if (!reg) throw config_error("unknown scheduler " + py_str_repr(name) + "; valid names are " + py_list(scheduler_names(), true));
-  if (option && reg->cls != Cls::DDIM && reg->cls != Cls::TCD)
+  if (option && reg->cls != Cls::DDIM && reg->cls != Cls::TCD && reg->cls != Cls::DPM2SA)
     throw config_error("scheduler " + py_str_repr(name) + " does not take options ['eta']; it takes []");
   config_in.validate();
   SchedulerConfig c = config_in;
   // The name fixes these fields over the model's config (registry.py _fixed / _dpmpp_2m).
   if (name == "euler") c.use_karras_sigmas = false;
   if (name == "euler-karras") c.use_karras_sigmas = true;
+  if (reg->cls == Cls::DPMSDE) c.use_karras_sigmas = name == "dpmpp-sde-karras";
   if (reg->cls == Cls::DPM) {
     c.solver_order = 2;
     c.use_karras_sigmas = name.find("karras") != std::string::npos;
@@ -731,6 +740,12 @@ std::shared_ptr<const Scheduler> Scheduler::make(const std::string& name, const 
       throw config_error("tcd: gamma must be a number in [0, 1] (0: deterministic), got " + py_float_repr(gamma));
     kind->eta = gamma;
   }
+  if (reg->cls == Cls::DPM2SA) {
+    double e = option.value_or(1.0);  // k-diffusion's default
+    if (!(e >= 0 && e <= 1))
+      throw config_error("dpmpp-2s-a: eta must be a number in [0, 1] (0: no ancestral noise), got " + py_float_repr(e));
+    kind->eta = e;
+  }
   if (reg->cls == Cls::UniPC && !c.lower_order_final && c.final_sigmas_type == "zero" && c.solver_order > 1)
     throw config_error(
         "unipc with lower_order_final=false and final_sigmas_type='zero' divides by zero on its last step; "
@@ -745,10 +760,11 @@ std::shared_ptr<const Scheduler> Scheduler::make(const std::string& name, const 
 bool Scheduler::is_stochastic() const {
   switch (kind_->cls) {
     case Cls::DDPM:
-    case Cls::DPM2SA:
+    case Cls::DPMSDE:
     case Cls::LCM:
     case Cls::EulerA: return true;
     case Cls::DDIM:
+    case Cls::DPM2SA:
     case Cls::TCD: return kind_->eta > 0;
     case Cls::DPM: return config_.algorithm_type == "sde-dpmsolver++";
     default: return false;
@@ -765,6 +781,8 @@ int64_t Scheduler::fewest_sound_steps() const {
       return is_stochastic() ? 15 : 0;
     case Cls::UniPC: return c.rescale_betas_zero_snr ? 12 : 0;
     case Cls::LCM: return c.rescale_betas_zero_snr ? 8 : 0;  // as runtime/schedulers/lcm.py
+    case Cls::TCD: return c.rescale_betas_zero_snr ? 20 : 0;  // as runtime/schedulers/tcd.py
+    case Cls::DPM2SA: return c.rescale_betas_zero_snr ? 15 : 0;  // as runtime/schedulers/dpm_2s_ancestral.py
     default: return 0;
   }
 }
@@ -1100,38 +1118,60 @@ class EulerARun : public SigmaRunT<EulerARun> {
   }
 };
 
-// ---- Heun (Karras et al. 2022, Alg. 1 without churn) ----
-class HeunRun : public SigmaRunT<HeunRun> {
+// ---- two UNet calls per step, as two entries of the run (Heun, DPM++ 2S a, DPM++ SDE; base.py TwoStageRun) ----
+// `first` begins a step and says whether it needs the second call (a last step to sigma 0 ends in one);
+// `second` finishes it with what `first` kept in the run's members.
+template <class Derived>
+class TwoStageRunT : public SigmaRunT<Derived> {
  public:
-  using SigmaRunT::SigmaRunT;
+  using SigmaRunT<Derived>::SigmaRunT;
+  using Draw = SchedulerRun::Draw;  // not found through the dependent base
   int64_t order() const override { return 2; }
 
  protected:
   bool multistep() const override { return true; }
   void reset_history() override { pending_ = false; }
-  Vec do_step(const Vec& m, int64_t g, int64_t, const Vec& x, const std::vector<int64_t>&, const Draw&, const Vec*) override {
+  Vec do_step(const Vec& m, int64_t g, int64_t, const Vec& x, const std::vector<int64_t>&, const Draw& draw, const Vec*) override {
+    if (!pending_) return first(m, g, x, draw, pending_);  // a run (also with_strength's) starts on a first call
+    pending_ = false;
+    return second(m, g, x, draw);
+  }
+  virtual Vec first(const Vec& m, int64_t g, const Vec& x, const Draw& draw, bool& needs_second) = 0;
+  virtual Vec second(const Vec& m, int64_t g, const Vec& x, const Draw& draw) = 0;
+  bool pending_ = false;
+};
+
+// ---- Heun (Karras et al. 2022, Alg. 1 without churn) ----
+class HeunRun : public TwoStageRunT<HeunRun> {
+ public:
+  using TwoStageRunT::TwoStageRunT;
+
+ protected:
+  Vec slope(const Vec& m, const Vec& x, double sigma) const {
     const SchedulerConfig& c = config();
-    double sigma = sigmas_[g];
     Vec x0 = x0_from_sigma(c.prediction_type, m, x, sigma);
     if (c.clip_sample)
       for (double& v : x0) v = std::min(std::max(v, -c.clip_sample_range), c.clip_sample_range);
     Vec d(x.size());
     for (std::size_t i = 0; i < x.size(); ++i) d[i] = (x[i] - x0[i]) / sigma;
+    return d;
+  }
+  Vec first(const Vec& m, int64_t g, const Vec& x, const Draw&, bool& needs_second) override {  // Euler
+    double sigma = sigmas_[g];
+    pd_ = slope(m, x, sigma);
+    pdt_ = sigmas_[g + 1] - sigma;
+    px_ = x;
+    needs_second = true;
     Vec out(x.size());
-    if (!pending_) {
-      double dt = sigmas_[g + 1] - sigma;
-      px_ = x;
-      pd_ = d;
-      pdt_ = dt;
-      pending_ = true;
-      for (std::size_t i = 0; i < x.size(); ++i) out[i] = x[i] + d[i] * dt;
-      return out;
-    }
-    pending_ = false;
+    for (std::size_t i = 0; i < x.size(); ++i) out[i] = x[i] + pd_[i] * pdt_;
+    return out;
+  }
+  Vec second(const Vec& m, int64_t g, const Vec& x, const Draw&) override {  // Heun: the mean of both slopes
+    Vec d = slope(m, x, sigmas_[g]);
+    Vec out(x.size());
     for (std::size_t i = 0; i < x.size(); ++i) out[i] = px_[i] + (pd_[i] + d[i]) / 2 * pdt_;
     return out;
   }
-  bool pending_ = false;
   Vec px_, pd_;
   double pdt_ = 0;
 };
@@ -1552,11 +1592,11 @@ class LCMRun : public RunBase<LCMRun> {
  public:
   using RunBase::RunBase;
   std::unique_ptr<SchedulerRun> with_strength(double strength) const override {
-    // diffusers' LCM img2img rebuilds the schedule from the first int(original * strength) distillation steps.
+    // diffusers' LCM img2img rebuilds the schedule from the first int(original * strength) distillation steps
+    // and runs all of its steps (lcm.py LCMRun.with_strength).
     if (!(strength > 0 && strength <= 1))
       throw SchedulerConfigError("strength must be in (0, 1], got " + py_float_repr(strength));
-    auto full = make_lcm_run(scheduler_, kind_, num_inference_steps_, strength);
-    return full->SchedulerRun::with_strength(strength);
+    return make_lcm_run(scheduler_, kind_, num_inference_steps_, strength);
   }
 
  protected:
@@ -1658,53 +1698,93 @@ class TCDRun : public RunBase<TCDRun> {
 };
 
 // ---- DPM++ 2S ancestral (k-diffusion sample_dpmpp_2s_ancestral) ----
-// (sigma_down, sigma_up) of k-diffusion's get_ancestral_step with eta = 1.
-std::pair<double, double> ancestral_split(double s, double s_next) {
-  double sigma_up = std::min(s_next, std::sqrt(s_next * s_next * (s * s - s_next * s_next) / (s * s)));
+// (sigma_down, sigma_up) of k-diffusion's get_ancestral_step: sigma_up = eta sqrt(...) at most s_next.
+std::pair<double, double> ancestral_split(double s, double s_next, double eta = 1.0) {
+  double sigma_up = std::min(s_next, eta * std::sqrt(s_next * s_next * (s * s - s_next * s_next) / (s * s)));
   return {std::sqrt(s_next * s_next - sigma_up * sigma_up), sigma_up};
 }
 
-class DPM2SARun : public SigmaRunT<DPM2SARun> {
+class DPM2SARun : public TwoStageRunT<DPM2SARun> {
  public:
-  using SigmaRunT::SigmaRunT;
-  int64_t order() const override { return 2; }
+  using TwoStageRunT::TwoStageRunT;
 
  protected:
-  bool multistep() const override { return true; }
-  void reset_history() override { pending_ = false; }
-  bool step_draws_noise(int64_t g) const override { return g % 2 == 1; }  // the midpoint call finishes a step
-  Vec do_step(const Vec& m, int64_t g, int64_t, const Vec& x, const std::vector<int64_t>&, const Draw& draw, const Vec*) override {
+  bool step_draws_noise(int64_t g) const override { return g % 2 == 1 && kind().eta > 0; }  // the midpoint call finishes a step
+  Vec first(const Vec& m, int64_t g, const Vec& x, const Draw&, bool& needs_second) override {
     double sigma = sigmas_[g];
     Vec x0 = x0_from_sigma(config().prediction_type, m, x, sigma);
     Vec out(x.size());
-    if (!pending_) {
-      double s_next = g + 2 < static_cast<int64_t>(sigmas_.size()) ? sigmas_[g + 2] : 0.0;
-      auto [sigma_down, sigma_up] = ancestral_split(sigma, s_next);
-      if (sigma_down == 0) {  // the last step: Euler to 0 lands on D(x; s_i)
-        for (std::size_t i = 0; i < x.size(); ++i) out[i] = x[i] + (x[i] - x0[i]) / sigma * (0.0 - sigma);
-        return out;
-      }
-      double h = std::log(sigma / sigma_down);
-      px_ = x;
-      ph_ = h;
-      pup_ = sigma_up;
-      pending_ = true;
-      double c1 = sigmas_[g + 1] / sigma, c2 = std::expm1(-h / 2);
-      for (std::size_t i = 0; i < x.size(); ++i) out[i] = c1 * x[i] - c2 * x0[i];
+    double s_next = g + 2 < static_cast<int64_t>(sigmas_.size()) ? sigmas_[g + 2] : 0.0;
+    auto [sigma_down, sigma_up] = ancestral_split(sigma, s_next, kind().eta);
+    if (sigma_down == 0) {  // the last step: Euler to 0 lands on D(x; s_i)
+      for (std::size_t i = 0; i < x.size(); ++i) out[i] = x[i] + (x[i] - x0[i]) / sigma * (0.0 - sigma);
       return out;
     }
-    pending_ = false;
+    double h = std::log(sigma / sigma_down);
+    px_ = x;
+    ph_ = h;
+    pup_ = sigma_up;
+    needs_second = true;
+    double c1 = sigmas_[g + 1] / sigma, c2 = std::expm1(-h / 2);
+    for (std::size_t i = 0; i < x.size(); ++i) out[i] = c1 * x[i] - c2 * x0[i];  // x at the midpoint
+    return out;
+  }
+  Vec second(const Vec& m, int64_t g, const Vec& x, const Draw& draw) override {
+    Vec x0 = x0_from_sigma(config().prediction_type, m, x, sigmas_[g]);
+    Vec out(x.size());
     double c1 = std::exp(-ph_), c2 = std::expm1(-ph_);
-    Vec z = draw();
-    for (std::size_t i = 0; i < x.size(); ++i) {
-      out[i] = c1 * px_[i] - c2 * x0[i];
-      out[i] = out[i] + z[i] * pup_;
+    for (std::size_t i = 0; i < x.size(); ++i) out[i] = c1 * px_[i] - c2 * x0[i];
+    if (pup_ > 0) {  // eta = 0 draws nothing
+      Vec z = draw();
+      for (std::size_t i = 0; i < x.size(); ++i) out[i] = out[i] + z[i] * pup_;
     }
     return out;
   }
-  bool pending_ = false;
   Vec px_;
   double ph_ = 0, pup_ = 0;
+};
+
+// ---- DPM++ SDE (diffusers' DPMSolverSDEScheduler; dpm_sde.py) ----
+// Heun's sigma table [s0, s1, s1, ..., 0]; entry 2j at s_j, entry 2j + 1 at the log-midpoint m_j = sqrt(s_j s_{j+1}).
+// Each call: x' = (sigma_down / s) x + (1 - sigma_down / s) D + sigma_up z (ancestral Euler), the last one Euler to 0.
+class DPMSDERun : public TwoStageRunT<DPMSDERun> {
+ public:
+  DPMSDERun(std::shared_ptr<const Scheduler> s, Vec ts, int64_t n, Vec sigmas, Vec mids)
+      : TwoStageRunT(std::move(s), std::move(ts), n, std::move(sigmas)), mids_(std::move(mids)) {}
+
+ protected:
+  bool step_draws_noise(int64_t g) const override { return sigmas_[g + 1] > 0; }  // all but the last (Euler) call
+  void scale_input(Vec& x, int64_t g) const override {
+    double sigma = g % 2 == 0 ? sigmas_[g] : mids_[g / 2];
+    double d = std::sqrt(sigma * sigma + 1);
+    for (double& v : x) v = v / d;
+  }
+  static Vec ancestral(const Vec& x, const Vec& x0, double s, double s_to, const Draw& draw) {
+    auto [sigma_down, sigma_up] = ancestral_split(s, s_to);
+    double r = sigma_down / s;
+    Vec z = draw();
+    Vec out(x.size());
+    for (std::size_t i = 0; i < x.size(); ++i) out[i] = r * x[i] + (1.0 - r) * x0[i] + z[i] * sigma_up;
+    return out;
+  }
+  Vec first(const Vec& m, int64_t g, const Vec& x, const Draw& draw, bool& needs_second) override {
+    double sigma = sigmas_[g];
+    Vec x0 = x0_from_sigma(config().prediction_type, m, x, sigma);
+    if (sigmas_[g + 1] == 0) {  // the last step: Euler to 0 lands on D(x; s_{n-1})
+      Vec out(x.size());
+      for (std::size_t i = 0; i < x.size(); ++i) out[i] = x[i] + (x[i] - x0[i]) / sigma * (0.0 - sigma);
+      return out;
+    }
+    px_ = x;
+    needs_second = true;
+    return ancestral(x, x0, sigma, mids_[g / 2], draw);  // to the midpoint
+  }
+  Vec second(const Vec& m, int64_t g, const Vec& x, const Draw& draw) override {
+    Vec x0 = x0_from_sigma(config().prediction_type, m, x, mids_[g / 2]);  // D(x_mid; m_j)
+    return ancestral(px_, x0, sigmas_[g - 1], sigmas_[g], draw);
+  }
+  Vec mids_;
+  Vec px_;
 };
 
 }  // namespace
@@ -1728,7 +1808,8 @@ std::unique_ptr<SchedulerRun> Scheduler::set_timesteps(int64_t n) const {
       steps_s.push_back(0.0);
       steps_s = to_f32_table(steps_s);
       Vec mids;  // midpoint sigma of every two-call step
-      for (int64_t i = 0; i + 1 < n; ++i) mids.push_back(std::sqrt(steps_s[i] * ancestral_split(steps_s[i], steps_s[i + 1]).first));
+      for (int64_t i = 0; i + 1 < n; ++i)
+        mids.push_back(std::sqrt(steps_s[i] * ancestral_split(steps_s[i], steps_s[i + 1], kind_->eta).first));
       mids = to_f32_table(mids);
       Vec mid_t = sigma_to_t(mids, log_f32(train_sigmas(ac)), true);
       Vec ts, sig;
@@ -1798,6 +1879,30 @@ std::unique_ptr<SchedulerRun> Scheduler::set_timesteps(int64_t n) const {
         ts.push_back(t[i]);
       }
       return finish(std::make_unique<HeunRun>(self, ts, n, sig));
+    }
+    case Cls::DPMSDE: {
+      auto [t, s] = discrete_sigmas(c, ac, n, false);  // float64, without the tail
+      Vec mids;  // float64 log-midpoints sqrt(s_j s_{j+1}), whose timesteps diffusers reads back
+      for (std::size_t i = 0; i + 1 < s.size(); ++i) mids.push_back(std::sqrt(s[i] * s[i + 1]));
+      Vec log_table;  // float64 log of the float32 training sigmas (dpm_sde.py: no float32 log's ulp errors)
+      for (float v : train_sigmas(ac)) log_table.push_back(std::log(static_cast<double>(v)));
+      Vec mid_t = sigma_to_t(mids, log_table);
+      Vec ts;
+      for (std::size_t i = 0; i < t.size(); ++i) {
+        ts.push_back(static_cast<double>(f32(t[i])));
+        if (i + 1 < t.size()) ts.push_back(static_cast<double>(f32(mid_t[i])));
+      }
+      s.push_back(0.0);
+      s = to_f32_table(s);
+      Vec sig = {s[0]};
+      for (std::size_t i = 1; i + 1 < s.size(); ++i) {
+        sig.push_back(s[i]);
+        sig.push_back(s[i]);
+      }
+      sig.push_back(s.back());
+      Vec mids32;  // the midpoints as the model sees them: float32 of sqrt of the float32 table's neighbours
+      for (std::size_t i = 0; i + 2 < s.size(); ++i) mids32.push_back(static_cast<double>(f32(std::sqrt(s[i] * s[i + 1]))));
+      return finish(std::make_unique<DPMSDERun>(self, ts, n, sig, mids32));
     }
     case Cls::DPM: {
       std::vector<float> st = train_sigmas(ac);

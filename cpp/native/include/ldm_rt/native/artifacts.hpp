@@ -29,6 +29,14 @@ struct ModelFacts {
   std::optional<int64_t> num_classes;
   std::string autoencoder_kind;  // "kl" or "vq"
   double scale_factor = 1.0;
+  // SDXL (contracts.ModelFacts says what each holds): the second text encoder's sequence width (after the
+  // first's in the context), its pooled projection's width (the UNet's text_embeds), how many time ids the
+  // UNet takes (6: base, 5: refiner), and whether an empty negative prompt means zero embeddings.
+  bool has_text_encoder = true;
+  std::optional<int64_t> text_encoder_2_dim;
+  std::optional<int64_t> pooled_dim;
+  std::optional<int64_t> time_ids;
+  bool force_zeros_for_empty_prompt = false;
   int64_t pixel_multiple() const { return latent_factor * unet_factor; }
 };
 
@@ -48,8 +56,9 @@ struct Artifacts {
   std::string root;
   ModelFacts facts;
   ShapeProfile profile;
-  std::map<std::string, ComponentFiles> components;  // text_encoder, unet, vae_decoder, vae_encoder
+  std::map<std::string, ComponentFiles> components;  // text_encoder(_2), unet, vae_decoder, vae_encoder
   std::optional<PromptTokenizer> tokenizer;
+  std::optional<PromptTokenizer> tokenizer_2;  // SDXL's second (text_encoder_2's ids; its own pad token)
   SchedulerConfig scheduler_config;
   std::string model_hash;  // the source weights' sha256 (what image metadata names)
 

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
 #include <optional>
 #include <string>
 #include <vector>
@@ -30,6 +31,8 @@ struct GenerationParams {
   std::string precision = "fp32";
   bool reduced_precision = false;
   std::string mode = "txt2img";  // "img2img", "inpaint"
+  // SDXL: the micro-conditioning the UNet read (MicroConditioning::to_json), name -> JSON text.
+  std::map<std::string, std::string> micro;
 
   int64_t images() const { return int64_t(prompts.size()) * batch; }
   // json.dumps(params, sort_keys=True) as Python writes it (ensure_ascii, ", " and ": ").

@@ -27,6 +27,8 @@
 #include "ldm_rt/native/backend.hpp"
 #include "ldm_rt/native/errors.hpp"
 #include "ldm_rt/native/metadata.hpp"
+#include "ldm_rt/native/micro_conditioning.hpp"
+#include "ldm_rt/native/npy.hpp"
 #include "ldm_rt/native/png_io.hpp"
 #include "ldm_rt/native/scheduler.hpp"
 
@@ -56,10 +58,14 @@ struct Request {
   std::optional<uint64_t> seed;       // none: a fresh random seed (recorded in the result)
   int64_t batch = 1;                  // images per prompt
   std::optional<int64_t> height, width;  // default: the init image's size, else the profile's optimum
+  // Unit-variance initial noise (B, C, H/f, W/f) instead of drawing it (multiplied by the scheduler's
+  // init_noise_sigma, as diffusers' latents=); LatentsInput::of(tensor), or read_npy(path).
+  std::optional<LatentsInput> latents;
   std::optional<Image> init_image;    // img2img; with mask, inpainting
   std::optional<double> strength;     // default 0.8 (1.0 with a mask)
   std::optional<Mask> mask;           // 1 = repaint
   std::optional<double> mask_blur = 0.0;  // 0: hard seam; nullopt: the decoder's pixels everywhere
+  MicroRequest micro;                 // SDXL: sizes, crops, aesthetic scores (defaults: diffusers')
   // After every denoising step: (step index, steps, timestep). Called on the generating thread.
   std::function<void(int64_t, int64_t, double)> callback;
 };
@@ -67,12 +73,15 @@ struct Request {
 struct Result {
   std::vector<Image> images;
   GenerationParams params;
-  std::map<std::string, double> timings;  // seconds: text_encoder, vae_encoder, unet, vae_decoder, total
+  std::map<std::string, double> timings;  // seconds: text_encoder(_2), vae_encoder, unet, vae_decoder, total
 
-  // Image files with their parameters (PNG only): `path` for one image, NAME_0.png, NAME_1.png, ... for a
-  // batch; all are written or none. Returns the paths.
+  // Image files with their parameters (PNG: text chunks; JPEG: the EXIF UserComment; by extension): `path`
+  // for one image, NAME_0.png, NAME_1.png, ... for a batch; all are written or none. Returns the paths.
   std::vector<std::string> save(const std::string& path) const;
 };
+
+// The format an output name asks for ("PNG" or "JPEG", by extension), else OutputError naming those written.
+std::string output_format(const std::string& path);
 
 // The files a save(path) of `count` images writes (images.output_paths).
 std::vector<std::string> output_paths(const std::string& path, std::size_t count);
@@ -95,7 +104,9 @@ class Pipeline {
   struct Start;
   static std::shared_ptr<const Pipeline> open(const LoadOptions& options);
   Result run_request(const Request& request) const;
-  Tensor encode_prompts(const GenerationParams& p, bool use_cfg, std::map<std::string, double>& timings) const;
+  // (context (rows, L, D), pooled (rows, P) for SDXL): runtime/pipeline.py _encode_prompts.
+  std::pair<Tensor, std::optional<Tensor>> encode_prompts(const GenerationParams& p, bool use_cfg,
+                                                          std::map<std::string, double>& timings) const;
   Tensor encode_image(const std::vector<float>& image, int64_t h, int64_t w, std::map<std::string, double>& timings) const;
   std::map<std::string, Tensor> call(const std::string& name, const std::vector<Feed>& feeds,
                                      std::map<std::string, double>& timings, std::optional<int64_t> step = {}) const;
@@ -110,6 +121,9 @@ class Pipeline {
   std::function<void(const std::string&)> warn_;
   UsableSchedulers schedulers_;
   bool inpainting_unet_ = false;
+  bool has_text_ = false;             // SD's text encoder, SDXL's two, or a refiner's second only
+  std::optional<int64_t> time_ids_;   // SDXL: the UNet's time ids (6 base, 5 refiner)
+  bool is_refiner_ = false;
 };
 
 }  // namespace ldm_rt::native

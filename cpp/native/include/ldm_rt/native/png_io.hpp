@@ -1,4 +1,4 @@
-// PNG in and out, as runtime/images.py does with Pillow: init images and masks read (8- and 16-bit, size
+// PNG in and out (JPEG: jpeg_io.hpp), as runtime/images.py does with Pillow: init images and masks read (8- and 16-bit, size
 // bounded from the header before decoding), images written with their parameters in text chunks, and files
 // written all or none (temp file beside each, renamed once all are complete).
 #pragma once
@@ -34,6 +34,14 @@ Image read_rgb_png(const std::string& path, const std::string& what = "init imag
 // A mask as images.as_mask_array reads a file: 8-bit levels / 255 (colour through Pillow's "L" weights),
 // 16-bit grey / 65535.
 Mask read_mask_png(const std::string& path);
+
+// An init image or mask file in any format ldm-rt-native reads (PNG; JPEG where built with libjpeg), told
+// apart by its first bytes as Pillow does.
+Image read_rgb_image(const std::string& path, const std::string& what = "init image");
+Mask read_mask_image(const std::string& path);
+
+// images._check_size: ImageInputError when width x height is over kMaxInputPixels.
+void check_input_size(int64_t width, int64_t height, const std::string& what);
 
 // (H, W, 3) uint8 as PNG bytes, one text chunk per entry (tEXt when the value is Latin-1, else iTXt, as Pillow).
 std::vector<uint8_t> encode_png(const Image& image, const TextChunks& text);

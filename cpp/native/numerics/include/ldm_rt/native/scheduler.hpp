@@ -11,7 +11,7 @@
 //
 // Arithmetic as the spec states: tables float32 as the runtime stores them, a step in float64 from the
 // float32 inputs, result rounded to float32. Errors carry the runtime's one-line messages. Names: every one
-// of runtime/schedulers/registry.py (scheduler_names()), including lcm, tcd and dpmpp-2s-a.
+// of runtime/schedulers/registry.py (scheduler_names()), including lcm, tcd, dpmpp-2s-a and dpmpp-sde(-karras).
 #pragma once
 
 #include <cstdint>
@@ -91,7 +91,7 @@ class Scheduler : public std::enable_shared_from_this<Scheduler> {
  public:
   // registry.make_scheduler(name, config, **options): "unknown scheduler 'x'; valid names are [...]", and the
   // class's refusals (prediction type, zero-terminal-SNR). `option`: the name's one option, "ddim"'s eta
-  // (default 0) or "tcd"'s gamma (default 0.3); other names take none.
+  // (default 0), "tcd"'s gamma (default 0.3) or "dpmpp-2s-a"'s eta (default 1); other names take none.
   static std::shared_ptr<const Scheduler> make(const std::string& name, const SchedulerConfig& config,
                                                std::optional<double> option = std::nullopt);
 
