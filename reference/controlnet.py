@@ -19,12 +19,10 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from ldm_rt.runtime.controlnet import GUESS_MODE_FIRST_SCALE_LOG10
+
 from .configs import ConfigError, ControlNetConfig, UNetConfig
 from .unet import UNetInputError, UNetModel
-
-# Guess mode (diffusers' ControlNetModel, `guess_mode`): residual k of n+1 is scaled by 10^(k/n - 1), from 0.1 at
-# the full-resolution skip to 1.0 at the middle block, so the coarse residuals dominate without a prompt.
-GUESS_MODE_FIRST_SCALE_LOG10 = -1.0
 
 
 class ResidualLayout(NamedTuple):
@@ -69,7 +67,8 @@ def check_controlnet_fits(controlnet: ControlNetConfig, unet: UNetConfig) -> Non
 
 
 def guess_mode_scales(count: int) -> torch.Tensor:
-    """(count,) scales 0.1 .. 1.0, evenly spaced in log10, as diffusers' guess mode (torch.logspace(-1, 0, n))."""
+    """(count,) scales 0.1 .. 1.0, evenly spaced in log10, as diffusers' guess mode (torch.logspace(-1, 0, n));
+    the constant is the runtime's (runtime/controlnet.py), which applies the same scales to exported residuals."""
     return torch.logspace(GUESS_MODE_FIRST_SCALE_LOG10, 0.0, count)
 
 
