@@ -131,7 +131,7 @@ def _scheduler_entry(name: str, config: SchedulerConfig, counts: list[int], base
         "stochastic": scheduler.is_stochastic,
         "multistep": first.multistep,
     }
-    if name == "ddim":
+    if name in ("ddim", "dpmpp-2s-a"):
         entry["eta"] = scheduler.eta
     if name == "tcd":
         entry["gamma"] = scheduler.gamma

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from fewstep_support import image_uint8, patch_numpy_noise, unit_latents
 from test_runtime_fixtures import exported, psnr
 
 from ldm_rt.runtime.pipeline import Pipeline
@@ -67,21 +68,16 @@ def oracle(lcm_folder):
 
 
 def latents() -> np.ndarray:
-    return np.random.default_rng(SEED).standard_normal((1, 4, SIZE // 2, SIZE // 2), dtype=np.float32)
+    return unit_latents(SEED, SIZE)
 
 
 def diffusers_image(pipe, monkeypatch, guidance: float, seed: int, steps: int = STEPS) -> np.ndarray:
     """diffusers' LCM image from latents(), its step noise drawn from default_rng(seed) as ours is."""
-    rng = np.random.default_rng(seed)
-
-    def numpy_noise(shape, generator=None, device=None, dtype=None, layout=None):
-        return torch.from_numpy(rng.standard_normal(tuple(shape), dtype=np.float32)).to(dtype or torch.float32)
-
-    monkeypatch.setattr("diffusers.schedulers.scheduling_lcm.randn_tensor", numpy_noise)
+    patch_numpy_noise(monkeypatch, "diffusers.schedulers.scheduling_lcm", np.random.default_rng(seed))
     with torch.no_grad():
         images = pipe(PROMPT, num_inference_steps=steps, guidance_scale=guidance, latents=torch.from_numpy(latents()),
                       height=SIZE, width=SIZE, output_type="np").images
-    return np.round(images * 255).astype(np.uint8)
+    return image_uint8(images)
 
 
 def test_guidance_embedding_is_diffusers_get_guidance_scale_embedding(oracle):
@@ -164,3 +160,35 @@ def test_a_negative_prompt_is_named_as_unused(lcm_artifacts, caplog):
         plain = pipe.generate(PROMPT, **kw).images
         negative = pipe.generate(PROMPT, negative_prompt="blurry", **kw).images
     assert "negative prompt is not used" in caplog.text and np.array_equal(plain, negative)
+
+
+def test_lcm_img2img_equals_diffusers_lcm_img2img_pipeline(lcm_folder, lcm_artifacts, monkeypatch):
+    """LatentConsistencyModelImg2ImgPipeline: the schedule rebuilt for the strength, the image's latents noised to its
+    first timestep. One numpy generator on each side draws that noise first, then LCM's step noise; diffusers'
+    VAE posterior sample is pinned to its mean (ours encodes to the mean)."""
+    from PIL import Image
+
+    module = "diffusers.pipelines.latent_consistency_models.pipeline_latent_consistency_img2img"
+    pipe = diffusers.LatentConsistencyModelImg2ImgPipeline.from_pretrained(lcm_folder, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    monkeypatch.setattr(f"{module}.retrieve_latents", lambda out, generator=None, sample_mode="sample": out.latent_dist.mode())
+    image = np.random.default_rng(4).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+
+    def theirs(strength: float) -> np.ndarray:
+        rng = np.random.default_rng(SEED)
+        patch_numpy_noise(monkeypatch, module, rng)  # the init noise
+        patch_numpy_noise(monkeypatch, "diffusers.schedulers.scheduling_lcm", rng)  # then the step noise
+        with torch.no_grad():
+            out = pipe(PROMPT, image=Image.fromarray(image), num_inference_steps=STEPS, strength=strength, guidance_scale=GUIDANCE,
+                       output_type="np").images  # fmt: skip
+        return image_uint8(out)
+
+    ours = Pipeline.load(lcm_artifacts)
+    kw = dict(init_image=image, steps=STEPS, guidance=GUIDANCE, scheduler="lcm", seed=SEED)
+    for strength in (0.5, 0.8):
+        result = ours.generate(PROMPT, strength=strength, **kw)
+        assert result.params["mode"] == "img2img" and len(result.timings["unet"]) == STEPS  # the strength is in the schedule
+        assert psnr(result.images, theirs(strength)) >= PARITY_DB, strength
+    # The init image matters (else this is txt2img in disguise).
+    other = np.random.default_rng(5).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+    assert psnr(ours.generate(PROMPT, strength=0.5, **{**kw, "init_image": other}).images, theirs(0.5)) < SENSITIVE_DB

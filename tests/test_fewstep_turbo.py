@@ -5,7 +5,8 @@ The oracle is diffusers' StableDiffusionPipeline on a tiny folder whose schedule
 our side runs the exported ONNX UNet of the same weights (the tiny SD v1 export other runtime tests share)
 under the scheduler config read from that folder's JSON, as an export of it would carry. Euler ancestral's
 per-step noise comes from one numpy generator on both sides (diffusers' noise source patched in the test).
-TCD on the same ordinary UNet (as TCD-LoRA runs) is checked against the same pipeline with TCDScheduler.
+TCD on the same ordinary UNet (as TCD-LoRA runs) is checked against the same pipeline with TCDScheduler (gamma 0.3
+and, as `eta`, 0.8), and DPM++ SDE against DPMSolverSDEScheduler (its Brownian-tree noise replaced by numpy draws).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+from fewstep_support import image_uint8, patch_numpy_noise, unit_latents
 from test_runtime_fixtures import exported, psnr
 
 from ldm_rt.runtime.artifacts import Artifacts
@@ -59,21 +61,17 @@ def oracle(turbo_folder):
 
 
 def latents() -> np.ndarray:
-    return np.random.default_rng(SEED).standard_normal((1, 4, SIZE // 2, SIZE // 2), dtype=np.float32)
+    return unit_latents(SEED, SIZE)
 
 
 def diffusers_image(pipe, monkeypatch, scheduler: str, steps: int, guidance: float, prompt: str = PROMPT) -> np.ndarray:
     pipe.scheduler = getattr(diffusers, CLASSES[scheduler]).from_config(pipe.scheduler.config)
-    rng = np.random.default_rng(SEED)  # ours: latents given, so the seed's generator draws only step noise
-
-    def numpy_noise(shape, generator=None, device=None, dtype=None, layout=None):
-        return torch.from_numpy(rng.standard_normal(tuple(shape), dtype=np.float32)).to(dtype or torch.float32)
-
-    monkeypatch.setattr("diffusers.schedulers.scheduling_euler_ancestral_discrete.randn_tensor", numpy_noise)
+    # ours: latents given, so the seed's generator draws only step noise
+    patch_numpy_noise(monkeypatch, "diffusers.schedulers.scheduling_euler_ancestral_discrete", np.random.default_rng(SEED))
     with torch.no_grad():
         images = pipe(prompt, negative_prompt=NEGATIVE, num_inference_steps=steps, guidance_scale=guidance,
                       latents=torch.from_numpy(latents()), height=SIZE, width=SIZE, output_type="np").images
-    return np.round(images * 255).astype(np.uint8)
+    return image_uint8(images)
 
 
 @pytest.mark.parametrize("scheduler,steps", [("euler-a", 1), ("euler-a", 4), ("euler", 1), ("euler", 2)])
@@ -112,16 +110,49 @@ def test_tcd_matches_diffusers_stable_diffusion_pipeline_with_gamma_0_3(ours, or
     # TCD on an ordinary UNet (as TCD-LoRA runs), with guidance; diffusers' pipeline passes gamma as `eta`.
     pipe = oracle
     pipe.scheduler = diffusers.TCDScheduler.from_config(pipe.scheduler.config)
+
+    def theirs(eta: float) -> np.ndarray:
+        patch_numpy_noise(monkeypatch, "diffusers.schedulers.scheduling_tcd", np.random.default_rng(SEED))
+        with torch.no_grad():
+            images = pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=4, guidance_scale=3.0, eta=eta,
+                          latents=torch.from_numpy(latents()), height=SIZE, width=SIZE, output_type="np").images
+        return image_uint8(images)
+
+    kw = dict(negative_prompt=NEGATIVE, steps=4, guidance=3.0, seed=SEED, height=SIZE, width=SIZE, latents=latents())
+    default = theirs(0.3)
+    assert psnr(ours.generate(PROMPT, scheduler="tcd", **kw).images, default) >= PARITY_DB
+    assert psnr(ours.generate(PROMPT, scheduler="tcd", **{**kw, "seed": SEED + 1}).images, default) < SENSITIVE_DB  # its noise
+    # gamma as diffusers' `eta` (--eta), recorded in the image's parameters; it moves the image.
+    result = ours.generate(PROMPT, scheduler="tcd", eta=0.8, **kw)
+    assert psnr(result.images, theirs(0.8)) >= PARITY_DB and result.params["eta"] == 0.8
+    assert psnr(result.images, default) < SENSITIVE_DB
+
+
+@pytest.mark.parametrize("scheduler", ["dpmpp-sde", "dpmpp-sde-karras"])
+def test_dpmpp_sde_matches_diffusers_dpm_solver_sde_scheduler(ours, oracle, monkeypatch, scheduler):
+    """DPMSolverSDEScheduler (two UNet calls per step, noise at each): diffusers' Brownian-tree noise sampler is
+    replaced by draws from the same numpy generator ours draws from, in call order."""
+    pytest.importorskip("torchsde")  # diffusers' DPMSolverSDEScheduler imports it
+    from diffusers.schedulers import scheduling_dpmsolver_sde
+
     rng = np.random.default_rng(SEED)
 
-    def numpy_noise(shape, generator=None, device=None, dtype=None, layout=None):
-        return torch.from_numpy(rng.standard_normal(tuple(shape), dtype=np.float32)).to(dtype or torch.float32)
+    class NumpyNoiseSampler:  # BrownianTreeNoiseSampler's interface: unit-variance noise shaped like x
+        def __init__(self, x, sigma_min, sigma_max, seed=None, transform=None):
+            self.shape = tuple(x.shape)
 
-    monkeypatch.setattr("diffusers.schedulers.scheduling_tcd.randn_tensor", numpy_noise)
+        def __call__(self, sigma, sigma_next):
+            return torch.from_numpy(rng.standard_normal(self.shape, dtype=np.float32))
+
+    monkeypatch.setattr(scheduling_dpmsolver_sde, "BrownianTreeNoiseSampler", NumpyNoiseSampler)
+    config = {**oracle.scheduler.config, "use_karras_sigmas": scheduler.endswith("karras")}
+    oracle.scheduler = diffusers.DPMSolverSDEScheduler.from_config(config)
     with torch.no_grad():
-        images = pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=4, guidance_scale=3.0, eta=0.3,
-                      latents=torch.from_numpy(latents()), height=SIZE, width=SIZE, output_type="np").images
-    theirs = np.round(images * 255).astype(np.uint8)
-    kw = dict(negative_prompt=NEGATIVE, steps=4, guidance=3.0, seed=SEED, height=SIZE, width=SIZE, latents=latents())
-    assert psnr(ours.generate(PROMPT, scheduler="tcd", **kw).images, theirs) >= PARITY_DB
-    assert psnr(ours.generate(PROMPT, scheduler="tcd", **{**kw, "seed": SEED + 1}).images, theirs) < SENSITIVE_DB  # its noise
+        images = oracle(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=4, guidance_scale=3.0,
+                        latents=torch.from_numpy(latents()), height=SIZE, width=SIZE, output_type="np").images
+    theirs = image_uint8(images)
+    kw = dict(negative_prompt=NEGATIVE, steps=4, guidance=3.0, scheduler=scheduler, seed=SEED, height=SIZE, width=SIZE, latents=latents())
+    result = ours.generate(PROMPT, **kw)
+    assert psnr(result.images, theirs) >= PARITY_DB
+    assert len(result.timings["unet"]) == 2 * 4 - 1  # two UNet calls per step but the last, each timed
+    assert psnr(ours.generate(PROMPT, **{**kw, "seed": SEED + 1}).images, theirs) < SENSITIVE_DB  # its noise

@@ -9,6 +9,7 @@ from .config import PREDICTION_TYPES, SchedulerConfig, SchedulerConfigError, sd_
 from .ddim import DDIMScheduler
 from .ddpm import DDPMScheduler
 from .dpm_2s_ancestral import DPMPP2SAncestralScheduler
+from .dpm_sde import DPMSolverSDEScheduler
 from .dpm_solver import DPMSolverMultistepScheduler
 from .euler import EulerScheduler
 from .euler_ancestral import EulerAncestralScheduler
@@ -20,11 +21,13 @@ from .tcd import TCDScheduler
 from .registry import (
     DIFFUSERS_DEFAULTS,
     DIFFUSERS_SCHEDULERS,
+    ETA_OPTIONS,
     SCHEDULERS,
     make_scheduler,
     scheduler_from_diffusers_config,
     scheduler_from_diffusers_json,
     usable_schedulers,
+    with_eta,
 )
 from .unipc import UniPCMultistepScheduler
 
@@ -35,6 +38,8 @@ __all__ = [
     "DIFFUSERS_SCHEDULERS",
     "DPMPP2SAncestralScheduler",
     "DPMSolverMultistepScheduler",
+    "DPMSolverSDEScheduler",
+    "ETA_OPTIONS",
     "EulerAncestralScheduler",
     "EulerScheduler",
     "HeunScheduler",
@@ -55,4 +60,5 @@ __all__ = [
     "scheduler_from_diffusers_json",
     "sd_scheduler_config",
     "usable_schedulers",
+    "with_eta",
 ]

@@ -320,6 +320,34 @@ class SigmaRun(SchedulerRun):
         return {"sigmas": self.sigmas.tolist()}
 
 
+class TwoStageRun(SigmaRun):
+    """A sigma-table run whose steps take two model calls, as two entries of the run (Heun, DPM++ 2S a,
+    DPM++ SDE): the first call's entry begins a step and keeps what the second needs (`_first` returns it, or
+    None when the step ends in one call, as a last step to sigma 0 does); the second's entry finishes it."""
+
+    multistep = True  # the second call finishes the step the first began
+    order = 2
+
+    def _reset_history(self) -> None:
+        self._pending: Any = None
+
+    def _step(
+        self, m: np.ndarray, g: int, k: int, x: np.ndarray, draw: Draw, predicted_variance: np.ndarray | None
+    ) -> np.ndarray:
+        if self._pending is None:  # a run (also with_strength's) starts on a first call
+            out, self._pending = self._first(m, g, x, draw)
+            return out
+        pending, self._pending = self._pending, None
+        return self._second(m, g, x, pending, draw)
+
+    def _first(self, m: np.ndarray, g: int, x: np.ndarray, draw: Draw) -> tuple[np.ndarray, Any]:
+        """(the sample the second call's model input is made from, state for `_second` or None)."""
+        raise NotImplementedError
+
+    def _second(self, m: np.ndarray, g: int, x: np.ndarray, pending: Any, draw: Draw) -> np.ndarray:
+        raise NotImplementedError
+
+
 def vp(sigma: float) -> tuple[float, float]:
     """(alpha_t, sigma_t) of the VP process at VE noise level sigma."""
     alpha = 1.0 / np.sqrt(sigma**2 + 1)

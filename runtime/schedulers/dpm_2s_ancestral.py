@@ -16,35 +16,55 @@ from typing import Any
 
 import numpy as np
 
-from .base import Draw, Scheduler, SigmaRun, x0_from_sigma
-from .config import train_sigmas
+from .base import Draw, Scheduler, TwoStageRun, x0_from_sigma
+from .config import SchedulerConfig, SchedulerConfigError, train_sigmas
 from .sigmas import interpolated_sigmas, sigma_to_t
 
 
-def ancestral_split(s: float, s_next: float) -> tuple[float, float]:
-    """(sigma_down, sigma_up) of k-diffusion's get_ancestral_step with eta = 1: sigma_down^2 + sigma_up^2 = s_next^2."""
-    sigma_up = min(s_next, np.sqrt(s_next**2 * (s**2 - s_next**2) / s**2))
+def ancestral_split(s: float, s_next: float, eta: float = 1.0) -> tuple[float, float]:
+    """(sigma_down, sigma_up) of k-diffusion's get_ancestral_step: sigma_down^2 + sigma_up^2 = s_next^2, with
+    sigma_up = eta sqrt(s_next^2 (s^2 - s_next^2) / s^2) (at most s_next); eta = 0 adds no noise."""
+    sigma_up = min(s_next, eta * np.sqrt(s_next**2 * (s**2 - s_next**2) / s**2))
     return float(np.sqrt(s_next**2 - sigma_up**2)), float(sigma_up)
 
 
+def check_eta(name: str, eta: float) -> float:
+    if isinstance(eta, bool) or not isinstance(eta, (int, float, np.floating)) or not 0 <= eta <= 1:
+        raise SchedulerConfigError(f"{name}: eta must be a number in [0, 1] (0: no ancestral noise), got {eta!r}")
+    return float(eta)
+
+
 class DPMPP2SAncestralScheduler(Scheduler):
-    """DPM++ 2S ancestral: two model calls per step but the last, noise after every step but the last."""
+    """DPM++ 2S ancestral: two model calls per step but the last, noise of size eta sigma_up after every step
+    but the last. k-diffusion's eta (default 1); Karras sigmas are not offered, as diffusers' Euler ancestral
+    (whose sigmas these are) has no use_karras_sigmas."""
 
     name = "dpmpp-2s-a"
     diffusers_class = ""  # none in diffusers: k-diffusion's sample_dpmpp_2s_ancestral is the reference
     prediction_types = ("epsilon", "v_prediction")  # as euler-a, whose sigmas it steps over
     terminal_alpha_bar_floor = True
 
+    def __init__(self, config: SchedulerConfig | None = None, eta: float = 1.0) -> None:
+        super().__init__(config)
+        self.eta = check_eta(self.name, eta)
+
     @property
     def is_stochastic(self) -> bool:
-        return True
+        return self.eta > 0
+
+    @property
+    def fewest_sound_steps(self) -> int:
+        # Measured on the shipped default model (zero terminal SNR, eta 1) against 100-step DDIM, images more than
+        # 10 levels off on average: 10 of 24 at 4 steps, 5 at 6, 2 at 8 and 10, none at 15 or 20. Other eta: not
+        # measured, taken to be no better.
+        return 15 if self.config.rescale_betas_zero_snr else 0
 
     def _make_run(self, num_inference_steps: int) -> DPMPP2SAncestralRun:
         steps_t, steps_s = interpolated_sigmas(self.config, self.alphas_cumprod, num_inference_steps)
         steps_s = np.concatenate([steps_s, [0.0]]).astype(np.float32)  # (n + 1,) with the tail
         mids = []  # (n - 1,) midpoint sigma of every two-call step
         for i in range(num_inference_steps - 1):
-            sigma_down, _ = ancestral_split(float(steps_s[i]), float(steps_s[i + 1]))
+            sigma_down, _ = ancestral_split(float(steps_s[i]), float(steps_s[i + 1]), self.eta)
             mids.append(np.sqrt(float(steps_s[i]) * sigma_down))
         mids = np.asarray(mids, dtype=np.float32)
         mid_t = sigma_to_t(mids, np.log(train_sigmas(self.alphas_cumprod)).astype(np.float64)).astype(np.float32)
@@ -54,35 +74,37 @@ class DPMPP2SAncestralScheduler(Scheduler):
         sigmas[0:-1:2], sigmas[1:-1:2], sigmas[-1] = steps_s[:-1], mids, 0.0
         return DPMPP2SAncestralRun(self, timesteps, num_inference_steps, sigmas)
 
+    def __repr__(self) -> str:
+        return f"DPMPP2SAncestralScheduler({self.config!r}, eta={self.eta})"
 
-class DPMPP2SAncestralRun(SigmaRun):
-    multistep = True  # the midpoint call finishes the step the first began
-    order = 2
 
-    def _reset_history(self) -> None:
-        self._pending: tuple[np.ndarray, float, float] | None = None  # (x_i, h, sigma_up)
+class DPMPP2SAncestralRun(TwoStageRun):
+    """With lambda = -log sigma, h = lambda(sigma_down) - lambda(s_i):
+    x_mid = (m_i / s_i) x - expm1(-h / 2) D(x; s_i);  x' = (sigma_down / s_i) x - expm1(-h) D(x_mid; m_i) + sigma_up z."""
 
-    def _step(
-        self, m: np.ndarray, g: int, k: int, x: np.ndarray, draw: Draw, predicted_variance: np.ndarray | None
-    ) -> np.ndarray:
-        """With lambda = -log sigma, h = lambda(sigma_down) - lambda(s_i):
-        x_mid = (m_i / s_i) x - expm1(-h / 2) D(x; s_i);  x' = (sigma_down / s_i) x - expm1(-h) D(x_mid; m_i) + sigma_up z."""
+    scheduler: DPMPP2SAncestralScheduler
+
+    def _split(self, g: int) -> tuple[float, float]:
+        """(sigma_down, sigma_up) of the step that begins at entry g (even)."""
+        s_next = float(self.sigmas[g + 2]) if g + 2 < len(self.sigmas) else 0.0
+        return ancestral_split(float(self.sigmas[g]), s_next, self.scheduler.eta)
+
+    def _first(self, m: np.ndarray, g: int, x: np.ndarray, draw: Draw) -> tuple[np.ndarray, tuple | None]:
         sigma = np.float64(self.sigmas[g])
         x0 = x0_from_sigma(self.config.prediction_type, m, x, sigma)
-        if self._pending is None:  # even entry: a step begins at s_i
-            s_next = np.float64(self.sigmas[g + 2]) if g + 2 < len(self.sigmas) else 0.0
-            sigma_down, sigma_up = ancestral_split(sigma, s_next)
-            if sigma_down == 0:  # the last step: Euler to 0 lands on D(x; s_i)
-                return x + (x - x0) / sigma * (0.0 - sigma)
-            h = np.log(sigma / sigma_down)
-            self._pending = (x, float(h), sigma_up)
-            return (np.float64(self.sigmas[g + 1]) / sigma) * x - np.expm1(-h / 2) * x0  # x at the midpoint
-        x_i, h, sigma_up = self._pending  # odd entry: D at the midpoint finishes the step
-        self._pending = None
+        sigma_down, sigma_up = self._split(g)
+        if sigma_down == 0:  # the last step: Euler to 0 lands on D(x; s_i)
+            return x + (x - x0) / sigma * (0.0 - sigma), None
+        h = np.log(sigma / sigma_down)
+        return (np.float64(self.sigmas[g + 1]) / sigma) * x - np.expm1(-h / 2) * x0, (x, float(h), sigma_up)  # x at the midpoint
+
+    def _second(self, m: np.ndarray, g: int, x: np.ndarray, pending: tuple, draw: Draw) -> np.ndarray:
+        x_i, h, sigma_up = pending  # D at the midpoint finishes the step
+        x0 = x0_from_sigma(self.config.prediction_type, m, x, np.float64(self.sigmas[g]))
         out = np.exp(-h) * x_i - np.expm1(-h) * x0  # sigma_down / s_i = e^{-h}
-        return out + draw() * sigma_up  # sigma_{i+1} > 0 here (the last step took the branch above)
+        return out + draw() * sigma_up if sigma_up > 0 else out  # eta = 0 draws nothing
 
     def _tables(self) -> dict[str, Any]:
-        splits = [ancestral_split(float(self.sigmas[g]), float(self.sigmas[g + 2]) if g + 2 < len(self.sigmas) else 0.0)
-                  for g in range(0, len(self.sigmas) - 1, 2)]  # fmt: skip
-        return {"sigmas": self.sigmas.tolist(), "sigma_down": [d for d, _ in splits], "sigma_up": [u for _, u in splits]}
+        splits = [self._split(g) for g in range(0, len(self.sigmas) - 1, 2)]
+        return {"sigmas": self.sigmas.tolist(), "eta": self.scheduler.eta,
+                "sigma_down": [d for d, _ in splits], "sigma_up": [u for _, u in splits]}  # fmt: skip

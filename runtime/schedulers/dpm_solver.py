@@ -15,19 +15,8 @@ from typing import Any
 import numpy as np
 
 from .base import Draw, Scheduler, VPSigmaRun, dynamic_threshold, vp, x0_and_eps
-from .config import SchedulerConfig, train_sigmas
-from .sigmas import karras_sigmas, sigma_to_t
-
-
-def multistep_timesteps(c: SchedulerConfig, n: int, last_timestep: int) -> np.ndarray:
-    """Descending int64 timesteps of diffusers' multistep solvers (DPM-Solver++, UniPC): n + 1 points on
-    [0, last_timestep) with the last dropped ("leading": step ratio last_timestep // (n + 1))."""
-    if c.timestep_spacing == "linspace":
-        return np.linspace(0, last_timestep - 1, n + 1).round()[::-1][:-1].astype(np.int64)
-    if c.timestep_spacing == "leading":
-        step_ratio = last_timestep // (n + 1)
-        return (np.arange(0, n + 1) * step_ratio).round()[::-1][:-1].astype(np.int64) + c.steps_offset
-    return np.arange(last_timestep, 0, -c.num_train_timesteps / n).round().astype(np.int64) - 1  # trailing
+from .config import train_sigmas
+from .sigmas import multistep_sigmas, multistep_timesteps
 
 
 class DPMSolverMultistepScheduler(Scheduler):
@@ -71,15 +60,7 @@ class DPMSolverMultistepScheduler(Scheduler):
         lambdas = np.log(np.sqrt(ac)) - np.log(np.sqrt(np.float32(1) - ac))  # (T,) float32, descending in t
         timesteps = multistep_timesteps(c, n, T - int(np.searchsorted(lambdas[::-1], c.lambda_min_clipped)))
         # 2. sigmas: read off the training table, or Karras et al. eq. 5 between the table's extremes
-        if c.use_karras_sigmas:
-            sigma_min = c.sigma_min if c.sigma_min is not None else float(sigmas_train[0])
-            sigma_max = c.sigma_max if c.sigma_max is not None else float(sigmas_train[-1])
-            sigmas = karras_sigmas(sigma_min, sigma_max, n)
-            t = sigma_to_t(sigmas, np.log(sigmas_train))
-            # diffusers rounds except for the cosine schedule, where the int cast truncates.
-            timesteps = (t if c.beta_schedule == "squaredcos_cap_v2" else t.round()).astype(np.int64)
-        else:
-            sigmas = np.interp(timesteps, np.arange(T), sigmas_train)
+        timesteps, sigmas = multistep_sigmas(c, sigmas_train, timesteps, truncate_cosine=True)
         sigma_last = float(sigmas_train[0]) if c.final_sigmas_type == "sigma_min" else 0.0
         sigmas = np.concatenate([sigmas, [sigma_last]]).astype(np.float32)
         return DPMSolverRun(self, timesteps, n, sigmas)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import Draw, Scheduler, SigmaRun, x0_from_sigma
+from .base import Draw, Scheduler, TwoStageRun, x0_from_sigma
 from .sigmas import discrete_sigmas
 
 
@@ -31,27 +31,22 @@ class HeunScheduler(Scheduler):
         return HeunRun(self, timesteps, num_inference_steps, sigmas)
 
 
-class HeunRun(SigmaRun):
-    multistep = True  # the second evaluation finishes the step the first began
-    order = 2
+class HeunRun(TwoStageRun):
+    def _first(self, m: np.ndarray, g: int, x: np.ndarray, draw: Draw) -> tuple[np.ndarray, tuple]:
+        """Euler: x_{j+1}' = x_j + (s_{j+1} - s_j) d_j, keeping (x_j, d_j, s_{j+1} - s_j)."""
+        sigma = np.float64(self.sigmas[g])  # s_j
+        d = (x - self._x0(m, x, sigma)) / sigma
+        dt = np.float64(self.sigmas[g + 1]) - sigma
+        return x + d * dt, (x, d, dt)
 
-    def _reset_history(self) -> None:
-        self._pending: tuple[np.ndarray, np.ndarray, float] | None = None  # (x_j, slope d_j, s_{j+1} - s_j)
-
-    def _step(
-        self, m: np.ndarray, g: int, k: int, x: np.ndarray, draw: Draw, predicted_variance: np.ndarray | None
-    ) -> np.ndarray:
-        c = self.config
-        first = self._pending is None  # even k: a run (also with_strength's) starts on an Euler entry
-        sigma = np.float64(self.sigmas[g])  # the noise level x is at: s_j (Euler) or s_{j+1} (correction)
-        x0 = x0_from_sigma(c.prediction_type, m, x, sigma)
-        if c.clip_sample:
-            x0 = np.clip(x0, -c.clip_sample_range, c.clip_sample_range)
-        d = (x - x0) / sigma
-        if first:  # Euler: x_{j+1}' = x_j + (s_{j+1} - s_j) d_j
-            dt = np.float64(self.sigmas[g + 1]) - sigma
-            self._pending = (x, d, dt)
-            return x + d * dt
-        x_j, d_j, dt = self._pending  # Heun: x_{j+1} = x_j + (s_{j+1} - s_j) (d_j + d'_{j+1}) / 2
-        self._pending = None
+    def _second(self, m: np.ndarray, g: int, x: np.ndarray, pending: tuple, draw: Draw) -> np.ndarray:
+        """Heun: x_{j+1} = x_j + (s_{j+1} - s_j) (d_j + d'_{j+1}) / 2, with d' at the Euler estimate."""
+        sigma = np.float64(self.sigmas[g])  # s_{j+1}, where the Euler estimate x is
+        d = (x - self._x0(m, x, sigma)) / sigma
+        x_j, d_j, dt = pending
         return x_j + (d_j + d) / 2 * dt
+
+    def _x0(self, m: np.ndarray, x: np.ndarray, sigma: float) -> np.ndarray:
+        c = self.config
+        x0 = x0_from_sigma(c.prediction_type, m, x, sigma)
+        return np.clip(x0, -c.clip_sample_range, c.clip_sample_range) if c.clip_sample else x0

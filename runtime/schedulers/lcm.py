@@ -91,11 +91,11 @@ class LCMRun(SchedulerRun):
 
     def with_strength(self, strength: float) -> SchedulerRun:
         """img2img as diffusers' LatentConsistencyModelImg2ImgPipeline: the schedule is rebuilt from the first
-        int(original_inference_steps * strength) distillation timesteps, then its first steps are skipped."""
+        int(original_inference_steps * strength) distillation timesteps and all num_inference_steps of it run
+        (LCMScheduler.set_timesteps(strength=); that pipeline skips no steps, the strength is in the schedule)."""
         if isinstance(strength, bool) or not isinstance(strength, (int, float, np.floating)) or not 0 < strength <= 1:
             raise SchedulerConfigError(f"strength must be in (0, 1], got {strength!r}")
-        full = self.scheduler._make_run(self.num_inference_steps, float(strength))
-        return SchedulerRun.with_strength(full, strength)
+        return self.scheduler._make_run(self.num_inference_steps, float(strength))
 
     def _alphas(self, g: int) -> tuple[float, float]:
         ac = self.scheduler.alphas_cumprod

@@ -14,6 +14,7 @@ from .config import SchedulerConfig, SchedulerConfigError, read_scheduler_json
 from .ddim import DDIMScheduler
 from .ddpm import DDPMScheduler
 from .dpm_2s_ancestral import DPMPP2SAncestralScheduler
+from .dpm_sde import DPMSolverSDEScheduler
 from .dpm_solver import DPMSolverMultistepScheduler
 from .euler import EulerScheduler
 from .euler_ancestral import EulerAncestralScheduler
@@ -41,8 +42,11 @@ def _dpmpp_2m(karras: bool, sde: bool = False) -> Callable[..., Scheduler]:
 
 
 # CLI name -> factory(config, **options); OPTIONS lists the keyword options a name accepts.
-OPTIONS: dict[str, tuple[str, ...]] = {"ddim": ("eta",), "tcd": ("gamma",)}
+OPTIONS: dict[str, tuple[str, ...]] = {"ddim": ("eta",), "tcd": ("gamma",), "dpmpp-2s-a": ("eta",)}
 _CLASS_OPTIONS: dict[str, tuple[str, ...]] = {"DDIMScheduler": ("eta",), "TCDScheduler": ("gamma",)}
+# The option a request's `eta` (--eta) sets, by scheduler: diffusers passes `eta` to DDIMScheduler.step (DDIM's
+# eta) and to TCDScheduler.step (TCD's gamma); k-diffusion's sample_dpmpp_2s_ancestral takes eta.
+ETA_OPTIONS: dict[str, str] = {"ddim": "eta", "tcd": "gamma", "dpmpp-2s-a": "eta"}
 SCHEDULERS: dict[str, Callable[..., Scheduler]] = {
     "ddpm": DDPMScheduler,
     "ddim": DDIMScheduler,
@@ -60,6 +64,8 @@ SCHEDULERS: dict[str, Callable[..., Scheduler]] = {
     "lcm": LCMScheduler,
     "tcd": TCDScheduler,
     "dpmpp-2s-a": DPMPP2SAncestralScheduler,  # no diffusers class: k-diffusion's sample_dpmpp_2s_ancestral
+    "dpmpp-sde": _fixed(DPMSolverSDEScheduler, use_karras_sigmas=False),
+    "dpmpp-sde-karras": _fixed(DPMSolverSDEScheduler, use_karras_sigmas=True),
 }
 
 DIFFUSERS_SCHEDULERS: dict[str, type[Scheduler]] = {
@@ -76,6 +82,7 @@ DIFFUSERS_SCHEDULERS: dict[str, type[Scheduler]] = {
         HeunScheduler,
         LCMScheduler,
         TCDScheduler,
+        DPMSolverSDEScheduler,
     )
 }
 
@@ -132,6 +139,9 @@ DIFFUSERS_DEFAULTS: dict[str, dict[str, Any]] = {
         "timestep_spacing": "leading", "timestep_scaling": 10.0, "rescale_betas_zero_snr": False,
     },
 }  # fmt: skip
+DIFFUSERS_DEFAULTS["DPMSolverSDEScheduler"] = {
+    **_COMMON, "beta_start": 0.00085, "beta_end": 0.012, "use_karras_sigmas": False, "timestep_spacing": "linspace",
+}
 # TCD's constructor takes exactly LCM's arguments, with the same defaults.
 DIFFUSERS_DEFAULTS["TCDScheduler"] = dict(DIFFUSERS_DEFAULTS["LCMScheduler"])
 
@@ -146,6 +156,16 @@ def make_scheduler(name: str, config: SchedulerConfig | None = None, **options: 
             f"scheduler {name!r} does not take options {unknown}; it takes {list(OPTIONS.get(name, ()))}"
         )
     return SCHEDULERS[name](config, **options)
+
+
+def with_eta(name: str, config: SchedulerConfig, eta: float) -> Scheduler:
+    """The scheduler `name` for `config` with a request's eta (ETA_OPTIONS: DDIM's eta, TCD's gamma, DPM++ 2S a's
+    eta); SchedulerConfigError naming the schedulers that take one when `name` does not."""
+    if name not in ETA_OPTIONS:
+        raise SchedulerConfigError(
+            f"{name} takes no eta; eta applies to {', '.join(f'{n} ({o})' if o != 'eta' else n for n, o in ETA_OPTIONS.items())}; drop it"
+        )
+    return make_scheduler(name, config, **{ETA_OPTIONS[name]: eta})
 
 
 def usable_schedulers(config: SchedulerConfig) -> tuple[dict[str, Scheduler], dict[str, str]]:

@@ -1,4 +1,4 @@
-"""Noise-level (sigma) schedules of the sigma-parametrised samplers (Euler, LMS, DPM-Solver++).
+"""Noise-level (sigma) schedules of the sigma-parametrised samplers (Euler, LMS, Heun, DPM-Solver++, UniPC).
 
 sigma is the VE noise level x = x0 + sigma * eps, sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t)
 (Karras et al. 2022, "Elucidating the Design Space of Diffusion-Based Generative Models", Sec. 2).
@@ -62,3 +62,32 @@ def interpolated_sigmas(
     timesteps = spaced_timesteps(config, num_inference_steps, round_linspace=False).astype(np.float32)
     sigmas = train_sigmas(alphas_cumprod)
     return timesteps, np.interp(timesteps, np.arange(len(sigmas)), sigmas)
+
+
+def multistep_timesteps(c: SchedulerConfig, n: int, last_timestep: int) -> np.ndarray:
+    """Descending int64 timesteps of diffusers' multistep solvers (DPM-Solver++, UniPC): n + 1 points on
+    [0, last_timestep) with the last dropped ("leading": step ratio last_timestep // (n + 1))."""
+    if c.timestep_spacing == "linspace":
+        return np.linspace(0, last_timestep - 1, n + 1).round()[::-1][:-1].astype(np.int64)
+    if c.timestep_spacing == "leading":
+        step_ratio = last_timestep // (n + 1)
+        return (np.arange(0, n + 1) * step_ratio).round()[::-1][:-1].astype(np.int64) + c.steps_offset
+    return np.arange(last_timestep, 0, -c.num_train_timesteps / n).round().astype(np.int64) - 1  # trailing
+
+
+def multistep_sigmas(
+    c: SchedulerConfig, sigmas_train: np.ndarray, timesteps: np.ndarray, *, truncate_cosine: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """(timesteps, sigmas) of diffusers' multistep solvers, without the tail: the training sigmas (float32, ascending
+    in t) read at `timesteps`, or Karras et al. eq. 5 between config sigma_min / sigma_max (default: the table's
+    extremes) with their timesteps rounded to int64; `truncate_cosine`: the int cast truncates them instead for
+    the cosine schedule (DPM-Solver++; UniPC rounds always)."""
+    n = len(timesteps)
+    if not c.use_karras_sigmas:
+        return timesteps, np.interp(timesteps, np.arange(c.num_train_timesteps), sigmas_train)
+    sigma_min = c.sigma_min if c.sigma_min is not None else float(sigmas_train[0])
+    sigma_max = c.sigma_max if c.sigma_max is not None else float(sigmas_train[-1])
+    sigmas = karras_sigmas(sigma_min, sigma_max, n)
+    t = sigma_to_t(sigmas, np.log(sigmas_train))
+    truncate = truncate_cosine and c.beta_schedule == "squaredcos_cap_v2"
+    return (t if truncate else t.round()).astype(np.int64), sigmas

@@ -37,6 +37,14 @@ class TCDScheduler(Scheduler):
     def is_stochastic(self) -> bool:
         return self.gamma > 0
 
+    @property
+    def fewest_sound_steps(self) -> int:
+        # A model not distilled for it on a zero-terminal-SNR schedule (the shipped default model, gamma 0.3),
+        # against 100-step DDIM over 24 images: 12 came out broken at 2 steps, 5 at 4, 2 at 8 and 12, 1 (96 levels
+        # off on average) at 16; from 20 to 40 none more than 13 levels off (TCD stays ~5 levels from DDIM at any
+        # step count). Other gamma: not measured, taken to be no better. TCD-distilled models are made for 2-8.
+        return 20 if self.config.rescale_betas_zero_snr else 0
+
     def _make_run(self, num_inference_steps: int) -> TCDRun:
         return TCDRun(self, consistency_timesteps(self, num_inference_steps), num_inference_steps)
 

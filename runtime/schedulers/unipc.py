@@ -15,8 +15,7 @@ import numpy as np
 
 from .base import Draw, Scheduler, VPSigmaRun, dynamic_threshold, vp, x0_and_eps
 from .config import SchedulerConfig, SchedulerConfigError, train_sigmas
-from .dpm_solver import multistep_timesteps
-from .sigmas import karras_sigmas, sigma_to_t
+from .sigmas import multistep_sigmas, multistep_timesteps
 
 
 class UniPCMultistepScheduler(Scheduler):
@@ -49,16 +48,9 @@ class UniPCMultistepScheduler(Scheduler):
         c = self.config
         n = num_inference_steps
         sigmas_train = train_sigmas(self.alphas_cumprod)  # (T,) float32, ascending in t
-        timesteps = multistep_timesteps(c, n, c.num_train_timesteps)
-        if c.use_karras_sigmas:
-            sigma_min = c.sigma_min if c.sigma_min is not None else float(sigmas_train[0])
-            sigma_max = c.sigma_max if c.sigma_max is not None else float(sigmas_train[-1])
-            sigmas = karras_sigmas(sigma_min, sigma_max, n)
-            timesteps = sigma_to_t(sigmas, np.log(sigmas_train)).round().astype(np.int64)
-            sigma_last = float(sigmas[-1])  # diffusers' Karras branch ends on its own sigma_min
-        else:
-            sigmas = np.interp(timesteps, np.arange(c.num_train_timesteps), sigmas_train)
-            sigma_last = float(sigmas_train[0])
+        timesteps, sigmas = multistep_sigmas(c, sigmas_train, multistep_timesteps(c, n, c.num_train_timesteps), truncate_cosine=False)
+        # diffusers' Karras branch ends on its own sigma_min, the other on the table's
+        sigma_last = float(sigmas[-1]) if c.use_karras_sigmas else float(sigmas_train[0])
         if c.final_sigmas_type == "zero":
             sigma_last = 0.0
         sigmas = np.concatenate([sigmas, [sigma_last]]).astype(np.float32)
