@@ -188,3 +188,81 @@ def available_memory() -> int:
 def parity_budget() -> int:
     """Bytes one parity run may use: a share of what is available now."""
     return int(available_memory() * MEMORY_FRACTION)
+
+
+def _status_bytes(key: str) -> int | None:
+    """A `VmRSS:`/`VmHWM:` line of /proc/self/status in bytes; None where there is no procfs."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def rss_bytes() -> int | None:
+    """This process's resident memory now."""
+    return _status_bytes("VmRSS:")
+
+
+def process_peak_rss() -> int | None:
+    """This process's peak resident memory so far (the kernel's high-water mark; getrusage where there is no
+    procfs). Never reset here: an outer `time -v` measures the same process."""
+    peak = _status_bytes("VmHWM:")
+    if peak is not None:
+        return peak
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    except (ImportError, OSError):
+        return None
+
+
+# How often RssWatch samples. Filling a GB takes well over this, so a peak that matters is not missed; a
+# C++ call that holds the GIL delays samples, which is why process_peak_rss is recorded beside.
+SAMPLE_SECONDS = 0.02
+
+
+class RssWatch:
+    """The peak resident memory of this process while a block runs, sampled by a daemon thread:
+    `with RssWatch() as w: ...`, then `w.peak` (bytes; None where there is no procfs) and `w.record()`."""
+
+    def __init__(self, interval: float = SAMPLE_SECONDS) -> None:
+        import threading
+
+        self.interval = interval
+        self.peak: int | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="ldm-rt-rss-watch", daemon=True)
+
+    def _sample(self) -> None:
+        now = rss_bytes()
+        if now is not None and (self.peak is None or now > self.peak):
+            self.peak = now
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def __enter__(self) -> RssWatch:
+        self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+    def record(self) -> dict[str, int]:
+        """What the manifest keeps: the sampled peak of the block and the process's exact peak so far."""
+        out = {}
+        if self.peak is not None:
+            out["peak_rss_bytes"] = self.peak
+        process = process_peak_rss()
+        if process is not None:  # the kernel's per-thread RSS counters lag by a few pages: never below a sample
+            out["process_peak_rss_bytes"] = max(process, self.peak or 0)
+        return out
