@@ -7,7 +7,10 @@ the blocks export/fp16.py kept in fp32). Names cannot be trusted, so each weight
 initializer whose bytes equal W or W^T, in float32 or float16. A weight found in no initializer, or in more
 than one, or an initializer two weights claim, is left out (the runtime then says to fuse that LoRA at export
 instead). Our attention export keeps q, k and v as three MatMuls (export/ort_attention.py fuses only the
-attention core and never touches initializers), so no packed projections occur.
+attention core and never touches initializers), so no packed projections occur. A weight found nowhere because
+the outputs do not depend on it (a text encoder read at its penultimate layer: SD 2.x, SDXL's first; the
+exporter drops the last layer) is listed as unused: a LoRA on it changes nothing, so the runtime skips it, as
+adapting it in diffusers changes nothing. Unused means autograd's gradient of the outputs never reaches it.
 
 The file lists, per ONNX file (path relative to the artifacts folder, with its sha256): the component and, per
 module (our name, runtime/lora.ModuleTable), its initializer and layout; plus the module table itself (names
@@ -26,6 +29,7 @@ import onnx
 import torch
 from onnx import numpy_helper
 
+from ldm_rt.reference.export_wrappers import export_wrappers
 from ldm_rt.reference.ldm import LatentDiffusion
 from ldm_rt.reference.lora import lora_module_table
 from ldm_rt.runtime.atomic import atomic_write_text
@@ -70,6 +74,31 @@ def component_weights(model: LatentDiffusion, component: str, modules: list[str]
     return {m: named[m].weight.detach().to(torch.float32).cpu().numpy() for m in modules}
 
 
+def unused_modules(model: LatentDiffusion, component: str, entry: ComponentEntry, modules: list[str]) -> list[str]:
+    """Those of `modules` whose weights the component's outputs do not depend on: the gradient of the outputs,
+    at the contract's smallest sample inputs, never reaches them."""
+    if not modules:
+        return []
+    wrapper = export_wrappers(model)[component]
+    named = dict(getattr(model, component).named_modules())
+    weights = [named[m].weight for m in modules]
+    feeds = entry.contract.sample_inputs({d.name: d.min for d in entry.contract.dims}, np.random.default_rng(0))
+    inputs = [torch.from_numpy(feeds[n]) for n in wrapper.input_names if n in feeds]
+    was = [w.requires_grad for w in weights]
+    try:
+        for w in weights:
+            w.requires_grad_(True)
+        with torch.enable_grad():
+            outputs = wrapper(*inputs)
+            outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+            total = sum(o.float().sum() for o in outputs)
+            grads = torch.autograd.grad(total, weights, allow_unused=True)
+    finally:
+        for w, r in zip(weights, was):
+            w.requires_grad_(r)
+    return [m for m, g in zip(modules, grads) if g is None]
+
+
 def record_targets(model: LatentDiffusion, root: Path, components: dict[str, ComponentEntry]) -> LoraTargets:
     """Locate every LoRA-targetable weight in every ONNX file of the build in `root`; write lora_targets.json."""
     table = lora_module_table(model)
@@ -78,10 +107,14 @@ def record_targets(model: LatentDiffusion, root: Path, components: dict[str, Com
         if name not in table:
             continue  # the autoencoder: no LoRA format adapts it
         weights = component_weights(model, name, list(table[name]))
+        unused: list[str] | None = None
         for pe in entry.precisions.values():
             for fe in [pe.onnx] + ([pe.ort.onnx] if pe.ort is not None else []):
                 targets = locate(root / fe.file, weights)
-                files[fe.file] = {"sha256": fe.sha256, "component": name, "targets": targets}
+                if unused is None:  # the same for every file of the component; asked only when some weight is missing
+                    unused = unused_modules(model, name, entry, [m for m in weights if m not in targets])
+                files[fe.file] = {"sha256": fe.sha256, "component": name, "targets": targets,
+                                  "unused": [m for m in unused if m not in targets]}  # fmt: skip
     result = LoraTargets({c: dict(ms) for c, ms in table.items()}, files)
     atomic_write_text(root / TARGETS_FILE, json.dumps(result.to_dict(), indent=1) + "\n")
     return result

@@ -20,7 +20,9 @@ about `_` vs `.`, so they are looked up among the flattened real names, never sp
 keys match nothing, and any key that does not match, is refused in one line naming them.
 
 This module also reads ONNX initializers straight from the protobuf wire format (no `onnx` package in the
-runtime), so the ONNX Runtime backend can patch the LoRA-targeted weights of artifacts when it opens them.
+runtime), and writes the graph with its weights referring to their bytes in the file, so the backends can patch
+the LoRA-targeted weights of artifacts when they open them. Deltas are computed one module at a time, as each
+weight is patched (`ModuleDelta`), and `ldm-rt info --lora` describes what a model's LoRAs can touch.
 """
 
 from __future__ import annotations
@@ -31,16 +33,15 @@ import math
 import mmap
 import os
 import re
-import stat
 import struct
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .files import FileFormatError, inside, read_json_object
+from .files import FileFormatError, inside, read_bounded, read_json_object
 from .manifest import Manifest
 
 SAFETENSORS_SUFFIX = ".safetensors"
@@ -50,6 +51,7 @@ PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
 MAX_LORA_BYTES = 8 << 30
 MAX_HEADER_BYTES = 64 << 20
 MAX_LORAS = 32  # per pipeline or build; each costs a pass over the targeted weights
+MAX_LORA_LISTING = 1000  # files `ldm-rt info --lora` reads (each is read whole to check it)
 MAX_SCALE = 1e3  # scales beyond this are typos (A1111's UI goes to +-2; experiments to ~10)
 TARGETS_FILE = "lora_targets.json"
 TARGETS_FORMAT = "ldm-rt-lora-targets"
@@ -147,21 +149,10 @@ def read_safetensors(path: Path, limit: int = MAX_LORA_BYTES) -> tuple[dict[str,
     """(tensors as float32, the header's __metadata__, sha256 of the file) from a .safetensors file, every
     offset and size checked against the file before anything is read. float32/float16/bfloat16/float64 only."""
     fix = "download the file again or convert it to .safetensors"
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    except FileNotFoundError:
-        raise LoraError(f"LoRA file {path} does not exist") from None
-    except OSError as e:
-        raise LoraError(f"cannot open LoRA file {path} ({e.strerror}); check its permissions") from None
-    with os.fdopen(fd, "rb") as f:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise LoraError(f"LoRA {path} is not a regular file; pass a .safetensors file")
-        if st.st_size > limit:
-            raise LoraError(f"LoRA {path} is {st.st_size} bytes, more than a LoRA may have ({limit}); is it a whole model?")
-        if st.st_size < 8:
-            raise LoraError(f"LoRA {path} is truncated ({st.st_size} bytes); {fix}")
-        data = f.read(limit + 1)
+    # Bounded, regular file only (a FIFO is refused, not waited on): runtime/files.py, the one owner.
+    data = read_bounded(path, limit, "LoRA file", error=LoraError, fix="pass a LoRA .safetensors file")
+    if len(data) < 8:
+        raise LoraError(f"LoRA {path} is truncated ({len(data)} bytes); {fix}")
     size = len(data)
     (n,) = struct.unpack("<Q", data[:8])
     if n > MAX_HEADER_BYTES or 8 + n > size:
@@ -364,12 +355,13 @@ def _examples(keys: Sequence[str], n: int = 3) -> str:
     return shown + (f" and {len(keys) - n} more" if len(keys) > n else "")
 
 
-def file_deltas(lora: LoraFile, table: ModuleTable) -> dict[str, dict[str, np.ndarray]]:
-    """component -> our module name -> (alpha / rank) * up @ down shaped as the module's weight, for one file
-    (scale 1). A LoraError when no key matches (another architecture), or naming every key that does not."""
+def file_layers(lora: LoraFile, table: ModuleTable) -> dict[str, dict[str, LoraLayer]]:
+    """component -> our module name -> the file's layer adapting it, every layer's delta shape checked against
+    the module's weight (no delta is computed). A LoraError when no key matches (another architecture), or
+    naming every key that does not."""
     layers, unknown = split_layers(lora)
     dotted, flat = _lookups(table)
-    out: dict[str, dict[str, np.ndarray]] = {}
+    out: dict[str, dict[str, LoraLayer]] = {}
     unmatched: list[str] = []
     missing_components: set[str] = set()
     for key, layer in layers.items():
@@ -380,16 +372,19 @@ def file_deltas(lora: LoraFile, table: ModuleTable) -> dict[str, dict[str, np.nd
                 missing_components.add(component)
             continue
         shape = table[component][module].shape
-        d = layer.delta()
-        if d.size != math.prod(shape):
+        assert layer.down is not None and layer.up is not None
+        if layer.up.reshape(layer.up.shape[0], -1).shape[1] != layer.rank:
+            raise LoraError(f"LoRA {lora.path}: {key}: up {tuple(layer.up.shape)} and down {tuple(layer.down.shape)} disagree on the rank")
+        made = (layer.up.shape[0], math.prod(layer.down.shape[1:]))  # the delta's (out, in * kh * kw)
+        if math.prod(made) != math.prod(shape):
             out_in = f"({', '.join(map(str, shape))})"
             raise LoraError(
-                f"LoRA {lora.path}: {key} makes a {tuple(d.shape)} delta for {component} {module} of shape {out_in}: "
+                f"LoRA {lora.path}: {key} makes a {made} delta for {component} {module} of shape {out_in}: "
                 "a LoRA for another architecture (e.g. SD 2.x vs 1.x vs SDXL)?"
             )
         if module in out.get(component, {}):
             raise LoraError(f"LoRA {lora.path}: {component} {module} is adapted twice (e.g. as {key}); the file is inconsistent")
-        out.setdefault(component, {})[module] = d.reshape(shape)
+        out.setdefault(component, {})[module] = layer
     total = len(lora.tensors)
     if not out and not unknown:
         hint = f" (keys for {', '.join(sorted(missing_components))}, which this model lacks)" if missing_components else ""
@@ -406,16 +401,44 @@ def file_deltas(lora: LoraFile, table: ModuleTable) -> dict[str, dict[str, np.nd
     return out
 
 
+def file_deltas(lora: LoraFile, table: ModuleTable) -> dict[str, dict[str, np.ndarray]]:
+    """component -> our module name -> (alpha / rank) * up @ down shaped as the module's weight, for one file
+    (scale 1). A LoraError as file_layers says."""
+    return {c: {m: layer.delta().reshape(table[c][m].shape) for m, layer in ms.items()} for c, ms in file_layers(lora, table).items()}
+
+
+@dataclass(frozen=True)
+class ModuleDelta:
+    """What the LoRAs add to one module's weight, computed when asked (`array`): a backend patching weights one
+    at a time then holds one delta, not all of them (an SD UNet's adapted weights in float32 are ~1 GB)."""
+
+    parts: tuple[tuple[LoraLayer, float], ...]  # each file's layer for the module, and that file's scale
+    shape: tuple[int, ...]
+
+    def array(self) -> np.ndarray:
+        """sum over files of scale * (alpha / rank) * up @ down, float32, the module's shape."""
+        total = None
+        for layer, scale in self.parts:
+            scaled = layer.delta().reshape(self.shape) * np.float32(scale)
+            total = scaled if total is None else total + scaled
+        assert total is not None
+        return total
+
+
+def lazy_deltas(loras: Sequence[tuple[LoraFile, float]], table: ModuleTable) -> dict[str, dict[str, ModuleDelta]]:
+    """component -> module -> ModuleDelta over every file (each checked whole first, file_layers): every
+    refusal comes before any weight is touched, and no delta is computed yet."""
+    parts: dict[str, dict[str, list[tuple[LoraLayer, float]]]] = {}
+    for lora, scale in loras:
+        for component, layers in file_layers(lora, table).items():
+            for module, layer in layers.items():
+                parts.setdefault(component, {}).setdefault(module, []).append((layer, scale))
+    return {c: {m: ModuleDelta(tuple(p), tuple(table[c][m].shape)) for m, p in ms.items()} for c, ms in parts.items()}
+
+
 def combined_deltas(loras: Sequence[tuple[LoraFile, float]], table: ModuleTable) -> dict[str, dict[str, np.ndarray]]:
     """sum over files of scale * file_deltas(file): component -> module -> delta (float32)."""
-    total: dict[str, dict[str, np.ndarray]] = {}
-    for lora, scale in loras:
-        for component, deltas in file_deltas(lora, table).items():
-            acc = total.setdefault(component, {})
-            for module, d in deltas.items():
-                scaled = d * np.float32(scale)
-                acc[module] = scaled if module not in acc else acc[module] + scaled
-    return total
+    return {c: {m: d.array() for m, d in ms.items()} for c, ms in lazy_deltas(loras, table).items()}
 
 
 # ---- ONNX initializers, read from the protobuf wire format --------------------------------------------------------
@@ -497,41 +520,99 @@ def _scan(buf: memoryview, path: Path, names: set[str]) -> dict[str, Initializer
     return found
 
 
+def iter_initializers(path: Path, names: set[str]) -> Iterator[tuple[str, np.ndarray]]:
+    """(name, array) for each initializer of `names` in the ONNX file at `path` (its stored dtype and shape), raw
+    or in external data files beside it (confined to its folder), read one at a time into its own array, so a
+    caller patching them holds one base weight at a time. A LoraError when one is missing."""
+    buf = _map(path)  # only the protobuf framing is read through the map; the weights are read with pread
+    found = _scan(buf, path, names)
+    with open(path, "rb") as f:
+        for name, init in found.items():
+            count = math.prod(init.shape)
+            if init.raw is not None:
+                a, b = init.raw
+                if b - a != count * np.dtype(init.dtype).itemsize:
+                    raise LoraError(f"{path}: initializer {name} has {b - a} bytes for shape {init.shape}; rebuild the artifacts")
+                arr = np.frombuffer(os.pread(f.fileno(), b - a, a), init.dtype, count=count)
+            else:
+                arr = _external(path, init, count)
+            yield name, arr.reshape(init.shape)
+
+
 def onnx_initializers(path: Path, names: set[str]) -> dict[str, np.ndarray]:
-    """The initializers `names` of the ONNX file at `path` as numpy arrays (their stored dtype and shape),
-    raw or in external data files beside it (confined to its folder). A LoraError when one is missing."""
-    buf = _map(path)
-    out = {}
-    for name, init in _scan(buf, path, names).items():
-        count = math.prod(init.shape)
-        if init.raw is not None:
-            a, b = init.raw
-            if b - a != count * np.dtype(init.dtype).itemsize:
-                raise LoraError(f"{path}: initializer {name} has {b - a} bytes for shape {init.shape}; rebuild the artifacts")
-            arr = np.frombuffer(buf[a:b], init.dtype, count=count)  # a read-only view of the mapped file: no copy
+    """The initializers `names` of the ONNX file at `path` as numpy arrays (iter_initializers)."""
+    return dict(iter_initializers(path, names))
+
+
+# Initializers up to this size keep their data in the graph: shape constants among them, whose values graph
+# optimisers read (weights are far larger).
+INLINE_BYTES = 1024
+
+
+def _encode_varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
         else:
-            arr = _external(path, init, count)
-        out[name] = arr.reshape(init.shape)
-    return out
+            out.append(b)
+            return bytes(out)
 
 
-def patched_model_bytes(path: Path, weights: Mapping[str, np.ndarray]) -> bytes:
-    """The ONNX file's bytes with the raw data of each initializer in `weights` replaced (same dtype and size,
-    so the protobuf framing is unchanged). Every one must be stored in the file itself, not in external data."""
+def _delimited(number: int, payload: bytes) -> bytes:
+    return _encode_varint(number << 3 | 2) + _encode_varint(len(payload)) + payload
+
+
+def _field_spans(buf: memoryview, start: int, end: int) -> Iterable[tuple[int, int, Any, int, int]]:
+    """_fields, with each field's whole span (tag included): (number, wire, value, field start, field end)."""
+    pos = start
+    for number, wire, value in _fields(buf, start, end):
+        field_start = pos
+        if wire == 2:
+            pos = value[1]
+        elif wire == 0:
+            _, pos = _varint(buf, _varint(buf, pos)[1])
+        else:
+            pos = _varint(buf, pos)[1] + (8 if wire == 1 else 4)
+        yield number, wire, value, field_start, pos
+
+
+def _externalised(buf: memoryview, start: int, end: int, location: str, patched: set[str]) -> bytes:
+    """One TensorProto: if it holds raw data over INLINE_BYTES, or is to be patched, the same tensor with that
+    data referenced in place (external data: `location`, the data's offset and length) instead of copied."""
+    fields = list(_field_spans(buf, start, end))
+    raw = next((v for n, w, v, _, _ in fields if n == 9 and w == 2), None)
+    name = next((bytes(buf[v[0] : v[1]]).decode("utf-8", "replace") for n, w, v, _, _ in fields if n == 8 and w == 2), "")
+    if raw is None or (raw[1] - raw[0] <= INLINE_BYTES and name not in patched):
+        return bytes(buf[start:end])
+    kept = b"".join(bytes(buf[a:b]) for n, _, _, a, b in fields if n not in (9, 13, 14))
+    entries = [("location", location), ("offset", str(raw[0])), ("length", str(raw[1] - raw[0]))]
+    external = b"".join(_delimited(13, _delimited(1, k.encode()) + _delimited(2, v.encode())) for k, v in entries)
+    return kept + external + _encode_varint(14 << 3) + _encode_varint(1)  # data_location = EXTERNAL
+
+
+def external_model_bytes(path: Path, patched: set[str]) -> bytes:
+    """The ONNX file's protobuf with the data of every initializer over INLINE_BYTES, and of every one named in
+    `patched`, left in the file: each refers to its own bytes there as external data (location: the file's
+    name), so ONNX Runtime, loading these bytes with the file's folder as the external data folder, reads the
+    weights from the file as it would from its path, and the patched ones can replace them before any graph
+    optimisation sees them (SessionOptions.add_external_initializers takes external initializers only).
+    The result is the graph's structure and small constants: kilobytes to a few megabytes, not a copy of the
+    weights. Initializers already in external data stay as they are."""
     buf = _map(path)
-    found = sorted(_scan(buf, path, set(weights)).items(), key=lambda kv: kv[1].raw or (0, 0))
-    pieces, pos = [], 0
-    for name, init in found:
-        if init.raw is None:
-            raise LoraError(f"{path}: initializer {name} is in external data; it cannot be patched in the file's bytes")
-        a, b = init.raw
-        raw = np.ascontiguousarray(weights[name], dtype=init.dtype).tobytes()
-        if len(raw) != b - a:
-            raise LoraError(f"{path}: patched {name} has {len(raw)} bytes, the file {b - a}; rebuild the artifacts")
-        pieces += [buf[pos:a], raw]
-        pos = b
-    pieces.append(buf[pos:])
-    return b"".join(pieces)
+    _scan(buf, path, patched)  # every patched one exists (a LoraError naming any that does not)
+    out = []
+    for number, wire, value, a, b in _field_spans(buf, 0, len(buf)):
+        if number != 7 or wire != 2:
+            out.append(bytes(buf[a:b]))
+            continue
+        graph = []
+        for gnum, gwire, gval, ga, gb in _field_spans(buf, *value):
+            graph.append(_delimited(5, _externalised(buf, *gval, path.name, patched)) if gnum == 5 and gwire == 2 else bytes(buf[ga:gb]))
+        out.append(_delimited(7, b"".join(graph)))
+    return b"".join(out)
 
 
 def _tensor(buf: memoryview, start: int, end: int) -> Initializer:
@@ -597,7 +678,9 @@ class LoraTargets:
     the folder and its sha256) which initializer holds each module's weight."""
 
     modules: dict[str, dict[str, ModuleInfo]]
-    files: dict[str, dict[str, Any]]  # rel path -> {"sha256": ..., "component": ..., "targets": {module: Target}}
+    # rel path -> {"sha256": ..., "component": ..., "targets": {module: Target}, "unused": [module, ...]}: unused
+    # modules are those the file's outputs do not depend on (export/lora_targets.py), so a LoRA on them changes nothing.
+    files: dict[str, dict[str, Any]]
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -606,7 +689,8 @@ class LoraTargets:
             "modules": {c: {m: {"shape": list(i.shape), "aliases": list(i.aliases)} for m, i in ms.items()} for c, ms in self.modules.items()},
             "files": {
                 rel: {"sha256": f["sha256"], "component": f["component"],
-                      "targets": {m: [t.initializer, "T" if t.transposed else "W"] for m, t in f["targets"].items()}}
+                      "targets": {m: [t.initializer, "T" if t.transposed else "W"] for m, t in f["targets"].items()},
+                      **({"unused": sorted(f["unused"])} if f.get("unused") else {})}
                 for rel, f in self.files.items()
             },
         }  # fmt: skip
@@ -627,7 +711,11 @@ class LoraTargets:
                     if layout not in ("W", "T"):
                         raise ValueError(layout)
                     targets[str(m)] = Target(str(init), layout == "T")
-                files[str(rel)] = {"sha256": str(f["sha256"]), "component": str(f["component"]), "targets": targets}
+                unused = f.get("unused", [])  # optional: files written before it was recorded have none
+                if not isinstance(unused, list):
+                    raise ValueError(unused)
+                files[str(rel)] = {"sha256": str(f["sha256"]), "component": str(f["component"]), "targets": targets,
+                                   "unused": [str(m) for m in unused]}  # fmt: skip
         except (KeyError, TypeError, ValueError, AttributeError):
             raise LoraError(f"{where} is malformed; rebuild the artifacts") from None
         return cls(modules, files)
@@ -645,14 +733,16 @@ class LoraTargets:
 
 
 def patched_initializers(
-    onnx_path: Path, rel: str, sha256: str, targets: LoraTargets, deltas: Mapping[str, Mapping[str, np.ndarray]]
+    onnx_path: Path, rel: str, sha256: str, targets: LoraTargets, deltas: Mapping[str, Mapping[str, ModuleDelta | np.ndarray]]
 ) -> dict[str, np.ndarray]:
     """initializer name -> patched weight (the file's dtype and layout) for the ONNX file `rel` of an artifacts
-    folder: base weight read from the file plus the delta of every module the LoRAs touch in its component."""
+    folder: base weight read from the file plus the delta of every module the LoRAs touch in its component
+    (a ModuleDelta is computed here, one at a time)."""
     entry = targets.files.get(rel)
     if entry is None or entry["sha256"] != sha256:
         raise LoraError(f"{rel} is not described by {TARGETS_FILE} (rebuilt since?); rebuild the artifacts")
-    wanted = deltas.get(entry["component"], {})
+    unused = set(entry.get("unused", ()))
+    wanted = {m: d for m, d in deltas.get(entry["component"], {}).items() if m not in unused}
     if not wanted:
         return {}
     missing = sorted(m for m in wanted if m not in entry["targets"])
@@ -662,20 +752,36 @@ def patched_initializers(
             f"({_examples(missing)}); fuse the LoRA at export instead (--lora)"
         )
     names = {entry["targets"][m].initializer: m for m in wanted}
-    base = onnx_initializers(onnx_path, set(names))
     out = {}
-    for init, module in names.items():
+    for init, w in iter_initializers(onnx_path, set(names)):
+        module = names[init]
         t = entry["targets"][module]
-        w = base[init]
         d = wanted[module]
+        d = d.array() if isinstance(d, ModuleDelta) else d
         if t.transposed:
             d = d.reshape(d.shape[0], -1).T
         if w.shape != d.shape and w.size == d.size:
             d = d.reshape(w.shape)
         if w.shape != d.shape:
             raise LoraError(f"{rel}: initializer {init} has shape {w.shape}, the LoRA delta of {module} {d.shape}; rebuild the artifacts")
-        out[init] = (w.astype(np.float32) + d).astype(w.dtype)
+        patched = w.astype(np.float32)  # a copy: the base is read-only
+        patched += d
+        out[init] = patched if patched.dtype == w.dtype else patched.astype(w.dtype)
     return out
+
+
+def run_time_deltas(
+    artifacts_dir: Path, manifest: Manifest, loras: Sequence[tuple[LoraFile, float]]
+) -> tuple[LoraTargets, dict[str, dict[str, ModuleDelta]]]:
+    """What a backend applying `loras` as it opens an artifacts folder needs: the folder's LoRA targets and the
+    deltas (computed as each weight is patched), every file checked first; a LoRA adapting a component the
+    folder has no file for (a refiner's missing first text encoder) is refused here, before anything opens."""
+    targets = LoraTargets.read(artifacts_dir, manifest)
+    deltas = lazy_deltas(loras, targets.modules)
+    missing = sorted(set(deltas) - set(manifest.components))
+    if missing:
+        raise LoraError(f"the LoRA adapts {', '.join(missing)}, which {artifacts_dir} has no ONNX file for; rebuild the artifacts")
+    return targets, deltas
 
 
 def load_loras(specs: Sequence[LoraSpec]) -> list[tuple[LoraFile, float]]:
@@ -685,3 +791,60 @@ def load_loras(specs: Sequence[LoraSpec]) -> list[tuple[LoraFile, float]]:
 
 def records(loras: Sequence[tuple[LoraFile, float]]) -> list[dict[str, Any]]:
     return [lora.record(scale) for lora, scale in loras]
+
+
+# ---- what a folder's LoRAs can touch (ldm-rt info) ----------------------------------------------------------------
+def _kinds(table: Mapping[str, ModuleInfo], modules: Iterable[str]) -> str:
+    """"N linear, M conv (K k x k: LoCon)" for the modules named."""
+    shapes = [table[m].shape for m in modules]
+    conv = [s for s in shapes if len(s) == 4]
+    locon = sum(1 for s in conv if s[2:] != (1, 1))
+    parts = [f"{len(shapes) - len(conv)} linear"] if len(shapes) > len(conv) else []
+    parts += [f"{len(conv)} conv" + (f" ({locon} k x k: LoCon)" if locon else "")] if conv else []
+    return ", ".join(parts)
+
+
+def describe_targets(targets: LoraTargets) -> list[str]:
+    """Per component: how many modules a LoRA may adapt, how many each run-time backend can patch (located in
+    every ONNX file of the component), and how many the outputs do not depend on (a LoRA there changes nothing)."""
+    lines = []
+    for component, table in targets.modules.items():
+        files = [f for f in targets.files.values() if f["component"] == component]
+        if not files:
+            continue
+        unused = set.intersection(*(set(f.get("unused", ())) for f in files))
+        patchable = [m for m in table if all(m in f["targets"] for f in files)]
+        fixed = len(table) - len(patchable) - len(unused - set(patchable))
+        line = f"  {component}: {len(table)} modules ({_kinds(table, table)}); at run time {len(patchable)} patchable"
+        line += f", {len(unused)} unused by the outputs (a LoRA there changes nothing)" if unused else ""
+        line += f", {fixed} only when fused at export (--lora at build)" if fixed else ""
+        lines.append(line)
+    return lines
+
+
+def describe_lora(path: Path, targets: LoraTargets) -> str:
+    """One line: what the LoRA file at `path` adapts in this model (per component, modules and kinds), or the
+    one-line reason it cannot be applied."""
+    try:
+        layers = file_layers(read_lora(path), targets.modules)
+    except LoraError as e:
+        return f"  {path.name}: cannot be applied: {e}"
+    parts = [f"{c} {len(ms)} ({_kinds(targets.modules[c], ms)})" for c, ms in layers.items()]
+    blocked = sorted(
+        m for c, ms in layers.items() for f in targets.files.values() if f["component"] == c
+        for m in ms if m not in f["targets"] and m not in f.get("unused", ())
+    )  # fmt: skip
+    where = f"; fuse it at export: {len(set(blocked))} of its modules cannot be patched at run time" if blocked else "; applies at run time"
+    return f"  {path.name}: adapts {', '.join(parts)}{where}"
+
+
+def lora_files(paths: Sequence[Path]) -> list[Path]:
+    """The LoRA files named: files as given, folders as their .safetensors files (sorted), at most MAX_LORA_LISTING."""
+    out: list[Path] = []
+    for p in paths:
+        if not p.exists():
+            raise LoraError(f"{p} does not exist; name a LoRA file or a folder of them")
+        out += sorted(q for q in p.iterdir() if q.suffix.lower() == SAFETENSORS_SUFFIX) if p.is_dir() else [p]
+    if len(out) > MAX_LORA_LISTING:
+        raise LoraError(f"{len(out)} LoRA files named; at most {MAX_LORA_LISTING} are described at once: name fewer or a smaller folder")
+    return out

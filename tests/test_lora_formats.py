@@ -1,7 +1,7 @@
 """runtime/lora.py without any model: file reading (safetensors parsed by us, bf16 widened, truncation and pickles
 refused), "FILE[:SCALE]", key layouts (PEFT, kohya, LoCon), alpha (keys, PEFT metadata, default = rank), name
 resolution against a module table (kohya's flattened names included), refusals naming the keys, and the
-ONNX initializer reader and byte patcher checked against the onnx package."""
+ONNX initializer reader and the graph with its weights referred to in place checked against the onnx package."""
 
 from __future__ import annotations
 
@@ -19,10 +19,10 @@ from ldm_rt.runtime.lora import (
     ModuleInfo,
     as_specs,
     combined_deltas,
+    external_model_bytes,
     file_deltas,
     onnx_initializers,
     parse_lora_arg,
-    patched_model_bytes,
     read_lora,
 )
 
@@ -99,7 +99,7 @@ def test_truncated_non_safetensors_and_pickles_are_refused_in_one_line(tmp_path)
     (tmp_path / "tiny.safetensors").write_bytes(data[:4])
     (tmp_path / "junk.safetensors").write_bytes(b"\xff" * 64)
     (tmp_path / "model.ckpt").write_bytes(b"\x80\x04K\x01.")
-    for name, match in (("cut", "truncated"), ("tiny", "truncated"), ("junk", "truncated or not a safetensors"), ("missing", "does not exist")):
+    for name, match in (("cut", "truncated"), ("tiny", "truncated"), ("junk", "truncated or not a safetensors"), ("missing", "is missing; pass a LoRA .safetensors file")):
         with pytest.raises(LoraError, match=match) as e:
             read_lora(tmp_path / f"{name}.safetensors")
         assert "\n" not in str(e.value)
@@ -165,7 +165,7 @@ def test_foreign_partial_and_unsupported_files_are_refused_naming_keys():
         file_deltas(half, TABLE)
 
 
-def test_onnx_initializer_reader_and_byte_patcher_agree_with_onnx(tmp_path):
+def test_onnx_initializer_reader_and_weights_referred_in_place_agree_with_onnx(tmp_path):
     onnx = pytest.importorskip("onnx")
     from onnx import TensorProto, helper, numpy_helper
 
@@ -183,15 +183,21 @@ def test_onnx_initializer_reader_and_byte_patcher_agree_with_onnx(tmp_path):
     assert got["h"].dtype == np.float16 and np.array_equal(got["h"], h)
     with pytest.raises(LoraError, match="has no initializer nope"):
         onnx_initializers(path, {"nope"})
-    patched = patched_model_bytes(path, {"w": w + 1})
-    reread = {t.name: numpy_helper.to_array(t) for t in onnx.load_from_string(patched).graph.initializer}
-    assert np.array_equal(reread["w"], w + 1) and np.array_equal(reread["h"], h)
-    assert np.array_equal(onnx_initializers(path, {"w"})["w"], w)  # the file itself is unchanged
+    # The graph with the weights referred to in place (external data into the file itself): onnx reads the same
+    # tensors back through those references; what is under INLINE_BYTES and not named stays inline.
+    referred = onnx.load_from_string(external_model_bytes(path, {"w"}))
+    kinds = {t.name: t.data_location for t in referred.graph.initializer}
+    assert kinds == {"w": TensorProto.EXTERNAL, "h": TensorProto.DEFAULT}
+    onnx.external_data_helper.load_external_data_for_model(referred, str(tmp_path))
+    reread = {t.name: numpy_helper.to_array(t) for t in referred.graph.initializer}
+    assert np.array_equal(reread["w"], w) and np.array_equal(reread["h"], h)
+    with pytest.raises(LoraError, match="has no initializer nope"):
+        external_model_bytes(path, {"nope"})
     # Past 2 GB the weights live in an external .data file beside the model: read from there.
     external = tmp_path / "ext.onnx"
     onnx.save(helper.make_model(graph), str(external), save_as_external_data=True, all_tensors_to_one_file=True,
               location="ext.onnx.data", size_threshold=0)  # fmt: skip
     got = onnx_initializers(external, {"w", "h"})
     assert np.array_equal(got["w"], w) and np.array_equal(got["h"], h)
-    with pytest.raises(LoraError, match="external data"):
-        patched_model_bytes(external, {"w": w})
+    again = onnx.load_from_string(external_model_bytes(external, {"w"}))  # already external: kept as they are
+    assert {e.key: e.value for e in again.graph.initializer[0].external_data}["location"] == "ext.onnx.data"

@@ -159,3 +159,17 @@ def test_artifacts_on_disk_are_never_modified(base_artifacts, made):
     Pipeline.load(base_artifacts, loras=[(made["peft"].file, 1.0)])
     assert {p: sha256_file(p) for p in Path(base_artifacts).rglob("*.onnx")} == before
     Manifest.read(base_artifacts)  # still a valid, unchanged build
+
+
+def test_openvino_applies_run_time_loras_as_onnx_runtime_does(base_artifacts, made, oracle):
+    """--backend openvino with --lora: the read model's weight constants replaced before it compiles; the image
+    equals ONNX Runtime's with the same LoRAs (and diffusers'), fp32 and fp16 artifacts."""
+    pytest.importorskip("openvino")
+    loras = [(made[n].file, s) for n, s in TWO]
+    on_openvino = Pipeline.load(base_artifacts, backend="openvino", loras=loras)
+    assert [(r["file"], r["scale"], r["applied"]) for r in on_openvino.loras] == [("peft_lora.safetensors", 1.0, "run time"), ("kohya_lora.safetensors", 0.7, "run time")]
+    image = generate(on_openvino)
+    assert psnr(image, generate(Pipeline.load(base_artifacts, loras=loras))) >= FP32_DB
+    assert psnr(image, oracle(TWO)) >= FP32_DB
+    half = generate(Pipeline.load(base_artifacts, backend="openvino", precision="fp16", loras=loras))
+    assert psnr(half, generate(Pipeline.load(base_artifacts, precision="fp16", loras=loras))) >= FP16_DB

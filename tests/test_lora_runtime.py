@@ -1,7 +1,8 @@
 """LoRA at the edges: the CLIs (`ldm-rt sample --lora`, `build_engines.py --lora`) and their bad input (a LoRA for
 another architecture, a truncated file, a scale that is not a number, a pickle: one line, exit 2, nothing
-written), backends that cannot apply LoRAs, ONNX Runtime's overriding initializers for files with external
-data, and the TensorRT refit against a fake `tensorrt` (unverified on a GPU)."""
+written), backends that cannot apply LoRAs, patched weights reaching every ONNX Runtime graph optimisation
+(weights in the file or in external data), `ldm-rt info --lora`, and the TensorRT refit against a fake
+`tensorrt` (unverified on a GPU)."""
 
 from __future__ import annotations
 
@@ -123,24 +124,28 @@ def test_backends_without_lora_support_refuse_them(artifacts, loras):
         open_components("torch", artifacts, Manifest.read(artifacts), loras=[(read_lora(loras.good), 1.0)])
 
 
-def test_overriding_initializers_hold_for_convs_in_files_with_external_data(tmp_path):
-    """ONNX Runtime's NCHWc pass reorders Conv weights from the file, ignoring overriding initializers; the
-    backend turns it off for that path (files past 2 GB). A patched Conv must compute with the new weight."""
+@pytest.mark.parametrize("external", [False, True], ids=["weights in the file", "external data"])
+def test_patched_weights_reach_every_graph_optimisation(tmp_path, external):
+    """The backend loads the file's graph with its weights referred to in place and the patched ones given as
+    external initializers (runtime/lora.external_model_bytes), so ONNX Runtime's NCHWc pass, which reorders Conv
+    weights and ignores add_initializer overrides, sees the patched Conv; a MatMul's patched weight holds too."""
     import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from ldm_rt.runtime.backends.onnxruntime_backend import OVERRIDE_UNSAFE_OPTIMIZERS, open_session, session_options
+    from ldm_rt.runtime.backends.onnxruntime_backend import EXTERNAL_FOLDER, open_session, session_options
+    from ldm_rt.runtime.lora import external_model_bytes
 
     rng = np.random.default_rng(0)
-    w = rng.standard_normal((16, 8, 3, 3)).astype(np.float32)
-    new = w + rng.standard_normal(w.shape).astype(np.float32)
+    w, m = rng.standard_normal((16, 8, 3, 3)).astype(np.float32), rng.standard_normal((16, 16)).astype(np.float32)
+    new = {"w": w + rng.standard_normal(w.shape).astype(np.float32), "m": m + rng.standard_normal(m.shape).astype(np.float32)}
 
-    def model(weight: np.ndarray, path: Path, external: bool) -> Path:
+    def model(weights: dict, path: Path, external: bool) -> Path:
         graph = helper.make_graph(
-            [helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])], "g",
+            [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Transpose", ["c"], ["t"], perm=[0, 2, 3, 1]),
+             helper.make_node("MatMul", ["t", "m"], ["y"])], "g",
             [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 16, 16])],
-            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16, 16, 16])], [numpy_helper.from_array(weight, "w")],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16, 16, 16])], [numpy_helper.from_array(v, k) for k, v in weights.items()],
         )  # fmt: skip
         onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path),
                   save_as_external_data=external, all_tensors_to_one_file=True, location=path.name + ".data", size_threshold=0)  # fmt: skip
@@ -148,11 +153,12 @@ def test_overriding_initializers_hold_for_convs_in_files_with_external_data(tmp_
 
     x = rng.standard_normal((1, 8, 16, 16)).astype(np.float32)
     expected = open_session(model(new, tmp_path / "new.onnx", False), session_options(), None).run(None, {"x": x})[0]
-    base = model(w, tmp_path / "base.onnx", True)
+    base = model({"w": w, "m": m}, tmp_path / "base.onnx", external)
     options = session_options()
-    value = ort.OrtValue.ortvalue_from_numpy(new)
-    options.add_initializer("w", value)
-    got = open_session(base, options, None, disabled_optimizers=OVERRIDE_UNSAFE_OPTIMIZERS).run(None, {"x": x})[0]
+    options.add_session_config_entry(EXTERNAL_FOLDER, str(tmp_path))
+    values = [ort.OrtValue.ortvalue_from_numpy(new[k]) for k in ("w", "m")]
+    options.add_external_initializers(["w", "m"], values)
+    got = open_session(base, options, None, model=external_model_bytes(base, {"w", "m"})).run(None, {"x": x})[0]
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
 
 
@@ -214,3 +220,25 @@ def test_a_changed_targets_file_is_refused(artifacts, tmp_path):
     (copy / "lora_targets.json").write_text((copy / "lora_targets.json").read_text().replace('"W"', '"T"', 1))
     with pytest.raises(ArtifactError, match="does not match the manifest's hash"):
         LoraTargets.read(copy)
+
+
+def test_info_lists_what_loras_can_adapt_and_what_each_file_does(artifacts, loras, capsys):
+    from ldm_rt.runtime.cli import main
+
+    assert main(["info", "--model", str(artifacts), "--lora", str(loras.good), "--lora", str(loras.good.parent)]) == 0
+    out = capsys.readouterr().out
+    tail = out[out.index("loras (modules a LoRA may adapt):") :].splitlines()
+    modules = LoraTargets.read(artifacts).modules
+    unet, text = tail[1], tail[2]
+    assert unet.startswith(f"  unet: {len(modules['unet'])} modules (") and "LoCon" in unet
+    assert unet.endswith(f"at run time {len(modules['unet'])} patchable")  # every weight located
+    assert text.startswith(f"  text_encoder: {len(modules['text_encoder'])} modules (")
+    assert tail[3] == "  good.safetensors: adapts unet 1 (1 linear); applies at run time"
+    # the folder: its .safetensors files, sorted; the ones that do not fit say why in the same line
+    assert tail[4] == tail[3] and tail[5].startswith("  sdxl.safetensors: cannot be applied: ") and "none of its 4 keys" in tail[5]
+    assert tail[6].startswith("  truncated.safetensors: cannot be applied: ") and "truncated" in tail[6]
+    try:
+        code = main(["info", "--model", str(artifacts), "--lora", str(loras.good.parent / "nope")])
+    except SystemExit as e:
+        code = e.code
+    assert code == 2 and "nope does not exist; name a LoRA file or a folder of them" in capsys.readouterr().err
