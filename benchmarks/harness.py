@@ -125,13 +125,17 @@ def worker_argv(name: str, python: Path | str = sys.executable) -> tuple[str, ..
     return (str(python), str(PEERS / f"{name}_worker.py"))
 
 
+WARM_CACHE = "warm"  # Peer.extra["compile_cache"]: a compile cache in the workload's work folder, filled before timing
+
+
 def ours_peer(artifacts: Path | str, name: str = OURS, backend: str = "onnxruntime", providers: Sequence[str] | None = None) -> Peer:
     # Providers are onnxruntime's; the other backends take none.
     extra = {"backend": backend, "providers": (list(providers) if providers else ["cpu"]) if backend == "onnxruntime" else None}
+    if backend == "onnxruntime":
+        # As after ldm-rt's first run on a machine: large components open ONNX Runtime's optimised graphs from the
+        # compile cache (runtime/backends/onnxruntime_backend.py; small ones are optimised at each start as before).
+        extra["compile_cache"] = WARM_CACHE
     return Peer(name, worker_argv(OURS), str(artifacts), extra=extra)
-
-
-WARM_CACHE = "warm"  # Peer.extra["compile_cache"]: a compile cache in the workload's work folder, filled before timing
 
 
 def openvino_peer(artifacts: Path | str) -> Peer:

@@ -3,7 +3,7 @@
     python benchmarks/run.py                    # everything (first run: makes the Optimum venv and the exports)
     python benchmarks/run.py --quick            # 1 timed run, 4 steps, 128x128 only: a check that all peers run
     python benchmarks/run.py --fresh-venv       # also measure the install footprint in fresh virtual environments
-    python benchmarks/run.py --sd15             # also the SD 1.5-sized model (3.4 GB UNet; ~20 GB to export, once)
+    python benchmarks/run.py --sd15             # also the SD 1.5-sized model (3.4 GB UNet; ~9 GB of memory to export, once)
 
 Workloads (benchmarks/workloads.py): the SD-v1-shaped model at reduced width at each --sizes (batch 1), the
 SD-v2-shaped one (64-wide heads) at each --sd2-sizes, and the shipped default model at batch 1 and 4
@@ -11,7 +11,8 @@ SD-v2-shaped one (64-wide heads) at each --sd2-sizes, and the shipped default mo
 ldm-rt on ONNX Runtime CPU (CUDA and TensorRT where present), the PyTorch reference, diffusers'
 StableDiffusionPipeline, Optimum's ORTStableDiffusionPipeline in benchmarks/.venv-optimum, OpenVINO GenAI's
 Text2ImagePipeline at its default precision and at f32 in benchmarks/.venv-ovgenai, stable-diffusion.cpp in
-benchmarks/.venv-sdcpp (SD 1.5-sized workload only). The harness is
+benchmarks/.venv-sdcpp (SD 1.5-sized workload only), ldm-rt's native C++ runtime (cpp/native, built here with
+CMake; `ours-native`). The harness is
 the `benchmarks` package beside this script (harness.py runs the peers, report.py writes the results); this
 script makes the models and names the peers.
 """
@@ -30,7 +31,7 @@ sys.path.insert(0, str(HERE.parent))
 
 from benchmarks import harness, report, workloads  # noqa: E402
 from benchmarks.machine import install_footprint  # noqa: E402
-from benchmarks.peers import openvino_genai_env, optimum_env, sdcpp_env  # noqa: E402
+from benchmarks.peers import native_env, openvino_genai_env, optimum_env, sdcpp_env  # noqa: E402
 from benchmarks.peers.peer_env import PeerEnv, PeerEnvError  # noqa: E402
 from ldm_rt.runtime.cli_support import OneLineParser, run, summary  # noqa: E402
 
@@ -58,11 +59,19 @@ def cpu_runtime_peers(prepared: workloads.Prepared, envs: dict[str, tuple[Path |
             harness.sdcpp_peer(prepared.single_file, sd_python, prepared.single_file_reason or sd_reason)]
 
 
+def native_peer(artifacts: Path | str | None, worker: tuple[Path | None, str | None]) -> harness.Peer:
+    """ldm-rt's native C++ runtime (peers/native_env.py) on ldm-rt's artifacts: `worker` is (its executable, None)
+    or (None, why it cannot run)."""
+    exe, reason = worker
+    return harness.Peer(native_env.NAME, (str(exe),) if exe else (), str(artifacts or ""), skip_reason=reason)
+
+
 def peers_for(prepared: workloads.Prepared, optimum_python: Path | None,
-              envs: dict[str, tuple[Path | None, str | None]] | None = None) -> tuple[harness.Peer, ...]:
-    """ldm-rt first (the others' images are compared with its; then on OpenVINO), the torch peers, Optimum, the
-    CPU runtimes (`envs`), GPU."""
-    peers = [harness.ours_peer(prepared.artifacts), harness.openvino_peer(prepared.artifacts)]
+              envs: dict[str, tuple[Path | None, str | None]] | None = None,
+              native: tuple[Path | None, str | None] = (None, "not built")) -> tuple[harness.Peer, ...]:
+    """ldm-rt first (the others' images are compared with its; then on OpenVINO, then native C++), the torch peers,
+    Optimum, the CPU runtimes (`envs`), GPU."""
+    peers = [harness.ours_peer(prepared.artifacts), harness.openvino_peer(prepared.artifacts), native_peer(prepared.artifacts, native)]
     for name, model, why in (("reference", prepared.reference_source, "no model folder for the reference"),
                              ("diffusers", prepared.diffusers_source, prepared.diffusers_reason)):
         reason = None if model is not None else why or "no diffusers-layout folder"
@@ -77,14 +86,16 @@ def peers_for(prepared: workloads.Prepared, optimum_python: Path | None,
     return tuple(peers)
 
 
-def sd15_workload(args, envs: dict[str, tuple[Path | None, str | None]], ov: tuple[bool, str | None]) -> harness.Workload:
+def sd15_workload(args, envs: dict[str, tuple[Path | None, str | None]], ov: tuple[bool, str | None],
+                  native: tuple[Path | None, str | None]) -> harness.Workload:
     """The SD 1.5-sized model at its one size and step count (--runs/--warmup apply): ldm-rt (ONNX Runtime f32;
     OpenVINO bf16 where the CPU has it), OpenVINO GenAI at both precisions, stable-diffusion.cpp. The torch
     peers and Optimum are measured on the smaller workloads; here each peer runs alone (Workload.sequential),
     as their processes together would not fit in memory."""
     size, sd_ready = workloads.SD15_SIZE, (envs["sdcpp"][0] is not None, envs["sdcpp"][1])
     model = workloads.prepare_sd_shaped(workloads.SD15_SHAPE, (size,), None, "not run at SD 1.5 size", openvino=ov, sdcpp=sd_ready)
-    peers = (harness.ours_peer(model.artifacts), harness.openvino_peer(model.artifacts), *cpu_runtime_peers(model, envs))
+    peers = (harness.ours_peer(model.artifacts), harness.openvino_peer(model.artifacts), native_peer(model.artifacts, native),
+             *cpu_runtime_peers(model, envs))
     runs = (harness.RunSpec(size, size, batch=1, steps=workloads.SD15_STEPS, runs=args.runs, warmup=args.warmup),)
     return harness.Workload(model.name, model.description, model.artifacts, runs, peers, model.config, sequential=True)
 
@@ -120,9 +131,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-optimum", action="store_true", help="skip the Optimum peer (no venv is made)")
     parser.add_argument("--no-openvino-genai", action="store_true", help="skip the OpenVINO GenAI peers (no venv is made)")
     parser.add_argument("--no-sdcpp", action="store_true", help="skip the stable-diffusion.cpp peer (no venv is built)")
+    parser.add_argument("--no-native", action="store_true", help="skip ldm-rt's native C++ runtime (not built with CMake)")
     parser.add_argument("--sd15", action="store_true", help=f"also the SD 1.5-sized model at {workloads.SD15_SIZE}x{workloads.SD15_SIZE}, "
                         f"{workloads.SD15_STEPS} steps: ldm-rt, OpenVINO GenAI, stable-diffusion.cpp, one process at a time "
-                        "(first run: ~20 GB to export it)")
+                        "(first run: ~9 GB of memory to export it)")
     parser.add_argument("--fresh-venv", action="store_true", help="also measure fresh venvs' site-packages (needs the package index)")
     parser.add_argument("--no-profile", action="store_true", help="skip the ONNX Runtime profile of ldm-rt's UNet")
     parser.add_argument("--results", type=Path, default=RESULTS, help=f"results folder (default {RESULTS})")
@@ -154,16 +166,17 @@ def benchmark(args) -> int:
     envs = {"openvino-genai": peer_env(openvino_genai_env.ENV, asked if args.no_openvino_genai else None, workloads.WORK / "openvino_genai_env.log"),
             "sdcpp": peer_env(sdcpp_env.ENV, sdcpp_skip, workloads.WORK / "sdcpp_env.log")}
     ov = (envs["openvino-genai"][0] is not None, envs["openvino-genai"][1])
+    native = (None, asked) if args.no_native else native_env.build_worker(workloads.WORK, workloads.WORK / "native_build.log")
     sd = workloads.prepare_sd_shaped(workloads.SDShape(), tuple(args.sizes), optimum_python, optimum_reason, openvino=ov)
     sd_runs = tuple(harness.RunSpec(s, s, batch=1, steps=args.steps, runs=args.runs, warmup=args.warmup) for s in args.sizes)
     default = workloads.prepare_default(optimum_python, optimum_reason)
-    items = [harness.Workload(sd.name, sd.description, sd.artifacts, sd_runs, peers_for(sd, optimum_python, envs), sd.config)]
+    items = [harness.Workload(sd.name, sd.description, sd.artifacts, sd_runs, peers_for(sd, optimum_python, envs, native), sd.config)]
     if args.sd2_sizes:
         sd2 = workloads.prepare_sd_shaped(workloads.SD2_SHAPE, tuple(args.sd2_sizes), optimum_python, optimum_reason, openvino=ov)
         sd2_runs = tuple(harness.RunSpec(s, s, batch=1, steps=args.steps, runs=args.runs, warmup=args.warmup) for s in args.sd2_sizes)
-        items.append(harness.Workload(sd2.name, sd2.description, sd2.artifacts, sd2_runs, peers_for(sd2, optimum_python, envs), sd2.config))
+        items.append(harness.Workload(sd2.name, sd2.description, sd2.artifacts, sd2_runs, peers_for(sd2, optimum_python, envs, native), sd2.config))
     if args.sd15:
-        items.append(sd15_workload(args, envs, ov))
+        items.append(sd15_workload(args, envs, ov, native))
     if default.skip_reason is not None:
         items.insert(0, harness.Workload(default.name, default.description, None, (), (), skip_reason=default.skip_reason))
     else:
@@ -172,7 +185,7 @@ def benchmark(args) -> int:
         profile = Manifest.read(default.artifacts).profile
         runs = tuple(harness.RunSpec(profile.height[1], profile.width[1], batch=b, steps=args.steps, runs=args.runs, warmup=args.warmup,
                                    prompt="a red circle on a white background") for b in args.default_batches)
-        items.insert(0, harness.Workload(default.name, default.description, default.artifacts, runs, peers_for(default, optimum_python), default.config))
+        items.insert(0, harness.Workload(default.name, default.description, default.artifacts, runs, peers_for(default, optimum_python, native=native), default.config))
 
     footprint = install_footprint()
     if args.fresh_venv:

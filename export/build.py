@@ -26,11 +26,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from ldm_rt.export.controlnet_sources import ControlNetSource, load_controlnets
 from ldm_rt.export.errors import ExportError, TensorRTUnavailable
 from ldm_rt.export.fp16 import find_fp32_islands, half_model
 from ldm_rt.export.lora_targets import record_targets
 from ldm_rt.runtime.lora import TARGETS_FILE
-from ldm_rt.export.memory import EstimateError, GraphMemory, parity_budget
+from ldm_rt.export.memory import EstimateError, GraphMemory, RssWatch, parity_budget
 from ldm_rt.export.onnx_export import OPSET, export_component
 from ldm_rt.export.ort_attention import write_ort_variant
 from ldm_rt.export.output import check_output, claim_output, output_path
@@ -66,7 +67,9 @@ from ldm_rt.runtime.manifest import (
     PrecisionEntry,
     json_object,
 )
+from ldm_rt.runtime.params import MAX_PROFILE_BATCH, MAX_PROFILE_SIDE
 from ldm_rt.runtime.sampler_spec import sampler_spec
+from ldm_rt.runtime.scheduler_choice import default_scheduler
 
 log = logging.getLogger(__name__)
 
@@ -79,12 +82,9 @@ ORT_FIX = (
 )
 ORT_VARIANT_BACKEND = "onnxruntime-fused"
 ARTIFACTS = "ldm-rt artifacts folder"
-# Profile ceilings: sizes no model can use. 4096 px per side is twice the largest native resolution of the
-# SD family (SDXL: 1024 px; larger images are made by tiling or upscaling, not by one UNet pass), and a
-# single 128-channel fp32 VAE feature map at 4096 x 4096 is already 8 GiB. 64 images per prompt: the UNet then
-# runs a batch of 128 under guidance, beyond what any one GPU holds at SD sizes.
-MAX_SIDE = 4096
-MAX_BATCH = 64
+# Profile ceilings: sizes no model can use (their reasons are with them, in runtime/params.py).
+MAX_SIDE = MAX_PROFILE_SIDE
+MAX_BATCH = MAX_PROFILE_BATCH
 
 
 # Without --out a build goes to the user's current folder, never into the installed package (which may be
@@ -119,6 +119,8 @@ class BuildOptions:
     parity_memory: int | None = None  # bytes a parity run may use; None: half of the available memory
     # LoRAs fused into the weights before export (each at its scale; they add up); the manifest records them.
     loras: tuple[LoraSpec, ...] = ()
+    # ControlNets (diffusers folders or original files), each a controlnet_<k> component in this order.
+    controlnets: tuple[Path, ...] = ()
 
     @property
     def engines_required(self) -> bool:
@@ -239,9 +241,9 @@ def _plan(path: Path, contract: ComponentContract, options: BuildOptions, notes:
 
 def _export_component(
     name: str, source: Source, contract: ComponentContract, root: Path, options: BuildOptions,
-    results: list[ParityResult], notes: list[str], step: _Step,
+    results: list[ParityResult], notes: list[str], step: _Step, controlnets: list[ControlNetSource] | None = None,
 ) -> ComponentEntry:  # fmt: skip
-    wrapper = export_wrappers(source.loaded.model)[name]
+    wrapper = export_wrappers(source.loaded.model, [c.model for c in controlnets or ()])[name]
     rel32 = f"onnx/fp32/{name}.onnx"
     with step.phase("onnx export fp32 (torch.onnx.export, clean-up, checker)", 2) as p:
         files32 = export_component(wrapper, contract, root / rel32, options.opset, p.item)
@@ -293,6 +295,10 @@ def _build_engines(
             entry.engines[record["key"]] = record
 
 
+def _gb(n: int | None) -> str:
+    return "unknown" if n is None else f"{n / 1e9:.2f} GB"
+
+
 def output_dir(options: BuildOptions) -> Path:
     """Where the build goes: --out, else ldm-rt-artifacts/<source name> in the current folder."""
     return output_path(options.out if options.out is not None else default_out_dir(source_name(options.model)))
@@ -332,8 +338,10 @@ def _build_into(out: Path, options: BuildOptions, lora_files: list | None = None
                 lora_records = [{**r, "path": str(f.path.resolve())} for r, (f, _) in zip(fuse_lora_files(source.loaded, lora_files), lora_files)]
             except LoraError as e:
                 raise ExportError(str(e)) from None
+    with phase(f"load {len(options.controlnets)} ControlNet(s)", enabled=options.progress and bool(options.controlnets)):
+        controlnets = load_controlnets(options.controlnets, source)
     try:
-        contracts = build_contracts(source.facts, options.profile)
+        contracts = build_contracts(source.facts, options.profile, [c.facts for c in controlnets])
     except ContractError as e:
         raise ExportError(f"{e}; choose profile sizes that fit this model") from None
 
@@ -352,7 +360,10 @@ def _build_into(out: Path, options: BuildOptions, lora_files: list | None = None
         components: dict[str, ComponentEntry] = {}
         for i, name in enumerate(contracts, start=1):
             step = _Step(f"[{i}/{len(contracts)}] {name}", options.progress)
-            components[name] = _export_component(name, source, contracts[name], tmp, options, results, notes, step)
+            with RssWatch() as watch:
+                components[name] = _export_component(name, source, contracts[name], tmp, options, results, notes, step, controlnets)
+            rss = components[name].export = watch.record()
+            say(f"{step.prefix}: peak RSS {_gb(rss.get('peak_rss_bytes'))} (export process so far: {_gb(rss.get('process_peak_rss_bytes'))})", options.progress)
 
         tokenizer = None
         if source.loaded.tokenizer is not None:
@@ -377,7 +388,11 @@ def _build_into(out: Path, options: BuildOptions, lora_files: list | None = None
         else:
             tensorrt = {"status": "skipped", "reason": "--onnx-only"}
 
+        # The folder's own scheduler (its class in scheduler_config.json) as a --scheduler name: the runtime's default.
+        choice = default_scheduler(source.loaded.scheduler_config)
+        say(f"default scheduler: {choice.describe()}", options.progress)
         manifest = Manifest(
+            default_scheduler=choice.name,
             facts=source.facts,
             profile=options.profile,
             components=components,
@@ -385,7 +400,10 @@ def _build_into(out: Path, options: BuildOptions, lora_files: list | None = None
             tokenizer_2=tokenizer_2,
             lora_targets=lora_targets,
             scheduler=FileEntry.of(tmp, "scheduler_config.json"),
-            source={**source.to_manifest(), **({"loras": lora_records} if lora_records else {})},
+            source={
+                **source.to_manifest(), **({"loras": lora_records} if lora_records else {}),
+                **({"controlnets": [c.record for c in controlnets]} if controlnets else {}),
+            },
             tools=tool_versions(),
             tensorrt={**tensorrt, "static_shape": options.static_shape},
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -92,6 +92,10 @@ def parser() -> argparse.ArgumentParser:
     src.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                      help="fuse a LoRA (.safetensors, diffusers/PEFT or kohya layout; .pt/.ckpt tensors only) at SCALE "
                           "(default 1) into the weights before export; repeatable, scales add up; the manifest records each")
+    src.add_argument("--controlnet", action="append", default=[], type=Path, metavar="CN_SRC",
+                     help="add a ControlNet (diffusers ControlNetModel folder or original control_*.safetensors/.pth "
+                          "file) made for this base model as the component controlnet_<k>; repeatable, in the order "
+                          "`ldm-rt sample --control-image` takes their images")
     src.add_argument("--prediction-type", choices=PREDICTION_TYPES,
                      help="what the UNet predicts; single files cannot tell (SD 2.x 768-v: v_prediction)")
     out = p.add_argument_group("output")
@@ -164,6 +168,7 @@ def options_from_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> B
         engines=args.engines,
         parity_memory=None if args.parity_memory is None else int(args.parity_memory * 2**30),
         loras=loras,
+        controlnets=tuple(args.controlnet),
     )
 
 

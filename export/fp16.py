@@ -7,7 +7,9 @@ SDXL VAE, "fp16-fix"). Rather than hard-coding them, the search below runs the r
 with forward hooks on every block and:
 
 1. keeps in fp32 the first block (in execution order, so the innermost one) whose inputs were finite
-   but whose output is not; repeats until the whole output is finite;
+   but whose output is not; repeats until the whole output is finite. When a kept block's own output is
+   beyond fp16 (the stream between blocks overflows: a residual stream past 65504 from that block on), the
+   nearest enclosing module that is called is kept instead, widening until what leaves the island fits;
 2. if the output is finite but further from the fp32 reference than the contract's fp16 tolerance,
    re-runs each block in fp32 on the very inputs it saw in fp16 and keeps the block with the largest
    own error (descending into a child that explains most of it); repeats.
@@ -165,9 +167,20 @@ class HalfPrecisionIO(nn.Module):
         return tuple(o.float() for o in out) if isinstance(out, (tuple, list)) else out.float()
 
 
+def _half_copy(module: nn.Module) -> nn.Module:
+    """copy.deepcopy(module).half() without the fp32 copy in between (SD 1.5's UNet: 3.4 GB more at the peak):
+    deepcopy takes each floating parameter and buffer from its memo, already cast to fp16."""
+    memo: dict[int, Any] = {}
+    for t in [*module.parameters(), *module.buffers()]:
+        if t.is_floating_point() and id(t) not in memo:
+            half = t.detach().half()
+            memo[id(t)] = nn.Parameter(half, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else half
+    return copy.deepcopy(module, memo).half()
+
+
 def half_model(reference: nn.Module, contract: ComponentContract, kept_fp32: Sequence[str]) -> HalfPrecisionIO:
     """A copy of the fp32 export wrapper in fp16, with the named submodules as fp32 islands."""
-    inner = copy.deepcopy(reference).half().eval()
+    inner = _half_copy(reference).eval()
     for name in _normalise(list(kept_fp32)):
         make_fp32_island(inner.get_submodule(name))
     return HalfPrecisionIO(inner, [t.name for t in contract.inputs]).eval()
@@ -182,6 +195,9 @@ class _Probe:
     watch: Callable[[nn.Module], bool] = is_watched
     twins: dict[str, nn.Module] | None = None  # fp32 copies: measure each block's own error
     first_nonfinite: str | None = None
+    # The first island whose fp32 output overflows as it is cast back to fp16: the stream between blocks itself
+    # passes 65504 there (a residual stream, not one block's inner activations), so a wider island is needed.
+    island_overflow: str | None = None
     own_error: dict[str, float] = field(default_factory=dict)
     handles: list[Any] = field(default_factory=list)
 
@@ -189,11 +205,20 @@ class _Probe:
         for name, module in self.model.named_modules():
             if name and self.watch(module) and not _within(name, self.skip):
                 self.handles.append(module.register_forward_hook(self._hook(name), with_kwargs=True))
+            elif name in self.skip:  # an island: registered after its cast-down hook, so this sees the fp16 output
+                self.handles.append(module.register_forward_hook(self._island_hook(name), with_kwargs=True))
         return self
 
     def __exit__(self, *exc: object) -> None:
         for h in self.handles:
             h.remove()
+
+    def _island_hook(self, name: str) -> Callable[..., None]:
+        def hook(_mod, args, kwargs, output) -> None:
+            if self.island_overflow is None and not _all_finite(output) and _all_finite((args, kwargs)):
+                self.island_overflow = name
+
+        return hook
 
     def _hook(self, name: str) -> Callable[..., None]:
         def hook(_mod, args, kwargs, output) -> None:
@@ -233,6 +258,28 @@ def _case_err(out: Any, refs: Sequence[torch.Tensor], bounds: Sequence[float]) -
     return max(e if i == 0 else e * bounds[0] / b for i, (e, b) in enumerate(zip(errs, bounds)))
 
 
+def called_modules(model: nn.Module, inputs: Sequence[torch.Tensor]) -> set[str]:
+    """Names of the submodules whose forward runs (containers iterated by their parent's code do not: an island
+    must be a module that is called, for its hooks to cast what enters and leaves it)."""
+    called: set[str] = set()
+    handles = [m.register_forward_hook(lambda *_a, n=name: called.add(n)) for name, m in model.named_modules() if name]
+    try:
+        _run(model, inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return called
+
+
+def _widen(island: str, called: set[str]) -> str | None:
+    """The nearest called module enclosing `island` (None: only the whole component encloses it)."""
+    parts = island.split(".")
+    for k in range(len(parts) - 1, 0, -1):
+        if ".".join(parts[:k]) in called:
+            return ".".join(parts[:k])
+    return None
+
+
 def _pick_by_own_error(errors: dict[str, float]) -> str | None:
     """The block with the largest own error, or a child of it that explains most of that error; None
     when no block stands out from fp16 rounding (the error is then spread over the whole model)."""
@@ -270,7 +317,9 @@ def find_fp32_islands(
     bounds = [tolerance.bound(case.reference) for case in cases]
     output_bounds = [[tolerance.bound(o) for o in case.outputs] for case in cases]
     kept = always_fp32(reference, sets[0])
+    called: set[str] | None = None  # called_modules(reference), when an island needs widening
     for round_ in range(1, max_islands + 2):
+        model = None  # the previous round's copy is freed before the next one is made
         model = half_model(reference, contract, kept)
         errors: list[float] = []
         culprit = None
@@ -281,6 +330,21 @@ def find_fp32_islands(
             if probe.first_nonfinite is not None and err == float("inf"):
                 culprit = probe.first_nonfinite
                 log.warning("%s: %s overflows in fp16 (non-finite output); keeping it in fp32", contract.name, culprit)
+                break
+            if probe.island_overflow is not None and err == float("inf"):
+                # The stream leaving this island is itself past fp16's range: keep the block around it in fp32,
+                # widening until what leaves the island fits fp16 again (at worst the whole decoder or UNet).
+                called = called if called is not None else called_modules(reference, sets[0])
+                culprit = _widen(probe.island_overflow, called)
+                if culprit is None:
+                    raise Fp16Error(
+                        f"{contract.name}: the activations leaving {probe.island_overflow} pass fp16's range up to the "
+                        "component's output; build this model without --fp16"
+                    )
+                log.warning(
+                    "%s: the activations leaving %s pass fp16's range (a residual stream); keeping %s in fp32",
+                    contract.name, probe.island_overflow, culprit,
+                )
                 break
             if err > bound:
                 if err == float("inf"):

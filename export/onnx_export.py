@@ -58,8 +58,7 @@ def export_component(
         _trace(wrapper, contract, traced, opset)
         if progress is not None:
             progress("traced")
-        files = clean_file(traced, path)
-    _check_io(path, contract)
+        files = clean_file(traced, path, check=lambda graph: _check_io(graph, path, contract))
     if progress is not None:
         progress("cleaned up and checked")
     log.info("exported %s -> %s", contract.name, path)
@@ -98,10 +97,9 @@ def _trace(wrapper: nn.Module, contract: ComponentContract, path: Path, opset: i
             ) from None
 
 
-def _check_io(path: Path, contract: ComponentContract) -> None:
+def _check_io(model: onnx.ModelProto, path: Path, contract: ComponentContract) -> None:
     """The graph's inputs and outputs must be exactly the contract's, in order (an unused input would be
     dropped by the exporter and silently change the interface)."""
-    model = onnx.load(str(path), load_external_data=False)
     got_in = [i.name for i in model.graph.input]
     got_out = [o.name for o in model.graph.output]
     want_in = [t.name for t in contract.inputs]

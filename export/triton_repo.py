@@ -27,7 +27,8 @@ from ldm_rt.export.errors import ExportError
 from ldm_rt.export.output import claim_output, output_path
 from ldm_rt.runtime.atomic import atomic_directory
 from ldm_rt.runtime.contracts import ComponentContract, TensorSpec
-from ldm_rt.runtime.manifest import ArtifactError, FileEntry, Manifest, json_object, read_bounded
+from ldm_rt.runtime.files import FileFormatError, read_json_object
+from ldm_rt.runtime.manifest import FileEntry, Manifest
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +44,8 @@ MAX_MARKER_BYTES = 1 << 20
 def is_triton_repository(path: Path) -> bool:
     """A folder this module wrote (it holds our marker file)."""
     try:
-        marker = json_object(read_bounded(path / MARKER, MAX_MARKER_BYTES, "repository marker"), path / MARKER)
-    except ArtifactError:
+        marker = read_json_object(path / MARKER, limit=MAX_MARKER_BYTES, what="repository marker")
+    except FileFormatError:  # missing, oversized, not UTF-8, too deep, not an object: not ours
         return False
     return marker.get("format") == MARKER_FORMAT
 

@@ -26,18 +26,21 @@ import torch
 from ldm_rt.runtime.backends.base import BackendError, HostOptions
 from ldm_rt.runtime.contracts import ComponentContract, ModelFacts, ShapeProfile, build_contracts
 from ldm_rt.runtime.manifest import Manifest
+from ldm_rt.runtime.params import MAX_PROFILE_BATCH, MAX_PROFILE_SIDE
 from ldm_rt.runtime.pipeline import Pipeline
 from ldm_rt.runtime.schedulers import SchedulerConfig
 
-from .export_wrappers import export_wrappers
+from .controlnet import ControlNetModel
+from .export_wrappers import controlnet_facts, export_wrappers
 from .model_folder import LoadedModel
 
 logger = logging.getLogger(__name__)
 
 PRECISION_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
-# The reference has no engine limits: accept any batch up to this and any size the model divides.
-UNLIMITED_BATCH = 64
-UNLIMITED_PIXELS = 4096
+# The reference has no engine limits: accept the widest profile export would (runtime/params.py), any size
+# the model divides.
+UNLIMITED_BATCH = MAX_PROFILE_BATCH
+UNLIMITED_PIXELS = MAX_PROFILE_SIDE
 # The default size when the model does not record its resolution (an SD single file): SD's.
 DEFAULT_SIZE = 512
 
@@ -81,13 +84,17 @@ def torch_components(
     loaded: LoadedModel,
     contracts: dict[str, ComponentContract] | None = None,
     device: str | torch.device = "cpu",
+    controlnets: Sequence[ControlNetModel] = (),
 ) -> dict[str, TorchComponent]:
-    """text_encoder (if any), unet, vae_decoder, vae_encoder of `loaded` as TorchComponents. Without
-    `contracts` they accept any shape the model supports (nominal_profile)."""
+    """text_encoder (if any), unet, vae_decoder, vae_encoder of `loaded` as TorchComponents (with `controlnets`,
+    controlnet_<k> each and a UNet taking their residuals). Without `contracts` they accept any shape the model
+    supports (nominal_profile)."""
     if contracts is None:
-        contracts = build_contracts(loaded.facts(), nominal_profile(loaded))
+        contracts = build_contracts(loaded.facts(), nominal_profile(loaded), [controlnet_facts(c) for c in controlnets])
     loaded.model.to(device)
-    wrappers = export_wrappers(loaded.model)
+    for controlnet in controlnets:
+        controlnet.to(device)
+    wrappers = export_wrappers(loaded.model, controlnets)
     missing = sorted(set(contracts) - set(wrappers))
     if missing:
         raise BackendError(f"the contracts list {missing} but the model has no such component; rebuild the artifacts from this model")
@@ -155,8 +162,27 @@ def open_components(
         )
     device = "cuda" if torch.cuda.is_available() else "cpu"
     contracts = {name: entry.contract for name, entry in manifest.components.items()}
+    controlnets = _exported_controlnets(loaded, Path(artifacts_dir), manifest.source.get("controlnets") or [], PRECISION_DTYPES[precision])
     logger.info("torch backend: %s from %s on %s (%s)", sorted(contracts), source, device, precision)
-    return torch_components(loaded, contracts, device)
+    return torch_components(loaded, contracts, device, controlnets)
+
+
+def _exported_controlnets(loaded: LoadedModel, root: Path, records: list[dict[str, Any]], dtype: torch.dtype) -> list[ControlNetModel]:
+    """The ControlNets the export added (manifest.source["controlnets"], export order), loaded again from their files
+    (sha256 checked), so the torch backend runs the networks the artifacts hold."""
+    from ldm_rt.runtime.manifest import weights_sha256
+
+    from .keymap_controlnet import load_controlnet
+
+    out = []
+    for record in records:
+        path = _source_path(root, record)
+        if weights_sha256(path) != record.get("sha256"):
+            raise BackendError(f"the ControlNet {path} exported into {root} has changed since the export; rebuild the artifacts")
+        out.append(load_controlnet(
+            path, base=loaded.model.unet.config, global_average_pooling=bool(record.get("global_average_pooling")), dtype=dtype
+        ))  # fmt: skip
+    return out
 
 
 def _fuse_exported_loras(loaded: LoadedModel, root: Path, fused: list[dict[str, Any]]) -> None:

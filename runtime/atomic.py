@@ -1,4 +1,5 @@
-"""Write files and folders so that a reader never sees a half-written one: temp path, then rename."""
+"""Write files and folders so that a reader never sees a half-written one: temp path, then rename. An OSError on
+the way names the output path, never the hidden temp beside it (`naming`)."""
 
 from __future__ import annotations
 
@@ -67,20 +68,46 @@ def explain_os_error(e: OSError) -> str:
     return f"{where}{e.strerror}" + (f"; {advice}" if advice else "")
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    path = check_file_target(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+def _about(e: OSError, temp: str | os.PathLike) -> bool:
+    """Whether `e` concerns `temp` (names it or something under it) or names nothing (a write on an open file)."""
+    names = [n for n in (e.filename, e.filename2) if n is not None]
+    temp = Path(os.path.abspath(temp))
+    for name in names:
+        if not isinstance(name, (str, bytes, os.PathLike)):  # a file descriptor: ours, opened on the temp path
+            return True
+        if Path(os.path.abspath(os.fsdecode(name))).is_relative_to(temp):
+            return True
+    return not names
+
+
+@contextlib.contextmanager
+def naming(path: str | os.PathLike, temp: str | os.PathLike | None = None) -> Iterator[None]:
+    """Re-raise an OSError met while writing `path` as one of the same errno whose filename is `path`: the user
+    acts on the path they gave, not on the hidden temp file behind it, and explain_os_error still finds the fix.
+
+    With `temp`, only errors about it are renamed (its name or anything under it, or no name at all: a write
+    through an open file); others, such as a source file the block reads, keep their own name. Our own
+    OSErrors (errno None: NotAFileTarget, NotAFolderTarget, ...) already name the path and pass unchanged."""
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, FILE_MODE)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+        yield
+    except OSError as e:
+        if e.errno is None or (temp is not None and not _about(e, temp)):
+            raise
+        raise OSError(e.errno, e.strerror, os.fspath(path)) from None
+
+
+def write_synced(path: str | os.PathLike, data: bytes) -> None:
+    """`data` into the file `path`, flushed to disk before returning: a rename after it cannot reach the disk
+    before the data it names (a power cut would leave an empty file under the final name)."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_file(path) as tmp:
+        write_synced(tmp, data)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -92,12 +119,15 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     """Yields a temp path beside `path` for a writer that wants a file name (safetensors, onnx);
     renamed over `path` only if the block finishes."""
     path = check_file_target(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with naming(path):
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        yield Path(tmp)
-        os.chmod(tmp, FILE_MODE)
-        os.replace(tmp, path)
+        with naming(path, tmp):
+            yield Path(tmp)
+        with naming(path):
+            os.chmod(tmp, FILE_MODE)
+            os.replace(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -201,28 +231,31 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     _check_folder_target(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    with naming(path):
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     old: Path | None = None
     try:
-        yield tmp
-        os.chmod(tmp, DIR_MODE)
-        _fsync_tree(tmp)
-        _check_folder_target(path)  # again: it may have appeared while the block ran
-        if os.path.lexists(path) and exchange_paths(tmp, path):
-            old = tmp  # the temp name now holds the previous folder
-        elif os.path.lexists(path):
-            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))
-            os.rmdir(old)
-            os.replace(path, old)
-            try:
+        with naming(path, tmp):
+            yield tmp
+        with naming(path):
+            os.chmod(tmp, DIR_MODE)
+            _fsync_tree(tmp)
+            _check_folder_target(path)  # again: it may have appeared while the block ran
+            if os.path.lexists(path) and exchange_paths(tmp, path):
+                old = tmp  # the temp name now holds the previous folder
+            elif os.path.lexists(path):
+                old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))
+                os.rmdir(old)
+                os.replace(path, old)
+                try:
+                    os.replace(tmp, path)
+                except BaseException:
+                    os.replace(old, path)  # put the previous folder back rather than leave `path` absent
+                    old = None
+                    raise
+            else:
                 os.replace(tmp, path)
-            except BaseException:
-                os.replace(old, path)  # put the previous folder back rather than leave `path` absent
-                old = None
-                raise
-        else:
-            os.replace(tmp, path)
-        _fsync_dir(path.parent)
+            _fsync_dir(path.parent)
     finally:
         for leftover in (old, tmp):
             if leftover is None or not os.path.lexists(leftover):

@@ -30,6 +30,8 @@ from .images import ImageOutputError, output_format, output_paths
 from .lora import parse_lora_arg
 from .manifest import Manifest
 from .params import AESTHETIC_SCORE, MICRO_CONDITIONING, NEGATIVE_AESTHETIC_SCORE, REFINER_START, check_image_count
+from .params import IMAGE_INPUT_FLAGS, check_image_inputs
+from .scheduler_choice import FALLBACK as FALLBACK_SCHEDULER
 from .schedulers import SCHEDULERS, SchedulerConfig, usable_schedulers
 
 PROG = "ldm-rt"
@@ -59,7 +61,8 @@ def provider_choice(value: str) -> str:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(help_schedulers: tuple[list[str], str] | None = None) -> argparse.ArgumentParser:
+    """`help_schedulers`: for `sample --help`, the model's usable names and their description (schedulers_help)."""
     parser = OneLineParser(prog=PROG, description="Lean latent diffusion sampler (numpy + ONNX Runtime / TensorRT).")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -73,9 +76,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="pull the guided prediction back to the conditional one's spread, 0..1 (Lin et al.: 0.7 for zero-SNR models; default 0)",
     )  # fmt: skip
     s.add_argument(
-        "--scheduler", default="ddim", choices=list(SCHEDULERS),
-        help="sampler (default ddim); `ldm-rt info` lists those the model can use (pndm and lms cannot sample "
-        "zero-terminal-SNR models such as the default one)",
+        "--scheduler", default=None, choices=list(SCHEDULERS) if help_schedulers is None else help_schedulers[0],
+        help="sampler (default: the model's own, from its folder's scheduler class: euler for SDXL, euler-a for "
+        "SDXL-Turbo, lcm for LCM models, ddim for the shipped model; `ldm-rt info` names it); `ldm-rt info` lists "
+        "those the model can use (pndm and lms cannot sample zero-terminal-SNR models such as the default one)"
+        + ("" if help_schedulers is None else f". This model: {help_schedulers[1]}"),
+    )  # fmt: skip
+    s.add_argument(
+        "--eta", type=float, default=None,
+        help="the sampler's noise, 0..1 (diffusers' eta): DDIM's eta (default 0), TCD's gamma (default 0.3), DPM++ 2S a's eta "
+        "(default 1); other schedulers take none",
     )  # fmt: skip
     s.add_argument("--seed", type=int, default=None, help="random seed (default: random; written into the image file)")
     s.add_argument("--height", type=int, default=None, help="image height in pixels (default: the artifacts' optimum)")
@@ -112,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--spin", action="store_true", help="with --backend onnxruntime: idle CPU threads spin-wait between operators (default: they sleep)")
     s.add_argument(
         "--no-compile-cache", action="store_true",
-        help="do not keep compiled graphs (--backend openvino) in ~/.cache/ldm-rt for the next run",
+        help="do not keep compiled graphs (--backend openvino; ONNX Runtime's optimised graphs of large models) in "
+        "~/.cache/ldm-rt for the next run",
     )  # fmt: skip
     s.add_argument("--model", type=Path, default=None, help="artifacts folder (default: the shipped default model)")
     s.add_argument(
@@ -131,11 +142,26 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             xl.add_argument(flag, type=int, nargs=2, default=None, metavar=("TOP", "LEFT") if what == "crop" else ("H", "W"),
                             help=f"{name} (default {MICRO_DEFAULTS[name]})")
+    cn = s.add_argument_group("ControlNet", "artifacts built with --controlnet: one control image per ControlNet, in export order")
+    cn.add_argument("--control-image", action="append", type=Path, default=[], metavar="IMG",
+                    help="control image (canny edges, depth, pose, ...) of the next ControlNet; resized to the output size; repeatable")
+    cn.add_argument("--controlnet-scale", action="append", type=float, default=[], metavar="S",
+                    help="conditioning scale of the --control-image before it (default 1.0); give none or one per --control-image")
+    cn.add_argument("--control-guidance-start", type=float, nargs="+", default=None, metavar="F",
+                    help="fraction of the steps after which the ControlNets apply: one for all or one per ControlNet (default 0)")
+    cn.add_argument("--control-guidance-end", type=float, nargs="+", default=None, metavar="F",
+                    help="fraction of the steps until which the ControlNets apply: one for all or one per ControlNet (default 1)")
+    cn.add_argument("--guess-mode", action="store_true",
+                    help="ControlNets steer the conditional half only, coarse residuals weighted up (diffusers' guess_mode; for empty prompts)")
     s.add_argument("--verbose", action="store_true", help="log loading details and print per-stage timings")
 
     i = sub.add_parser("info", help="describe an artifacts folder", description="Describe an artifacts folder: components, precisions, profiles, parity.")
     i.add_argument("--model", type=Path, default=None, help="artifacts folder (default: the shipped default model)")
     i.add_argument("--json", action="store_true", help="print the whole manifest as JSON")
+    i.add_argument(
+        "--lora", action="append", default=[], type=Path, metavar="FILE_OR_FOLDER",
+        help="also say what each LoRA file (a folder: its .safetensors files) adapts in this model, or why it cannot be applied; repeatable",
+    )  # fmt: skip
 
     b = sub.add_parser("bench", help="time loading and sampling of this pipeline; peak memory", description=bench.__doc__.split("\n\n")[0])
     bench.add_arguments(b, BACKENDS)
@@ -183,12 +209,11 @@ def sample(args: argparse.Namespace) -> int:
     loras = [parse_lora_arg(text) for text in args.lora]  # a scale that is not a number: one line, before any work
     check_image_count(args.batch, "images (--batch)")  # before a file name is made for each
     check_writable(args.out, output_paths(args.out, max(args.batch, 1), args.grid))
-    if args.mask is not None and args.init_image is None:
-        raise CliError("--mask needs --init-image: inpainting repaints part of an image")
-    if args.strength is not None and args.init_image is None:
-        raise CliError("--strength needs --init-image: it is the fraction of the schedule run from that image")
-    if args.mask_blur is not None and args.mask is None:
-        raise CliError("--mask-blur needs --mask: it softens the seam of the inpainted region")
+    check_image_inputs(  # the API's rule, in the flags' names (an explicit --mask-blur 0 needs --mask too)
+        init_image=args.init_image is not None, strength=args.strength is not None, mask=args.mask is not None,
+        mask_blur=args.mask_blur is not None, names=IMAGE_INPUT_FLAGS,
+    )  # fmt: skip
+    control = control_arguments(args)
     latents = load_latents(args.latents) if args.latents is not None else None
     if args.threads is not None and args.threads < 1:
         raise CliError(f"--threads must be at least 1, got {args.threads}; leave it out for one per physical core")
@@ -228,6 +253,7 @@ def sample(args: argparse.Namespace) -> int:
             steps=args.steps,
             guidance=args.guidance,
             guidance_rescale=args.guidance_rescale,
+            eta=args.eta,
             scheduler=args.scheduler,
             seed=args.seed,
             batch=args.batch,
@@ -242,6 +268,7 @@ def sample(args: argparse.Namespace) -> int:
             refiner=refiner,
             refiner_start=args.refiner_start,
             **micro,
+            **control,
         )
     finally:
         if bar is not None:
@@ -254,10 +281,27 @@ def sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def control_arguments(args: argparse.Namespace) -> dict:
+    """Pipeline.generate's ControlNet arguments from the flags (only those given, so its defaults and checks apply)."""
+    images, scales = args.control_image, args.controlnet_scale
+    if scales and len(scales) != len(images):
+        raise CliError(f"{len(scales)} --controlnet-scale values for {len(images)} --control-image; give one after each --control-image, or none")
+    control: dict = {"control_image": list(images)} if images else {}
+    if scales:
+        control["controlnet_conditioning_scale"] = scales
+    for name in ("control_guidance_start", "control_guidance_end"):
+        values = getattr(args, name)
+        if values is not None:
+            control[name] = values[0] if len(values) == 1 else values
+    if args.guess_mode:
+        control["guess_mode"] = True
+    return control
+
+
 def format_timings(timings: dict) -> str:
     """One line: seconds per stage in pipeline order; the UNet as total, steps and mean per step."""
     parts = []
-    for stage in ("text_encoder", "text_encoder_2", "vae_encoder", "unet", "vae_decoder", "total"):
+    for stage in ("text_encoder", "text_encoder_2", "vae_encoder", "controlnet", "unet", "vae_decoder", "total"):
         if stage not in timings:
             continue
         value = timings[stage]
@@ -281,6 +325,8 @@ def describe(manifest: Manifest, root: Path) -> list[str]:
         f"artifacts: {root}",
         f"source: {manifest.source.get('kind', '?')} {manifest.source.get('path', '')} sha256 {manifest.source.get('sha256', '?')[:16]}",
         f"created: {manifest.created or '?'}",
+        *[f"controlnet_{k}: {c.get('kind', '?')} {c.get('path', '')} sha256 {str(c.get('sha256', '?'))[:16]} (--control-image {k + 1})"
+          for k, c in enumerate(manifest.source.get("controlnets") or []) if isinstance(c, dict)],
         f"latents: {f.latent_channels} channels, factor {f.latent_factor}, scale {f.scale_factor}; "
         f"UNet in/out {f.unet_in_channels}/{f.unet_out_channels}; autoencoder {f.autoencoder_kind}",
         f"text: context length {f.context_length}, dim {f.context_dim}, vocab {f.vocab_size}"
@@ -323,6 +369,12 @@ def describe_schedulers(manifest: Manifest, root: Path) -> str:
     return f"schedulers: {', '.join(names)}{refused}"
 
 
+def describe_default_scheduler(manifest: Manifest) -> str:
+    """What `sample` uses without --scheduler: the model folder's own, recorded by export (older builds: ddim)."""
+    default = manifest.default_scheduler or f"{FALLBACK_SCHEDULER} (built before models named their own; rebuild for theirs)"
+    return f"default scheduler: {default}"
+
+
 def info(args: argparse.Namespace) -> int:
     from .artifacts import default_artifacts_dir
 
@@ -331,12 +383,41 @@ def info(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(manifest.to_dict(), indent=2))
     else:
-        print("\n".join([*describe(manifest, root), describe_schedulers(manifest, root)]))
+        print("\n".join([*describe(manifest, root), describe_schedulers(manifest, root), describe_default_scheduler(manifest), *describe_loras(manifest, root, args.lora)]))
     return 0
 
 
+def describe_loras(manifest: Manifest, root: Path, loras: Sequence[Path]) -> list[str]:
+    """What LoRAs can adapt in this model at run time, and what each of `loras` adapts (runtime/lora.py)."""
+    from .lora import LoraTargets, describe_lora, describe_targets, lora_files
+
+    if manifest.lora_targets is None:
+        return ["loras: no LoRA targets recorded (built before LoRA support): rebuild to apply LoRAs at run time"]
+    targets = LoraTargets.read(Path(root), manifest)
+    return ["loras (modules a LoRA may adapt):", *describe_targets(targets), *(describe_lora(p, targets) for p in lora_files(loras))]
+
+
+def schedulers_help(argv: Sequence[str]) -> tuple[list[str], str] | None:
+    """For `sample --help` (with --model DIR, or the shipped model): the schedulers that model can take (the
+    help's choices) and "a, b, ...; not x: reason; ..."; None for anything else or an unreadable model (the
+    help then lists every name, and sampling a refused one names the reason)."""
+    from .artifacts import default_artifacts_dir, read_scheduler_config
+
+    if not argv or argv[0] != "sample" or not {"-h", "--help"} & set(argv):
+        return None
+    model = next((v for k, v in zip(argv, argv[1:]) if k == "--model"), None)
+    model = next((a.split("=", 1)[1] for a in argv if a.startswith("--model=")), model)
+    try:
+        root = Path(model) if model is not None else default_artifacts_dir()
+        config = read_scheduler_config(root, Manifest.read(root))
+    except USER_ERRORS:
+        return None
+    usable, unusable = usable_schedulers(config)
+    return list(usable), ", ".join(usable) + "".join(f"; not {name}: {reason}" for name, reason in unusable.items())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser(schedulers_help(list(sys.argv[1:] if argv is None else argv))).parse_args(argv)
     verbose = getattr(args, "verbose", False)
     # The library logs under "ldm_rt" (truncated prompts, loading details); show that on stderr for this
     # call only, so main() can be called repeatedly in one process without stacking handlers.

@@ -14,10 +14,13 @@ Conventions every component keeps:
   `text_encoder_2` has two outputs, its penultimate layer and the projected pooled `text_embeds`; the
   UNet also takes `text_embeds` and the micro-conditioning `time_ids` (runtime/params.MicroConditioning);
   a refiner has `text_encoder_2` only. A component's outputs are listed in the order its graph returns them.
+- ControlNet (Zhang et al. 2023): one `controlnet_<k>` per ControlNet and a UNet that takes their summed residuals
+  as extra inputs (add_controlnets, at the end of this module); a folder without ControlNets has neither.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -51,7 +54,8 @@ class TensorSpec:
     name: str
     dtype: str
     # Each entry is a fixed size or the name of a Dim of the component; "scale:<dim>:<k>" means k * dim
-    # (an output size that follows an input's, like the decoded image's height).
+    # (an output size that follows an input's, like the decoded image's height); "div:<dim>:<k>" means dim / k
+    # (a ControlNet residual's size below the latent's).
     shape: tuple[int | str, ...]
 
     def resolve(self, sizes: dict[str, int]) -> tuple[int, ...]:
@@ -62,6 +66,9 @@ class TensorSpec:
             elif s.startswith("scale:"):
                 _, dim, k = s.split(":")
                 out.append(sizes[dim] * int(k))
+            elif s.startswith("div:"):  # a downsampled size (a ControlNet residual's): dim / k
+                _, dim, k = s.split(":")
+                out.append(sizes[dim] // int(k))
             else:
                 out.append(sizes[s])
         return tuple(out)
@@ -71,7 +78,7 @@ class TensorSpec:
         names = {}
         for i, s in enumerate(self.shape):
             if isinstance(s, str):
-                names[i] = "{1}_x{2}".format(*s.split(":")) if s.startswith("scale:") else s
+                names[i] = "{1}_x{2}".format(*s.split(":")) if s.startswith("scale:") else "{1}_div{2}".format(*s.split(":")) if s.startswith("div:") else s
         return names
 
 
@@ -149,6 +156,9 @@ class ComponentContract:
                     if size % int(k):
                         raise ContractError(f"{self.name}.{t.name}: size {size} is not a multiple of {k}")
                     size //= int(k)
+                elif s.startswith("div:"):  # a downsampled size: the dim is k times it
+                    _, s, k = s.split(":")
+                    size *= int(k)
                 d = self.dim(s)
                 if bound.setdefault(s, size) != size:
                     raise ContractError(f"{self.name}.{t.name}: dimension {s} is {size} here but {bound[s]} elsewhere")
@@ -247,8 +257,11 @@ def _latent_dim(name: str, pixels: tuple[int, int, int], facts: ModelFacts) -> D
     return Dim(name, pixels[0] // f, pixels[1] // f, pixels[2] // f, multiple_of=facts.unet_factor)
 
 
-def build_contracts(facts: ModelFacts, profile: ShapeProfile) -> dict[str, ComponentContract]:
-    """The four components' contracts for a model and a shape profile."""
+def build_contracts(
+    facts: ModelFacts, profile: ShapeProfile, controlnets: Sequence[ControlNetFacts] = ()
+) -> dict[str, ComponentContract]:
+    """The four components' contracts for a model and a shape profile; with `controlnets`, one controlnet_<k>
+    component each (export order) and the UNet takes their summed residuals (add_controlnets)."""
     f = facts.latent_factor
     b_min, b_opt, b_max = profile.batch
     batch = Dim("batch", b_min, b_opt, b_max)
@@ -327,4 +340,97 @@ def build_contracts(facts: ModelFacts, profile: ShapeProfile) -> dict[str, Compo
         tolerance={"fp32": Tolerance(1e-4), "fp16": Tolerance(2e-2, 1e-2)},
         extra={"kind": facts.autoencoder_kind},
     )
+    if controlnets:
+        add_controlnets(contracts, facts, controlnets)
     return contracts
+
+
+# ---- ControlNet (Zhang, Rao & Agrawala 2023) ------------------------------------------------------------------
+# One component per ControlNet, named by its place in the export order (the order --control-image pairs follow).
+# Its outputs are diffusers' ControlNetOutput (down_block_res_samples, mid_block_res_sample), already multiplied
+# by `conditioning_scale`; the UNet of such a folder takes their sum under diffusers' UNet argument names. A
+# folder without ControlNets keeps the plain UNet, so plain sampling costs nothing extra.
+CONTROLNET_PREFIX = "controlnet_"
+CONTROLNET_DOWN = "down_block_res_sample_{}"
+CONTROLNET_MID = "mid_block_res_sample"
+UNET_DOWN_RESIDUAL = "down_block_additional_residual_{}"
+UNET_MID_RESIDUAL = "mid_block_additional_residual"
+# The residuals are unnormalised feature maps (tens, where the UNet's eps is about one), so fp32 rounding grows with
+# them: the UNet's bound plus 1e-5 of the largest residual (the tiny SDXL ControlNet's fp32 export: 1.1e-4 off).
+CONTROLNET_TOLERANCE = {"fp32": Tolerance(1e-4, 1e-5), "fp16": Tolerance(2e-2, 1e-2)}
+
+
+def controlnet_name(index: int) -> str:
+    return f"{CONTROLNET_PREFIX}{index}"
+
+
+def controlnet_names(components: Sequence[str]) -> list[str]:
+    """The ControlNet components among `components`, in export order (controlnet_0, controlnet_1, ...)."""
+    names = [c for c in components if c.startswith(CONTROLNET_PREFIX) and c[len(CONTROLNET_PREFIX):].isdigit()]
+    return sorted(names, key=lambda c: int(c[len(CONTROLNET_PREFIX):]))
+
+
+def residual_input_names(count: int) -> list[str]:
+    """The UNet inputs of a ControlNet folder, in contract order: one per input block, then the middle block's;
+    controlnet output i feeds UNet input i."""
+    return [UNET_DOWN_RESIDUAL.format(k) for k in range(count)] + [UNET_MID_RESIDUAL]
+
+
+@dataclass(frozen=True)
+class ControlNetFacts:
+    """What a ControlNet's contract needs (read from its config at export; the contract then states it):
+    (channels, downsampling of the latent) of each residual, one per UNet input block, and of the middle block's;
+    the control image's channels; whether it averages each residual over H and W (diffusers'
+    global_pool_conditions: outputs (B, C, 1, 1), the runtime broadcasts them)."""
+
+    down: tuple[tuple[int, int], ...]
+    mid: tuple[int, int]
+    hint_channels: int = 3
+    global_average_pooling: bool = False
+
+
+def _residual_spec(name: str, channels: int, factor: int, pooled: bool) -> TensorSpec:
+    if pooled:
+        return TensorSpec(name, "float32", ("unet_batch", channels, 1, 1))
+    h, w = ("latent_height", "latent_width") if factor == 1 else (f"div:latent_height:{factor}", f"div:latent_width:{factor}")
+    return TensorSpec(name, "float32", ("unet_batch", channels, h, w))
+
+
+def add_controlnets(contracts: dict[str, ComponentContract], facts: ModelFacts, controlnets: Sequence[ControlNetFacts]) -> None:
+    """Add controlnet_<k> (inputs: sample, timestep, encoder_hidden_states, controlnet_cond: the control image in
+    [0, 1] at the output size, conditioning_scale (1,); SDXL also text_embeds, time_ids) and the UNet's residual
+    inputs to `contracts` (build_contracts' result)."""
+    unet = contracts["unet"]
+    if facts.context_length is None:
+        raise ContractError("a ControlNet cross-attends to text embeddings; this model has no text encoder")
+    layouts = {(cn.down, cn.mid) for cn in controlnets}
+    if len(layouts) != 1:
+        raise ContractError("the ControlNets give residuals of different shapes; they must all fit the one UNet")
+    (down, mid), = layouts
+    f = facts.latent_factor
+    sized = {t.name: t for t in unet.inputs}
+    for index, cn in enumerate(controlnets):
+        inputs = [
+            TensorSpec("sample", "float32", ("unet_batch", facts.latent_channels, "latent_height", "latent_width")),
+            sized["timestep"],
+            sized["encoder_hidden_states"],
+            TensorSpec("controlnet_cond", "float32", ("unet_batch", cn.hint_channels, f"scale:latent_height:{f}", f"scale:latent_width:{f}")),
+            TensorSpec("conditioning_scale", "float32", (1,)),
+        ]
+        inputs += [sized[n] for n in ("text_embeds", "time_ids") if n in sized]  # SDXL's added conditioning
+        outputs = [_residual_spec(CONTROLNET_DOWN.format(k), c, r, cn.global_average_pooling) for k, (c, r) in enumerate(cn.down)]
+        outputs.append(_residual_spec(CONTROLNET_MID, mid[0], mid[1], cn.global_average_pooling))
+        name = controlnet_name(index)
+        contracts[name] = ComponentContract(
+            name=name,
+            inputs=tuple(inputs),
+            outputs=tuple(outputs),
+            dims=unet.dims,
+            tolerance=CONTROLNET_TOLERANCE,
+            extra={"global_average_pooling": cn.global_average_pooling},
+        )
+    residuals = [_residual_spec(n, c, r, False) for n, (c, r) in zip(residual_input_names(len(down)), (*down, mid))]
+    contracts["unet"] = ComponentContract(
+        name=unet.name, inputs=unet.inputs + tuple(residuals), outputs=unet.outputs, dims=unet.dims,
+        tolerance=unet.tolerance, extra={**unet.extra, "controlnet_residuals": len(down)},
+    )

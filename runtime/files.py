@@ -55,12 +55,17 @@ def read_bounded(
         raise error(f"{path} is missing; {fix}") from None
     except OSError as e:
         raise error(f"cannot open {path} ({e.strerror}); check its permissions or {fix}") from None
-    with os.fdopen(fd, "rb") as f:
+    try:
+        # Checked on the bare descriptor: os.fdopen itself raises IsADirectoryError for a folder.
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise error(f"{path} is not a regular file; {fix}")
         if st.st_size > limit:
             raise error(f"{path} is {st.st_size} bytes, more than a {what} may have ({limit}); {fix}")
+    except BaseException:
+        os.close(fd)
+        raise
+    with os.fdopen(fd, "rb") as f:
         data = f.read(limit + 1)  # the file may have grown since the stat
     if len(data) > limit:
         raise error(f"{path} is more than {limit} bytes, more than a {what} may have; {fix}")

@@ -7,14 +7,13 @@ import contextlib
 import io
 import json
 import math
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 from PIL import ExifTags, Image, ImageFilter, PngImagePlugin, features
 
-from .atomic import atomic_file, atomic_write_bytes
+from .atomic import atomic_file, atomic_write_bytes, write_synced
 
 # Text keys written for every image (PNG: a tEXt chunk each, iTXt when the value is not Latin-1).
 TEXT_KEYS = ("prompt", "negative_prompt", "seed", "steps", "scheduler", "guidance", "guidance_rescale", "model_hash")
@@ -238,10 +237,7 @@ def write_images(files: Sequence[tuple[str | Path, np.ndarray, Mapping[str, obje
         for path, data in encoded:
             try:
                 tmp = stack.enter_context(atomic_file(path))  # renamed over `path` when the stack closes
-                with open(tmp, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
+                write_synced(tmp, data)  # every file on disk before the first rename
             except OSError as e:
                 if e.strerror is None:  # already a one-line message (NotAFileTarget)
                     raise

@@ -142,6 +142,9 @@ class ComponentEntry:
     contract: ComponentContract
     precisions: dict[str, PrecisionEntry]  # "fp32", "fp16"
     engines: dict[str, Any] = field(default_factory=dict)  # TensorRT engines by cache key
+    # How its export went: peak resident memory of the export process while this component was exported
+    # (`peak_rss_bytes`, sampled) and the process's peak so far (`process_peak_rss_bytes`); export/memory.RssWatch.
+    export: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -159,6 +162,9 @@ class Manifest:
     sampler_spec: dict[str, Any] = field(default_factory=dict)  # scheduler tables for native ports
     tokenizer_2: FileEntry | None = None  # SDXL's second tokenizer (text_encoder_2's ids; its own pad token)
     lora_targets: FileEntry | None = None  # where each LoRA-adaptable weight sits in the ONNX files (runtime/lora.py)
+    # The --scheduler name the source folder's own scheduler maps to (runtime/scheduler_choice.py); "" in
+    # builds that predate it, which sample with ddim unless told otherwise.
+    default_scheduler: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -201,7 +207,10 @@ class Manifest:
                     optional(v.get("external_data"), f"{at}.external_data"), variant(v.get("ort"), f"{at}.ort"),
                 )
             engines = obj(c.get("engines", {}), f"components.{name}.engines")
-            comps[name] = ComponentEntry(ComponentContract.from_dict(obj(c["contract"], f"components.{name}.contract")), precisions, engines)
+            comps[name] = ComponentEntry(
+                ComponentContract.from_dict(obj(c["contract"], f"components.{name}.contract")), precisions, engines,
+                obj(c.get("export", {}), f"components.{name}.export"),
+            )
         prof = obj(d["profile"], "profile")
         source = obj(d.get("source", {}), "source")
         if not isinstance(source.get("sha256", ""), str):  # the model hash every PNG and HTTP response names
@@ -220,6 +229,7 @@ class Manifest:
             sampler_spec=obj(d.get("sampler_spec", {}), "sampler_spec"),
             tokenizer_2=optional(d.get("tokenizer_2"), "tokenizer_2"),
             lora_targets=optional(d.get("lora_targets"), "lora_targets"),
+            default_scheduler=_default_scheduler(d.get("default_scheduler", "")),
         )
 
     @classmethod
@@ -269,6 +279,12 @@ class Manifest:
         if len(data) != entry.bytes or hashlib.sha256(data).hexdigest() != entry.sha256:
             raise ArtifactError(f"{path} does not match the manifest's hash (truncated or changed); rebuild the artifacts")
         return data
+
+
+def _default_scheduler(value: Any) -> str:
+    from .scheduler_choice import check_scheduler_name  # the scheduler registry, only when a manifest names one
+
+    return "" if value == "" else check_scheduler_name(value, "default_scheduler")
 
 
 def _is_int(v: Any) -> bool:

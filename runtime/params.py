@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
 from .contracts import ModelFacts, ShapeProfile
-from .schedulers import SCHEDULERS
+from .schedulers import ETA_OPTIONS, SCHEDULERS
 
 
 # What one call may produce, whatever an artifacts folder's profile allows, checked before anything is
@@ -18,6 +18,13 @@ from .schedulers import SCHEDULERS
 # height x width: the decoded batch alone is 12 bytes per pixel, 3.2 GB here, e.g. 64 images of 2048 x 2048).
 MAX_IMAGES_PER_CALL = 1024
 MAX_PIXELS_PER_CALL = 2**28
+# The widest shape profile any model of the SD family can use: export refuses a larger one, and the reference
+# (no engine, so no limits of its own) accepts exactly this much. 4096 px per side is twice the largest native
+# resolution of the family (SDXL: 1024 px; larger images are made by tiling or upscaling, not by one UNet pass),
+# and a single 128-channel fp32 VAE feature map at 4096 x 4096 is already 8 GiB. 64 images per prompt: the UNet
+# then runs a batch of 128 under guidance, beyond what any one GPU holds at SD sizes.
+MAX_PROFILE_SIDE = 4096
+MAX_PROFILE_BATCH = 64
 
 
 class Limits(Protocol):
@@ -92,6 +99,25 @@ def _int(value: Any, what: str) -> int:
 def check_image_count(images: int, what: str = "images per call") -> None:
     if images > MAX_IMAGES_PER_CALL:
         raise GenerationError(f"{images} {what} is over the runtime's limit of {MAX_IMAGES_PER_CALL}; generate them in several calls")
+
+
+# The image-to-image inputs as each caller spells them: the Python API's keywords, the command line's flags.
+IMAGE_INPUT_KEYWORDS = {"init_image": "init_image", "strength": "strength", "mask": "mask", "mask_blur": "mask_blur"}
+IMAGE_INPUT_FLAGS = {"init_image": "--init-image", "strength": "--strength", "mask": "--mask", "mask_blur": "--mask-blur"}
+
+
+def check_image_inputs(
+    *, init_image: bool, strength: bool, mask: bool, mask_blur: bool, init_latents: bool = False,
+    names: dict[str, str] = IMAGE_INPUT_KEYWORDS,
+) -> None:  # fmt: skip
+    """What each image-to-image input needs beside it (each argument: whether it was given); a GenerationError
+    naming them as `names` spells them. `strength` may also run from `init_latents` (the API's refiner hand-off)."""
+    if mask and not init_image:
+        raise GenerationError(f"{names['mask']} needs {names['init_image']}: inpainting repaints part of an image")
+    if strength and not (init_image or init_latents):
+        raise GenerationError(f"{names['strength']} needs {names['init_image']}: it is the fraction of the schedule run from that image")
+    if mask_blur and not mask:
+        raise GenerationError(f"{names['mask_blur']} needs {names['mask']}: it softens the seam of the inpainted region")
 
 
 def make_params(
@@ -275,6 +301,19 @@ def make_micro_conditioning(time_ids: int | None, height: int, width: int, given
     values["aesthetic_score"] = _score(given.get("aesthetic_score", AESTHETIC_SCORE), "aesthetic_score")
     values["negative_aesthetic_score"] = _score(given.get("negative_aesthetic_score", NEGATIVE_AESTHETIC_SCORE), "negative_aesthetic_score")
     return MicroConditioning(**values)
+
+
+def check_eta(value: Any, scheduler: str) -> float | None:
+    """A request's eta: None (the scheduler's default), or a number in [0, 1] for a scheduler that takes one
+    (schedulers.ETA_OPTIONS: DDIM's eta, TCD's gamma, DPM++ 2S a's eta)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= float(value) <= 1.0:
+        raise GenerationError(f"eta must be a number in [0, 1] (0: no noise from the sampler), got {value!r}")
+    if scheduler not in ETA_OPTIONS:
+        takes = ", ".join(name if option == "eta" else f"{name} (as its {option})" for name, option in ETA_OPTIONS.items())
+        raise GenerationError(f"{scheduler} takes no eta; eta applies to {takes}; drop it or pick one of those")
+    return float(value)
 
 
 def check_denoising_fraction(value: Any, what: str) -> float | None:

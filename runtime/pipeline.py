@@ -17,8 +17,8 @@ PyTorch networks (the `Pipeline(components, tokenizer, scheduler_config, facts, 
 Randomness (the same on every backend, the torch reference included, so a seed means one image): one
 `np.random.default_rng(seed)`; the initial noise is drawn first, `standard_normal((B, C, h, w),
 dtype=float32)` (skipped when `latents` is given), then each stochastic scheduler step draws its noise.
-A base + refiner call (`refiner=`) uses one generator for both: the base's draws, then the refiner's (its
-initial draw is made too, though continuing from latents uses none).
+A base + refiner call (`refiner=`) uses one generator for both: the base's draws, then the refiner's per-step
+draws (continuing from latents, `denoising_start`, draws no initial noise, as diffusers' SDXL img2img does not).
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ from . import guidance as cfg
 from .artifacts import Artifacts
 from .backends.base import Component, HostOptions, SupportsUpload, default_compile_cache, open_components
 from .lora import LoraSpec, as_specs, load_loras, records
-from .contracts import ModelFacts, ShapeProfile
+from .contracts import ModelFacts, ShapeProfile, controlnet_names
+from .controlnet import CONDITIONING_SCALE, GUIDANCE_END, GUIDANCE_START, ControlImage, ControlRequest, ControlRun, make_control_request
 from .images import (
     TEXT_KEYS,
     as_mask_array,
@@ -63,12 +64,15 @@ from .params import (
     MicroConditioning,
     as_prompts,
     check_denoising_fraction,
+    check_eta,
+    check_image_inputs,
     make_micro_conditioning,
     make_params,
 )
-from .schedulers import SchedulerConfig, usable_schedulers
+from .schedulers import SchedulerConfig, usable_schedulers, with_eta
 from .schedulers.config import SchedulerConfigError
 from .schedulers.lcm import guidance_embedding
+from .scheduler_choice import FALLBACK as FALLBACK_SCHEDULER
 from .tokenizer import PromptTokenizer
 
 log = logging.getLogger(__name__)
@@ -129,7 +133,7 @@ class Start:
     """The loop's starting point and what inpainting needs at every step."""
 
     x: np.ndarray  # (B, C, h, w) initial latents
-    noise: np.ndarray  # (B, C, h, w) the unit-variance noise they were made from
+    noise: np.ndarray | None  # (B, C, h, w) the unit-variance noise they were made from (None: continued latents)
     image_latents: np.ndarray | None = None  # (B, C, h, w) scaled latents of the init image
     mask: np.ndarray | None = None  # (B, 1, h, w), 1 = repaint
     masked_image_latents: np.ndarray | None = None  # (B, C, h, w), inpainting UNet only
@@ -156,13 +160,15 @@ class Pipeline:
         artifacts: Artifacts | None = None,
         reduced_precision: bool = False,
         tokenizer_2: PromptTokenizer | None = None,
+        default_scheduler: str | None = None,
     ) -> None:
         """`components`: text_encoder (if the model has one), unet, vae_decoder, vae_encoder (img2img and
         inpainting), each with a `run` keyed by its contract's tensor names; `profile`: the batch and size
         ranges requests are checked against (its optimum is the default size); `model_hash`: what the image
         metadata names as the model; `artifacts`: the folder they came from, if any (Pipeline.load);
         `reduced_precision`: the components were opened with HostOptions.reduced_precision (recorded in params);
-        `tokenizer_2`: SDXL's second tokenizer, for text_encoder_2 (its own pad token)."""
+        `tokenizer_2`: SDXL's second tokenizer, for text_encoder_2 (its own pad token); `default_scheduler`: what
+        generate() samples with when asked for none (the model folder's own, runtime/scheduler_choice.py; None: ddim)."""
         self.components = MappingProxyType(dict(components))
         missing = sorted({"unet", "vae_decoder"} - set(self.components))
         if missing:
@@ -192,6 +198,11 @@ class Pipeline:
         if not schedulers:
             raise SchedulerConfigError(next(iter(self._unusable.values())))
         self.schedulers = MappingProxyType(schedulers)
+        self.default_scheduler = default_scheduler or FALLBACK_SCHEDULER
+        if self.default_scheduler not in self.schedulers:
+            raise GenerationError(
+                f"default scheduler {self.default_scheduler!r} cannot sample this model; use one of {', '.join(self.schedulers)}"
+            )
         unet_inputs = {t.name for t in self.components["unet"].contract.inputs}
         self.num_classes = self.facts.num_classes if "class_labels" in unet_inputs else None
         # SDXL: the UNet's pooled text embeds come from text_encoder_2, the time ids from the request.
@@ -209,6 +220,8 @@ class Pipeline:
                 f"a UNet with {cin} input channels for {lc} latent channels (concat conditioning) is not supported by the runtime pipeline"
             )
         self.inpainting_unet = cin == 2 * lc + 1
+        # ControlNets (export order; runtime/controlnet.py): each request then needs one control image per ControlNet.
+        self.controlnets = tuple(controlnet_names(list(self.components)))
 
     @classmethod
     def from_artifacts(
@@ -218,7 +231,7 @@ class Pipeline:
         return cls(
             components, artifacts.tokenizer, artifacts.scheduler_config, artifacts.manifest.facts, artifacts.manifest.profile,
             backend=backend, precision=precision, model_hash=artifacts.model_hash, artifacts=artifacts, reduced_precision=reduced_precision,
-            tokenizer_2=artifacts.tokenizer_2,
+            tokenizer_2=artifacts.tokenizer_2, default_scheduler=artifacts.manifest.default_scheduler or None,
         )
 
     @classmethod
@@ -237,11 +250,12 @@ class Pipeline:
         """Open an artifacts folder (default: the shipped default model) with one backend; hashes are checked here, once.
         `threads`: CPU threads per operator (default: one per physical core); `spin`: idle threads
         spin-wait between operators (off by default: backends/base.HostOptions says why). `compile_cache`:
-        where providers that compile graphs on opening (OpenVINO) keep them for the next process: True (the
+        where providers that compile graphs on opening (OpenVINO; ONNX Runtime for components of 64 MB and more, and
+        the record of their verified hashes) keep them for the next process: True (the
         user's cache folder, ~/.cache/ldm-rt), a folder, or False (compile every time). `reduced_precision`:
         let the backend compute in bf16 where the CPU supports it (OpenVINO; backends/base.HostOptions).
         `loras`: LoRA files to apply, each (FILE, SCALE), "FILE[:SCALE]" or a runtime.lora.LoraSpec; their deltas
-        are added to the weights as the components open (ONNX Runtime; runtime/lora.py), recorded in every
+        are added to the weights as the components open (ONNX Runtime, OpenVINO; TensorRT refits; runtime/lora.py), recorded in every
         result's params (file, sha256, scale)."""
         if compile_cache is True:
             cache: Path | None = default_compile_cache()
@@ -277,7 +291,7 @@ class Pipeline:
         negative_prompt: str | list[str] = "",
         steps: int = 25,
         guidance: float = 7.5,
-        scheduler: str = "ddim",
+        scheduler: str | None = None,
         seed: int | None = None,
         batch: int = 1,
         height: int | None = None,
@@ -305,6 +319,12 @@ class Pipeline:
         decode: bool = True,
         refiner: Pipeline | None = None,
         refiner_start: float | None = None,
+        control_image: ControlImage | Sequence[ControlImage] | None = None,
+        controlnet_conditioning_scale: float | Sequence[float] = CONDITIONING_SCALE,
+        control_guidance_start: float | Sequence[float] = GUIDANCE_START,
+        control_guidance_end: float | Sequence[float] = GUIDANCE_END,
+        guess_mode: bool = False,
+        eta: float | None = None,
     ) -> Result:
         """Images for `prompt` (`batch` per prompt). `latents`: unit-variance noise (B, C, h, w) used instead
         of drawing it (multiplied by the scheduler's init_noise_sigma, as diffusers' `latents=`);
@@ -313,9 +333,13 @@ class Pipeline:
         image (images.paste_kept) with a seam of `mask_blur` pixels (0: hard edge; None: no paste-back,
         the decoder's pixels everywhere, as diffusers returns them). `class_labels` (one per prompt) for
         class-conditional models. `guidance_rescale` in [0, 1] (Lin et al. suggest 0.7):
-        runtime/guidance.py. Defaults: `seed` None draws a fresh seed (recorded in Result.params, so the image
-        can be made again); `negative_prompt` "" is the unconditional half of guidance (zero embeddings
-        instead when the model says force_zeros_for_empty_prompt, as SDXL's folders do).
+        runtime/guidance.py. Defaults: `scheduler` None samples with the model's own (`default_scheduler`: its
+        folder's scheduler class, e.g. euler for SDXL, euler-a for SDXL-Turbo, lcm for LCM; ddim for the shipped
+        model); `seed` None draws a fresh seed (recorded in Result.params, so the image can be made again);
+        `negative_prompt` "" is the unconditional half of guidance (zero embeddings instead when the model says
+        force_zeros_for_empty_prompt, as SDXL's folders do). `eta` in [0, 1]: DDIM's
+        eta, TCD's gamma (diffusers passes both to step as `eta`) or DPM++ 2S a's eta; None: the scheduler's default
+        (0, 0.3, 1); recorded in Result.params when given.
 
         SDXL (keyword-only, diffusers' names): the micro-conditioning `original_size`, `crops_coords_top_left`,
         `target_size` (base) or `aesthetic_score` (refiner) and their `negative_*` counterparts
@@ -324,22 +348,35 @@ class Pipeline:
         `denoising_end=0.8, decode=False` stops the base at 80 % of the schedule (Result.latents), and a refiner
         pipeline's `generate(..., init_latents=those, denoising_start=0.8)` continues; `refiner=PIPE,
         refiner_start=0.8` does both in one call. `init_latents` without denoising_start: img2img from
-        scaled latents (B, C, h, w) instead of an image."""
+        scaled latents (B, C, h, w) instead of an image.
+
+        ControlNet (artifacts built with --controlnet; diffusers' names and meaning, runtime/controlnet.py):
+        `control_image`, one per ControlNet in export order (a list when several; resized to the output size),
+        `controlnet_conditioning_scale`, `control_guidance_start` / `control_guidance_end` (the fraction of the
+        steps during which each applies; one value or one per ControlNet) and `guess_mode`; recorded in
+        Result.params with each control image's sha256."""
+        control = make_control_request(
+            len(self.controlnets), control_image, controlnet_conditioning_scale, control_guidance_start, control_guidance_end, guess_mode
+        )
         micro_given = {name: value for name, value in locals().items() if name in MICRO_CONDITIONING}
+        # None: this model's own scheduler (a refiner hand-off follows the base's, so both split one schedule).
+        scheduler = self.default_scheduler if scheduler is None else scheduler
         request = dict(
             prompt=prompt, negative_prompt=negative_prompt, steps=steps, guidance=guidance, scheduler=scheduler,
             batch=batch, height=height, width=width, latents=latents, init_image=init_image, strength=strength, mask=mask,
-            class_labels=class_labels, callback=callback, guidance_rescale=guidance_rescale, mask_blur=mask_blur,
+            class_labels=class_labels, callback=callback, guidance_rescale=guidance_rescale, mask_blur=mask_blur, eta=eta,
         )
         if refiner is not None:
             if denoising_start is not None or denoising_end is not None or init_latents is not None or not decode:
                 raise GenerationError("refiner= splits the schedule itself; drop denoising_start, denoising_end, init_latents and decode=False")
+            if control is not None:
+                raise GenerationError("refiner= with ControlNets is not supported; sample the ControlNet artifacts without a refiner")
             return self._generate_with_refiner(refiner, refiner_start, seed, request, micro_given)
         if refiner_start is not None:
             raise GenerationError("refiner_start needs refiner: the pipeline that takes over at that fraction of the schedule")
         return self._generate(
             **request, seed=seed, micro_given=micro_given, init_latents=init_latents, denoising_start=denoising_start,
-            denoising_end=denoising_end, decode=decode, rng=None,
+            denoising_end=denoising_end, decode=decode, rng=None, control=control,
         )
 
     def _generate_with_refiner(
@@ -401,17 +438,16 @@ class Pipeline:
     def _generate(
         self, prompt, negative_prompt, steps, guidance, scheduler, seed, batch, height, width, latents, init_image,
         strength, mask, class_labels, callback, guidance_rescale, mask_blur, micro_given, init_latents,
-        denoising_start, denoising_end, decode, *, rng: np.random.Generator | None,
+        denoising_start, denoising_end, decode, *, rng: np.random.Generator | None, control: ControlRequest | None = None,
+        eta: float | None = None,
     ) -> Result:  # fmt: skip
         """generate() of one pipeline; `rng`: continue this generator instead of seeding one (the refiner hand-off)."""
         start_time = time.perf_counter()
         as_prompts(prompt, "prompt")  # a clear error for None, numbers or non-UTF-8 text before anything else
-        if mask is not None and init_image is None:
-            raise GenerationError("mask needs init_image: inpainting repaints part of an image")
-        if strength is not None and init_image is None and init_latents is None:
-            raise GenerationError("strength needs init_image: it is the fraction of the schedule run from that image")
-        if mask_blur and mask is None:
-            raise GenerationError("mask_blur needs mask: it softens the seam of the inpainted region")
+        check_image_inputs(
+            init_image=init_image is not None, strength=strength is not None, mask=mask is not None,
+            mask_blur=bool(mask_blur), init_latents=init_latents is not None,  # 0 and None ask for no seam
+        )  # fmt: skip
         if self.inpainting_unet and mask is None:
             raise GenerationError("this is an inpainting model: pass init_image and mask")
         denoising_start = check_denoising_fraction(denoising_start, "denoising_start")
@@ -461,13 +497,15 @@ class Pipeline:
 
         if p.scheduler in self._unusable:
             raise GenerationError(f"{self._unusable[p.scheduler]}; this model can use {', '.join(self.schedulers)}")
-        fewest = self.schedulers[p.scheduler].fewest_sound_steps
+        eta = check_eta(eta, p.scheduler)
+        chosen = self.schedulers[p.scheduler] if eta is None else with_eta(p.scheduler, self.scheduler_config, eta)
+        fewest = chosen.fewest_sound_steps
         if p.steps < fewest:
             log.warning(
                 "%s has given broken images on this model's schedule below %d steps; running %d (use more steps or "
                 "another scheduler)", p.scheduler, fewest, p.steps,
             )
-        run = self.schedulers[p.scheduler].set_timesteps(p.steps)
+        run = chosen.set_timesteps(p.steps)
         if denoising_start is not None:
             run = start_at(run, denoising_start, p.scheduler)
         elif init is not None or init_latents is not None:
@@ -480,7 +518,12 @@ class Pipeline:
             log.warning("this LCM-distilled model takes guidance as an embedding, with no unconditional batch: the negative prompt is not used")
         context, pooled = self._encode_prompts(p, use_cfg, timings)
         rng = np.random.default_rng(p.seed) if rng is None else rng
-        noise = latents if latents is not None else rng.standard_normal(shape, dtype=np.float32)  # drawn first
+        if latents is not None:
+            noise = latents
+        elif denoising_start is not None:  # continued latents add no noise, so none is drawn (diffusers draws none)
+            noise = None
+        else:
+            noise = rng.standard_normal(shape, dtype=np.float32)  # drawn first
         if denoising_start is not None:
             start = Start(init_latents, noise)  # continue where the other pipeline stopped: no noise added
         elif init_latents is not None:
@@ -492,7 +535,14 @@ class Pipeline:
         added = self._added_conditioning(p, micro, pooled, use_cfg)
         if self.facts.time_cond_proj_dim is not None:  # (B, time_cond_proj_dim), the same every step
             added["timestep_cond"] = guidance_embedding(p.guidance, self.facts.time_cond_proj_dim, p.images)
-        x = self._denoise(p, run, num_steps, start, context, labels, added, use_cfg, rng, timings, callback)
+        control_run = None
+        if control is not None:  # ControlNets see the UNet's per-request inputs (guess mode: the conditional half)
+            timings["controlnet"] = []
+            control_run = ControlRun.prepare(
+                control, [self.components[n].contract for n in self.controlnets], self.components["unet"].contract, p.height,
+                p.width, p.images, len(run.timesteps), use_cfg, {"encoder_hidden_states": context, **added},
+            )
+        x = self._denoise(p, run, num_steps, start, context, labels, added, use_cfg, rng, timings, callback, control=control_run)
         if decode:
             decoded = self._call("vae_decoder", {"latent": x}, timings)["image"]
             images = to_uint8(decoded)
@@ -513,6 +563,10 @@ class Pipeline:
         }
         if micro is not None:
             params.update(micro.to_dict(self.time_ids))
+        if eta is not None:
+            params["eta"] = eta
+        if control is not None:
+            params.update(control.to_dict(self.artifacts.manifest.source.get("controlnets") or [] if self.artifacts is not None else []))
         if denoising_start is not None or denoising_end is not None:
             params.update(denoising_start=denoising_start, denoising_end=denoising_end)
         if labels is not None:
@@ -533,7 +587,7 @@ class Pipeline:
 
     def _denoise(
         self, p: GenerationParams, run, num_steps: int, start: Start, context, labels, added: dict[str, np.ndarray],
-        use_cfg: bool, rng, timings: dict, callback,
+        use_cfg: bool, rng, timings: dict, callback, control: ControlRun | None = None,
     ) -> np.ndarray:  # fmt: skip
         """The sampling loop: guided UNet call per step, scheduler step, inpainting blend; the first `num_steps`
         steps of `run` (fewer than all under denoising_end). Returns final latents."""
@@ -553,6 +607,8 @@ class Pipeline:
             if use_cfg:
                 x_in = cfg.double(x_in)  # (2B, ...) [uncond, cond]
             feeds = {"sample": x_in.astype(np.float32), "timestep": np.full((x_in.shape[0],), t, dtype=np.float32), **fixed}
+            if control is not None:  # the ControlNets' summed residuals for this step (runtime/controlnet.py)
+                feeds.update(control.residuals(i, feeds["sample"], float(t), lambda name, f: self._call(name, f, timings["controlnet"], step=i)))
             out = self._call("unet", feeds, timings["unet"], step=i)["out_sample"]
             eps = cfg.combine(out, p.guidance, p.guidance_rescale) if use_cfg else out
             x = run.step(eps, i, x, generator=rng)
@@ -612,10 +668,12 @@ class Pipeline:
         for name, tokenizer in (("text_encoder", self.tokenizer), ("text_encoder_2", self.tokenizer_2)):
             if name not in self.components:
                 continue
-            # The tokenizer warns about each prompt it truncates or has unknown words in (numbered within its list).
-            ids = tokenizer(list(p.prompts)).ids
+            # The tokenizer warns about each prompt it truncates or has unknown words in (numbered within its list);
+            # SDXL's second reads the same words with the same vocabulary, so only the first of two warns.
+            warn = not parts
+            ids = tokenizer(list(p.prompts), warn=warn).ids
             if negatives:
-                ids = np.concatenate([tokenizer(negatives, what="negative prompt").ids, ids])  # (2P, L): [uncond, cond]
+                ids = np.concatenate([tokenizer(negatives, what="negative prompt", warn=warn).ids, ids])  # (2P, L): [uncond, cond]
             ids = np.repeat(ids, p.batch, axis=0)  # (rows, L), each prompt `batch` times in a row, as diffusers
             outs = self._call(name, {"input_ids": ids}, timings)
             parts.append(outs["last_hidden_state"])

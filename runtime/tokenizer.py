@@ -148,10 +148,11 @@ class PromptTokenizer:
     def pad_id(self) -> int:
         return int(self._tokenizer.padding["pad_id"])
 
-    def __call__(self, prompts: str | Sequence[str], what: str = "prompt") -> TokenizedPrompts:
+    def __call__(self, prompts: str | Sequence[str], what: str = "prompt", warn: bool = True) -> TokenizedPrompts:
         """Ids for each prompt. Logs one warning per prompt that is truncated and one per prompt with words
         a word-level vocabulary does not have (the text encoder reads each as <|unk|>); `what` names the
-        prompts in those warnings ("prompt", "negative prompt")."""
+        prompts in those warnings ("prompt", "negative prompt"); `warn=False`: none (another tokenizer of the
+        same prompts has said it: SDXL's second)."""
         if isinstance(prompts, str):
             prompts = [prompts]
         encodings = self._tokenizer.encode_batch(list(prompts))
@@ -162,12 +163,12 @@ class PromptTokenizer:
             for e in encodings
         ]
         for i, n in enumerate(dropped):
-            if n:
+            if n and warn:
                 log.warning(
                     "%s %d was truncated: %d token(s) beyond the text encoder's %d were dropped (%.40r...)",
                     what, i, n, self.max_length, prompts[i],
                 )
-        if self._unk_id is not None:
+        if self._unk_id is not None and warn:
             warned: set[str] = set()
             for i, e in enumerate(encodings):
                 unknown = unknown_words(prompts[i], e, self._unk_id)

@@ -8,7 +8,7 @@ import io
 import json
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -21,14 +21,15 @@ from tritonclient.grpc import model_config_pb2
 
 import ldm_rt.export.build as build_module
 from ldm_rt.export.build_engines import main, options_from_args, parser
-from ldm_rt.export.errors import TensorRTUnavailable
+from ldm_rt.export.errors import ExportError, TensorRTUnavailable
 from ldm_rt.export.parity import ort_session
 from ldm_rt.export.sources import load_source
-from ldm_rt.export.triton_repo import MARKER
+from ldm_rt.export.triton_repo import MARKER, MARKER_FORMAT, MAX_MARKER_BYTES, is_triton_repository
 from ldm_rt.reference.export_wrappers import export_wrappers
 from ldm_rt.reference.model_folder import load_model_folder
+from ldm_rt.reference.torch_backend import unlimited_profile
 from ldm_rt.runtime.artifacts import Artifacts
-from ldm_rt.runtime.contracts import ShapeProfile
+from ldm_rt.runtime.contracts import ModelFacts, ShapeProfile
 from ldm_rt.runtime.manifest import MANIFEST, Manifest
 
 # Small profile: latent sizes 4..12 (pixel multiple 4 for the tiny models), UNet batch up to 4.
@@ -157,6 +158,15 @@ def test_every_phase_reports_progress(plain_build, ldm_rt_build):
     assert sum("done in" in line for line in fp16) == 4
 
 
+def test_peak_memory_of_each_component_is_printed_and_recorded(plain_build):
+    m = Manifest.read(plain_build.out)
+    lines = plain_build.run.stderr.splitlines()
+    for i, (name, entry) in enumerate(m.components.items(), start=1):
+        peak, process = entry.export["peak_rss_bytes"], entry.export["process_peak_rss_bytes"]
+        assert 50e6 < peak <= process < 64e9, (name, entry.export)  # a python with torch, at most the process's peak
+        assert any(re.fullmatch(rf"\[{i}/4\] {name}: peak RSS \d+\.\d\d GB \(export process so far: \d+\.\d\d GB\)", line) for line in lines), name
+
+
 @pytest.fixture(params=["ldm_rt", "diffusers"])
 def built(request, ldm_rt_build, diffusers_build) -> Built:
     return {"ldm_rt": ldm_rt_build, "diffusers": diffusers_build}[request.param]
@@ -276,6 +286,40 @@ def test_triton_repository_configs_parse(ldm_rt_build):
             assert list(got.dims) == [s if isinstance(s, int) else -1 for s in spec.shape]
         assert (repo / name / "1" / "model.onnx").is_file()
 
+
+
+def test_triton_marker_is_read_bounded_as_a_utf8_json_object(tmp_path):
+    """Only a well-formed marker makes a folder ours; any other marker means replacing it is refused."""
+    good = json.dumps({"format": MARKER_FORMAT})
+    markers = {
+        "ours": good.encode(),
+        "padded past the bound": (good + " " * MAX_MARKER_BYTES).encode(),  # valid JSON, but too large to read
+        "not UTF-8": b'{"format": "ldm-rt-triton-repository", "x": "\xff"}',
+        "nested too deep": b"[" * 100_000 + b"]" * 100_000,
+        "an array": f"[{good}]".encode(),
+        "another format": b'{"format": "someone-else"}',
+    }
+    for name, data in markers.items():
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / MARKER).write_bytes(data)
+        assert is_triton_repository(folder) == (name == "ours"), name
+    (tmp_path / "marker is a folder" / MARKER).mkdir(parents=True)
+    assert not is_triton_repository(tmp_path / "marker is a folder")
+    assert not is_triton_repository(tmp_path / "no marker")
+
+def test_the_reference_accepts_exactly_the_widest_profile_export_builds():
+    facts = ModelFacts(4, 8, 8, 4, 4, 77, 768, 49408, None, "kl", 0.18215)  # SD v1's: sizes in steps of 64 px
+    widest = unlimited_profile(facts)
+    build_module.check_profile_limits(widest)  # the reference's own profile is one export would build
+    m, top = facts.pixel_multiple, widest.height[2]
+    for wider, flag in [
+        (replace(widest, height=(m, m, top + m)), "--height-range"),
+        (replace(widest, width=(m, m, top + m)), "--width-range"),
+        (replace(widest, batch=(1, 1, widest.batch[2] + 1)), "--batch-range"),
+    ]:
+        with pytest.raises(ExportError, match=f"the most any model of the SD family can use; choose a smaller maximum \\({flag}\\)"):
+            build_module.check_profile_limits(wider)
 
 def test_artifacts_open_in_the_runtime_and_match_the_reference(ldm_rt_build):
     art = Artifacts.open(ldm_rt_build.out)

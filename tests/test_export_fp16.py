@@ -146,3 +146,20 @@ def test_watched_blocks_are_named_by_class_not_by_string():
 
     assert is_watched(RenamedResnetBlock(CHANNELS, CHANNELS))
     assert ResBlock in BLOCK_TYPES and not is_watched(nn.Conv2d(1, 1, 1))
+
+
+def test_the_half_copy_casts_as_it_copies_and_keeps_tied_weights_tied():
+    import copy
+
+    from ldm_rt.export.fp16 import _half_copy
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8), nn.Linear(8, 8))
+    model[2].weight = model[0].weight  # tied, as CLIP-style embeddings can be
+    half = _half_copy(model)
+    want = copy.deepcopy(model).half().state_dict()
+    got = half.state_dict()
+    assert got.keys() == want.keys()
+    assert all(got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]) for k in got)
+    assert half[2].weight is half[0].weight and half[0].weight.dtype == torch.float16
+    assert model[0].weight.dtype == torch.float32 and half[0].weight is not model[0].weight  # the original is untouched

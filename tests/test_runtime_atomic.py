@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import errno
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -113,3 +115,60 @@ def test_explain_os_error_names_the_path_and_the_fix():
     assert explain_os_error(OSError(errno.EROFS, os.strerror(errno.EROFS))).endswith("read-only: write somewhere else")
     ours = NotAFileTarget("/dev/full is not a regular file; give a new file name")
     assert explain_os_error(ours) == str(ours)
+
+
+def test_a_failed_atomic_write_names_the_target_not_the_temp(tmp_path, monkeypatch):
+    """The user acts on the path they gave: every failure keeps its errno (so explain_os_error finds the fix)
+    and names that path, never the hidden `.NAME.*.tmp` beside it; nothing is left behind."""
+    out = tmp_path / "image.png"
+    real_replace = os.replace
+
+    def failing_replace(src, dst):  # as the real one words it: both names, the temp first
+        raise OSError(errno.EXDEV, os.strerror(errno.EXDEV), os.fspath(src), None, os.fspath(dst))
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(OSError) as e:
+        atomic.atomic_write_bytes(out, b"data")
+    assert (e.value.errno, e.value.filename, e.value.filename2) == (errno.EXDEV, str(out), None)
+    monkeypatch.setattr(os, "replace", real_replace)
+
+    def failing_fsync(fd):
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    with pytest.raises(OSError) as e:  # a failed write through an open file names nothing at all
+        atomic.atomic_write_bytes(out, b"data")
+    assert explain_os_error(e.value) == f"{out}: Input/output error"
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_folder_write_names_the_folder_and_leaves_other_files_their_names(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(FileNotFoundError) as e:
+        with atomic_directory(out) as tmp:
+            (tmp / "sub" / "data.txt").write_text("x")  # a file in the temp folder: named as the output
+    assert e.value.filename == str(out)
+    source = tmp_path / "missing-source.json"
+    with pytest.raises(FileNotFoundError) as e:
+        with atomic_directory(out):
+            source.read_text()  # a file the block reads keeps its own name
+    assert e.value.filename == str(source)
+    with pytest.raises(NotAFolderTarget):  # our own errors pass unchanged
+        with atomic_directory(out):
+            out.write_text("a file appeared where the folder goes")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="needs RLIMIT_FSIZE")
+def test_a_real_file_size_limit_names_the_output(tmp_path):
+    """The kernel's own EFBIG from write(2) (Python ignores SIGXFSZ): one line naming the output and the fix."""
+    out = tmp_path / "big.bin"
+    code = (
+        "import resource, sys; from ldm_rt.runtime.atomic import atomic_write_bytes, explain_os_error\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))\n"
+        f"try: atomic_write_bytes({str(out)!r}, bytes(1 << 16))\n"
+        "except OSError as e: print(explain_os_error(e))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert proc.stdout.strip() == f"{out}: File too large; the file is larger than this file system or the process's file size limit (ulimit -f) allows"
+    assert list(tmp_path.iterdir()) == []

@@ -43,6 +43,9 @@ def test_sizes_are_bounded_before_reading_and_non_files_refused(tmp_path):
     os.mkfifo(fifo)  # must be refused at once, not block waiting for a writer
     with pytest.raises(FileFormatError, match="is not a regular file"):
         read_json_object(fifo)
+    (tmp_path / "folder.json").mkdir()  # opens fine on Linux; reading it must still be the one-line refusal
+    with pytest.raises(FileFormatError, match="is not a regular file"):
+        read_json_object(tmp_path / "folder.json")
     with pytest.raises(FileFormatError, match="is missing"):
         read_json_object(tmp_path / "nothing.json")
 

@@ -9,6 +9,7 @@ import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -53,7 +54,8 @@ def server(model_dir, tmp_path_factory):
     logs = tmp_path_factory.mktemp("server")
     stdout, stderr = logs / "stdout.txt", logs / "stderr.txt"
     with open(stdout, "wb") as out, open(stderr, "wb") as err:  # files, not pipes: a full pipe would block the server
-        proc = subprocess.Popen([sys.executable, str(APP), "--model", str(model_dir), "--port", "0"], stdout=out, stderr=err)
+        # --max-in-flight: room for test_concurrent_requests_each_get_their_own_image's six at once
+        proc = subprocess.Popen([sys.executable, str(APP), "--model", str(model_dir), "--port", "0", "--max-in-flight", "6"], stdout=out, stderr=err)
     deadline = time.monotonic() + 60
     while not (match := LISTENING.search(stdout.read_text())):
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -104,7 +106,7 @@ def test_start_line_health_and_access_log(server, model_dir):
     pipe = Pipeline.load(model_dir)
     assert r.status_code == 200 and r.json() == {
         "status": "ok", "model": str(model_dir), "model_hash": pipe.artifacts.model_hash, "backend": "onnxruntime",
-        "precision": "fp32", "schedulers": list(pipe.schedulers),
+        "precision": "fp32", "schedulers": list(pipe.schedulers), "loras": [],  # started without --lora
     }
     deadline = time.monotonic() + 10
     while '"GET /health HTTP/1.1" 200' not in server.stdout.read_text():
@@ -223,3 +225,55 @@ def test_scheduler_choices_are_the_ones_the_loaded_model_can_use():
     for name in set(SCHEDULERS) - set(pipe.schedulers):
         r = client.post("/generate", json={"prompt": "a red circle", "scheduler": name, "steps": 1})
         assert r.status_code == 422 and "scheduler" in r.text
+
+
+class GatedPipeline:
+    """The real pipeline, its generations held at a gate: requests stay in flight as long as a test says."""
+
+    def __init__(self, pipe: Pipeline) -> None:
+        self.pipe, self.gate, self.entered = pipe, threading.Event(), threading.Semaphore(0)
+
+    def __getattr__(self, name):
+        return getattr(self.pipe, name)
+
+    def generate(self, **kwargs):
+        self.entered.release()
+        assert self.gate.wait(60)
+        return self.pipe.generate(**kwargs)
+
+
+def test_generations_past_max_in_flight_are_503_with_retry_after(model_dir):
+    import uvicorn
+
+    gated = GatedPipeline(Pipeline.load(model_dir))
+    sock = http_app.listen("127.0.0.1", 0)
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    server = uvicorn.Server(uvicorn.Config(http_app.create_app(gated, max_in_flight=2), log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    body = {"prompt": "a red cube", "steps": 1, "seed": 1}
+    try:
+        with httpx.Client(timeout=60) as client, ThreadPoolExecutor(max_workers=2) as pool:
+            running = [pool.submit(client.post, f"{url}/generate", json=body) for _ in range(2)]
+            for _ in running:
+                assert gated.entered.acquire(timeout=30)
+            r = client.post(f"{url}/generate", json=body)  # both slots taken: refused at once, not queued
+            assert r.status_code == 503 and r.headers["retry-after"] == "1"  # no generation has finished yet
+            assert "2 generations are running, the most this service runs at once (--max-in-flight)" in r.json()["detail"]
+            assert client.get(f"{url}/health").status_code == 200  # only generations are bounded
+            gated.gate.set()
+            assert [f.result().status_code for f in running] == [200, 200]
+            for _ in range(3):  # more refusals than slots: each one gave its slot back
+                assert client.post(f"{url}/generate", json={**body, "height": 40}).status_code == 422
+            assert client.post(f"{url}/generate", json=body).status_code == 200
+    finally:
+        gated.gate.set()
+        server.should_exit = True
+        thread.join(30)
+
+
+def test_max_in_flight_is_bounded_on_the_command_line(capsys):
+    with pytest.raises(SystemExit) as e:
+        http_app.main(["--max-in-flight", "0"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err == "ldm-rt-http: error: --max-in-flight must be 1..64, got 0; see --help\n"

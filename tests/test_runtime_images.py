@@ -70,8 +70,9 @@ def test_png_text_chunks_round_trip_and_use_text_chunks(tmp_path):
 
 
 def test_write_png_to_a_missing_folder_raises_and_leaves_nothing(tmp_path):
-    with pytest.raises(OSError):
+    with pytest.raises(FileNotFoundError) as e:
         write_png(tmp_path / "no" / "x.png", np.zeros((2, 2, 3), np.uint8), {})
+    assert e.value.filename == str(tmp_path / "no" / "x.png")  # the user's path, not the temp file beside it
     assert list(tmp_path.iterdir()) == []
 
 
@@ -206,3 +207,16 @@ def test_write_images_never_replaces_a_fifo_and_leaves_no_temp(tmp_path):
     with pytest.raises(OSError, match="not a regular file"):
         write_images([(tmp_path / "first.png", np.zeros((2, 2, 3), np.uint8), {}), (fifo, np.zeros((2, 2, 3), np.uint8), {})])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe.png"] and fifo.is_fifo()
+
+
+def test_write_images_has_every_file_on_disk_before_the_first_rename(tmp_path, monkeypatch):
+    """All or none after a power cut too: each temp file is fsynced (atomic.write_synced, the one owner of that)
+    before any is renamed into place."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append("fsync"), real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda src, dst: (events.append("replace"), real_replace(src, dst))[1])
+    image = np.zeros((2, 2, 3), np.uint8)
+    write_images([(tmp_path / f"{k}.png", image, {}) for k in range(3)])
+    assert events == ["fsync"] * 3 + ["replace"] * 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["0.png", "1.png", "2.png"]

@@ -122,7 +122,7 @@ def test_unreadable_json_raises(tmp_path):
 def test_registry_names_and_diffusers_classes():
     assert set(SCHEDULERS) == {
         "ddpm", "ddim", "euler", "euler-karras", "euler-a", "dpmpp-2m", "dpmpp-2m-karras", "dpmpp-2m-sde",
-        "dpmpp-2m-sde-karras", "pndm", "lms", "unipc", "heun", "lcm", "tcd", "dpmpp-2s-a",
+        "dpmpp-2m-sde-karras", "pndm", "lms", "unipc", "heun", "lcm", "tcd", "dpmpp-2s-a", "dpmpp-sde", "dpmpp-sde-karras",
     }  # fmt: skip
     for name in SCHEDULERS:
         scheduler = make_scheduler(name)
@@ -131,7 +131,7 @@ def test_registry_names_and_diffusers_classes():
             assert scheduler.diffusers_class == "" and type(scheduler) not in DIFFUSERS_SCHEDULERS.values()
             continue
         assert DIFFUSERS_SCHEDULERS[scheduler.diffusers_class] is type(scheduler)
-    assert len(DIFFUSERS_SCHEDULERS) == 11
+    assert len(DIFFUSERS_SCHEDULERS) == 12
 
 
 def test_dpmpp_names_fix_order_and_karras():

@@ -33,6 +33,7 @@ CLASSES = {
     "heun": "HeunDiscreteScheduler",
     "lcm": "LCMScheduler",
     "tcd": "TCDScheduler",
+    "dpmsde": "DPMSolverSDEScheduler",  # needs torchsde to import; its Brownian-tree noise is replaced by the feed
 }
 SD1 = dict(
     beta_start=0.00085,
@@ -79,6 +80,15 @@ def feed(monkeypatch):
     for module in ("scheduling_ddpm", "scheduling_ddim", "scheduling_euler_ancestral_discrete", "scheduling_dpmsolver_multistep", "scheduling_lcm", "scheduling_tcd"):
         module = importlib.import_module(f"diffusers.schedulers.{module}")
         monkeypatch.setattr(module, "randn_tensor", fake_randn_tensor)
+
+    class FeedNoiseSampler:  # DPMSolverSDEScheduler's BrownianTreeNoiseSampler: unit-variance increments
+        def __init__(self, x, sigma_min, sigma_max, seed=None, transform=None):
+            pass
+
+        def __call__(self, sigma, sigma_next):
+            return torch.from_numpy(noise.current.copy())
+
+    monkeypatch.setattr(importlib.import_module("diffusers.schedulers.scheduling_dpmsolver_sde"), "BrownianTreeNoiseSampler", FeedNoiseSampler)
     return noise
 
 
@@ -137,9 +147,11 @@ def run_trajectory(
         x_ref = torch.from_numpy(unit) * theirs.init_noise_sigma
         x = unit * run.init_noise_sigma
     else:
-        if kind == "lcm":  # LatentConsistencyModelImg2ImgPipeline rebuilds the schedule for the strength first
+        if kind == "lcm":  # LatentConsistencyModelImg2ImgPipeline: the schedule built for the strength, no step skipped
             theirs.set_timesteps(n, strength=strength)
-        timesteps, _ = img2img_get_timesteps()(SimpleNamespace(scheduler=theirs), n, strength, "cpu")
+            timesteps = theirs.timesteps
+        else:
+            timesteps, _ = img2img_get_timesteps()(SimpleNamespace(scheduler=theirs), n, strength, "cpu")
         run = run.with_strength(strength)
         x0 = (0.5 * rng.standard_normal(shape)).astype(np.float32)
         x_ref = theirs.add_noise(torch.from_numpy(x0), torch.from_numpy(unit), timesteps[:1].repeat(shape[0]))
@@ -248,6 +260,8 @@ EXTRA_CASES = {
     "tcd-gamma-1": ("tcd", SD1, {"gamma": 1.0}),
     "tcd-gamma-0.55-v": ("tcd", dict(SD1, prediction_type="v_prediction"), {"gamma": 0.55}),
     "tcd-sample-original-steps-100": ("tcd", dict(SD1, prediction_type="sample", original_inference_steps=100), {}),
+    "dpmpp-sde-karras": ("dpmsde", dict(SD1, use_karras_sigmas=True), {}),
+    "dpmpp-sde-v-trailing": ("dpmsde", PRESETS["sd2-v-trailing"], {}),
 }
 
 
@@ -274,7 +288,7 @@ def test_zero_terminal_snr_matches_diffusers(kind, n, feed):
 # ---- img2img: with_strength + add_noise ----------------------------------------------------------------
 STRENGTH_CASES = [
     (kind, preset) for kind in CLASSES for preset in ("sd1", "linear-defaults")
-] + [("dpm", "karras"), ("euler", "karras"), ("lms", "karras"), ("unipc", "karras"), ("heun", "karras"), ("dpm", "sde-karras")]
+] + [("dpm", "karras"), ("euler", "karras"), ("lms", "karras"), ("unipc", "karras"), ("heun", "karras"), ("dpm", "sde-karras"), ("dpmsde", "karras")]
 
 
 @pytest.mark.parametrize("n,strength", [(7, 0.5), (25, 0.8), (10, 1.0)])
@@ -416,12 +430,14 @@ def test_lcm_refuses_more_steps_than_the_distillation_schedule_as_diffusers_does
 
 
 # ---- DPM++ 2S ancestral: no diffusers class; k-diffusion's sampler is the oracle ------------------------------
-def sample_dpmpp_2s_ancestral(model, x, sigmas, noises):
-    """k-diffusion's sample_dpmpp_2s_ancestral (k_diffusion/sampling.py, v0.1.1, MIT; eta = s_noise = 1), transcribed
+def sample_dpmpp_2s_ancestral(model, x, sigmas, noises, eta=1.0):
+    """k-diffusion's sample_dpmpp_2s_ancestral (k_diffusion/sampling.py, v0.1.1, MIT; s_noise = 1), transcribed
     in torch with the noise sampler replaced by `noises` (k-diffusion is not a dependency). Returns every x."""
 
     def get_ancestral_step(sigma_from, sigma_to):
-        sigma_up = min(sigma_to, (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5)
+        if not eta:
+            return sigma_to, 0.0
+        sigma_up = min(sigma_to, eta * (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5)
         return (sigma_to**2 - sigma_up**2) ** 0.5, sigma_up
 
     sigma_fn = lambda t: t.neg().exp()  # noqa: E731
@@ -447,17 +463,18 @@ def sample_dpmpp_2s_ancestral(model, x, sigmas, noises):
     return out
 
 
+@pytest.mark.parametrize("eta", [1.0, 0.5, 0.0])
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 @pytest.mark.parametrize("n", (1, 4, 25))
 @pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
-def test_dpmpp_2s_ancestral_matches_k_diffusion_on_euler_ancestrals_sigmas(spacing, n, prediction_type):
+def test_dpmpp_2s_ancestral_matches_k_diffusion_on_euler_ancestrals_sigmas(spacing, n, prediction_type, eta):
     from ldm_rt.runtime.schedulers import make_scheduler
     from ldm_rt.runtime.schedulers.config import SchedulerConfig
 
     config = dict(SD1, timestep_spacing=spacing, prediction_type=prediction_type)
     theirs = diffusers.EulerAncestralDiscreteScheduler.from_config(config)  # the sigma schedule and t(sigma)
     theirs.set_timesteps(n)
-    run = make_scheduler("dpmpp-2s-a", SchedulerConfig.from_dict(config)).set_timesteps(n)
+    run = make_scheduler("dpmpp-2s-a", SchedulerConfig.from_dict(config), eta=eta).set_timesteps(n)
     sigmas64 = theirs.sigmas.double()
     log_sigmas = np.log(((1 - theirs.alphas_cumprod) / theirs.alphas_cumprod) ** 0.5).numpy()
     step_t = dict(zip(theirs.sigmas[:-1].tolist(), theirs.timesteps.tolist()))
@@ -476,7 +493,7 @@ def test_dpmpp_2s_ancestral_matches_k_diffusion_on_euler_ancestrals_sigmas(spaci
     rng = np.random.default_rng(n)
     x = rng.standard_normal((2, 4, 8, 8)).astype(np.float32) * np.float32(run.init_noise_sigma)
     noises = [rng.standard_normal(x.shape).astype(np.float32) for _ in range(n)]
-    ref = sample_dpmpp_2s_ancestral(denoiser, torch.from_numpy(x).double(), sigmas64, [torch.from_numpy(z).double() for z in noises])
+    ref = sample_dpmpp_2s_ancestral(denoiser, torch.from_numpy(x).double(), sigmas64, [torch.from_numpy(z).double() for z in noises], eta)
     assert run.init_noise_sigma == pytest.approx(float(theirs.init_noise_sigma), rel=1e-6)
     assert len(run.timesteps) == len(calls) == 2 * n - 1
     for i, t in enumerate(run.timesteps):

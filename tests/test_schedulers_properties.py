@@ -18,8 +18,10 @@ from ldm_rt.runtime.schedulers import (
 from ldm_rt.runtime.schedulers.config import train_sigmas
 
 NAMES = sorted(SCHEDULERS)
-VARIANTS = {name: (name, {}) for name in NAMES} | {"ddim-eta": ("ddim", {"eta": 0.7})}
-STOCHASTIC = ("ddpm", "euler-a", "ddim-eta", "dpmpp-2m-sde", "dpmpp-2m-sde-karras", "lcm", "tcd", "dpmpp-2s-a")
+VARIANTS = {name: (name, {}) for name in NAMES} | {"ddim-eta": ("ddim", {"eta": 0.7}), "dpmpp-2s-eta-0": ("dpmpp-2s-a", {"eta": 0.0}),
+                                                   "dpmpp-2s-a-eta-0.5": ("dpmpp-2s-a", {"eta": 0.5}), "tcd-gamma-0.6": ("tcd", {"gamma": 0.6})}
+STOCHASTIC = ("ddpm", "euler-a", "ddim-eta", "dpmpp-2m-sde", "dpmpp-2m-sde-karras", "lcm", "tcd", "dpmpp-2s-a", "dpmpp-2s-a-eta-0.5",
+              "tcd-gamma-0.6", "dpmpp-sde", "dpmpp-sde-karras")
 MULTISTEP = ("dpmpp-2m", "dpmpp-2m-karras", "dpmpp-2m-sde", "dpmpp-2m-sde-karras", "pndm", "lms", "unipc", "heun")
 SHAPE = (2, 4, 8, 8)
 
@@ -87,6 +89,11 @@ def test_timesteps_decrease_and_count(name, n, spacing):
         # a midpoint call between steps: 2n - 1 entries; at eta = 1 the midpoint sigma is the next step's
         assert len(t) == 2 * n - 1 and run.order == 2 and np.all(np.diff(t[::2]) < 0)
         np.testing.assert_allclose(run.sigmas[1:-1:2], run.sigmas[2::2][: n - 1], rtol=1e-5)
+    elif name.startswith("dpmpp-sde"):
+        # Heun's sigma table; the second call of each step is at the log-midpoint, between the step's timesteps
+        assert len(t) == 2 * n - 1 and run.order == 2 and np.all(np.diff(t[::2]) < 0)
+        assert np.array_equal(run.sigmas[1:-1:2], run.sigmas[2::2])
+        assert np.all((run.midpoints < run.sigmas[0:-2:2]) & (run.midpoints > run.sigmas[1:-1:2]))
     elif name == "pndm":
         # PLMS re-evaluates its second timestep once (a two-evaluation first step): n + 1 entries.
         assert len(t) == (n + 1 if n > 1 else 1)
@@ -121,7 +128,7 @@ def test_oracle_model_recovers_x0(variant, n, prediction_type):
         # PLMS combines v predictions of different timesteps before converting them to eps (as diffusers
         # does); v is not constant along the trajectory, so the combination is exact only as n grows.
         tol = {1: 2e-5, 5: 0.1, 50: 2e-3}[n]
-    if variant == "tcd":
+    if variant.startswith("tcd"):
         # TCD's last step ends at timestep 0 (alpha_bar_0 < 1, as diffusers): sqrt(1 - alpha_bar_0) ~ 3 % noise left.
         tol = 0.15
     assert np.abs(x - x0).max() < tol
@@ -148,7 +155,7 @@ def test_unipc_warns_below_the_steps_measured_sound_on_a_zero_terminal_snr_sched
 
 
 
-@pytest.mark.parametrize("name, fewest", [("euler-karras", 15), ("dpmpp-2m-sde", 15), ("dpmpp-2m-sde-karras", 40), ("euler", 0)])
+@pytest.mark.parametrize("name, fewest", [("euler-karras", 15), ("dpmpp-2m-sde", 15), ("dpmpp-2m-sde-karras", 40), ("euler", 0), ("dpmpp-2s-a", 15), ("tcd", 20)])
 def test_karras_and_sde_warn_below_the_steps_measured_sound_on_a_zero_terminal_snr_schedule(name, fewest):
     assert make_scheduler(name, SchedulerConfig(rescale_betas_zero_snr=True)).fewest_sound_steps == fewest
     assert make_scheduler(name, SchedulerConfig()).fewest_sound_steps == 0
@@ -158,7 +165,7 @@ ZERO_SNR = SchedulerConfig(rescale_betas_zero_snr=True, timestep_spacing="traili
 
 
 @pytest.mark.parametrize("n", [1, 5, 50])
-@pytest.mark.parametrize("name", [name for name in NAMES if name not in ("pndm", "lms", "heun")])
+@pytest.mark.parametrize("name", [name for name in NAMES if name not in ("pndm", "lms", "heun", "dpmpp-sde", "dpmpp-sde-karras")])
 def test_every_scheduler_but_pndm_lms_and_heun_samples_a_zero_terminal_snr_schedule(name, n):
     """The shipped default model's kind of schedule (Lin et al. 2024): x_T is pure noise, v-prediction."""
     scheduler = make_scheduler(name, ZERO_SNR)
@@ -175,7 +182,8 @@ def test_every_scheduler_but_pndm_lms_and_heun_samples_a_zero_terminal_snr_sched
 
 @pytest.mark.parametrize(
     "name, reason",
-    [("pndm", "sqrt(alpha_bar_T)"), ("lms", "unstable across the zero-SNR noise range"), ("heun", "no rescale_betas_zero_snr")],
+    [("pndm", "sqrt(alpha_bar_T)"), ("lms", "unstable across the zero-SNR noise range"), ("heun", "no rescale_betas_zero_snr"),
+     ("dpmpp-sde", "no rescale_betas_zero_snr"), ("dpmpp-sde-karras", "no rescale_betas_zero_snr")],
 )
 def test_pndm_lms_and_heun_refuse_a_zero_terminal_snr_schedule_with_the_reason(name, reason):
     with pytest.raises(SchedulerConfigError) as e:
@@ -201,7 +209,7 @@ def test_same_seed_same_result_and_explicit_randomness(variant):
         noises = [np.random.default_rng(i).standard_normal(SHAPE).astype(np.float32) for i in range(15)]  # 2s-a: 15 calls
         d = sample(scheduler.set_timesteps(8), x, noises=noises)
         e = sample(scheduler.set_timesteps(8), x, noises=[z * 2 for z in noises])
-        first = 1 if variant == "dpmpp-2s-a" else 0  # its first entry is a midpoint call, which draws none
+        first = 1 if variant.startswith("dpmpp-2s-a") else 0  # its first entry is a midpoint call, which draws none
         assert not np.allclose(d[first], e[first])
     else:
         assert all(np.array_equal(p, q) for p, q in zip(a, c))
@@ -276,7 +284,7 @@ def test_tables_are_json_and_complete(name):
     assert len(tables["alphas_cumprod"]) == run.config.num_train_timesteps
     if "sigmas" in tables:
         assert len(tables["sigmas"]) == len(tables["all_timesteps"]) + 1
-    if (name.startswith("dpmpp") and name != "dpmpp-2s-a") or name == "unipc":
+    if name.startswith("dpmpp-2m") or name.startswith("dpmpp-3m") or name == "unipc":
         assert tables["step_orders"][0] == 1 and set(tables["step_orders"]) <= {1, 2}
 
 
@@ -355,11 +363,11 @@ def test_lcm_picks_its_steps_from_the_distillation_schedule():
 
 
 def test_lcm_img2img_rebuilds_the_schedule_for_the_strength():
-    # as LatentConsistencyModelImg2ImgPipeline: the first int(50 * 0.5) distillation timesteps, 4 steps over
-    # them, then the first 4 - int(4 * 0.5) skipped
+    # as LatentConsistencyModelImg2ImgPipeline: the first int(50 * 0.5) distillation timesteps, all 4 steps over
+    # them (LCMScheduler.set_timesteps(strength=); the pipeline skips none)
     part = make_scheduler("lcm").set_timesteps(4).with_strength(0.5)
-    assert part.all_timesteps.tolist() == [499, 379, 259, 139] and part.timesteps.tolist() == [259, 139]
-    assert part.begin_index == 2
+    assert part.all_timesteps.tolist() == part.timesteps.tolist() == [499, 379, 259, 139]
+    assert part.begin_index == 0
 
 
 def test_lcm_last_step_returns_the_consistency_estimate_without_noise():

@@ -1,7 +1,8 @@
 """SDXL's VAE is the famous fp16 overflow (black or NaN images): activations inside its decoder's mid and up blocks
 pass 65504 although the decoded image is in [-1, 1]. A tiny VAE built to overflow the same way (weights scaled up
 in those blocks, the norm after them bringing the values back) must come out of the fp16 export with exactly those
-blocks kept in fp32, recorded in the manifest entry, and a finite fp16 decode close to fp32 (issue 16)."""
+blocks kept in fp32, recorded in the manifest entry, and a finite fp16 decode close to fp32 (issue 16). When the
+stream between blocks overflows (a residual stream, VAE or UNet), the island widens to the module that holds it."""
 
 from __future__ import annotations
 
@@ -25,17 +26,20 @@ HOT = ("autoencoder.decoder.mid.block_1", "autoencoder.decoder.up.0.block.0")
 GAIN = 3e5
 
 
-@pytest.fixture(scope="module")
-def hot_vae():
-    torch.manual_seed(0)
-    config = LDMConfig(
+def hot_vae_config() -> LDMConfig:
+    return LDMConfig(
         unet=UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(1,), num_heads=4, context_dim=32),
         autoencoder=AutoencoderConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, resolution=32),
         text_encoder=TextEncoderConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                        num_attention_heads=2, max_position_embeddings=8),
         scale_factor=0.13025,
     )  # fmt: skip
-    model = LatentDiffusion(config).eval()
+
+
+@pytest.fixture(scope="module")
+def hot_vae():
+    torch.manual_seed(0)
+    model = LatentDiffusion(hot_vae_config()).eval()
     with torch.no_grad():
         for name in HOT:
             model.get_submodule(name).conv1.weight.mul_(GAIN)
@@ -66,6 +70,52 @@ def test_the_guard_keeps_the_overflowing_decoder_blocks_in_fp32_and_says_so(hot_
         fixed = half_model(wrapper, contract, kept)(latent)
     assert torch.isfinite(fixed).all()
     assert float((fixed - fp32).abs().max()) <= contract.tolerance["fp16"].bound(fp32.numpy())
+
+
+def test_a_residual_stream_past_fp16_keeps_the_block_that_holds_it_in_fp32(tmp_path):
+    """Not one block's inner activations but the stream between blocks: the middle block's last convolution x 3e5
+    makes every activation after it ~1e5 (each later block adds its residual to it) until norm_out brings it back.
+    Keeping that block alone in fp32 cannot help (its output is cast back to fp16 and overflows there), so the
+    guard widens the island to the nearest called module that holds the whole stretch: here the decoder."""
+    torch.manual_seed(0)
+    model = LatentDiffusion(hot_vae_config()).eval()
+    with torch.no_grad():
+        model.get_submodule("autoencoder.decoder.mid.block_1").conv2.weight.mul_(GAIN)
+    contract = build_contracts(facts_of(model), ShapeProfile((1, 1, 1), (32, 32, 32), (32, 32, 32)))["vae_decoder"]
+    wrapper = export_wrappers(model)["vae_decoder"]
+    latent = torch.randn(1, 4, 16, 16)
+    with torch.no_grad():
+        fp32 = wrapper(latent)
+        stream = model.autoencoder.decoder.mid(model.autoencoder.decoder.conv_in(model.autoencoder.post_quant_conv(latent)))
+        one_block = half_model(wrapper, contract, ["autoencoder.decoder.mid.block_1"])(latent)
+    assert torch.isfinite(fp32).all() and float(stream.abs().max()) > 65504  # the stream itself leaves fp16's range
+    assert not torch.isfinite(one_block).all(), "an island around the hot block alone must not be enough"
+    source = SimpleNamespace(loaded=LoadedModel(model, None, {}))
+    options = BuildOptions(fp16=True, onnx_only=True, progress=False, ort_variant=False)
+    entry = _export_component("vae_decoder", source, contract, tmp_path, options, [], [], _Step("vae_decoder", False))
+    assert entry.precisions["fp16"].kept_fp32 == ["autoencoder.decoder"] and entry.precisions["fp16"].parity["passed"]
+
+
+def test_a_unet_residual_stream_past_fp16_widens_the_island_level_by_level():
+    """The same in a UNet: a ResBlock's last convolution x 3e5 puts the stream past fp16 from there on (the skip
+    connections carry it to the output blocks) until the output norm. The search keeps the block, then the level
+    that holds it, then the UNet, the first that leaves the island finite; its fp16 variant then passes the bound."""
+    from ldm_rt.export.fp16 import find_fp32_islands
+    from ldm_rt.export.parity import reference_cases, sample_sets
+
+    torch.manual_seed(0)
+    model = LatentDiffusion(hot_vae_config()).eval()
+    with torch.no_grad():
+        model.get_submodule("unet.input_blocks.1.0").out_layers[3].weight.mul_(GAIN)
+    contract = build_contracts(facts_of(model), ShapeProfile((1, 1, 1), (32, 32, 32), (32, 32, 32)))["unet"]
+    wrapper = export_wrappers(model)["unet"]
+    cases = reference_cases(wrapper, contract, sample_sets(contract))
+    inputs = [torch.from_numpy(cases[0].inputs[t.name]) for t in contract.inputs]
+    with torch.no_grad():
+        one_block = half_model(wrapper, contract, ["unet.input_blocks.1.0"])(*inputs)
+    assert not torch.isfinite(one_block).all(), "an island around the hot block alone must not be enough"
+    search = find_fp32_islands(wrapper, contract, cases)
+    assert search.kept_fp32 == ["unet"] and search.parity.passed
 
 
 def facts_of(model: LatentDiffusion) -> ModelFacts:

@@ -11,13 +11,15 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from ldm_rt.training import checkpoint
+from ldm_rt.training import checkpoint, run_folder
 from ldm_rt.training.checkpoint import SUMS_FILE, TrainCheckpointError, has_checkpoint, load_checkpoint, save_checkpoint
+from ldm_rt.training.distributed import DistContext
 from ldm_rt.training.optim import TrainingDiverged
 from ldm_rt.training.train_autoencoder import main, train
 
@@ -285,3 +287,39 @@ def test_a_read_only_file_system_is_refused_before_training(tmp_path):
     proc = _in_private_tmpfs(tmp_path, "ro", ["-c", starter])
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert proc.stderr.strip() == f"trainer: error: {out}: Read-only file system; the file system is read-only: write somewhere else"
+
+
+@pytest.mark.parametrize("with_config", [False, True])
+def test_a_resume_hashes_the_checkpoint_once(two_step_run, tmp_path, monkeypatch, with_config):
+    """Without --config the command line reads the config from the checkpoint and the trainer loads it: one check
+    (SHA256SUMS read, each hashed file hashed once), passed on; with --config the trainer checks it itself."""
+    out = _copy(two_step_run, tmp_path)
+    hashed = []
+    real_sha256 = checkpoint.sha256_file
+    monkeypatch.setattr(checkpoint, "sha256_file", lambda path: (hashed.append(Path(path)), real_sha256(path))[1])
+    args = ["--resume", "--set", "steps=3"]
+    if with_config:
+        (tmp_path / "config.json").write_text(json.dumps(TINY))
+        args += ["--config", str(tmp_path / "config.json")]
+    assert run_main(out, *args) == 0
+    checked = [p.name for p in hashed if p.parent == out / "checkpoint"]  # not the new checkpoint's, written in a temp folder
+    assert sorted(checked) == sorted(checkpoint.HASHED), hashed
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 3
+
+
+def test_the_run_clock_says_when_a_timed_checkpoint_is_due(monkeypatch):
+    """Both trainers' timing (run_folder.RunClock): due at the last step, or once checkpoint_minutes have passed
+    since the last checkpoint was written; steps per second between calls."""
+    now = [1000.0]
+    monkeypatch.setattr(run_folder.time, "monotonic", lambda: now[0])
+    ctx = DistContext(rank=0, world_size=1, device=torch.device("cpu"))
+    clock = run_folder.RunClock(step=10, checkpoint_minutes=2)
+    now[0] += 60
+    assert not clock.checkpoint_due(ctx, last_step=False) and clock.checkpoint_due(ctx, last_step=True)
+    assert clock.steps_per_second(step=40) == pytest.approx(0.5)  # 30 steps in 60 s, counted from the resumed step
+    now[0] += 61
+    assert clock.checkpoint_due(ctx, last_step=False)
+    clock.checkpoint_written()
+    now[0] += 119
+    assert not clock.checkpoint_due(ctx, last_step=False)
+    assert clock.steps_per_second(step=100) == pytest.approx(60 / 180)

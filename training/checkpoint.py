@@ -20,6 +20,7 @@ import logging
 import os
 import random
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -206,14 +207,25 @@ def _restore_leftover(out_dir: str | Path, path: Path) -> None:
     logger.warning("%s was missing (a checkpoint write was interrupted); restored the complete checkpoint of step %d from %s", path, step, folder.name)
 
 
-def checkpoint_meta(out_dir: str | Path) -> dict[str, Any]:
-    """The checked state.json of the run's checkpoint (restored and hash-verified as for a resume), without
-    reading its tensors: what a resume needs to know its config."""
-    return _checked(out_dir)[1]
+@dataclass(frozen=True)
+class CheckedCheckpoint:
+    """A run's checkpoint folder after the SHA256SUMS check (a leftover restored first if need be) and its
+    state.json. Hashing reads every byte of the state, so a resume checks once and passes this on: the
+    command line reads the config from `meta`, and the trainer loads the tensors of `path`."""
+
+    path: Path
+    meta: dict[str, Any]
 
 
-def load_checkpoint(out_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    path, meta = _checked(out_dir)
+def check_checkpoint(out_dir: str | Path) -> CheckedCheckpoint:
+    """The run's checkpoint, restored and hash-verified as for a resume, without reading its tensors."""
+    return CheckedCheckpoint(*_checked(out_dir))
+
+
+def load_checkpoint(source: str | Path | CheckedCheckpoint) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(tensors, state.json) of the run folder `source`'s checkpoint, or of one already checked (not hashed again)."""
+    checked = source if isinstance(source, CheckedCheckpoint) else check_checkpoint(source)
+    path, meta = checked.path, checked.meta
     try:
         tensors = load_file(str(path / TENSORS_FILE))
     except Exception as e:  # safetensors raises several types for a damaged file

@@ -19,7 +19,7 @@ from ldm_rt.reference.checkpoint_errors import CheckpointError
 from ldm_rt.reference.configs import ConfigError
 from ldm_rt.runtime.cli_support import OneLineParser, run, summary
 
-from .checkpoint import TrainCheckpointError, checkpoint_meta
+from .checkpoint import CheckedCheckpoint, TrainCheckpointError, check_checkpoint
 from .config_loading import TrainConfigError, load_config, read_json
 from .data_folder import DataError
 from .optim import TrainingDiverged
@@ -48,15 +48,25 @@ def parse_args(argv: list[str] | None, prog: str, doc: str | None, extra: Callab
     return parser.parse_args(argv)
 
 
-def config_for_run(cls, args, extra_overrides: list[str] | tuple[str, ...] = ()):
-    """--config (or, when resuming without one, the checkpoint's config) plus --set overrides."""
+def config_for_run(cls, args, extra_overrides: list[str] | tuple[str, ...] = (), checkpoint: CheckedCheckpoint | None = None):
+    """--config (or, when resuming without one, the checkpoint's config: `checkpoint`, else checked here) plus
+    --set overrides."""
     if args.config is not None:
         data = read_json(args.config)
     elif args.resume:
-        data = checkpoint_meta(args.out)["config"]
+        data = (checkpoint or check_checkpoint(args.out)).meta["config"]
     else:
         data = {}
     return load_config(cls, data, [*args.overrides, *extra_overrides])
+
+
+def train_from_args(train: Callable[..., object], cls, args, extra_overrides: list[str] | tuple[str, ...] = ()) -> object:
+    """`train(config, out, resume=, checkpoint=)` as the command line asks. A resume without --config reads its
+    config from the checkpoint, so the checkpoint is checked here, once, and handed to the trainer to load
+    (hashing reads all of it); with --config the trainer checks it, after its own checks of --out."""
+    checkpoint = check_checkpoint(args.out) if args.resume and args.config is None else None
+    config = config_for_run(cls, args, extra_overrides, checkpoint)
+    return train(config, args.out, resume=args.resume, checkpoint=checkpoint)
 
 
 def setup_logging() -> None:

@@ -12,8 +12,6 @@ from PIL import Image
 
 from ldm_rt.runtime.atomic import atomic_write_bytes
 
-from .io_errors import naming
-
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8."""
@@ -33,5 +31,4 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None, p
         grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + c * (w + pad) : pad + c * (w + pad) + w] = pixels[i]
     buffer = io.BytesIO()
     Image.fromarray(grid).save(buffer, format="PNG")
-    with naming(path):
-        atomic_write_bytes(path, buffer.getvalue())
+    atomic_write_bytes(path, buffer.getvalue())  # an OSError names `path` (runtime.atomic.naming)

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +27,32 @@ class TrainResult:
     step: int
     metrics: dict[str, float]  # the last logged / evaluated values
     modules: dict[str, nn.Module] = field(default_factory=dict)  # this process's trained modules, by checkpoint name
+
+
+class RunClock:
+    """The two timings every trainer keeps: steps per second between log lines, and whether a timed checkpoint
+    is due (rank 0's clock decides for every rank, so all reach the checkpoint at the same step)."""
+
+    def __init__(self, step: int, checkpoint_minutes: float) -> None:
+        self.checkpoint_seconds = checkpoint_minutes * 60
+        self._tick, self._tick_step = time.monotonic(), step
+        self._last_checkpoint = time.monotonic()
+
+    def steps_per_second(self, step: int) -> float:
+        """Since the previous call (or the start of this process's run)."""
+        now = time.monotonic()
+        rate = (step - self._tick_step) / max(now - self._tick, 1e-9)
+        self._tick, self._tick_step = now, step
+        return rate
+
+    def checkpoint_due(self, ctx: distributed.DistContext, last_step: bool) -> bool:
+        """On every rank, the same answer: at the last step, or `checkpoint_minutes` after the last checkpoint
+        was written (see `checkpoint_written`). A collective: every rank calls it at every step."""
+        due = time.monotonic() - self._last_checkpoint > self.checkpoint_seconds
+        return distributed.broadcast_flag(due, ctx) or last_step
+
+    def checkpoint_written(self) -> None:
+        self._last_checkpoint = time.monotonic()
 
 
 def ensure_dir(path: Path) -> Path:

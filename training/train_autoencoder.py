@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,8 +25,8 @@ from ldm_rt.reference.configs import AutoencoderConfig
 
 from . import distributed
 from .autoencoder_folder import build_autoencoder, save_autoencoder
-from .checkpoint import flatten_state, load_checkpoint, restore_state, rng_states, save_checkpoint, set_rng_states, step_seed
-from .cli import config_for_run, parse_args, run_main, setup_logging
+from .checkpoint import CheckedCheckpoint, flatten_state, load_checkpoint, restore_state, rng_states, save_checkpoint, set_rng_states, step_seed
+from .cli import parse_args, run_main, setup_logging, train_from_args
 from .config_loading import MAX_BATCH_SIZE, MAX_SEED, MAX_STEPS, TrainConfigError, check_finite_fields, check_range, to_dict
 from .datasets import DataConfig, get_batch, make_dataset, shard_indices
 from .discriminator import NLayerDiscriminator
@@ -35,7 +34,7 @@ from .images import save_grid
 from .losses_autoencoder import AutoencoderLoss, AutoencoderLossConfig
 from .optim import check_finite_step, clip_and_step, make_adamw, set_lr, warmup_lr
 from .perceptual import VGGPerceptualLoss
-from .run_folder import TrainResult, append_metrics, ensure_dir, start_run
+from .run_folder import RunClock, TrainResult, append_metrics, ensure_dir, start_run
 
 logger = logging.getLogger(__name__)
 
@@ -135,7 +134,8 @@ def evaluate(ae: nn.Module, heldout, count: int, device: torch.device, batch_siz
     return float(torch.cat(values).mean())
 
 
-def train(config: AutoencoderTrainConfig, out_dir: str | Path, resume: bool = False) -> TrainResult:
+def train(config: AutoencoderTrainConfig, out_dir: str | Path, resume: bool = False, checkpoint: CheckedCheckpoint | None = None) -> TrainResult:
+    """`checkpoint`: with `resume`, the run's checkpoint if already checked (cli.train_from_args); None: checked here."""
     out_dir = Path(out_dir)
     ctx = start_run(config.device, config.threads, out_dir, resume)
 
@@ -161,7 +161,7 @@ def train(config: AutoencoderTrainConfig, out_dir: str | Path, resume: bool = Fa
 
     step, position, metrics = 0, 0, {}
     if resume:
-        tensors, meta = load_checkpoint(out_dir)
+        tensors, meta = load_checkpoint(checkpoint or out_dir)
         restore_state(modules, optimizers, tensors, meta, where=str(out_dir))
         step, position, metrics = meta["step"], meta["data_position"], meta.get("metrics", {})
         set_rng_states(meta["rng"])
@@ -183,8 +183,7 @@ def train(config: AutoencoderTrainConfig, out_dir: str | Path, resume: bool = Fa
         save_autoencoder(out_dir / "autoencoder", trainee.ae, {"step": step, **metrics})
         logger.info("step %d: checkpoint written to %s", step, out_dir)
 
-    last_checkpoint = time.monotonic()
-    tick, tick_step = time.monotonic(), step
+    clock = RunClock(step, config.checkpoint_minutes)
     with tqdm(total=config.steps, initial=step, disable=not ctx.is_main, desc="autoencoder", dynamic_ncols=True) as bar, logging_redirect_tqdm():
         while step < config.steps:
             # Everything random in this step (posterior noise, dropout) derives from (seed, step, rank).
@@ -219,9 +218,7 @@ def train(config: AutoencoderTrainConfig, out_dir: str | Path, resume: bool = Fa
 
             if step % config.log_every == 0 or step == config.steps:
                 logs = distributed.mean_over_ranks(logs, ctx)
-                now = time.monotonic()
-                logs["it_per_s"] = (step - tick_step) / max(now - tick, 1e-9)
-                tick, tick_step = now, step
+                logs["it_per_s"] = clock.steps_per_second(step)
                 if ctx.is_main:
                     bar.set_postfix(loss=f"{logs['loss']:.4g}", rec=f"{logs['rec']:.4f}", refresh=False)
                     append_metrics(out_dir, {"step": step, **logs})
@@ -235,11 +232,10 @@ def train(config: AutoencoderTrainConfig, out_dir: str | Path, resume: bool = Fa
                 trainee.ae.eval()
                 save_grid(torch.cat([x_show, reconstruct(trainee.ae, x_show)]), ensure_dir(out_dir / "samples") / f"step_{step:07d}.png", nrow=8)
                 trainee.ae.train()
-            due = time.monotonic() - last_checkpoint > config.checkpoint_minutes * 60
-            if distributed.broadcast_flag(due, ctx) or step == config.steps:
+            if clock.checkpoint_due(ctx, last_step=step == config.steps):
                 if ctx.is_main:
                     write_checkpoint(metrics)
-                last_checkpoint = time.monotonic()
+                clock.checkpoint_written()
             bar.update(1)
     distributed.barrier(ctx)
     distributed.shutdown(ctx)
@@ -252,7 +248,7 @@ PROG = "ldm-rt-train-autoencoder"  # its console script (pyproject.toml); also `
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv, PROG, __doc__)
     setup_logging()
-    return run_main(PROG, lambda: train(config_for_run(AutoencoderTrainConfig, args), args.out, resume=args.resume))
+    return run_main(PROG, lambda: train_from_args(train, AutoencoderTrainConfig, args))
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ import dataclasses
 import logging
 import math
 import re
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,8 +49,8 @@ from ldm_rt.runtime.tokenizer import PromptTokenizer, TokenizerError
 
 from . import distributed
 from .autoencoder_folder import load_autoencoder
-from .checkpoint import flatten_state, load_checkpoint, restore_state, rng_states, save_checkpoint, set_rng_states, step_seed
-from .cli import config_for_run, parse_args, run_main, setup_logging
+from .checkpoint import CheckedCheckpoint, flatten_state, load_checkpoint, restore_state, rng_states, save_checkpoint, set_rng_states, step_seed
+from .cli import parse_args, run_main, setup_logging, train_from_args
 from .config_loading import MAX_BATCH_SIZE, MAX_SEED, MAX_STEPS, TrainConfigError, check_finite_fields, check_range, to_dict
 from .data_folder import list_images, read_caption
 from .data_shapes import ShapesDataset, vocabulary
@@ -61,7 +60,7 @@ from .images import save_grid
 from .io_errors import naming
 from .latent_cache import LatentCache, first_stage_output, latents_from
 from .optim import check_finite_step, clip_and_step, make_adamw, set_lr, warmup_lr
-from .run_folder import TrainResult, append_metrics, ensure_dir, physical_memory, start_run
+from .run_folder import RunClock, TrainResult, append_metrics, ensure_dir, physical_memory, start_run
 
 logger = logging.getLogger(__name__)
 
@@ -282,7 +281,8 @@ def check_sizes(config: LDMTrainConfig, ldm_config: LDMConfig, world_size: int) 
         raise TrainConfigError(f"latent_cache {config.latent_cache} would keep {cache_bytes / 2**30:.1f} GiB of latents per process, more than half of this machine's {physical_memory() / 2**30:.1f} GiB; lower it")
 
 
-def train(config: LDMTrainConfig, out_dir: str | Path, resume: bool = False) -> TrainResult:
+def train(config: LDMTrainConfig, out_dir: str | Path, resume: bool = False, checkpoint: CheckedCheckpoint | None = None) -> TrainResult:
+    """`checkpoint`: with `resume`, the run's checkpoint if already checked (cli.train_from_args); None: checked here."""
     out_dir = Path(out_dir)
     ctx = start_run(config.device, config.threads, out_dir, resume)
     dataset = make_dataset(config.data, "train")
@@ -291,7 +291,7 @@ def train(config: LDMTrainConfig, out_dir: str | Path, resume: bool = False) -> 
         raise TrainConfigError(f"latent_cache ({config.latent_cache}) must be a multiple of the global batch ({global_batch}) so every pass cuts the same batches")
     text = config.conditioning == "crossattn"
 
-    tensors, meta = load_checkpoint(out_dir) if resume else ({}, {})
+    tensors, meta = load_checkpoint(checkpoint or out_dir) if resume else ({}, {})
     # Conditioning: a frozen text encoder + tokenizer from a model folder, or a new one trained jointly.
     tokenizer, frozen_text = None, None
     init = load_init(config) if config.init_from and not resume else None
@@ -402,8 +402,7 @@ def train(config: LDMTrainConfig, out_dir: str | Path, resume: bool = False) -> 
         save_grid(images, ensure_dir(out_dir / "samples") / f"step_{step:07d}.png", nrow=8)
 
     cache = LatentCache(config.latent_cache)
-    last_checkpoint = time.monotonic()
-    tick, tick_step = time.monotonic(), step
+    clock = RunClock(step, config.checkpoint_minutes)
     with tqdm(total=config.steps, initial=step, disable=not ctx.is_main, desc="ldm", dynamic_ncols=True) as bar, logging_redirect_tqdm():
         while step < config.steps:
             # Everything random in this step (latent sample, t, noise, condition dropout) derives from (seed, step, rank).
@@ -445,9 +444,7 @@ def train(config: LDMTrainConfig, out_dir: str | Path, resume: bool = False) -> 
 
             if step % config.log_every == 0 or step == config.steps:
                 logs = distributed.mean_over_ranks({"loss": loss.item(), "grad_norm": grad_norm}, ctx)
-                now = time.monotonic()
-                logs["it_per_s"] = (step - tick_step) / max(now - tick, 1e-9)
-                tick, tick_step = now, step
+                logs["it_per_s"] = clock.steps_per_second(step)
                 if ctx.is_main:
                     metrics = {"loss": logs["loss"]}
                     bar.set_postfix(loss=f"{logs['loss']:.4f}", refresh=False)
@@ -455,11 +452,10 @@ def train(config: LDMTrainConfig, out_dir: str | Path, resume: bool = False) -> 
                     logger.info("step %d loss %.4f %.2f it/s", step, logs["loss"], logs["it_per_s"])
             if ctx.is_main and (step % config.sample_every == 0 or step == config.steps):
                 write_samples()
-            due = time.monotonic() - last_checkpoint > config.checkpoint_minutes * 60
-            if distributed.broadcast_flag(due, ctx) or step == config.steps:
+            if clock.checkpoint_due(ctx, last_step=step == config.steps):
                 if ctx.is_main:
                     write_outputs()
-                last_checkpoint = time.monotonic()
+                clock.checkpoint_written()
             bar.update(1)
     distributed.barrier(ctx)
     distributed.shutdown(ctx)
@@ -472,7 +468,7 @@ PROG = "ldm-rt-train-ldm"  # its console script (pyproject.toml); also `python -
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv, PROG, __doc__, extra=lambda p: p.add_argument("--ae", help="the frozen autoencoder: AE_RUN/autoencoder or an ldm-rt model folder"))
     setup_logging()
-    return run_main(PROG, lambda: train(config_for_run(LDMTrainConfig, args, [] if args.ae is None else [f"ae={args.ae}"]), args.out, resume=args.resume))
+    return run_main(PROG, lambda: train_from_args(train, LDMTrainConfig, args, [] if args.ae is None else [f"ae={args.ae}"]))
 
 
 if __name__ == "__main__":

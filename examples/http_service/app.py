@@ -8,17 +8,33 @@
 One Pipeline is loaded at start and shared by all requests: it holds no per-request state, so FastAPI's
 thread pool runs requests concurrently (ONNX Runtime sessions are thread-safe).
 
+LoRAs: `--lora FILE[:SCALE]` applies to every request; with `--lora-dir DIR` a request may also name LoRA files
+of that folder (`"loras": [{"name": "style", "scale": 0.8}]`). A pipeline with those LoRAs applied is opened on
+first use and kept for the next request naming the same set: at most `--lora-cache` sets, least recently used
+dropped first, one opening at a time. Each kept set holds a whole copy of the model's sessions in memory.
+
 What a request may cost is bounded before any work is done: the body size (413, checked against
 Content-Length and counted while streaming), the service's own limits below (422 from pydantic, strict
 JSON types), and the artifacts' size and batch ranges (422 from the pipeline's own validation, which owns them).
+So is how many generations run at once (`--max-in-flight`; past it a 503 with Retry-After, at once).
 """
 
 # No `from __future__ import annotations`: FastAPI reads the endpoint's annotations at runtime, and the request
 # model is built per pipeline inside create_app (its scheduler choices are the loaded model's).
 
+import base64
+import contextlib
+import functools
+import io
 import json
+import math
 import socket
 import sys
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -26,11 +42,14 @@ import uvicorn
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
+from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
 from ldm_rt.runtime.cli import BACKENDS
 from ldm_rt.runtime.cli_support import OneLineParser, run
+from ldm_rt.runtime.files import inside
 from ldm_rt.runtime.images import grid, png_bytes
+from ldm_rt.runtime.lora import MAX_SCALE, SAFETENSORS_SUFFIX, LoraError, LoraSpec, parse_lora_arg
 from ldm_rt.runtime.pipeline import Pipeline
 
 PROG = "ldm-rt-http"
@@ -41,7 +60,140 @@ MAX_STEPS = 150
 MAX_GUIDANCE = 50.0
 # The largest valid body: two prompts of MAX_PROMPT_CHARS characters, each written as a JSON surrogate-pair
 # escape (12 bytes), plus the small fields. Anything larger is refused (413) before it is read.
-MAX_BODY_BYTES = 2 * MAX_PROMPT_CHARS * 12 + 4096
+MAX_REQUEST_LORAS = 4  # per request, beside the service's own --lora ones
+MAX_LORA_NAME_CHARS = 200
+MAX_LORA_CACHE = 16  # pipelines kept open with request LoRAs: each is a whole copy of the model in memory
+MAX_LORA_LISTING = 1000  # names /health lists
+MAX_BODY_BYTES = 2 * MAX_PROMPT_CHARS * 12 + MAX_REQUEST_LORAS * (MAX_LORA_NAME_CHARS * 12 + 64) + 4096
+LoraSet = tuple[tuple[str, float], ...]  # (file name in --lora-dir, scale), in the request's order
+# Generations running at once (--max-in-flight): each holds its latents and the networks' activations in memory
+# and shares the CPU with the others, so more at once only makes each slower. A request beyond the bound is a
+# 503 at once (Retry-After: about one generation's time), not a wait in a queue the client cannot see.
+DEFAULT_MAX_IN_FLIGHT = 4
+MAX_IN_FLIGHT = 64
+
+
+class LoraRef(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: str = Field(max_length=MAX_LORA_NAME_CHARS)  # a .safetensors file of --lora-dir, with or without the suffix
+    scale: float = Field(1.0, ge=-MAX_SCALE, le=MAX_SCALE, allow_inf_nan=False)
+
+
+class LoraPipelines:
+    """Pipelines with a request's LoRAs applied: opened on first use (one at a time: opening costs a model's
+    memory and seconds), kept for the next request naming the same set, at most `size` sets, the least recently
+    used dropped first (a request still running on it keeps it until it ends). Concurrent requests for a set
+    being opened wait for that opening instead of starting another."""
+
+    def __init__(self, folder: Path, open_pipeline: Callable[[list[LoraSpec]], Pipeline], size: int) -> None:
+        self.folder, self._open, self.size = folder, open_pipeline, size
+        self._kept: OrderedDict[LoraSet, Pipeline] = OrderedDict()
+        self._opening: dict[LoraSet, Future] = {}
+        self._lock = threading.Lock()  # guards _kept and _opening
+        self._one_opening = threading.Lock()
+
+    def path(self, name: str) -> Path:
+        """The file `name` names in the folder; a LoraError (422) for anything else: no paths out of it."""
+        file = name if name.lower().endswith(SAFETENSORS_SUFFIX) else name + SAFETENSORS_SUFFIX
+        path = inside(self.folder, file)
+        if path is None or "/" in file or not path.is_file():
+            raise LoraError(f"loras: no LoRA named {name[:80]!r} in this service's LoRA folder; GET /health lists them")
+        return path
+
+    def names(self) -> list[str]:
+        return sorted(p.name for p in self.folder.iterdir() if p.suffix.lower() == SAFETENSORS_SUFFIX)[:MAX_LORA_LISTING]
+
+    def get(self, request: LoraSet) -> Pipeline:
+        specs = [LoraSpec(self.path(name), scale) for name, scale in request]  # names checked before anything opens
+        loras: LoraSet = tuple((s.path.name, s.scale) for s in specs)  # "style" and "style.safetensors" are one set
+        with self._lock:
+            if loras in self._kept:
+                self._kept.move_to_end(loras)
+                return self._kept[loras]
+            waiting = self._opening.get(loras)
+            if waiting is None:
+                mine = self._opening[loras] = Future()
+        if waiting is not None:
+            return waiting.result()
+        try:
+            with self._one_opening:
+                pipeline = self._open(specs)
+        except BaseException as e:
+            mine.set_exception(e)
+            with self._lock:
+                del self._opening[loras]
+            raise
+        with self._lock:
+            self._kept[loras] = pipeline
+            while len(self._kept) > self.size:
+                self._kept.popitem(last=False)
+            del self._opening[loras]
+        mine.set_result(pipeline)
+        return pipeline
+
+    def kept(self) -> list[LoraSet]:
+        with self._lock:
+            return list(self._kept)
+
+
+class InFlight:
+    """At most `limit` generations at once; a request past that is refused (503) with a Retry-After of about
+    one generation's time here (the running mean of the last ones; 1 s before any has finished)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._slots = threading.BoundedSemaphore(limit)
+        self._seconds = 0.0  # mean duration of recent generations (exponential, weight 1/4 for the newest)
+
+    def retry_after(self) -> int:
+        return max(1, math.ceil(self._seconds))
+
+    @contextlib.contextmanager
+    def slot(self):
+        if not self._slots.acquire(blocking=False):
+            retry = self.retry_after()
+            raise HTTPException(
+                status_code=503, headers={"Retry-After": str(retry)},
+                detail=f"busy: {self.limit} generations are running, the most this service runs at once (--max-in-flight); retry after {retry} s",
+            )  # fmt: skip
+        start = time.monotonic()
+        try:
+            yield
+            seconds = time.monotonic() - start
+            self._seconds = seconds if self._seconds == 0 else 0.75 * self._seconds + 0.25 * seconds
+        finally:
+            self._slots.release()
+
+    def bounded(self, handler: Callable) -> Callable:
+        """`handler` run in a slot (FastAPI reads the endpoint's signature through functools.wraps)."""
+
+        @functools.wraps(handler)
+        def in_slot(*args, **kwargs):
+            with self.slot():
+                return handler(*args, **kwargs)
+
+        return in_slot
+
+
+# ControlNet artifacts (built with --controlnet): a request carries one control image per ControlNet, in export order,
+# as the base64 of its file (PNG, JPEG, ...). The body limit grows by this bound per ControlNet of the loaded model only.
+MAX_CONTROL_IMAGE_BYTES = 8 << 20
+MAX_CONTROL_IMAGE_CHARS = 4 * (MAX_CONTROL_IMAGE_BYTES // 3 + 1)
+
+
+def decode_control_images(values: list[str]) -> list[Image.Image]:
+    """The request's control images; a ValueError (422) naming the one that is not base64 of an image file."""
+    images = []
+    for k, value in enumerate(values):
+        try:
+            data = base64.b64decode(value, validate=True)
+            if len(data) > MAX_CONTROL_IMAGE_BYTES:
+                raise ValueError
+            images.append(Image.open(io.BytesIO(data)))  # decoded by the runtime, after its size check
+        except (ValueError, OSError):
+            raise ValueError(f"control_images[{k}] is not the base64 of an image file (PNG, JPEG, ...) of at most {MAX_CONTROL_IMAGE_BYTES >> 20} MiB") from None
+    return images
 
 
 # pydantic refuses a string holding a lone surrogate (json.loads makes one of "\ud800"), which neither the
@@ -67,10 +219,23 @@ def request_model(pipeline: Pipeline) -> type[BaseModel]:
         scheduler: Literal[schedulers] = default_scheduler  # type: ignore[valid-type]
         seed: int | None = Field(None, ge=0, lt=2**63)
         batch: int = 1  # range: the artifacts' (pipeline)
+        loras: list[LoraRef] = Field([], max_length=MAX_REQUEST_LORAS)  # files of --lora-dir, on top of the service's own
         height: int | None = None  # None: the artifacts' optimum; range and multiple: the artifacts' (pipeline)
         width: int | None = None
 
-    return GenerateRequest
+    if not pipeline.controlnets:
+        return GenerateRequest  # control fields are then unknown fields: a 422 naming them
+    count = len(pipeline.controlnets)
+
+    class ControlNetRequest(GenerateRequest):
+        # diffusers' names, as Pipeline.generate; values and ranges are the runtime's (runtime/controlnet.py).
+        control_images: list[Annotated[str, Field(max_length=MAX_CONTROL_IMAGE_CHARS)]] = Field(min_length=count, max_length=count)
+        controlnet_conditioning_scale: float | list[float] = 1.0
+        control_guidance_start: float | list[float] = 0.0
+        control_guidance_end: float | list[float] = 1.0
+        guess_mode: bool = False
+
+    return ControlNetRequest
 
 
 def _json(status: int, content: Any) -> Response:
@@ -85,20 +250,30 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> Re
     return _json(422, {"detail": detail})
 
 
-def create_app(pipeline: Pipeline) -> FastAPI:
+def create_app(pipeline: Pipeline, lora_pipelines: LoraPipelines | None = None, max_in_flight: int = DEFAULT_MAX_IN_FLIGHT) -> FastAPI:
     # max_body_size: FastAPI refuses (413) a Content-Length above it before reading, and counts streamed
     # (chunked) bodies as they arrive.
     app = FastAPI(
-        title="ldm-rt", description="Latent diffusion sampling with the ldm-rt runtime.", max_body_size=MAX_BODY_BYTES,
+        title="ldm-rt", description="Latent diffusion sampling with the ldm-rt runtime.",
+        max_body_size=MAX_BODY_BYTES + len(pipeline.controlnets) * (MAX_CONTROL_IMAGE_CHARS + 64),
         exception_handlers={RequestValidationError: _validation_error},
     )
     GenerateRequest = request_model(pipeline)
+    in_flight = InFlight(max_in_flight)
 
     # A sync handler: FastAPI runs it in its thread pool, so slow sampling does not block the event loop.
     @app.post("/generate", response_class=Response, responses={200: {"content": {"image/png": {}}}})
+    @in_flight.bounded  # a LoRA set being opened counts too: the request waits for it in its slot
     def generate(request: GenerateRequest) -> Response:  # type: ignore[valid-type]
+        fields = request.model_dump()
+        loras: LoraSet = tuple((r["name"], r["scale"]) for r in fields.pop("loras"))
         try:
-            result = pipeline.generate(**request.model_dump())
+            if loras and lora_pipelines is None:
+                raise LoraError("loras: this service takes no LoRAs per request (it was started without --lora-dir)")
+            chosen = lora_pipelines.get(loras) if loras else pipeline
+            if "control_images" in fields:
+                fields["control_image"] = decode_control_images(fields.pop("control_images"))
+            result = chosen.generate(**fields)
         except ValueError as e:  # the library's bad-input errors (GenerationError, SchedulerConfigError) name the limit
             raise HTTPException(status_code=422, detail=str(e)) from None
         image = grid(result.images) if len(result.images) > 1 else result.images[0]
@@ -119,6 +294,9 @@ def create_app(pipeline: Pipeline) -> FastAPI:
             "backend": pipeline.backend,
             "precision": pipeline.precision,
             "schedulers": list(pipeline.schedulers),
+            "loras": list(pipeline.loras),  # applied to every request
+            **({"controlnets": len(pipeline.controlnets)} if pipeline.controlnets else {}),  # control_images a request must carry
+            **({"lora_names": lora_pipelines.names()} if lora_pipelines is not None else {}),  # what requests may name
         }
 
     return app
@@ -139,13 +317,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000; 0: any free port, the start line says which)")
     parser.add_argument("--log-level", default="info", choices=("warning", "info", "debug"), help="info logs every request (default)")
+    parser.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                        help="apply a LoRA to every request (repeatable)")  # fmt: skip
+    parser.add_argument("--lora-dir", type=Path, default=None, help="a folder of .safetensors LoRAs that requests may name (\"loras\")")
+    parser.add_argument("--lora-cache", type=int, default=2, metavar="N",
+                        help=f"LoRA sets kept open for the next request (default 2, 1..{MAX_LORA_CACHE}); each holds a copy of the model in memory")  # fmt: skip
+    parser.add_argument("--max-in-flight", type=int, default=DEFAULT_MAX_IN_FLIGHT, metavar="N",
+                        help=f"generations run at once (default {DEFAULT_MAX_IN_FLIGHT}, 1..{MAX_IN_FLIGHT}); more requests get 503 with Retry-After")  # fmt: skip
     args = parser.parse_args(argv)
+    try:
+        args.lora = [parse_lora_arg(text) for text in args.lora]
+    except LoraError as e:
+        parser.error(str(e))
+    if args.lora_dir is not None and not args.lora_dir.is_dir():
+        parser.error(f"--lora-dir {args.lora_dir} is not a folder")
+    if not 1 <= args.lora_cache <= MAX_LORA_CACHE:
+        parser.error(f"--lora-cache must be 1..{MAX_LORA_CACHE}, got {args.lora_cache}")
+    if not 1 <= args.max_in_flight <= MAX_IN_FLIGHT:
+        parser.error(f"--max-in-flight must be 1..{MAX_IN_FLIGHT}, got {args.max_in_flight}")
     return run(PROG, lambda: serve(args))
 
 
 def serve(args) -> int:
     """Load the pipeline and bind the port (a bad --model or a port in use is one line, exit 2), then serve until stopped."""
-    pipeline = Pipeline.load(args.model, backend=args.backend, precision=args.precision, threads=args.threads)
+    options = dict(backend=args.backend, precision=args.precision, threads=args.threads)
+    pipeline = Pipeline.load(args.model, **options, loras=args.lora)
+    lora_pipelines = None
+    if args.lora_dir is not None:  # a request's LoRAs come on top of the service's own
+        lora_pipelines = LoraPipelines(args.lora_dir, lambda specs: Pipeline.load(args.model, **options, loras=[*args.lora, *specs]), args.lora_cache)
     sock = listen(args.host, args.port)
     port = sock.getsockname()[1]
     url = f"http://[{args.host}]:{port}" if ":" in args.host else f"http://{args.host}:{port}"
@@ -154,7 +353,7 @@ def serve(args) -> int:
         f"sha256 {pipeline.artifacts.model_hash[:16]}); POST /generate, GET /health",
         flush=True,
     )
-    config = uvicorn.Config(create_app(pipeline), host=args.host, port=port, log_level=args.log_level)
+    config = uvicorn.Config(create_app(pipeline, lora_pipelines, args.max_in_flight), host=args.host, port=port, log_level=args.log_level)
     uvicorn.Server(config).run(sockets=[sock])
     return 0
 

@@ -52,8 +52,9 @@ class HostOptions:
     beyond the noise, and where other processes share the cores spinning threads take time from them
     (measured 2.1x slower beside a training run). It may pay on many-core hosts; measure there. ONNX
     Runtime's setting: OpenVINO's worker pool decides its own waiting.
-    `compile_cache`: a folder where backends that compile graphs when a session opens (OpenVINO) keep the
-    compiled result for the next process (None: compile every time).
+    `compile_cache`: a folder where backends that compile graphs when a session opens (OpenVINO; ONNX Runtime
+    for large components, onnxruntime_backend._open_optimized) keep the compiled result for the next process
+    (None: compile every time).
     `reduced_precision`: let backends compute in bf16 where the CPU supports it (OpenVINO; the others compute
     in the artifacts' precision): faster on CPUs with AMX, images within a few 8-bit levels of the f32 ones
     (mean under one level on the default and SD-shaped models)."""
@@ -165,7 +166,8 @@ def open_components(
     loras: Sequence[tuple[object, float]] = (),
 ) -> dict[str, Component]:
     """`loras`: (runtime.lora.LoraFile, scale) pairs the backend applies to the weights as it opens them
-    (ONNX Runtime: patched initializers; TensorRT: refit); backends without a `loras` parameter refuse them."""
+    (ONNX Runtime: patched initializers; OpenVINO: replaced constants; TensorRT: refit); backends without a
+    `loras` parameter refuse them."""
     if precision not in PRECISIONS:
         raise BackendError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     factory = backend_factory(backend)

@@ -11,6 +11,10 @@ CACHE_DIR = `HostOptions.compile_cache`/openvino, where compiled graphs are kept
 
 Thread safety: a compiled model is shared, an infer request is not; each `run` borrows an idle request from
 the component's pool (a new one when all are busy) and gives it back, so concurrent calls never share one.
+
+LoRAs at run time (runtime/lora.py): the ONNX frontend names each weight's Constant after its initializer, so
+the Constants lora_targets.json names are replaced in the read model, before it compiles, by ones holding
+the patched weights; the files on disk are never modified, and files with external data work alike.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from ..contracts import ComponentContract
+from ..lora import LoraError, LoraFile, patched_initializers, run_time_deltas
 from ..manifest import ArtifactError, Manifest
 from .base import BackendError, HostOptions, physical_cores, precision_entry
 
@@ -98,17 +103,41 @@ class OpenVinoComponent:
             self._idle.put(request)
 
 
+def replace_constants(ov: Any, model: Any, weights: dict[str, np.ndarray], where: str) -> None:
+    """Every Constant of `model` named in `weights` (its friendly or output tensor name: the ONNX initializer's)
+    replaced by one holding the new weight, of the same type and shape. A LoraError naming any not found."""
+    found: dict[str, Any] = {}
+    for op in model.get_ops():
+        if op.get_type_name() == "Constant":
+            for name in {op.get_friendly_name(), *op.output(0).get_names()} & weights.keys():
+                found[name] = op
+    missing = sorted(set(weights) - set(found))
+    if missing:
+        raise LoraError(f"{where}: OpenVINO's model has no constant {', '.join(missing[:3])}; use --backend onnxruntime for this LoRA")
+    for name, old in found.items():
+        new = ov.op.Constant(np.ascontiguousarray(weights[name]))
+        if new.get_element_type() != old.get_element_type() or list(new.get_output_shape(0)) != list(old.get_output_shape(0)):
+            raise LoraError(f"{where}: constant {name} is {old.get_element_type()} {old.get_output_shape(0)} in OpenVINO's model; rebuild the artifacts")
+        new.set_friendly_name(old.get_friendly_name())
+        old.output(0).replace(new.output(0))
+
+
 def open_components(
     artifacts_dir: Path,
     manifest: Manifest,
     precision: str,
     providers: Sequence[str] | None = None,
     host: HostOptions = HostOptions(),
+    loras: Sequence[tuple[LoraFile, float]] = (),
 ) -> dict[str, OpenVinoComponent]:
-    """Every component of the artifacts at `precision` compiled for OpenVINO's CPU device, files checked against the manifest."""
+    """Every component of the artifacts at `precision` compiled for OpenVINO's CPU device, files checked against the manifest.
+    `loras`: (file, scale) pairs whose deltas are added to the weights they adapt before each model compiles."""
     if providers:
         raise BackendError(f"the openvino backend takes no providers (got {', '.join(providers)}); drop --provider")
     ov = import_openvino()
+    deltas: dict = {}
+    if loras:
+        targets, deltas = run_time_deltas(artifacts_dir, manifest, loras)
     core = ov.Core()
     config = compile_config(core, host)
     components = {}
@@ -121,8 +150,14 @@ def open_components(
             model = core.read_model(str(path))
         except RuntimeError as e:
             raise ArtifactError(f"{path} cannot be read by OpenVINO {ov.__version__} ({_one_line(e)}); rebuild the artifacts") from None
+        own = config
+        if deltas.get(name):
+            replace_constants(ov, model, patched_initializers(path, pe.onnx.file, pe.onnx.sha256, targets, deltas), pe.onnx.file)
+            del deltas[name]  # in the model now
+            # Not cached: every LoRA set and scale would leave another compiled copy of the component behind.
+            own = {k: v for k, v in config.items() if k != "CACHE_DIR"}
         try:
-            compiled = core.compile_model(model, DEVICE, config)
+            compiled = core.compile_model(model, DEVICE, own)
         except RuntimeError as e:
             raise BackendError(f"OpenVINO {ov.__version__} cannot compile {path} ({_one_line(e)}); use --backend onnxruntime") from None
         log.info("opened %s (%s) from %s on OpenVINO %s (%s)", name, precision, pe.onnx.file, DEVICE, config["INFERENCE_PRECISION_HINT"])
