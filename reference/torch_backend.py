@@ -28,6 +28,7 @@ from ldm_rt.runtime.contracts import ComponentContract, ModelFacts, ShapeProfile
 from ldm_rt.runtime.manifest import Manifest
 from ldm_rt.runtime.params import MAX_PROFILE_BATCH, MAX_PROFILE_SIDE
 from ldm_rt.runtime.pipeline import Pipeline
+from ldm_rt.runtime.scheduler_choice import default_scheduler
 from ldm_rt.runtime.schedulers import SchedulerConfig
 
 from .controlnet import ControlNetModel
@@ -106,7 +107,8 @@ def torch_pipeline(model: LoadedModel | str | Path, device: str | torch.device |
     checkpoints.load_model reads (ldm-rt model folder, diffusers folder or SD single file; `load_kwargs`
     go to it, e.g. tokenizer=DIR for a single file; `device`: default, where the weights are). Requests may use any batch up to 64 and any size the
     model divides (nominal_profile; default size: the autoencoder's nominal resolution). The images carry
-    no model hash: the weights are not hashed here (the artifacts' manifest records it)."""
+    no model hash: the weights are not hashed here (the artifacts' manifest records it). Its default scheduler is
+    the model folder's own, as export records it for the artifacts (runtime/scheduler_choice.py)."""
     if isinstance(model, LoadedModel):
         if load_kwargs:
             raise TypeError(f"load options {sorted(load_kwargs)} apply to a path, not to a LoadedModel")
@@ -123,6 +125,7 @@ def torch_pipeline(model: LoadedModel | str | Path, device: str | torch.device |
     return Pipeline(
         components, loaded.tokenizer, SchedulerConfig.from_dict(dict(loaded.scheduler_config)), loaded.facts(), profile,
         backend="torch", precision=precision, tokenizer_2=getattr(loaded, "tokenizer_2", None),
+        default_scheduler=default_scheduler(loaded.scheduler_config).name,
     )
 
 

@@ -116,7 +116,10 @@ def add_arguments(parser: argparse.ArgumentParser, backends: Sequence[str]) -> N
     parser.add_argument("--threads", type=int, default=None, help="CPU threads per operator (default: one per physical core)")
     parser.add_argument("--prompt", default="a red circle on a white background", help="the prompt drawn every call")
     parser.add_argument("--steps", type=int, default=25, help="denoising steps (default 25, as `ldm-rt sample`)")
-    parser.add_argument("--scheduler", default="ddim", choices=list(SCHEDULERS), help="sampler (default ddim)")
+    parser.add_argument(
+        "--scheduler", default=None, choices=list(SCHEDULERS),
+        help="sampler (default: the model's own, from its folder's scheduler class, as `ldm-rt sample`; `ldm-rt info` names it)",
+    )
     parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
     parser.add_argument("--batch", type=int, default=1, help="images per call (default 1)")
     parser.add_argument("--height", type=int, default=None, help="image height (default: the artifacts' optimum)")

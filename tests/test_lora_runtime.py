@@ -50,19 +50,28 @@ def loras(artifacts, tmp_path_factory):
         "lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": rng.standard_normal((4, 1280)),
         "lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": rng.standard_normal((5120, 4)),
     })  # fmt: skip
+    # The same module names at other widths (an SD 2.x LoRA on SD 1.x): the names match, the shapes do not.
+    wider = write_safetensors(folder / "wider.safetensors", {
+        f"{flat}.lora_down.weight": rng.standard_normal((2, 2 * in_dim)), f"{flat}.lora_up.weight": rng.standard_normal((out_dim, 2)),
+    })  # fmt: skip
     truncated = folder / "truncated.safetensors"
     truncated.write_bytes(good.read_bytes()[:-16])
     pickled = folder / "evil.ckpt"
     pickled.write_bytes(pickle.dumps(SimpleNamespace(x=1)))  # not tensors: weights_only refuses it
-    return SimpleNamespace(good=good, sdxl=sdxl, truncated=truncated, pickled=pickled)
+    return SimpleNamespace(good=good, sdxl=sdxl, wider=wider, truncated=truncated, pickled=pickled)
+
+
+BAD_CASES = ["another architecture", "another architecture, same names", "truncated", "scale not a number", "scale not finite", "pickle"]
 
 
 def bad_inputs(loras) -> dict[str, tuple[str, str]]:
     """--lora value -> what the one line must say."""
     return {
         "another architecture": (str(loras.sdxl), "none of its 4 keys names a module of this model"),
+        "another architecture, same names": (str(loras.wider), "a LoRA for another architecture"),
         "truncated": (str(loras.truncated), "truncated"),
         "scale not a number": (f"{loras.good}:lots", "scale 'lots' is not a number"),
+        "scale not finite": (f"{loras.good}:nan", "must be a finite number"),
         "pickle": (str(loras.pickled), "pickle"),
     }
 
@@ -82,7 +91,7 @@ def test_sample_applies_a_lora_and_records_it_in_the_png(artifacts, loras, tmp_p
     assert not np.array_equal(pixels, np.asarray(Image.open(tmp_path / "plain.png").convert("RGB")))
 
 
-@pytest.mark.parametrize("case", ["another architecture", "truncated", "scale not a number", "pickle"])
+@pytest.mark.parametrize("case", BAD_CASES)
 def test_sample_refuses_bad_loras_in_one_line(artifacts, loras, tmp_path, capsys, case):
     from ldm_rt.runtime.cli import main
 
@@ -98,7 +107,7 @@ def test_sample_refuses_bad_loras_in_one_line(artifacts, loras, tmp_path, capsys
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("case", ["another architecture", "truncated", "scale not a number", "pickle"])
+@pytest.mark.parametrize("case", BAD_CASES)
 def test_export_refuses_bad_loras_in_one_line(tiny_sd_v1, loras, tmp_path, capsys, case):
     from ldm_rt.export.build_engines import main
 
@@ -208,6 +217,155 @@ def test_tensorrt_refit_sets_every_weight_then_refits_once():
         refit_engine(fake_trt(), refused, {"a": np.ones(1, np.float32)}, "unet.plan")
 
 
+def refit_rig(artifacts: Path, tmp_path: Path, monkeypatch, precision: str, refittable: bool = True):
+    """A copy of the artifacts with a fake engine file and manifest record per component (cache keys matching a
+    fake GPU), and a fake `tensorrt` whose engines remember what they were refit with; (folder, manifest, trt)."""
+    import shutil
+    from dataclasses import asdict
+
+    from gpu_fakes import FakeCudart
+    from test_gpu_backend import install_cuda
+
+    from ldm_rt.runtime.backends.tensorrt_backend import device_description, engine_key
+    from ldm_rt.runtime.manifest import FileEntry, Manifest
+
+    folder = Path(shutil.copytree(artifacts, tmp_path / "art"))
+    manifest = Manifest.read(folder)
+    cudart = FakeCudart()
+    trt = fake_trt_module(cudart, {name: e.contract for name, e in manifest.components.items()})
+    install_cuda(monkeypatch, cudart, trt=trt)
+    gpu = device_description(cudart)
+    flags = {"strongly_typed": True, "refittable": refittable, "static": False}
+    for name, entry in manifest.components.items():
+        plan = folder / "engines" / f"{name}.{precision}.plan"
+        plan.parent.mkdir(exist_ok=True)
+        plan.write_bytes(name.encode())  # the fake runtime deserialises the component named in the file
+        onnx_sha = entry.precisions[precision].onnx.sha256
+        entry.engines = {"k": {
+            "key": engine_key(name, precision, onnx_sha, trt.__version__, gpu, {}, flags), "precision": precision,
+            "engine": asdict(FileEntry.of(folder, plan.relative_to(folder).as_posix())), "tensorrt_version": trt.__version__,
+            "gpu": gpu, "profile": {}, "flags": flags,
+        }}  # fmt: skip
+    return folder, manifest, trt
+
+
+def fake_trt_module(cudart, contracts: dict):
+    """gpu_fakes' tensorrt 11 with a Runtime (engines that remember their refits) and the Refitter above."""
+    from gpu_fakes import FakeEngine, tensorrt_11
+
+    trt = tensorrt_11()
+    trt.engines = {}  # component -> the engine deserialised for it
+
+    class Runtime:
+        def __init__(self, logger) -> None:
+            pass
+
+        def deserialize_cuda_engine(self, data: bytes):
+            name = data.decode()
+            engine = FakeEngine(cudart, contracts[name])
+            engine.refittable, engine.together, engine.pending, engine.weights, engine.refit_ok = _AllNames(), [], {}, {}, True
+            trt.engines[name] = engine
+            return engine
+
+    trt.Runtime, trt.Refitter, trt.Weights = Runtime, FakeRefitter, lambda a: SimpleNamespace(array=a)
+    return trt
+
+
+class _AllNames:
+    """Every weight name is refittable (an engine built with --refit from the ONNX file)."""
+
+    def __contains__(self, name: str) -> bool:
+        return True
+
+
+def expected_q_weight(artifacts: Path, lora: Path, precision: str, scale: float) -> tuple[str, np.ndarray]:
+    """(initializer, the weight a refit must set) for the test LoRA's one UNet module, computed here: the base
+    weight read by the onnx package, the LoRA's layer by safetensors, W^T + scale * (alpha / rank) * (up @ down)^T."""
+    import onnx
+    from onnx import numpy_helper
+    from safetensors.numpy import load_file
+
+    from ldm_rt.runtime.manifest import Manifest
+
+    rel = Manifest.read(artifacts).components["unet"].precisions[precision].onnx.file
+    target = LoraTargets.read(artifacts).files[rel]["targets"][Q]
+    assert target.transposed  # a bias-free Linear is exported as a MatMul on W^T
+    model = onnx.load(str(artifacts / rel))
+    base = next(numpy_helper.to_array(i) for i in model.graph.initializer if i.name == target.initializer)
+    t = load_file(str(lora))
+    down, up, alpha = (next(v for k, v in t.items() if k.endswith(s)) for s in (".lora_down.weight", ".lora_up.weight", ".alpha"))
+    delta = scale * (float(alpha) / down.shape[0]) * (up.astype(np.float64) @ down)
+    return target.initializer, (base.astype(np.float64) + delta.T).astype(base.dtype)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_tensorrt_refits_the_adapted_weights_with_the_scale(artifacts, loras, tmp_path, monkeypatch, precision):
+    from ldm_rt.runtime.backends.tensorrt_backend import open_components
+    from ldm_rt.runtime.lora import read_lora
+
+    folder, manifest, trt = refit_rig(artifacts, tmp_path, monkeypatch, precision)
+    components = open_components(folder, manifest, precision, loras=[(read_lora(loras.good), 0.8)])
+    assert set(components) == set(trt.engines) == set(manifest.components)
+    init, expected = expected_q_weight(artifacts, loras.good, precision, 0.8)
+    unet = trt.engines["unet"]
+    assert list(unet.weights) == [init]  # the one adapted weight; nothing else is refit
+    assert all(e.weights == {} for name, e in trt.engines.items() if name != "unet")
+    got = unet.weights[init]
+    assert got.dtype == expected.dtype and got.shape == expected.shape
+    tol = 1e-5 if precision == "fp32" else 2e-3
+    np.testing.assert_allclose(got.astype(np.float32), expected.astype(np.float32), rtol=tol, atol=tol)
+    # The oracle tells the scale apart: the same weight at scale 0.4 is off by far more than the tolerance.
+    _, half = expected_q_weight(artifacts, loras.good, precision, 0.4)
+    assert np.abs(got.astype(np.float32) - half.astype(np.float32)).max() > 100 * tol
+    for component in components.values():
+        component.close()
+
+
+def test_tensorrt_refuses_a_lora_for_an_engine_built_without_refit(artifacts, loras, tmp_path, monkeypatch):
+    from ldm_rt.runtime.backends.tensorrt_backend import open_components
+    from ldm_rt.runtime.lora import read_lora
+
+    folder, manifest, trt = refit_rig(artifacts, tmp_path, monkeypatch, "fp32", refittable=False)
+    with pytest.raises(BackendError) as info:
+        open_components(folder, manifest, "fp32", loras=[(read_lora(loras.good), 1.0)])
+    assert str(info.value) == (
+        "engines/unet.fp32.plan was built without --refit, so a LoRA cannot be applied to it; "
+        "rebuild with --refit or fuse the LoRA at export (--lora)"
+    )
+    assert trt.engines == {}  # refused before any engine was read
+    assert set(open_components(folder, manifest, "fp32")) == set(manifest.components)  # without a LoRA they open
+
+
+def test_tensorrt_refuses_a_lora_for_a_component_or_weight_the_artifacts_lack(artifacts, loras, tmp_path, monkeypatch):
+    """As ONNX Runtime: a LoRA adapting a component with no ONNX file (a refiner's missing first text encoder),
+    or a module whose weight the export did not locate, is one line, before anything is refit."""
+    from ldm_rt.runtime.backends.tensorrt_backend import open_components
+    from ldm_rt.runtime.lora import read_lora
+    from ldm_rt.runtime.manifest import FileEntry
+
+    folder, manifest, trt = refit_rig(artifacts, tmp_path, monkeypatch, "fp32")
+    module, info = next(iter(LoraTargets.read(artifacts).modules["text_encoder"].items()))
+    flat = "lora_te_" + module.replace(".", "_")
+    rng = np.random.default_rng(1)
+    te = write_safetensors(tmp_path / "te.safetensors", {
+        f"{flat}.lora_down.weight": rng.standard_normal((2, info.shape[1])), f"{flat}.lora_up.weight": rng.standard_normal((info.shape[0], 2)),
+    })  # fmt: skip
+    del manifest.components["text_encoder"]
+    with pytest.raises(LoraError, match=r"^the LoRA adapts text_encoder, which .* has no ONNX file for; rebuild the artifacts$"):
+        open_components(folder, manifest, "fp32", loras=[(read_lora(te), 1.0)])
+    assert trt.engines == {}
+    # A UNet module whose weight the export did not locate (recorded so in lora_targets.json): refused, nothing refit.
+    targets_path = folder / "lora_targets.json"
+    d = json.loads(targets_path.read_text())
+    for f in d["files"].values():
+        f["targets"].pop(Q, None)
+    targets_path.write_text(json.dumps(d))
+    manifest.lora_targets = FileEntry.of(folder, "lora_targets.json")
+    with pytest.raises(LoraError, match=r"whose weights the export could not locate \(input_blocks.1.1.transformer_blocks.0.attn1.to_q\); fuse"):
+        open_components(folder, manifest, "fp32", loras=[(read_lora(loras.good), 1.0)])
+    assert all(e.weights == {} for e in trt.engines.values())
+
+
 def test_old_artifacts_without_targets_say_to_rebuild():
     with pytest.raises(LoraError, match="built before LoRA support; rebuild"):
         LoraTargets.read(default_artifacts_dir())  # the shipped model predates LoRA support
@@ -237,6 +395,7 @@ def test_info_lists_what_loras_can_adapt_and_what_each_file_does(artifacts, lora
     # the folder: its .safetensors files, sorted; the ones that do not fit say why in the same line
     assert tail[4] == tail[3] and tail[5].startswith("  sdxl.safetensors: cannot be applied: ") and "none of its 4 keys" in tail[5]
     assert tail[6].startswith("  truncated.safetensors: cannot be applied: ") and "truncated" in tail[6]
+    assert tail[7].startswith("  wider.safetensors: cannot be applied: ") and "a LoRA for another architecture" in tail[7]
     try:
         code = main(["info", "--model", str(artifacts), "--lora", str(loras.good.parent / "nope")])
     except SystemExit as e:

@@ -34,6 +34,33 @@ def test_bench_times_our_pipeline(artifacts, capsys):
     assert code == 0 and "UNet step: " in out and "peak RSS: " in out and "16x16, batch 2, 3 UNet calls" in out
 
 
+def with_default_scheduler(artifacts: Path, folder: Path, name: str) -> Path:
+    """A copy of `artifacts` whose manifest names `name` as the model's own scheduler (as export records it)."""
+    import shutil
+
+    from ldm_rt.runtime.manifest import Manifest
+
+    copy = Path(shutil.copytree(artifacts, folder))
+    manifest = Manifest.read(copy)
+    manifest.default_scheduler = name
+    manifest.write(copy)
+    return copy
+
+
+def test_bench_samples_with_the_models_own_scheduler_unless_told(artifacts, tmp_path, capsys):
+    """Before: `ldm-rt bench --scheduler` defaulted to ddim whatever the model; now to the model's own (the
+    manifest's default_scheduler), as `ldm-rt sample`, and --help says so."""
+    model = with_default_scheduler(artifacts, tmp_path / "euler_model", "euler")
+    argv = ["bench", "--model", model, "--steps", 2, "--runs", 1, "--height", 16, "--width", 16, "--json"]
+    code, out, err = run_cli(argv, capsys)
+    assert code == 0, err
+    assert json.loads(out)["params"]["scheduler"] == "euler"
+    code, out, err = run_cli([*argv, "--scheduler", "ddim"], capsys)
+    assert code == 0 and json.loads(out)["params"]["scheduler"] == "ddim", err
+    code, out, _ = run_cli(["bench", "--help"], capsys)
+    assert code == 0 and "default: the model's own" in " ".join(out.split())
+
+
 @pytest.mark.parametrize("runs", [0, bench.MAX_RUNS + 1])
 def test_bench_refuses_bad_runs_in_one_line(artifacts, capsys, runs):
     code, out, err = run_cli(["bench", "--model", artifacts, "--runs", runs], capsys)

@@ -227,6 +227,24 @@ def test_scheduler_choices_are_the_ones_the_loaded_model_can_use():
         assert r.status_code == 422 and "scheduler" in r.text
 
 
+def test_a_request_naming_no_scheduler_gets_the_models_own(model_dir, tmp_path):
+    """Before: the request's default was "ddim" whatever the model; now the pipeline's default_scheduler (the
+    model folder's own scheduler class, recorded at export), as `ldm-rt sample` uses it."""
+    from fastapi.testclient import TestClient
+    from test_runtime_bench import with_default_scheduler
+
+    pipe = Pipeline.load(with_default_scheduler(model_dir, tmp_path / "euler_model", "euler"))
+    assert pipe.default_scheduler == "euler" and "ddim" in pipe.schedulers
+    client = TestClient(http_app.create_app(pipe))
+    schema = client.get("/openapi.json").json()["components"]["schemas"]["GenerateRequest"]
+    assert schema["properties"]["scheduler"]["default"] == "euler"
+    r = client.post("/generate", json={"prompt": "a red cube", "steps": 3, "seed": 4})
+    assert r.status_code == 200, r.text
+    euler, ddim = (pipe.generate("a red cube", steps=3, seed=4, scheduler=s).images[0] for s in ("euler", "ddim"))
+    assert not np.array_equal(euler, ddim)  # the two defaults give different images: the check below tells them apart
+    np.testing.assert_array_equal(pixels(r.content), euler)
+
+
 class GatedPipeline:
     """The real pipeline, its generations held at a gate: requests stay in flight as long as a test says."""
 

@@ -203,9 +203,10 @@ Text = Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]
 
 def request_model(pipeline: Pipeline) -> type[BaseModel]:
     """The request body for this pipeline: its scheduler choices are the ones the loaded model can use
-    (the runtime's registry, checked against the model's schedule at load)."""
+    (the runtime's registry, checked against the model's schedule at load); a request naming none gets the
+    model's own (Pipeline.default_scheduler: the folder's scheduler class, as `ldm-rt sample`)."""
     schedulers = tuple(pipeline.schedulers)
-    default_scheduler = "ddim" if "ddim" in schedulers else schedulers[0]
+    default_scheduler = pipeline.default_scheduler  # one of `schedulers`: the pipeline checks it at load
 
     class GenerateRequest(BaseModel):
         # strict: JSON true is not a step count, "3" not a number; extra: a misspelt field is an error.
@@ -222,6 +223,7 @@ def request_model(pipeline: Pipeline) -> type[BaseModel]:
         loras: list[LoraRef] = Field([], max_length=MAX_REQUEST_LORAS)  # files of --lora-dir, on top of the service's own
         height: int | None = None  # None: the artifacts' optimum; range and multiple: the artifacts' (pipeline)
         width: int | None = None
+        eta: float | None = Field(None, allow_inf_nan=False)  # None: the scheduler's own; range and who takes one: the runtime's
 
     if not pipeline.controlnets:
         return GenerateRequest  # control fields are then unknown fields: a 422 naming them

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from ..contracts import DTYPES, ComponentContract
-from ..lora import LoraFile, LoraTargets, combined_deltas, patched_initializers
+from ..lora import LoraFile, patched_initializers, run_time_deltas
 from ..manifest import ArtifactError, FileEntry, Manifest
 from . import cuda_probe
 from .base import BackendError, HostOptions, precision_entry
@@ -249,33 +249,39 @@ def open_components(
 ) -> dict[str, TrtComponent]:
     """Engines for every component at `precision`; `providers` and `host` are unused (the GPU computes).
     `loras`: (file, scale) pairs; the engines they adapt must be refittable (built with --refit) and are refit
-    in place with the patched weights (read from the ONNX file each engine was built from)."""
+    in place with the patched weights, read from the ONNX file each engine was built from and computed one
+    module at a time (runtime/lora.py, as the other backends). The LoRA files, the components they adapt and
+    the engines' --refit are checked before any engine is read."""
     deltas: dict = {}
-    targets: LoraTargets | None = None
-    if loras:
-        targets = LoraTargets.read(artifacts_dir, manifest)
-        deltas = combined_deltas(loras, targets.modules)
+    if loras:  # the same checks as ONNX Runtime and OpenVINO: files, targets, components the artifacts lack
+        targets, deltas = run_time_deltas(artifacts_dir, manifest, loras)
     trt, cudart = import_tensorrt()
     gpu = device_description(cudart)
+    chosen = {}
+    for name, entry in manifest.components.items():
+        onnx_sha256 = precision_entry(artifacts_dir, manifest, name, precision).onnx.sha256
+        chosen[name] = record = select_engine(name, precision, entry.engines, onnx_sha256, trt.__version__, gpu)
+        if deltas.get(name) and not record.get("flags", {}).get("refittable"):
+            raise BackendError(
+                f"{record['engine']['file']} was built without --refit, so a LoRA cannot be applied to it; "
+                "rebuild with --refit or fuse the LoRA at export (--lora)"
+            )
     runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
     components: dict[str, TrtComponent] = {}
     try:
         for name, entry in manifest.components.items():
-            onnx_sha256 = precision_entry(artifacts_dir, manifest, name, precision).onnx.sha256
-            engine_entry = select_engine(name, precision, entry.engines, onnx_sha256, trt.__version__, gpu)
+            engine_entry = chosen[name]
             path = manifest.verify_file(artifacts_dir, FileEntry(**engine_entry["engine"]))
             engine = runtime.deserialize_cuda_engine(path.read_bytes())
             if engine is None:
                 raise ArtifactError(f"{path} is not a TensorRT engine this TensorRT can load; rebuild the engines")
             if deltas.get(name):
-                if not engine_entry.get("flags", {}).get("refittable"):
-                    raise BackendError(f"{path.name} was built without --refit, so a LoRA cannot be applied to it; rebuild with --refit or fuse the LoRA at export (--lora)")
                 pe = precision_entry(artifacts_dir, manifest, name, precision)
                 onnx_path = manifest.verify_file(artifacts_dir, pe.onnx)
                 if pe.external_data is not None:
                     manifest.verify_file(artifacts_dir, pe.external_data)  # the base weights are read from it
-                assert targets is not None
                 refit_engine(trt, engine, patched_initializers(onnx_path, pe.onnx.file, pe.onnx.sha256, targets, deltas), path.name)
+                del deltas[name]  # in the engine now; its patched weights lived only for the refit call
             profile = engine_entry.get("profile", {})
             log.info("opened %s (%s) engine %s: %s", name, precision, path.name, json.dumps(profile))
             static = bool(engine_entry.get("flags", {}).get("static"))  # one shape per input: replay a CUDA graph
