@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -364,3 +365,19 @@ def test_the_benchmark_worker_speaks_the_peer_protocol(native_build, native, def
     assert len(run["unet"]) == 5 and run["total"] >= sum(run["unet"]) and run["vae_decoder"] > 0
     expected = Pipeline.load(default_model).generate(PROMPT, steps=5, latents=noise).images
     assert psnr(np.load(tmp_path / "image.npy")[0], expected[0]) >= NATIVE_DB
+
+
+def test_a_service_can_add_subdirectory_the_native_runtime(native, tmp_path):
+    """The other way in (issue 20): add_subdirectory(cpp/native) inside a service's own tree defines
+    ldm_rt::native, found OpenVINO from the Python environment named, and the service's link to it configures."""
+    (tmp_path / "CMakeLists.txt").write_text(
+        "cmake_minimum_required(VERSION 3.18)\nproject(tree LANGUAGES CXX)\n"
+        f'add_subdirectory("{CPP / "native"}" ldm_rt_native)\n'
+        f'add_executable(service "{CPP / "native" / "examples" / "service" / "main.cpp"}")\n'
+        "target_link_libraries(service PRIVATE ldm_rt::native)\n"
+    )
+    done = subprocess.run(["cmake", "-S", str(tmp_path), "-B", str(tmp_path / "b"), f"-DPython_EXECUTABLE={sys.executable}"],
+                          capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    cache = (tmp_path / "b" / "CMakeCache.txt").read_text()
+    assert "OpenVINO_DIR:PATH=" in cache and (tmp_path / "b" / "ldm_rt_native").is_dir()

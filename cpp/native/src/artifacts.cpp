@@ -2,6 +2,7 @@
 
 #include <sys/stat.h>
 
+#include <algorithm>
 #include <filesystem>
 #include <sstream>
 
@@ -275,6 +276,17 @@ Artifacts Artifacts::open(const std::string& dir, const std::string& precision) 
                            "); rebuild with --fp16 or use --precision fp32");
       }
       a.components[name] = files;
+    }
+    // manifest._default_scheduler: "" (built before models named their own) or a registered name.
+    if (const Json* ds = d.find("default_scheduler"); ds && !(ds->is_string() && ds->as_string().empty())) {
+      std::vector<std::string> names = scheduler_names();
+      if (!ds->is_string() || std::find(names.begin(), names.end(), ds->as_string()) == names.end()) {
+        std::sort(names.begin(), names.end());
+        std::string listed;
+        for (const auto& n : names) listed += (listed.empty() ? "'" : ", '") + n + "'";
+        malformed(mp, "ValueError(\"default_scheduler must be one of [" + listed + "], got " + py_repr(ds) + "\")");
+      }
+      a.default_scheduler = ds->as_string();
     }
     std::optional<FileEntry> tokenizers[2];
     const char* tokenizer_keys[2] = {"tokenizer", "tokenizer_2"};

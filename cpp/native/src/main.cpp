@@ -40,7 +40,8 @@ const char* kHelp = R"(usage: ldm-rt-native [-h] [--prompt PROMPT] [--negative-p
                      [--mask MASK] [--mask-blur PX] [--out OUT] [--precision {fp32,fp16}] [--threads THREADS] [--bf16]
                      [--no-compile-cache] [--model MODEL] [--original-size H W] [--crops-coords-top-left TOP LEFT]
                      [--target-size H W] [--negative-original-size H W] [--negative-crops-coords-top-left TOP LEFT]
-                     [--negative-target-size H W] [--aesthetic-score S] [--negative-aesthetic-score S] [--verbose]
+                     [--negative-target-size H W] [--aesthetic-score S] [--negative-aesthetic-score S]
+                     [--refiner DIR] [--refiner-start F] [--verbose]
 
 Generate images from a prompt with the native runtime (no Python): the artifacts folder's tokenizer, scheduler and
 portable ONNX files on OpenVINO's C++ API. The same arguments and seed give the image `ldm-rt sample` gives.
@@ -55,8 +56,9 @@ options:
   --guidance-rescale GUIDANCE_RESCALE
                         pull the guided prediction back to the conditional one's spread, 0..1 (Lin et al.: 0.7 for
                         zero-SNR models; default 0)
-  --scheduler NAME      sampler (default ddim): SCHEDULERS; pndm, lms and heun cannot sample zero-terminal-SNR
-                        models such as the default one
+  --scheduler NAME      sampler (default: the model's own, from its folder's scheduler class: euler for SDXL,
+                        euler-a for SDXL-Turbo, ddim for the shipped model): SCHEDULERS; pndm, lms and heun
+                        cannot sample zero-terminal-SNR models such as the default one
   --seed SEED           random seed (default: random; written into the image file)
   --height HEIGHT       image height in pixels (default: the artifacts' optimum)
   --width WIDTH         image width in pixels (default: the artifacts' optimum)
@@ -82,8 +84,11 @@ options:
   --verbose             print per-stage timings
 
 SDXL:
-  the micro-conditioning (diffusers' names; sizes are HEIGHT WIDTH)
+  base + refiner on latents, and the micro-conditioning (diffusers' names; sizes are HEIGHT WIDTH)
 
+  --refiner DIR         an SDXL refiner's artifacts folder: it takes over from --model at --refiner-start of the
+                        schedule
+  --refiner-start F     with --refiner: the fraction of the schedule the base runs, in (0, 1) (default 0.8)
   --original-size H W   original_size (default the output size)
   --crops-coords-top-left TOP LEFT
                         crops_coords_top_left (default 0 0)
@@ -146,11 +151,12 @@ struct Args {
   std::string prompt, negative_prompt;
   long long steps = 25;
   double guidance = 7.5, guidance_rescale = 0.0;
-  std::string scheduler = "ddim";
+  std::string scheduler;  // "": the model's own
   std::optional<long long> seed;
   std::optional<long long> height, width;
   long long batch = 1;
-  std::optional<std::string> init_image, mask, model, latents;
+  std::optional<std::string> init_image, mask, model, latents, refiner;
+  std::optional<double> refiner_start;
   MicroRequest micro;
   std::optional<double> strength, mask_blur;
   std::string out = "sample.png";
@@ -232,6 +238,8 @@ Args parse(int argc, char** argv) {
     else if (arg == "--negative-target-size") a.micro.negative_target_size = pair();
     else if (arg == "--aesthetic-score") a.micro.aesthetic_score = real();
     else if (arg == "--negative-aesthetic-score") a.micro.negative_aesthetic_score = real();
+    else if (arg == "--refiner") a.refiner = next();
+    else if (arg == "--refiner-start") a.refiner_start = real();
     else if (arg == "--init-image") a.init_image = next();
     else if (arg == "--strength") a.strength = real();
     else if (arg == "--mask") a.mask = next();
@@ -318,6 +326,9 @@ std::string format_timings(const std::map<std::string, double>& t, long long une
 }
 
 int sample(const Args& a) {
+  if (a.refiner_start && !a.refiner) {
+    throw CliError("--refiner-start needs --refiner: the refiner takes over at that fraction of the schedule");
+  }
   if (a.batch > kMaxImagesPerCall) {
     throw GenerationError(std::to_string(a.batch) + " images (--batch) is over the runtime's limit of " +
                           std::to_string(kMaxImagesPerCall) + "; generate them in several calls");
@@ -355,7 +366,14 @@ int sample(const Args& a) {
   options.host.reduced_precision = a.bf16;
   options.host.compile_cache = a.no_compile_cache ? "" : default_compile_cache();
   options.host.warn = [](const std::string& m) { std::cerr << kProg << ": WARNING: " << m << std::endl; };
+  if (a.refiner && a.mask) throw CliError("--refiner does not inpaint; drop --refiner or --mask");
   auto pipe = Pipeline::load(options);
+  std::shared_ptr<const Pipeline> refiner;
+  if (a.refiner) {
+    LoadOptions refiner_options = options;
+    refiner_options.model_dir = *a.refiner;
+    refiner = Pipeline::load(refiner_options);
+  }
 
   Request r;
   r.prompts = {a.prompt};
@@ -377,8 +395,11 @@ int sample(const Args& a) {
   r.strength = a.strength;
   if (a.mask) r.mask = read_mask_image(*a.mask);
   r.mask_blur = a.mask_blur ? *a.mask_blur : 0.0;
+  r.refiner = refiner;
+  r.refiner_start = a.refiner_start;
   long long unet_steps = 0;
-  r.callback = [&unet_steps](int64_t, int64_t, double) { ++unet_steps; };
+  // The last stage's steps (a hand-off: the refiner's, as its unet timing and ldm-rt sample's line count them).
+  r.callback = [&unet_steps](int64_t i, int64_t, double) { unet_steps = i + 1; };
   Result result = pipe->generate(r);
   for (const auto& path : result.save(a.out)) std::cout << path << "\n";
   std::cout.flush();

@@ -21,6 +21,7 @@ std::string list(const std::vector<std::string>& items) {
 
 std::string GenerationParams::to_json() const {
   std::map<std::string, std::string> entries = micro;  // std::map: keys in sorted order, as sort_keys=True
+  entries.insert(extra.begin(), extra.end());
   entries["backend"] = json_quote(backend, true);
   entries["batch"] = std::to_string(batch);
   entries["guidance"] = py_float_repr(guidance);

@@ -49,6 +49,18 @@ double checked_score(double v, const std::string& what) {
 
 }  // namespace
 
+MicroRequest MicroRequest::read_by(std::optional<int64_t> time_ids) const {
+  auto keep = [&](const char* name) { return time_ids && layouts().count(*time_ids) && reads(*time_ids, name); };
+  MicroRequest r;
+  if (keep("original_size")) r.original_size = original_size, r.negative_original_size = negative_original_size;
+  if (keep("crops_coords_top_left")) {
+    r.crops_coords_top_left = crops_coords_top_left, r.negative_crops_coords_top_left = negative_crops_coords_top_left;
+  }
+  if (keep("target_size")) r.target_size = target_size, r.negative_target_size = negative_target_size;
+  if (keep("aesthetic_score")) r.aesthetic_score = aesthetic_score, r.negative_aesthetic_score = negative_aesthetic_score;
+  return r;
+}
+
 std::vector<std::string> MicroRequest::given() const {
   std::vector<std::string> names;
   auto add = [&](bool has, const char* name) {

@@ -10,6 +10,7 @@
 
 #include "ldm_rt/native/image_ops.hpp"
 #include "ldm_rt/native/jpeg_io.hpp"
+#include "ldm_rt/native/json.hpp"
 #include "ldm_rt/native/openvino_backend.hpp"
 #include "ldm_rt/native/pyrepr.hpp"
 #include "ldm_rt/native/rng.hpp"
@@ -118,6 +119,70 @@ Tensor checked_latents(const LatentsInput& latents, const std::vector<int64_t>& 
   return t;
 }
 
+// contracts.controlnet_names: controlnet_0, controlnet_1, ... (a "controlnet_" prefix and a whole number).
+void refuse_controlnets(const Artifacts& artifacts) {
+  const std::string prefix = "controlnet_";
+  std::vector<std::string> found;
+  for (const auto& [name, _] : artifacts.components) {
+    std::string index = name.substr(0, prefix.size()) == prefix ? name.substr(prefix.size()) : "";
+    if (!index.empty() && std::all_of(index.begin(), index.end(), [](char c) { return c >= '0' && c <= '9'; })) found.push_back(name);
+  }
+  if (found.empty()) return;
+  std::sort(found.begin(), found.end(), [](const std::string& a, const std::string& b) {  // export order: 2 before 10
+    return std::make_pair(a.size(), a) < std::make_pair(b.size(), b);
+  });
+  // Their UNet takes the ControlNets' residuals, which only the Python runtime computes.
+  throw GenerationError("these artifacts have ControlNets (" + join(found, ", ") +
+                        "), which ldm-rt-native does not run; sample them with ldm-rt sample --control-image");
+}
+
+// params.check_denoising_fraction: strictly inside (0, 1).
+double checked_fraction(double value, const std::string& what) {
+  if (!(value > 0.0 && value < 1.0)) {
+    throw GenerationError(what + " must be a fraction of the schedule in (0, 1) (e.g. 0.8), got " + num(value));
+  }
+  return value;
+}
+
+// diffusers' discrete_timestep_cutoff: the timestep at `fraction` of the training schedule from its noisy end
+// (Python's round(): half to even, as nearbyint in the default rounding mode).
+double cutoff(const SchedulerRun& run, double fraction) {
+  double t = double(run.scheduler().config().num_train_timesteps);
+  return std::nearbyint(t - fraction * t);
+}
+
+// pipeline.steps_before: how many steps of `run` come before denoising_end (the timesteps >= the cutoff).
+size_t steps_before(const SchedulerRun& run, double denoising_end, const std::string& scheduler) {
+  double c = cutoff(run, denoising_end);
+  size_t n = size_t(std::count_if(run.timesteps().begin(), run.timesteps().end(), [c](double t) { return t >= c; }));
+  if (n == 0) {
+    throw GenerationError("denoising_end " + num(denoising_end) + " leaves no " + scheduler + " step of this schedule; raise it or the steps");
+  }
+  return n;
+}
+
+// pipeline.start_at: the run from denoising_start on, as diffusers' SDXL img2img slices it (the timesteps
+// below the cutoff, one more for a second-order scheduler whose count is even), with a fresh history.
+std::unique_ptr<SchedulerRun> start_at(std::unique_ptr<SchedulerRun> run, double denoising_start, const std::string& scheduler) {
+  double c = cutoff(*run, denoising_start);
+  const std::vector<double>& all = run->all_timesteps();
+  int64_t below = int64_t(std::count_if(all.begin(), all.end(), [c](double t) { return t < c; }));
+  if (run->order() == 2 && below % 2 == 0) ++below;
+  if (below == 0) {
+    throw GenerationError("denoising_start " + num(denoising_start) + " leaves no " + scheduler +
+                          " step of this schedule; lower it or raise the steps");
+  }
+  int64_t begin = int64_t(all.size()) - below;
+  // with_strength is the one way a run starts late; it keeps int(n * strength) steps of n, so ask for n - k.
+  int64_t n = run->num_inference_steps(), k = begin / run->order();
+  if (begin) run = run->with_strength(std::min(1.0, (double(n - k) + 0.5) / double(n)));
+  if (run->begin_index() != begin) {
+    throw GenerationError(scheduler + " cannot start at denoising_start " + num(denoising_start) +
+                          " (its steps do not split there); use euler, ddim or dpmpp-2m");
+  }
+  return run;
+}
+
 uint64_t fresh_seed() {
   std::random_device rd;  // secrets.randbits(63)
   return ((uint64_t(rd()) << 32) | uint64_t(rd())) >> 1;
@@ -191,6 +256,7 @@ std::shared_ptr<const Pipeline> Pipeline::open(const LoadOptions& options) {
   }
   check_host_options(options.host);  // before anything is opened
   Artifacts artifacts = Artifacts::open(options.model_dir, options.precision);
+  refuse_controlnets(artifacts);  // before anything is compiled
   std::unique_ptr<Backend> backend = open_openvino(options.host);
   std::map<std::string, std::unique_ptr<Component>> components;
   for (const auto& [name, files] : artifacts.components) components.emplace(name, backend->open(name, files));
@@ -233,6 +299,11 @@ Pipeline::Pipeline(Artifacts artifacts, std::map<std::string, std::unique_ptr<Co
   }
   schedulers_ = usable_schedulers(artifacts_.scheduler_config);
   if (schedulers_.usable.empty()) throw SchedulerConfigError(schedulers_.unusable.begin()->second);
+  default_scheduler_ = artifacts_.default_scheduler.empty() ? "ddim" : artifacts_.default_scheduler;
+  std::vector<std::string> usable = schedulers();
+  if (std::find(usable.begin(), usable.end(), default_scheduler_) == usable.end()) {
+    throw GenerationError("default scheduler '" + default_scheduler_ + "' cannot sample this model; use one of " + join(usable, ", "));
+  }
   int64_t lc = artifacts_.facts.latent_channels, cin = artifacts_.facts.unet_in_channels;
   if (cin != lc && cin != 2 * lc + 1) {
     throw GenerationError("a UNet with " + std::to_string(cin) + " input channels for " + std::to_string(lc) +
@@ -346,7 +417,11 @@ Tensor Pipeline::encode_image(const std::vector<float>& image, int64_t h, int64_
 
 Result Pipeline::generate(const Request& r) const {
   try {
-    return run_request(r);
+    if (r.refiner) return with_refiner(r);
+    if (r.refiner_start) {
+      throw GenerationError("refiner_start needs refiner: the pipeline that takes over at that fraction of the schedule");
+    }
+    return run_request(r, Stage{});
   } catch (const Error&) {
     throw;
   } catch (const std::invalid_argument& e) {  // the numerics' errors (scheduler, tokenizer): one type for callers
@@ -354,7 +429,69 @@ Result Pipeline::generate(const Request& r) const {
   }
 }
 
-Result Pipeline::run_request(const Request& r) const {
+Result Pipeline::with_refiner(const Request& r) const {
+  const Pipeline& refiner = *r.refiner;
+  if (r.mask) throw GenerationError("refiner= does not inpaint; inpaint without a refiner");
+  if (is_refiner_) {
+    throw GenerationError("the base model is an SDXL refiner (its UNet reads an aesthetic score); pass the base model as the "
+                          "pipeline (--model) and the refiner as refiner= (--refiner)");
+  }
+  if (!refiner.time_ids_) {
+    throw GenerationError("the refiner is not an SDXL model (its UNet takes no time ids); pass an SDXL refiner's artifacts");
+  }
+  double start = checked_fraction(r.refiner_start.value_or(kRefinerStart), "refiner_start");
+  const ModelFacts &mine = artifacts_.facts, &theirs = refiner.artifacts_.facts;
+  for (auto [fact, a, b] : {std::tuple<const char*, std::string, std::string>{"latent_channels", std::to_string(theirs.latent_channels), std::to_string(mine.latent_channels)},
+                            {"latent_factor", std::to_string(theirs.latent_factor), std::to_string(mine.latent_factor)},
+                            {"scale_factor", num(theirs.scale_factor), num(mine.scale_factor)}}) {
+    if (a != b) {
+      throw GenerationError(std::string("the refiner's latents differ from this model's (") + fact + " " + a + " != " + b +
+                            "); pair a base and a refiner that share their autoencoder");
+    }
+  }
+  // Each model reads the micro-conditioning its time ids hold (SDXL's refiner: aesthetic scores, no target size).
+  MicroRequest base_micro = r.micro.read_by(time_ids_), refiner_micro = r.micro.read_by(refiner.time_ids_);
+  std::vector<std::string> unused, read = base_micro.given(), also = refiner_micro.given();
+  read.insert(read.end(), also.begin(), also.end());
+  for (const std::string& name : r.micro.given()) {
+    if (std::find(read.begin(), read.end(), name) == read.end()) unused.push_back(name);
+  }
+  std::sort(unused.begin(), unused.end());
+  if (!unused.empty()) throw GenerationError("neither the base nor the refiner reads " + join(unused, ", ") + "; drop them");
+  uint64_t seed = r.seed ? *r.seed : fresh_seed();
+  Generator rng(seed);  // one for both (diffusers' recipe passes one generator to both pipelines)
+
+  Request base_request = r;
+  base_request.refiner.reset();
+  base_request.refiner_start.reset();
+  base_request.seed = seed;
+  if (base_request.scheduler.empty()) base_request.scheduler = default_scheduler_;  // the base's, for both
+  base_request.micro = base_micro;
+  Stage base_stage;
+  base_stage.rng = &rng, base_stage.denoising_end = start, base_stage.decode = false;
+  Result base = run_request(base_request, base_stage);
+
+  Request refiner_request = base_request;
+  refiner_request.latents.reset(), refiner_request.init_image.reset(), refiner_request.strength.reset();
+  refiner_request.height = base.params.height, refiner_request.width = base.params.width;
+  refiner_request.micro = refiner_micro;
+  Stage refiner_stage;
+  refiner_stage.rng = &rng, refiner_stage.init_latents = &base.latents, refiner_stage.denoising_start = start;
+  Result refined = refiner.run_request(refiner_request, refiner_stage);
+
+  GenerationParams& p = refined.params;
+  p.mode = base.params.mode + "+refiner";
+  p.extra["refiner_start"] = num(start);
+  p.extra["base_model_hash"] = json_quote(artifacts_.model_hash, true);
+  for (const auto& [name, value] : base.params.micro) p.extra["base_" + name] = value;
+  if (r.init_image) p.extra["base_strength"] = num(base.params.strength);
+  double total = base.timings["total"] + refined.timings["total"];
+  for (const auto& [stage, seconds] : base.timings) refined.timings["base_" + stage] = seconds;
+  refined.timings["total"] = total;
+  return refined;
+}
+
+Result Pipeline::run_request(const Request& r, const Stage& stage) const {
   auto start_time = Clock::now();
   check_prompts(r.prompts, "prompt");
   if (r.mask && !r.init_image) throw GenerationError("mask needs init_image: inpainting repaints part of an image");
@@ -365,7 +502,7 @@ Result Pipeline::run_request(const Request& r) const {
     throw GenerationError("mask_blur needs mask: it softens the seam of the inpainted region");
   }
   if (inpainting_unet_ && !r.mask) throw GenerationError("this is an inpainting model: pass init_image and mask");
-  if (is_refiner_ && !r.init_image) {
+  if (is_refiner_ && !r.init_image && !stage.init_latents) {
     throw GenerationError("this model is an SDXL refiner: it continues from an image or latents, it does not start from noise; "
                           "pass init_image (img2img), or use it as the refiner of a base model (refiner=, --refiner)");
   }
@@ -406,10 +543,10 @@ Result Pipeline::run_request(const Request& r) const {
   if (!std::isfinite(r.guidance)) throw GenerationError("guidance must be a finite number, got " + num(r.guidance));
   p.guidance = r.guidance;
   const auto& names = scheduler_names();
-  if (std::find(names.begin(), names.end(), r.scheduler) == names.end()) {
-    throw GenerationError("unknown scheduler '" + r.scheduler + "'; choose one of " + join(names, ", "));
+  p.scheduler = r.scheduler.empty() ? default_scheduler_ : r.scheduler;
+  if (std::find(names.begin(), names.end(), p.scheduler) == names.end()) {
+    throw GenerationError("unknown scheduler '" + p.scheduler + "'; choose one of " + join(names, ", "));
   }
-  p.scheduler = r.scheduler;
   p.seed = r.seed ? *r.seed : fresh_seed();
   if (r.batch < 1) throw GenerationError("batch must be >= 1, got " + std::to_string(r.batch));
   p.batch = r.batch;
@@ -481,7 +618,12 @@ Result Pipeline::run_request(const Request& r) const {
          std::to_string(p.steps) + " (use more steps or another scheduler)");
   }
   std::unique_ptr<SchedulerRun> run = scheduler->set_timesteps(p.steps);
-  if (r.init_image) run = run->with_strength(p.strength);
+  if (stage.denoising_start) {
+    run = start_at(std::move(run), *stage.denoising_start, p.scheduler);
+  } else if (r.init_image) {
+    run = run->with_strength(p.strength);
+  }
+  size_t num_steps = stage.denoising_end ? steps_before(*run, *stage.denoising_end, p.scheduler) : run->size();
 
   std::map<std::string, double> timings;
   bool use_cfg = has_text && p.guidance > 1.0;  // manifest GUIDANCE: guidance <= 1.0 skips the unconditional half
@@ -499,8 +641,15 @@ Result Pipeline::run_request(const Request& r) const {
     }
     time_ids = std::move(ids);
   }
-  Generator rng(p.seed);
-  Tensor noise = given_noise ? std::move(*given_noise) : rng.standard_normal(shape);  // drawn first
+  std::optional<Generator> own;
+  if (!stage.rng) own.emplace(p.seed);
+  Generator& rng = stage.rng ? *stage.rng : *own;
+  Tensor noise;  // continued latents add no noise, so none is drawn (diffusers draws none)
+  if (given_noise) {
+    noise = std::move(*given_noise);
+  } else if (!stage.denoising_start) {
+    noise = rng.standard_normal(shape);  // drawn first
+  }
 
   // ---- the starting point (Pipeline._start) ------------------------------------------------------------
   Start start;
@@ -511,7 +660,9 @@ Result Pipeline::run_request(const Request& r) const {
     for (float& v : x.data) v = v * sigma0;
     return x;
   };
-  if (!r.init_image) {
+  if (stage.denoising_start) {
+    start.x = *stage.init_latents;  // continue where the other pipeline stopped
+  } else if (!r.init_image) {
     start.x = scaled_noise();
   } else {
     Image pixels = resize_lanczos(*r.init_image, int(p.height), int(p.width));
@@ -562,7 +713,7 @@ Result Pipeline::run_request(const Request& r) const {
   // ---- the loop (Pipeline._denoise) --------------------------------------------------------------------
   Tensor x = start.x;
   size_t n = run->size();
-  for (size_t i = 0; i < n; ++i) {
+  for (size_t i = 0; i < num_steps; ++i) {
     double t = run->timesteps()[i];
     Tensor x_in = run->scale_model_input(x, i);
     if (inpainting_unet_) {  // (B, 2C+1, h, w): [x_in, mask, masked image latents] along channels
@@ -585,9 +736,7 @@ Result Pipeline::run_request(const Request& r) const {
       feeds.push_back({"text_embeds", pooled->shape, pooled->data.data(), nullptr});
       feeds.push_back({"time_ids", time_ids->shape, time_ids->data.data(), nullptr});
     }
-    auto t0 = Clock::now();
     Tensor out = call("unet", feeds, timings, int64_t(i)).at("out_sample");
-    (void)t0;
     Tensor eps = use_cfg ? combine(out, p.guidance, p.guidance_rescale) : std::move(out);
     x = run->step(eps, i, x, &rng);
     if (start.mask && !inpainting_unet_) {
@@ -600,13 +749,21 @@ Result Pipeline::run_request(const Request& r) const {
         x.data[k] = m * x.data[k] + (1.0f - m) * known.data[k];
       }
     }
-    if (r.callback) r.callback(int64_t(i), int64_t(n), t);
+    if (r.callback) r.callback(int64_t(i), int64_t(num_steps), t);
   }
-  Feed latent{"latent", x.shape, x.data.data(), nullptr};
-  Tensor decoded = call("vae_decoder", {latent}, timings).at("image");
   Result result;
-  result.images = to_uint8(decoded);
-  if (start.pixel_mask && p.mask_blur) paste_kept(result.images, *start.pixels, *start.pixel_mask, *p.mask_blur);
+  if (stage.decode) {
+    Feed latent{"latent", x.shape, x.data.data(), nullptr};
+    Tensor decoded = call("vae_decoder", {latent}, timings).at("image");
+    result.images = to_uint8(decoded);
+    if (start.pixel_mask && p.mask_blur) paste_kept(result.images, *start.pixels, *start.pixel_mask, *p.mask_blur);
+  }
+  if (stage.init_latents) p.mode = "img2img";
+  if (stage.denoising_start || stage.denoising_end) {
+    p.extra["denoising_start"] = stage.denoising_start ? num(*stage.denoising_start) : "null";
+    p.extra["denoising_end"] = stage.denoising_end ? num(*stage.denoising_end) : "null";
+  }
+  result.latents = std::move(x);
   timings["total"] = seconds_since(start_time);
   result.params = std::move(p);
   result.timings = std::move(timings);

@@ -61,6 +61,7 @@ struct Artifacts {
   std::optional<PromptTokenizer> tokenizer_2;  // SDXL's second (text_encoder_2's ids; its own pad token)
   SchedulerConfig scheduler_config;
   std::string model_hash;  // the source weights' sha256 (what image metadata names)
+  std::string default_scheduler;  // manifest default_scheduler, the folder's own ("": none named, ddim)
 
   // Reads and checks the folder; component files at `precision` ("fp32" or "fp16") are hash-checked here.
   static Artifacts open(const std::string& dir, const std::string& precision = "fp32");

@@ -33,6 +33,8 @@ struct GenerationParams {
   std::string mode = "txt2img";  // "img2img", "inpaint"
   // SDXL: the micro-conditioning the UNet read (MicroConditioning::to_json), name -> JSON text.
   std::map<std::string, std::string> micro;
+  // More entries, name -> JSON text: the refiner hand-off's (refiner_start, denoising_*, base_model_hash, base_*).
+  std::map<std::string, std::string> extra;
 
   int64_t images() const { return int64_t(prompts.size()) * batch; }
   // json.dumps(params, sort_keys=True) as Python writes it (ensure_ascii, ", " and ": ").

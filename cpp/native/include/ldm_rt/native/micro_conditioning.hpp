@@ -29,6 +29,9 @@ struct MicroRequest {
 
   // The names given, in MICRO_CONDITIONING order.
   std::vector<std::string> given() const;
+  // Only the values a UNet of `time_ids` ids reads (none for a model without time ids): the base -> refiner
+  // hand-off gives each model its own (the refiner reads aesthetic scores, no target size).
+  MicroRequest read_by(std::optional<int64_t> time_ids) const;
 };
 
 // params.MicroConditioning: every value decided.

@@ -40,6 +40,10 @@ constexpr int64_t kMaxPixelsPerCall = int64_t{1} << 28;
 // runtime/pipeline.py: img2img keeps 80 % of the steps; inpainting starts from pure noise.
 constexpr double kImg2ImgStrength = 0.8;
 constexpr double kInpaintStrength = 1.0;
+// params.REFINER_START: the fraction of the schedule an SDXL base runs before its refiner takes over.
+constexpr double kRefinerStart = 0.8;
+
+class Pipeline;
 
 struct LoadOptions {
   std::string model_dir;             // an artifacts folder written by export
@@ -54,7 +58,7 @@ struct Request {
   int64_t steps = 25;
   double guidance = 7.5;
   double guidance_rescale = 0.0;
-  std::string scheduler = "ddim";
+  std::string scheduler;              // "": the model's own (manifest default_scheduler, else ddim)
   std::optional<uint64_t> seed;       // none: a fresh random seed (recorded in the result)
   int64_t batch = 1;                  // images per prompt
   std::optional<int64_t> height, width;  // default: the init image's size, else the profile's optimum
@@ -68,12 +72,19 @@ struct Request {
   MicroRequest micro;                 // SDXL: sizes, crops, aesthetic scores (defaults: diffusers')
   // After every denoising step: (step index, steps, timestep). Called on the generating thread.
   std::function<void(int64_t, int64_t, double)> callback;
+  // SDXL base -> refiner hand-off (generate's refiner= / refiner_start=, `ldm-rt sample --refiner`): this
+  // pipeline runs the schedule up to refiner_start (default kRefinerStart), `refiner` the rest from its latents
+  // (no noise added), one generator for both. Not with a mask.
+  std::shared_ptr<const Pipeline> refiner;
+  std::optional<double> refiner_start;
 };
 
 struct Result {
   std::vector<Image> images;
   GenerationParams params;
   std::map<std::string, double> timings;  // seconds: text_encoder(_2), vae_encoder, unet, vae_decoder, total
+                                          // (a hand-off: the refiner's, the base's as base_*, total of both)
+  Tensor latents;                         // the final latents (B, C, h, w)
 
   // Image files with their parameters (PNG: text chunks; JPEG: the EXIF UserComment; by extension): `path`
   // for one image, NAME_0.png, NAME_1.png, ... for a batch; all are written or none. Returns the paths.
@@ -96,14 +107,25 @@ class Pipeline {
   const Artifacts& artifacts() const { return artifacts_; }
   // Scheduler names this model can use, in registry order.
   std::vector<std::string> schedulers() const;
+  // What an empty Request::scheduler samples with: the folder's own, else ddim (scheduler_choice.FALLBACK).
+  const std::string& default_scheduler() const { return default_scheduler_; }
 
   Pipeline(Artifacts artifacts, std::map<std::string, std::unique_ptr<Component>> components, std::string precision,
            bool reduced_precision, std::function<void(const std::string&)> warn);
 
  private:
   struct Start;
+  // One part of a base -> refiner hand-off (pipeline.py _generate's rng, init_latents, denoising_start / _end,
+  // decode); the default is a whole request.
+  struct Stage {
+    Generator* rng = nullptr;              // continue this generator instead of seeding one
+    const Tensor* init_latents = nullptr;  // start from these latents at denoising_start, no noise added
+    std::optional<double> denoising_start, denoising_end;
+    bool decode = true;
+  };
   static std::shared_ptr<const Pipeline> open(const LoadOptions& options);
-  Result run_request(const Request& request) const;
+  Result run_request(const Request& request, const Stage& stage) const;
+  Result with_refiner(const Request& request) const;
   // (context (rows, L, D), pooled (rows, P) for SDXL): runtime/pipeline.py _encode_prompts.
   std::pair<Tensor, std::optional<Tensor>> encode_prompts(const GenerationParams& p, bool use_cfg,
                                                           std::map<std::string, double>& timings) const;
@@ -120,6 +142,7 @@ class Pipeline {
   bool reduced_precision_ = false;
   std::function<void(const std::string&)> warn_;
   UsableSchedulers schedulers_;
+  std::string default_scheduler_;
   bool inpainting_unet_ = false;
   bool has_text_ = false;             // SD's text encoder, SDXL's two, or a refiner's second only
   std::optional<int64_t> time_ids_;   // SDXL: the UNet's time ids (6 base, 5 refiner)

@@ -143,6 +143,7 @@ class SchedulerRun {
   virtual ~SchedulerRun() = default;
 
   const std::vector<double>& timesteps() const { return timesteps_; }  // fed to the UNet as float32
+  const std::vector<double>& all_timesteps() const { return all_timesteps_; }  // before with_strength's cut
   std::size_t size() const { return timesteps_.size(); }
   int64_t num_inference_steps() const { return num_inference_steps_; }
   int64_t begin_index() const { return begin_index_; }
