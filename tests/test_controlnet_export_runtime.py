@@ -71,6 +71,23 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
+CPP_TEST = "test_the_cpp_host_takes_the_control_images_as_the_python_api"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cpp_build(request, tmp_path_factory):
+    """The CPython-embedding C++ host (cpp/), built in the background from the module's start, while the artifacts
+    are exported, but only when its test is selected (a -k run of the others builds nothing)."""
+    if not any(item.name == CPP_TEST and item.module is request.module for item in request.session.items):
+        return None
+    from cmake_build import start_build
+
+    try:
+        return start_build(tmp_path_factory.mktemp("controlnet_cpp_build"), "the C++ library", ["-DLDM_RT_NATIVE=OFF"])
+    except pytest.skip.Exception as e:
+        return str(e)  # no cmake or g++: that one test skips with the reason, the others run
+
+
 @pytest.fixture(scope="module")
 def control_images() -> list[np.ndarray]:
     rng = np.random.default_rng(0)
@@ -334,6 +351,15 @@ def test_bad_control_input_is_one_line_and_writes_nothing(artifacts, control_ima
         Pipeline.load().generate("", steps=1, guess_mode=True)
 
 
+def test_the_export_command_takes_one_controlnet_per_flag_in_order():
+    """`build_engines.py --controlnet A --controlnet B` is BuildOptions(controlnets=(A, B)): component k is the k-th flag."""
+    p = build_engines.parser()
+    args = p.parse_args(["--model", "m", "--out", "o", "--controlnet", "cn_canny", "--controlnet", "control_v11f1p_sd15_depth.pth"])
+    assert build_engines.options_from_args(args, p).controlnets == (Path("cn_canny"), Path("control_v11f1p_sd15_depth.pth"))
+    args = p.parse_args(["--model", "m", "--out", "o"])
+    assert build_engines.options_from_args(args, p).controlnets == ()  # none: the plain UNet
+
+
 def test_export_refuses_a_controlnet_for_another_base_model(tiny_sd_v1, tmp_path):
     foreign = tmp_path / "foreign"
     diffusers.ControlNetModel(
@@ -379,3 +405,43 @@ def test_http_example_takes_control_images(pipe, noise, control_images, tmp_path
     for bad, where in (({"control_images": encoded[:1]}, "control_images"), ({"control_images": [encoded[0], not_an_image]}, "control_images[1]")):
         response = client.post("/generate", json={**body, **bad})
         assert response.status_code == 422 and where in response.text, response.text
+
+
+def test_the_cpp_host_takes_the_control_images_as_the_python_api(cpp_build, artifacts, control_images, pipe, noise, tmp_path):
+    """cpp/examples/generate --control-image FILE --controlnet-scale S (ldm_rt::Request::control_images /
+    controlnet_scales): the Python API's bytes, a control image of another size resized, not refused; a missing one is
+    the runtime's one-line error, exit 2, nothing written."""
+    import subprocess
+
+    if isinstance(cpp_build, str):
+        pytest.skip(cpp_build)
+    files = []
+    rng = np.random.default_rng(9)
+    for k, image in enumerate([control_images[0], rng.integers(0, 256, (48, 40, 3), dtype=np.uint8)]):
+        files.append(tmp_path / f"control_{k}.png")
+        Image.fromarray(image).save(files[-1])
+    cpp_build.join(timeout=540)
+    assert cpp_build.ok, f"the C++ build failed:\n{cpp_build.log[-4000:]}"
+    exe = cpp_build.out / "generate"
+
+    def run(*extra: str, out: Path) -> subprocess.CompletedProcess:
+        args = ["--model", str(artifacts), "--prompt", PROMPT, "--steps", str(STEPS), "--guidance", str(GUIDANCE),
+                "--scheduler", "ddim", "--seed", "3", *extra, "--out", str(out)]  # fmt: skip
+        return subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=300)
+
+    out = tmp_path / "controlled.raw"
+    done = run("--control-image", str(files[0]), "--controlnet-scale", "1.0", "--control-image", str(files[1]),
+               "--controlnet-scale", "0.5", out=out)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    kw = dict(steps=STEPS, guidance=GUIDANCE, scheduler="ddim", seed=3)
+    expected = pipe.generate(PROMPT, control_image=[str(f) for f in files], controlnet_conditioning_scale=[1.0, 0.5], **kw).images[0]
+    got = np.frombuffer(out.read_bytes(), np.uint8).reshape(expected.shape)
+    np.testing.assert_array_equal(got, expected)
+    plain = pipe.generate(PROMPT, control_image=[str(f) for f in files], controlnet_conditioning_scale=[0.0, 0.0], **kw).images[0]
+    assert psnr(got, plain) < SENSITIVE_DB  # the control images reached the ControlNets
+    with pytest.raises(GenerationError) as error:
+        pipe.generate(PROMPT, **kw)
+    never = tmp_path / "never.raw"
+    done = run(out=never)
+    assert done.returncode == 2 and done.stderr.splitlines() == [f"generate: error: {error.value}"]
+    assert not never.exists()

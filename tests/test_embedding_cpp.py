@@ -1,4 +1,5 @@
-"""cpp/: the C++ library that embeds the Python runtime, built with CMake and driven through its example.
+"""cpp/: the C++ library that embeds the Python runtime, built with CMake and driven through its example: same bytes as
+the Python API (also with the few-step schedulers and --eta), the runtime's one-line errors.
 
 The build (cmake + g++, pybind11 from the test environment) runs in a background thread while the artifacts
 are prepared: the shipped default model when it exists, else the tiny model exported by the shared fixture.
@@ -101,3 +102,30 @@ def test_a_bad_argument_is_the_runtimes_one_line_error_and_exit_2(generate, arti
     done = run_generate(generate, "--model", str(tmp_path / "no_such_model"), "--out", str(out))
     assert done.returncode == 2
     assert done.stderr.splitlines() == [f"generate: error: {expected.value}"]
+
+
+@pytest.mark.parametrize("scheduler,eta", [("tcd", None), ("dpmpp-2s-a", 0.5), ("lcm", None)])
+def test_the_few_step_schedulers_and_eta_reach_the_runtime(generate, artifacts, pipe, tmp_path, scheduler, eta):
+    """The host embeds the runtime, so issue 18's schedulers come with it: each gives the Python API's bytes, with its
+    step noise from the seed's generator, and `--eta` (Request::eta) moves the image as `eta=` does."""
+    extra = [] if eta is None else ["--eta", str(eta)]
+    out = tmp_path / "few.raw"
+    done = run_generate(generate, "--model", str(artifacts), "--prompt", "a blue house", "--steps", "2", "--seed", "5",
+                        "--scheduler", scheduler, *extra, "--out", str(out))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    kw = dict(steps=2, seed=5, scheduler=scheduler)
+    expected = pipe.generate("a blue house", **kw, **({} if eta is None else {"eta": eta})).images[0]
+    got = np.frombuffer(out.read_bytes(), np.uint8)
+    np.testing.assert_array_equal(got, expected.ravel())
+    if eta is not None:
+        assert np.abs(got.astype(int) - pipe.generate("a blue house", **kw).images[0].ravel()).mean() > 0.5
+
+
+def test_eta_for_a_scheduler_without_one_is_the_runtimes_one_line_error(generate, artifacts, pipe, tmp_path):
+    with pytest.raises(GenerationError) as expected:
+        pipe.generate("a cat", steps=2, seed=1, scheduler="euler", eta=0.5)
+    out = tmp_path / "never.raw"
+    done = run_generate(generate, "--model", str(artifacts), "--prompt", "a cat", "--steps", "2", "--seed", "1",
+                        "--scheduler", "euler", "--eta", "0.5", "--out", str(out))  # fmt: skip
+    assert done.returncode == 2 and done.stderr.splitlines() == [f"generate: error: {expected.value}"]
+    assert not out.exists()

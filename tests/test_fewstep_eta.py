@@ -1,6 +1,6 @@
-"""`--eta` / `eta=` (issue 18): diffusers' name for the sampler's noise, which DDIM's and TCD's step take (TCD's
-gamma), and k-diffusion's eta of DPM++ 2S a; recorded in the image, refused in one line by the other schedulers.
-On the shipped default model, 2-3 steps at its 64x64 optimum: ~10 s."""
+"""`--eta` / `eta=` / the HTTP example's `eta` (issue 18): diffusers' name for the sampler's noise, which DDIM's and
+TCD's step take (TCD's gamma), and k-diffusion's eta of DPM++ 2S a; recorded in the image, refused in one line by the
+other schedulers. On the shipped default model, 2-3 steps at its 64x64 optimum: ~10 s."""
 
 from __future__ import annotations
 
@@ -60,3 +60,33 @@ def test_the_cli_records_eta_in_the_image(tmp_path):
     out = tmp_path / "tcd.png"
     assert main(["sample", "--prompt", PROMPT, "--steps", "2", "--scheduler", "tcd", "--eta", "0.6", "--seed", "1", "--out", str(out)]) == 0
     assert json.loads(Image.open(out).text["parameters"])["eta"] == 0.6
+
+
+def test_the_http_example_takes_eta(pipe):
+    """examples/http_service: `eta` as Pipeline.generate's (the image and its recorded parameters); the runtime's
+    refusal for a scheduler without one, and a non-finite value, are 422s naming eta (FastAPI's test client, no server)."""
+    import importlib.util
+    import io
+    from pathlib import Path
+
+    pytest.importorskip("fastapi")
+    pytest.importorskip("httpx")
+    from fastapi.testclient import TestClient
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "http_service" / "app.py"
+    spec = importlib.util.spec_from_file_location("ldm_rt_http_example_eta", path)  # a script: a name of its own
+    app = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(app)
+    client = TestClient(app.create_app(pipe))
+    body = dict(prompt=PROMPT, steps=2, scheduler="tcd", seed=4, eta=0.6)
+    response = client.post("/generate", json=body)
+    assert response.status_code == 200, response.text
+    with Image.open(io.BytesIO(response.content)) as im:
+        image, params = np.asarray(im.convert("RGB")), json.loads(im.text["parameters"])
+    assert np.array_equal(image, pipe.generate(PROMPT, steps=2, scheduler="tcd", seed=4, eta=0.6).images[0]) and params["eta"] == 0.6
+    assert not np.array_equal(image, pipe.generate(PROMPT, steps=2, scheduler="tcd", seed=4).images[0])  # eta reached the scheduler
+    for bad, message in (({"scheduler": "euler"}, "euler takes no eta"), ({"eta": 1.5}, "eta must be a number in [0, 1]")):
+        response = client.post("/generate", json={**body, **bad})
+        assert response.status_code == 422 and message in response.text, response.text
+    response = client.post("/generate", content=json.dumps(body).replace("0.6", "NaN"), headers={"content-type": "application/json"})
+    assert response.status_code == 422 and "eta" in response.text, response.text

@@ -6,7 +6,8 @@ our side runs the exported ONNX UNet of the same weights (the tiny SD v1 export 
 under the scheduler config read from that folder's JSON, as an export of it would carry. Euler ancestral's
 per-step noise comes from one numpy generator on both sides (diffusers' noise source patched in the test).
 TCD on the same ordinary UNet (as TCD-LoRA runs) is checked against the same pipeline with TCDScheduler (gamma 0.3
-and, as `eta`, 0.8), and DPM++ SDE against DPMSolverSDEScheduler (its Brownian-tree noise replaced by numpy draws).
+and, as `eta`, 0.8), and DPM++ SDE against DPMSolverSDEScheduler (its Brownian-tree noise replaced by numpy draws);
+Heun, UniPC, Euler Karras and DPM++ 2M SDE (+Karras) against their diffusers schedulers in the same pipeline.
 """
 
 from __future__ import annotations
@@ -147,6 +148,7 @@ def test_dpmpp_sde_matches_diffusers_dpm_solver_sde_scheduler(ours, oracle, monk
     monkeypatch.setattr(scheduling_dpmsolver_sde, "BrownianTreeNoiseSampler", NumpyNoiseSampler)
     config = {**oracle.scheduler.config, "use_karras_sigmas": scheduler.endswith("karras")}
     oracle.scheduler = diffusers.DPMSolverSDEScheduler.from_config(config)
+    assert oracle.scheduler.config.use_karras_sigmas == scheduler.endswith("karras")  # see END_TO_END's test below
     with torch.no_grad():
         images = oracle(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=4, guidance_scale=3.0,
                         latents=torch.from_numpy(latents()), height=SIZE, width=SIZE, output_type="np").images
@@ -156,3 +158,40 @@ def test_dpmpp_sde_matches_diffusers_dpm_solver_sde_scheduler(ours, oracle, monk
     assert psnr(result.images, theirs) >= PARITY_DB
     assert len(result.timings["unet"]) == 2 * 4 - 1  # two UNet calls per step but the last, each timed
     assert psnr(ours.generate(PROMPT, **{**kw, "seed": SEED + 1}).images, theirs) < SENSITIVE_DB  # its noise
+
+
+# The other schedulers issue 18 added, end to end against StableDiffusionPipeline with the same-named diffusers
+# scheduler (their trajectories are held to 1e-5 in tests/test_schedulers_parity.py; this holds the pipeline's use of
+# them: scale_model_input, Heun's two UNet calls per step, the SDE's per-step noise). The bar tells each from the
+# scheduler it would replace (euler).
+END_TO_END = {
+    "heun": ("HeunDiscreteScheduler", {}),
+    "unipc": ("UniPCMultistepScheduler", {}),  # bh2, order 2: diffusers' defaults
+    "euler-karras": ("EulerDiscreteScheduler", {"use_karras_sigmas": True}),
+    "dpmpp-2m-sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}),
+    "dpmpp-2m-sde-karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 2, "use_karras_sigmas": True}),
+}
+
+
+@pytest.mark.parametrize("scheduler", sorted(END_TO_END))
+def test_the_other_new_schedulers_match_diffusers_stable_diffusion_pipeline(ours, oracle, turbo_folder, monkeypatch, scheduler):
+    class_name, options = END_TO_END[scheduler]
+    # From the folder's JSON, options as keywords: a config another test's scheduler left on the pipeline lists
+    # use_karras_sigmas among its `_use_default_values`, which from_config then drops (measured: plain Euler ran).
+    config = json.loads((turbo_folder / "scheduler" / "scheduler_config.json").read_text())
+    oracle.scheduler = getattr(diffusers, class_name).from_config(config, **options)
+    assert all(oracle.scheduler.config[k] == v for k, v in options.items())
+    # ours: latents given, so the seed's generator draws only the SDE's step noise (the others draw none)
+    patch_numpy_noise(monkeypatch, "diffusers.schedulers.scheduling_dpmsolver_multistep", np.random.default_rng(SEED))
+    with torch.no_grad():
+        images = oracle(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=4, guidance_scale=3.0,
+                        latents=torch.from_numpy(latents()), height=SIZE, width=SIZE, output_type="np").images
+    theirs = image_uint8(images)
+    kw = dict(negative_prompt=NEGATIVE, steps=4, guidance=3.0, seed=SEED, height=SIZE, width=SIZE, latents=latents())
+    result = ours.generate(PROMPT, scheduler=scheduler, **kw)
+    assert psnr(result.images, theirs) >= PARITY_DB
+    assert len(result.timings["unet"]) == (2 * 4 - 1 if scheduler == "heun" else 4)  # Heun's second calls are timed too
+    # The bar tells the scheduler apart: euler's image is >= 5 dB under it (euler-karras at 4 trailing steps: 41 dB).
+    assert psnr(ours.generate(PROMPT, scheduler="euler", **kw).images, theirs) < PARITY_DB - 5
+    if "sde" in scheduler:
+        assert psnr(ours.generate(PROMPT, scheduler=scheduler, **{**kw, "seed": SEED + 1}).images, theirs) < SENSITIVE_DB  # its noise

@@ -26,7 +26,7 @@ namespace {
 
 const char* const kUsage =
     "usage: generate --out FILE.ppm|FILE.raw [--model DIR] [--prompt TEXT] [--negative-prompt TEXT]\n"
-    "                [--steps N] [--guidance G] [--seed N] [--width W] [--height H] [--scheduler NAME]\n"
+    "                [--steps N] [--guidance G] [--seed N] [--width W] [--height H] [--scheduler NAME] [--eta E]\n"
     "                [--backend NAME] [--precision fp32|fp16] [--threads N] [--python PATH]\n"
     "                [--control-image FILE [--controlnet-scale S]]...   (ControlNet artifacts, export order)\n"
     "                [--original-size H W] [--crops-coords-top-left TOP LEFT] [--target-size H W]\n"
@@ -62,9 +62,11 @@ const std::vector<std::pair<std::string, std::optional<std::array<int, 2>> ldm_r
     {"--negative-original-size", &ldm_rt::Request::negative_original_size},
     {"--negative-crops-coords-top-left", &ldm_rt::Request::negative_crops_coords_top_left},
     {"--negative-target-size", &ldm_rt::Request::negative_target_size}};
+// One optional number each: SDXL's scores, and the sampler's eta.
 const std::vector<std::pair<std::string, std::optional<float> ldm_rt::Request::*>> kScoreFlags = {
     {"--aesthetic-score", &ldm_rt::Request::aesthetic_score},
-    {"--negative-aesthetic-score", &ldm_rt::Request::negative_aesthetic_score}};
+    {"--negative-aesthetic-score", &ldm_rt::Request::negative_aesthetic_score},
+    {"--eta", &ldm_rt::Request::eta}};
 
 Options parse(int argc, char** argv) {
   std::map<std::string, std::string> values;

@@ -181,13 +181,15 @@ Image Pipeline::generate(const Request& request) const {
     }
     if (request.aesthetic_score) micro["aesthetic_score"] = *request.aesthetic_score;
     if (request.negative_aesthetic_score) micro["negative_aesthetic_score"] = *request.negative_aesthetic_score;
+    py::dict sampler;  // eta only when given: unset is the scheduler's own default
+    if (request.eta) sampler["eta"] = *request.eta;
     py::object scheduler = request.scheduler.empty() ? py::object(py::none()) : py::object(py::str(request.scheduler));
     py::object result = impl_->pipe.attr("generate")(
         py::arg("prompt") = request.prompt, py::arg("negative_prompt") = request.negative_prompt,
         py::arg("steps") = request.steps, py::arg("guidance") = request.guidance,
         py::arg("scheduler") = scheduler, py::arg("seed") = request.seed,
         py::arg("height") = size_or_none(request.height), py::arg("width") = size_or_none(request.width), **control,
-        **micro);
+        **micro, **sampler);
     using Pixels = py::array_t<uint8_t, py::array::c_style | py::array::forcecast>;
     Pixels images = Pixels::ensure(result.attr("images"));
     if (!images || images.ndim() != 4 || images.shape(0) < 1 || images.shape(3) != 3) {

@@ -47,6 +47,9 @@ struct Request {
   int width = 0;
   int height = 0;
   std::string scheduler;  // "" = the model's own (its folder's scheduler class: euler for SDXL, lcm for LCM, ...)
+  // The sampler's noise, as `--eta` (DDIM's eta, TCD's gamma, DPM++ 2S a's eta); unset: the scheduler's own. Other
+  // schedulers refuse it (the runtime's one-line error).
+  std::optional<float> eta;
   // Artifacts built with --controlnet: one control image file (PNG, JPEG, ...) per ControlNet, in export order
   // (resized to the output size), and none or one conditioning scale each (default 1.0), as `--control-image`
   // and `--controlnet-scale`.
