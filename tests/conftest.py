@@ -31,5 +31,6 @@ def pytest_collection_modifyitems(config, items):
         for item in gpu_items:
             item.add_marker(skip)
 
-# Session-scoped tiny models (diffusers-layout, single-file, ldm-rt folder) shared by every test file.
-pytest_plugins = ["tiny_models"]
+# Session-scoped tiny models (diffusers-layout, single-file, ldm-rt folder) shared by every test file, and the
+# small SDXL base/refiner exports (small_sdxl_base, small_sdxl_refiner) shared by every SDXL end-to-end test file.
+pytest_plugins = ["tiny_models", "sdxl_small_models"]

@@ -18,6 +18,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 
 from tiny_models import (
@@ -80,7 +81,9 @@ def make_small_sdxl(
 
 
 SIZE = 32  # pixels the small SDXL artifacts are built for (latents 16 x 16); the profile is static at this size
-PROFILE_FLAGS = ["--batch-range", "1", "--height-range", str(SIZE), "--width-range", str(SIZE)]
+# Up to two images per call (opt 1): tests/test_native_sdxl.py samples batches of two; the ONNX graphs are dynamic
+# either way, so the range costs no export time.
+PROFILE_FLAGS = ["--batch-range", "1:1:2", "--height-range", str(SIZE), "--width-range", str(SIZE)]
 _ARTIFACTS: dict[tuple[str, str], tuple[Path, Path, str]] = {}
 
 
@@ -110,3 +113,18 @@ def small_sdxl_artifacts(tmp_path_factory, variant: str) -> tuple[Path, Path, st
             build(BuildOptions(model=folder, out=out, profile=ShapeProfile.static(1, SIZE, SIZE), onnx_only=True, ort_variant=False, progress=False))
         _ARTIFACTS[key] = (folder, out, stdout.getvalue())
     return _ARTIFACTS[key]
+
+
+# Session fixtures (registered for the suite by tests/conftest.py): every test file that needs the small SDXL base or
+# refiner export takes these instead of exporting its own; a file that needs other weights (a LoRA fused at export,
+# an LCM UNet, a ControlNet beside the UNet) keeps its own export.
+@pytest.fixture(scope="session")
+def small_sdxl_base(tmp_path_factory) -> tuple[Path, Path, str]:
+    """(folder, artifacts, the export's stdout) of the small SDXL base: batch 1-2 at SIZE x SIZE."""
+    return small_sdxl_artifacts(tmp_path_factory, "base")
+
+
+@pytest.fixture(scope="session")
+def small_sdxl_refiner(tmp_path_factory) -> tuple[Path, Path, str]:
+    """(folder, artifacts, "") of the small SDXL refiner: batch 1 at SIZE x SIZE."""
+    return small_sdxl_artifacts(tmp_path_factory, "refiner")

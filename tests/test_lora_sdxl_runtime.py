@@ -53,7 +53,12 @@ def _encoder_modules(folder: Path, component: str) -> dict[str, tuple[int, int]]
 
 
 @pytest.fixture(scope="module")
-def loras(tiny_sdxl_base, tmp_path_factory) -> dict[str, Path]:
+def sdxl_folder(small_sdxl_base) -> Path:
+    return small_sdxl_base[0]  # the folder of the session's small SDXL base export (tests/sdxl_small_models.py)
+
+
+@pytest.fixture(scope="module")
+def loras(sdxl_folder, tmp_path_factory) -> dict[str, Path]:
     from safetensors.torch import save_file
 
     from ldm_rt.reference.checkpoints import load_model
@@ -62,18 +67,18 @@ def loras(tiny_sdxl_base, tmp_path_factory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("sdxl_loras")
     g = torch.Generator().manual_seed(5)
     # diffusers / PEFT layout: the UNet part by peft itself
-    unet, config = _unet_lora(tiny_sdxl_base, PEFT_UNET_TARGETS, 4, 8.0, seed=11, gain=1.0)
+    unet, config = _unet_lora(sdxl_folder, PEFT_UNET_TARGETS, 4, 8.0, seed=11, gain=1.0)
     tensors = {f"unet.{k}": v for k, v in unet.items()}
     meta = {f"unet.{k}": v for k, v in _jsonable(config).items()}
     for component, alpha in (("text_encoder", 6.0), ("text_encoder_2", 2.0)):
-        for module, (o, i) in _encoder_modules(tiny_sdxl_base, component).items():
+        for module, (o, i) in _encoder_modules(sdxl_folder, component).items():
             down, up = _draw(g, o, (i,), 4)
             tensors[f"{component}.{module}.lora_A.weight"], tensors[f"{component}.{module}.lora_B.weight"] = down, up
         meta.update({f"{component}.r": 4, f"{component}.lora_alpha": alpha, f"{component}.target_modules": sorted(t.split(".")[-1] for t in TE_TARGETS)})
     peft = folder / "sdxl_peft.safetensors"
     save_file(tensors, str(peft), metadata={"format": "pt", "lora_adapter_metadata": json.dumps(meta, sort_keys=True)})
     # kohya's SDXL layout: the UNet under sgm's names (ours), lora_te1_ / lora_te2_
-    table = lora_module_table(load_model(tiny_sdxl_base).model)
+    table = lora_module_table(load_model(sdxl_folder).model)
     kohya: dict[str, torch.Tensor] = {}
     for module, info in table["unet"].items():
         if module.endswith(KOHYA_UNET_ENDINGS):
@@ -81,7 +86,7 @@ def loras(tiny_sdxl_base, tmp_path_factory) -> dict[str, Path]:
             kohya[f"{flat}.lora_down.weight"], kohya[f"{flat}.lora_up.weight"] = _draw(g, info.shape[0], info.shape[1:], 2)
             kohya[f"{flat}.alpha"] = torch.tensor(3.0)
     for component, prefix in (("text_encoder", "lora_te1_"), ("text_encoder_2", "lora_te2_")):
-        for module, (o, i) in _encoder_modules(tiny_sdxl_base, component).items():
+        for module, (o, i) in _encoder_modules(sdxl_folder, component).items():
             flat = prefix + module.replace(".", "_")
             kohya[f"{flat}.lora_down.weight"], kohya[f"{flat}.lora_up.weight"] = _draw(g, o, (i,), 2)
             kohya[f"{flat}.alpha"] = torch.tensor(3.0)
@@ -90,21 +95,16 @@ def loras(tiny_sdxl_base, tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def artifacts(tiny_sdxl_base, tmp_path_factory) -> Path:
-    from ldm_rt.export.build import BuildOptions, build
-    from ldm_rt.runtime.contracts import ShapeProfile
-
-    out = tmp_path_factory.mktemp("sdxl_lora_artifacts") / "artifacts"
-    build(BuildOptions(model=tiny_sdxl_base, out=out, profile=ShapeProfile.static(1, SIZE, SIZE), onnx_only=True, progress=False))
-    return out
+def artifacts(small_sdxl_base) -> Path:
+    return small_sdxl_base[1]  # run-time LoRAs need no export of their own: the session's small SDXL base
 
 
 @pytest.fixture(scope="module")
-def oracle(tiny_sdxl_base, loras):
+def oracle(sdxl_folder, loras):
     """((name, scale), ...) -> diffusers' 8-bit image, cached; one pipeline with both LoRAs loaded, switched by
     set_adapters (empty: LoRAs disabled)."""
     cache: dict = {}
-    pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(str(tiny_sdxl_base))
+    pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(str(sdxl_folder))
     pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     for name, path in loras.items():

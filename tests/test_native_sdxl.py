@@ -23,7 +23,6 @@ from test_runtime_fixtures import psnr
 
 from ldm_rt.runtime.artifacts import default_artifacts_dir
 from ldm_rt.runtime.cli import main as ldm_rt_main
-from ldm_rt.runtime.contracts import ShapeProfile
 from ldm_rt.runtime.params import GenerationError
 from ldm_rt.runtime.pipeline import Pipeline
 
@@ -68,14 +67,10 @@ def native(tmp_path_factory) -> Native:
 
 
 @pytest.fixture(scope="module")
-def base(tiny_sdxl_base, tmp_path_factory, native) -> Path:
-    """Up to two images per call, fp32 ONNX only (no ONNX Runtime attention variant: time)."""
-    from ldm_rt.export.build import BuildOptions, build
-
-    out = tmp_path_factory.mktemp("native_sdxl") / "artifacts"
-    profile = ShapeProfile((1, 2, 2), (SIZE,) * 3, (SIZE,) * 3)
-    build(BuildOptions(model=tiny_sdxl_base, out=out, profile=profile, onnx_only=True, ort_variant=False, progress=False))
-    return out
+def base(native, small_sdxl_base) -> Path:
+    """The session's small SDXL base export (tests/sdxl_small_models.py: up to two images per call), exported while
+    the native build runs unless another file did already."""
+    return small_sdxl_base[1]
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from cmake_build import CMakeBuild, start_build
-from sdxl_small_models import SIZE, small_sdxl_artifacts
+from sdxl_small_models import SIZE
 
 from ldm_rt.runtime.params import GenerationError
 from ldm_rt.runtime.pipeline import Pipeline
@@ -30,8 +30,8 @@ def build(tmp_path_factory) -> CMakeBuild:
 
 
 @pytest.fixture(scope="module")
-def artifacts(build, tmp_path_factory) -> Path:  # exported while the build runs
-    return small_sdxl_artifacts(tmp_path_factory, "base")[1]
+def artifacts(build, small_sdxl_base) -> Path:  # exported while the build runs (unless already done this session)
+    return small_sdxl_base[1]
 
 
 @pytest.fixture(scope="module")

@@ -2,13 +2,15 @@
 the tiny models' encoders and VAE with a two-level UNet, about half the export time of the tiny models' UNets)
 -> `build_engines.py --onnx-only` -> `Pipeline.generate` / `ldm-rt sample` equal diffusers from the same folders,
 latents and scheduler config, at PSNR >= 50 dB on the 8-bit image: StableDiffusionXLPipeline (euler, dpmpp-2m,
-ddim; negative prompts, the empty one zeroed, micro-conditioning), the base -> refiner hand-off
-(StableDiffusionXLImg2ImgPipeline with denoising_start; Euler ancestral with the step noise from one numpy
-generator on both sides), img2img (StableDiffusionXLImg2ImgPipeline, the refiner's aesthetic scores included)
-and inpainting (StableDiffusionXLInpaintPipeline). The oracle tells wrong time ids, a wrongly encoded empty
-negative prompt, another aesthetic score and an unused noise draw from right ones. Without --scheduler the models
-sample with their folders' own (euler); a prompt both tokenizers truncate is one warning; bad input is one line,
-exit 2, nothing written. The exports are shared with the session's other SDXL tests (small_sdxl_artifacts)."""
+ddim; negative prompts, the empty one zeroed, micro-conditioning, two images per prompt, guidance rescale), the
+base -> refiner hand-off (StableDiffusionXLImg2ImgPipeline with denoising_start; Euler ancestral with the step noise
+from one numpy generator on both sides), img2img (StableDiffusionXLImg2ImgPipeline, the refiner's aesthetic scores
+included) and inpainting (StableDiffusionXLInpaintPipeline); an SDXL-Turbo folder at 1 and 4 steps, guidance 0, with
+its own scheduler; the torch reference pipeline on the same folders. The oracle tells wrong time ids, a wrongly encoded empty
+negative prompt, another aesthetic score, an unused noise draw and Turbo's spacing from right ones. Without
+--scheduler the models sample with their folders' own (euler; Turbo's euler-a); a prompt both tokenizers truncate
+is one warning; bad input (requests, and sources at the export CLI) is one line, exit 2, nothing written. The
+exports are the session's (small_sdxl_base / small_sdxl_refiner fixtures, shared with the other SDXL test files)."""
 
 from __future__ import annotations
 
@@ -17,13 +19,15 @@ import io
 import json
 import logging
 import re
+import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from sdxl_small_models import SIZE, small_sdxl_artifacts
+from sdxl_small_models import PROFILE_FLAGS, SIZE, make_small_sdxl
 
 from ldm_rt.runtime import cli
 from ldm_rt.runtime.contracts import ModelFacts, ShapeProfile, build_contracts
@@ -69,20 +73,20 @@ def one_line_error(code: int, err: str, prog: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def sdxl_base(tmp_path_factory) -> Path:
-    return small_sdxl_artifacts(tmp_path_factory, "base")[0]
+def sdxl_base(small_sdxl_base) -> Path:
+    return small_sdxl_base[0]
 
 
 @pytest.fixture(scope="module")
-def sdxl_refiner(tmp_path_factory) -> Path:
-    return small_sdxl_artifacts(tmp_path_factory, "refiner")[0]
+def sdxl_refiner(small_sdxl_refiner) -> Path:
+    return small_sdxl_refiner[0]
 
 
 @pytest.fixture(scope="module")
-def artifacts(tmp_path_factory) -> dict[str, Path]:
+def artifacts(small_sdxl_base, small_sdxl_refiner) -> dict[str, Path]:
     """The base through the export CLI (ONNX, fp32 parity per component), the refiner through the build API
     without the ONNX Runtime attention variant (time), both at one size; shared by the session's SDXL tests."""
-    (_, base, stdout), (_, refiner, _) = (small_sdxl_artifacts(tmp_path_factory, v) for v in ("base", "refiner"))
+    (_, base, stdout), (_, refiner, _) = small_sdxl_base, small_sdxl_refiner
     assert "text_encoder_2" in stdout  # its parity row
     return {"base": base, "refiner": refiner}
 
@@ -146,8 +150,8 @@ def test_triton_repository_and_tensorrt_profiles_follow_the_contracts(artifacts,
     assert 'name: "last_hidden_state"' in config and 'name: "text_embeds"' in config
     unet = Manifest.read(artifacts["base"]).components["unet"].contract
     assert 'name: "time_ids"' in (tmp_path / "triton" / "unet" / "config.pbtxt").read_text()
-    assert engine_profile(unet)["time_ids"] == [[1, 6], [2, 6], [2, 6]]  # batch 1, doubled under guidance
-    assert engine_profile(unet)["text_embeds"] == [[1, 16], [2, 16], [2, 16]]
+    assert engine_profile(unet)["time_ids"] == [[1, 6], [2, 6], [4, 6]]  # batch 1:1:2, doubled under guidance
+    assert engine_profile(unet)["text_embeds"] == [[1, 16], [2, 16], [4, 16]]
 
 
 def test_sdxl_sized_profiles_follow_from_the_facts():
@@ -184,6 +188,25 @@ def test_base_images_equal_diffusers(pipes, oracle, scheduler):
     assert psnr(ours.images, to_u8(theirs)) >= BAR_DB
     for key in MICRO:  # the micro-conditioning used is recorded with the image
         assert ours.params[key] == list(ours_kw.get(key, (0, 0) if "crops" in key else (SIZE, SIZE)))
+
+
+def test_two_images_per_prompt_and_guidance_rescale_equal_diffusers(pipes, oracle):
+    """batch 2: the pooled embeds and time ids repeat per image as the context does (diffusers' num_images_per_prompt);
+    guidance_rescale as diffusers' (Lin et al. 2024, Sec. 3.4)."""
+    latents = np.concatenate([noise(6), noise(7)])
+    kw = dict(negative_prompt="blurry", steps=STEPS, guidance=GUIDANCE, scheduler="euler", batch=2, latents=latents, seed=0,
+              original_size=(48, 40))  # fmt: skip
+    ours = pipes["base"].generate(PROMPT, guidance_rescale=0.7, **kw)
+    theirs = with_scheduler(oracle["base"], "euler")(
+        PROMPT, negative_prompt="blurry", num_images_per_prompt=2, num_inference_steps=STEPS, guidance_scale=GUIDANCE,
+        latents=torch.from_numpy(latents), height=SIZE, width=SIZE, output_type="np", original_size=(48, 40), guidance_rescale=0.7,
+    ).images  # fmt: skip
+    assert ours.images.shape == (2, SIZE, SIZE, 3)
+    for k in range(2):
+        assert psnr(ours.images[k], to_u8(theirs[k])) >= BAR_DB
+    assert psnr(ours.images[0], ours.images[1]) < 40.0  # two noises, two images (measured 9 dB; parity 83 and 80 dB)
+    plain = pipes["base"].generate(PROMPT, **kw)  # no rescale: measured 28 dB from diffusers' rescaled image
+    assert psnr(plain.images[0], to_u8(theirs[0])) < 40.0
 
 
 def test_the_oracle_tells_wrong_time_ids_and_an_encoded_empty_negative_apart(pipes, oracle):
@@ -234,6 +257,34 @@ def test_refiner_hand_off_equals_diffusers_base_then_img2img(artifacts, pipes, o
     assert psnr(ours[None], to_u8(theirs)) >= BAR_DB
     assert params["refiner_start"] == 0.5 and params["aesthetic_score"] == 7.0 and params["mode"] == "txt2img+refiner"
     assert params["base_target_size"] == [SIZE, SIZE] and params["scheduler"] == scheduler
+
+
+def test_the_reference_pipeline_equals_diffusers_on_sdxl(sdxl_base, sdxl_refiner, oracle):
+    """The torch reference (reference/torch_backend.torch_pipeline: our networks loaded from the diffusers folders,
+    the runtime's one loop) does SDXL's conditioning as diffusers: the empty negative zeroed (force_zeros), non-default
+    micro-conditioning, and the base -> refiner hand-off with the refiner's aesthetic scores."""
+    from ldm_rt.reference.torch_backend import torch_pipeline
+
+    base, refiner = torch_pipeline(sdxl_base), torch_pipeline(sdxl_refiner)
+    kw = dict(steps=STEPS, guidance=GUIDANCE, scheduler="ddim", latents=noise(4), seed=0, height=SIZE, width=SIZE)
+    ours = base.generate(PROMPT, negative_prompt="", **MICRO, **kw)
+    theirs = with_scheduler(oracle["base"], "ddim")(
+        PROMPT, negative_prompt=None, num_inference_steps=STEPS, guidance_scale=GUIDANCE, latents=torch.from_numpy(noise(4)),
+        height=SIZE, width=SIZE, output_type="np", **MICRO,
+    ).images  # fmt: skip
+    assert psnr(ours.images, to_u8(theirs)) >= BAR_DB  # measured: identical 8-bit images
+    plain = base.generate(PROMPT, negative_prompt="", **kw)  # default time ids: measured 21 dB from diffusers' image
+    assert psnr(plain.images, to_u8(theirs)) < 40.0
+    handed = base.generate(PROMPT, negative_prompt="blurry", refiner=refiner, refiner_start=0.5, aesthetic_score=7.0,
+                           negative_aesthetic_score=2.0, **kw)  # fmt: skip
+    their_kw = dict(negative_prompt="blurry", num_inference_steps=STEPS, guidance_scale=GUIDANCE)
+    latents = with_scheduler(oracle["base"], "ddim")(
+        PROMPT, latents=torch.from_numpy(noise(4)), height=SIZE, width=SIZE, denoising_end=0.5, output_type="latent", **their_kw
+    ).images
+    refined = with_scheduler(oracle["refiner"], "ddim")(
+        PROMPT, image=latents, denoising_start=0.5, aesthetic_score=7.0, negative_aesthetic_score=2.0, output_type="np", **their_kw
+    ).images
+    assert psnr(handed.images, to_u8(refined)) >= BAR_DB  # measured: identical
 
 
 def test_python_hand_off_is_the_two_calls(pipes):
@@ -313,6 +364,50 @@ def test_guidance_at_most_one_runs_the_conditional_rows_only(pipes, oracle):
     assert psnr(ours.images, to_u8(theirs)) >= BAR_DB
 
 
+# ---- SDXL-Turbo: its folder's scheduler, 1-4 steps at guidance 0 ----------------------------------------------------
+@pytest.fixture(scope="module")
+def turbo(sdxl_base, pipes, tmp_path_factory):
+    """(our pipeline, diffusers' StableDiffusionXLPipeline) for an SDXL-Turbo folder: the small base's weights with
+    SDXL-Turbo's scheduler (make_small_sdxl "turbo": Euler ancestral, trailing spacing). Ours runs the base's exported
+    components under what export takes from that folder (its scheduler_config.json as the config, its class mapped
+    to the default scheduler), so no second export: the weights are byte-equal, checked below."""
+    import diffusers
+
+    from ldm_rt.runtime.scheduler_choice import default_scheduler
+
+    folder = make_small_sdxl(tmp_path_factory.mktemp("small_sdxl_turbo"), "turbo", seed=0)
+    weights = sorted(p.relative_to(folder) for p in folder.rglob("*.safetensors"))
+    assert weights and all((folder / w).read_bytes() == (sdxl_base / w).read_bytes() for w in weights)
+    json_path = folder / "scheduler" / "scheduler_config.json"
+    base = pipes["base"]
+    ours = Pipeline(
+        base.components, base.tokenizer, SchedulerConfig.from_dict(json.loads(json_path.read_text())), base.facts, base.profile,
+        backend="onnxruntime", tokenizer_2=base.tokenizer_2, default_scheduler=default_scheduler(json.loads(json_path.read_text())).name,
+    )  # fmt: skip
+    theirs = diffusers.StableDiffusionXLPipeline.from_pretrained(str(folder))
+    theirs.set_progress_bar_config(disable=True)
+    return ours, theirs
+
+
+@pytest.mark.parametrize("steps", [1, 4])
+def test_sdxl_turbo_samples_from_its_folder_at_guidance_0_as_diffusers(turbo, monkeypatch, steps):
+    """No scheduler named: the folder's Euler ancestral with trailing spacing, its step noise from one numpy
+    generator on both sides; guidance 0 (diffusers runs no unconditional batch either)."""
+    from fewstep_support import patch_numpy_noise
+
+    ours, theirs = turbo
+    result = ours.generate(PROMPT, steps=steps, guidance=0.0, latents=noise(3), seed=3)
+    assert result.params["scheduler"] == "euler-a" and len(result.timings["unet"]) == steps
+    patch_numpy_noise(monkeypatch, "diffusers.schedulers.scheduling_euler_ancestral_discrete", np.random.default_rng(3))
+    image = theirs(PROMPT, num_inference_steps=steps, guidance_scale=0.0, latents=torch.from_numpy(noise(3)), height=SIZE,
+                   width=SIZE, output_type="np").images  # fmt: skip
+    assert psnr(result.images, to_u8(image)) >= BAR_DB  # measured: identical 8-bit images at 1 and 4 steps
+    # The trailing spacing matters: SDXL base's own (leading) at the same steps is another image (22 and 35 dB).
+    leading = Pipeline(ours.components, ours.tokenizer, replace(ours.scheduler_config, timestep_spacing="leading"), ours.facts,
+                       ours.profile, backend="onnxruntime", tokenizer_2=ours.tokenizer_2, default_scheduler="euler-a")  # fmt: skip
+    assert psnr(leading.generate(PROMPT, steps=steps, guidance=0.0, latents=noise(3), seed=3).images, to_u8(image)) < 40.0
+
+
 # ---- the schedule split, against diffusers' arithmetic -----------------------------------------------------------
 @pytest.mark.parametrize("name", ["euler", "ddim", "dpmpp-2m", "heun", "euler-a"])
 @pytest.mark.parametrize("steps,fraction", [(5, 0.6), (25, 0.8), (10, 0.75), (7, 0.33)])
@@ -375,6 +470,33 @@ def test_a_refiner_as_base_is_refused(artifacts, pipes, tmp_path):
     image = np.full((SIZE, SIZE, 3), 128, np.uint8)
     r = pipes["refiner"].generate(PROMPT, init_image=image, strength=0.5, steps=2, seed=0)
     assert r.images.shape == (1, SIZE, SIZE, 3) and r.params["aesthetic_score"] == 6.0 and "target_size" not in r.params
+
+
+def _one_encoder(base: Path, refiner: Path, folder: Path) -> None:
+    shutil.rmtree(folder / "text_encoder_2")
+    shutil.rmtree(folder / "tokenizer_2")
+
+
+def _refiner_unet(base: Path, refiner: Path, folder: Path) -> None:
+    shutil.rmtree(folder / "unet")
+    shutil.copytree(refiner / "unet", folder / "unet")
+
+
+@pytest.mark.parametrize("damage,message", [
+    (_one_encoder, "no text_encoder_2"),  # an SDXL UNet with a one-encoder (SD-style) folder
+    (_refiner_unet, "cross-attends to 48 channels but the text encoders give 80"),  # a refiner's UNet among a base's encoders
+])  # fmt: skip
+def test_a_bad_sdxl_source_is_one_export_line_and_nothing_is_written(sdxl_base, sdxl_refiner, tmp_path, damage, message):
+    """The export CLI, not only the loader: exit 2, one line naming the problem, no output folder and no
+    temporary one left beside it."""
+    from ldm_rt.export import build_engines
+
+    folder = Path(shutil.copytree(sdxl_base, tmp_path / "source"))
+    damage(sdxl_base, sdxl_refiner, folder)
+    out = tmp_path / "artifacts"
+    code, _, err = run_cli(build_engines.main, ["--model", str(folder), "--out", str(out), "--onnx-only", *PROFILE_FLAGS])
+    assert message in one_line_error(code, err, build_engines.PROG)
+    assert [p.name for p in tmp_path.iterdir()] == ["source"]
 
 
 def test_img2img_and_inpainting_run_on_sdxl_with_their_conditioning(pipes):
