@@ -31,7 +31,7 @@ from ldm_rt.export.errors import ExportError, TensorRTUnavailable
 from ldm_rt.export.fp16 import find_fp32_islands, half_model
 from ldm_rt.export.lora_targets import record_targets
 from ldm_rt.runtime.lora import TARGETS_FILE
-from ldm_rt.export.memory import EstimateError, GraphMemory, RssWatch, parity_budget
+from ldm_rt.export.memory import EstimateError, GraphMemory, RssWatch, parity_budget, release_weight_pages
 from ldm_rt.export.onnx_export import OPSET, export_component
 from ldm_rt.export.ort_attention import write_ort_variant
 from ldm_rt.export.output import check_output, claim_output, output_path
@@ -107,6 +107,7 @@ class BuildOptions:
     onnx_only: bool = False
     triton_repo: Path | None = None
     tokenizer: Path | None = None  # for single files, which carry none
+    tokenizer_2: Path | None = None  # SDXL's second, for single files
     prediction_type: str | None = None
     refit: bool = False
     timing_cache: Path | None = None
@@ -251,6 +252,9 @@ def _export_component(
         plan = _plan(root / rel32, contract, options, notes)
     with step.phase("reference outputs (torch fp32)", len(plan.points)) as p:
         cases = reference_cases(wrapper, contract, sample_sets(contract, points=plan.points), p.item)
+    # The torch weights are not read again until the fp16 search or the LoRA targets: the ONNX Runtime sessions
+    # need not run beside a resident copy of them (SD 1.5's UNet: 3.4 GB).
+    release_weight_pages(wrapper.parameters())
     with step.phase(f"parity fp32 ({ORT_BACKEND})", len(cases)) as p:
         fp32 = check_onnx(root / rel32, contract, "fp32", cases, p.item)
     results.append(fp32)
@@ -270,7 +274,9 @@ def _export_component(
         rel16 = f"onnx/fp16/{name}.onnx"
         with step.phase("onnx export fp16", 2) as p:
             half = half_model(wrapper, contract, search.kept_fp32)
+            release_weight_pages(wrapper.parameters())
             files16 = export_component(half, contract, root / rel16, options.opset, p.item)
+            del half
         with step.phase(f"parity fp16 ({ORT_BACKEND})", len(cases)) as p:
             fp16 = check_onnx(root / rel16, contract, "fp16", cases, p.item)
         results.append(fp16)
@@ -329,7 +335,9 @@ def build(options: BuildOptions) -> BuildResult:
 
 def _build_into(out: Path, options: BuildOptions, lora_files: list | None = None) -> BuildResult:
     with phase(f"load {options.model or 'the shipped default model'}", enabled=options.progress):
-        source = load_source(options.model, tokenizer=options.tokenizer, prediction_type=options.prediction_type)
+        source = load_source(
+            options.model, tokenizer=options.tokenizer, tokenizer_2=options.tokenizer_2, prediction_type=options.prediction_type
+        )
     lora_records: list[dict[str, Any]] = []
     if lora_files:
         with phase(f"fuse {len(lora_files)} LoRA(s)", enabled=options.progress):

@@ -122,7 +122,7 @@ ALIGN_BYTES = 64 * 1024
 ALIGN_FROM = 1 << 20
 
 
-def _tensor_bytes(t: onnx.TensorProto, base_dir: Path | None) -> bytes:
+def tensor_bytes(t: onnx.TensorProto, base_dir: Path | None) -> bytes:
     """The raw little-endian bytes of one tensor: its raw_data, typed fields, or its span of an external file
     under `base_dir` (read alone: the rest of the file stays on disk)."""
     if t.data_location == onnx.TensorProto.EXTERNAL:
@@ -153,9 +153,9 @@ def _write_external(model: onnx.ModelProto, data: Path, base_dir: Path | None) -
         for t in model.graph.initializer:
             if _nbytes(t) <= INLINE_BYTES:
                 if t.data_location == onnx.TensorProto.EXTERNAL:
-                    _set_inline(t, _tensor_bytes(t, base_dir))
+                    _set_inline(t, tensor_bytes(t, base_dir))
                 continue
-            raw = _tensor_bytes(t, base_dir)
+            raw = tensor_bytes(t, base_dir)
             if len(raw) >= ALIGN_FROM and f.tell() % ALIGN_BYTES:
                 f.write(b"\0" * (ALIGN_BYTES - f.tell() % ALIGN_BYTES))
             offset = f.tell()
@@ -182,8 +182,8 @@ def save_model(model: onnx.ModelProto, path: Path, base_dir: Path | None = None)
         return [path, data]
     for t in model.graph.initializer:
         if t.data_location == onnx.TensorProto.EXTERNAL:
-            _set_inline(t, _tensor_bytes(t, base_dir))
-    _write_streamed(model, path)
+            _set_inline(t, tensor_bytes(t, base_dir))
+    write_streamed(model, path)
     return [path]
 
 
@@ -209,7 +209,7 @@ def _copy_fields(src, dst, skip: str) -> None:
             setattr(dst, fd.name, value)
 
 
-def _write_streamed(model: onnx.ModelProto, path: Path) -> None:
+def write_streamed(model: onnx.ModelProto, path: Path) -> None:
     """The same file onnx.save_model writes, serialised a tensor at a time: protobuf merges repeated occurrences
     of an embedded message field, so the model without its initializers followed by one `graph { initializer }`
     fragment per weight parses as the whole model. Serialising a whole proto peaked at 3x its size here."""

@@ -27,8 +27,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
-from onnx import numpy_helper
+from onnx import helper
 
+from ldm_rt.export.graph_cleanup import tensor_bytes
+from ldm_rt.export.memory import release_weight_pages
 from ldm_rt.reference.export_wrappers import export_wrappers
 from ldm_rt.reference.ldm import LatentDiffusion
 from ldm_rt.reference.lora import lora_module_table
@@ -43,26 +45,32 @@ def _digest(array: np.ndarray) -> tuple[str, tuple[int, ...], str]:
 
 
 def _initializer_index(path: Path) -> dict[tuple, list[str]]:
-    """content digest -> names of the float initializers (2-D and 4-D) of the ONNX file."""
-    model = onnx.load(str(path), load_external_data=True)
+    """content digest -> names of the float initializers (2-D and 4-D) of the ONNX file. The weights are read a
+    tensor at a time (from the external data file past 2 GiB): never the whole model at once beside the torch one."""
+    model = onnx.load(str(path), load_external_data=False)
     index: dict[tuple, list[str]] = defaultdict(list)
     for t in model.graph.initializer:
         if len(t.dims) in (2, 4) and t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16):
-            index[_digest(numpy_helper.to_array(t))].append(t.name)
+            dtype = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).newbyteorder("<")  # ONNX stores little-endian
+            raw = tensor_bytes(t, path.parent)
+            index[(dtype.str, tuple(t.dims), hashlib.blake2b(raw, digest_size=16).hexdigest())].append(t.name)
+            del raw
     return index
 
 
 def locate(path: Path, weights: dict[str, np.ndarray]) -> dict[str, Target]:
     """module -> Target for every weight (float32 numpy, the module's layout) found exactly once in `path`."""
     index = _initializer_index(path)
+    # Only layouts some initializer has are hashed (an fp32 file holds no float16 tensor to compare with).
+    layouts = {key[:2] for key in index}
     found: dict[str, Target] = {}
     claimed: dict[str, list[str]] = defaultdict(list)
     for module, w in weights.items():
         hits = []
         for dtype in (np.float32, np.float16):
-            hits += [(name, False) for name in index.get(_digest(w.astype(dtype)), [])]
-            if w.ndim == 2:
-                hits += [(name, True) for name in index.get(_digest(w.T.astype(dtype)), [])]
+            for transposed, a in ((False, w), (True, w.T)) if w.ndim == 2 else ((False, w),):
+                if (np.dtype(dtype).str, a.shape) in layouts:
+                    hits += [(name, transposed) for name in index.get(_digest(a.astype(dtype)), [])]
         if len(hits) == 1:
             found[module] = Target(hits[0][0], hits[0][1])
             claimed[hits[0][0]].append(module)
@@ -115,6 +123,7 @@ def record_targets(model: LatentDiffusion, root: Path, components: dict[str, Com
                     unused = unused_modules(model, name, entry, [m for m in weights if m not in targets])
                 files[fe.file] = {"sha256": fe.sha256, "component": name, "targets": targets,
                                   "unused": [m for m in unused if m not in targets]}  # fmt: skip
+        release_weight_pages(getattr(model, name).parameters())  # read from the file again only if used again
     result = LoraTargets({c: dict(ms) for c, ms in table.items()}, files)
     atomic_write_text(root / TARGETS_FILE, json.dumps(result.to_dict(), indent=1) + "\n")
     return result

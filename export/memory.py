@@ -11,9 +11,11 @@ and the peak of the live bytes, plus a 2-D convolution's unfolded input (im2col)
 
 from __future__ import annotations
 
+import ctypes
+import logging
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import onnx
@@ -21,6 +23,8 @@ import sympy
 from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
 from ldm_rt.export.graph_cleanup import weightless
+
+log = logging.getLogger(__name__)
 
 # Ops whose output ONNX Runtime's CPU provider hands out as a view of (or in place over) the input.
 VIEW_OPS = frozenset({"Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity"})
@@ -266,3 +270,106 @@ class RssWatch:
         if process is not None:  # the kernel's per-thread RSS counters lag by a few pages: never below a sample
             out["process_peak_rss_bytes"] = max(process, self.peak or 0)
         return out
+
+
+# madvise(2) advice: reclaim these pages now (Linux 5.4+). Clean file pages are dropped (read again from the file
+# when next touched), dirty ones written back, anonymous ones swapped out if there is swap and kept otherwise:
+# the data is never lost, so it is safe on weights a LoRA fusion has written to as well.
+MADV_PAGEOUT = 21
+PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def _file_mappings() -> list[tuple[int, int]]:
+    """(start, end) of this process's file-backed mappings (/proc/self/maps lines that name a file)."""
+    spans = []
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                fields = line.split(maxsplit=5)
+                if len(fields) == 6 and fields[5].startswith("/"):
+                    start, end = fields[0].split("-")
+                    spans.append((int(start, 16), int(end, 16)))
+    except OSError:
+        pass
+    return spans
+
+
+def _merged(spans: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for start, end in sorted(spans):
+        if out and start <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], end))
+        else:
+            out.append((start, end))
+    return out
+
+
+def release_weight_pages(tensors: Iterable) -> int:
+    """Hand the resident pages of these torch tensors' file-backed storage back to the kernel; returns the bytes
+    advised. The reference models load safetensors weights as views of the file (reference/model_folder.py
+    load_strict(assign=True)), so a component whose torch weights are not needed for a while (its ONNX parity
+    runs, the next component's export) need not keep them resident: they are read from the file again where they
+    are next used. Anonymous memory (weights converted or copied at load) is left alone. A kernel without
+    MADV_PAGEOUT, or a system without procfs, releases nothing."""
+    mapped = _file_mappings()
+    if not mapped:
+        return 0
+    storages = _merged(
+        (t.untyped_storage().data_ptr(), t.untyped_storage().data_ptr() + t.untyped_storage().nbytes())
+        for t in tensors if t.device.type == "cpu" and t.untyped_storage().nbytes() > 0
+    )
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        madvise = libc.madvise
+    except (OSError, AttributeError):
+        return 0
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    advised = 0
+    for start, end in storages:
+        for m_start, m_end in mapped:
+            # Whole pages of the storage inside one file mapping: a page shared with a neighbour tensor goes too,
+            # which is harmless (it is read again when touched).
+            lo = max(start, m_start) // PAGE_BYTES * PAGE_BYTES
+            hi = min(end, m_end)
+            hi = -(-hi // PAGE_BYTES) * PAGE_BYTES
+            hi = min(hi, m_end)
+            if hi <= lo:
+                continue
+            if madvise(lo, hi - lo, MADV_PAGEOUT) != 0:
+                log.debug("madvise(MADV_PAGEOUT) failed (errno %d); weights stay resident", ctypes.get_errno())
+                return advised
+            advised += hi - lo
+    return advised
+
+
+# How often ReleaseWhileRunning gives the pages back: reading more than a GB of weights takes longer than this.
+RELEASE_SECONDS = 0.5
+
+
+class ReleaseWhileRunning:
+    """`with ReleaseWhileRunning(tensors): ...` calls release_weight_pages(tensors) every RELEASE_SECONDS while the
+    block runs, and once at its end. For torch.onnx.export of a model past 2 GiB: its constant folding makes a
+    transposed copy of every bias-free Linear weight (MatMul takes W^T) while the trace has read every weight of the
+    model, so the file's pages and the copies were resident together (SDXL's UNet: 10.3 GB of weights, the trace
+    passed 15 GB); given back as it goes, each weight is resident only while it is read."""
+
+    def __init__(self, tensors: Iterable, interval: float = RELEASE_SECONDS) -> None:
+        import threading
+
+        self.tensors = list(tensors)
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="ldm-rt-release-weights", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            release_weight_pages(self.tensors)
+
+    def __enter__(self) -> ReleaseWhileRunning:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        release_weight_pages(self.tensors)

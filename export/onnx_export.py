@@ -23,6 +23,7 @@ from torch import nn
 
 from ldm_rt.export.errors import OnnxExportError
 from ldm_rt.export.graph_cleanup import clean_file
+from ldm_rt.export.memory import ReleaseWhileRunning
 from ldm_rt.export.progress import ItemCallback
 from ldm_rt.runtime.contracts import ComponentContract
 
@@ -77,7 +78,8 @@ def _trace(wrapper: nn.Module, contract: ComponentContract, path: Path, opset: i
         warnings.simplefilter("ignore", FutureWarning)
         warnings.filterwarnings("ignore", message="Constant folding - Only steps=1", category=UserWarning)
         try:
-            with torch.no_grad():
+            # The weights' file pages are given back while the exporter runs (export/memory.py ReleaseWhileRunning).
+            with torch.no_grad(), ReleaseWhileRunning(wrapper.parameters()):
                 torch.onnx.export(
                     wrapper.eval(),
                     trace_inputs(contract),

@@ -29,7 +29,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ldm_rt.export.errors import ExportError
-from ldm_rt.export.graph_cleanup import check_model_file
+from ldm_rt.export.graph_cleanup import check_model_file, write_streamed
 
 log = logging.getLogger(__name__)
 
@@ -219,12 +219,18 @@ def fuse_attention(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     without a match comes back unchanged (a copy) with 0."""
     fused = onnx.ModelProto()
     fused.CopyFrom(model)
-    matches = find_attention(fused)
+    return fused, fuse_attention_in_place(fused)
+
+
+def fuse_attention_in_place(model: onnx.ModelProto) -> int:
+    """fuse_attention on `model` itself (no copy: a model under 2 GiB holds its weights in the proto); returns
+    the number of cores fused."""
+    matches = find_attention(model)
     if not matches:
-        return fused, 0
+        return 0
     by_output = {m.output: m for m in matches}
     nodes: list[onnx.NodeProto] = []
-    for node in fused.graph.node:
+    for node in model.graph.node:
         m = by_output.get(node.output[0]) if node.op_type == "Reshape" else None
         if m is None:
             nodes.append(node)
@@ -234,13 +240,13 @@ def fuse_attention(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
             FUSED_OP, [m.query, m.key, m.value], [m.output], name=f"{node.name or m.output}/{FUSED_OP}",
             domain=MS_DOMAIN, num_heads=m.heads, scale=m.scale,
         ))
-    del fused.graph.node[:]
-    fused.graph.node.extend(nodes)
-    _remove_dead_nodes(fused.graph)
-    if not any(o.domain == MS_DOMAIN for o in fused.opset_import):
-        fused.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    _remove_dead_nodes(model.graph)
+    if not any(o.domain == MS_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     log.debug("fused %d attention cores into %s", len(matches), FUSED_OP)
-    return fused, len(matches)
+    return len(matches)
 
 
 def fused_op_counts(model: onnx.ModelProto) -> dict[str, int]:
@@ -260,14 +266,13 @@ def write_ort_variant(src: Path, dst: Path) -> dict[str, int]:
     if src.parent != dst.parent:
         raise ExportError(f"{dst} must sit beside {src}: the variant refers to the same external weight file")
     model = onnx.load(str(src), load_external_data=False)
-    fused, count = fuse_attention(model)
-    if count == 0:
+    if fuse_attention_in_place(model) == 0:
         return {}
-    # Initializers are untouched protos: inline ones are written as they are, external ones keep
-    # pointing at src's data file.
-    onnx.save_model(fused, str(dst))
+    # Initializers are untouched protos: inline ones are written as they are, a tensor at a time (serialising the
+    # whole proto of a model under 2 GiB held 3x its weights), external ones keep pointing at src's data file.
+    write_streamed(model, dst)
     check_model_file(dst)
-    counts = fused_op_counts(fused)
+    counts = fused_op_counts(model)
     log.info("%s: %s", dst.name, ", ".join(f"{n} x{c}" for n, c in counts.items()))
     return counts
 

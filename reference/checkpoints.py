@@ -65,8 +65,15 @@ from .keymap_text_encoder import (
     text_encoder_state_dict_from_openclip,
 )
 from .keymap_unet import unet_config_from_diffusers, unet_state_dict_from_diffusers
-from .ldm import LatentDiffusion
-from .model_folder import LoadedModel, is_model_folder, load_model_folder, load_strict, read_json_object
+from .model_folder import (
+    LoadedModel,
+    check_materialised,
+    empty_model,
+    is_model_folder,
+    load_model_folder,
+    load_strict,
+    read_json_object,
+)
 from .text_encoder import text_encoder_config_from_transformers
 from .text_encoder_sdxl import (
     PENULTIMATE,
@@ -182,7 +189,7 @@ def load_diffusers_folder(path: str | Path, *, dtype: torch.dtype = torch.float3
         scale_factor=_scale_factor(vae_json, path / "vae" / "config.json"),
         **sdxl,
     )
-    model = LatentDiffusion(config)
+    model = empty_model(config)  # parameters on meta until the file's tensors are assigned
 
     unet_sd, unet_file = _read_component_weights(path / "unet")
     _load(model.unet, _renamed(unet_state_dict_from_diffusers, unet_sd, unet_config, unet_file), unet_file)
@@ -195,6 +202,7 @@ def load_diffusers_folder(path: str | Path, *, dtype: torch.dtype = torch.float3
         text_sd, text_file = _read_component_weights(path / "text_encoder_2")
         _load(model.text_encoder_2, hf_text_keys(text_sd), text_file)
 
+    check_materialised(model, str(path))
     scheduler_config = read_json_object(path / "scheduler" / "scheduler_config.json")
     info = {"source_kind": "diffusers", "path": str(path), "pipeline": index.get("_class_name")}
     return LoadedModel(model.to(dtype).eval(), tokenizer, scheduler_config, info, tokenizer_2)
@@ -317,10 +325,11 @@ def load_single_file(
     # SD 2.x computes attention in fp32 where fp16 would overflow; in fp32 this changes nothing.
     unet_config = dataclasses.replace(unet_config, upcast_attention=v2)
     config = _ldm_config(path, unet=unet_config, autoencoder=autoencoder_config, text_encoder=text_config, scale_factor=SD_SCALE_FACTOR)
-    model = LatentDiffusion(config)
+    model = empty_model(config)  # parameters on meta until the file's tensors are assigned
     _load(model.unet, parts["unet"], f"{path} (UNet, prefix {UNET_PREFIX})")
     _load(model.autoencoder, parts["autoencoder"], f"{path} (autoencoder, prefix {VAE_PREFIX})")
     _load(model.text_encoder, text_sd, f"{path} (text encoder, prefix {SD_V2_PREFIX if v2 else SD_V1_PREFIX})")
+    check_materialised(model, str(path))
     scheduler_config = sd_scheduler_config(_class_name="DDIMScheduler") if v2 else sd_scheduler_config()  # as each ships
     info = {"source_kind": "single_file", "path": str(path), "variant": "v2" if v2 else "v1"}
     return LoadedModel(model.to(dtype).eval(), tokenizer, scheduler_config, info)
@@ -343,13 +352,14 @@ def _load_sdxl_single_file(
     if refiner and tokenizer is not None:
         raise CheckpointError(f"{path} is an {kind} checkpoint with only the second text encoder: pass tokenizer_2= alone, not tokenizer=")
     config, text_sd_2 = sdxl_single_file_config(parts, path, tokenizer, tokenizer_2)
-    model = LatentDiffusion(config)
+    model = empty_model(config)  # parameters on meta until the file's tensors are assigned
     _load(model.unet, parts["unet"], f"{path} (UNet, prefix {UNET_PREFIX})")
     _load(model.autoencoder, parts["autoencoder"], f"{path} (autoencoder, prefix {VAE_PREFIX})")
     if model.text_encoder is not None:
         _load(model.text_encoder, parts["text"], f"{path} (text encoder, prefix {SDXL_EMBEDDER_0_PREFIX})")
     prefix_2 = SDXL_REFINER_EMBEDDER_PREFIX if refiner else SDXL_EMBEDDER_1_PREFIX
     _load(model.text_encoder_2, hf_text_keys(text_sd_2), f"{path} (text encoder 2, prefix {prefix_2})")
+    check_materialised(model, str(path))
     # SDXL base/refiner ship diffusers' Euler scheduler on SD's training schedule.
     scheduler_config = sd_scheduler_config(_class_name="EulerDiscreteScheduler", interpolation_type="linear", use_karras_sigmas=False)
     info = {"source_kind": "single_file", "path": str(path), "variant": "sdxl-refiner" if refiner else "sdxl"}
@@ -672,7 +682,9 @@ def _renamed(convert, sd, config, file: Path) -> dict[str, torch.Tensor]:
 
 
 def _load(module: torch.nn.Module, state: Mapping[str, torch.Tensor], where: str | Path) -> None:
-    load_strict(module, dict(state), where=str(where))
+    """The tensors of `state` become the parameters of `module` (built by empty_model): no copy is made, so a
+    safetensors file's weights stay views of the file, read from disk where they are first used."""
+    load_strict(module, dict(state), where=str(where), assign=True)
 
 
 def _load_tokenizer(tokenizer: str | Path | PromptTokenizer) -> PromptTokenizer:

@@ -68,3 +68,168 @@ def test_a_components_export_holds_about_one_copy_of_its_weights(tmp_path):
     assert got["weight_bytes"] > 120e6
     extra = (got["peak"] - got["before"]) / got["weight_bytes"]
     assert extra < BOUND, f"export peak {extra:.2f}x the weight bytes above the torch model (bound {BOUND}x)"
+
+
+# ---- loading: the checkpoint's tensors become the parameters (no random init, no second copy) -----------------
+LOAD_SCRIPT = textwrap.dedent(
+    """
+    import json, sys, warnings
+
+    warnings.simplefilter("ignore")
+    from ldm_rt.export.memory import process_peak_rss, rss_bytes
+    from ldm_rt.reference.checkpoints import load_model
+
+    before = rss_bytes()
+    loaded = load_model(sys.argv[1])
+    after_load = rss_bytes()
+    for p in loaded.model.unet.parameters():  # every weight read once, as the export's trace reads them
+        p.sum()
+    print(json.dumps({"before": before, "after_load": after_load, "peak": process_peak_rss(), "touched": rss_bytes()}))
+    """
+)
+# Peak of loading beyond the process before it, in UNet weight bytes, once every weight has been read: one copy
+# (the file's pages) and the other components' few MB. Building the model with random weights and then copying
+# the state dict in held 2 copies at the peak (SD 1.5: 8.97 GB for 4.3 GB of weights).
+LOAD_BOUND = 1.3
+
+
+def _big_model_folder(path: Path) -> tuple[Path, int]:
+    """An ldm-rt model folder whose UNet holds ~140 MB of weights (the rest a few MB): copies of it stand out."""
+    from tiny_models import TINY_WORDS
+
+    from ldm_rt.reference.configs import AutoencoderConfig, LDMConfig, TextEncoderConfig, UNetConfig
+    from ldm_rt.reference.ldm import LatentDiffusion
+    from ldm_rt.reference.model_folder import save_model_folder
+    from ldm_rt.runtime.schedulers import sd_scheduler_config
+    from ldm_rt.runtime.tokenizer import PromptTokenizer
+
+    tokenizer = PromptTokenizer.word_level(list(TINY_WORDS), max_length=16)
+    config = LDMConfig(
+        unet=UNetConfig(model_channels=192, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(2,), num_heads=8, context_dim=32),
+        autoencoder=AutoencoderConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, resolution=64),
+        text_encoder=TextEncoderConfig(
+            vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+            max_position_embeddings=16, hidden_act="gelu", bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
+            pad_token_id=tokenizer.pad_id,
+        ),
+        scale_factor=0.18215,
+    )
+    model = LatentDiffusion(config)
+    save_model_folder(path, model, tokenizer, sd_scheduler_config())
+    return path, sum(p.numel() * p.element_size() for p in model.unet.parameters())
+
+
+def test_loading_holds_one_copy_of_the_weights_and_reads_them_only_when_used(tmp_path):
+    folder, unet_bytes = _big_model_folder(tmp_path / "model")
+    assert unet_bytes > 120e6
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", LOAD_SCRIPT, str(folder)], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    # Nothing is read at load: the parameters are views of the files, paged in as they are used.
+    assert (got["after_load"] - got["before"]) / unet_bytes < 0.25, got
+    assert (got["touched"] - got["before"]) / unet_bytes > 0.9, got  # ... and then they are resident, once
+    extra = (got["peak"] - got["before"]) / unet_bytes
+    assert extra < LOAD_BOUND, f"load peak {extra:.2f}x the UNet's weight bytes (bound {LOAD_BOUND}x)"
+
+
+def _mapped_files(tensors) -> set[str]:
+    """The files whose mappings hold these tensors' data (/proc/self/maps); "" for anonymous memory."""
+    spans = []
+    with open("/proc/self/maps") as f:
+        for line in f:
+            fields = line.split(maxsplit=5)
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            spans.append((start, end, fields[5].strip() if len(fields) == 6 else ""))
+    out = set()
+    for t in tensors:
+        ptr = t.untyped_storage().data_ptr()
+        out.add(next((Path(name).name for start, end, name in spans if start <= ptr < end), ""))
+    return out
+
+
+@pytest.mark.parametrize("fixture, files", [
+    ("tiny_ldm_rt_model", {"unet.safetensors", "autoencoder.safetensors", "text_encoder.safetensors"}),
+    ("tiny_sd_v1", {"diffusion_pytorch_model.safetensors", "model.safetensors"}),
+    ("tiny_single_file_v1", {"tiny-v1.safetensors"}),
+])  # fmt: skip
+def test_every_loaded_weight_is_a_view_of_its_safetensors_file(fixture, files, request):
+    """load_strict(assign=True) on a model built with its parameters on meta: each parameter is the file's own
+    tensor (no copy into a randomly initialised one), whatever the source layout and key renaming."""
+    from ldm_rt.reference.checkpoints import load_model
+
+    path = request.getfixturevalue(fixture)
+    kwargs = {"tokenizer": request.getfixturevalue("tiny_sd_v1") / "tokenizer"} if fixture == "tiny_single_file_v1" else {}
+    loaded = load_model(path, **kwargs)
+    assert _mapped_files(loaded.model.parameters()) == files
+    # Buffers no checkpoint holds are made as usual (CLIP's position ids), not left on meta.
+    ids = dict(loaded.model.text_encoder.named_buffers())["text_model.embeddings.position_ids"]
+    assert ids.flatten().tolist() == list(range(ids.shape[-1]))
+
+
+def test_parameters_on_meta_builds_no_weights_and_restores_the_module_class():
+    import torch
+    from torch import nn
+
+    from ldm_rt.reference.model_folder import parameters_on_meta
+
+    register = nn.Module.register_parameter
+    with parameters_on_meta():
+        layer = nn.Linear(4096, 4096)
+    assert layer.weight.is_meta and layer.bias.is_meta and layer.weight.requires_grad
+    assert nn.Module.register_parameter is register
+    assert not nn.Linear(2, 2).weight.is_meta  # outside the block, modules are built as usual
+    with pytest.raises(RuntimeError):
+        with parameters_on_meta():
+            raise RuntimeError("boom")
+    assert nn.Module.register_parameter is register
+    assert torch.nn.Conv2d(1, 1, 1).weight.device.type == "cpu"
+
+
+# ---- releasing weight pages while ONNX Runtime runs (export/memory.py release_weight_pages) ------------------
+def _status_kib(key: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key))
+
+
+def test_released_weight_pages_leave_memory_and_come_back_unchanged(tmp_path):
+    """Pages of file-backed weights are given back (RssFile falls by their size) and read again on use with the
+    same values; a weight written after loading (a LoRA fused in place: a private copy of its pages) keeps what
+    was written."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from ldm_rt.export.memory import release_weight_pages
+
+    save_file({"w": torch.arange(16 << 20, dtype=torch.float32), "v": torch.ones(1 << 20)}, str(tmp_path / "w.safetensors"))
+    state = load_file(str(tmp_path / "w.safetensors"))
+    w, v = state["w"], state["v"]
+    total = float(w.double().sum())
+    v.mul_(3.0)  # written: anonymous copies of those pages from now on
+    resident = _status_kib("RssFile:")
+    assert release_weight_pages([w, v]) >= w.nbytes
+    assert resident - _status_kib("RssFile:") > 0.8 * w.nbytes / 1024
+    assert float(w.double().sum()) == total
+    assert torch.equal(v, torch.full((1 << 20,), 3.0))
+    assert release_weight_pages([torch.zeros(1 << 16)]) == 0  # anonymous memory is left alone
+
+
+def test_weight_pages_are_given_back_while_the_exporter_runs(tmp_path):
+    """ReleaseWhileRunning (around torch.onnx.export) pages the weights out as the block goes, and at its end."""
+    import time
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from ldm_rt.export.memory import ReleaseWhileRunning
+
+    save_file({"w": torch.ones(16 << 20)}, str(tmp_path / "w.safetensors"))
+    w = load_file(str(tmp_path / "w.safetensors"))["w"]
+    before = _status_kib("RssFile:")
+    with ReleaseWhileRunning([w], interval=0.05):
+        assert float(w.sum()) == 16 << 20
+        read = _status_kib("RssFile:")
+        time.sleep(0.5)
+        assert read - _status_kib("RssFile:") > 0.8 * w.nbytes / 1024  # given back while the block still runs
+        assert float(w.sum()) == 16 << 20
+    assert _status_kib("RssFile:") - before < 0.2 * w.nbytes / 1024

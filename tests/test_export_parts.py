@@ -239,6 +239,28 @@ def test_large_models_get_one_external_data_file(tmp_path, monkeypatch):
     np.testing.assert_allclose(got, cases[0].reference, atol=1e-4)
 
 
+def test_lora_targets_are_found_in_external_weights_read_a_tensor_at_a_time(tmp_path, monkeypatch):
+    """Past 2 GiB the weights live in the .data file: the LoRA target index reads them a tensor at a time (the
+    model is never loaded with its external data) and finds each weight there by content."""
+    from ldm_rt.export import lora_targets
+
+    monkeypatch.setattr(graph_cleanup, "PROTO_LIMIT_BYTES", 1024)
+    model = WideToy().eval()
+    path = tmp_path / "vae_decoder.onnx"
+    assert export_component(model, toy_contract(), path)[1].name == "vae_decoder.onnx.data"
+    asked = []
+    load = onnx.load
+    monkeypatch.setattr(lora_targets.onnx, "load", lambda f, **kw: asked.append(kw.get("load_external_data", True)) or load(f, **kw))
+    weights = {m: getattr(model, m).weight.detach().numpy() for m in ("widen", "conv")}
+    found = lora_targets.locate(path, weights)
+    assert asked == [False]
+    assert sorted(found) == ["conv", "widen"] and all(not t.transposed for t in found.values())
+    by_name = {t.name: t for t in onnx.load(str(path), load_external_data=False).graph.initializer}
+    assert all(by_name[t.initializer].data_location == onnx.TensorProto.EXTERNAL for t in found.values())
+    wrong = {"widen": weights["widen"] + 1e-3}  # one changed value: not found
+    assert lora_targets.locate(path, wrong) == {}
+
+
 def test_parity_plan_shrinks_a_point_that_does_not_fit_the_memory_budget():
     contract = toy_contract()  # batch 1..3, latent 4..12 in steps of 2
 
