@@ -89,6 +89,9 @@ def parser() -> argparse.ArgumentParser:
                      "(.safetensors/.ckpt); default: the shipped default model")
     src.add_argument("--tokenizer", type=Path, metavar="PATH",
                      help="tokenizer for a single file (diffusers tokenizer/ folder or tokenizer.json); overrides a folder's own")
+    src.add_argument("--tokenizer-2", type=Path, metavar="PATH",
+                     help="SDXL's second tokenizer for a single file (diffusers tokenizer_2/ folder or tokenizer.json: it "
+                          "pads with its own token); an SDXL refiner file takes this one alone; overrides a folder's own")
     src.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                      help="fuse a LoRA (.safetensors, diffusers/PEFT or kohya layout; .pt/.ckpt tensors only) at SCALE "
                           "(default 1) into the weights before export; repeatable, scales add up; the manifest records each")
@@ -161,6 +164,7 @@ def options_from_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> B
         onnx_only=args.onnx_only,
         triton_repo=args.triton_repo,
         tokenizer=args.tokenizer,
+        tokenizer_2=args.tokenizer_2,
         prediction_type=args.prediction_type,
         refit=args.refit,
         timing_cache=args.timing_cache,

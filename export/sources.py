@@ -7,6 +7,7 @@ default is the shipped one, `ldm_rt.engines` default/model), a diffusers folder,
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,9 +55,11 @@ def load_source(
     path: str | Path | None = None,
     *,
     tokenizer: str | Path | None = None,
+    tokenizer_2: str | Path | None = None,
     prediction_type: str | None = None,
 ) -> Source:
-    """Load the model at `path` (default: the shipped default model) in fp32 for export."""
+    """Load the model at `path` (default: the shipped default model) in fp32 for export. `tokenizer`, `tokenizer_2`:
+    for single files, which carry none (SDXL's second tokenizer pads with its own token); override a folder's own."""
     name = source_name(path)
     if path is None:
         path = default_model_dir()
@@ -71,10 +74,12 @@ def load_source(
             f"{path} does not exist; pass --model with an ldm-rt model folder, a diffusers folder or an SD single file"
         )
     try:
-        loaded = load_model(path, prediction_type=prediction_type, tokenizer=tokenizer)
+        loaded = load_model(path, prediction_type=prediction_type, tokenizer=tokenizer, tokenizer_2=tokenizer_2)
     except (ValueError, OSError) as e:
-        # CheckpointError / ConfigError / TokenizerError are ValueErrors with one-line messages already.
+        # CheckpointError / ConfigError / TokenizerError are ValueErrors with one-line messages already; they name
+        # load_model's arguments, which this command takes as --tokenizer / --tokenizer-2.
         text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        text = re.sub(r"\btokenizer(_2)?=", lambda m: "--tokenizer-2" if m.group(1) else "--tokenizer", text)
         raise SourceError(f"cannot load {path}: {text}") from None
     kind = loaded.info.get("source_kind") or ("single_file" if path.is_file() else "ldm-rt")
     if loaded.model.text_encoder is not None and loaded.tokenizer is None:

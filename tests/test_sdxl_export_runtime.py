@@ -595,3 +595,27 @@ def test_inpainting_equals_diffusers_sdxl_inpaint(pipes, oracle_i2i, monkeypatch
         output_type="np", **extra,
     ).images
     assert psnr(ours.images, to_u8(theirs)) >= BAR_DB
+
+
+def test_an_sdxl_single_file_exports_through_the_cli_to_the_folders_image(sdxl_base, pipes, tmp_path):
+    """Stability's single file (sgm keys, no tokenizers) exports with --tokenizer and --tokenizer-2 and samples the
+    image of the diffusers folder it was converted from; without --tokenizer-2 the export says so in one line."""
+    from tiny_models import make_tiny_sdxl_single_file
+
+    from ldm_rt.export import build_engines
+
+    single = make_tiny_sdxl_single_file(sdxl_base, tmp_path / "sd_xl_small.safetensors")
+    missing = tmp_path / "missing"
+    code, _, err = run_cli(build_engines.main, ["--model", str(single), "--out", str(missing), "--onnx-only",
+                                                "--tokenizer", str(sdxl_base / "tokenizer"), *PROFILE_FLAGS])
+    assert "--tokenizer-2" in one_line_error(code, err, build_engines.PROG) and not missing.exists()
+
+    out = tmp_path / "artifacts"
+    code, _, err = run_cli(build_engines.main, [
+        "--model", str(single), "--out", str(out), "--onnx-only",
+        "--tokenizer", str(sdxl_base / "tokenizer"), "--tokenizer-2", str(sdxl_base / "tokenizer_2"), *PROFILE_FLAGS,
+    ])  # fmt: skip
+    assert code == 0, err
+    kw = dict(negative_prompt="blurry", steps=STEPS, guidance=GUIDANCE, scheduler="euler", latents=noise(), seed=0)
+    from_file = Pipeline.load(out).generate(PROMPT, **kw).images[0]
+    assert psnr(from_file, pipes["base"].generate(PROMPT, **kw).images[0]) >= 60.0
