@@ -9,8 +9,6 @@ written."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 from pathlib import Path
 
@@ -18,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_runtime_fixtures import one_line_error, psnr, run_cli, to_u8
 
 from ldm_rt.export import build_engines
 from ldm_rt.export.build import BuildOptions, build
@@ -39,36 +38,15 @@ BAR_DB = 50.0
 SENSITIVE_DB = 30.0
 
 
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
-def to_u8(images: np.ndarray) -> np.ndarray:
-    """diffusers' output_type="np" (floats in [0, 1]) as 8-bit, the way its numpy_to_pil rounds."""
-    return (images * 255).round().astype(np.uint8)
 
 
-def run_cli(main, args: list[str]) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(args)
-    return code, out.getvalue(), err.getvalue()
 
 
-def one_line_error(code: int, err: str, prog: str) -> str:
-    assert code == 2 and "Traceback" not in err, err
-    lines = [line for line in err.strip().splitlines() if line.startswith(f"{prog}: error: ")]
-    assert lines == err.strip().splitlines()[-1:], err
-    return lines[0]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 CPP_TEST = "test_the_cpp_host_takes_the_control_images_as_the_python_api"

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_runtime_fixtures import psnr
 
 from ldm_rt.export.build import BuildOptions, build
 from ldm_rt.runtime.contracts import ShapeProfile
@@ -28,17 +29,9 @@ BAR_DB = 50.0
 SENSITIVE_DB = 30.0  # scale 1.0 vs 0.0 measured 14 dB
 
 
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from test_lora_fixtures import PEFT_UNET_TARGETS, _jsonable, _unet_lora
+from test_runtime_fixtures import psnr
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -32,9 +33,6 @@ TE_TARGETS = ("self_attn.q_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp
 KOHYA_UNET_ENDINGS = ("attn1.to_k", "attn2.to_v", "ff.net.0.proj", "in_layers.2")  # in_layers.2: LoCon, 3x3
 
 
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
 def _draw(g: torch.Generator, out_dim: int, in_shape: tuple[int, ...], rank: int) -> tuple[torch.Tensor, torch.Tensor]:

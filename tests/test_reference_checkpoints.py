@@ -28,14 +28,7 @@ from ldm_rt.reference.checkpoint_errors import CheckpointError
 from ldm_rt.reference.model_folder import save_model_folder
 from ldm_rt.reference.torch_backend import torch_pipeline
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models are dominated by per-op overhead; one thread is as fast and does not collapse when
-    other processes share the two cores (OpenMP spin-waits then)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 SCHEDULER_KEYS = ("beta_start", "beta_end", "beta_schedule", "num_train_timesteps", "steps_offset", "set_alpha_to_one", "prediction_type")

@@ -38,13 +38,7 @@ TOL = 1e-4
 LATENT = TINY_IMAGE_SIZE // 2  # the tiny VAE halves the image once
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny models gain nothing from intra-op threads; spin-waiting threads slow them down on shared cores.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -50,14 +50,7 @@ DIFFUSERS_SCHEDULERS = {
 DIFFUSERS_OVERRIDES = {"euler-karras": {"use_karras_sigmas": True}, "dpmpp-2m-sde": {"algorithm_type": "sde-dpmsolver++"}}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models are dominated by per-op overhead; one thread is as fast and does not collapse when
-    other processes share the two cores (OpenMP spin-waits then)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 class Pair:

@@ -20,12 +20,7 @@ from ldm_rt.runtime.manifest import ComponentEntry, FileEntry, Manifest
 SIZES = {"batch": 2, "unet_batch": 2, "text_batch": 2, "latent_height": 16, "latent_width": 12}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 @pytest.fixture(scope="module")

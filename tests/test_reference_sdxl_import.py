@@ -36,14 +36,7 @@ TOL = 1e-4
 PROMPTS = ["a photo of an astronaut riding a horse", "a red cat!"]  # "!" is tokenizer_2's pad token
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models are dominated by per-op overhead; one thread is as fast and does not collapse when other
-    processes share the two cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 @pytest.fixture(scope="module", params=["base", "refiner"])

@@ -22,13 +22,7 @@ CONFIG = UNetConfig(
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny models gain nothing from intra-op threads; OpenMP spin-waiting hurts when cores are shared.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def test_tiny_unet_exports_with_dynamic_shapes(tmp_path):

@@ -19,14 +19,7 @@ diffusers = pytest.importorskip("diffusers")
 TOL = 1e-4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny models gain nothing from intra-op threads, and OpenMP spin-waiting makes them ~5x slower
-    # when the 2 cores are shared with other jobs.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 # SD v1 in miniature: fixed head count, 1x1-conv projections, attention only at the first level.
 TINY_V1 = dict(

@@ -11,7 +11,7 @@ import warnings
 
 import pytest
 import torch
-from test_reference_unet_parity import TOL, _one_thread, _randomise  # noqa: F401  (_one_thread: autouse fixture)
+from test_reference_unet_parity import TOL, _randomise
 
 from ldm_rt.reference.checkpoints import read_state_dict
 from ldm_rt.reference.configs import ConfigError, LDMConfig, UNetConfig
@@ -26,6 +26,7 @@ from ldm_rt.reference.model_folder import read_json_object
 from ldm_rt.reference.unet import UNetInputError, UNetModel
 
 diffusers = pytest.importorskip("diffusers")
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 POOLED = 16
 TIME_DIM = 8

@@ -14,6 +14,8 @@ The synthetic model (numpy twin in `SyntheticModel`, so tests can check the ONNX
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -228,6 +230,27 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     """PSNR in dB of two uint8 images (inf when equal)."""
     mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
     return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+def to_u8(images: np.ndarray) -> np.ndarray:
+    """diffusers' output_type="np" (floats in [0, 1]) as 8-bit, the way its numpy_to_pil rounds."""
+    return (images * 255).round().astype(np.uint8)
+
+
+def run_cli(main, args: list[str]) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of an entry point's `main(args)` run in this process."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(args)
+    return code, out.getvalue(), err.getvalue()
+
+
+def one_line_error(code: int, err: str, prog: str) -> str:
+    """The one `PROG: error: ...` line a refused command ends with (exit 2, no traceback)."""
+    assert code == 2 and "Traceback" not in err, err
+    lines = [line for line in err.strip().splitlines() if line.startswith(f"{prog}: error: ")]
+    assert lines == err.strip().splitlines()[-1:], err
+    return lines[0]
 
 
 def test_synthetic_onnx_graphs_match_their_numpy_twins(tmp_path):

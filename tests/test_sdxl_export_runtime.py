@@ -14,8 +14,6 @@ exports are the session's (small_sdxl_base / small_sdxl_refiner fixtures, shared
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import logging
 import re
@@ -28,6 +26,7 @@ import pytest
 import torch
 from PIL import Image
 from sdxl_small_models import PROFILE_FLAGS, SIZE, make_small_sdxl
+from test_runtime_fixtures import one_line_error, psnr, run_cli, to_u8
 
 from ldm_rt.runtime import cli
 from ldm_rt.runtime.contracts import ModelFacts, ShapeProfile, build_contracts
@@ -44,32 +43,16 @@ BAR_DB = 50.0
 SCHEDULERS = {"euler": "EulerDiscreteScheduler", "dpmpp-2m": "DPMSolverMultistepScheduler", "ddim": "DDIMScheduler"}
 
 
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
-def to_u8(images: np.ndarray) -> np.ndarray:
-    """diffusers' output_type="np" (floats in [0, 1]) as 8-bit, the way its numpy_to_pil rounds."""
-    return (images * 255).round().astype(np.uint8)
 
 
 def noise(seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((1, 4, SIZE // 2, SIZE // 2), dtype=np.float32)
 
 
-def run_cli(main, args: list[str]) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(args)
-    return code, out.getvalue(), err.getvalue()
 
 
-def one_line_error(code: int, err: str, prog: str) -> str:
-    assert code == 2 and "Traceback" not in err, err
-    lines = [line for line in err.strip().splitlines() if line.startswith(f"{prog}: error: ")]
-    assert lines == err.strip().splitlines()[-1:], err
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from fewstep_support import image_uint8, patch_numpy_noise, unit_latents
 from sdxl_small_models import make_small_sdxl
+from test_runtime_fixtures import psnr
 
 from ldm_rt.export.build import BuildOptions, build
 from ldm_rt.runtime import cli
@@ -58,9 +59,6 @@ def diffusers_image(pipe, monkeypatch, guidance: float) -> np.ndarray:
     return image_uint8(images)
 
 
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
 def test_sdxl_lcm_samples_as_diffusers_with_the_folders_own_scheduler(artifacts, oracle, monkeypatch, tmp_path):

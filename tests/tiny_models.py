@@ -611,6 +611,17 @@ def make_tiny_controlnet_single_file(controlnet_path: str | Path, out_file: str 
 
 
 # ---- session-scoped fixtures (register with pytest_plugins = ["tiny_models"]) ------------------------
+@pytest.fixture(scope="module")
+def torch_one_thread():
+    """Tiny models are dominated by per-op overhead: one intra-op thread is as fast, and does not collapse (OpenMP
+    spin-waits) when other processes share the two cores. A test file opts in with
+    `pytestmark = pytest.mark.usefixtures("torch_one_thread")`."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_sd_v1(tmp_path_factory) -> Path:
     return make_tiny_diffusers_sd(tmp_path_factory.mktemp("tiny_sd_v1"), "v1")
