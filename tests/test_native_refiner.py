@@ -11,16 +11,14 @@ import contextlib
 import copy
 import io
 import json
-import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
-from cmake_build import RUNTIME_TARGETS, native_build
-from sdxl_small_models import SIZE, small_sdxl_artifacts
+from sdxl_small_models import SIZE
+from test_native_sdxl import native  # noqa: F401  (the module's built executable, a fixture)
 from test_runtime_fixtures import psnr
 
 from ldm_rt.runtime.artifacts import default_artifacts_dir
@@ -33,30 +31,14 @@ WRONG_DB = 30.0
 PROMPT = "a red circle on the left"
 
 
-class Native:
-    def __init__(self, out: Path, cache: Path) -> None:
-        self.exe = out / "ldm-rt-native"
-        self.env = {**os.environ, "XDG_CACHE_HOME": str(cache)}
-
-    def run(self, *args) -> subprocess.CompletedProcess:
-        return subprocess.run([str(self.exe), *map(str, args)], capture_output=True, text=True, timeout=300, env=self.env)
+@pytest.fixture(scope="module")
+def base(small_sdxl_base) -> Path:
+    return small_sdxl_base[1]
 
 
 @pytest.fixture(scope="module")
-def native(tmp_path_factory) -> Native:
-    build = native_build(tmp_path_factory)
-    assert build.wait(RUNTIME_TARGETS), f"the native build failed:\n{build.log[-4000:]}"
-    return Native(build.out, tmp_path_factory.mktemp("native_cache"))
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory) -> Path:
-    return small_sdxl_artifacts(tmp_path_factory, "base")[1]
-
-
-@pytest.fixture(scope="module")
-def refiner(tmp_path_factory) -> Path:
-    return small_sdxl_artifacts(tmp_path_factory, "refiner")[1]
+def refiner(small_sdxl_refiner) -> Path:
+    return small_sdxl_refiner[1]
 
 
 def read_png(path: Path) -> tuple[np.ndarray, dict]:
