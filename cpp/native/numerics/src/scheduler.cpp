@@ -515,6 +515,18 @@ Vec to_f32_table(const Vec& v) {
   return out;
 }
 
+// Heun's sigma table (heun.py): the first sigma, each inner one twice (the step's two calls), then the tail 0.
+// DPM++ SDE's two calls per step read it too.
+Vec heun_sigma_table(const Vec& s) {
+  Vec sig = {s[0]};
+  for (std::size_t i = 1; i + 1 < s.size(); ++i) {
+    sig.push_back(s[i]);
+    sig.push_back(s[i]);
+  }
+  sig.push_back(s.back());
+  return sig;
+}
+
 // ---- shared step maths (base.py) ----
 
 void x0_and_eps(const std::string& pred, const Vec& m, const Vec& x, double alpha_prod_t, Vec* x0, Vec* eps) {
@@ -1867,12 +1879,7 @@ std::unique_ptr<SchedulerRun> Scheduler::set_timesteps(int64_t n) const {
       auto [t, s] = discrete_sigmas(c, ac, n, false);
       s.push_back(0.0);
       s = to_f32_table(s);
-      Vec sig = {s[0]};
-      for (std::size_t i = 1; i + 1 < s.size(); ++i) {
-        sig.push_back(s[i]);
-        sig.push_back(s[i]);
-      }
-      sig.push_back(s.back());
+      Vec sig = heun_sigma_table(s);
       Vec ts = {t[0]};
       for (std::size_t i = 1; i < t.size(); ++i) {
         ts.push_back(t[i]);
@@ -1894,12 +1901,7 @@ std::unique_ptr<SchedulerRun> Scheduler::set_timesteps(int64_t n) const {
       }
       s.push_back(0.0);
       s = to_f32_table(s);
-      Vec sig = {s[0]};
-      for (std::size_t i = 1; i + 1 < s.size(); ++i) {
-        sig.push_back(s[i]);
-        sig.push_back(s[i]);
-      }
-      sig.push_back(s.back());
+      Vec sig = heun_sigma_table(s);
       Vec mids32;  // the midpoints as the model sees them: float32 of sqrt of the float32 table's neighbours
       for (std::size_t i = 0; i + 2 < s.size(); ++i) mids32.push_back(static_cast<double>(f32(std::sqrt(s[i] * s[i + 1]))));
       return finish(std::make_unique<DPMSDERun>(self, ts, n, sig, mids32));
