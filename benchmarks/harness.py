@@ -36,15 +36,19 @@ log = logging.getLogger(__name__)
 
 PEERS = Path(__file__).resolve().parent / "peers"
 OURS = "ours"
+# diffusers' pipeline classes the torch and Optimum peers run (a folder's model_index.json `_class_name`); Optimum's
+# class is the same name with "ORT" in front.
+SD_PIPELINE, SDXL_PIPELINE = "StableDiffusionPipeline", "StableDiffusionXLPipeline"
+PIPELINE_PEER_LABELS = {"diffusers": "diffusers {pipeline} (PyTorch)", "optimum": "Optimum ORT{pipeline} (ONNX Runtime CPU)"}
 # Peers in table order; the label says what runs.
 PEER_LABELS = {
     OURS: "ldm-rt (ONNX Runtime CPU)",
     "ours-openvino": "ldm-rt (OpenVINO, bf16 where the CPU has it)",
+    "ours-native": "ldm-rt native C++ (OpenVINO C++ API, no Python)",
     "ours-cuda": "ldm-rt (ONNX Runtime CUDA)",
     "ours-tensorrt": "ldm-rt (TensorRT FP16)",
     "reference": "ldm-rt reference (PyTorch eager)",
-    "diffusers": "diffusers StableDiffusionPipeline (PyTorch)",
-    "optimum": "Optimum ORTStableDiffusionPipeline (ONNX Runtime CPU)",
+    **{name: label.format(pipeline=SD_PIPELINE) for name, label in PIPELINE_PEER_LABELS.items()},
     "openvino-genai": "OpenVINO GenAI Text2ImagePipeline (its default precision)",
     "openvino-genai-f32": "OpenVINO GenAI Text2ImagePipeline (f32)",
     "sdcpp": "stable-diffusion.cpp (f16 weights)",
@@ -100,7 +104,17 @@ class Peer:
 
     @property
     def label(self) -> str:
+        if self.name in PIPELINE_PEER_LABELS:  # the class its worker runs: extra["pipeline"] (pipeline_extra)
+            return PIPELINE_PEER_LABELS[self.name].format(pipeline=self.extra.get("pipeline", SD_PIPELINE))
         return PEER_LABELS.get(self.name, self.name)
+
+
+def pipeline_extra(pipeline: str) -> dict[str, Any]:
+    """Peer.extra of the diffusers and Optimum peers: the diffusers pipeline class their workers run (Optimum's
+    is "ORT" + it), which their label names."""
+    if pipeline not in (SD_PIPELINE, SDXL_PIPELINE):
+        raise BenchError(f"pipeline {pipeline!r} is not one of {SD_PIPELINE}, {SDXL_PIPELINE}; the peer workers run only those")
+    return {"pipeline": pipeline}
 
 
 @dataclass(frozen=True)

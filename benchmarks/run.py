@@ -6,10 +6,12 @@
     python benchmarks/run.py --sd15             # also the SD 1.5-sized model (3.4 GB UNet; ~9 GB of memory to export, once)
 
 Workloads (benchmarks/workloads.py): the SD-v1-shaped model at reduced width at each --sizes (batch 1), the
-SD-v2-shaped one (64-wide heads) at each --sd2-sizes, and the shipped default model at batch 1 and 4
-(skipped, and said so, while its artifacts do not exist). Peers:
+SD-v2-shaped one (64-wide heads) at each --sd2-sizes, the SDXL-shaped one (two text encoders, text_time UNet)
+at each --sdxl-sizes, and the shipped default model at batch 1 and 4 (skipped, and said so, while its
+artifacts do not exist). Peers:
 ldm-rt on ONNX Runtime CPU (CUDA and TensorRT where present), the PyTorch reference, diffusers'
-StableDiffusionPipeline, Optimum's ORTStableDiffusionPipeline in benchmarks/.venv-optimum, OpenVINO GenAI's
+StableDiffusionPipeline (StableDiffusionXLPipeline on the SDXL-shaped model), Optimum's
+ORTStableDiffusion(XL)Pipeline in benchmarks/.venv-optimum, OpenVINO GenAI's
 Text2ImagePipeline at its default precision and at f32 in benchmarks/.venv-ovgenai, stable-diffusion.cpp in
 benchmarks/.venv-sdcpp (SD 1.5-sized workload only), ldm-rt's native C++ runtime (cpp/native, built here with
 CMake; `ours-native`). The harness is
@@ -72,14 +74,15 @@ def peers_for(prepared: workloads.Prepared, optimum_python: Path | None,
     """ldm-rt first (the others' images are compared with its; then on OpenVINO, then native C++), the torch peers,
     Optimum, the CPU runtimes (`envs`), GPU."""
     peers = [harness.ours_peer(prepared.artifacts), harness.openvino_peer(prepared.artifacts), native_peer(prepared.artifacts, native)]
-    for name, model, why in (("reference", prepared.reference_source, "no model folder for the reference"),
-                             ("diffusers", prepared.diffusers_source, prepared.diffusers_reason)):
+    pipeline = harness.pipeline_extra(prepared.pipeline)  # the diffusers class the diffusers and Optimum peers run
+    for name, model, why, extra in (("reference", prepared.reference_source, "no model folder for the reference", {}),
+                                    ("diffusers", prepared.diffusers_source, prepared.diffusers_reason, pipeline)):
         reason = None if model is not None else why or "no diffusers-layout folder"
-        peers.append(harness.Peer(name, harness.worker_argv(name), str(model or ""), skip_reason=reason))
+        peers.append(harness.Peer(name, harness.worker_argv(name), str(model or ""), skip_reason=reason, extra=extra))
     if prepared.optimum_model is not None and optimum_python is not None:
-        peers.append(harness.Peer("optimum", harness.worker_argv("optimum", optimum_python), str(prepared.optimum_model)))
+        peers.append(harness.Peer("optimum", harness.worker_argv("optimum", optimum_python), str(prepared.optimum_model), extra=pipeline))
     else:
-        peers.append(harness.Peer("optimum", skip_reason=prepared.optimum_reason or "Optimum environment not available"))
+        peers.append(harness.Peer("optimum", skip_reason=prepared.optimum_reason or "Optimum environment not available", extra=pipeline))
     if envs is not None:
         peers += cpu_runtime_peers(prepared, envs)
     peers += harness.gpu_peers(prepared.artifacts)
@@ -123,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = OneLineParser(prog=PROG, description=summary(__doc__))
     parser.add_argument("--sizes", type=int, nargs="+", default=list(workloads.SD_SIZES), help="SD-shaped image sizes (default 128 256)")
     parser.add_argument("--sd2-sizes", type=int, nargs="*", default=[256], help="SD-v2-shaped image sizes (default 256; none to skip)")
+    parser.add_argument("--sdxl-sizes", type=int, nargs="*", default=list(workloads.SDXL_SIZES),
+                        help="SDXL-shaped image sizes (default 256; none to skip)")
     parser.add_argument("--default-batches", type=int, nargs="+", default=[1, 4], help="default-model batch sizes (default 1 4)")
     parser.add_argument("--steps", type=int, default=20, help="DDIM steps (default 20)")
     parser.add_argument("--runs", type=int, default=3, help="timed calls per peer, median reported (default 3)")
@@ -148,6 +153,7 @@ def benchmark(args) -> int:
     if args.quick:
         args.runs, args.steps, args.sizes = 1, 4, [min(args.sizes)]
         args.sd2_sizes = [min(args.sd2_sizes)] if args.sd2_sizes else []
+        args.sdxl_sizes = [min(args.sdxl_sizes)] if args.sdxl_sizes else []
 
     workloads.WORK.mkdir(parents=True, exist_ok=True)
     optimum_python, optimum_reason = None, None
@@ -175,6 +181,10 @@ def benchmark(args) -> int:
         sd2 = workloads.prepare_sd_shaped(workloads.SD2_SHAPE, tuple(args.sd2_sizes), optimum_python, optimum_reason, openvino=ov)
         sd2_runs = tuple(harness.RunSpec(s, s, batch=1, steps=args.steps, runs=args.runs, warmup=args.warmup) for s in args.sd2_sizes)
         items.append(harness.Workload(sd2.name, sd2.description, sd2.artifacts, sd2_runs, peers_for(sd2, optimum_python, envs, native), sd2.config))
+    if args.sdxl_sizes:
+        xl = workloads.prepare_sdxl_shaped(workloads.SDXLShape(), tuple(args.sdxl_sizes), optimum_python, optimum_reason, openvino=ov)
+        xl_runs = tuple(harness.RunSpec(s, s, batch=1, steps=args.steps, runs=args.runs, warmup=args.warmup) for s in args.sdxl_sizes)
+        items.append(harness.Workload(xl.name, xl.description, xl.artifacts, xl_runs, peers_for(xl, optimum_python, envs, native), xl.config))
     if args.sd15:
         items.append(sd15_workload(args, envs, ov, native))
     if default.skip_reason is not None:

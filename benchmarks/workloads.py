@@ -11,6 +11,10 @@
   these widths, where SD v1's 8 heads are 8 to 32 wide) and linear projections in and out of each
   transformer. Reducing SD v1's width keeps its head count and shrinks its heads; SD v2's rule keeps the
   head width, as in the full-size models, whose attention is bound by its products, not by the softmax.
+- `sdxl-shaped`: SDXL base's architecture at a fifth of its widths (SDXLShape): two text encoders (CLIP-L-like,
+  and an OpenCLIP-bigG-like one whose pooled output is projected), the text_time add-embedding, per-level
+  transformer depth with no attention at the first level, linear projections, SDXL's VAE scale; a
+  StableDiffusionXLPipeline folder, so diffusers and Optimum run their SDXL pipelines on it.
 - `default`: the shipped default model (engines/default), measured at batch 1 and 4 when its artifacts exist.
 
 Built folders are cached under benchmarks/work/<name>/ (gitignored), keyed by the config they were made from.
@@ -31,7 +35,7 @@ from ldm_rt.runtime.schedulers import sd_scheduler_config
 from ldm_rt.runtime.tokenizer import PromptTokenizer
 
 from .diffusers_layout import ldm_rt_to_diffusers, write_tokenizer_folder
-from .harness import PEERS
+from .harness import PEERS, SD_PIPELINE, SDXL_PIPELINE
 from .machine import version
 from .peers import openvino_genai_env
 from .peers.peer_env import PeerEnvError
@@ -90,6 +94,49 @@ SD15_SHAPE = SDShape(unet_channels=(320, 640, 1280, 1280), text_hidden=768, text
 SD15_SIZE, SD15_STEPS = 256, 4  # 256x256 and 4 steps: the full-size networks fit 2 cores in seconds per image
 
 
+@dataclass(frozen=True)
+class SDXLShape:
+    """SDXL base's architecture with every width divided by 5, as `SDShape` divides SD v1's, so a 256x256 image
+    takes seconds on 2 CPU cores. SDXL base: UNet 320/640/1280 with no attention at the first level and
+    (0, 2, 10) transformer blocks per level, 64-wide heads, linear projections, context 2048 (CLIP ViT-L's 768
+    and OpenCLIP ViT-bigG's 1280 penultimate states side by side), a text_time add-embedding of bigG's pooled
+    projection (1280) and 6 micro-conditioning ids (256-wide Fourier features each); the SD VAE's shape with
+    scale 0.13025."""
+
+    unet_channels: tuple[int, ...] = (64, 128, 256)
+    unet_layers_per_block: int = 2
+    transformer_depth: tuple[int, ...] = (0, 1, 2)  # per level; 0: no attention there (SDXL: 0, 2, 10)
+    unet_head_width: int = 64  # as SDXL's, whatever the width
+    text_hidden: int = 128  # the CLIP-L-like encoder (768 in SDXL)
+    text_layers: int = 6
+    text_2_hidden: int = 256  # the OpenCLIP-bigG-like encoder (1280), with a projection of its pooled output
+    text_2_layers: int = 8
+    text_2_projection: int = 256  # pooled text_embeds width (1280)
+    addition_time_embed_dim: int = 64  # Fourier width per time id (256)
+    vae_channels: tuple[int, ...] = (32, 64, 128, 128)
+    vae_layers_per_block: int = 2
+    max_length: int = 77
+    seed: int = 0
+    name: str = "sdxl-shaped"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def workload_name(self) -> str:
+        return self.name
+
+    @property
+    def cross_attention_dim(self) -> int:
+        return self.text_hidden + self.text_2_hidden  # both encoders' states concatenated per token
+
+    def heads_per_level(self) -> tuple[int, ...]:
+        return tuple(c // self.unet_head_width for c in self.unet_channels)
+
+
+SDXL_SIZES = (256,)  # 32x32 latents; SDXL's own 1024x1024 would be 16x the UNet cost
+
+
 def scheduler_config() -> dict[str, Any]:
     """SD's training schedule with DDIM, as diffusers writes scheduler_config.json."""
     return sd_scheduler_config(_class_name="DDIMScheduler", _diffusers_version="0.42.1")
@@ -102,11 +149,8 @@ WORDS = ("a", "photo", "of", "an", "astronaut", "riding", "horse", "on", "the", 
 def make_sd_shaped(folder: Path, shape: SDShape) -> Path:
     """Write the diffusers-layout folder of `shape` (random weights, seeded) and return it."""
     import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from safetensors.torch import load_file, save_file
+    from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
-
-    from ldm_rt.reference.checkpoints import hf_text_keys
 
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(shape.seed)
@@ -120,29 +164,100 @@ def make_sd_shaped(folder: Path, shape: SDShape) -> Path:
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (len(shape.unet_channels) - 1),
     )
     unet.save_pretrained(folder / "unet", safe_serialization=True)
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=shape.vae_channels,
-        layers_per_block=shape.vae_layers_per_block, norm_num_groups=32, sample_size=256, scaling_factor=0.18215,
-        down_block_types=("DownEncoderBlock2D",) * len(shape.vae_channels), up_block_types=("UpDecoderBlock2D",) * len(shape.vae_channels),
-    )
-    vae.save_pretrained(folder / "vae", safe_serialization=True)
+    save_vae(folder, shape.vae_channels, shape.vae_layers_per_block, SD_VAE_SCALE)
     tokenizer = PromptTokenizer.word_level(WORDS, shape.max_length)
     write_tokenizer_folder(tokenizer, folder / "tokenizer")
-    text = CLIPTextModel(CLIPTextConfig(
+    save_text_encoder(folder / "text_encoder", CLIPTextModel(CLIPTextConfig(
         vocab_size=shape.text_vocab or tokenizer.vocab_size, hidden_size=shape.text_hidden, intermediate_size=shape.text_intermediate,
         num_hidden_layers=shape.text_layers, num_attention_heads=shape.text_heads, max_position_embeddings=shape.max_length,
         hidden_act="quick_gelu", bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id,
-    ))
-    text.save_pretrained(folder / "text_encoder", safe_serialization=True)
-    # Real SD folders keep the `text_model.` level (transformers 5 drops it); both transformers versions read it.
-    weights = folder / "text_encoder" / "model.safetensors"
-    save_file(hf_text_keys(load_file(str(weights))), str(weights), metadata={"format": "pt"})
-    (folder / "scheduler").mkdir(exist_ok=True)
-    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler_config(), indent=2))
+    )))
+    save_scheduler(folder)
     (folder / "model_index.json").write_text(json.dumps({
         "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1", "feature_extractor": [None, None],
         "requires_safety_checker": False, "safety_checker": [None, None], "scheduler": ["diffusers", "DDIMScheduler"],
         "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
+        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+    }, indent=2))
+    return folder
+
+
+SD_VAE_SCALE, SDXL_VAE_SCALE = 0.18215, 0.13025  # the latent scale factors of SD's VAE and SDXL's
+
+
+def save_vae(folder: Path, channels: tuple[int, ...], layers_per_block: int, scaling_factor: float) -> None:
+    """folder/vae: SD's (and SDXL's: the same architecture) AutoencoderKL, f=8 with 4 levels, random weights."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=channels,
+        layers_per_block=layers_per_block, norm_num_groups=32, sample_size=256, scaling_factor=scaling_factor,
+        down_block_types=("DownEncoderBlock2D",) * len(channels), up_block_types=("UpDecoderBlock2D",) * len(channels),
+    )
+    vae.save_pretrained(folder / "vae", safe_serialization=True)
+
+
+def save_text_encoder(folder: Path, model) -> None:
+    """A transformers CLIP text model saved as real SD folders keep it: with the `text_model.` level
+    (transformers 5 drops it; both transformers versions read it)."""
+    from safetensors.torch import load_file, save_file
+
+    from ldm_rt.reference.checkpoints import hf_text_keys
+
+    model.save_pretrained(folder, safe_serialization=True)
+    weights = folder / "model.safetensors"
+    save_file(hf_text_keys(load_file(str(weights))), str(weights), metadata={"format": "pt"})
+
+
+def save_scheduler(folder: Path) -> None:
+    (folder / "scheduler").mkdir(exist_ok=True)
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler_config(), indent=2))
+
+
+def make_sdxl_shaped(folder: Path, shape: SDXLShape) -> Path:
+    """Write the diffusers-layout StableDiffusionXLPipeline folder of `shape` (random weights, seeded): two text
+    encoders (CLIPTextModel with quick_gelu; CLIPTextModelWithProjection with gelu, as OpenCLIP), one word-level
+    tokenizer for both (pads with <|pad|>, not <|endoftext|>, as SDXL's tokenizer_2 pads with "!"), the text_time
+    UNet, the VAE, DDIM; force_zeros_for_empty_prompt true, as SDXL ships."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(shape.seed)
+    attention = [d > 0 for d in shape.transformer_depth]
+    unet = UNet2DConditionModel(
+        sample_size=32, in_channels=4, out_channels=4, block_out_channels=shape.unet_channels,
+        layers_per_block=shape.unet_layers_per_block, norm_num_groups=32, cross_attention_dim=shape.cross_attention_dim,
+        attention_head_dim=list(shape.heads_per_level()), use_linear_projection=True,
+        # Levels without attention are plain blocks; their depth entry is unused (diffusers wants >= 1).
+        transformer_layers_per_block=[max(d, 1) for d in shape.transformer_depth],
+        down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention),
+        up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)),
+        addition_embed_type="text_time", addition_time_embed_dim=shape.addition_time_embed_dim,
+        projection_class_embeddings_input_dim=shape.text_2_projection + 6 * shape.addition_time_embed_dim,  # 6 time ids
+    )  # fmt: skip
+    unet.save_pretrained(folder / "unet", safe_serialization=True)
+    save_vae(folder, shape.vae_channels, shape.vae_layers_per_block, SDXL_VAE_SCALE)
+    tokenizer = PromptTokenizer.word_level(WORDS, shape.max_length)
+    ids = dict(vocab_size=tokenizer.vocab_size, max_position_embeddings=shape.max_length, bos_token_id=tokenizer.bos_id,
+               eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
+    for name, model in (
+        ("text_encoder", CLIPTextModel(CLIPTextConfig(
+            hidden_size=shape.text_hidden, intermediate_size=4 * shape.text_hidden, num_hidden_layers=shape.text_layers,
+            num_attention_heads=shape.text_hidden // 64, hidden_act="quick_gelu", **ids))),
+        ("text_encoder_2", CLIPTextModelWithProjection(CLIPTextConfig(
+            hidden_size=shape.text_2_hidden, intermediate_size=4 * shape.text_2_hidden, num_hidden_layers=shape.text_2_layers,
+            num_attention_heads=shape.text_2_hidden // 64, hidden_act="gelu", projection_dim=shape.text_2_projection, **ids))),
+    ):  # fmt: skip
+        write_tokenizer_folder(tokenizer, folder / name.replace("text_encoder", "tokenizer"))
+        save_text_encoder(folder / name, model)
+    save_scheduler(folder)
+    (folder / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionXLPipeline", "_diffusers_version": "0.42.1", "force_zeros_for_empty_prompt": True,
+        "feature_extractor": [None, None], "image_encoder": [None, None], "scheduler": ["diffusers", "DDIMScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"], "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+        "tokenizer": ["transformers", "PreTrainedTokenizerFast"], "tokenizer_2": ["transformers", "PreTrainedTokenizerFast"],
         "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
     }, indent=2))
     return folder
@@ -153,7 +268,9 @@ def parameter_counts(folder: Path) -> dict[str, float]:
     from safetensors import safe_open
 
     counts = {}
-    for part in ("unet", "vae", "text_encoder"):
+    for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        if not (folder / part).is_dir():
+            continue  # text_encoder_2: SDXL only
         total = 0
         for file in (folder / part).glob("*.safetensors"):
             with safe_open(str(file), "pt") as f:
@@ -247,6 +364,7 @@ class Prepared:
     openvino_reason: str | None = None
     single_file: Path | None = None  # the original-layout f16 checkpoint, for stable-diffusion.cpp
     single_file_reason: str | None = None
+    pipeline: str = SD_PIPELINE  # diffusers' pipeline class of the folder: the diffusers and Optimum peers run it
 
 
 def openvino_export(ready: bool, reason: str | None, source: Path, root: Path, key: dict[str, Any]) -> tuple[Path | None, str | None]:
@@ -303,6 +421,35 @@ def prepare_sd_shaped(shape: SDShape, sizes: tuple[int, ...], optimum_python: Pa
     )
     return Prepared(name, description, config, artifacts, source, source, optimum, optimum_reason=optimum_reason,
                     openvino_ir=openvino_ir, openvino_reason=openvino_reason, single_file=single, single_file_reason=single_reason)
+
+
+def prepare_sdxl_shaped(shape: SDXLShape, sizes: tuple[int, ...], optimum_python: Path | None, optimum_reason: str | None,
+                        openvino: tuple[bool, str | None] = (False, "not run")) -> Prepared:
+    """Make (or reuse) the SDXL-shaped diffusers folder, ldm-rt's export of it, Optimum's and optimum-intel's
+    (when `openvino` is (True, _)). stable-diffusion.cpp refuses reduced widths (SDCPP_SHAPES)."""
+    root = WORK / shape.workload_name
+    root.mkdir(parents=True, exist_ok=True)
+    key = {"shape": shape.to_dict(), "words": list(WORDS), "diffusers": version("diffusers")}
+    source = _cached(root / "diffusers", key, lambda folder: make_sdxl_shaped(folder, shape))
+    heights = (min(*sizes, *SDXL_SIZES), min(SDXL_SIZES), max(*sizes, *SDXL_SIZES))  # one profile for --quick and full runs
+    artifacts = build_ours(source, root / "artifacts", heights, (1, 1, 1), key)
+    optimum, optimum_reason = optimum_export(optimum_python, optimum_reason, source, root, key)
+    openvino_ir, openvino_reason = openvino_export(*openvino, source, root, key)
+    params = parameter_counts(source)
+    config = {"sdxl_shaped": True, **shape.to_dict(), "params_millions": {k: round(v, 2) for k, v in params.items()}}
+    description = (
+        f"SDXL-shaped model, random weights: UNet {params['unet']:.1f} M parameters (block_out_channels {list(shape.unet_channels)}, "
+        f"{shape.unet_layers_per_block} layers per block, transformer depth {list(shape.transformer_depth)} per level, "
+        f"{shape.unet_head_width}-wide heads ({', '.join(map(str, shape.heads_per_level()))} per level), linear projections, "
+        f"cross-attention {shape.cross_attention_dim}, text_time add-embedding of the pooled text ({shape.text_2_projection}) and "
+        f"6 time ids), VAE {params['vae']:.1f} M (f=8, {list(shape.vae_channels)}, scale {SDXL_VAE_SCALE}), two text encoders: "
+        f"CLIP-L-like {params['text_encoder']:.1f} M ({shape.text_layers} layers, width {shape.text_hidden}) and "
+        f"OpenCLIP-bigG-like {params['text_encoder_2']:.1f} M ({shape.text_2_layers} layers, width {shape.text_2_hidden}, "
+        f"projection {shape.text_2_projection}), penultimate states, {shape.max_length} tokens."
+    )
+    return Prepared(shape.workload_name, description, config, artifacts, source, source, optimum, optimum_reason=optimum_reason,
+                    openvino_ir=openvino_ir, openvino_reason=openvino_reason, single_file_reason=SDCPP_SHAPES,
+                    pipeline=SDXL_PIPELINE)
 
 
 def prepare_default(optimum_python: Path | None, optimum_reason: str | None) -> Prepared:

@@ -1,9 +1,10 @@
-"""Peer: diffusers' StableDiffusionPipeline (PyTorch eager, CPU) on a diffusers-layout folder.
+"""Peer: diffusers' StableDiffusionPipeline, or StableDiffusionXLPipeline (the spec's `pipeline`), PyTorch eager,
+CPU, on a diffusers-layout folder.
 
 Same prompt, steps, DDIM scheduler (eta 0), guidance and initial noise as ldm-rt: the noise is the .npy the
 harness drew with numpy, passed as `latents` (diffusers multiplies it by init_noise_sigma, as ldm-rt does),
 so the images can be compared. Stages are timed with forward hooks on the text encoder and the UNet and a
-wrapper around `vae.decode`.
+wrapper around `vae.decode`; SDXL's two text encoders count as one stage (their sum), as in every peer.
 """
 
 from __future__ import annotations
@@ -26,18 +27,23 @@ def hook_stage(module, clock: StageClock, stage: str) -> None:
 def prepare(spec: dict):
     import numpy as np
     import torch
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     import_s = time.perf_counter() - T_START
     torch.set_num_threads(int(spec["threads"]))
     t0 = time.perf_counter()
-    pipe = StableDiffusionPipeline.from_pretrained(spec["model"], safety_checker=None, requires_safety_checker=False)
+    if spec.get("pipeline", "StableDiffusionPipeline") == "StableDiffusionXLPipeline":
+        pipe = StableDiffusionXLPipeline.from_pretrained(spec["model"])  # no safety checker in SDXL's pipeline
+    else:
+        pipe = StableDiffusionPipeline.from_pretrained(spec["model"], safety_checker=None, requires_safety_checker=False)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     load_s = time.perf_counter() - t0
 
     clock = StageClock()
-    hook_stage(pipe.text_encoder, clock, "text_encoder")
+    for encoder in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
+        if encoder is not None:
+            hook_stage(encoder, clock, "text_encoder")
     hook_stage(pipe.unet, clock, "unet")
     pipe.vae.decode = clock.wrap("vae_decoder", pipe.vae.decode)
     latents = torch.from_numpy(np.load(spec["noise_file"])) if spec.get("noise_file") else None

@@ -41,6 +41,7 @@ ENV = PeerEnv(
     remove=("torchvision",),
 )
 OV_TOKENIZER = "openvino_tokenizer.xml"
+TOKENIZER_FOLDERS = ("tokenizer", "tokenizer_2")  # a diffusers folder's tokenizers: SD has the first, SDXL both
 
 
 def export(source: Path, out: Path, log_file: Path | None = None, prompts: tuple[str, ...] = ()) -> Path:
@@ -48,8 +49,10 @@ def export(source: Path, out: Path, log_file: Path | None = None, prompts: tuple
     as an OpenVINO model where the exporter could not convert it (checked on `prompts`); PeerEnvError naming
     the log when either fails. Run from any python: both steps run in the venv."""
     cli = ENV.venv / "bin" / "optimum-cli"
-    steps = [[str(cli), "export", "openvino", "--model", str(source), "--task", "text-to-image", "--weight-format", "fp32", str(out)],
-             [str(ENV.python), __file__, "tokenizer", str(out / "tokenizer"), *(a for p in prompts for a in ("--check", p))]]
+    checks = [a for p in prompts for a in ("--check", p)]
+    steps = [[str(cli), "export", "openvino", "--model", str(source), "--task", "text-to-image", "--weight-format", "fp32", str(out)]]
+    # SDXL has a second tokenizer (tokenizer_2/), which the pipeline reads as an OpenVINO model too.
+    steps += [[str(ENV.python), __file__, "tokenizer", str(out / name), *checks] for name in TOKENIZER_FOLDERS if (source / name).is_dir()]
     with open(log_file, "a") if log_file is not None else open(os.devnull, "w") as f:
         for command in steps:
             if subprocess.run(command, stdout=f, stderr=subprocess.STDOUT).returncode != 0:

@@ -1,4 +1,5 @@
-"""Peer: Hugging Face Optimum's ORTStableDiffusionPipeline (ONNX Runtime, CPU), in its own virtual environment.
+"""Peer: Hugging Face Optimum's ORTStableDiffusionPipeline, or ORTStableDiffusionXLPipeline (the spec's `pipeline`
+with "ORT" in front), ONNX Runtime, CPU, in its own virtual environment.
 
 Runs with benchmarks/.venv-optimum/bin/python (made by optimum_env.py) on the ONNX folder Optimum's own
 exporter wrote from the same diffusers-layout weights. Session options are Optimum's defaults (what a user
@@ -20,18 +21,21 @@ def prepare(spec: dict):
     import numpy as np
     import torch
     from diffusers import DDIMScheduler
-    from optimum.onnxruntime import ORTStableDiffusionPipeline
+    from optimum.onnxruntime import ORTStableDiffusionPipeline, ORTStableDiffusionXLPipeline
 
     import_s = time.perf_counter() - T_START
     torch.set_num_threads(int(spec["threads"]))  # the pipeline's own tensor math between sessions
     t0 = time.perf_counter()
-    pipe = ORTStableDiffusionPipeline.from_pretrained(spec["model"], provider="CPUExecutionProvider")
+    sdxl = spec.get("pipeline", "StableDiffusionPipeline") == "StableDiffusionXLPipeline"
+    pipe = (ORTStableDiffusionXLPipeline if sdxl else ORTStableDiffusionPipeline).from_pretrained(spec["model"], provider="CPUExecutionProvider")
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     load_s = time.perf_counter() - t0
 
     clock = StageClock()
-    pipe.text_encoder.forward = clock.wrap("text_encoder", pipe.text_encoder.forward)
+    for encoder in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):  # SDXL's two: one stage, their sum
+        if encoder is not None:
+            encoder.forward = clock.wrap("text_encoder", encoder.forward)
     pipe.unet.forward = clock.wrap("unet", pipe.unet.forward)
     pipe.vae_decoder.forward = clock.wrap("vae_decoder", pipe.vae_decoder.forward)
     latents = torch.from_numpy(np.load(spec["noise_file"])) if spec.get("noise_file") else None

@@ -32,7 +32,7 @@ def prepare(spec: dict):
             scheduler=spec["scheduler"], seed=spec["seed"], batch=spec["batch"], height=spec["height"],
             width=spec["width"], latents=latents,
         )
-        clock.add("text_encoder", r.timings.get("text_encoder", 0.0))
+        clock.add("text_encoder", r.timings.get("text_encoder", 0.0) + r.timings.get("text_encoder_2", 0.0))  # SDXL: both
         for seconds in r.timings["unet"]:
             clock.add("unet", seconds)
         clock.add("vae_decoder", r.timings["vae_decoder"])

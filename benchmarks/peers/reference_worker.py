@@ -28,10 +28,11 @@ def prepare(spec: dict):
     load_s = time.perf_counter() - t0
 
     clock = StageClock()
-    for stage in ("text_encoder", "unet", "vae_decoder"):
-        if stage in pipe.components:
+    # SDXL's second text encoder counts in the text encoder's stage (their sum), as in every peer.
+    for component, stage in (("text_encoder", "text_encoder"), ("text_encoder_2", "text_encoder"), ("unet", "unet"), ("vae_decoder", "vae_decoder")):
+        if component in pipe.components:
             started: list[float] = []
-            module = pipe.components[stage].module  # the export wrapper the TorchComponent runs
+            module = pipe.components[component].module  # the export wrapper the TorchComponent runs
             module.register_forward_pre_hook(lambda *_, s=started: s.append(time.perf_counter()))
             module.register_forward_hook(lambda *_, s=started, name=stage: clock.add(name, time.perf_counter() - s.pop()))
     latents = np.load(spec["noise_file"]) if spec.get("noise_file") else None
