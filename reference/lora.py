@@ -24,8 +24,9 @@ from ldm_rt.runtime.lora import (
     LoraError,
     LoraFile,
     LoraSpec,
+    ModuleDelta,
     ModuleInfo,
-    combined_deltas,
+    lazy_deltas,
     read_lora,
     records,
 )
@@ -90,8 +91,9 @@ def load_lora_files(specs: Sequence[LoraSpec]) -> list[tuple[LoraFile, float]]:
 
 
 @torch.no_grad()
-def fuse_deltas(model: LatentDiffusion, deltas: dict[str, dict[str, np.ndarray]]) -> int:
-    """W += delta for every module named in `deltas` (computed in float32, stored in the weight's dtype).
+def fuse_deltas(model: LatentDiffusion, deltas: dict[str, dict[str, ModuleDelta]]) -> int:
+    """W += delta for every module named in `deltas` (runtime.lora.lazy_deltas: each computed in float32 as its
+    weight is fused, stored in the weight's dtype, so one module's delta is in memory at a time).
     Returns the number of weights changed."""
     n = 0
     for component, modules in deltas.items():
@@ -99,7 +101,7 @@ def fuse_deltas(model: LatentDiffusion, deltas: dict[str, dict[str, np.ndarray]]
         named = dict(root.named_modules())
         for name, delta in modules.items():
             weight = named[name].weight
-            fused = weight.float() + torch.from_numpy(np.ascontiguousarray(delta)).reshape(weight.shape)
+            fused = weight.float() + torch.from_numpy(np.ascontiguousarray(delta.array())).reshape(weight.shape)
             weight.copy_(fused.to(weight.dtype))
             n += 1
     return n
@@ -109,7 +111,7 @@ def fuse_lora_files(loaded: LoadedModel | LatentDiffusion, files: Sequence[tuple
     """Fuse LoRA files already read (each at its scale; they add up) into the model's weights, in place.
     Returns what manifests record of each: file name, sha256, scale. A LoraError when one does not fit."""
     model = loaded.model if isinstance(loaded, LoadedModel) else loaded
-    fuse_deltas(model, combined_deltas(files, lora_module_table(model)))
+    fuse_deltas(model, lazy_deltas(files, lora_module_table(model)))
     return records(files)
 
 

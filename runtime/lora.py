@@ -436,11 +436,6 @@ def lazy_deltas(loras: Sequence[tuple[LoraFile, float]], table: ModuleTable) -> 
     return {c: {m: ModuleDelta(tuple(p), tuple(table[c][m].shape)) for m, p in ms.items()} for c, ms in parts.items()}
 
 
-def combined_deltas(loras: Sequence[tuple[LoraFile, float]], table: ModuleTable) -> dict[str, dict[str, np.ndarray]]:
-    """sum over files of scale * file_deltas(file): component -> module -> delta (float32)."""
-    return {c: {m: d.array() for m, d in ms.items()} for c, ms in lazy_deltas(loras, table).items()}
-
-
 # ---- ONNX initializers, read from the protobuf wire format --------------------------------------------------------
 # ModelProto.graph = 7; GraphProto.initializer = 5; TensorProto: dims 1, data_type 2, name 8, raw_data 9,
 # external_data 13 (key 1, value 2), data_location 14. (onnx/onnx.proto3)

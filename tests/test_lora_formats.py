@@ -18,9 +18,9 @@ from ldm_rt.runtime.lora import (
     LoraSpec,
     ModuleInfo,
     as_specs,
-    combined_deltas,
     external_model_bytes,
     file_deltas,
+    lazy_deltas,
     onnx_initializers,
     parse_lora_arg,
     read_lora,
@@ -135,7 +135,7 @@ def test_peft_kohya_and_locon_deltas_with_their_alphas():
     assert k["unet"]["input_blocks.1.0.in_layers.2"].shape == (8, 4, 3, 3)
     np.testing.assert_allclose(k["text_encoder"]["text_model.encoder.layers.0.self_attn.q_proj"], rand(6, 3) @ rand(3, 6), rtol=1e-6)
     # Two files add up, each at its scale.
-    both = combined_deltas([(plain, 0.5), (peft, -1.0)], TABLE)["unet"]["input_blocks.1.1.transformer_blocks.0.attn1.to_q"]
+    both = lazy_deltas([(plain, 0.5), (peft, -1.0)], TABLE)["unet"]["input_blocks.1.1.transformer_blocks.0.attn1.to_q"].array()
     np.testing.assert_allclose(both, 0.5 * up @ down - 2.0 * up @ down, rtol=1e-5)
 
 
