@@ -32,7 +32,7 @@ from .checkpoints import _convert_config, _read_component_weights, infer_unet_co
 from .configs import ConfigError, ControlNetConfig, UNetConfig
 from .controlnet import ControlNetModel, check_controlnet_fits, residual_layout
 from .keymap_unet import unet_config_from_diffusers, unet_key_map
-from .model_folder import load_strict
+from .model_folder import check_materialised, load_strict, parameters_on_meta
 
 # The original files' prefix (a whole ControlLDM checkpoint also holds the SD model under its own prefixes).
 ORIGINAL_PREFIX = "control_model."
@@ -241,8 +241,10 @@ def load_controlnet(
         config = infer_controlnet_config(state, where=where, base=base, global_average_pooling=global_average_pooling)
     if base is not None:
         _check_fits(config, base, str(path))
-    model = ControlNetModel(config)
-    load_strict(model, state, where=where)
+    with parameters_on_meta():  # the checkpoint's tensors become the weights: no random init, no second copy
+        model = ControlNetModel(config)
+    load_strict(model, dict(state), where=where, assign=True)
+    check_materialised(model, where)
     return model.to(dtype).eval()
 
 

@@ -167,6 +167,14 @@ def test_every_loaded_weight_is_a_view_of_its_safetensors_file(fixture, files, r
     assert ids.flatten().tolist() == list(range(ids.shape[-1]))
 
 
+def test_a_controlnet_is_loaded_as_views_of_its_file_too(tiny_controlnet_v1):
+    """A ControlNet beside the UNet (export --controlnet) is built on meta and assigned, as the model is."""
+    from ldm_rt.reference.keymap_controlnet import load_controlnet
+
+    model = load_controlnet(tiny_controlnet_v1)
+    assert _mapped_files(model.parameters()) == {"diffusion_pytorch_model.safetensors"}
+
+
 def test_parameters_on_meta_builds_no_weights_and_restores_the_module_class():
     import torch
     from torch import nn
