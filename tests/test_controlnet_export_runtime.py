@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_runtime_fixtures import one_line_error, psnr, run_cli, to_u8
+from test_runtime_fixtures import http_example, one_line_error, psnr, run_cli, to_u8
 
 from ldm_rt.export import build_engines
 from ldm_rt.export.build import BuildOptions, build
@@ -354,17 +354,13 @@ def test_http_example_takes_control_images(pipe, noise, control_images, tmp_path
     """examples/http_service: control_images (base64 files, one per ControlNet) give the Python API's image; a wrong
     count or undecodable data is a 422 naming the field (FastAPI's test client on the app, no server)."""
     import base64
-    import importlib.util
     import io
 
     pytest.importorskip("fastapi")
     pytest.importorskip("httpx")
     from fastapi.testclient import TestClient
 
-    path = Path(__file__).resolve().parents[1] / "examples" / "http_service" / "app.py"
-    spec = importlib.util.spec_from_file_location("ldm_rt_http_example_controlnet", path)  # a script: a name of its own
-    app = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(app)
+    app = http_example("ldm_rt_http_example_controlnet")
     encoded = []
     for image in control_images:
         buffer = io.BytesIO()

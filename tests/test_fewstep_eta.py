@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 from PIL import Image
+from test_runtime_fixtures import http_example
 
 from ldm_rt.runtime.cli import main
 from ldm_rt.runtime.params import GenerationError
@@ -65,18 +66,13 @@ def test_the_cli_records_eta_in_the_image(tmp_path):
 def test_the_http_example_takes_eta(pipe):
     """examples/http_service: `eta` as Pipeline.generate's (the image and its recorded parameters); the runtime's
     refusal for a scheduler without one, and a non-finite value, are 422s naming eta (FastAPI's test client, no server)."""
-    import importlib.util
     import io
-    from pathlib import Path
 
     pytest.importorskip("fastapi")
     pytest.importorskip("httpx")
     from fastapi.testclient import TestClient
 
-    path = Path(__file__).resolve().parents[1] / "examples" / "http_service" / "app.py"
-    spec = importlib.util.spec_from_file_location("ldm_rt_http_example_eta", path)  # a script: a name of its own
-    app = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(app)
+    app = http_example("ldm_rt_http_example_eta")
     client = TestClient(app.create_app(pipe))
     body = dict(prompt=PROMPT, steps=2, scheduler="tcd", seed=4, eta=0.6)
     response = client.post("/generate", json=body)

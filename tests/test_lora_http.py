@@ -5,7 +5,6 @@ In process (FastAPI's TestClient) on the tiny SD v1 artifacts the other LoRA tes
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 from pathlib import Path
@@ -13,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from test_lora_formats import write_safetensors
-from test_runtime_fixtures import exported
+from test_runtime_fixtures import exported, http_example
 
 pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
@@ -24,10 +23,7 @@ from PIL import Image  # noqa: E402
 from ldm_rt.runtime.lora import LoraTargets  # noqa: E402
 from ldm_rt.runtime.pipeline import Pipeline  # noqa: E402
 
-APP = Path(__file__).resolve().parents[1] / "examples" / "http_service" / "app.py"
-_spec = importlib.util.spec_from_file_location("ldm_rt_http_example_lora", APP)
-http_app = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(http_app)
+http_app = http_example("ldm_rt_http_example_lora")
 
 BODY = {"prompt": "a red car", "steps": 2, "seed": 4, "height": 16, "width": 16, "scheduler": "ddim", "guidance": 7.5}
 

@@ -7,9 +7,7 @@ chunks, the same one-line refusals, and ControlNet artifacts refused before anyt
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import io
 import json
 import shutil
 from pathlib import Path
@@ -18,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from sdxl_small_models import SIZE
-from test_native_sdxl import native  # noqa: F401  (the module's built executable, a fixture)
+from test_native_sdxl import cli_error, native  # noqa: F401  (native: the module's built executable, a fixture)
 from test_runtime_fixtures import psnr
 
 from ldm_rt.runtime.artifacts import default_artifacts_dir
@@ -80,18 +78,6 @@ def test_refiner_hand_off_matches_ldm_rt_sample(native, base, refiner, tmp_path,
     assert c_text == py_text
 
 
-def cli_error(*args) -> str:
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        try:
-            code = ldm_rt_main(["sample", "--backend", "openvino", *map(str, args)])
-        except SystemExit as e:  # argparse's usage errors exit from inside the parser
-            code = e.code
-    lines = err.getvalue().splitlines()
-    assert code == 2 and len(lines) == 1 and lines[0].startswith("ldm-rt: error: "), lines
-    return lines[0].removeprefix("ldm-rt: error: ")
-
-
 def test_refiner_bad_input_gets_the_messages_of_ldm_rt_sample(native, base, refiner, tmp_path):
     Image.new("RGB", (SIZE, SIZE), "white").save(tmp_path / "init.png")
     Image.new("L", (SIZE, SIZE), 255).save(tmp_path / "mask.png")
@@ -107,7 +93,7 @@ def test_refiner_bad_input_gets_the_messages_of_ldm_rt_sample(native, base, refi
     ]
     for args in cases:
         out = tmp_path / "never.png"
-        expected = cli_error(*args, "--prompt", PROMPT, "--out", out)
+        expected = cli_error("--backend", "openvino", *args, "--prompt", PROMPT, "--out", out)
         done = native.run(*args, "--prompt", PROMPT, "--out", out)
         assert (done.returncode, done.stderr.splitlines()) == (2, [f"ldm-rt-native: error: {expected}"]), args
         assert not out.exists()
@@ -147,6 +133,6 @@ def test_without_scheduler_each_samples_with_the_models_own(native, base, refine
     manifest = json.loads((folder / "manifest.json").read_text())
     manifest["default_scheduler"] = "nope"
     (folder / "manifest.json").write_text(json.dumps(manifest))
-    expected = cli_error("--model", folder, "--prompt", "x", "--out", tmp_path / "never.png")
+    expected = cli_error("--backend", "openvino", "--model", folder, "--prompt", "x", "--out", tmp_path / "never.png")
     done = native.run("--model", folder, "--prompt", "x", "--out", tmp_path / "never.png")
     assert (done.returncode, done.stderr.splitlines()) == (2, [f"ldm-rt-native: error: {expected}"])

@@ -232,6 +232,20 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
+HTTP_APP = Path(__file__).resolve().parents[1] / "examples" / "http_service" / "app.py"
+
+
+def http_example(name: str):
+    """examples/http_service/app.py loaded as the module `name` (it is a script, not a package: each test file loads
+    it under a name no other module has, so their module-level state stays apart). Needs fastapi."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, HTTP_APP)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def to_u8(images: np.ndarray) -> np.ndarray:
     """diffusers' output_type="np" (floats in [0, 1]) as 8-bit, the way its numpy_to_pil rounds."""
     return (images * 255).round().astype(np.uint8)

@@ -3,7 +3,6 @@ end are sent by hand over a socket."""
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import re
 import socket
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_runtime_fixtures import synthetic
+from test_runtime_fixtures import HTTP_APP, http_example, synthetic
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
@@ -27,11 +26,7 @@ from PIL import Image  # noqa: E402
 
 from ldm_rt.runtime.pipeline import Pipeline  # noqa: E402
 
-APP = Path(__file__).resolve().parents[1] / "examples" / "http_service" / "app.py"
-# The example is a script, not a package: load it under a name no other module has.
-_spec = importlib.util.spec_from_file_location("ldm_rt_http_example", APP)
-http_app = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(http_app)
+http_app = http_example("ldm_rt_http_example")
 
 LISTENING = re.compile(r"^ldm-rt-http: listening on (http://127\.0\.0\.1:\d+) with model .*\n", re.MULTILINE)
 
@@ -55,7 +50,7 @@ def server(model_dir, tmp_path_factory):
     stdout, stderr = logs / "stdout.txt", logs / "stderr.txt"
     with open(stdout, "wb") as out, open(stderr, "wb") as err:  # files, not pipes: a full pipe would block the server
         # --max-in-flight: room for test_concurrent_requests_each_get_their_own_image's six at once
-        proc = subprocess.Popen([sys.executable, str(APP), "--model", str(model_dir), "--port", "0", "--max-in-flight", "6"], stdout=out, stderr=err)
+        proc = subprocess.Popen([sys.executable, str(HTTP_APP), "--model", str(model_dir), "--port", "0", "--max-in-flight", "6"], stdout=out, stderr=err)
     deadline = time.monotonic() + 60
     while not (match := LISTENING.search(stdout.read_text())):
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -115,7 +110,7 @@ def test_start_line_health_and_access_log(server, model_dir):
 
 
 def test_a_bad_model_is_one_line_exit_2(tmp_path):
-    r = subprocess.run([sys.executable, str(APP), "--model", str(tmp_path / "nowhere"), "--port", "0"], capture_output=True, text=True, timeout=60)
+    r = subprocess.run([sys.executable, str(HTTP_APP), "--model", str(tmp_path / "nowhere"), "--port", "0"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("ldm-rt-http: error: ") and "nowhere is not a folder" in r.stderr
 
