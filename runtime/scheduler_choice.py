@@ -34,16 +34,20 @@ class SchedulerChoice:
 
 def _name_of_class(class_name: str, config: dict[str, Any]) -> tuple[str | None, str]:
     """Our name for a diffusers class (with the config options that pick a variant), and what it changes."""
-    karras = bool(config.get("use_karras_sigmas", False))
-    if class_name == "EulerDiscreteScheduler":
-        return ("euler-karras" if karras else "euler"), ""
-    if class_name == "DPMSolverMultistepScheduler":
-        sde = config.get("algorithm_type", "dpmsolver++") == "sde-dpmsolver++"
-        name = "dpmpp-2m" + ("-sde" if sde else "") + ("-karras" if karras else "")
-        order = config.get("solver_order", 2)
-        return name, (f"solver_order {order} sampled as 2 ({name} is DPM++ 2M)" if order != 2 else "")
-    cls = DIFFUSERS_SCHEDULERS.get(class_name)
-    return (cls.name if cls is not None and cls.name else None), ""
+    note = ""
+    if class_name == "EulerDiscreteScheduler":  # its class names itself per instance (euler / euler-karras)
+        name: str | None = "euler"
+    elif class_name == "DPMSolverMultistepScheduler":  # likewise, and the algorithm picks 2M or 2M SDE
+        name = "dpmpp-2m" + ("-sde" if config.get("algorithm_type", "dpmsolver++") == "sde-dpmsolver++" else "")
+    else:
+        cls = DIFFUSERS_SCHEDULERS.get(class_name)
+        name = cls.name if cls is not None and isinstance(cls.name, str) and cls.name else None
+    # Karras sigmas are a variant of their own name wherever we have one (euler, dpmpp-2m(-sde), dpmpp-sde).
+    if name is not None and config.get("use_karras_sigmas", False) and f"{name}-karras" in SCHEDULERS:
+        name += "-karras"
+    if class_name == "DPMSolverMultistepScheduler" and config.get("solver_order", 2) != 2:
+        note = f"solver_order {config.get('solver_order')} sampled as 2 ({name} is DPM++ 2M)"
+    return name, note
 
 
 def default_scheduler(config: dict[str, Any]) -> SchedulerChoice:

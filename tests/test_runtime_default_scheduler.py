@@ -31,6 +31,7 @@ def saved_config(cls_name: str, tmp_path, **changes) -> dict:
     ("PNDMScheduler", {}, "pndm"),  # SD 1.x
     ("DDIMScheduler", {}, "ddim"),  # SD 2.x
     ("EulerDiscreteScheduler", {"use_karras_sigmas": True}, "euler-karras"),
+    ("DPMSolverSDEScheduler", {"use_karras_sigmas": True}, "dpmpp-sde-karras"),
     ("DPMSolverMultistepScheduler", {}, "dpmpp-2m"),
     ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True}, "dpmpp-2m-sde-karras"),
     ("UniPCMultistepScheduler", {}, "unipc"),
