@@ -152,12 +152,12 @@ def test_bf16_without_the_openvino_backend_is_refused(tmp_path, capsys):
 def test_compile_cache_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert base.default_compile_cache() == tmp_path / "xdg" / "ldm-rt"
-    assert openvino_backend.cache_folder(tmp_path / "c", "openvino") == tmp_path / "c" / "openvino"
+    assert base.cache_folder(tmp_path / "c", "openvino") == tmp_path / "c" / "openvino"
     assert (tmp_path / "c" / "openvino").is_dir()
-    assert openvino_backend.cache_folder(None, "openvino") is None
+    assert base.cache_folder(None, "openvino") is None
     blocker = tmp_path / "file"
     blocker.write_text("x")
     # A folder that cannot be made means no cache, not a failed load.
-    assert openvino_backend.cache_folder(blocker / "sub", "openvino") is None
+    assert base.cache_folder(blocker / "sub", "openvino") is None
     with pytest.raises(BackendError, match="is a file; give a folder"):
         Pipeline.load(backend="openvino", compile_cache=blocker)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import inspect
+import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ import numpy as np
 
 from ..contracts import DTYPES, ComponentContract
 from ..manifest import Manifest, PrecisionEntry
+
+log = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "ldm_rt.backends"
 PRECISIONS = ("fp32", "fp16")
@@ -102,6 +105,20 @@ def precision_entry(artifacts_dir: Path, manifest: Manifest, name: str, precisio
 def default_compile_cache() -> Path:
     """Where compiled graphs are kept unless told otherwise: the user's cache folder (XDG), ldm-rt's part of it."""
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ldm-rt"
+
+
+def cache_folder(root: Path | None, name: str) -> Path | None:
+    """`root`/`name`, created (one part of the compile cache: OpenVINO's compiled graphs, ONNX Runtime's optimised
+    graphs and verified hashes); None (compile every time, with a warning) when it cannot be created."""
+    if root is None:
+        return None
+    folder = Path(root) / name
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        log.warning("no compile cache: cannot create %s (%s); pass compile_cache=False to silence this", folder, e.strerror or e)
+        return None
+    return folder
 
 
 @runtime_checkable

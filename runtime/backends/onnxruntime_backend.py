@@ -30,7 +30,7 @@ import onnxruntime as ort
 from ..contracts import ComponentContract
 from ..lora import LoraFile, LoraTargets, external_model_bytes, patched_initializers, run_time_deltas
 from ..manifest import MANIFEST, ArtifactError, FileEntry, Manifest, PrecisionEntry, confined
-from .base import BackendError, HostOptions, physical_cores, placeholder_for, precision_entry
+from .base import BackendError, HostOptions, cache_folder, physical_cores, placeholder_for, precision_entry
 
 log = logging.getLogger(__name__)
 
@@ -192,8 +192,6 @@ def _open_optimized(
     component, a compile cache): a cached graph is opened instead of `path`; otherwise the session that opens
     `path` also writes its optimised graph into the cache (a temporary folder renamed into place when complete,
     so a reader never sees half of one). Any failure of the cache falls back to `path` with a warning."""
-    from .openvino_backend import cache_folder  # the same cache folder rules as OpenVINO's compiled graphs
-
     if host is None or host.compile_cache is None or providers != ["CPUExecutionProvider"] or sum(e.bytes for e in entries) < OPTIMIZED_FROM_BYTES:
         return open_session(path, options, providers)
     cache = cache_folder(host.compile_cache, "onnxruntime")
@@ -244,8 +242,6 @@ def _verified(artifacts_dir: Path, manifest: Manifest, entry: FileEntry, host: H
         stamp = json.dumps([str(path.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, entry.sha256])
     except OSError:
         return manifest.verify_file(artifacts_dir, entry)
-    from .openvino_backend import cache_folder
-
     folder = cache_folder(host.compile_cache, "verified")
     record = None if folder is None else folder / hashlib.sha256(stamp.encode()).hexdigest()[:32]
     if record is not None and record.is_file() and path.is_file() and st.st_size == entry.bytes:

@@ -30,7 +30,7 @@ import numpy as np
 from ..contracts import ComponentContract
 from ..lora import LoraError, LoraFile, patched_initializers, run_time_deltas
 from ..manifest import ArtifactError, Manifest
-from .base import BackendError, HostOptions, physical_cores, precision_entry
+from .base import BackendError, HostOptions, cache_folder, physical_cores, precision_entry
 
 log = logging.getLogger(__name__)
 
@@ -45,19 +45,6 @@ def import_openvino() -> Any:
     except ImportError:
         raise BackendError(MISSING) from None
     return openvino
-
-
-def cache_folder(root: Path | None, name: str) -> Path | None:
-    """`root`/`name`, created; None (compile every time, with a warning) when it cannot be created."""
-    if root is None:
-        return None
-    folder = Path(root) / name
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        log.warning("no compile cache: cannot create %s (%s); pass compile_cache=False to silence this", folder, e.strerror or e)
-        return None
-    return folder
 
 
 def compile_config(core: Any, host: HostOptions) -> dict[str, Any]:
