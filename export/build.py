@@ -26,6 +26,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from ldm_rt.export.bf16 import EMULATED_BACKEND, bf16_record, emulated_parity, openvino_bf16_unavailable, openvino_parity
+from ldm_rt.export.bf16 import OPENVINO_BACKEND as OPENVINO_BF16_BACKEND
 from ldm_rt.export.controlnet_sources import ControlNetSource, load_controlnets
 from ldm_rt.export.errors import ExportError, TensorRTUnavailable
 from ldm_rt.export.fp16 import find_fp32_islands, half_model
@@ -42,6 +44,7 @@ from ldm_rt.export.parity import (
     ParityPlan,
     ParityResult,
     check_onnx,
+    cheapest_cases,
     plan_parity,
     reference_cases,
     sample_sets,
@@ -222,6 +225,26 @@ def _ort_variant(
     return OrtVariant(FileEntry.of(root, rel_ort), parity=parity.to_dict(), fused=fused)
 
 
+def _bf16_parity(
+    path: Path, contract: ComponentContract, emulated: ParityResult, cases: list[Case], results: list[ParityResult],
+    notes: list[str], step: _Step,
+) -> dict[str, Any]:
+    """The manifest's bf16 record: the emulated parity, and OpenVINO's own bf16 where this CPU has it. A failure is
+    a note, not an error: the build's files are fp32 and right; `--bf16` refuses the model (export/bf16.py)."""
+    measured = None
+    unavailable = openvino_bf16_unavailable()
+    if unavailable is None:
+        with step.phase(f"parity bf16 ({OPENVINO_BF16_BACKEND})", len(cases)) as p:
+            measured = openvino_parity(path, contract, cases, p.item)
+        results.append(measured)
+    record = bf16_record(emulated, measured, unavailable)
+    if not record["passed"]:
+        worst = next(r for r in (emulated, measured) if r is not None and not r.passed)
+        notes.append(f"{contract.name}: {worst.failure()}; ldm-rt sample --bf16 will refuse this model (f32 is unaffected)")
+        say(notes[-1], step.enabled)
+    return record
+
+
 def _plan(path: Path, contract: ComponentContract, options: BuildOptions, notes: list[str]) -> ParityPlan:
     """Where to check parity: every parity point the parity run's estimated memory allows (export/memory.py).
     A point shrunk to fit is said in one line in `notes` and recorded in the manifest."""
@@ -252,6 +275,10 @@ def _export_component(
         plan = _plan(root / rel32, contract, options, notes)
     with step.phase("reference outputs (torch fp32)", len(plan.points)) as p:
         cases = reference_cases(wrapper, contract, sample_sets(contract, points=plan.points), p.item)
+    bf16_cases = cheapest_cases(cases)  # bf16's error is arithmetic, not shape: the two smallest cases tell it
+    with step.phase(f"parity bf16 ({EMULATED_BACKEND})", len(bf16_cases)) as p:
+        emulated = emulated_parity(wrapper, contract, bf16_cases, p.item)  # while the torch weights are resident
+    results.append(emulated)
     # The torch weights are not read again until the fp16 search or the LoRA targets: the ONNX Runtime sessions
     # need not run beside a resident copy of them (SD 1.5's UNet: 3.4 GB).
     release_weight_pages(wrapper.parameters())
@@ -260,10 +287,11 @@ def _export_component(
     results.append(fp32)
     fp32.raise_if_failed(FP32_FIX)
     ort = _ort_variant(root, rel32, contract, cases, results, step) if options.ort_variant else None
+    bf16 = _bf16_parity(root / rel32, contract, emulated, bf16_cases, results, notes, step)
     checked = plan.to_dict()
     precisions = {
         "fp32": PrecisionEntry(
-            FileEntry.of(root, rel32), parity={**fp32.to_dict(), **checked}, external_data=_external(root, files32), ort=ort
+            FileEntry.of(root, rel32), parity={**fp32.to_dict(), **checked, "bf16": bf16}, external_data=_external(root, files32), ort=ort
         )
     }
     if options.fp16:

@@ -222,13 +222,26 @@ class ParityResult:
             "passed": self.passed,
         }
 
-    def raise_if_failed(self, fix: str) -> None:
+    def failure(self) -> str | None:
+        """The first case over its bound, in one line; None when every case passed."""
         for shape, err, bound in zip(self.shapes, self.max_abs_err, self.bound):
             if not (np.isfinite(err) and err <= bound):
-                raise ParityError(
+                return (
                     f"parity failed: {self.component} {self.precision} ({self.backend}) at {shape_label(shape)}: "
-                    f"max abs error {err:.3g} > bound {bound:.3g}; {fix}"
+                    f"max abs error {err:.3g} > bound {bound:.3g}"
                 )
+        return None
+
+    def raise_if_failed(self, fix: str) -> None:
+        if (failure := self.failure()) is not None:
+            raise ParityError(f"{failure}; {fix}")
+
+
+def cheapest_cases(cases: Sequence[Case], n: int = 2) -> list[Case]:
+    """The `n` cases with the fewest input elements, in their order."""
+    size = {id(c): sum(v.size for v in c.inputs.values()) for c in cases}
+    keep = {id(c) for c in sorted(cases, key=lambda c: size[id(c)])[:n]}
+    return [c for c in cases if id(c) in keep]
 
 
 def worst_output(errors: Sequence[float], bounds: Sequence[float]) -> tuple[float, float]:
@@ -252,6 +265,22 @@ def ort_session(path: Path) -> ort.InferenceSession:
     return open_session(path, session_options(HostOptions()), ["CPUExecutionProvider"])
 
 
+def compare(
+    contract: ComponentContract, precision: str, backend: str, cases: Sequence[Case], outputs: Sequence[Sequence[np.ndarray]]
+) -> ParityResult:
+    """`outputs` (per case, every output in contract order) against each case's fp32 reference, at the
+    contract's `precision` tolerance."""
+    tolerance = contract.tolerance[precision]
+    errors, bounds = [], []
+    for case, got in zip(cases, outputs):
+        err, bound = worst_output(
+            [_max_abs_err(g, w) for g, w in zip(got, case.outputs)], [tolerance.bound(w) for w in case.outputs]
+        )
+        errors.append(err)
+        bounds.append(bound)
+    return ParityResult(contract.name, precision, backend, [c.shapes for c in cases], errors, bounds)
+
+
 def check_onnx(
     path: Path, contract: ComponentContract, precision: str, cases: Sequence[Case], progress: ItemCallback | None = None
 ) -> ParityResult:
@@ -259,18 +288,12 @@ def check_onnx(
     `progress(label)` after each case."""
     session = ort_session(path)
     out_names = [t.name for t in contract.outputs]
-    tolerance = contract.tolerance[precision]
-    errors, bounds = [], []
+    outputs = []
     for case in cases:
-        got = session.run(out_names, case.inputs)
-        err, bound = worst_output(
-            [_max_abs_err(g, w) for g, w in zip(got, case.outputs)], [tolerance.bound(w) for w in case.outputs]
-        )
-        errors.append(err)
-        bounds.append(bound)
+        outputs.append(session.run(out_names, case.inputs))
         if progress is not None:
             progress(case.label)
-    return ParityResult(contract.name, precision, ORT_BACKEND, [c.shapes for c in cases], errors, bounds)
+    return compare(contract, precision, ORT_BACKEND, cases, outputs)
 
 
 def format_table(results: Sequence[ParityResult]) -> str:

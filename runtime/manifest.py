@@ -170,6 +170,20 @@ class Manifest:
         d = asdict(self)
         return {"format": FORMAT, "format_version": FORMAT_VERSION, **d}
 
+    def bf16_failure(self, precision: str) -> str | None:
+        """Why the `precision` files must not be computed in bf16: the first component whose bf16 parity failed at
+        export (export/bf16.py), in one line; None when all passed or were built before bf16 parity existed."""
+        for name, entry in self.components.items():
+            pe = entry.precisions.get(precision)
+            bf16 = pe.parity.get("bf16") if pe is not None else None
+            if isinstance(bf16, dict) and bf16.get("passed") is False:
+                for r in (bf16.get("openvino"), bf16.get("emulated")):
+                    if isinstance(r, dict) and r.get("passed") is False and r.get("max_abs_err") and r.get("bound"):
+                        err, bound = max(zip(r["max_abs_err"], r["bound"]), key=lambda eb: eb[0] - eb[1])
+                        return f"{name} failed bf16 parity at export ({r.get('backend')}: max abs error {err:.3g} > bound {bound:.3g})"
+                return f"{name} failed bf16 parity at export"
+        return None
+
     def write(self, folder: str | Path) -> None:
         atomic_write_text(Path(folder) / MANIFEST, json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n")
 

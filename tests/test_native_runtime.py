@@ -20,6 +20,8 @@ import pytest
 from PIL import Image
 from cmake_build import CPP, RUNTIME_TARGETS, CMakeBuild
 from cmake_build import native_build as shared_native_build
+from test_export_bf16 import UNAVAILABLE as BF16_UNAVAILABLE
+from test_export_bf16 import failed_copy
 from test_runtime_fixtures import exported, psnr
 
 from ldm_rt.runtime.artifacts import default_artifacts_dir
@@ -381,3 +383,13 @@ def test_a_service_can_add_subdirectory_the_native_runtime(native, tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     cache = (tmp_path / "b" / "CMakeCache.txt").read_text()
     assert "OpenVINO_DIR:PATH=" in cache and (tmp_path / "b" / "ldm_rt_native").is_dir()
+
+
+@pytest.mark.skipif(BF16_UNAVAILABLE is not None, reason=f"--bf16 computes in f32 here: {BF16_UNAVAILABLE}")
+def test_bf16_refuses_a_model_whose_bf16_parity_failed(native, tmp_path, capsys):
+    root = failed_copy(tmp_path)
+    args = ["--model", str(root), "--bf16", "--out", str(tmp_path / "x.png")]
+    expected = python_error(capsys, *args, "--backend", "openvino")
+    done = native.run(*args)
+    assert done.returncode == 2 and done.stderr.splitlines() == [f"ldm-rt-native: error: {expected}"]
+    assert "failed bf16 parity" in expected and not (tmp_path / "x.png").exists()

@@ -127,6 +127,8 @@ def open_components(
         targets, deltas = run_time_deltas(artifacts_dir, manifest, loras)
     core = ov.Core()
     config = compile_config(core, host)
+    if config["INFERENCE_PRECISION_HINT"] == "bf16" and (failure := manifest.bf16_failure(precision)) is not None:
+        raise BackendError(f"{failure}: run without --bf16 (reduced_precision=False)")
     components = {}
     for name, entry in manifest.components.items():
         pe = precision_entry(artifacts_dir, manifest, name, precision)

@@ -3,6 +3,7 @@
 #include <sys/stat.h>
 
 #include <algorithm>
+#include <cstdio>
 #include <filesystem>
 #include <sstream>
 
@@ -49,6 +50,32 @@ const Json& key(const Json& obj, const std::string& name, const std::string& man
   const Json* v = obj.find(name);
   if (v == nullptr) malformed(manifest_path, "KeyError('" + name + "')");
   return *v;
+}
+
+// A failed bf16 parity record (precision entry -> parity -> bf16), in one line naming the worst case; "" if none.
+std::string bf16_failure(const std::string& name, const Json& precision_entry) {
+  const Json* parity = precision_entry.is_object() ? precision_entry.find("parity") : nullptr;
+  const Json* bf16 = parity && parity->is_object() ? parity->find("bf16") : nullptr;
+  const Json* passed = bf16 && bf16->is_object() ? bf16->find("passed") : nullptr;
+  if (!passed || !passed->is_bool() || passed->as_bool()) return "";
+  for (const char* which : {"openvino", "emulated"}) {
+    const Json* r = bf16->find(which);
+    if (!r || !r->is_object()) continue;
+    const Json *ok = r->find("passed"), *errs = r->find("max_abs_err"), *bounds = r->find("bound"), *backend = r->find("backend");
+    if (!ok || !ok->is_bool() || ok->as_bool() || !errs || !errs->is_array() || !bounds || !bounds->is_array()) continue;
+    double err = 0, bound = 0, over = -1e300;
+    for (size_t i = 0; i < errs->as_array().size() && i < bounds->as_array().size(); ++i) {
+      const Json &e = errs->as_array()[i], &b = bounds->as_array()[i];
+      if (e.is_number() && b.is_number() && e.as_double() - b.as_double() > over) {
+        err = e.as_double(), bound = b.as_double(), over = err - bound;
+      }
+    }
+    if (over == -1e300) continue;
+    char text[96];
+    std::snprintf(text, sizeof text, "max abs error %.3g > bound %.3g", err, bound);
+    return name + " failed bf16 parity at export (" + (backend && backend->is_string() ? backend->as_string() : "bf16") + ": " + text + ")";
+  }
+  return name + " failed bf16 parity at export";
 }
 
 FileEntry file_entry(const Json& v, const std::string& what, const std::string& mp) {
@@ -269,6 +296,7 @@ Artifacts Artifacts::open(const std::string& dir, const std::string& precision) 
         if (const Json* ext = pe->find("external_data"); ext && !ext->is_null()) {
           external[name] = file_entry(*ext, at + ".external_data", mp);
         }
+        files.bf16_failure = bf16_failure(name, *pe);
       } else {
         std::string built;
         for (const auto& [p, _] : precisions.as_object()) built += (built.empty() ? "" : ", ") + p;

@@ -134,6 +134,9 @@ class OpenVinoBackend : public Backend {
   std::string inference_precision() const override { return precision_ == ov::element::bf16 ? "bf16" : "f32"; }
 
   std::unique_ptr<Component> open(const std::string&, const ComponentFiles& files) const override {
+    if (precision_ == ov::element::bf16 && !files.bf16_failure.empty()) {
+      throw BackendError(files.bf16_failure + ": run without --bf16 (reduced_precision=False)");
+    }
     std::shared_ptr<ov::Model> model;
     try {
       model = core_.read_model(files.onnx);

@@ -50,6 +50,9 @@ struct ComponentFiles {
   std::string onnx;                       // verified path inside the folder
   std::vector<std::string> inputs;        // the contract's input names
   std::vector<std::string> outputs;       // the contract's output names
+  // Why these files must not be computed in bf16: their bf16 parity failed at export (export/bf16.py); "" if it
+  // passed or was not recorded. Worded as runtime/manifest.Manifest.bf16_failure words it.
+  std::string bf16_failure;
 };
 
 struct Artifacts {
