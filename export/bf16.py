@@ -12,7 +12,10 @@ Two measures, on the same cases as fp32's parity:
   compiled exactly as the runtime's OpenVINO backend compiles it with `--bf16`.
 
 A component over its bf16 bound (runtime/contracts.py) does not fail the build, whose files are the fp32 ones:
-its manifest records the failure and the runtime refuses `--bf16` for that model (runtime/manifest.py).
+its manifest records the failure, and `--bf16` then refuses the model where OpenVINO's own bf16 failed, and warns
+where only the emulation did (runtime/manifest.py `bf16_failure`): the emulation can be more pessimistic than
+OpenVINO, so it informs but does not forbid. Small models with random weights can fail it (the tiny SDXL of the
+tests: 21 % of max|reference| on its UNet, 5 mean / 36 max levels end to end), trained ones are not expected to.
 """
 
 from __future__ import annotations
@@ -113,8 +116,9 @@ def openvino_parity(
 
 
 def bf16_record(emulated: ParityResult, measured: ParityResult | None, unavailable: str | None) -> dict[str, Any]:
-    """What the manifest keeps under the fp32 parity's "bf16" key (runtime/manifest.py reads `passed`)."""
-    record: dict[str, Any] = {"passed": emulated.passed and (measured is None or measured.passed), "emulated": emulated.to_dict()}
+    """What the manifest keeps under the fp32 parity's "bf16" key (runtime/manifest.py reads it): `passed` is
+    OpenVINO's own verdict where it was measured, the emulation's elsewhere."""
+    record: dict[str, Any] = {"passed": (measured or emulated).passed, "emulated": emulated.to_dict()}
     if measured is not None:
         record["openvino"] = measured.to_dict()
     else:

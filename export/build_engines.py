@@ -18,11 +18,12 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from ldm_rt.runtime.atomic import explain_os_error
 from ldm_rt.runtime.cli_support import OneLineParser, error_line, run
-from ldm_rt.runtime.contracts import ContractError, ShapeProfile
+from ldm_rt.runtime.contracts import MAX_PROMPT_CHUNKS, ContractError, ShapeProfile
 from ldm_rt.runtime.lora import LoraError, parse_lora_arg
 from ldm_rt.runtime.manifest import ArtifactError
 from ldm_rt.runtime.schedulers import PREDICTION_TYPES
@@ -129,6 +130,10 @@ def parser() -> argparse.ArgumentParser:
     shape.add_argument("--batch", type=int, help="with --static-shape: images per prompt (default: OPT of --batch-range)")
     shape.add_argument("--height", type=int, help="with --static-shape: height (default: OPT of --height-range)")
     shape.add_argument("--width", type=int, help="with --static-shape: width (default: OPT of --width-range)")
+    shape.add_argument("--prompt-chunks", type=int, default=DEFAULT.prompt_chunks, metavar="N",
+                       help=f"prompts of up to N text-encoder lengths (N x 75 tokens for SD's CLIP; each chunk encoded on "
+                       f"its own and concatenated, as A1111 and compel do); 1 to {MAX_PROMPT_CHUNKS}, default %(default)s: "
+                       "longer prompts are truncated with a warning. With --static-shape every prompt takes N chunks")
     shape.add_argument("--parity-memory", type=_gib, metavar="GIB", help="memory one parity run may use; a profile "
                        "point estimated to need more is checked at the largest size that fits (said, and recorded in "
                        "the manifest); default: half the available memory")
@@ -149,6 +154,9 @@ def options_from_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> B
         if any(v is not None for v in fixed):
             p.error("--batch/--height/--width need --static-shape; for a dynamic profile use --batch-range etc.")
         profile = ShapeProfile(args.batch_range, args.height_range, args.width_range)
+    if not 1 <= args.prompt_chunks <= MAX_PROMPT_CHUNKS:
+        p.error(f"--prompt-chunks must be 1 to {MAX_PROMPT_CHUNKS}, got {args.prompt_chunks}")
+    profile = replace(profile, prompt_chunks=args.prompt_chunks)
     if args.engines and args.onnx_only:
         p.error("--engines and --onnx-only contradict each other; choose one")
     try:

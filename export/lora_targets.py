@@ -19,17 +19,18 @@ and shapes), so the runtime resolves LoRA keys without torch.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import onnx
 import torch
-from onnx import helper
+from onnx import helper, numpy_helper
 
-from ldm_rt.export.graph_cleanup import tensor_bytes
 from ldm_rt.export.memory import release_weight_pages
 from ldm_rt.reference.export_wrappers import export_wrappers
 from ldm_rt.reference.ldm import LatentDiffusion
@@ -39,41 +40,123 @@ from ldm_rt.runtime.lora import TARGETS_FILE, LoraTargets, Target
 from ldm_rt.runtime.manifest import ComponentEntry
 
 
-def _digest(array: np.ndarray) -> tuple[str, tuple[int, ...], str]:
-    a = np.ascontiguousarray(array)
-    return a.dtype.str, tuple(a.shape), hashlib.blake2b(a.tobytes(), digest_size=16).hexdigest()
+# Values sampled from each tensor for its fingerprint: distinct weights of one shape almost never agree on all of
+# them, and a shared fingerprint costs only one more full comparison (the comparison, not the sample, decides).
+SAMPLES = 32
+# Elements compared at a time in the exact check: a few tens of MB beside the one weight being looked for.
+CHUNK_ELEMENTS = 1 << 22
 
 
-def _initializer_index(path: Path) -> dict[tuple, list[str]]:
-    """content digest -> names of the float initializers (2-D and 4-D) of the ONNX file. The weights are read a
-    tensor at a time (from the external data file past 2 GiB): never the whole model at once beside the torch one."""
-    model = onnx.load(str(path), load_external_data=False)
-    index: dict[tuple, list[str]] = defaultdict(list)
-    for t in model.graph.initializer:
-        if len(t.dims) in (2, 4) and t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16):
-            dtype = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).newbyteorder("<")  # ONNX stores little-endian
-            raw = tensor_bytes(t, path.parent)
-            index[(dtype.str, tuple(t.dims), hashlib.blake2b(raw, digest_size=16).hexdigest())].append(t.name)
-            del raw
-    return index
+def sample_positions(count: int) -> np.ndarray:
+    """The flat positions a tensor of `count` elements is sampled at: half evenly strided, half scattered by a
+    fixed multiplicative (golden-ratio) hash, so neither a regular layout nor a constant block makes them alike."""
+    if count == 0:
+        return np.zeros(0, np.int64)
+    strided = np.linspace(0, count - 1, SAMPLES // 2).astype(np.int64)
+    scattered = (np.arange(SAMPLES // 2, dtype=np.int64) * 0x9E3779B1 + 7) % count
+    return np.unique(np.concatenate([strided, scattered]))
+
+
+def fingerprint(values: np.ndarray, dtype: np.dtype) -> bytes:
+    """The bytes of `values` (a tensor in its stored layout, any strides) at sample_positions, cast to `dtype`."""
+    samples = values[np.unravel_index(sample_positions(values.size), values.shape)]
+    return samples.astype(dtype).tobytes()
+
+
+class _Initializers:
+    """The float initializers (2-D and 4-D) of one ONNX file, their values read a span at a time from where the
+    file keeps them: the external data file (past 2 GiB) or the loaded proto. The model is loaded without its
+    external data, so the weights are never all in memory at once beside the torch ones."""
+
+    def __init__(self, path: Path, files: ExitStack) -> None:
+        self.model = onnx.load(str(path), load_external_data=False)
+        self.base = path.parent
+        self.stack = files
+        self.opened: dict[str, BinaryIO] = {}
+
+    def tensors(self) -> Iterator[tuple[onnx.TensorProto, np.dtype]]:
+        for t in self.model.graph.initializer:
+            if len(t.dims) in (2, 4) and t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16):
+                yield t, np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).newbyteorder("<")  # ONNX stores little-endian
+
+    def reader(self, t: onnx.TensorProto, dtype: np.dtype) -> Callable[[int, int], np.ndarray]:
+        """read(start, count): the flat elements [start, start + count) of `t`."""
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            info = {e.key: e.value for e in t.external_data}
+            if info["location"] not in self.opened:
+                self.opened[info["location"]] = self.stack.enter_context((self.base / info["location"]).open("rb"))
+            f, offset = self.opened[info["location"]], int(info.get("offset", 0))
+
+            def read(start: int, count: int) -> np.ndarray:
+                f.seek(offset + start * dtype.itemsize)
+                return np.frombuffer(f.read(count * dtype.itemsize), dtype)
+
+            return read
+        # Inline: one copy of this tensor's values (protobuf hands raw_data out as a new bytes object).
+        whole = np.frombuffer(t.raw_data, dtype) if t.HasField("raw_data") else numpy_helper.to_array(t).astype(dtype).reshape(-1)
+        return lambda start, count: whole[start : start + count]
+
+    def index(self) -> dict[tuple[str, tuple[int, ...]], dict[bytes, list[onnx.TensorProto]]]:
+        """(dtype, shape) -> fingerprint -> the initializers of that layout with that fingerprint."""
+        index: dict[tuple[str, tuple[int, ...]], dict[bytes, list[onnx.TensorProto]]] = defaultdict(lambda: defaultdict(list))
+        for t, dtype in self.tensors():
+            shape = tuple(t.dims)
+            index[(dtype.str, shape)][self.samples(t, dtype, sample_positions(int(np.prod(shape)))).tobytes()].append(t)
+        return index
+
+    def samples(self, t: onnx.TensorProto, dtype: np.dtype, positions: np.ndarray) -> np.ndarray:
+        read = self.reader(t, dtype)
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            return np.concatenate([read(int(p), 1) for p in positions] or [np.zeros(0, dtype)])  # a few small reads
+        return read(0, int(positions[-1]) + 1 if len(positions) else 0)[positions]
+
+    def equal(self, t: onnx.TensorProto, dtype: np.dtype, values: np.ndarray) -> bool:
+        """Whether `t` holds exactly the bytes of `values` (its stored layout, any strides) cast to `dtype`, compared
+        a chunk of rows at a time (no copy of the whole weight, no read of the whole initializer at once)."""
+        if values.size == 0:
+            return True  # empty, of the same shape (the index is by shape)
+        read = self.reader(t, dtype)
+        rows = values.reshape(values.shape[0], -1)  # (rows, rest): a view for a contiguous 4-D or a transposed 2-D weight
+        step = max(1, CHUNK_ELEMENTS // rows.shape[1])
+        bits = np.dtype(f"<u{dtype.itemsize}")  # bytes, not values: -0.0 is not 0.0, a NaN equals its own bytes
+        for i in range(0, rows.shape[0], step):
+            expected = rows[i : i + step].astype(dtype, order="C", copy=False).reshape(-1)
+            got = read(i * rows.shape[1], expected.size)
+            if got.size != expected.size or not np.array_equal(got.view(bits), expected.view(bits)):
+                return False
+        return True
+
+
+def _hits(store: _Initializers, index: dict, w: np.ndarray) -> list[tuple[str, bool]]:
+    """(initializer, transposed) for each place holding the bytes of `w` or `w.T`, as float32 or float16; at most two
+    (two already leave the weight out, so many equal tensors, e.g. zero-initialised ones, cost two comparisons)."""
+    hits: list[tuple[str, bool]] = []
+    for dtype in (np.dtype("<f4"), np.dtype("<f2")):
+        for transposed, a in ((False, w), (True, w.T)) if w.ndim == 2 else ((False, w),):
+            bucket = index.get((dtype.str, a.shape))
+            if not bucket:  # only layouts some initializer has are compared (an fp32 file holds no float16 tensor)
+                continue
+            for t in bucket.get(fingerprint(a, dtype), []):
+                if store.equal(t, dtype, a):
+                    hits.append((t.name, transposed))
+                    if len(hits) == 2:
+                        return hits
+    return hits
 
 
 def locate(path: Path, weights: dict[str, np.ndarray]) -> dict[str, Target]:
-    """module -> Target for every weight (float32 numpy, the module's layout) found exactly once in `path`."""
-    index = _initializer_index(path)
-    # Only layouts some initializer has are hashed (an fp32 file holds no float16 tensor to compare with).
-    layouts = {key[:2] for key in index}
-    found: dict[str, Target] = {}
-    claimed: dict[str, list[str]] = defaultdict(list)
-    for module, w in weights.items():
-        hits = []
-        for dtype in (np.float32, np.float16):
-            for transposed, a in ((False, w), (True, w.T)) if w.ndim == 2 else ((False, w),):
-                if (np.dtype(dtype).str, a.shape) in layouts:
-                    hits += [(name, transposed) for name in index.get(_digest(a.astype(dtype)), [])]
-        if len(hits) == 1:
-            found[module] = Target(hits[0][0], hits[0][1])
-            claimed[hits[0][0]].append(module)
+    """module -> Target for every weight (float32 numpy, the module's layout) found exactly once in `path`.
+    Candidates share the weight's layout (dtype, shape) and fingerprint; a full comparison confirms each."""
+    with ExitStack() as files:
+        store = _Initializers(path, files)
+        index = store.index()
+        found: dict[str, Target] = {}
+        claimed: dict[str, list[str]] = defaultdict(list)
+        for module, w in weights.items():
+            hits = _hits(store, index, w)
+            if len(hits) == 1:
+                found[module] = Target(hits[0][0], hits[0][1])
+                claimed[hits[0][0]].append(module)
     return {m: t for m, t in found.items() if len(claimed[t.initializer]) == 1}
 
 

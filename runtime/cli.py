@@ -333,7 +333,8 @@ def describe(manifest: Manifest, root: Path) -> list[str]:
         + (f"; SDXL: second encoder width {f.text_encoder_2_dim}, pooled {f.pooled_dim}, {f.time_ids} time ids"
            f"{', empty negative = zeros' if f.force_zeros_for_empty_prompt else ''}" if f.time_ids is not None else ""),
         f"profile: batch {':'.join(map(str, prof.batch))}, height {':'.join(map(str, prof.height))}, "
-        f"width {':'.join(map(str, prof.width))} (min:opt:max; multiple of {f.pixel_multiple}){' static' if prof.is_static else ''}",
+        f"width {':'.join(map(str, prof.width))} (min:opt:max; multiple of {f.pixel_multiple}){' static' if prof.is_static else ''}"
+        + (f"; prompts up to {prof.prompt_chunks} chunks of {f.context_length} tokens" if prof.prompt_chunks > 1 else ""),
         "components:",
     ]
     for name, entry in manifest.components.items():

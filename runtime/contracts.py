@@ -239,6 +239,10 @@ class ModelFacts:
         return self.latent_factor * self.unet_factor
 
 
+# Prompt chunks an export may take: 8 x 75 = 600 tokens, more than any prompt A1111 users are known to write.
+MAX_PROMPT_CHUNKS = 8
+
+
 @dataclass(frozen=True)
 class ShapeProfile:
     """Ranges the artifacts are built for, in images per request and pixels (static when min == max)."""
@@ -246,6 +250,13 @@ class ShapeProfile:
     batch: tuple[int, int, int] = (1, 1, 4)
     height: tuple[int, int, int] = (64, 64, 128)
     width: tuple[int, int, int] = (64, 64, 128)
+    # Prompts of up to this many text-encoder lengths (chunks of 75 tokens in SD's 77, each encoded on its own and
+    # concatenated on the token axis, as A1111 and compel do); 1: longer prompts are truncated, as in diffusers.
+    prompt_chunks: int = 1
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.prompt_chunks, int) and 1 <= self.prompt_chunks <= MAX_PROMPT_CHUNKS):
+            raise ContractError(f"prompt chunks must be 1 to {MAX_PROMPT_CHUNKS}, got {self.prompt_chunks!r}")
 
     @classmethod
     def static(cls, batch: int, height: int, width: int) -> ShapeProfile:
@@ -280,7 +291,8 @@ def build_contracts(
 
     if facts.context_length is not None:
         length = facts.context_length
-        text_batch = Dim("text_batch", b_min, 2 * b_opt, 2 * b_max)
+        # Each prompt chunk is a row of its own for the text encoders (pipeline._encode_prompts).
+        text_batch = Dim("text_batch", b_min, 2 * b_opt, 2 * b_max * profile.prompt_chunks)
         text_tol = {"fp32": Tolerance(1e-4), **REDUCED_TOLERANCE}
         # SDXL: the UNet's context is [text_encoder's sequence, text_encoder_2's sequence] on the channel axis.
         dim_2 = facts.text_encoder_2_dim
@@ -312,8 +324,15 @@ def build_contracts(
         TensorSpec("sample", "float32", ("unet_batch", facts.unet_in_channels, "latent_height", "latent_width")),
         TensorSpec("timestep", "float32", ("unet_batch",)),
     ]
+    unet_dims = [unet_batch, h, w]
     if facts.context_length is not None:
-        unet_inputs.append(TensorSpec("encoder_hidden_states", "float32", ("unet_batch", facts.context_length, facts.context_dim)))
+        tokens: int | str = facts.context_length
+        if profile.prompt_chunks > 1:  # the chunks' states one after the other: a multiple of the encoder's length
+            tokens = "context_tokens"
+            most = facts.context_length * profile.prompt_chunks
+            least = most if profile.is_static else facts.context_length  # a static profile always takes every chunk
+            unet_dims.append(Dim(tokens, least, least, most, multiple_of=facts.context_length))
+        unet_inputs.append(TensorSpec("encoder_hidden_states", "float32", ("unet_batch", tokens, facts.context_dim)))
     if facts.num_classes is not None:
         unet_inputs.append(TensorSpec("class_labels", "int64", ("unet_batch",)))
     if facts.time_ids is not None:
@@ -326,7 +345,7 @@ def build_contracts(
         name="unet",
         inputs=tuple(unet_inputs),
         outputs=(TensorSpec("out_sample", "float32", ("unet_batch", facts.unet_out_channels, "latent_height", "latent_width")),),
-        dims=(unet_batch, h, w),
+        dims=tuple(unet_dims),
         tolerance={"fp32": Tolerance(1e-4), **REDUCED_TOLERANCE},
         extra={"num_classes": facts.num_classes},
     )

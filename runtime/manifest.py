@@ -170,18 +170,20 @@ class Manifest:
         d = asdict(self)
         return {"format": FORMAT, "format_version": FORMAT_VERSION, **d}
 
-    def bf16_failure(self, precision: str) -> str | None:
-        """Why the `precision` files must not be computed in bf16: the first component whose bf16 parity failed at
-        export (export/bf16.py), in one line; None when all passed or were built before bf16 parity existed."""
+    def bf16_failure(self, precision: str) -> tuple[str, bool] | None:
+        """(why, measured) for the first component of the `precision` files whose bf16 parity failed at export
+        (export/bf16.py), in one line; `measured`: OpenVINO's own bf16 failed (refuse bf16), else only the emulation
+        did (warn). None when all passed or were built before bf16 parity existed."""
         for name, entry in self.components.items():
             pe = entry.precisions.get(precision)
             bf16 = pe.parity.get("bf16") if pe is not None else None
             if isinstance(bf16, dict) and bf16.get("passed") is False:
-                for r in (bf16.get("openvino"), bf16.get("emulated")):
-                    if isinstance(r, dict) and r.get("passed") is False and r.get("max_abs_err") and r.get("bound"):
-                        err, bound = max(zip(r["max_abs_err"], r["bound"]), key=lambda eb: eb[0] - eb[1])
-                        return f"{name} failed bf16 parity at export ({r.get('backend')}: max abs error {err:.3g} > bound {bound:.3g})"
-                return f"{name} failed bf16 parity at export"
+                measured = isinstance(bf16.get("openvino"), dict)
+                r = bf16.get("openvino" if measured else "emulated")
+                if isinstance(r, dict) and r.get("max_abs_err") and r.get("bound"):
+                    err, bound = max(zip(r["max_abs_err"], r["bound"]), key=lambda eb: eb[0] - eb[1])
+                    return f"{name} failed bf16 parity at export ({r.get('backend')}: max abs error {err:.3g} > bound {bound:.3g})", measured
+                return f"{name} failed bf16 parity at export", measured
         return None
 
     def write(self, folder: str | Path) -> None:
@@ -231,7 +233,9 @@ class Manifest:
             raise TypeError(f"source.sha256 must be a string, got {source['sha256']!r}")
         return cls(
             facts=_checked(ModelFacts, obj(d["facts"], "facts")),
-            profile=ShapeProfile(*(_range(prof[k], f"profile.{k}") for k in ("batch", "height", "width"))),
+            profile=ShapeProfile(
+                *(_range(prof[k], f"profile.{k}") for k in ("batch", "height", "width")), _chunks(prof.get("prompt_chunks", 1))
+            ),
             components=comps,
             tokenizer=optional(d.get("tokenizer"), "tokenizer"),
             scheduler=entry(d["scheduler"], "scheduler"),
@@ -310,6 +314,13 @@ def _range(value: Any, what: str) -> tuple[int, int, int]:
     if not (isinstance(value, list) and len(value) == 3 and all(_is_int(v) for v in value) and 0 < value[0] <= value[1] <= value[2]):
         raise ValueError(f"{what} must be [min, opt, max] with 0 < min <= opt <= max, got {value!r}")
     return (value[0], value[1], value[2])
+
+
+def _chunks(value: Any) -> int:
+    """profile.prompt_chunks: a positive integer (absent in builds that predate it: 1)."""
+    if not _is_int(value) or value < 1:
+        raise ValueError(f"profile.prompt_chunks must be a positive integer, got {value!r}")
+    return value
 
 
 def _matches(value: Any, t: Any) -> bool:

@@ -73,6 +73,7 @@ from .schedulers import SchedulerConfig, usable_schedulers, with_eta
 from .schedulers.config import SchedulerConfigError
 from .schedulers.lcm import guidance_embedding
 from .scheduler_choice import FALLBACK as FALLBACK_SCHEDULER
+from .scheduler_choice import karras_variant
 from .tokenizer import PromptTokenizer
 
 log = logging.getLogger(__name__)
@@ -231,7 +232,8 @@ class Pipeline:
         return cls(
             components, artifacts.tokenizer, artifacts.scheduler_config, artifacts.manifest.facts, artifacts.manifest.profile,
             backend=backend, precision=precision, model_hash=artifacts.model_hash, artifacts=artifacts, reduced_precision=reduced_precision,
-            tokenizer_2=artifacts.tokenizer_2, default_scheduler=artifacts.manifest.default_scheduler or None,
+            tokenizer_2=artifacts.tokenizer_2,
+            default_scheduler=karras_variant(artifacts.manifest.default_scheduler, artifacts.scheduler_config.use_karras_sigmas) or None,
         )
 
     @classmethod
@@ -651,11 +653,22 @@ class Pipeline:
             raise GenerationError(f"class_labels must be ints in [0, {self.num_classes}), got {class_labels!r}")
         return labels.astype(np.int64)
 
+    @property
+    def prompt_chunks(self) -> tuple[int, int]:
+        """(fewest, most) chunks of the text encoder's length the UNet's context takes (ShapeProfile.prompt_chunks):
+        (1, 1) for builds without --prompt-chunks, whose longer prompts are truncated."""
+        unet = self.components["unet"].contract
+        spec = next((t for t in unet.inputs if t.name == "encoder_hidden_states"), None)
+        if spec is None or isinstance(spec.shape[1], int) or not self.facts.context_length:
+            return 1, 1
+        dim = next(d for d in unet.dims if d.name == spec.shape[1])
+        return dim.min // self.facts.context_length, dim.max // self.facts.context_length
+
     def _encode_prompts(self, p: GenerationParams, use_cfg: bool, timings: dict) -> tuple[np.ndarray | None, np.ndarray | None]:
-        """(context (rows, L, D), pooled (rows, P) or None); rows are [uncond..., cond...] under guidance, each
-        prompt repeated `batch` times. SDXL: the context is [text_encoder's, text_encoder_2's] penultimate
-        layers on the channel axis (a refiner: the second's alone), each encoder reading its own tokenizer's ids;
-        `pooled` is text_encoder_2's projected pooled output. With force_zeros_for_empty_prompt an empty negative
+        """(context (rows, n x L, D): n chunks of each prompt, prompt_chunks; pooled (rows, P) or None); rows are
+        [uncond..., cond...] under guidance, each prompt repeated `batch` times. SDXL: the context is [text_encoder's,
+        text_encoder_2's] penultimate layers on the channel axis (a refiner: the second's alone), each encoder reading
+        its own tokenizer's ids; `pooled` is text_encoder_2's projected pooled output (the first chunk's). With force_zeros_for_empty_prompt an empty negative
         prompt is zeros in both (diffusers' negative_prompt=None), and is not encoded at all."""
         if not self.has_text:
             return None, None
@@ -664,20 +677,28 @@ class Pipeline:
         if use_cfg:
             zero = [self.facts.force_zeros_for_empty_prompt and n == "" for n in p.negative_prompts] + zero
             negatives = [n for n, z in zip(p.negative_prompts, zero) if not z]
+        encoders = [(n, t) for n, t in (("text_encoder", self.tokenizer), ("text_encoder_2", self.tokenizer_2)) if n in self.components]
+        least, most = self.prompt_chunks
+        # The tokenizer warns about each prompt it truncates or has unknown words in (numbered within its list);
+        # SDXL's second reads the same words with the same vocabulary, so only the first of two warns.
+        tokenized = [
+            (tokenizer(negatives, what="negative prompt", warn=i == 0, chunks=most).chunks if negatives else ())
+            + tokenizer(list(p.prompts), warn=i == 0, chunks=most).chunks
+            for i, (_, tokenizer) in enumerate(encoders)
+        ]
+        # Every row takes as many chunks as the longest prompt (or negative prompt) needs: the shorter are padded
+        # with the empty prompt's chunk, as A1111 pads them.
+        n = max([least, *(len(c) for chunks in tokenized for c in chunks)])
         parts, pooled = [], None
-        for name, tokenizer in (("text_encoder", self.tokenizer), ("text_encoder_2", self.tokenizer_2)):
-            if name not in self.components:
-                continue
-            # The tokenizer warns about each prompt it truncates or has unknown words in (numbered within its list);
-            # SDXL's second reads the same words with the same vocabulary, so only the first of two warns.
-            warn = not parts
-            ids = tokenizer(list(p.prompts), warn=warn).ids
-            if negatives:
-                ids = np.concatenate([tokenizer(negatives, what="negative prompt", warn=warn).ids, ids])  # (2P, L): [uncond, cond]
-            ids = np.repeat(ids, p.batch, axis=0)  # (rows, L), each prompt `batch` times in a row, as diffusers
-            outs = self._call(name, {"input_ids": ids}, timings)
-            parts.append(outs["last_hidden_state"])
-            pooled = outs.get("text_embeds", pooled)
+        for (name, tokenizer), chunks in zip(encoders, tokenized):
+            empty = tokenizer("", warn=False).ids
+            ids = np.stack([np.concatenate([c, *[empty] * (n - len(c))]) for c in chunks])  # (P or 2P, n, L): [uncond, cond]
+            ids = np.repeat(ids, p.batch, axis=0)  # each prompt `batch` times in a row, as diffusers
+            outs = self._call(name, {"input_ids": ids.reshape(-1, ids.shape[-1])}, timings)
+            states = outs["last_hidden_state"]  # (rows x n, L, D): the chunks' states one after the other per row
+            parts.append(states.reshape(len(ids), -1, states.shape[-1]))
+            if "text_embeds" in outs:  # the first chunk's pooled output (A1111, ComfyUI)
+                pooled = outs["text_embeds"].reshape(len(ids), n, -1)[:, 0]
         context = np.concatenate(parts, axis=-1) if len(parts) > 1 else parts[0]  # (rows, L, D1 + D2)
         if any(zero):  # put the zero rows back in their places
             keep = np.repeat(~np.asarray(zero), p.batch)

@@ -32,6 +32,15 @@ class SchedulerChoice:
         return f"{self.name}{origin}" + (f"; {self.note}" if self.note else "")
 
 
+def karras_variant(name: str, karras: bool) -> str:
+    """`name`, or its -karras twin where the config asks for Karras sigmas (`karras`) and one exists (euler, dpmpp-2m(-sde),
+    dpmpp-sde, heun, lms): a plain name samples without them. Also applied to the default a manifest recorded,
+    since builds made before heun-karras and lms-karras existed recorded "heun"/"lms" for such folders."""
+    if karras and not name.endswith("-karras") and f"{name}-karras" in SCHEDULERS:
+        return f"{name}-karras"
+    return name
+
+
 def _name_of_class(class_name: str, config: dict[str, Any]) -> tuple[str | None, str]:
     """Our name for a diffusers class (with the config options that pick a variant), and what it changes."""
     note = ""
@@ -42,9 +51,8 @@ def _name_of_class(class_name: str, config: dict[str, Any]) -> tuple[str | None,
     else:
         cls = DIFFUSERS_SCHEDULERS.get(class_name)
         name = cls.name if cls is not None and isinstance(cls.name, str) and cls.name else None
-    # Karras sigmas are a variant of their own name wherever we have one (euler, dpmpp-2m(-sde), dpmpp-sde).
-    if name is not None and config.get("use_karras_sigmas", False) and f"{name}-karras" in SCHEDULERS:
-        name += "-karras"
+    if name is not None:
+        name = karras_variant(name, bool(config.get("use_karras_sigmas", False)))
     if class_name == "DPMSolverMultistepScheduler" and config.get("solver_order", 2) != 2:
         note = f"solver_order {config.get('solver_order')} sampled as 2 ({name} is DPM++ 2M)"
     return name, note

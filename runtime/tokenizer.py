@@ -53,9 +53,12 @@ class TokenizerError(ValueError):
 
 @dataclass(frozen=True)
 class TokenizedPrompts:
-    ids: np.ndarray  # (B, max_length) int64: bos, tokens, eos, then pad
-    truncated: list[bool]  # per prompt: tokens beyond max_length were dropped
+    ids: np.ndarray  # (B, max_length) int64: bos, tokens, eos, then pad (each prompt's first chunk)
+    truncated: list[bool]  # per prompt: tokens beyond max_length (x chunks) were dropped
     dropped: list[int]  # per prompt: how many tokens were dropped
+    # Per prompt, (n, max_length): its first n <= `chunks` pieces of max_length - 2 tokens, each with its own bos,
+    # eos and pad (tokenizers' overflowing pieces); an empty prompt has one.
+    chunks: tuple[np.ndarray, ...] = ()
 
 
 def _read_text(path: Path, what: str) -> str:
@@ -148,26 +151,27 @@ class PromptTokenizer:
     def pad_id(self) -> int:
         return int(self._tokenizer.padding["pad_id"])
 
-    def __call__(self, prompts: str | Sequence[str], what: str = "prompt", warn: bool = True) -> TokenizedPrompts:
-        """Ids for each prompt. Logs one warning per prompt that is truncated and one per prompt with words
-        a word-level vocabulary does not have (the text encoder reads each as <|unk|>); `what` names the
-        prompts in those warnings ("prompt", "negative prompt"); `warn=False`: none (another tokenizer of the
-        same prompts has said it: SDXL's second)."""
+    def __call__(self, prompts: str | Sequence[str], what: str = "prompt", warn: bool = True, chunks: int = 1) -> TokenizedPrompts:
+        """Ids for each prompt, up to `chunks` pieces of it (TokenizedPrompts.chunks). Logs one warning per prompt
+        that is truncated and one per prompt with words a word-level vocabulary does not have (the text encoder
+        reads each as <|unk|>); `what` names the prompts in those warnings ("prompt", "negative prompt");
+        `warn=False`: none (another tokenizer of the same prompts has said it: SDXL's second)."""
         if isinstance(prompts, str):
             prompts = [prompts]
         encodings = self._tokenizer.encode_batch(list(prompts))
         ids = np.array([e.ids for e in encodings], dtype=np.int64).reshape(len(encodings), self.max_length)
-        # With stride 0 the overflowing pieces hold exactly the dropped tokens (plus their own specials and pad).
-        dropped = [
-            sum(1 for o in e.overflowing for s, a in zip(o.special_tokens_mask, o.attention_mask) if a and not s)
-            for e in encodings
-        ]
+        # With stride 0 the overflowing pieces hold exactly the tokens beyond the first piece, each piece with its own
+        # specials and pad: the chunks A1111 and compel encode one by one.
+        def words(piece: Any) -> int:
+            return sum(1 for s, a in zip(piece.special_tokens_mask, piece.attention_mask) if a and not s)
+
+        pieces = [[e, *(o for o in e.overflowing if words(o))] for e in encodings]
+        kept = tuple(np.array([p.ids for p in ps[:chunks]], dtype=np.int64).reshape(-1, self.max_length) for ps in pieces)
+        dropped = [sum(words(p) for p in ps[chunks:]) for ps in pieces]
         for i, n in enumerate(dropped):
             if n and warn:
-                log.warning(
-                    "%s %d was truncated: %d token(s) beyond the text encoder's %d were dropped (%.40r...)",
-                    what, i, n, self.max_length, prompts[i],
-                )
+                room = f"the text encoder's {self.max_length}" if chunks == 1 else f"{chunks} chunks of the text encoder's {self.max_length}"
+                log.warning("%s %d was truncated: %d token(s) beyond %s were dropped (%.40r...)", what, i, n, room, prompts[i])
         if self._unk_id is not None and warn:
             warned: set[str] = set()
             for i, e in enumerate(encodings):
@@ -177,7 +181,7 @@ class PromptTokenizer:
                     shown = ", ".join(map(repr, unknown[:MAX_WORDS_SHOWN]))
                     more = f" and {len(unknown) - MAX_WORDS_SHOWN} more" if len(unknown) > MAX_WORDS_SHOWN else ""
                     log.warning("%s %d: the model does not know %s%s (read as unknown words)", what, i, shown, more)
-        return TokenizedPrompts(ids=ids, truncated=[n > 0 for n in dropped], dropped=dropped)
+        return TokenizedPrompts(ids=ids, truncated=[n > 0 for n in dropped], dropped=dropped, chunks=kept)
 
     def to_str(self) -> str:
         """The self-contained tokenizer.json text (vocabulary, padding, truncation, bos/eos template)."""

@@ -366,9 +366,17 @@ def test_tensorrt_refuses_a_lora_for_a_component_or_weight_the_artifacts_lack(ar
     assert all(e.weights == {} for e in trt.engines.values())
 
 
-def test_old_artifacts_without_targets_say_to_rebuild():
+def test_old_artifacts_without_targets_say_to_rebuild(tmp_path):
+    import json
+    import shutil
+
+    old = Path(shutil.copytree(default_artifacts_dir(), tmp_path / "old"))
+    manifest = json.loads((old / "manifest.json").read_text())
+    manifest["lora_targets"] = None  # as builds made before LoRA support recorded it
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    (old / "lora_targets.json").unlink()
     with pytest.raises(LoraError, match="built before LoRA support; rebuild"):
-        LoraTargets.read(default_artifacts_dir())  # the shipped model predates LoRA support
+        LoraTargets.read(old)
 
 
 def test_a_changed_targets_file_is_refused(artifacts, tmp_path):

@@ -386,8 +386,8 @@ def test_a_service_can_add_subdirectory_the_native_runtime(native, tmp_path):
 
 
 @pytest.mark.skipif(BF16_UNAVAILABLE is not None, reason=f"--bf16 computes in f32 here: {BF16_UNAVAILABLE}")
-def test_bf16_refuses_a_model_whose_bf16_parity_failed(native, tmp_path, capsys):
-    root = failed_copy(tmp_path)
+def test_bf16_refuses_a_model_whose_measured_bf16_parity_failed(native, tmp_path, capsys):
+    root = failed_copy(tmp_path, measured=True)
     args = ["--model", str(root), "--bf16", "--out", str(tmp_path / "x.png")]
     expected = python_error(capsys, *args, "--backend", "openvino")
     done = native.run(*args)

@@ -291,7 +291,7 @@ def test_a_zero_terminal_snr_model_refuses_only_the_schedulers_that_cannot_take_
     zero_snr = {**SCHEDULER_CONFIG, "prediction_type": "v_prediction", "rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
     root, _ = build_synthetic_artifacts(tmp_path / "artifacts", scheduler_config=zero_snr)
     pipe = Pipeline.load(root)
-    refused = ("pndm", "lms", "heun", "dpmpp-sde", "dpmpp-sde-karras")  # no zero-SNR option in diffusers' Heun and DPM++ SDE
+    refused = ("pndm", "lms", "lms-karras", "heun", "heun-karras", "dpmpp-sde", "dpmpp-sde-karras")  # no zero-SNR option in diffusers' Heun and DPM++ SDE
     usable = [name for name in SCHEDULERS if name not in refused]
     assert list(pipe.schedulers) == usable
     for name in usable:

@@ -22,7 +22,8 @@ VARIANTS = {name: (name, {}) for name in NAMES} | {"ddim-eta": ("ddim", {"eta": 
                                                    "dpmpp-2s-a-eta-0.5": ("dpmpp-2s-a", {"eta": 0.5}), "tcd-gamma-0.6": ("tcd", {"gamma": 0.6})}
 STOCHASTIC = ("ddpm", "euler-a", "ddim-eta", "dpmpp-2m-sde", "dpmpp-2m-sde-karras", "lcm", "tcd", "dpmpp-2s-a", "dpmpp-2s-a-eta-0.5",
               "tcd-gamma-0.6", "dpmpp-sde", "dpmpp-sde-karras")
-MULTISTEP = ("dpmpp-2m", "dpmpp-2m-karras", "dpmpp-2m-sde", "dpmpp-2m-sde-karras", "pndm", "lms", "unipc", "heun")
+MULTISTEP = ("dpmpp-2m", "dpmpp-2m-karras", "dpmpp-2m-sde", "dpmpp-2m-sde-karras", "pndm", "lms", "lms-karras", "unipc", "heun",
+             "heun-karras")
 SHAPE = (2, 4, 8, 8)
 
 
@@ -51,7 +52,8 @@ def oracle_model(scheduler, x0, prediction_type):
     sigmas = train_sigmas(scheduler.alphas_cumprod).astype(np.float64)
 
     def model(x_in, t):
-        sigma = np.interp(float(t), np.arange(len(sigmas)), sigmas)  # fractional t: as the sigma schedulers read it
+        # fractional t (Karras sigmas): log sigma interpolated, as the schedulers read t back from sigma (sigma_to_t)
+        sigma = np.exp(np.interp(float(t), np.arange(len(sigmas)), np.log(sigmas)))
         a = 1 / (1 + sigma**2)
         eps = (x_in - np.sqrt(a) * x0) / np.sqrt(1 - a)
         if prediction_type == "epsilon":
@@ -80,7 +82,7 @@ def test_timesteps_decrease_and_count(name, n, spacing):
     if hasattr(run, "sigmas"):
         assert len(run.sigmas) == len(t) + 1 and run.sigmas[-1] == 0
         assert np.all(np.diff(run.sigmas[::run.order]) < 0)  # heun: [s0, s1, s1, s2, s2, ..., 0]
-    if name == "heun":
+    if name in ("heun", "heun-karras"):
         # two model calls per step: every timestep after the first twice, 2n - 1 entries
         assert len(t) == 2 * n - 1 and run.order == 2
         assert np.array_equal(t[1::2], t[2::2]) and np.all(np.diff(t[::2]) < 0)
@@ -165,7 +167,7 @@ ZERO_SNR = SchedulerConfig(rescale_betas_zero_snr=True, timestep_spacing="traili
 
 
 @pytest.mark.parametrize("n", [1, 5, 50])
-@pytest.mark.parametrize("name", [name for name in NAMES if name not in ("pndm", "lms", "heun", "dpmpp-sde", "dpmpp-sde-karras")])
+@pytest.mark.parametrize("name", [n for n in NAMES if n.removesuffix("-karras") not in ("pndm", "lms", "heun", "dpmpp-sde")])
 def test_every_scheduler_but_pndm_lms_and_heun_samples_a_zero_terminal_snr_schedule(name, n):
     """The shipped default model's kind of schedule (Lin et al. 2024): x_T is pure noise, v-prediction."""
     scheduler = make_scheduler(name, ZERO_SNR)
@@ -183,7 +185,8 @@ def test_every_scheduler_but_pndm_lms_and_heun_samples_a_zero_terminal_snr_sched
 @pytest.mark.parametrize(
     "name, reason",
     [("pndm", "sqrt(alpha_bar_T)"), ("lms", "unstable across the zero-SNR noise range"), ("heun", "no rescale_betas_zero_snr"),
-     ("dpmpp-sde", "no rescale_betas_zero_snr"), ("dpmpp-sde-karras", "no rescale_betas_zero_snr")],
+     ("dpmpp-sde", "no rescale_betas_zero_snr"), ("dpmpp-sde-karras", "no rescale_betas_zero_snr"),
+     ("heun-karras", "no rescale_betas_zero_snr"), ("lms-karras", "unstable across the zero-SNR noise range")],
 )
 def test_pndm_lms_and_heun_refuse_a_zero_terminal_snr_schedule_with_the_reason(name, reason):
     with pytest.raises(SchedulerConfigError) as e:

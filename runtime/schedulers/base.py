@@ -57,6 +57,9 @@ class Scheduler:
     # The solver_type values this class reads, its default first; diffusers' DPM-Solver++ and UniPC read
     # each other's values as their default, so one config swaps between them (from_config).
     solver_types: ClassVar[tuple[str, ...]] = ()
+    # The class has a `<name>-karras` CLI name too (registry.karras_pair): an instance with use_karras_sigmas is
+    # that one, named so before the checks below, whose messages name it.
+    karras_variant: ClassVar[bool] = False
 
     def __init__(self, config: SchedulerConfig | None = None) -> None:
         config = SchedulerConfig() if config is None else config
@@ -64,6 +67,8 @@ class Scheduler:
             raise SchedulerConfigError(
                 f"{type(self).__name__}: expected a SchedulerConfig, got {type(config).__name__}"
             )
+        if self.karras_variant and config.use_karras_sigmas:
+            self.name = f"{type(self).name}-karras"
         if self.solver_types and config.solver_type not in self.solver_types:
             config = dataclasses.replace(config, solver_type=self.solver_types[0])
         self.config = config

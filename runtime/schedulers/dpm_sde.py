@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from .base import Draw, Scheduler, TwoStageRun, readonly, x0_from_sigma
-from .config import SchedulerConfig, train_sigmas
+from .config import train_sigmas
 from .dpm_2s_ancestral import ancestral_split
 from .sigmas import discrete_sigmas, sigma_to_t
 
@@ -39,14 +39,10 @@ class DPMSolverSDEScheduler(Scheduler):
     """DPM++ SDE: two model calls per step but the last, ancestral noise after each; Karras sigmas optional."""
 
     name = "dpmpp-sde"  # the class's name (what a folder's DPMSolverSDEScheduler maps to); -karras per instance
+    karras_variant = True
     diffusers_class = "DPMSolverSDEScheduler"
     prediction_types = ("epsilon", "v_prediction")  # diffusers raises for "sample"
     zero_snr_obstacle = "diffusers' DPMSolverSDEScheduler has no rescale_betas_zero_snr option, so there is no such DPM++ SDE to match"
-
-    def __init__(self, config: SchedulerConfig | None = None) -> None:
-        if config is not None and config.use_karras_sigmas:
-            self.name = "dpmpp-sde-karras"  # before the base class's checks, whose messages name it
-        super().__init__(config)
 
     @property
     def is_stochastic(self) -> bool:

@@ -19,6 +19,7 @@ class HeunScheduler(Scheduler):
     """Heun steps in sigma (2nd order, two model calls per step); optional Karras sigmas."""
 
     name = "heun"
+    karras_variant = True  # heun-karras: diffusers' class with use_karras_sigmas
     diffusers_class = "HeunDiscreteScheduler"
     # diffusers' from_config drops the option and samples a schedule the model was not trained on.
     zero_snr_obstacle = "diffusers' HeunDiscreteScheduler has no rescale_betas_zero_snr option, so there is no such Heun to match"

@@ -29,6 +29,7 @@ class LMSScheduler(Scheduler):
     """Linear multistep over the ODE derivatives d = (x - D(x; sigma)) / sigma of up to four past steps."""
 
     name = "lms"
+    karras_variant = True  # lms-karras: diffusers' class with use_karras_sigmas
     diffusers_class = "LMSDiscreteScheduler"
     # diffusers' LMSDiscreteScheduler has no rescale_betas_zero_snr (from_config drops it and samples a
     # schedule the model was not trained on). Taken the way diffusers' Euler takes it (alpha_bar_T floored to

@@ -36,9 +36,15 @@ def _fixed(cls: type[Scheduler], **fields: Any) -> Callable[..., Scheduler]:
     return make
 
 
-def _dpmpp_2m(karras: bool, sde: bool = False) -> Callable[..., Scheduler]:
-    algorithm = "sde-dpmsolver++" if sde else "dpmsolver++"
-    return _fixed(DPMSolverMultistepScheduler, solver_order=2, use_karras_sigmas=karras, algorithm_type=algorithm)
+def karras_pair(name: str, cls: type[Scheduler], **fields: Any) -> dict[str, Callable[..., Scheduler]]:
+    """`name` and `name-karras`: `cls` with `fields` and Karras sigmas off, and on (Karras et al. 2022, eq. 5),
+    over the model's config. The one rule for every -karras name: the name decides, not the folder's config."""
+    return {name: _fixed(cls, use_karras_sigmas=False, **fields), f"{name}-karras": _fixed(cls, use_karras_sigmas=True, **fields)}
+
+
+def _dpmpp_2m(sde: bool = False) -> dict[str, Callable[..., Scheduler]]:
+    name, algorithm = ("dpmpp-2m-sde", "sde-dpmsolver++") if sde else ("dpmpp-2m", "dpmsolver++")
+    return karras_pair(name, DPMSolverMultistepScheduler, solver_order=2, algorithm_type=algorithm)
 
 
 # CLI name -> factory(config, **options); OPTIONS lists the keyword options a name accepts.
@@ -50,22 +56,18 @@ ETA_OPTIONS: dict[str, str] = {"ddim": "eta", "tcd": "gamma", "dpmpp-2s-a": "eta
 SCHEDULERS: dict[str, Callable[..., Scheduler]] = {
     "ddpm": DDPMScheduler,
     "ddim": DDIMScheduler,
-    "euler": _fixed(EulerScheduler, use_karras_sigmas=False),
-    "euler-karras": _fixed(EulerScheduler, use_karras_sigmas=True),
+    **karras_pair("euler", EulerScheduler),
     "euler-a": EulerAncestralScheduler,
-    "dpmpp-2m": _dpmpp_2m(karras=False),
-    "dpmpp-2m-karras": _dpmpp_2m(karras=True),
-    "dpmpp-2m-sde": _dpmpp_2m(karras=False, sde=True),
-    "dpmpp-2m-sde-karras": _dpmpp_2m(karras=True, sde=True),
+    **_dpmpp_2m(),
+    **_dpmpp_2m(sde=True),
     "pndm": PNDMScheduler,
-    "lms": LMSScheduler,
+    **karras_pair("lms", LMSScheduler),
     "unipc": UniPCMultistepScheduler,
-    "heun": HeunScheduler,
+    **karras_pair("heun", HeunScheduler),
     "lcm": LCMScheduler,
     "tcd": TCDScheduler,
     "dpmpp-2s-a": DPMPP2SAncestralScheduler,  # no diffusers class: k-diffusion's sample_dpmpp_2s_ancestral
-    "dpmpp-sde": _fixed(DPMSolverSDEScheduler, use_karras_sigmas=False),
-    "dpmpp-sde-karras": _fixed(DPMSolverSDEScheduler, use_karras_sigmas=True),
+    **karras_pair("dpmpp-sde", DPMSolverSDEScheduler),
 }
 
 DIFFUSERS_SCHEDULERS: dict[str, type[Scheduler]] = {

@@ -6,6 +6,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <sstream>
+#include <tuple>
 
 #include "ldm_rt/native/errors.hpp"
 #include "ldm_rt/native/json.hpp"
@@ -52,17 +53,19 @@ const Json& key(const Json& obj, const std::string& name, const std::string& man
   return *v;
 }
 
-// A failed bf16 parity record (precision entry -> parity -> bf16), in one line naming the worst case; "" if none.
-std::string bf16_failure(const std::string& name, const Json& precision_entry) {
+// A failed bf16 parity record (precision entry -> parity -> bf16), in one line naming the worst case ("" if none),
+// and whether OpenVINO's own bf16 measured it (else the emulation did).
+std::pair<std::string, bool> bf16_failure(const std::string& name, const Json& precision_entry) {
   const Json* parity = precision_entry.is_object() ? precision_entry.find("parity") : nullptr;
   const Json* bf16 = parity && parity->is_object() ? parity->find("bf16") : nullptr;
   const Json* passed = bf16 && bf16->is_object() ? bf16->find("passed") : nullptr;
-  if (!passed || !passed->is_bool() || passed->as_bool()) return "";
-  for (const char* which : {"openvino", "emulated"}) {
-    const Json* r = bf16->find(which);
-    if (!r || !r->is_object()) continue;
-    const Json *ok = r->find("passed"), *errs = r->find("max_abs_err"), *bounds = r->find("bound"), *backend = r->find("backend");
-    if (!ok || !ok->is_bool() || ok->as_bool() || !errs || !errs->is_array() || !bounds || !bounds->is_array()) continue;
+  if (!passed || !passed->is_bool() || passed->as_bool()) return {"", false};
+  const Json* openvino = bf16->find("openvino");
+  bool measured = openvino && openvino->is_object();
+  const Json* r = measured ? openvino : bf16->find("emulated");
+  const Json *errs = r && r->is_object() ? r->find("max_abs_err") : nullptr, *bounds = r && r->is_object() ? r->find("bound") : nullptr;
+  const Json* backend = r && r->is_object() ? r->find("backend") : nullptr;
+  if (errs && errs->is_array() && bounds && bounds->is_array()) {
     double err = 0, bound = 0, over = -1e300;
     for (size_t i = 0; i < errs->as_array().size() && i < bounds->as_array().size(); ++i) {
       const Json &e = errs->as_array()[i], &b = bounds->as_array()[i];
@@ -70,12 +73,13 @@ std::string bf16_failure(const std::string& name, const Json& precision_entry) {
         err = e.as_double(), bound = b.as_double(), over = err - bound;
       }
     }
-    if (over == -1e300) continue;
-    char text[96];
-    std::snprintf(text, sizeof text, "max abs error %.3g > bound %.3g", err, bound);
-    return name + " failed bf16 parity at export (" + (backend && backend->is_string() ? backend->as_string() : "bf16") + ": " + text + ")";
+    if (over != -1e300) {
+      char text[96];
+      std::snprintf(text, sizeof text, "max abs error %.3g > bound %.3g", err, bound);
+      return {name + " failed bf16 parity at export (" + (backend && backend->is_string() ? backend->as_string() : "bf16") + ": " + text + ")", measured};
+    }
   }
-  return name + " failed bf16 parity at export";
+  return {name + " failed bf16 parity at export", measured};
 }
 
 FileEntry file_entry(const Json& v, const std::string& what, const std::string& mp) {
@@ -204,6 +208,31 @@ std::vector<std::string> tensor_names(const Json& list, const std::string& mp) {
   return names;
 }
 
+// (fewest, most) prompt chunks the UNet's context takes (runtime/pipeline.Pipeline.prompt_chunks): its
+// encoder_hidden_states' token axis is a contract dim (a multiple of the encoder's length) in builds made with
+// --prompt-chunks, a fixed size otherwise (1, 1).
+std::pair<int64_t, int64_t> prompt_chunks(const Json& unet_contract, int64_t context_length) {
+  const Json* inputs = unet_contract.find("inputs");
+  const Json* dims = unet_contract.find("dims");
+  if (!inputs || !inputs->is_array() || !dims || !dims->is_array() || context_length < 1) return {1, 1};
+  for (const Json& t : inputs->as_array()) {
+    const Json *name = t.is_object() ? t.find("name") : nullptr, *shape = t.is_object() ? t.find("shape") : nullptr;
+    if (!name || !name->is_string() || name->as_string() != "encoder_hidden_states" || !shape || !shape->is_array() ||
+        shape->as_array().size() != 3 || !shape->as_array()[1].is_string()) {
+      continue;
+    }
+    for (const Json& d : dims->as_array()) {
+      const Json *dn = d.is_object() ? d.find("name") : nullptr, *lo = d.is_object() ? d.find("min") : nullptr,
+                 *hi = d.is_object() ? d.find("max") : nullptr;
+      if (dn && dn->is_string() && dn->as_string() == shape->as_array()[1].as_string() && lo && lo->is_integer() && hi &&
+          hi->is_integer()) {
+        return {std::max<int64_t>(lo->as_int() / context_length, 1), std::max<int64_t>(hi->as_int() / context_length, 1)};
+      }
+    }
+  }
+  return {1, 1};
+}
+
 }  // namespace
 
 std::string normal_path(const std::string& p) {
@@ -296,7 +325,7 @@ Artifacts Artifacts::open(const std::string& dir, const std::string& precision) 
         if (const Json* ext = pe->find("external_data"); ext && !ext->is_null()) {
           external[name] = file_entry(*ext, at + ".external_data", mp);
         }
-        files.bf16_failure = bf16_failure(name, *pe);
+        std::tie(files.bf16_failure, files.bf16_failure_measured) = bf16_failure(name, *pe);
       } else {
         std::string built;
         for (const auto& [p, _] : precisions.as_object()) built += (built.empty() ? "" : ", ") + p;
@@ -304,6 +333,7 @@ Artifacts Artifacts::open(const std::string& dir, const std::string& precision) 
                            "); rebuild with --fp16 or use --precision fp32");
       }
       a.components[name] = files;
+      if (name == "unet" && f.context_length) a.prompt_chunks = prompt_chunks(contract, *f.context_length);
     }
     // manifest._default_scheduler: "" (built before models named their own) or a registered name.
     if (const Json* ds = d.find("default_scheduler"); ds && !(ds->is_string() && ds->as_string().empty())) {
@@ -359,6 +389,12 @@ Artifacts Artifacts::open(const std::string& dir, const std::string& precision) 
       a.scheduler_config = SchedulerConfig::from_json(sched_json);
     } catch (const SchedulerConfigError& e) {
       throw SchedulerConfigError(sched_where + ": " + e.what());
+    }
+    // scheduler_choice.karras_variant: builds made before heun-karras and lms-karras recorded the plain name.
+    if (a.scheduler_config.use_karras_sigmas && !a.default_scheduler.empty()) {
+      std::vector<std::string> names = scheduler_names();
+      std::string twin = a.default_scheduler + "-karras";
+      if (std::find(names.begin(), names.end(), twin) != names.end()) a.default_scheduler = twin;
     }
     a.model_hash = source_hash.empty() ? sha256_hex(manifest_bytes) : source_hash;
     for (auto& [name, files] : a.components) {

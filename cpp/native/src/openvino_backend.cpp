@@ -104,7 +104,7 @@ class OpenVinoComponent : public Component {
 
 class OpenVinoBackend : public Backend {
  public:
-  explicit OpenVinoBackend(const HostOptions& host) {
+  explicit OpenVinoBackend(const HostOptions& host) : warn_(host.warn) {
     try {
       precision_ = ov::element::f32;
       if (host.reduced_precision) {
@@ -135,7 +135,8 @@ class OpenVinoBackend : public Backend {
 
   std::unique_ptr<Component> open(const std::string&, const ComponentFiles& files) const override {
     if (precision_ == ov::element::bf16 && !files.bf16_failure.empty()) {
-      throw BackendError(files.bf16_failure + ": run without --bf16 (reduced_precision=False)");
+      if (files.bf16_failure_measured) throw BackendError(files.bf16_failure + ": run without --bf16 (reduced_precision=False)");
+      if (warn_) warn_(files.bf16_failure + ": its images may drift more than a few levels in bf16");
     }
     std::shared_ptr<ov::Model> model;
     try {
@@ -155,6 +156,7 @@ class OpenVinoBackend : public Backend {
   static std::string version() { return ov::get_openvino_version().buildNumber; }
 
   mutable ov::Core core_;  // read_model / compile_model are thread safe; called at load only
+  std::function<void(const std::string&)> warn_;  // HostOptions::warn
   ov::element::Type precision_;
   ov::AnyMap config_;
 };

@@ -674,8 +674,9 @@ const std::vector<Registered>& registry() {
       {"euler-a", Cls::EulerA},  {"dpmpp-2m", Cls::DPM},
       {"dpmpp-2m-karras", Cls::DPM}, {"dpmpp-2m-sde", Cls::DPM},
       {"dpmpp-2m-sde-karras", Cls::DPM}, {"pndm", Cls::PNDM},
-      {"lms", Cls::LMS},         {"unipc", Cls::UniPC},
-      {"heun", Cls::Heun},       {"lcm", Cls::LCM},
+      {"lms", Cls::LMS},         {"lms-karras", Cls::LMS},
+      {"unipc", Cls::UniPC},     {"heun", Cls::Heun},
+      {"heun-karras", Cls::Heun}, {"lcm", Cls::LCM},
       {"tcd", Cls::TCD},         {"dpmpp-2s-a", Cls::DPM2SA},
       {"dpmpp-sde", Cls::DPMSDE}, {"dpmpp-sde-karras", Cls::DPMSDE},
   };
@@ -721,10 +722,12 @@ std::shared_ptr<const Scheduler> Scheduler::make(const std::string& name, const 
     throw config_error("scheduler " + py_str_repr(name) + " does not take options ['eta']; it takes []");
   config_in.validate();
   SchedulerConfig c = config_in;
-  // The name fixes these fields over the model's config (registry.py _fixed / _dpmpp_2m).
+  // The name fixes these fields over the model's config (registry.py _fixed / karras_pair).
   if (name == "euler") c.use_karras_sigmas = false;
   if (name == "euler-karras") c.use_karras_sigmas = true;
   if (reg->cls == Cls::DPMSDE) c.use_karras_sigmas = name == "dpmpp-sde-karras";
+  if (reg->cls == Cls::Heun) c.use_karras_sigmas = name == "heun-karras";
+  if (reg->cls == Cls::LMS) c.use_karras_sigmas = name == "lms-karras";
   if (reg->cls == Cls::DPM) {
     c.solver_order = 2;
     c.use_karras_sigmas = name.find("karras") != std::string::npos;

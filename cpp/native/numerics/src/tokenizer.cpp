@@ -802,23 +802,32 @@ PromptTokenizer PromptTokenizer::from_file(const std::string& path) {
   return from_json_text(data, path);
 }
 
-TokenizedPrompts PromptTokenizer::encode(const std::vector<std::string>& prompts) const {
+TokenizedPrompts PromptTokenizer::encode(const std::vector<std::string>& prompts, int64_t chunks) const {
   const Impl& im = *impl_;
   const int64_t L = im.max_length;
   const std::size_t room = static_cast<std::size_t>(L - 2);  // the post-processor adds bos and eos
   TokenizedPrompts r;
+  r.chunk_limit = std::max<int64_t>(chunks, 1);
   r.ids.shape = {static_cast<int64_t>(prompts.size()), L};
   r.ids.data.assign(prompts.size() * static_cast<std::size_t>(L), im.pad);
   for (std::size_t b = 0; b < prompts.size(); ++b) {
     std::vector<int64_t> ids;
     std::vector<std::pair<uint32_t, uint32_t>> spans;
     im.encode_one(prompts[b], ids, spans);
-    int64_t* row = r.ids.data.data() + b * static_cast<std::size_t>(L);
-    std::size_t kept = std::min(ids.size(), room);
-    row[0] = im.bos;
-    for (std::size_t k = 0; k < kept; ++k) row[1 + k] = ids[k];
-    row[1 + kept] = im.eos;
-    int64_t dropped = static_cast<int64_t>(ids.size() - kept);
+    // Pieces of `room` tokens (an empty prompt: one), as tokenizers' overflowing pieces with stride 0.
+    std::size_t pieces = std::min<std::size_t>(std::max<std::size_t>((ids.size() + room - 1) / room, 1), std::size_t(r.chunk_limit));
+    IdTensor rows{{static_cast<int64_t>(pieces), L}, std::vector<int64_t>(pieces * static_cast<std::size_t>(L), im.pad)};
+    for (std::size_t c = 0; c < pieces; ++c) {
+      int64_t* row = rows.data.data() + c * static_cast<std::size_t>(L);
+      std::size_t from = c * room, n = std::min(ids.size() - std::min(ids.size(), from), room);
+      row[0] = im.bos;
+      for (std::size_t k = 0; k < n; ++k) row[1 + k] = ids[from + k];
+      row[1 + n] = im.eos;
+    }
+    std::copy_n(rows.data.begin(), L, r.ids.data.begin() + b * static_cast<std::size_t>(L));
+    std::size_t kept = std::min(ids.size(), room);  // the first piece's (unknown words are looked for there)
+    int64_t dropped = static_cast<int64_t>(ids.size() - std::min(ids.size(), pieces * room));
+    r.chunks.push_back(std::move(rows));
     r.dropped.push_back(dropped);
     r.truncated.push_back(dropped > 0);
     std::vector<std::string> unknown;
@@ -846,9 +855,10 @@ std::vector<std::string> PromptTokenizer::warnings(const std::vector<std::string
     if (!result.dropped[i]) continue;
     // "%.40r": the prompt's repr cut to 40 characters
     NText rep = decode(py_str_repr(prompts[i]));
+    std::string room = result.chunk_limit == 1 ? "the text encoder's " + std::to_string(impl_->max_length)
+                                                : std::to_string(result.chunk_limit) + " chunks of the text encoder's " + std::to_string(impl_->max_length);
     out.push_back(std::string(what) + " " + std::to_string(i) + " was truncated: " + std::to_string(result.dropped[i]) +
-                  " token(s) beyond the text encoder's " + std::to_string(impl_->max_length) + " were dropped (" +
-                  to_utf8(rep.cps, 0, 40) + "...)");
+                  " token(s) beyond " + room + " were dropped (" + to_utf8(rep.cps, 0, 40) + "...)");
   }
   std::vector<std::string> warned;
   for (std::size_t i = 0; i < result.unknown.size() && i < prompts.size(); ++i) {

@@ -50,9 +50,11 @@ struct ComponentFiles {
   std::string onnx;                       // verified path inside the folder
   std::vector<std::string> inputs;        // the contract's input names
   std::vector<std::string> outputs;       // the contract's output names
-  // Why these files must not be computed in bf16: their bf16 parity failed at export (export/bf16.py); "" if it
-  // passed or was not recorded. Worded as runtime/manifest.Manifest.bf16_failure words it.
+  // Why these files should not be computed in bf16: their bf16 parity failed at export (export/bf16.py); "" if it
+  // passed or was not recorded. Worded as runtime/manifest.Manifest.bf16_failure words it. Measured: OpenVINO's own
+  // bf16 failed (refuse bf16), else only the emulation did (warn).
   std::string bf16_failure;
+  bool bf16_failure_measured = false;
 };
 
 struct Artifacts {
@@ -65,6 +67,8 @@ struct Artifacts {
   SchedulerConfig scheduler_config;
   std::string model_hash;  // the source weights' sha256 (what image metadata names)
   std::string default_scheduler;  // manifest default_scheduler, the folder's own ("": none named, ddim)
+  // (fewest, most) chunks of the text encoder's length a prompt may take (build_engines.py --prompt-chunks).
+  std::pair<int64_t, int64_t> prompt_chunks{1, 1};
 
   // Reads and checks the folder; component files at `precision` ("fp32" or "fp16") are hash-checked here.
   static Artifacts open(const std::string& dir, const std::string& precision = "fp32");

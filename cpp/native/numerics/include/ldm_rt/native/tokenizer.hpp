@@ -36,6 +36,10 @@ struct TokenizedPrompts {
   std::vector<int64_t> dropped;                     // per prompt: how many tokens were dropped
   std::vector<std::vector<std::string>> unknown;    // per prompt: words a word-level vocabulary lacks (as written,
                                                     // first spelling of each, in order); empty for BPE
+  // Per prompt, (n, max_length): its first n <= `chunks` pieces of max_length - 2 tokens, each with its own bos, eos
+  // and pad (runtime/tokenizer.py TokenizedPrompts.chunks); `ids` holds each prompt's first.
+  std::vector<IdTensor> chunks;
+  int64_t chunk_limit = 1;  // the `chunks` encode() was asked for (the truncation warning names it)
 };
 
 class PromptTokenizer {
@@ -47,7 +51,7 @@ class PromptTokenizer {
   static PromptTokenizer from_file(const std::string& path);  // bounded read (kMaxTokenizerJsonBytes)
 
   // Thread safe (const; no caches shared between calls).
-  TokenizedPrompts encode(const std::vector<std::string>& prompts) const;
+  TokenizedPrompts encode(const std::vector<std::string>& prompts, int64_t chunks = 1) const;
 
   // The warnings runtime/tokenizer.py logs for `result` ("prompt 0 was truncated: 3 token(s) beyond the text
   // encoder's 77 were dropped ('...'...)", "prompt 0: the model does not know 'x' (read as unknown words)");
