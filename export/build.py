@@ -33,7 +33,16 @@ from ldm_rt.export.errors import ExportError, TensorRTUnavailable
 from ldm_rt.export.fp16 import find_fp32_islands, half_model
 from ldm_rt.export.lora_targets import record_targets
 from ldm_rt.runtime.lora import TARGETS_FILE
-from ldm_rt.export.memory import EstimateError, GraphMemory, RssWatch, parity_budget, release_weight_pages
+from ldm_rt.export.memory import (
+    TORCH_WEIGHT_COPIES,
+    TORCH_WEIGHT_COPIES_FP16,
+    EstimateError,
+    GraphMemory,
+    RssWatch,
+    parity_budget,
+    release_weight_pages,
+    run_bytes,
+)
 from ldm_rt.export.onnx_export import OPSET, export_component
 from ldm_rt.export.ort_attention import write_ort_variant
 from ldm_rt.export.output import check_output, claim_output, output_path
@@ -120,7 +129,7 @@ class BuildOptions:
     # TensorRT engines are required: the CLI exits 1 when they could not be built. They are always built when
     # TensorRT is present; --fp16 (without --onnx-only) asks for them too, since fp16 is for GPU engines.
     engines: bool = False
-    parity_memory: int | None = None  # bytes a parity run may use; None: half of the available memory
+    parity_memory: int | None = None  # bytes a parity run may use; None: memory.MEMORY_FRACTION (85 %) of the available memory
     # LoRAs fused into the weights before export (each at its scale; they add up); the manifest records them.
     loras: tuple[LoraSpec, ...] = ()
     # ControlNets (diffusers folders or original files), each a controlnet_<k> component in this order.
@@ -255,8 +264,8 @@ def _plan(path: Path, contract: ComponentContract, options: BuildOptions, notes:
         log.warning("%s: %s", contract.name, e)
         plan = plan_parity(contract, None, budget)
     else:
-        # The session holds its own copy of the weights beside the activations.
-        plan = plan_parity(contract, lambda shapes: graph.weight_bytes + graph.peak_bytes(shapes), budget)
+        copies = TORCH_WEIGHT_COPIES_FP16 if options.fp16 else TORCH_WEIGHT_COPIES
+        plan = plan_parity(contract, lambda shapes: run_bytes(graph, shapes, copies), budget)
     if plan.note:
         notes.append(f"{contract.name}: {plan.note}")
         say(notes[-1], options.progress)

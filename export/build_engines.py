@@ -136,7 +136,7 @@ def parser() -> argparse.ArgumentParser:
                        "longer prompts are truncated with a warning. With --static-shape every prompt takes N chunks")
     shape.add_argument("--parity-memory", type=_gib, metavar="GIB", help="memory one parity run may use; a profile "
                        "point estimated to need more is checked at the largest size that fits (said, and recorded in "
-                       "the manifest); default: half the available memory")
+                       "the manifest); default: 85%% of the available memory")
     p.add_argument("-v", "--verbose", action="store_true", help="log every step")
     return p
 

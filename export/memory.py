@@ -28,9 +28,34 @@ log = logging.getLogger(__name__)
 
 # Ops whose output ONNX Runtime's CPU provider hands out as a view of (or in place over) the input.
 VIEW_OPS = frozenset({"Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity"})
-# The estimate covers the graph's tensors; ONNX Runtime's arena rounding, the torch reference run beside it
-# and the fp16 search's extra copies are covered by spending only this share of the available memory.
-MEMORY_FRACTION = 0.5
+# What a parity case holds at its peak, beyond what the process holds already: the weights of its heaviest phase
+# beside the activations' peak (GraphMemory.peak_bytes). The phases run one after another: the torch reference on
+# its weights (views of the checkpoint file, given back by release_weight_pages before the ONNX Runtime sessions
+# open), then each session, one at a time, on its own copy (GraphMemory.session_weight_bytes). Torch weights that
+# are not views of a file (a legacy pickle, an fp16 file widened to fp32) stay resident beside the sessions, but
+# they are resident already when the budget is read: available_memory() has left them out.
+TORCH_WEIGHT_COPIES = 1.0
+# The fp16 search runs a float16 copy of the model beside the fp32 model it measures blocks against (export/fp16.py).
+TORCH_WEIGHT_COPIES_FP16 = 1.5
+# Copies of a weight an open ONNX Runtime session holds (ORT_ENABLE_ALL, as the runtime opens it), measured as the
+# session's anonymous memory per weight byte: one of every weight (MatMul's packed copy replaces its source: 1.00x
+# for a Linear stack with external data; SD 1.5's UNet 1.01x); a Conv weight once more (the NCHWc layout's
+# reordered copy beside it: 2.07x for a Conv + GroupNorm stack, 0.02x with that optimisation off); a weight stored
+# in the .onnx file itself, not as external data, once more again (the model's bytes kept beside the tensors: a
+# Conv stack 3.0x; SD 1.5's VAE decoder 2.78x, its text encoder 1.27x). An upper bound, not always reached: SD 1.5's
+# UNet, 69% of its weight bytes in Conv weights, held 1.01x where this counts 1.69x. The fp16 file's session is
+# counted as the fp32 file's (not measured: half the bytes, and ONNX Runtime's inserted Casts widen some back).
+SESSION_COPIES = 1
+CONV_EXTRA_COPIES = 1
+INLINE_EXTRA_COPIES = 1
+# The share of the available memory one parity case may need (run_bytes). The weights are counted as the phases
+# hold them, and the activations' estimate is already above what ONNX Runtime uses, arena rounding included (SD
+# 1.5's UNet at 2x4x64x64: 1.15 GiB used, 2.06 GiB estimated); this share leaves room for what neither counts:
+# the inputs and reference outputs of the other cases, kept beside the run (each a small part of its own run's
+# activations), allocator slack, and the other processes of the machine growing meanwhile. (It was 0.5, with the
+# weights counted once, and had to cover a torch copy beside the session too: an SDXL-sized UNet's 9.6 GiB of
+# weights fit only with more than 19.3 GiB available, its 1024 px check not on this 24 GB machine.)
+MEMORY_FRACTION = 0.85
 # A container's memory limit (cgroup v2, then v1) and its current use; /proc/meminfo shows the host's.
 CGROUP_FILES = (
     ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
@@ -68,7 +93,15 @@ class GraphMemory:
             raise EstimateError(f"symbolic shape inference could not finish on {path.name}")
         graph = inferred.graph
         self.weights = {name: dims for name, (dims, _) in weights.items()}
-        self.weight_bytes = sum(math.prod(dims) * _itemsize(dtype) for dims, dtype in weights.values())
+        size = {name: math.prod(dims) * _itemsize(dtype) for name, (dims, dtype) in weights.items()}
+        self.weight_bytes = sum(size.values())
+        conv_weights = {n.input[1] for n in model.graph.node if n.op_type == "Conv" and len(n.input) > 1}
+        inline = {t.name for t in model.graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL}
+        # What an open ONNX Runtime session holds of them (SESSION_COPIES and the extra copies above).
+        self.session_weight_bytes = sum(
+            b * (SESSION_COPIES + CONV_EXTRA_COPIES * (name in conv_weights) + INLINE_EXTRA_COPIES * (name in inline))
+            for name, b in size.items()
+        )
         self.inputs = {v.name: _dims(v) for v in graph.input if v.name not in self.weights}
         symbols = {d: sympy.Symbol(d) for dims in self.inputs.values() for d in dims if isinstance(d, str)}
         self.tensors: dict[str, tuple[int, list[int | str]]] = {}  # name -> (itemsize, dims or dim formulas)
@@ -190,8 +223,15 @@ def available_memory() -> int:
 
 
 def parity_budget() -> int:
-    """Bytes one parity run may use: a share of what is available now."""
+    """Bytes one parity case may need (run_bytes): a share of what is available now."""
     return int(available_memory() * MEMORY_FRACTION)
+
+
+def run_bytes(graph: GraphMemory, input_shapes: Mapping[str, tuple[int, ...]], torch_copies: float = TORCH_WEIGHT_COPIES) -> int:
+    """Bytes one parity case needs at these input shapes: the weights of its heavier phase, the torch model's
+    (`torch_copies` of the weight bytes: TORCH_WEIGHT_COPIES_FP16 with the fp16 search) or an ONNX Runtime
+    session's (never resident together), and the activations' peak."""
+    return max(int(torch_copies * graph.weight_bytes), graph.session_weight_bytes) + graph.peak_bytes(input_shapes)
 
 
 def _status_bytes(key: str) -> int | None:

@@ -91,6 +91,7 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+ZIP_MAGIC = b"PK\x03\x04"  # a zip archive's first local file header: torch.save's format since torch 1.6
 # Keys of an original LatentDiffusion checkpoint that hold no weights we use: the DDPM schedule buffers
 # (the scheduler recomputes them) and EMA bookkeeping.
 IGNORED_SINGLE_FILE_KEYS = frozenset({
@@ -636,7 +637,10 @@ def read_state_dict(path: str | Path) -> dict[str, Any]:
             raise CheckpointError(f"{path} is not a readable safetensors file ({e}); re-download or re-convert it") from None
     if path.suffix in PICKLE_SUFFIXES:
         try:
-            data = torch.load(path, map_location="cpu", weights_only=True)
+            # A zip checkpoint (torch.save's format since torch 1.6) is mapped, not read: its tensors are views of
+            # the file, as safetensors' are, so an SD .ckpt (4-7 GB with its EMA copy) is never resident whole and
+            # its pages can be given back during the export. A legacy pickle cannot be mapped: it is read whole.
+            data = torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zip(path))
         except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise CheckpointError(
@@ -646,6 +650,12 @@ def read_state_dict(path: str | Path) -> dict[str, Any]:
             raise CheckpointError(f"{path} holds a {type(data).__name__}, not a state dict")
         return dict(data)
     raise CheckpointError(f"{path}: unknown weights format {path.suffix!r}; expected .safetensors or {PICKLE_SUFFIXES}")
+
+
+def _is_zip(path: Path) -> bool:
+    """A zip archive (torch.save's default format), by its first bytes, as torch.load itself tells them apart."""
+    with open(path, "rb") as f:
+        return f.read(4) == ZIP_MAGIC
 
 
 def _convert_config(convert, path: Path, data: dict[str, Any] | None = None):

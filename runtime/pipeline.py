@@ -681,11 +681,11 @@ class Pipeline:
         least, most = self.prompt_chunks
         # The tokenizer warns about each prompt it truncates or has unknown words in (numbered within its list);
         # SDXL's second reads the same words with the same vocabulary, so only the first of two warns.
-        tokenized = [
-            (tokenizer(negatives, what="negative prompt", warn=i == 0, chunks=most).chunks if negatives else ())
-            + tokenizer(list(p.prompts), warn=i == 0, chunks=most).chunks
-            for i, (_, tokenizer) in enumerate(encoders)
-        ]
+        tokenized = []  # per encoder, each row's chunks: [uncond..., cond...]
+        for i, (_, tokenizer) in enumerate(encoders):
+            cond = tokenizer(list(p.prompts), warn=i == 0, chunks=most).chunks
+            uncond = tokenizer(negatives, what="negative prompt", warn=i == 0, chunks=most).chunks if negatives else ()
+            tokenized.append(uncond + cond)
         # Every row takes as many chunks as the longest prompt (or negative prompt) needs: the shorter are padded
         # with the empty prompt's chunk, as A1111 pads them.
         n = max([least, *(len(c) for chunks in tokenized for c in chunks)])

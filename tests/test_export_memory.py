@@ -70,6 +70,45 @@ def test_a_components_export_holds_about_one_copy_of_its_weights(tmp_path):
     assert extra < BOUND, f"export peak {extra:.2f}x the weight bytes above the torch model (bound {BOUND}x)"
 
 
+SESSION_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+
+    from ldm_rt.export.memory import GraphMemory
+    from ldm_rt.export.parity import ort_session
+
+    def anon():  # bytes of this process's anonymous memory: the session's own copies, not mapped files or code
+        return 1024 * int(next(line for line in open("/proc/self/status") if line.startswith("RssAnon:")).split()[1])
+
+    counted = GraphMemory(sys.argv[1]).session_weight_bytes
+    before = anon()
+    session = ort_session(sys.argv[1])
+    print(json.dumps({"held": anon() - before, "counted": counted}))
+    """
+)
+
+
+@pytest.mark.parametrize("external", [False, True], ids=["weights in the .onnx", "external data"])
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_an_open_parity_session_holds_what_the_budget_counts(tmp_path, external):
+    """GraphMemory.session_weight_bytes, what the default parity budget counts for each ONNX Runtime session, is
+    what the session holds once open: a Conv stack's weights twice (the NCHWc layout's reordered copy beside
+    them), three times when they are stored in the .onnx file itself."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    # Past ~2 GiB the weights go to a .data file; a lower limit sends these there too.
+    script = ("import ldm_rt.export.graph_cleanup as g; g.PROTO_LIMIT_BYTES = 1\n" if external else "") + SCRIPT
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    exported = json.loads(done.stdout.strip().splitlines()[-1])
+    assert ("vae_decoder.onnx.data" in exported["files"]) == external
+    args = [sys.executable, "-c", SESSION_SCRIPT, str(tmp_path / "vae_decoder.onnx")]
+    done = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert got["counted"] == pytest.approx((2 if external else 3) * exported["weight_bytes"], rel=0.01)
+    assert 0.8 < got["held"] / got["counted"] < 1.05, got  # measured 1.0 (inline) and 1.03 (external)
+
+
 # ---- loading: the checkpoint's tensors become the parameters (no random init, no second copy) -----------------
 LOAD_SCRIPT = textwrap.dedent(
     """

@@ -338,6 +338,36 @@ def test_graph_memory_is_not_below_what_onnx_runtime_uses(tiny_vae_decoder_onnx)
     assert 100 << 20 < used <= estimate, (used, estimate)
 
 
+def test_default_parity_budget_counts_what_each_phase_holds(tiny_vae_decoder_onnx, monkeypatch):
+    """The default budget (a share of the available memory) against what one parity case needs: the weights of its
+    heavier phase (an ONNX Runtime session's copies, or the torch model's, 1.5x with the fp16 search's float16
+    copy; never both) and the activations. A point that needs just over the budget is shrunk, one just under not."""
+    from types import SimpleNamespace
+
+    from ldm_rt.export import memory
+    from ldm_rt.export.build import BuildOptions, _plan
+
+    contract = toy_contract()
+    graph = GraphMemory(tiny_vae_decoder_onnx)
+    # Weights in the .onnx file, most of them Conv weights: two or three copies each in an open session.
+    assert 2 * graph.weight_bytes < graph.session_weight_bytes <= 3 * graph.weight_bytes
+    top = {"latent": (3, 4, 12, 12)}  # the profile's maximum
+    need = graph.session_weight_bytes + graph.peak_bytes(top)
+    assert memory.run_bytes(graph, top) == memory.run_bytes(graph, top, memory.TORCH_WEIGHT_COPIES_FP16) == need
+
+    def plan(available: int):
+        monkeypatch.setattr(memory, "available_memory", lambda: available)
+        return _plan(tiny_vae_decoder_onnx, contract, BuildOptions(progress=False), [])
+
+    enough = plan(int(need / memory.MEMORY_FRACTION) + 100)
+    assert enough.note is None and enough.largest == {"batch": 3, "latent_height": 12, "latent_width": 12}
+    assert "would need about" in plan(int(need / memory.MEMORY_FRACTION) - 100).note
+    # A UNet-like graph (weights in a .data file, mostly MatMul's): the torch phase is the heavier with fp16.
+    unet_like = SimpleNamespace(weight_bytes=1000, session_weight_bytes=1100, peak_bytes=lambda shapes: 7)
+    assert memory.run_bytes(unet_like, top) == 1107
+    assert memory.run_bytes(unet_like, top, memory.TORCH_WEIGHT_COPIES_FP16) == 1507
+
+
 def test_triton_repository_is_rebuilt_only_over_its_own_folder(tmp_path):
     contract, model = toy_contract(), ToyDecoder().eval()
     art = tmp_path / "art"

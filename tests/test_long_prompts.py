@@ -105,7 +105,7 @@ def test_short_prompts_are_unchanged_and_words_past_the_last_chunk_are_dropped_w
     assert psnr(pipe.generate("a red car", **{**short, "negative_prompt": LONG}).images, pipe.generate("a red car", **short).images) < SENSITIVE_DB
 
 
-def test_the_profile_records_the_chunks_and_the_unet_takes_them(chunked):
+def test_the_profile_records_the_chunks_and_the_unet_takes_them(chunked, tmp_path_factory, tiny_sd_v1):
     manifest = Manifest.read(chunked)
     assert manifest.profile.prompt_chunks == CHUNKS
     unet = manifest.components["unet"].contract
@@ -113,8 +113,10 @@ def test_the_profile_records_the_chunks_and_the_unet_takes_them(chunked):
     assert (tokens.min, tokens.opt, tokens.max, tokens.multiple_of) == (77, 77, 3 * 77, 77)
     text = manifest.components["text_encoder"].contract
     assert text.dims[0].max == 2 * EXPORT_PROFILE.batch[2] * CHUNKS  # every chunk of every row
-    # ONNX Runtime's fused attention is still found with a dynamic context length.
-    assert manifest.components["unet"].precisions["fp32"].ort is not None
+    # ONNX Runtime's fused attention is still found, everywhere, with a dynamic context length.
+    plain = Manifest.read(exported(tmp_path_factory, tiny_sd_v1, fp16=False))
+    fused = manifest.components["unet"].precisions["fp32"].ort.fused
+    assert fused and fused == plain.components["unet"].precisions["fp32"].ort.fused
 
 
 def test_static_profiles_take_every_chunk_and_bad_counts_are_refused(tmp_path, tiny_sd_v1, capsys):
