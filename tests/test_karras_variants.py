@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_reference_pipeline import MOVED, TOL, Pair, max_diff, noise, txt2img_args
+from test_reference_pipeline import MOVED, TOL, max_diff, noise, txt2img_args, v1, v2  # noqa: F401 (fixtures)
 
 from ldm_rt.runtime.cli import main, schedulers_help
 from ldm_rt.runtime.sampler_spec import sampler_spec
@@ -60,16 +60,6 @@ def test_help_and_the_sampler_spec_list_the_new_names(tmp_path, capsys):
         assert (p["diffusers_class"], p["config_overrides"]) == (class_name, {})
         assert (k["diffusers_class"], k["config_overrides"]) == (class_name, {"use_karras_sigmas": True})
         assert k["runs"]["6"]["sigmas"] != p["runs"]["6"]["sigmas"]
-
-
-@pytest.fixture(scope="module")
-def v1(tiny_sd_v1):
-    return Pair(tiny_sd_v1)
-
-
-@pytest.fixture(scope="module")
-def v2(tiny_sd_v2):
-    return Pair(tiny_sd_v2)
 
 
 @pytest.mark.usefixtures("torch_one_thread")
