@@ -15,6 +15,7 @@ import onnxruntime as ort
 import pytest
 from test_runtime_fixtures import synthetic
 
+from ldm_rt.runtime.backends.base import unwrap
 from ldm_rt.runtime.pipeline import Pipeline
 
 THREADS = 4
@@ -77,7 +78,7 @@ def test_threads_sharing_one_pipeline_get_the_single_threaded_images(pipe, expec
 
 def test_sessions_are_shared_and_memory_stays_flat_across_rounds(pipe, expected, monkeypatch):
     components = dict(pipe.components)
-    sessions = {name: c.session for name, c in components.items()}
+    sessions = {name: unwrap(c).session for name, c in components.items()}  # the encoder's opens here (on first use otherwise)
     opened = []
     original = ort.InferenceSession.__init__
 
@@ -96,7 +97,7 @@ def test_sessions_are_shared_and_memory_stays_flat_across_rounds(pipe, expected,
     growth = rss_bytes() - before
     assert opened == []  # no request opened a session
     assert all(pipe.components[name] is c for name, c in components.items())
-    assert all(pipe.components[name].session is s for name, s in sessions.items())
+    assert all(unwrap(pipe.components[name]).session is s for name, s in sessions.items())
     # 48 more requests on 4 threads; a session or an arena per request would add far more than this.
     assert growth < 16 * 2**20, f"RSS grew by {growth / 2**20:.1f} MiB over 4 rounds"
 

@@ -31,12 +31,24 @@ ARGS = dict(negative_prompt="blurry", steps=STEPS, guidance=7.5, height=SIZE, wi
 FP32_DB, SENSITIVE_DB = 50.0, 40.0
 
 
+_CHUNKED: dict[tuple[str, str], Path] = {}
+
+
+def chunked_export(tmp_path_factory, source: Path) -> Path:
+    """`source` built with --prompt-chunks CHUNKS (EXPORT_PROFILE otherwise), once per session (the native tests
+    share it)."""
+    key = (str(tmp_path_factory.getbasetemp()), str(source))
+    if key not in _CHUNKED:
+        out = tmp_path_factory.mktemp("long_prompts") / "artifacts"
+        profile = replace(EXPORT_PROFILE, prompt_chunks=CHUNKS)
+        build(BuildOptions(model=Path(source), out=out, profile=profile, onnx_only=True, progress=False))
+        _CHUNKED[key] = out
+    return _CHUNKED[key]
+
+
 @pytest.fixture(scope="module")
 def chunked(tmp_path_factory, tiny_sd_v1) -> Path:
-    out = tmp_path_factory.mktemp("long_prompts") / "artifacts"
-    profile = replace(EXPORT_PROFILE, prompt_chunks=CHUNKS)
-    build(BuildOptions(model=Path(tiny_sd_v1), out=out, profile=profile, onnx_only=True, progress=False))
-    return out
+    return chunked_export(tmp_path_factory, tiny_sd_v1)
 
 
 def oracle_embeds(pipe, prompt: str, chunks: int) -> torch.Tensor:

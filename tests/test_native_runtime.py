@@ -393,3 +393,23 @@ def test_bf16_refuses_a_model_whose_measured_bf16_parity_failed(native, tmp_path
     done = native.run(*args)
     assert done.returncode == 2 and done.stderr.splitlines() == [f"ldm-rt-native: error: {expected}"]
     assert "failed bf16 parity" in expected and not (tmp_path / "x.png").exists()
+
+
+def test_long_prompts_are_chunked_as_ldm_rt_sample_chunks_them(native, tmp_path_factory, tiny_sd_v1, tmp_path):
+    from test_long_prompts import LONG, WORDS, chunked_export
+
+    model = chunked_export(tmp_path_factory, tiny_sd_v1)  # built with --prompt-chunks 3
+    pipe = Pipeline.load(model)
+    common = dict(seed=5, steps=STEPS, guidance=5.0, height=16, width=16, scheduler="ddim")
+    requests = [{"prompt": LONG, "negative_prompt": NEGATIVE, **common}, {"prompt": PROMPT, "negative_prompt": LONG, **common}]
+    images = native.images(model, requests, tmp_path)
+    for request, got in zip(requests, images):
+        expected = pipe.generate(request["prompt"], request["negative_prompt"], **common).images[0]
+        assert psnr(got, expected) >= NATIVE_DB, request["prompt"][:20]
+    # The chunks matter: the first one alone (a build without --prompt-chunks) draws another image.
+    first_only = Pipeline.load(exported(tmp_path_factory, tiny_sd_v1, fp16=False)).generate(LONG, NEGATIVE, **common).images[0]
+    assert psnr(images[0], first_only) < WRONG_DB
+    # Words past the last chunk: the warning ldm-rt sample gives.
+    too_long = " ".join(WORDS * 8)
+    done = native.run("--model", model, "--prompt", too_long, "--steps", "1", "--height", "16", "--width", "16", "--out", tmp_path / "x.png")
+    assert done.returncode == 0 and "3 chunks of the text encoder's 77 were dropped" in done.stderr, done.stderr

@@ -14,7 +14,7 @@ import pytest
 from test_runtime_fixtures import synthetic
 
 from ldm_rt.runtime.backends import base, openvino_backend
-from ldm_rt.runtime.backends.base import BackendError
+from ldm_rt.runtime.backends.base import BackendError, unwrap
 from ldm_rt.runtime.cli import main
 from ldm_rt.runtime.images import read_image_text
 from ldm_rt.runtime.pipeline import Pipeline
@@ -31,7 +31,7 @@ BF16 = ov is not None and "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_
 
 
 def properties(pipe: Pipeline, key: str) -> set:
-    return {c.compiled.get_property(key) for c in pipe.components.values()}
+    return {unwrap(c).compiled.get_property(key) for c in pipe.components.values()}  # opens the encoder (on first use otherwise)
 
 
 def levels(a: np.ndarray, b: np.ndarray) -> tuple[float, int]:

@@ -7,7 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ldm_rt.runtime.backends import onnxruntime_backend
+from ldm_rt.runtime.backends import base, onnxruntime_backend
+from ldm_rt.runtime.backends.base import unwrap
 from ldm_rt.runtime.pipeline import Pipeline
 
 PROMPT = "a red circle on a white background"
@@ -16,6 +17,7 @@ PROMPT = "a red circle on a white background"
 @pytest.fixture()
 def every_component_cached(monkeypatch):
     monkeypatch.setattr(onnxruntime_backend, "OPTIMIZED_FROM_BYTES", 0)
+    monkeypatch.setattr(base, "VERIFIED_FROM_BYTES", 0)  # the encoder's files, checked at load before it opens
 
 
 def _image(pipe: Pipeline) -> np.ndarray:
@@ -25,6 +27,8 @@ def _image(pipe: Pipeline) -> np.ndarray:
 def test_optimised_graphs_are_kept_and_reopened_with_the_same_images(tmp_path, every_component_cached):
     cache = tmp_path / "cache"
     first = Pipeline.load(threads=1, compile_cache=cache)
+    for component in first.components.values():
+        unwrap(component)  # the encoder opens on first use (tests/test_lazy_encoder.py)
     entries = sorted(p for p in (cache / "onnxruntime").iterdir())
     assert len(entries) == len(first.components) and all((e / "model.onnx").is_file() for e in entries)
     assert not [p for p in (cache / "onnxruntime").iterdir() if p.name.startswith(".tmp-")]

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from test_runtime_fixtures import LATENT_CHANNELS, SCHEDULER_CONFIG, build_synthetic_artifacts, psnr, synthetic
 
+from ldm_rt.runtime.backends.base import unwrap
 from ldm_rt.runtime.images import ImageInputError, image_to_model, to_uint8
 from ldm_rt.runtime.params import GenerationError
 from ldm_rt.runtime.pipeline import NonFiniteError, Pipeline
@@ -177,7 +178,7 @@ def test_thread_settings_reach_every_session(tmp_path_factory):
     for threads, spin in ((1, False), (2, True)):
         pipe = Pipeline.load(root, threads=threads, spin=spin)
         for c in pipe.components.values():
-            so = c.session.get_session_options()
+            so = unwrap(c).session.get_session_options()  # the encoder's opens here (on first use otherwise)
             assert so.intra_op_num_threads == threads
             assert so.get_session_config_entry("session.intra_op.allow_spinning") == ("1" if spin else "0")
 

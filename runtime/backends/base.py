@@ -11,11 +11,16 @@ found through the entry-point group "ldm_rt.backends", so the runtime never impo
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import hashlib
 import importlib
 import importlib.metadata
 import inspect
+import json
 import logging
 import os
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +29,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from ..contracts import DTYPES, ComponentContract
-from ..manifest import Manifest, PrecisionEntry
+from ..manifest import MANIFEST, FileEntry, Manifest, PrecisionEntry, confined
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +126,39 @@ def cache_folder(root: Path | None, name: str) -> Path | None:
     return folder
 
 
+# Files at least this large are hashed once per compile cache rather than at every start (verified_file); smaller
+# ones hash in a few milliseconds, not worth a record each.
+VERIFIED_FROM_BYTES = 64 << 20
+
+
+def verified_file(artifacts_dir: Path, manifest: Manifest, entry: FileEntry, host: HostOptions | None) -> Path:
+    """manifest.verify_file, without hashing again a large file that this compile cache saw verified and that is
+    unchanged since: same path, device, inode, size, modification and change times (any write sets the change
+    time, which no user can set back), against the same manifest hash. Hashing SD 1.5's files took 3.3 s of a
+    13 s start here. Without a compile cache (or for small files) the file is hashed every time. The ONNX Runtime
+    backend opens its files through this too, so a file checked at load (the lazily opened VAE encoder's) is not
+    hashed again when it opens."""
+    if host is None or host.compile_cache is None or entry.bytes < VERIFIED_FROM_BYTES:
+        return manifest.verify_file(artifacts_dir, entry)
+    path = confined(artifacts_dir, entry.file, Path(artifacts_dir) / MANIFEST)
+    try:
+        st = path.stat()
+        stamp = json.dumps([str(path.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, entry.sha256])
+    except OSError:
+        return manifest.verify_file(artifacts_dir, entry)
+    folder = cache_folder(host.compile_cache, "verified")
+    record = None if folder is None else folder / hashlib.sha256(stamp.encode()).hexdigest()[:32]
+    if record is not None and record.is_file() and path.is_file() and st.st_size == entry.bytes:
+        return path
+    verified = manifest.verify_file(artifacts_dir, entry)
+    if record is not None:
+        try:
+            record.write_text(stamp + "\n")
+        except OSError:
+            pass  # the next start hashes it again
+    return verified
+
+
 @runtime_checkable
 class Component(Protocol):
     contract: ComponentContract
@@ -134,6 +172,65 @@ class SupportsUpload(Protocol):
     UNet steps); `upload` returns a handle `run` accepts in place of the array."""
 
     def upload(self, name: str, array: np.ndarray) -> object: ...
+
+
+# Opened on first use (LazyComponent) by the built-in backends: only img2img and inpainting encode an image, so
+# a text-to-image process never pays the encoder's open (ONNX Runtime's graph optimisation, OpenVINO's compile,
+# TensorRT's engine) or its memory. Its files are still hash-checked at load (check_unopened).
+LAZY_COMPONENTS = ("vae_encoder",)
+
+
+class LazyComponent:
+    """A component opened by `opener` on its first `run`, once, whichever thread gets there first (the others wait
+    for it); its contract is known without opening it. A failed open is not kept: that call raises the backend's
+    one-line error and the next call tries again. `open()` returns the backend's own component (tests and tools
+    that look inside it); `opened` says whether that happened yet."""
+
+    def __init__(self, contract: ComponentContract, opener: Callable[[], Component]) -> None:
+        self.contract = contract
+        self._opener = opener
+        self._component: Component | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def opened(self) -> bool:
+        return self._component is not None
+
+    def open(self) -> Component:
+        component = self._component  # set once and never unset, so reading it without the lock is safe
+        if component is None:
+            with self._lock:
+                if self._component is None:
+                    log.info("opening %s on its first use", self.contract.name)
+                    self._component = self._opener()
+                component = self._component
+        return component
+
+    def run(self, inputs: dict[str, object]) -> dict[str, np.ndarray]:
+        return self.open().run(inputs)
+
+    def close(self) -> None:
+        """Closes the opened component if it has a close (TensorRT); one never opened holds nothing."""
+        if callable(close := getattr(self._component, "close", None)):
+            close()
+
+    def __repr__(self) -> str:
+        return f"LazyComponent({self.contract.name}, opened={self.opened})"
+
+
+def unwrap(component: Component) -> Component:
+    """The backend's own component behind `component`: a LazyComponent's, opened now if it was not yet."""
+    return component.open() if isinstance(component, LazyComponent) else component
+
+
+def check_unopened(artifacts_dir: Path, manifest: Manifest, name: str, precision: str, host: HostOptions) -> None:
+    """At load, what opening component `name` would check first: that `precision` was built, and the hashes of
+    the files a backend reads it from (its ONNX Runtime variant if any, the portable ONNX, their external data;
+    TensorRT's engine is checked when it opens), with the same one-line errors."""
+    pe = precision_entry(artifacts_dir, manifest, name, precision)
+    for entry in (pe.external_data, pe.ort.onnx if pe.ort is not None else None, pe.onnx):
+        if entry is not None:
+            verified_file(artifacts_dir, manifest, entry, host)
 
 
 class BackendFactory(Protocol):
@@ -184,18 +281,62 @@ def open_components(
 ) -> dict[str, Component]:
     """`loras`: (runtime.lora.LoraFile, scale) pairs the backend applies to the weights as it opens them
     (ONNX Runtime: patched initializers; OpenVINO: replaced constants; TensorRT: refit); backends without a
-    `loras` parameter refuse them."""
+    `loras` parameter refuse them. LAZY_COMPONENTS (the VAE encoder) come back as LazyComponents, opened by the
+    backend on their first run, their files hash-checked here (check_unopened)."""
     if precision not in PRECISIONS:
         raise BackendError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     factory = backend_factory(backend)
-    if not loras:
-        return factory(Path(artifacts_dir), manifest, precision, providers, host=host)
-    if "loras" not in inspect.signature(factory).parameters:
+    if loras and "loras" not in inspect.signature(factory).parameters:
         raise BackendError(
             f"backend {backend!r} cannot apply LoRAs at run time; use --backend onnxruntime, or fuse them at export "
             "(python export/build_engines.py --lora FILE[:SCALE])"
         )
-    return factory(Path(artifacts_dir), manifest, precision, providers, host=host, loras=loras)
+    root = Path(artifacts_dir)
+    with_loras = {"loras": loras} if loras else {}
+    later = _lazy_names(backend, root, manifest, loras)
+    if not later:
+        return factory(root, manifest, precision, providers, host=host, **with_loras)
+    # The factory opens what its manifest lists: now the others, later each lazy one alone (without the LoRAs:
+    # _lazy_names keeps any they adapt in the first group).
+    now = dataclasses.replace(manifest, components={n: e for n, e in manifest.components.items() if n not in later})
+    opened = factory(root, now, precision, providers, host=host, **with_loras)
+    try:  # after the others, as the factory checked it (its errors, e.g. a backend not installed, come first)
+        for name in later:
+            check_unopened(root, manifest, name, precision, host)
+    except BaseException:
+        for component in opened.values():  # nothing half-opened stays on a device
+            if callable(close := getattr(component, "close", None)):
+                close()
+        raise
+    components: dict[str, Component] = {}
+    for name, entry in manifest.components.items():  # in the manifest's order, as the factory returns them
+        if name in later:
+            alone = dataclasses.replace(manifest, components={name: entry})
+            opener = functools.partial(_open_one, factory, root, alone, name, precision, providers, host)
+            components[name] = LazyComponent(entry.contract, opener)
+        else:
+            components[name] = opened[name]
+    return components
+
+
+def _open_one(
+    factory: BackendFactory, root: Path, manifest: Manifest, name: str, precision: str, providers: Sequence[str] | None, host: HostOptions
+) -> Component:
+    return factory(root, manifest, precision, providers, host=host)[name]
+
+
+def _lazy_names(backend: str, root: Path, manifest: Manifest, loras: Sequence[tuple[object, float]]) -> set[str]:
+    """The components of `manifest` to open on first use: LAZY_COMPONENTS, on the built-in backends (each opens a
+    component from its own files; a plugin such as "torch" loads the whole model at once, encoder included, so
+    opening one part later would load it all again), except any the LoRAs adapt (none today: no LoRA prefix names
+    the VAE; checked against the folder's targets, as the backend checks them again when it applies them)."""
+    later = {n for n in LAZY_COMPONENTS if n in manifest.components} if backend in BUILTIN else set()
+    if later and loras:
+        # Imported only with LoRAs: the folder's targets say which components they touch.
+        from ..lora import run_time_deltas
+
+        later -= set(run_time_deltas(root, manifest, loras)[1])
+    return later
 
 
 def placeholder_for(contract: ComponentContract, name: str, shape: tuple[int, ...]) -> np.ndarray:

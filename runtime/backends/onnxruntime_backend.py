@@ -8,7 +8,7 @@ unless told otherwise, spinning as `HostOptions` says, sequential execution, mem
 concurrent requests without a lock. On CUDA, inputs and outputs go through IO binding, and `upload`
 keeps a tensor that every step reads (the text embeddings) on the device for the whole loop.
 With a compile cache (HostOptions.compile_cache, on by default in Pipeline.load) large components open the graph
-an earlier session optimised and skip hashing files verified since (_open_optimized, _verified): SD 1.5-sized
+an earlier session optimised and skip hashing files verified since (_open_optimized, base.verified_file): SD 1.5-sized
 artifacts opened in 1.8-2.2 s instead of 13.2-13.4 s on an idle 2-core machine.
 """
 
@@ -29,8 +29,8 @@ import onnxruntime as ort
 
 from ..contracts import ComponentContract
 from ..lora import LoraFile, LoraTargets, external_model_bytes, patched_initializers, run_time_deltas
-from ..manifest import MANIFEST, ArtifactError, FileEntry, Manifest, PrecisionEntry, confined
-from .base import BackendError, HostOptions, cache_folder, physical_cores, placeholder_for, precision_entry
+from ..manifest import ArtifactError, FileEntry, Manifest, PrecisionEntry
+from .base import BackendError, HostOptions, cache_folder, physical_cores, placeholder_for, precision_entry, verified_file
 
 log = logging.getLogger(__name__)
 
@@ -229,32 +229,6 @@ def _open_optimized(
     return session
 
 
-def _verified(artifacts_dir: Path, manifest: Manifest, entry: FileEntry, host: HostOptions | None) -> Path:
-    """manifest.verify_file, without hashing again a large file that this compile cache saw verified and that is
-    unchanged since: same path, device, inode, size, modification and change times (any write sets the change
-    time, which no user can set back), against the same manifest hash. Hashing SD 1.5's files took 3.3 s of a
-    13 s start here. Without a compile cache (or for small files) every file is hashed at every start."""
-    if host is None or host.compile_cache is None or entry.bytes < OPTIMIZED_FROM_BYTES:
-        return manifest.verify_file(artifacts_dir, entry)
-    path = confined(artifacts_dir, entry.file, Path(artifacts_dir) / MANIFEST)
-    try:
-        st = path.stat()
-        stamp = json.dumps([str(path.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, entry.sha256])
-    except OSError:
-        return manifest.verify_file(artifacts_dir, entry)
-    folder = cache_folder(host.compile_cache, "verified")
-    record = None if folder is None else folder / hashlib.sha256(stamp.encode()).hexdigest()[:32]
-    if record is not None and record.is_file() and path.is_file() and st.st_size == entry.bytes:
-        return path
-    verified = manifest.verify_file(artifacts_dir, entry)
-    if record is not None:
-        try:
-            record.write_text(stamp + "\n")
-        except OSError:
-            pass  # the next start hashes it again
-    return verified
-
-
 def _open(
     artifacts_dir: Path, manifest: Manifest, pe: PrecisionEntry, fused: bool, options: ort.SessionOptions, providers: list[str] | None,
     patch: _Patch | None = None, host: HostOptions | None = None,
@@ -264,9 +238,9 @@ def _open(
     optimised graphs of large components (_open_optimized)."""
     data = [pe.external_data] if pe.external_data is not None else []
     if pe.external_data is not None:
-        _verified(artifacts_dir, manifest, pe.external_data, host)  # shared by both files
+        verified_file(artifacts_dir, manifest, pe.external_data, host)  # shared by both files
     if fused and pe.ort is not None:
-        path = _verified(artifacts_dir, manifest, pe.ort.onnx, host)
+        path = verified_file(artifacts_dir, manifest, pe.ort.onnx, host)
         try:
             if patch is not None:
                 return patch.open(path, pe.ort.onnx, options, providers), pe.ort.onnx.file
@@ -275,7 +249,7 @@ def _open(
             # Both files compute the same parity-checked function; an onnxruntime build without the
             # contrib ops can still run the portable one.
             log.warning("%s; using the portable %s instead", e, pe.onnx.file)
-    path = _verified(artifacts_dir, manifest, pe.onnx, host)
+    path = verified_file(artifacts_dir, manifest, pe.onnx, host)
     if patch is not None:
         return patch.open(path, pe.onnx, options, providers), pe.onnx.file
     return _open_optimized(path, [pe.onnx, *data], options, providers, host), pe.onnx.file

@@ -211,7 +211,7 @@ std::vector<std::string> tensor_names(const Json& list, const std::string& mp) {
 // (fewest, most) prompt chunks the UNet's context takes (runtime/pipeline.Pipeline.prompt_chunks): its
 // encoder_hidden_states' token axis is a contract dim (a multiple of the encoder's length) in builds made with
 // --prompt-chunks, a fixed size otherwise (1, 1).
-std::pair<int64_t, int64_t> prompt_chunks(const Json& unet_contract, int64_t context_length) {
+std::pair<int64_t, int64_t> unet_prompt_chunks(const Json& unet_contract, int64_t context_length) {
   const Json* inputs = unet_contract.find("inputs");
   const Json* dims = unet_contract.find("dims");
   if (!inputs || !inputs->is_array() || !dims || !dims->is_array() || context_length < 1) return {1, 1};
@@ -333,7 +333,7 @@ Artifacts Artifacts::open(const std::string& dir, const std::string& precision) 
                            "); rebuild with --fp16 or use --precision fp32");
       }
       a.components[name] = files;
-      if (name == "unet" && f.context_length) a.prompt_chunks = prompt_chunks(contract, *f.context_length);
+      if (name == "unet" && f.context_length) a.prompt_chunks = unet_prompt_chunks(contract, *f.context_length);
     }
     // manifest._default_scheduler: "" (built before models named their own) or a registered name.
     if (const Json* ds = d.find("default_scheduler"); ds && !(ds->is_string() && ds->as_string().empty())) {

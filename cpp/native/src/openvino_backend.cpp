@@ -155,7 +155,7 @@ class OpenVinoBackend : public Backend {
  private:
   static std::string version() { return ov::get_openvino_version().buildNumber; }
 
-  mutable ov::Core core_;  // read_model / compile_model are thread safe; called at load only
+  mutable ov::Core core_;  // read_model / compile_model are thread safe: at load, and for the VAE encoder on first use
   std::function<void(const std::string&)> warn_;  // HostOptions::warn
   ov::element::Type precision_;
   ov::AnyMap config_;

@@ -4,6 +4,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cmath>
+#include <mutex>
 #include <random>
 #include <set>
 #include <tuple>
@@ -30,6 +31,35 @@ std::string join(const std::vector<std::string>& items, const std::string& sep) 
 
 // Python's str() of a float in messages; repr for values shown with !r.
 std::string num(double v) { return py_float_repr(v); }
+
+// Compiled on first use (runtime/backends/base.py LAZY_COMPONENTS): only img2img and inpainting encode an image,
+// so text-to-image never pays the encoder's compile time or its memory. Its file was hash-checked at load
+// (Artifacts::open), so a corrupted one still fails the load.
+bool opens_lazily(const std::string& name) { return name == "vae_encoder"; }
+
+// A component the backend opens on its first run(); concurrent first callers wait for one open. A failed open
+// is not kept (that call throws the backend's one-line error, the next tries again): std::call_once promises
+// that too, but libstdc++'s has hung on an exception on some targets (GCC bug 66146), hence a plain mutex.
+class LazyComponent final : public Component {
+ public:
+  LazyComponent(std::shared_ptr<const Backend> backend, std::string name, ComponentFiles files)
+      : backend_(std::move(backend)), name_(std::move(name)), files_(std::move(files)) {}
+
+  std::map<std::string, Tensor> run(const std::vector<Feed>& feeds) const override { return opened().run(feeds); }
+
+ private:
+  const Component& opened() const {
+    std::lock_guard<std::mutex> lock(mutex_);  // taken once or twice per request: no contention worth avoiding
+    if (!component_) component_ = backend_->open(name_, files_);
+    return *component_;  // never reset once set, so it outlives the lock
+  }
+
+  std::shared_ptr<const Backend> backend_;  // kept for the open (OpenVINO's Core is thread safe)
+  std::string name_;
+  ComponentFiles files_;
+  mutable std::mutex mutex_;
+  mutable std::unique_ptr<Component> component_;
+};
 
 // params.as_prompts: a non-empty list of valid UTF-8 strings.
 void check_prompts(const std::vector<std::string>& prompts, const std::string& what) {
@@ -257,9 +287,11 @@ std::shared_ptr<const Pipeline> Pipeline::open(const LoadOptions& options) {
   check_host_options(options.host);  // before anything is opened
   Artifacts artifacts = Artifacts::open(options.model_dir, options.precision);
   refuse_controlnets(artifacts);  // before anything is compiled
-  std::unique_ptr<Backend> backend = open_openvino(options.host);
+  std::shared_ptr<const Backend> backend = open_openvino(options.host);
   std::map<std::string, std::unique_ptr<Component>> components;
-  for (const auto& [name, files] : artifacts.components) components.emplace(name, backend->open(name, files));
+  for (const auto& [name, files] : artifacts.components) {
+    components.emplace(name, opens_lazily(name) ? std::make_unique<LazyComponent>(backend, name, files) : backend->open(name, files));
+  }
   return std::make_shared<const Pipeline>(std::move(artifacts), std::move(components), options.precision,
                                           backend->inference_precision() == "bf16" || options.host.reduced_precision,
                                           options.host.warn);
@@ -353,26 +385,51 @@ std::pair<Tensor, std::optional<Tensor>> Pipeline::encode_prompts(const Generati
     }
     zero.insert(zero.begin(), uncond_zero.begin(), uncond_zero.end());
   }
+  // Each prompt in up to `most` chunks of the encoder's length (--prompt-chunks; runtime/pipeline.py
+  // _encode_prompts): every row takes as many as the longest prompt or negative prompt needs, the shorter padded
+  // with the empty prompt's chunk, and the chunks' states follow one another on the token axis.
+  auto [least, most] = artifacts_.prompt_chunks;
+  std::vector<std::pair<const char*, const PromptTokenizer*>> encoders;
+  for (const char* name : {"text_encoder", "text_encoder_2"}) {
+    if (components_.count(name)) encoders.emplace_back(name, std::string(name) == "text_encoder" ? &*artifacts_.tokenizer : &*artifacts_.tokenizer_2);
+  }
+  std::vector<std::vector<IdTensor>> tokenized;  // per encoder, each row's (n_i, L) chunks: [uncond..., cond...]
+  int64_t n = least;
+  for (const auto& [name, tok] : encoders) {
+    TokenizedPrompts cond = tok->encode(p.prompts, most);
+    for (const std::string& w : tok->warnings(p.prompts, cond, "prompt")) warn(w);
+    std::vector<IdTensor> rows;
+    if (!negatives.empty()) {
+      TokenizedPrompts uncond = tok->encode(negatives, most);
+      for (const std::string& w : tok->warnings(negatives, uncond, "negative prompt")) warn(w);
+      rows = std::move(uncond.chunks);
+    }
+    rows.insert(rows.end(), cond.chunks.begin(), cond.chunks.end());
+    for (const IdTensor& c : rows) n = std::max(n, c.shape[0]);
+    tokenized.push_back(std::move(rows));
+  }
   std::vector<Tensor> parts;
   std::optional<Tensor> pooled;
-  for (const char* name : {"text_encoder", "text_encoder_2"}) {
-    if (!components_.count(name)) continue;
-    const PromptTokenizer& tok = std::string(name) == "text_encoder" ? *artifacts_.tokenizer : *artifacts_.tokenizer_2;
-    TokenizedPrompts cond = tok.encode(p.prompts);
-    for (const std::string& w : tok.warnings(p.prompts, cond, "prompt")) warn(w);
-    std::vector<int64_t> ids = cond.ids.data;
-    size_t rows = prompts;
-    if (!negatives.empty()) {  // (2P, L): [uncond, cond]
-      TokenizedPrompts uncond = tok.encode(negatives);
-      for (const std::string& w : tok.warnings(negatives, uncond, "negative prompt")) warn(w);
-      ids.insert(ids.begin(), uncond.ids.data.begin(), uncond.ids.data.end());
-      rows += negatives.size();
+  for (size_t e = 0; e < encoders.size(); ++e) {
+    const auto& [name, tok] = encoders[e];
+    std::vector<int64_t> empty = tok->encode({std::string()}).ids.data, ids;  // (rows, n, L)
+    for (const IdTensor& c : tokenized[e]) {
+      ids.insert(ids.end(), c.data.begin(), c.data.end());
+      for (int64_t k = c.shape[0]; k < n; ++k) ids.insert(ids.end(), empty.begin(), empty.end());
     }
+    size_t rows = tokenized[e].size();
     ids = repeat_rows(ids, rows, size_t(p.batch));
-    Feed feed{"input_ids", {int64_t(rows) * p.batch, tok.max_length()}, nullptr, ids.data()};
+    Feed feed{"input_ids", {int64_t(rows) * p.batch * n, tok->max_length()}, nullptr, ids.data()};
     std::map<std::string, Tensor> outs = call(name, {feed}, timings);
-    parts.push_back(std::move(outs.at("last_hidden_state")));
-    if (auto it = outs.find("text_embeds"); it != outs.end()) pooled = std::move(it->second);
+    Tensor states = std::move(outs.at("last_hidden_state"));  // (rows x n, L, D): one row's chunks in a row
+    states.shape = {states.dim(0) / n, n * states.dim(1), states.dim(2)};
+    parts.push_back(std::move(states));
+    if (auto it = outs.find("text_embeds"); it != outs.end()) {  // the first chunk's pooled output
+      const Tensor& all = it->second;
+      Tensor first({all.dim(0) / n, all.dim(1)});
+      for (int64_t r = 0; r < first.dim(0); ++r) std::copy_n(all.data.data() + r * n * all.dim(1), all.dim(1), first.data.data() + r * all.dim(1));
+      pooled = std::move(first);
+    }
   }
   Tensor context = std::move(parts[0]);
   if (parts.size() > 1) {  // (rows, L, D1 + D2)

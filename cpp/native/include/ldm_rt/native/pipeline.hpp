@@ -12,7 +12,8 @@
 //   result.save("circle.png");
 //
 // Thread safety: a Pipeline holds only read-only things (artifacts, compiled networks, immutable schedulers);
-// everything a call changes (scheduler run, generator) is local to generate().
+// everything a call changes (scheduler run, generator) is local to generate(). The VAE encoder is compiled by the
+// first request that encodes an image (img2img, inpainting), once, under a lock; text-to-image never compiles it.
 #pragma once
 
 #include <cstdint>
