@@ -171,7 +171,8 @@ class PromptTokenizer:
         for i, n in enumerate(dropped):
             if n and warn:
                 room = f"the text encoder's {self.max_length}" if chunks == 1 else f"{chunks} chunks of the text encoder's {self.max_length}"
-                log.warning("%s %d was truncated: %d token(s) beyond %s were dropped (%.40r...)", what, i, n, room, prompts[i])
+                hint = "; artifacts built with --prompt-chunks N take longer prompts" if chunks == 1 else ""
+                log.warning("%s %d was truncated: %d token(s) beyond %s were dropped (%.40r...)%s", what, i, n, room, prompts[i], hint)
         if self._unk_id is not None and warn:
             warned: set[str] = set()
             for i, e in enumerate(encodings):

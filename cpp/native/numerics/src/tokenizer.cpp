@@ -858,7 +858,8 @@ std::vector<std::string> PromptTokenizer::warnings(const std::vector<std::string
     std::string room = result.chunk_limit == 1 ? "the text encoder's " + std::to_string(impl_->max_length)
                                                 : std::to_string(result.chunk_limit) + " chunks of the text encoder's " + std::to_string(impl_->max_length);
     out.push_back(std::string(what) + " " + std::to_string(i) + " was truncated: " + std::to_string(result.dropped[i]) +
-                  " token(s) beyond " + room + " were dropped (" + to_utf8(rep.cps, 0, 40) + "...)");
+                  " token(s) beyond " + room + " were dropped (" + to_utf8(rep.cps, 0, 40) + "...)" +
+                  (result.chunk_limit == 1 ? "; artifacts built with --prompt-chunks N take longer prompts" : ""));
   }
   std::vector<std::string> warned;
   for (std::size_t i = 0; i < result.unknown.size() && i < prompts.size(); ++i) {
