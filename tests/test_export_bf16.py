@@ -88,15 +88,16 @@ def test_the_export_records_bf16_parity_of_every_component(sd_artifacts):
     manifest = Manifest.read(sd_artifacts)
     for name, entry in manifest.components.items():
         bf16 = entry.precisions["fp32"].parity["bf16"]
-        assert bf16["passed"] is True, name
         emulated = bf16["emulated"]
         assert emulated["backend"] == EMULATED_BACKEND and len(emulated["shapes"]) == 2  # the two smallest cases
-        assert all(0 < e <= b for e, b in zip(emulated["max_abs_err"], emulated["bound"])), name
-        if UNAVAILABLE is None:
-            assert bf16["openvino"]["backend"] == OPENVINO_BACKEND and bf16["openvino"]["passed"]
+        # Within the bound (at most 0.53 of it here, the UNet), yet rounded: the emulation did change the numbers.
+        assert emulated["passed"] and all(0 < e <= b for e, b in zip(emulated["max_abs_err"], emulated["bound"])), name
+        if UNAVAILABLE is None:  # the verdict is OpenVINO's own (how close it is to the emulation: the test below)
+            assert bf16["openvino"]["backend"] == OPENVINO_BACKEND and bf16["passed"] == bf16["openvino"]["passed"]
         else:
-            assert bf16["openvino_not_measured"] == UNAVAILABLE
-    assert manifest.bf16_failure("fp32") is None
+            assert bf16["openvino_not_measured"] == UNAVAILABLE and bf16["passed"] is True
+    if UNAVAILABLE is not None:
+        assert manifest.bf16_failure("fp32") is None
 
 
 @pytest.mark.skipif(UNAVAILABLE is not None, reason=f"OpenVINO cannot compute in bf16 here: {UNAVAILABLE}")
