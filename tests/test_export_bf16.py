@@ -102,11 +102,12 @@ def test_the_export_records_bf16_parity_of_every_component(sd_artifacts):
 
 @pytest.mark.skipif(UNAVAILABLE is not None, reason=f"OpenVINO cannot compute in bf16 here: {UNAVAILABLE}")
 def test_emulated_bf16_error_tracks_openvinos_own(sd_artifacts):
-    """The emulation stands in for OpenVINO on CPUs without bf16: on one with it, both measure the same drift."""
+    """The emulation stands in for OpenVINO on CPUs without bf16, and must not miss what OpenVINO's bf16 does: on a
+    CPU with it, OpenVINO's drift is at most a few times the emulation's (it keeps more in f32, so usually less)."""
     for name, entry in Manifest.read(sd_artifacts).components.items():
         bf16 = entry.precisions["fp32"].parity["bf16"]
         for emu, real in zip(bf16["emulated"]["max_abs_err"], bf16["openvino"]["max_abs_err"]):
-            assert real / 8 <= emu <= real * 8, f"{name}: emulated {emu:.3g}, OpenVINO bf16 {real:.3g}"
+            assert 0 < real <= 4 * emu, f"{name}: emulated {emu:.3g}, OpenVINO bf16 {real:.3g}"
 
 
 def failed_copy(tmp_path, measured: bool, component: str = "unet"):
