@@ -349,6 +349,13 @@ def describe(manifest: Manifest, root: Path) -> list[str]:
                 f"    {precision}: {pe.onnx.file} ({pe.onnx.bytes / 1e6:.1f} MB), parity max |err| "
                 f"{worst(par.get('max_abs_err'))} (bound {worst(par.get('bound'))}) {status}{kept}"
             )
+            if isinstance(bf16 := par.get("bf16"), dict):  # export/bf16.py: OpenVINO's own where measured, else emulated
+                r = bf16.get("openvino") if isinstance(bf16.get("openvino"), dict) else bf16.get("emulated")
+                if isinstance(r, dict):
+                    lines.append(
+                        f"      computed in bf16 (--bf16, {r.get('backend')}): max |err| {worst(r.get('max_abs_err'))} "
+                        f"(bound {worst(r.get('bound'))}) {'passed' if bf16.get('passed') else 'FAILED'}"
+                    )
         if entry.engines:
             lines.append(f"    tensorrt engines: {', '.join(sorted(entry.engines))}")
     lines.append(f"tensorrt: {manifest.tensorrt.get('status', 'not built') if manifest.tensorrt else 'not built'}")

@@ -163,3 +163,12 @@ def test_emulated_bf16_moves_the_default_models_images_as_openvinos_bf16_did(tor
         bf16 = pipe.generate(PROMPTS, **ARGS).images
     mean, most = levels(f32, bf16)
     assert 0.03 < mean < 0.5 and 3 <= most <= 16, (mean, most)  # measured 0.21 mean, 9 max here
+
+
+def test_info_shows_each_components_bf16_drift(tmp_path, capsys):
+    assert main(["info"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if "computed in bf16" in line]
+    assert len(lines) == 4 and all("torch-bf16-emulated" in line and line.endswith("passed") for line in lines)
+    assert main(["info", "--model", str(failed_copy(tmp_path, measured=True))]) == 0
+    failed = [line for line in capsys.readouterr().out.splitlines() if "computed in bf16" in line and line.endswith("FAILED")]
+    assert failed == ["      computed in bf16 (--bf16, openvino-cpu-bf16): max |err| 9.00e-01 (bound 2.00e-01) FAILED"]
