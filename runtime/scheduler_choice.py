@@ -34,7 +34,7 @@ class SchedulerChoice:
 
 def karras_variant(name: str, karras: bool) -> str:
     """`name`, or its -karras twin where the config asks for Karras sigmas (`karras`) and one exists (euler, dpmpp-2m(-sde),
-    dpmpp-sde, heun, lms): a plain name samples without them. Also applied to the default a manifest recorded,
+    dpmpp-sde, heun, lms, unipc): a plain name samples without them. Also applied to the default a manifest recorded,
     since builds made before heun-karras and lms-karras existed recorded "heun"/"lms" for such folders."""
     if karras and not name.endswith("-karras") and f"{name}-karras" in SCHEDULERS:
         return f"{name}-karras"

@@ -1,7 +1,7 @@
-"""Every -karras name (registry.karras_pair): `heun-karras` and `lms-karras` beside euler's, DPM++'s and DPM++ SDE's.
+"""Every -karras name (registry.karras_pair): `heun-karras`, `lms-karras` and `unipc-karras` beside euler's, DPM++'s and DPM++ SDE's.
 The name decides the sigmas, not the folder's config; a folder whose Heun or LMS uses Karras sigmas defaults to the
--karras name; and end to end on the tiny models, heun-karras / lms-karras match diffusers' HeunDiscreteScheduler /
-LMSDiscreteScheduler with use_karras_sigmas=True, a bar the plain name misses by far."""
+-karras name; and end to end on the tiny models, heun-karras / lms-karras / unipc-karras match diffusers' HeunDiscreteScheduler /
+LMSDiscreteScheduler / UniPCMultistepScheduler with use_karras_sigmas=True, a bar the plain name misses by far."""
 
 from __future__ import annotations
 
@@ -17,11 +17,11 @@ from ldm_rt.runtime.schedulers import SCHEDULERS, SchedulerConfig, make_schedule
 diffusers = pytest.importorskip("diffusers")
 
 KARRAS_TWINS = sorted(name.removesuffix("-karras") for name in SCHEDULERS if name.endswith("-karras"))
-NEW = {"heun": "HeunDiscreteScheduler", "lms": "LMSDiscreteScheduler"}
+NEW = {"heun": "HeunDiscreteScheduler", "lms": "LMSDiscreteScheduler", "unipc": "UniPCMultistepScheduler"}
 
 
 def test_every_karras_name_has_its_plain_twin_and_the_name_decides():
-    assert KARRAS_TWINS == ["dpmpp-2m", "dpmpp-2m-sde", "dpmpp-sde", "euler", "heun", "lms"]
+    assert KARRAS_TWINS == ["dpmpp-2m", "dpmpp-2m-sde", "dpmpp-sde", "euler", "heun", "lms", "unipc"]
     for plain in KARRAS_TWINS:
         for folder_karras in (False, True):  # the folder's own setting changes neither name
             config = SchedulerConfig(use_karras_sigmas=folder_karras)
@@ -54,11 +54,16 @@ def test_help_and_the_sampler_spec_list_the_new_names(tmp_path, capsys):
     usable, description = schedulers_help(["sample", "--help"])
     assert not {"heun-karras", "lms-karras"} & set(usable)
     assert "; not heun-karras: heun-karras (HeunDiscreteScheduler) cannot sample a zero-terminal-SNR schedule" in description
-    spec = sampler_spec(SchedulerConfig(), step_counts=(6,), schedulers=("heun", "heun-karras", "lms", "lms-karras"))
+    # unipc-karras takes it, as plain unipc does, warning below the steps measured sound for DPM++ 2M Karras (unipc.py)
+    assert {"unipc", "unipc-karras"} <= set(usable) and "unipc-karras:" not in description
+    zero_snr = SchedulerConfig(rescale_betas_zero_snr=True)
+    assert [make_scheduler(n, zero_snr).fewest_sound_steps for n in ("unipc", "unipc-karras")] == [12, 40]
+    spec = sampler_spec(SchedulerConfig(), step_counts=(6,), schedulers=tuple(n for p in NEW for n in (p, f"{p}-karras")))
     for plain, class_name in NEW.items():
         p, k = spec["schedulers"][plain], spec["schedulers"][f"{plain}-karras"]
-        assert (p["diffusers_class"], p["config_overrides"]) == (class_name, {})
-        assert (k["diffusers_class"], k["config_overrides"]) == (class_name, {"use_karras_sigmas": True})
+        plain_overrides = {"solver_type": "bh2"} if plain == "unipc" else {}  # UniPC reads DPM's default midpoint as bh2
+        assert (p["diffusers_class"], p["config_overrides"]) == (class_name, plain_overrides)
+        assert (k["diffusers_class"], k["config_overrides"]) == (class_name, {**plain_overrides, "use_karras_sigmas": True})
         assert k["runs"]["6"]["sigmas"] != p["runs"]["6"]["sigmas"]
 
 
@@ -77,7 +82,7 @@ def test_karras_names_match_diffusers_with_use_karras_sigmas_end_to_end(variant,
     expected = pair.pipe(output_type="np", **theirs).images
     assert max_diff(pair.ours(**ours), expected) < TOL
     # The oracle tells the plain name from the -karras one, by 17-69x the bar (measured: -karras 0.0020 off, the
-    # plain name 0.066 heun v1, 0.051 lms v1, 0.095 heun v2, 0.20 lms v2; MOVED = 10 x TOL = 0.030).
+    # plain name 0.066 heun v1, 0.051 lms v1, 0.095 heun v2, 0.20 lms v2, 0.18 unipc v1 and v2; MOVED = 10 x TOL = 0.030).
     assert max_diff(pair.ours(**{**ours, "scheduler": plain}), expected) > MOVED
 
 

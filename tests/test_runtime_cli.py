@@ -241,7 +241,7 @@ def test_every_scheduler_the_cli_offers_samples_the_shipped_model(tmp_path, caps
     offered, refused = offered_schedulers(capsys)
     assert offered == {
         "ddpm": 0, "ddim": 0, "euler": 0, "euler-karras": 15, "euler-a": 0, "dpmpp-2m": 0, "dpmpp-2m-karras": 40,
-        "dpmpp-2m-sde": 15, "dpmpp-2m-sde-karras": 40, "unipc": 12, "lcm": 8, "tcd": 20, "dpmpp-2s-a": 15,
+        "dpmpp-2m-sde": 15, "dpmpp-2m-sde-karras": 40, "unipc": 12, "unipc-karras": 40, "lcm": 8, "tcd": 20, "dpmpp-2s-a": 15,
     }  # fmt: skip
     assert refused.startswith("not pndm: pndm (PNDMScheduler) cannot sample a zero-terminal-SNR schedule")
     assert "; not lms: lms (LMSDiscreteScheduler) cannot sample a zero-terminal-SNR schedule" in refused

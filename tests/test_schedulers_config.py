@@ -122,7 +122,7 @@ def test_unreadable_json_raises(tmp_path):
 def test_registry_names_and_diffusers_classes():
     assert set(SCHEDULERS) == {
         "ddpm", "ddim", "euler", "euler-karras", "euler-a", "dpmpp-2m", "dpmpp-2m-karras", "dpmpp-2m-sde",
-        "dpmpp-2m-sde-karras", "pndm", "lms", "lms-karras", "unipc", "heun", "heun-karras", "lcm", "tcd", "dpmpp-2s-a",
+        "dpmpp-2m-sde-karras", "pndm", "lms", "lms-karras", "unipc", "unipc-karras", "heun", "heun-karras", "lcm", "tcd", "dpmpp-2s-a",
         "dpmpp-sde", "dpmpp-sde-karras",
     }  # fmt: skip
     for name in SCHEDULERS:

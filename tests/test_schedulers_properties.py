@@ -22,8 +22,8 @@ VARIANTS = {name: (name, {}) for name in NAMES} | {"ddim-eta": ("ddim", {"eta": 
                                                    "dpmpp-2s-a-eta-0.5": ("dpmpp-2s-a", {"eta": 0.5}), "tcd-gamma-0.6": ("tcd", {"gamma": 0.6})}
 STOCHASTIC = ("ddpm", "euler-a", "ddim-eta", "dpmpp-2m-sde", "dpmpp-2m-sde-karras", "lcm", "tcd", "dpmpp-2s-a", "dpmpp-2s-a-eta-0.5",
               "tcd-gamma-0.6", "dpmpp-sde", "dpmpp-sde-karras")
-MULTISTEP = ("dpmpp-2m", "dpmpp-2m-karras", "dpmpp-2m-sde", "dpmpp-2m-sde-karras", "pndm", "lms", "lms-karras", "unipc", "heun",
-             "heun-karras")
+MULTISTEP = ("dpmpp-2m", "dpmpp-2m-karras", "dpmpp-2m-sde", "dpmpp-2m-sde-karras", "pndm", "lms", "lms-karras", "unipc", "unipc-karras",
+             "heun", "heun-karras")
 SHAPE = (2, 4, 8, 8)
 
 
@@ -102,7 +102,7 @@ def test_timesteps_decrease_and_count(name, n, spacing):
         assert np.sum(np.diff(t) == 0) == (1 if n > 1 else 0)
     else:
         assert len(t) == n
-        if not (name.startswith("dpmpp") and name.endswith("-karras")):  # diffusers rounds these Karras timesteps: the tail repeats 0, 1, ...
+        if not (name.startswith(("dpmpp", "unipc")) and name.endswith("-karras")):  # diffusers rounds these Karras timesteps: the tail repeats 0, 1, ...
             assert np.all(np.diff(t) < 0)
 
 
@@ -154,6 +154,9 @@ def test_unipc_of_every_order_and_b_h_recovers_x0_with_the_oracle_model(order, s
 def test_unipc_warns_below_the_steps_measured_sound_on_a_zero_terminal_snr_schedule():
     assert make_scheduler("unipc", SchedulerConfig(rescale_betas_zero_snr=True)).fewest_sound_steps == 12
     assert make_scheduler("unipc", SchedulerConfig()).fewest_sound_steps == 0
+    # unipc-karras: DPM++ 2M Karras's bound (the same Karras sigmas from sigma_T = 4096; measured clean from 35, unipc.py)
+    assert make_scheduler("unipc-karras", SchedulerConfig(rescale_betas_zero_snr=True)).fewest_sound_steps == 40
+    assert make_scheduler("unipc-karras", SchedulerConfig()).fewest_sound_steps == 0
 
 
 

@@ -62,7 +62,7 @@ SCHEDULERS: dict[str, Callable[..., Scheduler]] = {
     **_dpmpp_2m(sde=True),
     "pndm": PNDMScheduler,
     **karras_pair("lms", LMSScheduler),
-    "unipc": UniPCMultistepScheduler,
+    **karras_pair("unipc", UniPCMultistepScheduler),
     **karras_pair("heun", HeunScheduler),
     "lcm": LCMScheduler,
     "tcd": TCDScheduler,

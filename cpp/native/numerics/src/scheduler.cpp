@@ -675,8 +675,9 @@ const std::vector<Registered>& registry() {
       {"dpmpp-2m-karras", Cls::DPM}, {"dpmpp-2m-sde", Cls::DPM},
       {"dpmpp-2m-sde-karras", Cls::DPM}, {"pndm", Cls::PNDM},
       {"lms", Cls::LMS},         {"lms-karras", Cls::LMS},
-      {"unipc", Cls::UniPC},     {"heun", Cls::Heun},
-      {"heun-karras", Cls::Heun}, {"lcm", Cls::LCM},
+      {"unipc", Cls::UniPC},     {"unipc-karras", Cls::UniPC},
+      {"heun", Cls::Heun},       {"heun-karras", Cls::Heun},
+      {"lcm", Cls::LCM},
       {"tcd", Cls::TCD},         {"dpmpp-2s-a", Cls::DPM2SA},
       {"dpmpp-sde", Cls::DPMSDE}, {"dpmpp-sde-karras", Cls::DPMSDE},
   };
@@ -728,6 +729,7 @@ std::shared_ptr<const Scheduler> Scheduler::make(const std::string& name, const 
   if (reg->cls == Cls::DPMSDE) c.use_karras_sigmas = name == "dpmpp-sde-karras";
   if (reg->cls == Cls::Heun) c.use_karras_sigmas = name == "heun-karras";
   if (reg->cls == Cls::LMS) c.use_karras_sigmas = name == "lms-karras";
+  if (reg->cls == Cls::UniPC) c.use_karras_sigmas = name == "unipc-karras";
   if (reg->cls == Cls::DPM) {
     c.solver_order = 2;
     c.use_karras_sigmas = name.find("karras") != std::string::npos;
@@ -794,7 +796,7 @@ int64_t Scheduler::fewest_sound_steps() const {
       if (!c.rescale_betas_zero_snr) return 0;
       if (c.use_karras_sigmas && c.solver_order > 1) return 40;
       return is_stochastic() ? 15 : 0;
-    case Cls::UniPC: return c.rescale_betas_zero_snr ? 12 : 0;
+    case Cls::UniPC: return c.rescale_betas_zero_snr ? (c.use_karras_sigmas ? 40 : 12) : 0;  // as runtime/schedulers/unipc.py
     case Cls::LCM: return c.rescale_betas_zero_snr ? 8 : 0;  // as runtime/schedulers/lcm.py
     case Cls::TCD: return c.rescale_betas_zero_snr ? 20 : 0;  // as runtime/schedulers/tcd.py
     case Cls::DPM2SA: return c.rescale_betas_zero_snr ? 15 : 0;  // as runtime/schedulers/dpm_2s_ancestral.py
