@@ -31,9 +31,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 
 from ldm_rt.export.progress import ItemCallback
-from ldm_rt.export.parity import Case, ParityResult, compare
+from ldm_rt.export.parity import Case, ParityResult, compare, reference_cases
 from ldm_rt.runtime.backends.base import BackendError, HostOptions
-from ldm_rt.runtime.backends.openvino_backend import DEVICE, compile_config, import_openvino
+from ldm_rt.runtime.backends.openvino_backend import DEVICE, compile_config, has_bf16, import_openvino
 from ldm_rt.runtime.contracts import ComponentContract
 
 EMULATED_BACKEND = "torch-bf16-emulated"
@@ -71,17 +71,9 @@ def emulated_parity(
     wrapper: nn.Module, contract: ComponentContract, cases: Sequence[Case], progress: ItemCallback | None = None
 ) -> ParityResult:
     """The reference run under RoundToBf16 on every case, against the fp32 reference outputs."""
-    names = [t.name for t in contract.inputs]
-    outputs = []
-    with torch.no_grad():
-        for case in cases:
-            with RoundToBf16():
-                out = wrapper(*[torch.from_numpy(case.inputs[n]) for n in names])
-            outs = out if isinstance(out, (tuple, list)) else (out,)
-            outputs.append([o.float().numpy() for o in outs])
-            if progress is not None:
-                progress(case.label)
-    return compare(contract, "bf16", EMULATED_BACKEND, cases, outputs)
+    with RoundToBf16():
+        rounded = reference_cases(wrapper, contract, [case.inputs for case in cases], progress)
+    return compare(contract, "bf16", EMULATED_BACKEND, cases, [r.outputs for r in rounded])
 
 
 def openvino_bf16_unavailable() -> str | None:
@@ -90,7 +82,7 @@ def openvino_bf16_unavailable() -> str | None:
         ov = import_openvino()
     except BackendError:
         return "OpenVINO is not installed (pip install 'ldm-rt[openvino]')"
-    if "BF16" not in ov.Core().get_property(DEVICE, "OPTIMIZATION_CAPABILITIES"):
+    if not has_bf16(ov.Core()):
         return "this CPU has no bf16 OpenVINO can use (AVX512-BF16 or AMX)"
     return None
 

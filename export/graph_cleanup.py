@@ -122,16 +122,22 @@ ALIGN_BYTES = 64 * 1024
 ALIGN_FROM = 1 << 20
 
 
+def external_span(t: onnx.TensorProto, base_dir: Path) -> tuple[Path, int, int | None]:
+    """(file, offset, length or None: to its end) of an externally stored tensor's bytes under `base_dir`."""
+    info = dict((e.key, e.value) for e in t.external_data)
+    return Path(base_dir) / info["location"], int(info.get("offset", 0)), int(info["length"]) if "length" in info else None
+
+
 def tensor_bytes(t: onnx.TensorProto, base_dir: Path | None) -> bytes:
     """The raw little-endian bytes of one tensor: its raw_data, typed fields, or its span of an external file
     under `base_dir` (read alone: the rest of the file stays on disk)."""
     if t.data_location == onnx.TensorProto.EXTERNAL:
         if base_dir is None:
             raise OnnxExportError(f"tensor {t.name} is stored externally but its folder is unknown")
-        info = dict((e.key, e.value) for e in t.external_data)
-        with open(Path(base_dir) / info["location"], "rb") as f:
-            f.seek(int(info.get("offset", 0)))
-            return f.read(int(info["length"])) if "length" in info else f.read()
+        path, offset, length = external_span(t, base_dir)
+        with open(path, "rb") as f:
+            f.seek(offset)
+            return f.read(length) if length is not None else f.read()
     return t.raw_data if t.HasField("raw_data") else onnx.numpy_helper.to_array(t).tobytes()
 
 

@@ -31,6 +31,7 @@ import onnx
 import torch
 from onnx import helper, numpy_helper
 
+from ldm_rt.export.graph_cleanup import external_span
 from ldm_rt.export.memory import release_weight_pages
 from ldm_rt.reference.export_wrappers import export_wrappers
 from ldm_rt.reference.ldm import LatentDiffusion
@@ -72,7 +73,7 @@ class _Initializers:
         self.model = onnx.load(str(path), load_external_data=False)
         self.base = path.parent
         self.stack = files
-        self.opened: dict[str, BinaryIO] = {}
+        self.opened: dict[Path, BinaryIO] = {}
 
     def tensors(self) -> Iterator[tuple[onnx.TensorProto, np.dtype]]:
         for t in self.model.graph.initializer:
@@ -82,10 +83,10 @@ class _Initializers:
     def reader(self, t: onnx.TensorProto, dtype: np.dtype) -> Callable[[int, int], np.ndarray]:
         """read(start, count): the flat elements [start, start + count) of `t`."""
         if t.data_location == onnx.TensorProto.EXTERNAL:
-            info = {e.key: e.value for e in t.external_data}
-            if info["location"] not in self.opened:
-                self.opened[info["location"]] = self.stack.enter_context((self.base / info["location"]).open("rb"))
-            f, offset = self.opened[info["location"]], int(info.get("offset", 0))
+            path, offset, _ = external_span(t, self.base)
+            if path not in self.opened:
+                self.opened[path] = self.stack.enter_context(path.open("rb"))
+            f = self.opened[path]
 
             def read(start: int, count: int) -> np.ndarray:
                 f.seek(offset + start * dtype.itemsize)

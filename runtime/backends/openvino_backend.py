@@ -47,11 +47,16 @@ def import_openvino() -> Any:
     return openvino
 
 
+def has_bf16(core: Any) -> bool:
+    """Whether OpenVINO's CPU device computes in bf16 here (AVX512-BF16 or AMX)."""
+    return "BF16" in core.get_property(DEVICE, "OPTIMIZATION_CAPABILITIES")
+
+
 def compile_config(core: Any, host: HostOptions) -> dict[str, Any]:
     """What every component is compiled with (the module docstring says why)."""
     precision = "f32"
     if host.reduced_precision:
-        if "BF16" in core.get_property(DEVICE, "OPTIMIZATION_CAPABILITIES"):
+        if has_bf16(core):
             precision = "bf16"
         else:
             log.warning("this CPU has no bf16 support OpenVINO can use; computing in f32")
