@@ -32,6 +32,7 @@ from ldm_rt.export.controlnet_sources import ControlNetSource, load_controlnets
 from ldm_rt.export.errors import ExportError, TensorRTUnavailable
 from ldm_rt.export.fp16 import find_fp32_islands, half_model
 from ldm_rt.export.lora_targets import record_targets
+from ldm_rt.export.preview_fit import record_preview_factors
 from ldm_rt.runtime.lora import TARGETS_FILE
 from ldm_rt.export.memory import (
     TORCH_WEIGHT_COPIES,
@@ -62,11 +63,14 @@ from ldm_rt.export.progress import Phase, phase, say
 from ldm_rt.export.sources import Source, load_source, source_name
 from ldm_rt.export.tensorrt_build import TensorRTInfo, build_engine, engine_spec, probe_tensorrt
 from ldm_rt.export.triton_repo import TRITON_REPOSITORY, is_triton_repository, write_triton_repo
+from ldm_rt.reference.embeddings import bake_embeddings
 from ldm_rt.reference.export_wrappers import export_wrappers
 from ldm_rt.reference.lora import fuse_lora_files, load_lora_files
 from ldm_rt.runtime.artifacts import Artifacts
 from ldm_rt.runtime.atomic import atomic_directory
 from ldm_rt.runtime.contracts import ComponentContract, ContractError, ShapeProfile, build_contracts
+from ldm_rt.runtime.embeddings import EmbeddingError, EmbeddingSpec, load_embeddings
+from ldm_rt.runtime.embeddings import as_specs as embedding_specs
 from ldm_rt.runtime.lora import LoraError, LoraSpec, as_specs
 from ldm_rt.runtime.manifest import (
     FORMAT,
@@ -132,6 +136,8 @@ class BuildOptions:
     parity_memory: int | None = None  # bytes a parity run may use; None: memory.MEMORY_FRACTION (85 %) of the available memory
     # LoRAs fused into the weights before export (each at its scale; they add up); the manifest records them.
     loras: tuple[LoraSpec, ...] = ()
+    # Textual-inversion embeddings baked into the text encoders' token tables and the tokenizers (runtime/embeddings.py).
+    embeddings: tuple[EmbeddingSpec, ...] = ()
     # ControlNets (diffusers folders or original files), each a controlnet_<k> component in this order.
     controlnets: tuple[Path, ...] = ()
 
@@ -355,6 +361,10 @@ def build(options: BuildOptions) -> BuildResult:
         lora_files = load_lora_files(as_specs(options.loras))
     except LoraError as e:
         raise ExportError(str(e)) from None
+    try:  # the same for embeddings (restricted reading of .pt files: runtime/embeddings.py)
+        embedding_files = load_embeddings(embedding_specs(options.embeddings))
+    except EmbeddingError as e:
+        raise ExportError(str(e)) from None
     out = output_dir(options)
     # Refuse unusable outputs before minutes of work; claim_output checks again under the lock.
     check_output(out, is_artifacts_folder, ARTIFACTS)
@@ -364,13 +374,13 @@ def build(options: BuildOptions) -> BuildResult:
             raise ExportError(f"the Triton repository {repo} and the artifacts folder {out} must not contain each other")
         check_output(repo, is_triton_repository, TRITON_REPOSITORY)
     with claim_output(out, is_artifacts_folder, ARTIFACTS):
-        result = _build_into(out, options, lora_files)
+        result = _build_into(out, options, lora_files, embedding_files)
     if options.triton_repo is not None:
         result.triton_models = write_triton_repo(out, options.triton_repo)
     return result
 
 
-def _build_into(out: Path, options: BuildOptions, lora_files: list | None = None) -> BuildResult:
+def _build_into(out: Path, options: BuildOptions, lora_files: list | None = None, embedding_files: list | None = None) -> BuildResult:
     with phase(f"load {options.model or 'the shipped default model'}", enabled=options.progress):
         source = load_source(
             options.model, tokenizer=options.tokenizer, tokenizer_2=options.tokenizer_2, prediction_type=options.prediction_type
@@ -382,6 +392,13 @@ def _build_into(out: Path, options: BuildOptions, lora_files: list | None = None
                 # The path too, so a backend that rebuilds the weights from the source can apply them again.
                 lora_records = [{**r, "path": str(f.path.resolve())} for r, (f, _) in zip(fuse_lora_files(source.loaded, lora_files), lora_files)]
             except LoraError as e:
+                raise ExportError(str(e)) from None
+    baked: list[dict[str, Any]] = []
+    if embedding_files:
+        with phase(f"bake {len(embedding_files)} textual-inversion embedding(s)", enabled=options.progress):
+            try:
+                baked = bake_embeddings(source.loaded, embedding_files)
+            except EmbeddingError as e:
                 raise ExportError(str(e)) from None
     with phase(f"load {len(options.controlnets)} ControlNet(s)", enabled=options.progress and bool(options.controlnets)):
         controlnets = load_controlnets(options.controlnets, source)
@@ -424,6 +441,9 @@ def _build_into(out: Path, options: BuildOptions, lora_files: list | None = None
         with phase("LoRA targets (initializer of each adaptable weight)", enabled=options.progress):
             record_targets(source.loaded.model, tmp, components)
         lora_targets = FileEntry.of(tmp, TARGETS_FILE) if (tmp / TARGETS_FILE).is_file() else None
+        # The latent -> RGB map of fast step previews, fitted on this build's own VAE (export/preview_fit.py).
+        with phase("preview factors (latent -> RGB fit on the VAE)", enabled=options.progress):
+            preview_factors = record_preview_factors(tmp, components, source.facts, options.profile)
 
         if trt_info is not None:
             _build_engines(components, tmp, out, trt_info, options)
@@ -444,9 +464,11 @@ def _build_into(out: Path, options: BuildOptions, lora_files: list | None = None
             tokenizer=tokenizer,
             tokenizer_2=tokenizer_2,
             lora_targets=lora_targets,
+            preview_factors=preview_factors,
             scheduler=FileEntry.of(tmp, "scheduler_config.json"),
             source={
                 **source.to_manifest(), **({"loras": lora_records} if lora_records else {}),
+                **({"embeddings": baked} if baked else {}),
                 **({"controlnets": [c.record for c in controlnets]} if controlnets else {}),
             },
             tools=tool_versions(),

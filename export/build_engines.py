@@ -24,6 +24,7 @@ from pathlib import Path
 from ldm_rt.runtime.atomic import explain_os_error
 from ldm_rt.runtime.cli_support import OneLineParser, error_line, run
 from ldm_rt.runtime.contracts import MAX_PROMPT_CHUNKS, ContractError, ShapeProfile
+from ldm_rt.runtime.embeddings import EmbeddingError, parse_embedding_arg
 from ldm_rt.runtime.lora import LoraError, parse_lora_arg
 from ldm_rt.runtime.manifest import ArtifactError
 from ldm_rt.runtime.schedulers import PREDICTION_TYPES
@@ -96,6 +97,10 @@ def parser() -> argparse.ArgumentParser:
     src.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                      help="fuse a LoRA (.safetensors, diffusers/PEFT or kohya layout; .pt/.ckpt tensors only) at SCALE "
                           "(default 1) into the weights before export; repeatable, scales add up; the manifest records each")
+    src.add_argument("--embedding", action="append", default=[], metavar="FILE[:TOKEN]",
+                     help="bake a textual-inversion embedding (.safetensors, .pt or .bin; diffusers, A1111 or SDXL "
+                          "clip_l/clip_g) into the text encoders and tokenizers, trigger word TOKEN (default: the file's own, "
+                          "else its name); repeatable; for TensorRT engines and the native runtime, which cannot add it at run time")
     src.add_argument("--controlnet", action="append", default=[], type=Path, metavar="CN_SRC",
                      help="add a ControlNet (diffusers ControlNetModel folder or original control_*.safetensors/.pth "
                           "file) made for this base model as the component controlnet_<k>; repeatable, in the order "
@@ -163,6 +168,10 @@ def options_from_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> B
         loras = tuple(parse_lora_arg(text) for text in args.lora)
     except LoraError as e:
         p.error(str(e))
+    try:
+        embeddings = tuple(parse_embedding_arg(text) for text in args.embedding)
+    except EmbeddingError as e:
+        p.error(str(e))
     return BuildOptions(
         model=args.model,
         out=args.out,
@@ -180,6 +189,7 @@ def options_from_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> B
         engines=args.engines,
         parity_memory=None if args.parity_memory is None else int(args.parity_memory * 2**30),
         loras=loras,
+        embeddings=embeddings,
         controlnets=tuple(args.controlnet),
     )
 

@@ -16,7 +16,7 @@ group "ldm_rt.backends", name "torch" (pyproject.toml:
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ import torch
 
 from ldm_rt.runtime.backends.base import BackendError, HostOptions
 from ldm_rt.runtime.contracts import ComponentContract, ModelFacts, ShapeProfile, build_contracts
+from ldm_rt.runtime.embeddings import TokenRows, baked_rows
 from ldm_rt.runtime.manifest import Manifest
 from ldm_rt.runtime.params import MAX_PROFILE_BATCH, MAX_PROFILE_SIDE
 from ldm_rt.runtime.pipeline import Pipeline
@@ -32,6 +33,7 @@ from ldm_rt.runtime.scheduler_choice import default_scheduler
 from ldm_rt.runtime.schedulers import SchedulerConfig
 
 from .controlnet import ControlNetModel
+from .embeddings import grow_token_tables, read_baked
 from .export_wrappers import controlnet_facts, export_wrappers
 from .model_folder import LoadedModel
 
@@ -135,11 +137,14 @@ def open_components(
     precision: str = "fp32",
     providers: Sequence[str] | None = None,
     host: HostOptions = HostOptions(),
+    embeddings: Mapping[str, TokenRows] | None = None,
 ) -> dict[str, TorchComponent]:
     """The "torch" backend factory: load the model the artifacts were exported from (manifest.source) and
-    serve it under the artifacts' contracts. CUDA when torch sees a GPU, else CPU; `providers` is ONNX
-    Runtime's notion and is ignored here. `host.threads` sets torch's (process-wide) intra-op threads;
-    `host.spin` has no torch counterpart."""
+    serve it under the artifacts' contracts, with the LoRAs, ControlNets and textual-inversion embeddings the
+    export put in (each file checked against its recorded sha256). `embeddings`: text encoder -> TokenRows, the rows
+    run-time embeddings add (Pipeline.load(embeddings=...)), after the baked ones. CUDA when torch sees a GPU, else
+    CPU; `providers` is ONNX Runtime's notion and is ignored here. `host.threads` sets torch's (process-wide) intra-op
+    threads; `host.spin` has no torch counterpart."""
     from .checkpoints import load_model
 
     if host.threads is not None:
@@ -157,6 +162,7 @@ def open_components(
         options["tokenizer"] = Path(artifacts_dir) / manifest.tokenizer.file  # a single file's tokenizer was copied in
     loaded = load_model(source, dtype=PRECISION_DTYPES[precision], **options)
     _fuse_exported_loras(loaded, Path(artifacts_dir), manifest.source.get("loras") or [])
+    _add_embeddings(loaded, Path(artifacts_dir), manifest, embeddings or {})
     facts = loaded.facts()
     if facts != manifest.facts:
         raise BackendError(
@@ -202,6 +208,20 @@ def _fuse_exported_loras(loaded: LoadedModel, root: Path, fused: list[dict[str, 
             raise BackendError(f"the LoRA {record['path']} fused into {root} has changed since the export; rebuild the artifacts")
         files.append((lora, float(record["scale"])))
     fuse_lora_files(loaded, files)
+
+
+def _add_embeddings(loaded: LoadedModel, root: Path, manifest: Manifest, run_time: Mapping[str, TokenRows]) -> None:
+    """The token rows the export baked (manifest.source["embeddings"]: the same files, at the ids the artifacts'
+    tokenizer.json gives their triggers), then those added at run time (numbered after them)."""
+    baked = manifest.source.get("embeddings") or []
+    if baked:
+        from ldm_rt.runtime.artifacts import Artifacts
+
+        artifacts = Artifacts.open(root)  # the tokenizers that learned the triggers, hash-checked
+        present = {"text_encoder": artifacts.tokenizer, "text_encoder_2": artifacts.tokenizer_2}
+        tokenizers = {name: t for name, t in present.items() if t is not None and name in manifest.components}
+        grow_token_tables(loaded.model, baked_rows(read_baked(root, baked), tokenizers))
+    grow_token_tables(loaded.model, run_time)
 
 
 def _resolve(root: Path, value: str) -> Path:

@@ -26,11 +26,13 @@ from tqdm import tqdm
 from . import bench
 from .atomic import NotAFileTarget, check_file_target
 from .cli_support import USER_ERRORS, OneLineParser, run
-from .images import ImageOutputError, output_format, output_paths
+from .images import ImageOutputError, output_format, output_paths, written_by_ldm_rt
+from .embeddings import parse_embedding_arg
 from .lora import parse_lora_arg
 from .manifest import Manifest
 from .params import AESTHETIC_SCORE, MICRO_CONDITIONING, NEGATIVE_AESTHETIC_SCORE, REFINER_START, check_image_count
 from .params import IMAGE_INPUT_FLAGS, check_image_inputs
+from .previews import PREVIEW_KINDS, check_preview_target, write_preview
 from .scheduler_choice import FALLBACK as FALLBACK_SCHEDULER
 from .schedulers import SCHEDULERS, SchedulerConfig, usable_schedulers
 
@@ -69,6 +71,11 @@ def build_parser(help_schedulers: tuple[list[str], str] | None = None) -> argpar
     s = sub.add_parser("sample", help="generate images from a prompt", description="Generate images from a prompt.")
     s.add_argument("--prompt", default="", help="what to draw")
     s.add_argument("--negative-prompt", default="", help="what to steer away from (the unconditional half of guidance)")
+    s.add_argument(
+        "--prompt-weighting", action="store_true",
+        help="read A1111's emphasis in both prompts: (word) x1.1, [word] /1.1, (word:1.3), nesting multiplies, \\( \\) for "
+        "literal brackets, BREAK starts a new chunk (default: brackets are plain text)",
+    )  # fmt: skip
     s.add_argument("--steps", type=int, default=25, help="denoising steps (default 25)")
     s.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale; 1.0 skips the unconditional pass (default 7.5)")
     s.add_argument(
@@ -106,6 +113,16 @@ def build_parser(help_schedulers: tuple[list[str], str] | None = None) -> argpar
     )  # fmt: skip
     s.add_argument("--grid", action="store_true", help="write a batch as one grid image at --out")
     s.add_argument(
+        "--preview", type=Path, default=None, metavar="FILE.png",
+        help="write a preview of the image being sampled here (a batch as a grid), replaced atomically at each previewed step; "
+        "the file must be new or an earlier preview (a user's file is never overwritten)",
+    )  # fmt: skip
+    s.add_argument("--preview-every", type=int, default=None, metavar="N", help="with --preview: every N steps, and the last (default 1)")
+    s.add_argument(
+        "--preview-kind", default=None, choices=PREVIEW_KINDS,
+        help="with --preview: fast (the model's fitted latent -> RGB map, almost free; default) or full (a VAE decode each time, exact)",
+    )  # fmt: skip
+    s.add_argument(
         "--backend", default="onnxruntime", choices=BACKENDS,
         help="inference backend (default onnxruntime; openvino: OpenVINO's runtime on the CPU, needs ldm-rt[openvino])",
     )  # fmt: skip
@@ -129,6 +146,11 @@ def build_parser(help_schedulers: tuple[list[str], str] | None = None) -> argpar
     s.add_argument(
         "--lora", action="append", default=[], metavar="FILE[:SCALE]",
         help="apply a LoRA (.safetensors, diffusers/PEFT or kohya layout) at SCALE (default 1) as the model opens; repeatable, scales add up",
+    )  # fmt: skip
+    s.add_argument(
+        "--embedding", action="append", default=[], metavar="FILE[:TOKEN]",
+        help="a textual-inversion embedding (.safetensors, .pt or .bin; diffusers, A1111 or SDXL clip_l/clip_g) whose "
+        "trigger word TOKEN (default: the file's own, else its name) then works in both prompts; repeatable",
     )  # fmt: skip
     xl = s.add_argument_group("SDXL", "base + refiner on latents, and the micro-conditioning (diffusers' names; sizes are HEIGHT WIDTH)")
     xl.add_argument("--refiner", type=Path, default=None, metavar="DIR",
@@ -169,8 +191,8 @@ def build_parser(help_schedulers: tuple[list[str], str] | None = None) -> argpar
 
 
 def check_writable(out: Path, paths: Sequence[Path]) -> None:
-    """Before any work: the format `out` names, its folder, and every file the run will write (an existing
-    regular file may be replaced; a folder, device or FIFO never)."""
+    """Before any work: the format `out` names, its folder, and every file the run will write (an existing file
+    is replaced only when it is an image ldm-rt wrote; a file of the user's, a folder, device or FIFO never)."""
     parent = out.parent if str(out.parent) else Path(".")
     if out.is_dir():
         raise CliError(f"--out {out} is a folder; give a file name like {out / 'sample.png'}")
@@ -185,6 +207,8 @@ def check_writable(out: Path, paths: Sequence[Path]) -> None:
     for path in paths:
         if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
             raise CliError(f"--out {path} is not writable; choose another path")
+        if path.exists() and not written_by_ldm_rt(path):
+            raise CliError(f"--out {path} exists and is not an image ldm-rt wrote; choose a new file name (a file of yours is never replaced)")
 
 
 def load_latents(path: Path) -> np.ndarray:
@@ -207,8 +231,10 @@ def sample(args: argparse.Namespace) -> int:
         raise CliError("--refiner-start needs --refiner: the refiner takes over at that fraction of the schedule")
 
     loras = [parse_lora_arg(text) for text in args.lora]  # a scale that is not a number: one line, before any work
+    embeddings = [parse_embedding_arg(text) for text in args.embedding]
     check_image_count(args.batch, "images (--batch)")  # before a file name is made for each
     check_writable(args.out, output_paths(args.out, max(args.batch, 1), args.grid))
+    preview = preview_arguments(args)
     check_image_inputs(  # the API's rule, in the flags' names (an explicit --mask-blur 0 needs --mask too)
         init_image=args.init_image is not None, strength=args.strength is not None, mask=args.mask is not None,
         mask_blur=args.mask_blur is not None, names=IMAGE_INPUT_FLAGS,
@@ -234,8 +260,10 @@ def sample(args: argparse.Namespace) -> int:
         compile_cache=not args.no_compile_cache,
         reduced_precision=args.bf16,
     )
-    pipe = Pipeline.load(args.model, **options, **({"loras": loras} if loras else {}))  # the base model's LoRAs, not the refiner's
-    refiner = Pipeline.load(args.refiner, **options) if args.refiner is not None else None
+    # The base model's LoRAs, not the refiner's; the embeddings in both (the refiner reads the same prompts).
+    with_embeddings = {"embeddings": embeddings} if embeddings else {}
+    pipe = Pipeline.load(args.model, **options, **({"loras": loras} if loras else {}), **with_embeddings)
+    refiner = Pipeline.load(args.refiner, **options, **with_embeddings) if args.refiner is not None else None
     micro = {name: tuple(v) if isinstance(v := getattr(args, name), list) else v for name in MICRO_CONDITIONING}
 
     bar: tqdm | None = None
@@ -254,6 +282,7 @@ def sample(args: argparse.Namespace) -> int:
             guidance=args.guidance,
             guidance_rescale=args.guidance_rescale,
             eta=args.eta,
+            prompt_weighting=args.prompt_weighting,
             scheduler=args.scheduler,
             seed=args.seed,
             batch=args.batch,
@@ -265,6 +294,7 @@ def sample(args: argparse.Namespace) -> int:
             mask=args.mask,
             mask_blur=0.0 if args.mask_blur is None else args.mask_blur,
             callback=progress,
+            **preview,
             refiner=refiner,
             refiner_start=args.refiner_start,
             **micro,
@@ -279,6 +309,26 @@ def sample(args: argparse.Namespace) -> int:
     if args.verbose:
         print(format_timings(result.timings), file=sys.stderr)
     return 0
+
+
+def preview_arguments(args: argparse.Namespace) -> dict:
+    """Pipeline.generate's preview arguments from the flags; the --preview file checked before any work."""
+    if args.preview is None:
+        given = [flag for flag, value in (("--preview-every", args.preview_every), ("--preview-kind", args.preview_kind)) if value is not None]
+        if given:
+            raise CliError(f"{given[0]} needs --preview FILE.png: where the previews are written")
+        return {}
+    if args.preview_every is not None and args.preview_every < 1:
+        raise CliError(f"--preview-every must be at least 1 (a preview every N steps), got {args.preview_every}")
+    path = check_preview_target(args.preview)
+    if path.resolve() in {p.resolve() for p in output_paths(args.out, max(args.batch, 1), args.grid)}:
+        raise CliError(f"--preview {path} is also an output image (--out); give the preview its own file name")
+    kind = args.preview_kind or "fast"
+    return {
+        "preview": lambda i, n, images: write_preview(path, images, i, n),
+        "preview_every": 1 if args.preview_every is None else args.preview_every,
+        "preview_kind": kind,
+    }
 
 
 def control_arguments(args: argparse.Namespace) -> dict:
@@ -301,7 +351,7 @@ def control_arguments(args: argparse.Namespace) -> dict:
 def format_timings(timings: dict) -> str:
     """One line: seconds per stage in pipeline order; the UNet as total, steps and mean per step."""
     parts = []
-    for stage in ("text_encoder", "text_encoder_2", "vae_encoder", "controlnet", "unet", "vae_decoder", "total"):
+    for stage in ("text_encoder", "text_encoder_2", "vae_encoder", "controlnet", "unet", "vae_decoder", "preview", "total"):
         if stage not in timings:
             continue
         value = timings[stage]
@@ -391,8 +441,32 @@ def info(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(manifest.to_dict(), indent=2))
     else:
-        print("\n".join([*describe(manifest, root), describe_schedulers(manifest, root), describe_default_scheduler(manifest), *describe_loras(manifest, root, args.lora)]))
+        print("\n".join([*describe(manifest, root), describe_schedulers(manifest, root), describe_default_scheduler(manifest), describe_previews(manifest, root), *describe_embeddings(manifest), *describe_loras(manifest, root, args.lora)]))
     return 0
+
+
+def describe_previews(manifest: Manifest, root: Path) -> str:
+    """One line: whether fast step previews have their fitted map here, and how well it fits (runtime/previews.py)."""
+    from .previews import PreviewFactors
+
+    if manifest.preview_factors is None:
+        return "previews: full only (no fast preview factors: built before step previews; rebuild or refresh_preview_factors)"
+    try:
+        fit = PreviewFactors.read(Path(root), manifest).fit
+    except USER_ERRORS as e:
+        return f"previews: fast factors unreadable ({e})"
+    return f"previews: fast (latent -> RGB map fitted on this VAE, {fit.get('psnr_db', '?')} dB on held-out images) or full"
+
+
+def describe_embeddings(manifest: Manifest) -> list[str]:
+    """The textual-inversion embeddings baked in at export (build_engines.py --embedding), one line each."""
+    baked = [r for r in manifest.source.get("embeddings") or [] if isinstance(r, dict)]
+    if not baked:
+        return ["embeddings: none baked in (add them at run time: --embedding FILE[:TOKEN])"]
+    return ["embeddings baked in (their triggers work in every prompt):", *(
+        f"  {r.get('token', '?')}: {r.get('vectors', '?')} vector(s), {Path(str(r.get('path', r.get('file', '?')))).name} sha256 {str(r.get('sha256', '?'))[:16]}"
+        for r in baked
+    )]  # fmt: skip
 
 
 def describe_loras(manifest: Manifest, root: Path, loras: Sequence[Path]) -> list[str]:

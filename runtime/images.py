@@ -25,6 +25,8 @@ MAX_INPUT_PIXELS = 8192 * 8192
 # UserComment (character code "UNICODE", UTF-16BE, as piexif and AUTOMATIC1111 write it).
 OUTPUT_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 LOSSY_QUALITY = 95
+# The "Software" text of the images ldm-rt writes (Result.metadata) and of its native runtime's (metadata.cpp).
+SOFTWARE = ("ldm-rt", "ldm-rt-native")
 _USER_COMMENT_UNICODE = b"UNICODE\x00"
 # Pillow modes deeper than 8 bits per sample: convert("L"/"RGB") clips them to 255 (or truncates floats)
 # instead of scaling them.
@@ -248,6 +250,15 @@ def write_images(files: Sequence[tuple[str | Path, np.ndarray, Mapping[str, obje
 def write_png(path: str | Path, image: np.ndarray, text: Mapping[str, object]) -> None:
     """Write (H, W, 3) uint8 as PNG with `text` chunks; atomic, so a reader never sees half a file."""
     atomic_write_bytes(path, png_bytes(image, text))
+
+
+def written_by_ldm_rt(path: str | Path) -> bool:
+    """Whether the existing file `path` is an image ldm-rt or its native runtime wrote (its "Software" text): the
+    only existing file an output may replace, so a file of the user's own is never overwritten."""
+    try:
+        return read_image_text(path).get("Software") in SOFTWARE
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):  # not an image we can read: not ours
+        return False
 
 
 def read_image_text(path: str | Path) -> dict[str, str]:

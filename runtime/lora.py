@@ -145,42 +145,45 @@ def _bf16_to_f32(raw: np.ndarray) -> np.ndarray:
     return (raw.astype(np.uint32) << 16).view(np.float32)
 
 
-def read_safetensors(path: Path, limit: int = MAX_LORA_BYTES) -> tuple[dict[str, np.ndarray], dict[str, str], str]:
+def read_safetensors(
+    path: Path, limit: int = MAX_LORA_BYTES, *, kind: str = "LoRA", error: type[FileFormatError] = LoraError
+) -> tuple[dict[str, np.ndarray], dict[str, str], str]:
     """(tensors as float32, the header's __metadata__, sha256 of the file) from a .safetensors file, every
-    offset and size checked against the file before anything is read. float32/float16/bfloat16/float64 only."""
+    offset and size checked against the file before anything is read. float32/float16/bfloat16/float64 only.
+    `kind` names the file in errors ("LoRA", "embedding"), raised as `error`."""
     fix = "download the file again or convert it to .safetensors"
     # Bounded, regular file only (a FIFO is refused, not waited on): runtime/files.py, the one owner.
-    data = read_bounded(path, limit, "LoRA file", error=LoraError, fix="pass a LoRA .safetensors file")
+    data = read_bounded(path, limit, f"{kind} file", error=error, fix=f"pass {'an' if kind[0] in 'aeiou' else 'a'} {kind} .safetensors file")
     if len(data) < 8:
-        raise LoraError(f"LoRA {path} is truncated ({len(data)} bytes); {fix}")
+        raise error(f"{kind} {path} is truncated ({len(data)} bytes); {fix}")
     size = len(data)
     (n,) = struct.unpack("<Q", data[:8])
     if n > MAX_HEADER_BYTES or 8 + n > size:
-        raise LoraError(f"LoRA {path} is truncated or not a safetensors file (header of {n} bytes in a {size}-byte file); {fix}")
+        raise error(f"{kind} {path} is truncated or not a safetensors file (header of {n} bytes in a {size}-byte file); {fix}")
     try:
         header = json.loads(data[8 : 8 + n].decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
-        raise LoraError(f"LoRA {path} has a corrupt safetensors header; {fix}") from None
+        raise error(f"{kind} {path} has a corrupt safetensors header; {fix}") from None
     if not isinstance(header, dict):
-        raise LoraError(f"LoRA {path} has a corrupt safetensors header; {fix}")
+        raise error(f"{kind} {path} has a corrupt safetensors header; {fix}")
     meta = header.pop("__metadata__", None) or {}
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
-        raise LoraError(f"LoRA {path}: __metadata__ must map strings to strings; {fix}")
+        raise error(f"{kind} {path}: __metadata__ must map strings to strings; {fix}")
     base = 8 + n
     tensors: dict[str, np.ndarray] = {}
     for key, info in header.items():
         try:
             dtype, shape, (start, end) = info["dtype"], [int(d) for d in info["shape"]], info["data_offsets"]
         except (TypeError, KeyError, ValueError):
-            raise LoraError(f"LoRA {path}: tensor {key!r} has a malformed header entry; {fix}") from None
+            raise error(f"{kind} {path}: tensor {key!r} has a malformed header entry; {fix}") from None
         if dtype not in _DTYPES:
-            raise LoraError(f"LoRA {path}: tensor {key!r} is {dtype}; LoRA tensors must be F32, F16, BF16 or F64")
+            raise error(f"{kind} {path}: tensor {key!r} is {dtype}; {kind} tensors must be F32, F16, BF16 or F64")
         itemsize = 2 if dtype in ("F16", "BF16") else np.dtype(_DTYPES[dtype]).itemsize
         count = math.prod(shape)
         if any(d < 0 for d in shape) or not (0 <= start <= end) or end - start != count * itemsize:
-            raise LoraError(f"LoRA {path}: tensor {key!r} has inconsistent offsets; {fix}")
+            raise error(f"{kind} {path}: tensor {key!r} has inconsistent offsets; {fix}")
         if base + end > size:
-            raise LoraError(f"LoRA {path} is truncated: tensor {key!r} ends at byte {base + end} of {size}; {fix}")
+            raise error(f"{kind} {path} is truncated: tensor {key!r} ends at byte {base + end} of {size}; {fix}")
         raw = data[base + start : base + end]
         if dtype == "BF16":
             arr = _bf16_to_f32(np.frombuffer(raw, np.uint16))
@@ -515,6 +518,20 @@ def _scan(buf: memoryview, path: Path, names: set[str]) -> dict[str, Initializer
     return found
 
 
+def initializer_table(path: Path) -> dict[str, Initializer]:
+    """Every initializer of the ONNX file at `path` by name: its dtype (None if not float), shape and where its data
+    is (nothing of the data is read)."""
+    buf = _map(path)
+    out: dict[str, Initializer] = {}
+    for number, wire, value in _fields(buf, 0, len(buf)):
+        if number == 7 and wire == 2:
+            for gnum, gwire, gval in _fields(buf, *value):
+                if gnum == 5 and gwire == 2:
+                    init = _tensor(buf, *gval)
+                    out[init.name] = init
+    return out
+
+
 def iter_initializers(path: Path, names: set[str]) -> Iterator[tuple[str, np.ndarray]]:
     """(name, array) for each initializer of `names` in the ONNX file at `path` (its stored dtype and shape), raw
     or in external data files beside it (confined to its folder), read one at a time into its own array, so a
@@ -574,26 +591,34 @@ def _field_spans(buf: memoryview, start: int, end: int) -> Iterable[tuple[int, i
         yield number, wire, value, field_start, pos
 
 
-def _externalised(buf: memoryview, start: int, end: int, location: str, patched: set[str]) -> bytes:
+def _externalised(
+    buf: memoryview, start: int, end: int, location: str, patched: set[str], shapes: Mapping[str, Sequence[int]] | None = None
+) -> bytes:
     """One TensorProto: if it holds raw data over INLINE_BYTES, or is to be patched, the same tensor with that
-    data referenced in place (external data: `location`, the data's offset and length) instead of copied."""
+    data referenced in place (external data: `location`, the data's offset and length) instead of copied; with
+    its dims replaced by `shapes[name]` when given (a patched tensor of another shape)."""
     fields = list(_field_spans(buf, start, end))
     raw = next((v for n, w, v, _, _ in fields if n == 9 and w == 2), None)
     name = next((bytes(buf[v[0] : v[1]]).decode("utf-8", "replace") for n, w, v, _, _ in fields if n == 8 and w == 2), "")
+    dims = shapes.get(name) if shapes else None
+    # ONNX Runtime refuses a replacement whose dims differ from the graph's: TensorProto.dims (1) rewritten.
+    new_dims = b"" if dims is None else b"".join(_encode_varint(1 << 3) + _encode_varint(int(d)) for d in dims)
+    resized = (1,) if dims is not None else ()
     if raw is None or (raw[1] - raw[0] <= INLINE_BYTES and name not in patched):
-        return bytes(buf[start:end])
-    kept = b"".join(bytes(buf[a:b]) for n, _, _, a, b in fields if n not in (9, 13, 14))
+        return bytes(buf[start:end]) if dims is None else new_dims + b"".join(bytes(buf[a:b]) for n, _, _, a, b in fields if n not in resized)
+    kept = new_dims + b"".join(bytes(buf[a:b]) for n, _, _, a, b in fields if n not in (9, 13, 14, *resized))
     entries = [("location", location), ("offset", str(raw[0])), ("length", str(raw[1] - raw[0]))]
     external = b"".join(_delimited(13, _delimited(1, k.encode()) + _delimited(2, v.encode())) for k, v in entries)
     return kept + external + _encode_varint(14 << 3) + _encode_varint(1)  # data_location = EXTERNAL
 
 
-def external_model_bytes(path: Path, patched: set[str]) -> bytes:
+def external_model_bytes(path: Path, patched: set[str], shapes: Mapping[str, Sequence[int]] | None = None) -> bytes:
     """The ONNX file's protobuf with the data of every initializer over INLINE_BYTES, and of every one named in
     `patched`, left in the file: each refers to its own bytes there as external data (location: the file's
     name), so ONNX Runtime, loading these bytes with the file's folder as the external data folder, reads the
     weights from the file as it would from its path, and the patched ones can replace them before any graph
-    optimisation sees them (SessionOptions.add_external_initializers takes external initializers only).
+    optimisation sees them (SessionOptions.add_external_initializers takes external initializers only). `shapes`:
+    new dims for patched initializers whose replacement is of another shape (a token table with added rows).
     The result is the graph's structure and small constants: kilobytes to a few megabytes, not a copy of the
     weights. Initializers already in external data stay as they are."""
     buf = _map(path)
@@ -605,7 +630,7 @@ def external_model_bytes(path: Path, patched: set[str]) -> bytes:
             continue
         graph = []
         for gnum, gwire, gval, ga, gb in _field_spans(buf, *value):
-            graph.append(_delimited(5, _externalised(buf, *gval, path.name, patched)) if gnum == 5 and gwire == 2 else bytes(buf[ga:gb]))
+            graph.append(_delimited(5, _externalised(buf, *gval, path.name, patched, shapes)) if gnum == 5 and gwire == 2 else bytes(buf[ga:gb]))
         out.append(_delimited(7, b"".join(graph)))
     return b"".join(out)
 

@@ -165,6 +165,8 @@ class Manifest:
     # The --scheduler name the source folder's own scheduler maps to (runtime/scheduler_choice.py); "" in
     # builds that predate it, which sample with ddim unless told otherwise.
     default_scheduler: str = ""
+    # The latent -> RGB map of fast step previews, fitted at export (runtime/previews.py); None in older builds.
+    preview_factors: FileEntry | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -248,6 +250,7 @@ class Manifest:
             tokenizer_2=optional(d.get("tokenizer_2"), "tokenizer_2"),
             lora_targets=optional(d.get("lora_targets"), "lora_targets"),
             default_scheduler=_default_scheduler(d.get("default_scheduler", "")),
+            preview_factors=optional(d.get("preview_factors"), "preview_factors"),
         )
 
     @classmethod

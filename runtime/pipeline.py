@@ -30,6 +30,7 @@ import secrets
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property, partial
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -40,10 +41,13 @@ from PIL import Image
 from . import guidance as cfg
 from .artifacts import Artifacts
 from .backends.base import Component, HostOptions, SupportsUpload, default_compile_cache, open_components
+from . import embeddings as textual_inversion
 from .lora import LoraSpec, as_specs, load_loras, records
+from .previews import POOR_FIT_DB, PreviewCallback, PreviewFactors, Previewer, check_preview
 from .contracts import ModelFacts, ShapeProfile, controlnet_names
 from .controlnet import CONDITIONING_SCALE, GUIDANCE_END, GUIDANCE_START, ControlImage, ControlRequest, ControlRun, make_control_request
 from .images import (
+    SOFTWARE,
     TEXT_KEYS,
     as_mask_array,
     as_rgb_array,
@@ -69,6 +73,8 @@ from .params import (
     make_micro_conditioning,
     make_params,
 )
+from .prompt_weights import emphasize
+from .prompt_weights import tokenize as tokenize_weighted
 from .schedulers import SchedulerConfig, usable_schedulers, with_eta
 from .schedulers.config import SchedulerConfigError
 from .schedulers.lcm import guidance_embedding
@@ -114,7 +120,7 @@ class Result:
         if index is not None and len(self.images) > 1:
             text["batch_index"] = str(index)
         text["parameters"] = json.dumps(p, sort_keys=True)
-        text["Software"] = "ldm-rt"
+        text["Software"] = SOFTWARE[0]
         return text
 
     def save(self, path: str | Path, as_grid: bool = False) -> list[Path]:
@@ -193,6 +199,11 @@ class Pipeline:
         # LoRAs in these weights (fused at export, or applied as the components opened): file, sha256, scale.
         fused_loras = artifacts.manifest.source.get("loras", []) if artifacts is not None else []
         self.loras: tuple[dict[str, Any], ...] = tuple({**r, "applied": "export"} for r in fused_loras if isinstance(r, dict))
+        # Textual-inversion embeddings in the tokenizers and text encoders (baked at export, or added as they opened).
+        baked = artifacts.manifest.source.get("embeddings", []) if artifacts is not None else []
+        self.embeddings: tuple[dict[str, Any], ...] = tuple(
+            {k: v for k, v in {**r, "applied": "export"}.items() if k != "path"} for r in baked if isinstance(r, dict)
+        )
         # Every scheduler that takes the model's schedule; the rest (pndm, lms under zero terminal SNR) fail
         # when asked for, with the reason and the usable names, instead of refusing the whole model.
         schedulers, self._unusable = usable_schedulers(scheduler_config)
@@ -248,6 +259,7 @@ class Pipeline:
         compile_cache: str | Path | bool = True,
         reduced_precision: bool = False,
         loras: Sequence[LoraSpec | tuple[str | Path, float] | str] | None = None,
+        embeddings: Sequence[textual_inversion.EmbeddingSpec | tuple[str | Path, str | None] | str | Path] | None = None,
     ) -> Pipeline:
         """Open an artifacts folder (default: the shipped default model) with one backend; hashes are checked here, once.
         `threads`: CPU threads per operator (default: one per physical core); `spin`: idle threads
@@ -258,7 +270,10 @@ class Pipeline:
         let the backend compute in bf16 where the CPU supports it (OpenVINO; backends/base.HostOptions).
         `loras`: LoRA files to apply, each (FILE, SCALE), "FILE[:SCALE]" or a runtime.lora.LoraSpec; their deltas
         are added to the weights as the components open (ONNX Runtime, OpenVINO; TensorRT refits; runtime/lora.py), recorded in every
-        result's params (file, sha256, scale)."""
+        result's params (file, sha256, scale). `embeddings`: textual-inversion files, each "FILE[:TOKEN]", (FILE, TOKEN)
+        or a runtime.embeddings.EmbeddingSpec: the tokenizers learn their trigger words and the text encoders' token
+        tables their vectors as the components open (ONNX Runtime, OpenVINO; runtime/embeddings.py), recorded in every
+        result's params (file, sha256, token, vectors)."""
         if compile_cache is True:
             cache: Path | None = default_compile_cache()
         elif compile_cache is False or compile_cache is None:
@@ -269,9 +284,14 @@ class Pipeline:
         artifacts = Artifacts.open(artifacts_dir)
         # LoRAs (file, scale) are added to the weights as the sessions open; the files on disk stay as they are.
         lora_files = load_loras(as_specs(loras))
-        components = open_components(backend, artifacts.root, artifacts.manifest, precision, providers, host, loras=lora_files)
+        embedding_files = textual_inversion.load_embeddings(textual_inversion.as_specs(embeddings))
+        artifacts, tables = textual_inversion.with_embeddings(artifacts, embedding_files)  # every file checked before opening
+        components = open_components(
+            backend, artifacts.root, artifacts.manifest, precision, providers, host, loras=lora_files, embeddings=tables
+        )
         pipe = cls.from_artifacts(artifacts, components, backend, precision, host.reduced_precision)
         pipe.loras += tuple({**r, "applied": "run time"} for r in records(lora_files))
+        pipe.embeddings += tuple({**r, "applied": "run time"} for r in textual_inversion.records(embedding_files))
         return pipe
 
     def close(self) -> None:
@@ -327,6 +347,10 @@ class Pipeline:
         control_guidance_end: float | Sequence[float] = GUIDANCE_END,
         guess_mode: bool = False,
         eta: float | None = None,
+        prompt_weighting: bool = False,
+        preview: PreviewCallback | None = None,
+        preview_every: int = 1,
+        preview_kind: str = "fast",
     ) -> Result:
         """Images for `prompt` (`batch` per prompt). `latents`: unit-variance noise (B, C, h, w) used instead
         of drawing it (multiplied by the scheduler's init_noise_sigma, as diffusers' `latents=`);
@@ -341,7 +365,9 @@ class Pipeline:
         `negative_prompt` "" is the unconditional half of guidance (zero embeddings instead when the model says
         force_zeros_for_empty_prompt, as SDXL's folders do). `eta` in [0, 1]: DDIM's
         eta, TCD's gamma (diffusers passes both to step as `eta`) or DPM++ 2S a's eta; None: the scheduler's default
-        (0, 0.3, 1); recorded in Result.params when given.
+        (0, 0.3, 1); recorded in Result.params when given. `prompt_weighting`: read A1111's emphasis in the prompts and
+        negative prompts, `(word:1.3)`, `(word)`, `[word]`, BREAK (runtime/prompt_weights.py; off: brackets are text);
+        recorded in Result.params when on.
 
         SDXL (keyword-only, diffusers' names): the micro-conditioning `original_size`, `crops_coords_top_left`,
         `target_size` (base) or `aesthetic_score` (refiner) and their `negative_*` counterparts
@@ -356,7 +382,14 @@ class Pipeline:
         `control_image`, one per ControlNet in export order (a list when several; resized to the output size),
         `controlnet_conditioning_scale`, `control_guidance_start` / `control_guidance_end` (the fraction of the
         steps during which each applies; one value or one per ControlNet) and `guess_mode`; recorded in
-        Result.params with each control image's sha256."""
+        Result.params with each control image's sha256.
+
+        Step previews (runtime/previews.py): `preview(step_index, num_steps, images)` receives (B, H, W, 3) uint8
+        images of the model's x0 estimate every `preview_every` steps and at the last step (whose preview is the
+        final latents, so a "full" one equals the final image). `preview_kind` "fast": the folder's fitted latent ->
+        RGB map at latent resolution, repeated to the image size (almost free); "full": a VAE decode per preview.
+        Previews do not change the result and are not recorded in Result.params; with refiner=, the base's steps are
+        previewed, then the refiner's, each numbered from 0."""
         control = make_control_request(
             len(self.controlnets), control_image, controlnet_conditioning_scale, control_guidance_start, control_guidance_end, guess_mode
         )
@@ -367,6 +400,7 @@ class Pipeline:
             prompt=prompt, negative_prompt=negative_prompt, steps=steps, guidance=guidance, scheduler=scheduler,
             batch=batch, height=height, width=width, latents=latents, init_image=init_image, strength=strength, mask=mask,
             class_labels=class_labels, callback=callback, guidance_rescale=guidance_rescale, mask_blur=mask_blur, eta=eta,
+            prompt_weighting=prompt_weighting, preview=preview, preview_every=preview_every, preview_kind=preview_kind,
         )
         if refiner is not None:
             if denoising_start is not None or denoising_end is not None or init_latents is not None or not decode:
@@ -441,11 +475,15 @@ class Pipeline:
         self, prompt, negative_prompt, steps, guidance, scheduler, seed, batch, height, width, latents, init_image,
         strength, mask, class_labels, callback, guidance_rescale, mask_blur, micro_given, init_latents,
         denoising_start, denoising_end, decode, *, rng: np.random.Generator | None, control: ControlRequest | None = None,
-        eta: float | None = None,
+        eta: float | None = None, prompt_weighting: bool = False,
+        preview: PreviewCallback | None = None, preview_every: int = 1, preview_kind: str = "fast",
     ) -> Result:  # fmt: skip
         """generate() of one pipeline; `rng`: continue this generator instead of seeding one (the refiner hand-off)."""
         start_time = time.perf_counter()
         as_prompts(prompt, "prompt")  # a clear error for None, numbers or non-UTF-8 text before anything else
+        check_preview(preview, preview_every, preview_kind)
+        if not isinstance(prompt_weighting, bool):
+            raise GenerationError(f"prompt_weighting must be True or False, got {prompt_weighting!r}")
         check_image_inputs(
             init_image=init_image is not None, strength=strength is not None, mask=mask is not None,
             mask_blur=bool(mask_blur), init_latents=init_latents is not None,  # 0 and None ask for no seam
@@ -518,7 +556,7 @@ class Pipeline:
         use_cfg = self.has_text and cfg.uses_uncond(p.guidance) and self.facts.time_cond_proj_dim is None
         if self.facts.time_cond_proj_dim is not None and any(p.negative_prompts):
             log.warning("this LCM-distilled model takes guidance as an embedding, with no unconditional batch: the negative prompt is not used")
-        context, pooled = self._encode_prompts(p, use_cfg, timings)
+        context, pooled = self._encode_prompts(p, use_cfg, timings, prompt_weighting)
         rng = np.random.default_rng(p.seed) if rng is None else rng
         if latents is not None:
             noise = latents
@@ -544,12 +582,28 @@ class Pipeline:
                 control, [self.components[n].contract for n in self.controlnets], self.components["unet"].contract, p.height,
                 p.width, p.images, len(run.timesteps), use_cfg, {"encoder_hidden_states": context, **added},
             )
-        x = self._denoise(p, run, num_steps, start, context, labels, added, use_cfg, rng, timings, callback, control=control_run)
-        if decode:
-            decoded = self._call("vae_decoder", {"latent": x}, timings)["image"]
+
+        def finish(decoded: np.ndarray) -> np.ndarray:  # decoder output -> the images (previews' too)
             images = to_uint8(decoded)
             if start.pixel_mask is not None and p.mask_blur is not None:
                 images = paste_kept(images, start.pixels, start.pixel_mask, p.mask_blur)
+            return images
+
+        previewer = None
+        if preview is not None:
+            factors = self.preview_factors if preview_kind == "fast" else None
+            # The decoder's run, not self._call: a non-finite preview must not end the run (the Previewer zeroes it).
+            previewer = Previewer(
+                preview, preview_every, factors, self.facts.latent_factor,
+                lambda latents: self.components["vae_decoder"].run({"latent": latents})["image"], finish, timings, defer_final=decode,
+            )  # fmt: skip
+        x = self._denoise(
+            p, run, num_steps, start, context, labels, added, use_cfg, rng, timings, callback, control=control_run, preview=previewer
+        )
+        if decode:
+            images = finish(self._call("vae_decoder", {"latent": x}, timings)["image"])
+            if previewer is not None:
+                previewer.flush(images)
         else:
             images = np.zeros((0, p.height, p.width, 3), np.uint8)
         timings["total"] = time.perf_counter() - start_time
@@ -561,12 +615,15 @@ class Pipeline:
             # Asked for (bf16 where the CPU has it; the backend warns when it computes in f32 instead).
             "reduced_precision": self.reduced_precision,
             **({"loras": list(self.loras)} if self.loras else {}),
+            **({"embeddings": list(self.embeddings)} if self.embeddings else {}),
             "mode": "inpaint" if mask is not None else "img2img" if init is not None or init_latents is not None else "txt2img",
         }
         if micro is not None:
             params.update(micro.to_dict(self.time_ids))
         if eta is not None:
             params["eta"] = eta
+        if prompt_weighting:
+            params["prompt_weighting"] = True
         if control is not None:
             params.update(control.to_dict(self.artifacts.manifest.source.get("controlnets") or [] if self.artifacts is not None else []))
         if denoising_start is not None or denoising_end is not None:
@@ -589,7 +646,7 @@ class Pipeline:
 
     def _denoise(
         self, p: GenerationParams, run, num_steps: int, start: Start, context, labels, added: dict[str, np.ndarray],
-        use_cfg: bool, rng, timings: dict, callback, control: ControlRun | None = None,
+        use_cfg: bool, rng, timings: dict, callback, control: ControlRun | None = None, preview: Previewer | None = None,
     ) -> np.ndarray:  # fmt: skip
         """The sampling loop: guided UNet call per step, scheduler step, inpainting blend; the first `num_steps`
         steps of `run` (fewer than all under denoising_end). Returns final latents."""
@@ -613,6 +670,8 @@ class Pipeline:
                 feeds.update(control.residuals(i, feeds["sample"], float(t), lambda name, f: self._call(name, f, timings["controlnet"], step=i)))
             out = self._call("unet", feeds, timings["unet"], step=i)["out_sample"]
             eps = cfg.combine(out, p.guidance, p.guidance_rescale) if use_cfg else out
+            # The x0 estimate (before the step overwrites x) for a preview of this step (runtime/previews.py).
+            denoised = run.denoised(eps, i, x) if preview is not None and preview.due(i, num_steps) else None
             x = run.step(eps, i, x, generator=rng)
             if start.mask is not None and not self.inpainting_unet:
                 # Latent blend (as diffusers' inpainting with a plain UNet): the known region is put back at
@@ -620,9 +679,31 @@ class Pipeline:
                 last = i + 1 == len(run.timesteps)
                 known = start.image_latents if last else run.add_noise(start.image_latents, start.noise, i + 1)
                 x = (start.mask * x + (1.0 - start.mask) * known).astype(np.float32)
+            if denoised is not None:
+                final = i + 1 == len(run.timesteps)  # the run's own result: what the final image is decoded from
+                if not final and start.mask is not None:  # the kept region as it will be: the init image's latents
+                    denoised = start.mask * denoised + (1.0 - start.mask) * start.image_latents
+                preview.show(i, num_steps, x if final else denoised, final)
             if callback is not None:
                 callback(i, num_steps, float(t), x)
         return x.astype(np.float32)
+
+    @cached_property
+    def preview_factors(self) -> PreviewFactors | None:
+        """The folder's fast-preview map (runtime/previews.py), read on first use; None when the folder has none
+        (built before previews, or no folder): "fast" previews are then full decodes, said once in the log."""
+        factors = PreviewFactors.read(self.artifacts.root, self.artifacts.manifest) if self.artifacts is not None else None
+        if factors is None:
+            log.warning(
+                "no fast preview factors in this model's folder (built before step previews): previews are full VAE decodes; "
+                "rebuild the artifacts (or run ldm_rt.export.preview_fit.refresh_preview_factors on the folder) for fast ones"
+            )
+        elif isinstance(fit := factors.fit.get("psnr_db"), (int, float)) and fit < POOR_FIT_DB:
+            log.warning(
+                "fast previews fit this model's VAE poorly (%.1f dB on held-out images); full previews are exact "
+                "(preview_kind='full', --preview-kind full)", fit,
+            )  # fmt: skip
+        return factors
 
     # ---- stages ----------------------------------------------------------------------------------------------
     def _call(self, name: str, feeds: dict[str, Any], timings: dict | list, step: int | None = None) -> dict[str, np.ndarray]:
@@ -664,12 +745,15 @@ class Pipeline:
         dim = next(d for d in unet.dims if d.name == spec.shape[1])
         return dim.min // self.facts.context_length, dim.max // self.facts.context_length
 
-    def _encode_prompts(self, p: GenerationParams, use_cfg: bool, timings: dict) -> tuple[np.ndarray | None, np.ndarray | None]:
+    def _encode_prompts(
+        self, p: GenerationParams, use_cfg: bool, timings: dict, weighting: bool = False
+    ) -> tuple[np.ndarray | None, np.ndarray | None]:
         """(context (rows, n x L, D): n chunks of each prompt, prompt_chunks; pooled (rows, P) or None); rows are
         [uncond..., cond...] under guidance, each prompt repeated `batch` times. SDXL: the context is [text_encoder's,
         text_encoder_2's] penultimate layers on the channel axis (a refiner: the second's alone), each encoder reading
         its own tokenizer's ids; `pooled` is text_encoder_2's projected pooled output (the first chunk's). With force_zeros_for_empty_prompt an empty negative
-        prompt is zeros in both (diffusers' negative_prompt=None), and is not encoded at all."""
+        prompt is zeros in both (diffusers' negative_prompt=None), and is not encoded at all. `weighting`: A1111's
+        emphasis (runtime/prompt_weights.py) on each encoder's states; the pooled output is not weighted (A1111, ComfyUI)."""
         if not self.has_text:
             return None, None
         zero = [False] * len(p.prompts)
@@ -681,22 +765,25 @@ class Pipeline:
         least, most = self.prompt_chunks
         # The tokenizer warns about each prompt it truncates or has unknown words in (numbered within its list);
         # SDXL's second reads the same words with the same vocabulary, so only the first of two warns.
-        tokenized = []  # per encoder, each row's chunks: [uncond..., cond...]
+        tokenized, weights = [], []  # per encoder, each row's chunks and their token weights: [uncond..., cond...]
         for i, (_, tokenizer) in enumerate(encoders):
-            cond = tokenizer(list(p.prompts), warn=i == 0, chunks=most).chunks
-            uncond = tokenizer(negatives, what="negative prompt", warn=i == 0, chunks=most).chunks if negatives else ()
-            tokenized.append(uncond + cond)
+            tokenize = partial(tokenize_weighted, tokenizer) if weighting else tokenizer
+            cond = tokenize(list(p.prompts), warn=i == 0, chunks=most)
+            uncond = tokenize(negatives, what="negative prompt", warn=i == 0, chunks=most) if negatives else None
+            tokenized.append((uncond.chunks if uncond else ()) + cond.chunks)
+            weights.append((uncond.weights if uncond else ()) + cond.weights)
         # Every row takes as many chunks as the longest prompt (or negative prompt) needs: the shorter are padded
         # with the empty prompt's chunk, as A1111 pads them.
         n = max([least, *(len(c) for chunks in tokenized for c in chunks)])
         parts, pooled = [], None
-        for (name, tokenizer), chunks in zip(encoders, tokenized):
+        for (name, tokenizer), chunks, chunk_weights in zip(encoders, tokenized, weights):
             empty = tokenizer("", warn=False).ids
             ids = np.stack([np.concatenate([c, *[empty] * (n - len(c))]) for c in chunks])  # (P or 2P, n, L): [uncond, cond]
             ids = np.repeat(ids, p.batch, axis=0)  # each prompt `batch` times in a row, as diffusers
             outs = self._call(name, {"input_ids": ids.reshape(-1, ids.shape[-1])}, timings)
             states = outs["last_hidden_state"]  # (rows x n, L, D): the chunks' states one after the other per row
-            parts.append(states.reshape(len(ids), -1, states.shape[-1]))
+            states = states.reshape(len(ids), -1, states.shape[-1])
+            parts.append(emphasize(states, chunk_weights, p.batch) if chunk_weights else states)
             if "text_embeds" in outs:  # the first chunk's pooled output (A1111, ComfyUI)
                 pooled = outs["text_embeds"].reshape(len(ids), n, -1)[:, 0]
         context = np.concatenate(parts, axis=-1) if len(parts) > 1 else parts[0]  # (rows, L, D1 + D2)

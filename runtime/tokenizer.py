@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import BPE, WordLevel
 
 from .atomic import atomic_write_text
@@ -45,6 +45,8 @@ MAX_WORDS_SHOWN = 10
 UNSET_MODEL_MAX_LENGTH = 10**12
 # vocab.json and tokenizer_config.json: CLIP's vocabulary is 1.6 MB; room for multilingual ones (20-35 MB).
 MAX_TOKENIZER_JSON_BYTES = 64 << 20
+# Textual-inversion tokens (PromptTokenizer.with_added_tokens) are characters of Unicode's plane 15 private-use area.
+PRIVATE_USE = 0xF0000
 
 
 class TokenizerError(ValueError):
@@ -59,6 +61,8 @@ class TokenizedPrompts:
     # Per prompt, (n, max_length): its first n <= `chunks` pieces of max_length - 2 tokens, each with its own bos,
     # eos and pad (tokenizers' overflowing pieces); an empty prompt has one.
     chunks: tuple[np.ndarray, ...] = ()
+    # Per prompt, (n, max_length) float32: each token's weight in its chunks (runtime/prompt_weights.py); empty: all 1.
+    weights: tuple[np.ndarray, ...] = ()
 
 
 def _read_text(path: Path, what: str) -> str:
@@ -170,19 +174,65 @@ class PromptTokenizer:
         dropped = [sum(words(p) for p in ps[chunks:]) for ps in pieces]
         for i, n in enumerate(dropped):
             if n and warn:
-                room = f"the text encoder's {self.max_length}" if chunks == 1 else f"{chunks} chunks of the text encoder's {self.max_length}"
-                hint = "; artifacts built with --prompt-chunks N take longer prompts" if chunks == 1 else ""
-                log.warning("%s %d was truncated: %d token(s) beyond %s were dropped (%.40r...)%s", what, i, n, room, prompts[i], hint)
-        if self._unk_id is not None and warn:
-            warned: set[str] = set()
-            for i, e in enumerate(encodings):
-                unknown = unknown_words(prompts[i], e, self._unk_id)
-                if unknown and prompts[i] not in warned:  # a negative prompt repeated per prompt warns once
-                    warned.add(prompts[i])
-                    shown = ", ".join(map(repr, unknown[:MAX_WORDS_SHOWN]))
-                    more = f" and {len(unknown) - MAX_WORDS_SHOWN} more" if len(unknown) > MAX_WORDS_SHOWN else ""
-                    log.warning("%s %d: the model does not know %s%s (read as unknown words)", what, i, shown, more)
+                warn_dropped(what, i, n, prompts[i], self.max_length, chunks)
+        if warn:
+            self.warn_unknown(prompts, what, encodings)
         return TokenizedPrompts(ids=ids, truncated=[n > 0 for n in dropped], dropped=dropped, chunks=kept)
+
+    def warn_unknown(self, prompts: Sequence[str], what: str = "prompt", encodings: Sequence[Any] | None = None) -> None:
+        """One warning per prompt with words a word-level vocabulary does not have (`encodings`: the prompts' own,
+        if the caller has them); none for byte-level BPE, which spells anything."""
+        if self._unk_id is None:
+            return
+        warned: set[str] = set()
+        for i, e in enumerate(encodings if encodings is not None else self._tokenizer.encode_batch(list(prompts))):
+            unknown = unknown_words(prompts[i], e, self._unk_id)
+            if unknown and prompts[i] not in warned:  # a negative prompt repeated per prompt warns once
+                warned.add(prompts[i])
+                shown = ", ".join(map(repr, unknown[:MAX_WORDS_SHOWN]))
+                more = f" and {len(unknown) - MAX_WORDS_SHOWN} more" if len(unknown) > MAX_WORDS_SHOWN else ""
+                log.warning("%s %d: the model does not know %s%s (read as unknown words)", what, i, shown, more)
+
+    def token_ids(self, texts: Sequence[str]) -> list[list[int]]:
+        """Each text's token ids alone: no bos, eos, padding or truncation (pieces of a prompt that the caller puts
+        together: runtime/prompt_weights.py)."""
+        encodings = self._tokenizer.encode_batch(list(texts), add_special_tokens=False)
+        # Truncation stays on (the tokenizer is shared): the overflowing pieces hold the rest, in order, padded.
+        return [[t for piece in (e, *e.overflowing) for t, a in zip(piece.ids, piece.attention_mask) if a] for e in encodings]
+
+    def token_id(self, token: str) -> int | None:
+        """The id of `token` (a vocabulary entry or an added token), None if it is neither."""
+        return self._tokenizer.token_to_id(token)
+
+    def with_added_tokens(self, words: Sequence[tuple[str, int]]) -> tuple[PromptTokenizer, list[list[int]]]:
+        """A copy in which each (word, n) of `words` reads as n new tokens, and their ids (after the vocabulary, in
+        order): textual inversion (runtime/embeddings.py). The word is found wherever it appears in a normalised
+        prompt (for CLIP: case-insensitively, inside other words too), as transformers' added tokens are, and becomes
+        all n tokens, as diffusers' maybe_convert_prompt makes it. All of it lives in the tokenizer.json `to_str`
+        writes, which the native runtime reads too: each new token is one private-use character (U+F0000 on, never
+        produced by a prompt), and a literal Replace normalizer after the model's own turns the word into them
+        (longest words first, so a word inside another does not split it)."""
+        tokenizer = Tokenizer.from_str(self._tokenizer.to_str())
+        own = tokenizer.normalizer
+        next_id = tokenizer.get_vocab_size(with_added_tokens=True)
+        next_char = PRIVATE_USE + sum(1 for t in tokenizer.get_added_tokens_decoder().values() if len(t.content) == 1 and ord(t.content) >= PRIVATE_USE)
+        ids: list[list[int]] = []
+        replaces: dict[str, str] = {}  # normalised word -> its tokens' characters
+        for word, n in words:
+            key = own.normalize_str(word) if own is not None else word
+            if not key or key in replaces:
+                raise TokenizerError(f"{word!r} is empty or another word's twin to this tokenizer (it normalises to {key!r}); pick another")
+            ids.append(list(range(next_id, next_id + n)))
+            replaces[key] = "".join(chr(next_char + k) for k in range(n))
+            next_id, next_char = next_id + n, next_char + n
+        tokenizer.add_tokens([AddedToken(c, normalized=True) for chars in replaces.values() for c in chars])
+        steps = [own] if own is not None else []
+        steps += [normalizers.Replace(key, replaces[key]) for key in sorted(replaces, key=len, reverse=True)]
+        tokenizer.normalizer = normalizers.Sequence(steps)
+        out = PromptTokenizer(tokenizer)
+        if [out.token_id(c) for chars in replaces.values() for c in chars] != [i for group in ids for i in group]:
+            raise TokenizerError("the tokenizer numbered the added tokens out of order; report this with the model's tokenizer.json")
+        return out, ids
 
     def to_str(self) -> str:
         """The self-contained tokenizer.json text (vocabulary, padding, truncation, bos/eos template)."""
@@ -297,6 +347,13 @@ class PromptTokenizer:
         )
         _pad_and_truncate(tokenizer, max_length, PAD, where="word_level")
         return cls(tokenizer)
+
+
+def warn_dropped(what: str, index: int, dropped: int, prompt: str, max_length: int, chunks: int) -> None:
+    """The warning for `prompt` (number `index` of its list) losing `dropped` tokens beyond `chunks` chunks."""
+    room = f"the text encoder's {max_length}" if chunks == 1 else f"{chunks} chunks of the text encoder's {max_length}"
+    hint = "; artifacts built with --prompt-chunks N take longer prompts" if chunks == 1 else ""
+    log.warning("%s %d was truncated: %d token(s) beyond %s were dropped (%.40r...)%s", what, index, dropped, room, prompt, hint)
 
 
 def unknown_words(prompt: str, encoding: Any, unk_id: int) -> list[str]:

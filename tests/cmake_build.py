@@ -5,7 +5,9 @@ it needs. Skips, with the reason, where cmake or g++ is not installed.
 
 The native tests (test_native_numerics.py, test_native_runtime.py, test_native_sdxl.py) share one build per
 session (`native_build`): one configure, the numerics library compiled once, the numerics test driver first
-(its file runs first), then the runtime's executables; a session that ends before needing them stops it.
+(its file runs first), then the runtime's executables; a session that ends before needing them stops it. The
+embedding host's tests (test_controlnet_export_runtime.py, test_embedding_cpp.py, test_sdxl_embedding_cpp.py) share
+another (`embedding_build`).
 """
 
 from __future__ import annotations
@@ -136,6 +138,23 @@ def native_build(tmp_path_factory: pytest.TempPathFactory) -> CMakeBuild:
         atexit.register(build.stop)
         _native["build"] = build
     return _native["build"]
+
+
+_embedding: dict[str, CMakeBuild] = {}
+
+
+def embedding_build(tmp_path_factory: pytest.TempPathFactory) -> CMakeBuild:
+    """The session's one build of the CPython-embedding host (cpp/ with -DLDM_RT_NATIVE=OFF: the library and its
+    `generate` example), started in the background by whichever test file asks first (test_controlnet_export_runtime.py,
+    test_embedding_cpp.py, test_sdxl_embedding_cpp.py); skips, naming what, without cmake or g++. TEST_FLAGS: its
+    numbers are the Python runtime's, so -O1 only saves compile time (11 s of CPU instead of 17 at -O3, measured)."""
+    check_tools("the C++ library")
+    if "build" not in _embedding:
+        build = CMakeBuild(tmp_path_factory.mktemp("cpp_build"), [*TEST_FLAGS, "-DLDM_RT_NATIVE=OFF"])
+        build.start()
+        atexit.register(build.stop)
+        _embedding["build"] = build
+    return _embedding["build"]
 
 
 def built_probe(build: CMakeBuild) -> Path:

@@ -58,10 +58,10 @@ def cpp_build(request, tmp_path_factory):
     are exported, but only when its test is selected (a -k run of the others builds nothing)."""
     if not any(item.name == CPP_TEST and item.module is request.module for item in request.session.items):
         return None
-    from cmake_build import start_build
+    from cmake_build import embedding_build
 
     try:
-        return start_build(tmp_path_factory.mktemp("controlnet_cpp_build"), "the C++ library", ["-DLDM_RT_NATIVE=OFF"])
+        return embedding_build(tmp_path_factory)  # the session's one build, shared with the other embedding tests
     except pytest.skip.Exception as e:
         return str(e)  # no cmake or g++: that one test skips with the reason, the others run
 

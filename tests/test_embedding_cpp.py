@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from cmake_build import CMakeBuild, start_build
+from cmake_build import CMakeBuild, embedding_build
 from test_runtime_fixtures import exported
 
 from ldm_rt.runtime.artifacts import default_artifacts_dir
@@ -27,8 +27,8 @@ STEPS = "3"
 
 @pytest.fixture(scope="module")
 def build(tmp_path_factory) -> CMakeBuild:
-    # The embedding host only: the native runtime has its own test (test_native_runtime.py).
-    return start_build(tmp_path_factory.mktemp("cpp_build"), "the C++ library", ["-DLDM_RT_NATIVE=OFF"])
+    # The embedding host only (the native runtime has its own test, test_native_runtime.py); one build per session.
+    return embedding_build(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -81,7 +81,7 @@ def test_cheapest_cases_keep_the_smallest_inputs_in_order():
 
 @pytest.fixture(scope="module")
 def sd_artifacts(tmp_path_factory, tiny_sd_v1):
-    return exported(tmp_path_factory, tiny_sd_v1, fp16=False)
+    return exported(tmp_path_factory, tiny_sd_v1, fp16=True)  # the session's one tiny SD v1 export (its fp32 files too)
 
 
 def test_the_export_records_bf16_parity_of_every_component(sd_artifacts):

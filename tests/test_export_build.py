@@ -16,7 +16,8 @@ import onnx
 import pytest
 import torch
 from google.protobuf import text_format
-from tiny_models import make_tiny_diffusers_sd, make_tiny_ldm_rt_model, make_tiny_single_file
+from test_runtime_fixtures import exported_run
+from tiny_models import make_tiny_ldm_rt_model, make_tiny_single_file
 from tritonclient.grpc import model_config_pb2
 
 import ldm_rt.export.build as build_module
@@ -70,13 +71,11 @@ def ldm_rt_build(tmp_path_factory) -> Built:
 
 
 @pytest.fixture(scope="module")
-def diffusers_build(tmp_path_factory) -> Built:
-    """The tiny diffusers-layout SD v1 folder with --fp16 --onnx-only."""
-    root = tmp_path_factory.mktemp("export_diffusers")
-    model = make_tiny_diffusers_sd(root / "sd", "v1")
-    out = root / "artifacts"
-    run = run_cli(["--model", str(model), "--out", str(out), "--fp16", "--onnx-only", *PROFILE])
-    return Built(model, out, None, run)
+def diffusers_build(tmp_path_factory, tiny_sd_v1) -> Built:
+    """The tiny diffusers-layout SD v1 folder with --fp16 --onnx-only and PROFILE: the session's export of it, which the
+    runtime tests share (test_runtime_fixtures.exported_run runs this command)."""
+    out, (code, stdout, stderr) = exported_run(tmp_path_factory, tiny_sd_v1, fp16=True)
+    return Built(tiny_sd_v1, out, None, Run(code, stdout, stderr))
 
 
 @pytest.fixture(scope="module")
@@ -218,6 +217,7 @@ def test_manifest_is_valid_and_every_hash_verifies(built):
     listed |= {pe.ort.onnx.file for e in m.components.values() for pe in e.precisions.values() if pe.ort}
     listed |= {m.scheduler.file, m.tokenizer.file, MANIFEST}
     listed |= {m.lora_targets.file}  # where each LoRA-adaptable weight sits in the ONNX files (export/lora_targets.py)
+    listed |= {m.preview_factors.file}  # the latent -> RGB map of fast step previews (export/preview_fit.py)
     present = {p.relative_to(built.out).as_posix() for p in built.out.rglob("*") if p.is_file()}
     assert present == listed
 

@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from test_runtime_fixtures import EXPORT_PROFILE, exported
 from tiny_models import make_tiny_ldm_rt_model
 
 from ldm_rt.export.build import BuildOptions, build
@@ -23,10 +24,9 @@ from ldm_rt.export.parity import ort_session, sample_sets
 from ldm_rt.reference.attention import CrossAttention
 from ldm_rt.reference.model_folder import load_model_folder
 from ldm_rt.runtime.backends.onnxruntime_backend import open_components
-from ldm_rt.runtime.contracts import ShapeProfile
 from ldm_rt.runtime.manifest import FileEntry, Manifest
 
-PROFILE = ShapeProfile((1, 1, 2), (8, 16, 24), (8, 16, 24))
+PROFILE = EXPORT_PROFILE  # batch 1-2, 8-24 px: the shared export's (`built`)
 
 
 class _Built:
@@ -36,12 +36,10 @@ class _Built:
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory) -> _Built:
-    """The tiny ldm-rt model (UNet with 4 heads at one level) built ONNX-only."""
-    root = tmp_path_factory.mktemp("ort_attention")
-    model = make_tiny_ldm_rt_model(root / "model")
-    build(BuildOptions(model=model, out=root / "artifacts", profile=PROFILE, onnx_only=True, progress=False))
-    return _Built(model, root / "artifacts")
+def built(tmp_path_factory, tiny_ldm_rt_model) -> _Built:
+    """The tiny ldm-rt model (UNet with 4 heads at one level) built ONNX-only: the session's export of it (PROFILE),
+    shared with tests/test_runtime_parity.py."""
+    return _Built(tiny_ldm_rt_model, exported(tmp_path_factory, tiny_ldm_rt_model, fp16=False))
 
 
 def _ops(path: Path) -> list[onnx.NodeProto]:

@@ -26,11 +26,11 @@ PROMPT = "a photo of a red car"
 PARITY_DB, SENSITIVE_DB = 50.0, 40.0
 
 
-def make_tiny_lcm(path) -> object:
-    """A tiny SD v1 folder whose UNet has a w-embedding input, written by LatentConsistencyModelPipeline."""
-    from tiny_models import _diffusers_unet_config, _randomise, _strengthen_unet, make_tiny_diffusers_sd
+def make_tiny_lcm(path, base) -> object:
+    """A tiny SD v1 folder whose UNet has a w-embedding input, written by LatentConsistencyModelPipeline; its VAE, text
+    encoder and tokenizer are those of `base` (a tiny SD v1 folder)."""
+    from tiny_models import _diffusers_unet_config, _randomise, _strengthen_unet
 
-    base = make_tiny_diffusers_sd(path / "sd", "v1")
     sd = diffusers.StableDiffusionPipeline.from_pretrained(base, safety_checker=None, requires_safety_checker=False)
     # 8 groups: with 32 (one channel per group at the first level) GroupNorm erases the time embedding's
     # per-channel shift, and with it the guidance; eps x 4: the UNet output must move the image, since LCM
@@ -51,8 +51,8 @@ def make_tiny_lcm(path) -> object:
 
 
 @pytest.fixture(scope="module")
-def lcm_folder(tmp_path_factory):
-    return make_tiny_lcm(tmp_path_factory.mktemp("tiny_lcm"))
+def lcm_folder(tmp_path_factory, tiny_sd_v1):
+    return make_tiny_lcm(tmp_path_factory.mktemp("tiny_lcm"), tiny_sd_v1)
 
 
 @pytest.fixture(scope="module")

@@ -223,6 +223,7 @@ def test_bad_input_gets_the_messages_of_ldm_rt_sample(native, default_model, tmp
     (tmp_path / "folder.png").mkdir()
     init = tmp_path / "init.png"
     Image.fromarray(np.full((64, 64, 3), 128, np.uint8)).save(init)
+    (tmp_path / "notes.png").write_text("a file of the user's")  # never replaced by --out: neither is init.png
     model = ["--model", str(default_model)]
     cases = [
         [*model, "--steps", "0", "--seed", "1"],
@@ -242,6 +243,8 @@ def test_bad_input_gets_the_messages_of_ldm_rt_sample(native, default_model, tmp
         ["--model", str(broken)],
         [*model, "--out", str(tmp_path / "folder.png")],
         [*model, "--out", str(tmp_path / "no_such_folder" / "x.png")],
+        [*model, "--out", str(tmp_path / "notes.png")],
+        [*model, "--out", str(init)],
     ]
     for args in cases:
         out = tmp_path / "never.png"
@@ -251,6 +254,18 @@ def test_bad_input_gets_the_messages_of_ldm_rt_sample(native, default_model, tmp
         assert done.returncode == 2, (args, done.stderr)
         assert done.stderr.splitlines() == [f"ldm-rt-native: error: {expected}"], args
         assert not out.exists()
+    assert (tmp_path / "notes.png").read_text() == "a file of the user's"
+    # An image either runtime wrote is replaced (PNG by its text chunk; JPEG by its EXIF UserComment).
+    python_png, python_jpg = tmp_path / "python.png", tmp_path / "python.jpg"
+    for out in (python_png, python_jpg):
+        assert ldm_rt_main(["sample", *model, "--steps", "2", "--out", str(out)]) == 0
+    for seed, out in enumerate((python_png, python_jpg, python_png)):  # the last: native's own image
+        before = out.read_bytes()
+        done = native.run(*model, "--steps", "2", "--seed", str(9 + seed), "--out", out)
+        if out.suffix == ".jpg" and "built without libjpeg" in done.stderr:
+            continue  # this build writes no JPEG (said before any ownership check)
+        assert done.returncode == 0, done.stderr
+        assert out.read_bytes() != before
     done = native.run(*model, "--out", tmp_path / "x.webp")  # no libwebp here: said so, nothing written
     assert done.returncode == 2 and "built without libwebp" in done.stderr and not (tmp_path / "x.webp").exists()
 

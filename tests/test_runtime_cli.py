@@ -16,7 +16,7 @@ import pytest
 from test_runtime_fixtures import synthetic
 
 from ldm_rt.runtime.cli import main
-from ldm_rt.runtime.images import read_image_text
+from ldm_rt.runtime.images import read_image_text, write_png
 
 
 @pytest.fixture(scope="module")
@@ -335,8 +335,9 @@ def test_out_to_a_device_is_refused_before_sampling(model_dir, capsys, monkeypat
 
 def test_a_failure_in_the_middle_of_a_batch_writes_no_image(model_dir, tmp_path, capsys, monkeypatch):
     """Fault injection: the disk fills up while image 3 of 4 is written (Result.save, which the CLI calls).
-    No image and no temp file is left, and an older file at one of the names is untouched."""
-    (tmp_path / "b_3.png").write_bytes(b"an older image")
+    No image and no temp file is left, and an older image of ours at one of the names is untouched."""
+    write_png(tmp_path / "b_3.png", np.zeros((4, 4, 3), np.uint8), {"Software": "ldm-rt"})
+    older = (tmp_path / "b_3.png").read_bytes()
     calls = []
 
     def fsync(fd):
@@ -350,7 +351,32 @@ def test_a_failure_in_the_middle_of_a_batch_writes_no_image(model_dir, tmp_path,
     assert code == 2 and stdout == "" and len(calls) == 3
     assert stderr.count("\n") == 1 and stderr.endswith(  # (after the progress bar's carriage returns)
         f"ldm-rt: error: cannot write {tmp_path / 'b_2.png'}: No space left on device; no image was written\n")
-    assert list(tmp_path.iterdir()) == [tmp_path / "b_3.png"] and (tmp_path / "b_3.png").read_bytes() == b"an older image"
+    assert list(tmp_path.iterdir()) == [tmp_path / "b_3.png"] and (tmp_path / "b_3.png").read_bytes() == older
+
+
+def test_out_replaces_only_an_image_ldm_rt_wrote(model_dir, tmp_path, capsys):
+    """An existing --out file is replaced when it is one of our images (Python's or the native runtime's), never a
+    file of the user's: that is refused before sampling, untouched, whatever its kind."""
+    out = tmp_path / "x.png"
+    assert run_cli(["sample", "--model", model_dir, "--prompt", "a cat", "--steps", 2, "--out", out], capsys)[0] == 0
+    first = out.read_bytes()
+    assert run_cli(["sample", "--model", model_dir, "--prompt", "a dog", "--steps", 2, "--out", out], capsys)[0] == 0
+    assert out.read_bytes() != first and read_image_text(out)["prompt"] == "a dog"
+    write_png(out, np.zeros((4, 4, 3), np.uint8), {"Software": "ldm-rt-native"})
+    assert run_cli(["sample", "--model", model_dir, "--prompt", "a cat", "--steps", 2, "--out", out], capsys)[0] == 0
+    for name, data in (("notes.png", b"my notes"), ("photo.png", None), ("batch_1.png", None)):
+        path = tmp_path / name
+        if data is None:
+            write_png(path, np.full((4, 4, 3), 9, np.uint8), {"Software": "another tool"})
+        else:
+            path.write_bytes(data)
+        before = path.read_bytes()
+        out = tmp_path / "batch.png" if name == "batch_1.png" else path
+        code, _, stderr = run_cli(["sample", "--model", model_dir, "--prompt", "a cat", "--steps", 2, "--batch",
+                                   2 if name == "batch_1.png" else 1, "--out", out], capsys)
+        assert code == 2 and stderr == (f"ldm-rt: error: --out {path} exists and is not an image ldm-rt wrote; choose a new "
+                                         "file name (a file of yours is never replaced)\n")
+        assert path.read_bytes() == before and not (tmp_path / "batch_0.png").exists()
 
 
 def test_out_jpg_and_webp_write_that_format_with_the_parameters(model_dir, tmp_path, capsys):

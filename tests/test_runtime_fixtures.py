@@ -288,19 +288,32 @@ def test_synthetic_onnx_graphs_match_their_numpy_twins(tmp_path):
 
 
 # ---- real exports of the tiny torch models (tests/tiny_models.py fixtures, through ldm_rt.export) ----------------
-# The profile of tests/test_export_build.py's builds, so one session fixture could serve both.
+# The profile of tests/test_export_build.py's builds, so one session fixture serves both.
 EXPORT_PROFILE = ShapeProfile(batch=(1, 1, 2), height=(8, 16, 24), width=(8, 16, 24))
-_EXPORTS: dict[tuple[str, str, bool], Path] = {}
+_EXPORTS: dict[tuple[str, str, bool], tuple[Path, tuple[int, str, str]]] = {}
+
+
+def exported_run(tmp_path_factory: pytest.TempPathFactory, source: Path, fp16: bool) -> tuple[Path, tuple[int, str, str]]:
+    """`exported`'s folder and (exit code, stdout, stderr) of the `build_engines.py --onnx-only [--fp16]` run (in this
+    process) that built it: tests/test_export_build.py checks the command's output on the same build."""
+    from ldm_rt.export.build_engines import main
+
+    key = (str(tmp_path_factory.getbasetemp()), str(source), fp16)
+    if not fp16 and key[:2] + (True,) in _EXPORTS:
+        return _EXPORTS[key[:2] + (True,)]  # the fp16 build holds the fp32 files too: no second export
+    if key not in _EXPORTS:
+        out = tmp_path_factory.mktemp(f"runtime_export_{Path(source).name}") / "artifacts"
+        dims = {"batch": EXPORT_PROFILE.batch, "height": EXPORT_PROFILE.height, "width": EXPORT_PROFILE.width}
+        ranges = [a for dim, r in dims.items() for a in (f"--{dim}-range", ":".join(map(str, r)))]
+        code, stdout, stderr = run_cli(main, ["--model", str(source), "--out", str(out), "--onnx-only", *(["--fp16"] if fp16 else []), *ranges])
+        assert code == 0, stderr
+        _EXPORTS[key] = (out, (code, stdout, stderr))
+    return _EXPORTS[key]
 
 
 def exported(tmp_path_factory: pytest.TempPathFactory, source: Path, fp16: bool) -> Path:
     """The artifacts folder of `source` (a tiny_models fixture's model) with fp32 ONNX, plus fp16 when asked
-    (the fp16 overflow search is the slow part of a build); built once per session."""
-    from ldm_rt.export.build import BuildOptions, build
-
-    key = (str(tmp_path_factory.getbasetemp()), str(source), fp16)
-    if key not in _EXPORTS:
-        out = tmp_path_factory.mktemp(f"runtime_export_{Path(source).name}") / "artifacts"
-        build(BuildOptions(model=Path(source), out=out, profile=EXPORT_PROFILE, fp16=fp16, onnx_only=True, progress=False))
-        _EXPORTS[key] = out
-    return _EXPORTS[key]
+    (the fp16 overflow search is the slow part of a build); built once per session. fp16=False is served by an fp16
+    build of the same source made earlier in the session (a superset): the first file that exports tiny_sd_v1
+    (test_export_bf16.py) asks for fp16, so the whole suite exports it once."""
+    return exported_run(tmp_path_factory, source, fp16)[0]

@@ -3,8 +3,8 @@ does (diffusers' names; `--original-size H W`, ... on the example's command line
 bytes as `Pipeline.generate`, the values reach the UNet (another original size, another image), and the runtime's
 range check is its one-line error. A request without --scheduler samples with the model's own (euler here).
 
-Cost: the host's CMake build (~10 s of CPU, in the background while the small SDXL base is exported; the export is
-shared with tests/test_sdxl_export_runtime.py when both run in one session).
+Cost: the host's CMake build (~11 s of CPU at -O1, in the background while the small SDXL base is exported; the build is
+shared with the other embedding tests and the export with tests/test_sdxl_export_runtime.py when they run in one session).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cmake_build import CMakeBuild, start_build
+from cmake_build import CMakeBuild, embedding_build
 from sdxl_small_models import SIZE
 
 from ldm_rt.runtime.params import GenerationError
@@ -26,7 +26,7 @@ MICRO = {"original_size": (48, 40), "crops_coords_top_left": (8, 4), "target_siz
 
 @pytest.fixture(scope="module")
 def build(tmp_path_factory) -> CMakeBuild:
-    return start_build(tmp_path_factory.mktemp("sdxl_cpp_build"), "the C++ library", ["-DLDM_RT_NATIVE=OFF"])
+    return embedding_build(tmp_path_factory)  # the session's one build (tests/cmake_build.py)
 
 
 @pytest.fixture(scope="module")

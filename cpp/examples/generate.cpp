@@ -27,6 +27,7 @@ namespace {
 const char* const kUsage =
     "usage: generate --out FILE.ppm|FILE.raw [--model DIR] [--prompt TEXT] [--negative-prompt TEXT]\n"
     "                [--steps N] [--guidance G] [--seed N] [--width W] [--height H] [--scheduler NAME] [--eta E]\n"
+    "                [--prompt-weighting]   (A1111's (word:1.3) emphasis, as ldm-rt sample)\n"
     "                [--backend NAME] [--precision fp32|fp16] [--threads N] [--python PATH]\n"
     "                [--control-image FILE [--controlnet-scale S]]...   (ControlNet artifacts, export order)\n"
     "                [--original-size H W] [--crops-coords-top-left TOP LEFT] [--target-size H W]\n"
@@ -72,6 +73,7 @@ Options parse(int argc, char** argv) {
   std::map<std::string, std::string> values;
   std::map<std::string, std::array<std::string, 2>> pairs;  // the SDXL flags above that take two values
   std::map<std::string, std::vector<std::string>> repeated;  // --control-image, --controlnet-scale: one per ControlNet
+  bool prompt_weighting = false;  // the one flag without a value
   const std::vector<std::string> flags = {"--model",  "--prompt", "--negative-prompt", "--steps",     "--guidance",
                                           "--seed",   "--width",  "--height",          "--scheduler", "--backend",
                                           "--precision", "--threads", "--out",         "--python"};
@@ -80,6 +82,10 @@ Options parse(int argc, char** argv) {
     if (flag == "-h" || flag == "--help") {
       std::cout << kUsage << "\n";
       std::exit(0);
+    }
+    if (flag == "--prompt-weighting") {
+      prompt_weighting = true;
+      continue;
     }
     bool known = false;
     for (const auto& f : flags) known = known || f == flag;
@@ -116,6 +122,7 @@ Options parse(int argc, char** argv) {
   if (has("--prompt")) o.request.prompt = values["--prompt"];
   if (has("--negative-prompt")) o.request.negative_prompt = values["--negative-prompt"];
   if (has("--scheduler")) o.request.scheduler = values["--scheduler"];
+  o.request.prompt_weighting = prompt_weighting;
   // Ranges are the runtime's to check (its message names the allowed values); only the C++ types are checked here.
   if (has("--steps")) o.request.steps = static_cast<int>(to_integer("--steps", values["--steps"]));
   if (has("--width")) o.request.width = static_cast<int>(to_integer("--width", values["--width"]));

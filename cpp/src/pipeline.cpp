@@ -187,7 +187,7 @@ Image Pipeline::generate(const Request& request) const {
     py::object result = impl_->pipe.attr("generate")(
         py::arg("prompt") = request.prompt, py::arg("negative_prompt") = request.negative_prompt,
         py::arg("steps") = request.steps, py::arg("guidance") = request.guidance,
-        py::arg("scheduler") = scheduler, py::arg("seed") = request.seed,
+        py::arg("scheduler") = scheduler, py::arg("seed") = request.seed, py::arg("prompt_weighting") = request.prompt_weighting,
         py::arg("height") = size_or_none(request.height), py::arg("width") = size_or_none(request.width), **control,
         **micro, **sampler);
     using Pixels = py::array_t<uint8_t, py::array::c_style | py::array::forcecast>;

@@ -1,4 +1,5 @@
-"""A minimal HTTP service on the ldm-rt Python API: POST /generate returns a PNG, GET /health names the model.
+"""A minimal HTTP service on the ldm-rt Python API: POST /generate returns a PNG, POST /generate/stream the step
+previews and the image as Server-Sent Events, GET /health names the model.
 
     pip install 'ldm-rt[serve]'
     python examples/http_service/app.py --host 127.0.0.1 --port 8000      # --model DIR for your own artifacts
@@ -17,6 +18,11 @@ What a request may cost is bounded before any work is done: the body size (413, 
 Content-Length and counted while streaming), the service's own limits below (422 from pydantic, strict
 JSON types), and the artifacts' size and batch ranges (422 from the pipeline's own validation, which owns them).
 So is how many generations run at once (`--max-in-flight`; past it a 503 with Retry-After, at once).
+
+Prompt features: `"prompt_weighting": true` reads A1111's emphasis, `(word:1.3)`; `--embedding FILE[:TOKEN]` loads
+textual-inversion embeddings for every request. /generate/stream sends an `event: preview` per previewed step
+(`preview_every`, `preview_kind`) and then `event: image` (or `event: error`), each a JSON `data:` line with a
+base64 PNG; a request the pipeline refuses is a 422 before the stream starts.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the endpoint's annotations at runtime, and the request
@@ -28,6 +34,7 @@ import functools
 import io
 import json
 import math
+import queue
 import socket
 import sys
 import threading
@@ -38,19 +45,22 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import anyio
 import uvicorn
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import Response
+from fastapi.responses import Response, StreamingResponse
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
 from ldm_rt.runtime.cli import BACKENDS
 from ldm_rt.runtime.cli_support import OneLineParser, run
+from ldm_rt.runtime.embeddings import EmbeddingError, parse_embedding_arg
 from ldm_rt.runtime.files import inside
-from ldm_rt.runtime.images import grid, png_bytes
+from ldm_rt.runtime.images import SOFTWARE, grid, png_bytes
 from ldm_rt.runtime.lora import MAX_SCALE, SAFETENSORS_SUFFIX, LoraError, LoraSpec, parse_lora_arg
 from ldm_rt.runtime.pipeline import Pipeline
+from ldm_rt.runtime.previews import PREVIEW_KINDS
 
 PROG = "ldm-rt-http"
 # The service's policy on what one request may cost; the artifacts' own limits (size, batch, pixel multiple)
@@ -224,6 +234,7 @@ def request_model(pipeline: Pipeline) -> type[BaseModel]:
         height: int | None = None  # None: the artifacts' optimum; range and multiple: the artifacts' (pipeline)
         width: int | None = None
         eta: float | None = Field(None, allow_inf_nan=False)  # None: the scheduler's own; range and who takes one: the runtime's
+        prompt_weighting: bool = False  # A1111's (word:1.3) emphasis (runtime/prompt_weights.py); off: brackets are text
 
     if not pipeline.controlnets:
         return GenerateRequest  # control fields are then unknown fields: a 422 naming them
@@ -238,6 +249,29 @@ def request_model(pipeline: Pipeline) -> type[BaseModel]:
         guess_mode: bool = False
 
     return ControlNetRequest
+
+
+def stream_request_model(base: type[BaseModel]) -> type[BaseModel]:
+    """/generate/stream's body: /generate's and how often and how previews are drawn (runtime/previews.py)."""
+
+    class StreamRequest(base):
+        preview_every: int = Field(1, ge=1, le=MAX_STEPS)  # a preview every N steps, and the last
+        preview_kind: Literal[PREVIEW_KINDS] = "fast"  # type: ignore[valid-type]  # fast: fitted latent -> RGB map; full: a VAE decode each
+
+    return StreamRequest
+
+
+def image_png(result_images, text: dict[str, str] | None = None) -> bytes:
+    """A batch of (H, W, 3) uint8 images as one PNG (several: a grid)."""
+    return png_bytes(grid(result_images) if len(result_images) > 1 else result_images[0], text or {})
+
+
+def server_sent_event(event: str, data: dict[str, Any]) -> bytes:
+    return f"event: {event}\ndata: {json.dumps(data, ensure_ascii=True)}\n\n".encode()
+
+
+class _ClientGone(Exception):
+    """The stream's client went away: the preview callback ends its generation early."""
 
 
 def _json(status: int, content: Any) -> Response:
@@ -261,13 +295,13 @@ def create_app(pipeline: Pipeline, lora_pipelines: LoraPipelines | None = None, 
         exception_handlers={RequestValidationError: _validation_error},
     )
     GenerateRequest = request_model(pipeline)
+    StreamRequest = stream_request_model(GenerateRequest)
     in_flight = InFlight(max_in_flight)
 
-    # A sync handler: FastAPI runs it in its thread pool, so slow sampling does not block the event loop.
-    @app.post("/generate", response_class=Response, responses={200: {"content": {"image/png": {}}}})
-    @in_flight.bounded  # a LoRA set being opened counts too: the request waits for it in its slot
-    def generate(request: GenerateRequest) -> Response:  # type: ignore[valid-type]
-        fields = request.model_dump()
+    def run_request(fields: dict[str, Any], **extra: Any):
+        """A request's generation (`fields`: its body's, `extra`: more generate() arguments) on its pipeline (the
+        service's, or its LoRA set's); bad input: a 422."""
+        fields = {**fields, **extra}
         loras: LoraSet = tuple((r["name"], r["scale"]) for r in fields.pop("loras"))
         try:
             if loras and lora_pipelines is None:
@@ -275,16 +309,75 @@ def create_app(pipeline: Pipeline, lora_pipelines: LoraPipelines | None = None, 
             chosen = lora_pipelines.get(loras) if loras else pipeline
             if "control_images" in fields:
                 fields["control_image"] = decode_control_images(fields.pop("control_images"))
-            result = chosen.generate(**fields)
+            return chosen.generate(**fields)
         except ValueError as e:  # the library's bad-input errors (GenerationError, SchedulerConfigError) name the limit
             raise HTTPException(status_code=422, detail=str(e)) from None
-        image = grid(result.images) if len(result.images) > 1 else result.images[0]
-        text = {"parameters": json.dumps(result.params, sort_keys=True), "Software": "ldm-rt"}
+
+    def params_text(result) -> dict[str, str]:
+        return {"parameters": json.dumps(result.params, sort_keys=True), "Software": SOFTWARE[0]}
+
+    # A sync handler: FastAPI runs it in its thread pool, so slow sampling does not block the event loop.
+    @app.post("/generate", response_class=Response, responses={200: {"content": {"image/png": {}}}})
+    @in_flight.bounded  # a LoRA set being opened counts too: the request waits for it in its slot
+    def generate(request: GenerateRequest) -> Response:  # type: ignore[valid-type]
+        result = run_request(request.model_dump())
         return Response(
-            content=png_bytes(image, text),
+            content=image_png(result.images, params_text(result)),
             media_type="image/png",
             headers={"x-seed": str(result.params["seed"]), "x-model-hash": result.params["model_hash"]},
         )
+
+    @app.post("/generate/stream", response_class=StreamingResponse, responses={200: {"content": {"text/event-stream": {}}}})
+    def generate_stream(request: StreamRequest) -> StreamingResponse:  # type: ignore[valid-type]
+        """The generation in a thread of its own, holding its in-flight slot until it ends; its previews and image
+        go through a queue to the response. The handler waits for the first event, so input the pipeline refuses
+        (checked before the first step) is still a 422, not an error inside a 200 stream."""
+        slot = contextlib.ExitStack()
+        slot.enter_context(in_flight.slot())  # a 503 at once when full
+        events: queue.Queue = queue.Queue()
+        gone = threading.Event()
+        fields = request.model_dump()
+        every, kind = fields.pop("preview_every"), fields.pop("preview_kind")
+
+        def preview(i: int, n: int, images) -> None:
+            if gone.is_set():
+                raise _ClientGone
+            png = base64.b64encode(image_png(images)).decode("ascii")
+            events.put(server_sent_event("preview", {"step": i + 1, "steps": n, "png": png}))
+
+        def work() -> None:
+            with slot:
+                try:
+                    result = run_request(fields, preview=preview, preview_every=every, preview_kind=kind)
+                    png = base64.b64encode(image_png(result.images, params_text(result))).decode("ascii")
+                    events.put(server_sent_event("image", {"seed": result.params["seed"], "params": result.params, "png": png}))
+                except _ClientGone:
+                    pass
+                except HTTPException as e:  # bad input, found before the first step: the handler's 422
+                    events.put(e)
+                except Exception as e:  # a failure mid-run (a non-finite output): the stream says so and ends
+                    events.put(server_sent_event("error", {"detail": str(e)[:500]}))
+                events.put(None)
+
+        try:
+            threading.Thread(target=work, name="ldm-rt-stream", daemon=True).start()
+        except BaseException:
+            slot.close()
+            raise
+        first = events.get()
+        if isinstance(first, HTTPException):
+            raise first
+
+        async def stream():
+            try:
+                item = first
+                while item is not None:
+                    yield server_sent_event("error", {"detail": item.detail}) if isinstance(item, HTTPException) else item
+                    item = await anyio.to_thread.run_sync(events.get)
+            finally:  # the stream ended, or the client went away (cancelled here): the next preview ends the run
+                gone.set()
+
+        return StreamingResponse(stream(), media_type="text/event-stream", headers={"cache-control": "no-cache"})
 
     @app.get("/health")
     def health() -> dict[str, Any]:
@@ -297,6 +390,7 @@ def create_app(pipeline: Pipeline, lora_pipelines: LoraPipelines | None = None, 
             "precision": pipeline.precision,
             "schedulers": list(pipeline.schedulers),
             "loras": list(pipeline.loras),  # applied to every request
+            **({"embeddings": list(pipeline.embeddings)} if pipeline.embeddings else {}),  # triggers every prompt may use
             **({"controlnets": len(pipeline.controlnets)} if pipeline.controlnets else {}),  # control_images a request must carry
             **({"lora_names": lora_pipelines.names()} if lora_pipelines is not None else {}),  # what requests may name
         }
@@ -311,7 +405,7 @@ def listen(host: str, port: int) -> socket.socket:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = OneLineParser(prog=PROG, description="Serve ldm-rt over HTTP (POST /generate -> PNG, GET /health).")
+    parser = OneLineParser(prog=PROG, description="Serve ldm-rt over HTTP (POST /generate -> PNG, /generate/stream -> previews, GET /health).")
     parser.add_argument("--model", type=Path, default=None, help="artifacts folder (default: the shipped default model)")
     parser.add_argument("--backend", default="onnxruntime", choices=BACKENDS, help="inference backend (default onnxruntime)")
     parser.add_argument("--precision", default="fp32", choices=("fp32", "fp16"), help="which built precision to serve (default fp32)")
@@ -321,6 +415,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-level", default="info", choices=("warning", "info", "debug"), help="info logs every request (default)")
     parser.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                         help="apply a LoRA to every request (repeatable)")  # fmt: skip
+    parser.add_argument("--embedding", action="append", default=[], metavar="FILE[:TOKEN]",
+                        help="load a textual-inversion embedding for every request (repeatable; TOKEN: its trigger word)")  # fmt: skip
     parser.add_argument("--lora-dir", type=Path, default=None, help="a folder of .safetensors LoRAs that requests may name (\"loras\")")
     parser.add_argument("--lora-cache", type=int, default=2, metavar="N",
                         help=f"LoRA sets kept open for the next request (default 2, 1..{MAX_LORA_CACHE}); each holds a copy of the model in memory")  # fmt: skip
@@ -329,7 +425,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         args.lora = [parse_lora_arg(text) for text in args.lora]
-    except LoraError as e:
+        args.embedding = [parse_embedding_arg(text) for text in args.embedding]
+    except (LoraError, EmbeddingError) as e:
         parser.error(str(e))
     if args.lora_dir is not None and not args.lora_dir.is_dir():
         parser.error(f"--lora-dir {args.lora_dir} is not a folder")
@@ -342,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def serve(args) -> int:
     """Load the pipeline and bind the port (a bad --model or a port in use is one line, exit 2), then serve until stopped."""
-    options = dict(backend=args.backend, precision=args.precision, threads=args.threads)
+    options = dict(backend=args.backend, precision=args.precision, threads=args.threads, embeddings=args.embedding)
     pipeline = Pipeline.load(args.model, **options, loras=args.lora)
     lora_pipelines = None
     if args.lora_dir is not None:  # a request's LoRAs come on top of the service's own
@@ -352,7 +449,7 @@ def serve(args) -> int:
     url = f"http://[{args.host}]:{port}" if ":" in args.host else f"http://{args.host}:{port}"
     print(
         f"{PROG}: listening on {url} with model {pipeline.artifacts.root} ({pipeline.backend}, {pipeline.precision}, "
-        f"sha256 {pipeline.artifacts.model_hash[:16]}); POST /generate, GET /health",
+        f"sha256 {pipeline.artifacts.model_hash[:16]}); POST /generate, POST /generate/stream, GET /health",
         flush=True,
     )
     config = uvicorn.Config(create_app(pipeline, lora_pipelines, args.max_in_flight), host=args.host, port=port, log_level=args.log_level)

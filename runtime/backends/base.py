@@ -21,7 +21,7 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -29,6 +29,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from ..contracts import DTYPES, ComponentContract
+from ..embeddings import EmbeddingError, unsupported
 from ..manifest import MANIFEST, FileEntry, Manifest, PrecisionEntry, confined
 
 log = logging.getLogger(__name__)
@@ -278,10 +279,13 @@ def open_components(
     providers: Sequence[str] | None = None,
     host: HostOptions = HostOptions(),
     loras: Sequence[tuple[object, float]] = (),
+    embeddings: Mapping[str, object] | None = None,
 ) -> dict[str, Component]:
     """`loras`: (runtime.lora.LoraFile, scale) pairs the backend applies to the weights as it opens them
     (ONNX Runtime: patched initializers; OpenVINO: replaced constants; TensorRT: refit); backends without a
-    `loras` parameter refuse them. LAZY_COMPONENTS (the VAE encoder) come back as LazyComponents, opened by the
+    `loras` parameter refuse them. `embeddings`: text encoder -> runtime.embeddings.TokenRows, the rows its token
+    table gains (textual inversion; ONNX Runtime and OpenVINO; the others refuse them).
+    LAZY_COMPONENTS (the VAE encoder) come back as LazyComponents, opened by the
     backend on their first run, their files hash-checked here (check_unopened)."""
     if precision not in PRECISIONS:
         raise BackendError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
@@ -291,8 +295,11 @@ def open_components(
             f"backend {backend!r} cannot apply LoRAs at run time; use --backend onnxruntime, or fuse them at export "
             "(python export/build_engines.py --lora FILE[:SCALE])"
         )
+    if embeddings and "embeddings" not in inspect.signature(factory).parameters:
+        raise EmbeddingError(unsupported(backend))
     root = Path(artifacts_dir)
     with_loras = {"loras": loras} if loras else {}
+    with_loras |= {"embeddings": embeddings} if embeddings else {}  # the text encoders, never lazy
     later = _lazy_names(backend, root, manifest, loras)
     if not later:
         return factory(root, manifest, precision, providers, host=host, **with_loras)

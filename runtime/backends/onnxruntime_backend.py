@@ -21,13 +21,14 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
 from ..contracts import ComponentContract
+from ..embeddings import TokenRows, token_table
 from ..lora import LoraFile, LoraTargets, external_model_bytes, patched_initializers, run_time_deltas
 from ..manifest import ArtifactError, FileEntry, Manifest, PrecisionEntry
 from .base import BackendError, HostOptions, cache_folder, physical_cores, placeholder_for, precision_entry, verified_file
@@ -132,14 +133,19 @@ class _Patch:
     its bytes in the file (external data, runtime/lora.external_model_bytes), the patched ones given in memory
     as external initializers: ONNX Runtime puts them in the graph before it optimises it, so every pass (the
     NCHWc layout's Conv weight reordering too, which ignores add_initializer overrides) sees the patched weights,
-    and no copy of the file is made. Files with external data (past 2 GB) take the same path."""
+    and no copy of the file is made. Files with external data (past 2 GB) take the same path. `rows`: a text
+    encoder's token table grows by these (textual inversion, runtime/embeddings.py) the same way, its dims rewritten."""
 
-    def __init__(self, targets: LoraTargets, deltas: dict, host: HostOptions) -> None:
-        self.targets, self.deltas, self.host = targets, deltas, host
+    def __init__(self, targets: LoraTargets | None, deltas: dict, host: HostOptions, rows: TokenRows | None = None) -> None:
+        self.targets, self.deltas, self.host, self.rows = targets, deltas, host, rows
         self.weights: list[ort.OrtValue] = []
 
     def open(self, path: Path, entry: FileEntry, options: ort.SessionOptions, providers: list[str] | None) -> ort.InferenceSession:
-        patched = patched_initializers(path, entry.file, entry.sha256, self.targets, self.deltas)
+        patched = patched_initializers(path, entry.file, entry.sha256, self.targets, self.deltas) if self.targets is not None else {}
+        shapes = {}
+        if self.rows is not None:
+            name, table = token_table(path, self.rows)
+            patched[name], shapes[name] = table, table.shape
         if not patched:
             return open_session(path, options, providers)
         # Initializer names repeat across files (onnx::MatMul_277), so these options serve this session only.
@@ -147,7 +153,7 @@ class _Patch:
         own.add_session_config_entry(EXTERNAL_FOLDER, str(path.parent))
         self.weights = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(w)) for w in patched.values()]
         own.add_external_initializers(list(patched), self.weights)
-        model = external_model_bytes(path, set(patched))
+        model = external_model_bytes(path, set(patched), shapes)
         del patched  # ONNX Runtime uses the OrtValues' memory as it is (held in self.weights for the session's life)
         return open_session(path, own, providers, model=model)
 
@@ -263,13 +269,17 @@ def open_components(
     host: HostOptions = HostOptions(),
     fused: bool = True,
     loras: Sequence[tuple[LoraFile, float]] = (),
+    embeddings: Mapping[str, TokenRows] | None = None,
 ) -> dict[str, OrtComponent]:
     """Sessions for every component of the artifacts at `precision`, files checked against the manifest.
     `fused=False` opens the portable ONNX files even where an ONNX Runtime variant exists. `loras`: (file,
     scale) pairs whose deltas are added to the weights they adapt as the sessions open (the artifacts'
-    lora_targets.json says where each weight is); a LoraError when they do not fit this model."""
+    lora_targets.json says where each weight is); a LoraError when they do not fit this model. `embeddings`: text
+    encoder -> the rows its token table gains (runtime/embeddings.py)."""
     options = session_options(host)
     deltas: dict = {}
+    targets: LoraTargets | None = None
+    embeddings = embeddings or {}
     if loras:
         targets, deltas = run_time_deltas(artifacts_dir, manifest, loras)
     chosen = resolve_providers(providers)
@@ -277,7 +287,7 @@ def open_components(
     components = {}
     for name, entry in manifest.components.items():
         pe = precision_entry(artifacts_dir, manifest, name, precision)
-        patch = _Patch(targets, deltas, host) if deltas.get(name) else None
+        patch = _Patch(targets, deltas, host, embeddings.get(name)) if deltas.get(name) or name in embeddings else None
         session, file = _open(artifacts_dir, manifest, pe, fused, options, chosen, patch, host)
         running_on = session.get_providers()[0]
         if chosen[0] == CUDA and running_on != CUDA:

@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import logging
 import queue
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..contracts import ComponentContract
+from ..embeddings import TokenRows, token_table
 from ..lora import LoraError, LoraFile, patched_initializers, run_time_deltas
 from ..manifest import ArtifactError, Manifest
 from .base import BackendError, HostOptions, cache_folder, physical_cores, precision_entry
@@ -95,9 +96,10 @@ class OpenVinoComponent:
             self._idle.put(request)
 
 
-def replace_constants(ov: Any, model: Any, weights: dict[str, np.ndarray], where: str) -> None:
+def replace_constants(ov: Any, model: Any, weights: dict[str, np.ndarray], where: str, resized: bool = False) -> None:
     """Every Constant of `model` named in `weights` (its friendly or output tensor name: the ONNX initializer's)
-    replaced by one holding the new weight, of the same type and shape. A LoraError naming any not found."""
+    replaced by one holding the new weight, of the same type and shape (`resized`: of any shape, the model's shapes
+    inferred again: a token table with added rows). A LoraError naming any not found."""
     found: dict[str, Any] = {}
     for op in model.get_ops():
         if op.get_type_name() == "Constant":
@@ -108,10 +110,12 @@ def replace_constants(ov: Any, model: Any, weights: dict[str, np.ndarray], where
         raise LoraError(f"{where}: OpenVINO's model has no constant {', '.join(missing[:3])}; use --backend onnxruntime for this LoRA")
     for name, old in found.items():
         new = ov.op.Constant(np.ascontiguousarray(weights[name]))
-        if new.get_element_type() != old.get_element_type() or list(new.get_output_shape(0)) != list(old.get_output_shape(0)):
+        if new.get_element_type() != old.get_element_type() or (not resized and list(new.get_output_shape(0)) != list(old.get_output_shape(0))):
             raise LoraError(f"{where}: constant {name} is {old.get_element_type()} {old.get_output_shape(0)} in OpenVINO's model; rebuild the artifacts")
         new.set_friendly_name(old.get_friendly_name())
         old.output(0).replace(new.output(0))
+    if resized:
+        model.validate_nodes_and_infer_types()
 
 
 def open_components(
@@ -121,9 +125,11 @@ def open_components(
     providers: Sequence[str] | None = None,
     host: HostOptions = HostOptions(),
     loras: Sequence[tuple[LoraFile, float]] = (),
+    embeddings: Mapping[str, TokenRows] | None = None,
 ) -> dict[str, OpenVinoComponent]:
     """Every component of the artifacts at `precision` compiled for OpenVINO's CPU device, files checked against the manifest.
-    `loras`: (file, scale) pairs whose deltas are added to the weights they adapt before each model compiles."""
+    `loras`: (file, scale) pairs whose deltas are added to the weights they adapt before each model compiles.
+    `embeddings`: text encoder -> the rows its token table gains (runtime/embeddings.py), before it compiles."""
     if providers:
         raise BackendError(f"the openvino backend takes no providers (got {', '.join(providers)}); drop --provider")
     ov = import_openvino()
@@ -153,6 +159,9 @@ def open_components(
             del deltas[name]  # in the model now
             # Not cached: every LoRA set and scale would leave another compiled copy of the component behind.
             own = {k: v for k, v in config.items() if k != "CACHE_DIR"}
+        if embeddings and name in embeddings:
+            replace_constants(ov, model, dict([token_table(path, embeddings[name])]), pe.onnx.file, resized=True)
+            own = {k: v for k, v in config.items() if k != "CACHE_DIR"}  # as with LoRAs: no copy per set of embeddings
         try:
             compiled = core.compile_model(model, DEVICE, own)
         except RuntimeError as e:

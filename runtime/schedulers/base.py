@@ -200,6 +200,14 @@ class SchedulerRun:
         self._next_index = i + 1
         return out.astype(np.float32)
 
+    def denoised(self, model_output: np.ndarray, i: int, sample: np.ndarray) -> np.ndarray:
+        """The model's estimate of x0 at step i from its output on `sample` (diffusers' `pred_original_sample`,
+        k-diffusion's `denoised`), unclipped; reads no history, so it may be called beside `step` (previews)."""
+        g = self._global_index(i, "denoised")
+        x = np.asarray(sample, dtype=np.float64)
+        m, _ = self._split_model_output(np.asarray(model_output, dtype=np.float64), x)
+        return self._denoised(m, g, x).astype(np.float32)
+
     def add_noise(self, original_samples: np.ndarray, noise: np.ndarray, i: int) -> np.ndarray:
         """Forward process q(x_t | x_0) to the noise level of `self.timesteps[i]` (img2img, inpainting)."""
         g = self._global_index(i, "add_noise")
@@ -261,6 +269,11 @@ class SchedulerRun:
         """One step at global table index g = begin_index + k; k counts steps taken in this run."""
         raise NotImplementedError
 
+    def _denoised(self, m: np.ndarray, g: int, x: np.ndarray) -> np.ndarray:
+        # VP sample at the timestep's alpha_bar (DDIM, DDPM, PNDM, LCM, TCD).
+        alpha_prod_t = np.float64(self.scheduler.alphas_cumprod[int(self.all_timesteps[g])])
+        return x0_and_eps(self.config.prediction_type, m, x, alpha_prod_t)[0]
+
     def _add_noise(self, x0: np.ndarray, noise: np.ndarray, g: int) -> np.ndarray:
         # q(x_t | x_0) = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I), Ho et al. 2020 eq. 4.
         alpha_prod_t = np.float64(self.scheduler.alphas_cumprod[int(self.all_timesteps[g])])
@@ -313,10 +326,17 @@ class SigmaRun(SchedulerRun):
             return sigma_max
         return float(np.sqrt(np.float32(sigma_max) ** 2 + 1))
 
+    def _model_sigma(self, g: int) -> np.float64:
+        """The VE noise level of the sample the model sees at entry g."""
+        return np.float64(self.sigmas[g])
+
     def _scale_model_input(self, sample: np.ndarray, g: int) -> np.ndarray:
         # The model was trained on VP inputs x / sqrt(sigma^2 + 1) (Karras et al. 2022, Table 1, c_in).
-        sigma = np.float64(self.sigmas[g])
+        sigma = self._model_sigma(g)
         return sample / np.sqrt(sigma**2 + 1)
+
+    def _denoised(self, m: np.ndarray, g: int, x: np.ndarray) -> np.ndarray:
+        return x0_from_sigma(self.config.prediction_type, m, x, self._model_sigma(g))
 
     def _add_noise(self, x0: np.ndarray, noise: np.ndarray, g: int) -> np.ndarray:
         return x0 + noise * np.float64(self.sigmas[g])  # VE: x = x0 + sigma eps
@@ -369,6 +389,10 @@ class VPSigmaRun(SigmaRun):
 
     def _scale_model_input(self, sample: np.ndarray, g: int) -> np.ndarray:
         return sample
+
+    def _denoised(self, m: np.ndarray, g: int, x: np.ndarray) -> np.ndarray:
+        alpha_t, _ = vp(np.float64(self.sigmas[g]))
+        return x0_and_eps(self.config.prediction_type, m, x, alpha_t**2)[0]
 
     def _add_noise(self, x0: np.ndarray, noise: np.ndarray, g: int) -> np.ndarray:
         alpha_t, sigma_t = vp(np.float64(self.sigmas[g]))

@@ -72,9 +72,8 @@ class DPMSolverSDERun(TwoStageRun):
         super().__init__(scheduler, timesteps, n, sigmas)
         self.midpoints = readonly(midpoints)  # (n - 1,) float32 m_j
 
-    def _scale_model_input(self, sample: np.ndarray, g: int) -> np.ndarray:
-        sigma = np.float64(self.sigmas[g] if g % 2 == 0 else self.midpoints[g // 2])
-        return sample / np.sqrt(sigma**2 + 1)
+    def _model_sigma(self, g: int) -> np.float64:
+        return np.float64(self.sigmas[g] if g % 2 == 0 else self.midpoints[g // 2])
 
     def _first(self, m: np.ndarray, g: int, x: np.ndarray, draw: Draw) -> tuple[np.ndarray, np.ndarray | None]:
         sigma = np.float64(self.sigmas[g])

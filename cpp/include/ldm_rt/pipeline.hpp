@@ -50,6 +50,9 @@ struct Request {
   // The sampler's noise, as `--eta` (DDIM's eta, TCD's gamma, DPM++ 2S a's eta); unset: the scheduler's own. Other
   // schedulers refuse it (the runtime's one-line error).
   std::optional<float> eta;
+  // A1111's emphasis in the prompts, `(word:1.3)`, `(word)`, `[word]`, BREAK, as `--prompt-weighting` (the runtime's
+  // prompt_weighting=); false: brackets are text.
+  bool prompt_weighting = false;
   // Artifacts built with --controlnet: one control image file (PNG, JPEG, ...) per ControlNet, in export order
   // (resized to the output size), and none or one conditioning scale each (default 1.0), as `--control-image`
   // and `--controlnet-scale`.

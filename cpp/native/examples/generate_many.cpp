@@ -4,10 +4,11 @@
 //   native_generate_many MODEL_DIR REQUESTS.jsonl
 //   {"prompt": "a red circle", "seed": 1, "steps": 25, "scheduler": "ddim", "out": "circle.png"}
 //
-// Fields (all optional but "out"): prompt, negative_prompt, steps, guidance, guidance_rescale, scheduler, seed,
-// batch, height, width, init_image, strength, mask, mask_blur, latents (a .npy path); SDXL's original_size,
-// crops_coords_top_left, target_size and their negative_* ([a, b] each), aesthetic_score,
-// negative_aesthetic_score; PNG paths for images.
+// Fields (all optional but "out"): prompt, negative_prompt, prompt_weighting (true/false), steps, guidance,
+// guidance_rescale, scheduler, seed, batch, height, width, init_image, strength, mask, mask_blur, latents (a .npy
+// path); SDXL's original_size, crops_coords_top_left, target_size and their negative_* ([a, b] each),
+// aesthetic_score, negative_aesthetic_score; PNG paths for images; step previews: preview (a name P: each preview is
+// written to P_STEP.png), preview_every, preview_kind.
 #include <exception>
 #include <fstream>
 #include <iostream>
@@ -28,6 +29,7 @@ native::Request request_from(const native::Json& j) {
   native::Request r;
   if (auto* v = j.find("prompt")) r.prompts = {v->as_string()};
   if (auto* v = j.find("negative_prompt")) r.negative_prompts = {v->as_string()};
+  if (auto* v = j.find("prompt_weighting")) r.prompt_weighting = v->as_bool();
   if (auto* v = j.find("steps")) r.steps = v->as_int();
   if (auto* v = j.find("guidance")) r.guidance = v->as_double();
   if (auto* v = j.find("guidance_rescale")) r.guidance_rescale = v->as_double();
@@ -54,6 +56,13 @@ native::Request request_from(const native::Json& j) {
   r.micro.negative_target_size = pair("negative_target_size");
   if (auto* v = j.find("aesthetic_score")) r.micro.aesthetic_score = v->as_double();
   if (auto* v = j.find("negative_aesthetic_score")) r.micro.negative_aesthetic_score = v->as_double();
+  if (auto* v = j.find("preview")) {
+    r.preview = [prefix = v->as_string()](int64_t i, int64_t n, const std::vector<native::Image>& images) {
+      native::write_preview(prefix + "_" + std::to_string(i) + ".png", images, i, n);
+    };
+  }
+  if (auto* v = j.find("preview_every")) r.preview_every = v->as_int();
+  if (auto* v = j.find("preview_kind")) r.preview_kind = v->as_string();
   return r;
 }
 

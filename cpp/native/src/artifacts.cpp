@@ -352,6 +352,8 @@ Artifacts Artifacts::open(const std::string& dir, const std::string& precision) 
       if (const Json* t = d.find(tokenizer_keys[k]); t && !t->is_null()) tokenizers[k] = file_entry(*t, tokenizer_keys[k], mp);
     }
     FileEntry scheduler = file_entry(key(d, "scheduler", mp), "scheduler", mp);
+    std::optional<FileEntry> preview;  // manifest.preview_factors: None in builds made before step previews
+    if (const Json* t = d.find("preview_factors"); t && !t->is_null()) preview = file_entry(*t, "preview_factors", mp);
     std::string source_hash;
     if (const Json* source = d.find("source")) {
       if (!source->is_object()) malformed(mp, "TypeError('source must be a JSON object, got " + std::string(Json::type_name(source->type())) + "')");
@@ -395,6 +397,15 @@ Artifacts Artifacts::open(const std::string& dir, const std::string& precision) 
       std::vector<std::string> names = scheduler_names();
       std::string twin = a.default_scheduler + "-karras";
       if (std::find(names.begin(), names.end(), twin) != names.end()) a.default_scheduler = twin;
+    }
+    if (preview) {  // previews.PreviewFactors.read
+      std::string data = read_side_file(a.root, *preview, kMaxPreviewFactorsBytes, "preview factors file");
+      std::string where = join(a.root, preview->file);
+      try {
+        a.preview_factors = PreviewFactors::from_json(json_object(data, where, kRebuild), a.facts.latent_channels, where);
+      } catch (const JsonError& e) {
+        throw ArtifactError(e.what());
+      }
     }
     a.model_hash = source_hash.empty() ? sha256_hex(manifest_bytes) : source_hash;
     for (auto& [name, files] : a.components) {

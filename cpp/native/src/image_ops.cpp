@@ -165,6 +165,21 @@ std::vector<Image> to_uint8(const Tensor& decoded) {
   return images;
 }
 
+Image grid(const std::vector<Image>& images) {
+  const size_t b = images.size(), cols = size_t(std::ceil(std::sqrt(double(b)))), rows = (b + cols - 1) / cols;
+  const size_t h = size_t(images.at(0).height), w = size_t(images[0].width);
+  Image out;
+  out.height = int(rows * h), out.width = int(cols * w);
+  out.rgb.assign(rows * h * cols * w * 3, 0);
+  for (size_t k = 0; k < b; ++k) {
+    const size_t r = k / cols, q = k % cols;
+    for (size_t y = 0; y < h; ++y) {
+      std::copy_n(images[k].rgb.data() + y * w * 3, w * 3, out.rgb.data() + ((r * h + y) * cols * w + q * w) * 3);
+    }
+  }
+  return out;
+}
+
 Tensor image_to_model(const Image& image) {
   size_t plane = size_t(image.height) * size_t(image.width);
   Tensor t({1, 3, image.height, image.width});

@@ -1,5 +1,6 @@
 // ldm-rt-native: `ldm-rt sample` without Python. Same flags, same images for the same seed, same one-line
 // errors (`ldm-rt-native: error: MESSAGE`, exit status 2, no file written).
+#include <limits.h>
 #include <unistd.h>
 
 #include <csignal>
@@ -34,10 +35,11 @@ struct CliError : Error {
   using Error::Error;
 };
 
-const char* kHelp = R"(usage: ldm-rt-native [-h] [--prompt PROMPT] [--negative-prompt NEGATIVE_PROMPT] [--steps STEPS]
-                     [--guidance GUIDANCE] [--guidance-rescale GUIDANCE_RESCALE] [--scheduler NAME] [--seed SEED]
+const char* kHelp = R"(usage: ldm-rt-native [-h] [--prompt PROMPT] [--negative-prompt NEGATIVE_PROMPT] [--prompt-weighting]
+                     [--steps STEPS] [--guidance GUIDANCE] [--guidance-rescale GUIDANCE_RESCALE] [--scheduler NAME] [--seed SEED]
                      [--height HEIGHT] [--width WIDTH] [--batch BATCH] [--latents LATENTS] [--init-image INIT_IMAGE] [--strength STRENGTH]
-                     [--mask MASK] [--mask-blur PX] [--out OUT] [--precision {fp32,fp16}] [--threads THREADS] [--bf16]
+                     [--mask MASK] [--mask-blur PX] [--out OUT] [--preview FILE.png] [--preview-every N]
+                     [--preview-kind {fast,full}] [--precision {fp32,fp16}] [--threads THREADS] [--bf16]
                      [--no-compile-cache] [--model MODEL] [--original-size H W] [--crops-coords-top-left TOP LEFT]
                      [--target-size H W] [--negative-original-size H W] [--negative-crops-coords-top-left TOP LEFT]
                      [--negative-target-size H W] [--aesthetic-score S] [--negative-aesthetic-score S]
@@ -51,6 +53,9 @@ options:
   --prompt PROMPT       what to draw
   --negative-prompt NEGATIVE_PROMPT
                         what to steer away from (the unconditional half of guidance)
+  --prompt-weighting    read A1111's emphasis in both prompts: (word) x1.1, [word] /1.1, (word:1.3), nesting
+                        multiplies, \( \) for literal brackets, BREAK starts a new chunk (default: brackets are plain
+                        text)
   --steps STEPS         denoising steps (default 25)
   --guidance GUIDANCE   classifier-free guidance scale; 1.0 skips the unconditional pass (default 7.5)
   --guidance-rescale GUIDANCE_RESCALE
@@ -73,6 +78,13 @@ options:
   --out OUT             output image, .png or .jpg/.jpeg (parameters in PNG text chunks, else in EXIF; no
                         .webp); a batch writes NAME_0.png, NAME_1.png, ...; all or none are written (default
                         sample.png)
+  --preview FILE.png    write a preview of the image being sampled here (a batch as a grid), replaced atomically at
+                        each previewed step; the file must be new or an earlier preview (a user's file is never
+                        overwritten)
+  --preview-every N     with --preview: every N steps, and the last (default 1)
+  --preview-kind {fast,full}
+                        with --preview: fast (the model's fitted latent -> RGB map, almost free; default) or full (a
+                        VAE decode each time, exact)
   --precision {fp32,fp16}
                         which built precision to run (default fp32)
   --threads THREADS     CPU threads per operator (default: one per physical core; at most 4 per CPU)
@@ -160,9 +172,11 @@ struct Args {
   MicroRequest micro;
   std::optional<double> strength, mask_blur;
   std::string out = "sample.png";
+  std::optional<std::string> preview, preview_kind;
+  std::optional<long long> preview_every;
   std::string precision = "fp32";
   std::optional<long long> threads;
-  bool bf16 = false, no_compile_cache = false, verbose = false, help = false;
+  bool bf16 = false, no_compile_cache = false, verbose = false, help = false, prompt_weighting = false;
 };
 
 Args parse(int argc, char** argv) {
@@ -213,6 +227,7 @@ Args parse(int argc, char** argv) {
     if (arg == "-h" || arg == "--help") a.help = true;
     else if (arg == "--prompt") a.prompt = next();
     else if (arg == "--negative-prompt") a.negative_prompt = next();
+    else if (arg == "--prompt-weighting") flag(a.prompt_weighting);
     else if (arg == "--steps") a.steps = integer();
     else if (arg == "--guidance") a.guidance = real();
     else if (arg == "--guidance-rescale") a.guidance_rescale = real();
@@ -245,6 +260,13 @@ Args parse(int argc, char** argv) {
     else if (arg == "--mask") a.mask = next();
     else if (arg == "--mask-blur") a.mask_blur = real();
     else if (arg == "--out") a.out = next();
+    else if (arg == "--preview") a.preview = next();
+    else if (arg == "--preview-every") a.preview_every = integer();
+    else if (arg == "--preview-kind") {
+      std::string v = next();
+      if (v != "fast" && v != "full") throw UsageError("argument --preview-kind: invalid choice: " + py_repr(v) + " (choose from 'fast', 'full')");
+      a.preview_kind = v;
+    }
     else if (arg == "--precision") {
       std::string v = next();
       if (v != "fp32" && v != "fp16") throw UsageError("argument --precision: invalid choice: " + py_repr(v) + " (choose from 'fp32', 'fp16')");
@@ -299,7 +321,40 @@ void check_writable(const std::string& out, const std::vector<std::string>& path
     if (::access(parent.c_str(), W_OK) != 0 || (exists && ::access(p.c_str(), W_OK) != 0)) {
       throw CliError("--out " + normal_path(p) + " is not writable; choose another path");
     }
+    if (exists && !written_by_ldm_rt(p)) {
+      throw CliError("--out " + normal_path(p) + " exists and is not an image ldm-rt wrote; choose a new file name (a file of yours is never replaced)");
+    }
   }
+}
+
+// Python's Path.resolve() of a path whose folder exists: symlinks and '..' resolved, the name kept when it is new.
+std::string resolved(const std::string& path) {
+  std::string p = normal_path(path), parent = parent_of(p), name = p.substr(p.rfind('/') == std::string::npos ? 0 : p.rfind('/') + 1);
+  char buf[PATH_MAX];
+  if (::realpath(p.c_str(), buf)) return buf;
+  return ::realpath(parent.c_str(), buf) ? std::string(buf) + "/" + name : p;
+}
+
+// cli.preview_arguments: the --preview file (checked before any work: new or an earlier preview), or none.
+std::optional<std::string> preview_target(const Args& a) {
+  if (!a.preview) {
+    for (const char* flag : {"--preview-every", "--preview-kind"}) {
+      if (std::string(flag) == "--preview-every" ? bool(a.preview_every) : bool(a.preview_kind)) {
+        throw CliError(std::string(flag) + " needs --preview FILE.png: where the previews are written");
+      }
+    }
+    return std::nullopt;
+  }
+  if (a.preview_every && *a.preview_every < 1) {
+    throw CliError("--preview-every must be at least 1 (a preview every N steps), got " + std::to_string(*a.preview_every));
+  }
+  std::string path = check_preview_target(*a.preview);
+  for (const auto& out : output_paths(a.out, size_t(std::max(a.batch, 1LL)))) {
+    if (resolved(out) == resolved(path)) {
+      throw CliError("--preview " + path + " is also an output image (--out); give the preview its own file name");
+    }
+  }
+  return path;
 }
 
 std::string fixed3(double v) {
@@ -310,7 +365,7 @@ std::string fixed3(double v) {
 
 std::string format_timings(const std::map<std::string, double>& t, long long unet_steps) {
   std::vector<std::string> parts;
-  for (const char* stage : {"text_encoder", "text_encoder_2", "vae_encoder", "unet", "vae_decoder", "total"}) {
+  for (const char* stage : {"text_encoder", "text_encoder_2", "vae_encoder", "unet", "vae_decoder", "preview", "total"}) {
     auto it = t.find(stage);
     if (it == t.end()) continue;
     if (std::string(stage) == "unet") {
@@ -334,6 +389,7 @@ int sample(const Args& a) {
                           std::to_string(kMaxImagesPerCall) + "; generate them in several calls");
   }
   check_writable(a.out, output_paths(a.out, size_t(std::max(a.batch, 1LL))));
+  std::optional<std::string> preview = preview_target(a);
   if (a.mask && !a.init_image) throw CliError("--mask needs --init-image: inpainting repaints part of an image");
   if (a.strength && !a.init_image) throw CliError("--strength needs --init-image: it is the fraction of the schedule run from that image");
   if (a.mask_blur && !a.mask) throw CliError("--mask-blur needs --mask: it softens the seam of the inpainted region");
@@ -378,6 +434,7 @@ int sample(const Args& a) {
   Request r;
   r.prompts = {a.prompt};
   r.negative_prompts = {a.negative_prompt};
+  r.prompt_weighting = a.prompt_weighting;
   r.steps = a.steps;
   r.guidance = a.guidance;
   r.guidance_rescale = a.guidance_rescale;
@@ -397,6 +454,11 @@ int sample(const Args& a) {
   r.mask_blur = a.mask_blur ? *a.mask_blur : 0.0;
   r.refiner = refiner;
   r.refiner_start = a.refiner_start;
+  if (preview) {
+    r.preview = [path = *preview](int64_t i, int64_t n, const std::vector<Image>& images) { write_preview(path, images, i, n); };
+    r.preview_every = a.preview_every.value_or(1);
+    r.preview_kind = a.preview_kind.value_or("fast");
+  }
   long long unet_steps = 0;
   // The last stage's steps (a hand-off: the refiner's, as its unet timing and ldm-rt sample's line count them).
   r.callback = [&unet_steps](int64_t i, int64_t, double) { unet_steps = i + 1; };

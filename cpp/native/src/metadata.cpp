@@ -33,6 +33,7 @@ std::string GenerationParams::to_json() const {
   entries["negative_prompts"] = list(negative_prompts);
   entries["precision"] = json_quote(precision, true);
   entries["prompts"] = list(prompts);
+  if (prompt_weighting) entries["prompt_weighting"] = "true";
   entries["reduced_precision"] = reduced_precision ? "true" : "false";
   entries["scheduler"] = json_quote(scheduler, true);
   entries["seed"] = std::to_string(seed);

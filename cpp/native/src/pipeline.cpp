@@ -4,6 +4,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cmath>
+#include <limits>
 #include <mutex>
 #include <random>
 #include <set>
@@ -13,6 +14,7 @@
 #include "ldm_rt/native/jpeg_io.hpp"
 #include "ldm_rt/native/json.hpp"
 #include "ldm_rt/native/openvino_backend.hpp"
+#include "ldm_rt/native/prompt_weights.hpp"
 #include "ldm_rt/native/pyrepr.hpp"
 #include "ldm_rt/native/rng.hpp"
 
@@ -116,6 +118,15 @@ Tensor combine(const Tensor& out, double guidance, double rescale) {
 }
 
 Tensor doubled(const Tensor& x) { return Tensor::concat_rows({&x, &x}); }
+
+// Inpainting's latent blend, in place: x where the (B, 1, h, w) mask repaints (1), `known` where it keeps (0).
+void blend(Tensor& x, const Tensor& mask, const Tensor& known) {
+  const size_t plane = size_t(mask.dim(2) * mask.dim(3)), per_image = x.numel() / size_t(x.dim(0));
+  for (size_t k = 0; k < x.data.size(); ++k) {
+    float m = mask.data[(k / per_image) * plane + k % plane];
+    x.data[k] = m * x.data[k] + (1.0f - m) * known.data[k];
+  }
+}
 
 // Each row of `x` `times` times in a row (np.repeat along axis 0).
 template <typename T>
@@ -394,19 +405,32 @@ std::pair<Tensor, std::optional<Tensor>> Pipeline::encode_prompts(const Generati
     if (components_.count(name)) encoders.emplace_back(name, std::string(name) == "text_encoder" ? &*artifacts_.tokenizer : &*artifacts_.tokenizer_2);
   }
   std::vector<std::vector<IdTensor>> tokenized;  // per encoder, each row's (n_i, L) chunks: [uncond..., cond...]
+  std::vector<std::vector<Tensor>> weights;      // per encoder, each row's (n_i, L) token weights (weighting)
+  const bool weighting = p.prompt_weighting;
   int64_t n = least;
-  for (const auto& [name, tok] : encoders) {
-    TokenizedPrompts cond = tok->encode(p.prompts, most);
-    for (const std::string& w : tok->warnings(p.prompts, cond, "prompt")) warn(w);
+  for (size_t e = 0; e < encoders.size(); ++e) {
+    const PromptTokenizer& tok = *encoders[e].second;
+    // SDXL's second tokenizer reads the same words with the same vocabulary, so only the first warns.
+    auto tokenize = [&](const std::vector<std::string>& texts, const char* what) {
+      TokenizedPrompts t = weighting ? tokenize_weighted(tok, texts, most) : tok.encode(texts, most);
+      if (e == 0) {
+        for (const std::string& w : weighting ? weighted_warnings(tok, texts, t, what) : tok.warnings(texts, t, what)) warn(w);
+      }
+      return t;
+    };
+    TokenizedPrompts cond = tokenize(p.prompts, "prompt");
     std::vector<IdTensor> rows;
+    std::vector<Tensor> row_weights;
     if (!negatives.empty()) {
-      TokenizedPrompts uncond = tok->encode(negatives, most);
-      for (const std::string& w : tok->warnings(negatives, uncond, "negative prompt")) warn(w);
+      TokenizedPrompts uncond = tokenize(negatives, "negative prompt");
       rows = std::move(uncond.chunks);
+      row_weights = std::move(uncond.weights);
     }
     rows.insert(rows.end(), cond.chunks.begin(), cond.chunks.end());
+    row_weights.insert(row_weights.end(), cond.weights.begin(), cond.weights.end());
     for (const IdTensor& c : rows) n = std::max(n, c.shape[0]);
     tokenized.push_back(std::move(rows));
+    weights.push_back(std::move(row_weights));
   }
   std::vector<Tensor> parts;
   std::optional<Tensor> pooled;
@@ -423,7 +447,7 @@ std::pair<Tensor, std::optional<Tensor>> Pipeline::encode_prompts(const Generati
     std::map<std::string, Tensor> outs = call(name, {feed}, timings);
     Tensor states = std::move(outs.at("last_hidden_state"));  // (rows x n, L, D): one row's chunks in a row
     states.shape = {states.dim(0) / n, n * states.dim(1), states.dim(2)};
-    parts.push_back(std::move(states));
+    parts.push_back(weighting ? emphasize(states, weights[e], p.batch) : std::move(states));
     if (auto it = outs.find("text_embeds"); it != outs.end()) {  // the first chunk's pooled output
       const Tensor& all = it->second;
       Tensor first({all.dim(0) / n, all.dim(1)});
@@ -470,6 +494,22 @@ Tensor Pipeline::encode_image(const std::vector<float>& image, int64_t h, int64_
   const float scale = float(artifacts_.facts.scale_factor);
   for (size_t k = 0; k < size_t(lc) * plane; ++k) mean.data[k] = params.data[k] * scale;  // KL: the posterior mean
   return mean;
+}
+
+const PreviewFactors* Pipeline::fast_preview_factors() const {
+  const std::optional<PreviewFactors>& factors = artifacts_.preview_factors;
+  if (!previews_announced_.exchange(true)) {
+    if (!factors) {
+      warn("no fast preview factors in this model's folder (built before step previews): previews are full VAE decodes; "
+           "rebuild the artifacts (or run ldm_rt.export.preview_fit.refresh_preview_factors on the folder) for fast ones");
+    } else if (factors->psnr_db && *factors->psnr_db < kPoorFitDb) {
+      char db[32];
+      std::snprintf(db, sizeof db, "%.1f", *factors->psnr_db);
+      warn(std::string("fast previews fit this model's VAE poorly (") + db +
+           " dB on held-out images); full previews are exact (preview_kind='full', --preview-kind full)");
+    }
+  }
+  return factors ? &*factors : nullptr;
 }
 
 Result Pipeline::generate(const Request& r) const {
@@ -551,6 +591,7 @@ Result Pipeline::with_refiner(const Request& r) const {
 Result Pipeline::run_request(const Request& r, const Stage& stage) const {
   auto start_time = Clock::now();
   check_prompts(r.prompts, "prompt");
+  check_preview(r.preview_every, r.preview_kind);
   if (r.mask && !r.init_image) throw GenerationError("mask needs init_image: inpainting repaints part of an image");
   if (r.strength && !r.init_image) {
     throw GenerationError("strength needs init_image: it is the fraction of the schedule run from that image");
@@ -653,6 +694,7 @@ Result Pipeline::run_request(const Request& r, const Stage& stage) const {
   p.precision = precision_;
   p.reduced_precision = reduced_precision_;
   p.mode = r.mask ? "inpaint" : r.init_image ? "img2img" : "txt2img";
+  p.prompt_weighting = r.prompt_weighting;
   std::optional<MicroConditioning> micro = make_micro_conditioning(time_ids_, p.height, p.width, r.micro);
   if (micro) p.micro = micro->to_json(*time_ids_);
 
@@ -767,6 +809,40 @@ Result Pipeline::run_request(const Request& r, const Stage& stage) const {
     }
   }
 
+  // Decoder output -> the images (previews' too): 8 bits, inpainting's kept pixels pasted back.
+  auto finish = [&](const Tensor& decoded) {
+    std::vector<Image> images = to_uint8(decoded);
+    if (start.pixel_mask && p.mask_blur) paste_kept(images, *start.pixels, *start.pixel_mask, *p.mask_blur);
+    return images;
+  };
+  // ---- step previews (runtime/previews.py Previewer) ----------------------------------------------------
+  const PreviewFactors* factors = r.preview && r.preview_kind == "fast" ? fast_preview_factors() : nullptr;
+  // "full" when the final image is decoded anyway: the last preview is that image, not a second decode.
+  const bool defer_final = stage.decode && !factors;
+  std::optional<int64_t> pending;  // the deferred last preview's step
+  auto show = [&](size_t i, Tensor latents, bool final) {  // step i's preview of x0 (the final latents when final)
+    if (final && defer_final) {
+      pending = int64_t(i);
+      return;
+    }
+    auto t0 = Clock::now();
+    // An x0 estimate can be inf where alpha_bar is 0 (epsilon prediction at zero terminal SNR): np.nan_to_num to 0.
+    for (float& v : latents.data) v = std::isfinite(v) ? v : 0.0f;
+    Tensor decoded;
+    if (factors) {
+      decoded = factors->to_rgb(latents, f.latent_factor);
+    } else {  // the decoder's run, not call(): a non-finite preview must not end the run
+      Feed latent{"latent", latents.shape, latents.data.data(), nullptr};
+      decoded = components_.at("vae_decoder")->run({latent}).at("image");
+      for (float& v : decoded.data) {  // np.nan_to_num: NaN 0, +-inf the largest finite float32
+        v = std::isnan(v) ? 0.0f : std::isinf(v) ? std::copysign(std::numeric_limits<float>::max(), v) : v;
+      }
+    }
+    std::vector<Image> images = finish(decoded);
+    timings["preview"] += seconds_since(t0);
+    r.preview(int64_t(i), int64_t(num_steps), images);
+  };
+
   // ---- the loop (Pipeline._denoise) --------------------------------------------------------------------
   Tensor x = start.x;
   size_t n = run->size();
@@ -795,25 +871,27 @@ Result Pipeline::run_request(const Request& r, const Stage& stage) const {
     }
     Tensor out = call("unet", feeds, timings, int64_t(i)).at("out_sample");
     Tensor eps = use_cfg ? combine(out, p.guidance, p.guidance_rescale) : std::move(out);
+    // The x0 estimate (before the step overwrites x) for a preview of this step.
+    std::optional<Tensor> denoised;
+    if (r.preview && preview_due(int64_t(i), int64_t(num_steps), r.preview_every)) denoised = run->denoised(eps, i, x);
     x = run->step(eps, i, x, &rng);
     if (start.mask && !inpainting_unet_) {
       // Latent blend (diffusers' inpainting with a plain UNet): the known region at the next step's noise
       // level, and clean after the last step.
-      Tensor known = i + 1 == n ? *start.image_latents : run->add_noise(*start.image_latents, start.noise, i + 1);
-      size_t plane = size_t(shape[2] * shape[3]), per_image = size_t(f.latent_channels) * plane;
-      for (size_t k = 0; k < x.data.size(); ++k) {
-        float m = start.mask->data[(k / per_image) * plane + k % plane];
-        x.data[k] = m * x.data[k] + (1.0f - m) * known.data[k];
-      }
+      blend(x, *start.mask, i + 1 == n ? *start.image_latents : run->add_noise(*start.image_latents, start.noise, i + 1));
+    }
+    if (denoised) {
+      bool final = i + 1 == n;  // the run's own result: what the final image is decoded from
+      if (!final && start.mask) blend(*denoised, *start.mask, *start.image_latents);  // the kept region as it will be
+      show(i, final ? x : std::move(*denoised), final);
     }
     if (r.callback) r.callback(int64_t(i), int64_t(num_steps), t);
   }
   Result result;
   if (stage.decode) {
     Feed latent{"latent", x.shape, x.data.data(), nullptr};
-    Tensor decoded = call("vae_decoder", {latent}, timings).at("image");
-    result.images = to_uint8(decoded);
-    if (start.pixel_mask && p.mask_blur) paste_kept(result.images, *start.pixels, *start.pixel_mask, *p.mask_blur);
+    result.images = finish(call("vae_decoder", {latent}, timings).at("image"));
+    if (pending) r.preview(*pending, int64_t(num_steps), result.images);
   }
   if (stage.init_latents) p.mode = "img2img";
   if (stage.denoising_start || stage.denoising_end) {

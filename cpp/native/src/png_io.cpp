@@ -10,6 +10,7 @@
 #include <cstdio>
 #include <cstring>
 #include <memory>
+#include <optional>
 #include <random>
 #include <sstream>
 
@@ -302,6 +303,65 @@ std::string not_a_file_target(const std::string& path) {
   if (S_ISREG(st.st_mode)) return "";
   std::string kind = S_ISDIR(st.st_mode) ? "a folder" : "not a regular file (a device, FIFO or socket)";
   return path + " is " + kind + "; give a new file name or an existing regular file";
+}
+
+namespace {
+
+// The first MiB of `path` ("" when it cannot be read): our text comes before the image data, well inside it.
+std::string file_head(const std::string& path) {
+  File f(std::fopen(path.c_str(), "rb"));
+  if (!f) return "";
+  std::string head(1 << 20, '\0');
+  head.resize(std::fread(&head[0], 1, head.size(), f.get()));
+  return head;
+}
+
+// The text chunks (tEXt, zTXt, iTXt) of the PNG whose start is `head`, before its image data, as (type, data);
+// nullopt when `head` is not a PNG.
+std::optional<std::vector<std::pair<std::string, std::string>>> png_text_chunks(const std::string& head) {
+  if (head.compare(0, 8, "\x89PNG\r\n\x1a\n") != 0) return std::nullopt;
+  std::vector<std::pair<std::string, std::string>> chunks;
+  for (size_t at = 8; at + 12 <= head.size();) {  // length, type, data, crc
+    auto u8 = [&head](size_t k) { return uint32_t(static_cast<unsigned char>(head[k])); };
+    uint32_t length = u8(at) << 24 | u8(at + 1) << 16 | u8(at + 2) << 8 | u8(at + 3);
+    std::string type = head.substr(at + 4, 4);
+    if (type == "IDAT" || length > head.size() - at - 12) break;
+    if (type == "tEXt" || type == "zTXt" || type == "iTXt") chunks.emplace_back(type, head.substr(at + 8, length));
+    at += size_t(length) + 12;
+  }
+  return chunks;
+}
+
+}  // namespace
+
+bool written_by_ldm_rt(const std::string& path) {
+  static const char* const kOurs[] = {"ldm-rt", "ldm-rt-native"};  // images.SOFTWARE
+  std::string head = file_head(path);
+  if (auto chunks = png_text_chunks(head)) {
+    for (const auto& [type, data] : *chunks) {
+      for (const char* ours : kOurs) {
+        if (type == "tEXt" && data == std::string("Software") + '\0' + ours) return true;
+      }
+    }
+    return false;
+  }
+  bool jpeg = head.compare(0, 2, "\xff\xd8") == 0, webp = head.compare(0, 4, "RIFF") == 0 && head.compare(8, 4, "WEBP") == 0;
+  if (!jpeg && !webp) return false;
+  for (const char* ours : kOurs) {  // the UserComment's JSON in UTF-16BE, as exif_user_comment and Pillow write it
+    std::string json = std::string("\"Software\": \"") + ours + "\"", utf16;
+    for (char c : json) utf16 += '\0', utf16 += c;
+    if (head.find(utf16) != std::string::npos) return true;
+  }
+  return false;
+}
+
+bool png_has_text_key(const std::string& path, const std::string& key) {
+  auto chunks = png_text_chunks(file_head(path));
+  if (!chunks) return false;
+  for (const auto& [type, data] : *chunks) {
+    if (data.compare(0, key.size() + 1, key + '\0') == 0) return true;  // every text chunk starts "key\0"
+  }
+  return false;
 }
 
 void write_files_all_or_none(const std::vector<std::pair<std::string, std::vector<uint8_t>>>& files) {

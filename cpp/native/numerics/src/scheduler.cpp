@@ -874,31 +874,8 @@ Tensor SchedulerRun::step(const Tensor& model_output, std::size_t i, const Tenso
     }
   }
   Vec x = to_f64(sample);
-  Vec m = to_f64(model_output);
   Vec pv;
-  bool has_pv = false;
-  if (model_output.shape != sample.shape) {
-    const auto& ms = model_output.shape;
-    const auto& xs = sample.shape;
-    const auto& vt = config().variance_type;
-    bool split = accepts_learned_variance() && vt && (*vt == "learned" || *vt == "learned_range") && xs.size() > 1 &&
-                 ms.size() == xs.size() && ms[0] == xs[0] && ms[1] == 2 * xs[1] &&
-                 std::equal(ms.begin() + 2, ms.end(), xs.begin() + 2);
-    if (!split)
-      throw SchedulerStepError("model_output has shape " + shape_str(ms) + " but the sample has " + shape_str(xs) +
-                               "; they must match");
-    // (B, 2C, ...) -> prediction (B, C, ...) and variance (B, C, ...)
-    std::size_t rows = static_cast<std::size_t>(xs[0]), half = x.size() / rows;
-    Vec pred(x.size());
-    pv.resize(x.size());
-    for (std::size_t r = 0; r < rows; ++r)
-      for (std::size_t k = 0; k < half; ++k) {
-        pred[r * half + k] = m[r * 2 * half + k];
-        pv[r * half + k] = m[r * 2 * half + half + k];
-      }
-    m.swap(pred);
-    has_pv = true;
-  }
+  Vec m = prediction(model_output, sample, &pv);
   const std::vector<int64_t>& shape = sample.shape;
   Draw draw = [&]() -> Vec {
     if (noise) {
@@ -910,9 +887,45 @@ Tensor SchedulerRun::step(const Tensor& model_output, std::size_t i, const Tenso
     throw SchedulerStepError(scheduler_->name() + " step " + std::to_string(i) +
                              " is stochastic: pass a Generator (default_rng(seed)) or the step's noise");
   };
-  Vec out = do_step(m, static_cast<int64_t>(g), static_cast<int64_t>(i), x, shape, draw, has_pv ? &pv : nullptr);
+  Vec out = do_step(m, static_cast<int64_t>(g), static_cast<int64_t>(i), x, shape, draw, pv.empty() ? nullptr : &pv);
   next_index_ = static_cast<int64_t>(i) + 1;
   return to_tensor(shape, out);
+}
+
+Vec SchedulerRun::prediction(const Tensor& model_output, const Tensor& sample, Vec* pv) const {
+  Vec m = to_f64(model_output);
+  if (model_output.shape == sample.shape) return m;
+  const auto& ms = model_output.shape;
+  const auto& xs = sample.shape;
+  const auto& vt = config().variance_type;
+  bool split = accepts_learned_variance() && vt && (*vt == "learned" || *vt == "learned_range") && xs.size() > 1 &&
+               ms.size() == xs.size() && ms[0] == xs[0] && ms[1] == 2 * xs[1] && std::equal(ms.begin() + 2, ms.end(), xs.begin() + 2);
+  if (!split)
+    throw SchedulerStepError("model_output has shape " + shape_str(ms) + " but the sample has " + shape_str(xs) + "; they must match");
+  // (B, 2C, ...) -> prediction (B, C, ...) and variance (B, C, ...)
+  std::size_t n = sample.data.size(), rows = static_cast<std::size_t>(xs[0]), half = n / rows;
+  Vec pred(n);
+  pv->resize(n);
+  for (std::size_t r = 0; r < rows; ++r)
+    for (std::size_t k = 0; k < half; ++k) {
+      pred[r * half + k] = m[r * 2 * half + k];
+      (*pv)[r * half + k] = m[r * 2 * half + half + k];
+    }
+  return pred;
+}
+
+Vec SchedulerRun::do_denoised(const Vec& m, int64_t g, const Vec& x) const {
+  double a = static_cast<double>(scheduler_->alphas_cumprod()[static_cast<std::size_t>(all_timesteps_[g])]);
+  Vec x0;
+  x0_and_eps(config().prediction_type, m, x, a, &x0, nullptr);
+  return x0;
+}
+
+Tensor SchedulerRun::denoised(const Tensor& model_output, std::size_t i, const Tensor& sample) const {
+  std::size_t g = global_index(i, "denoised");
+  Vec pv;
+  Vec m = prediction(model_output, sample, &pv);
+  return to_tensor(sample.shape, do_denoised(m, static_cast<int64_t>(g), to_f64(sample)));
 }
 
 Tensor SchedulerRun::add_noise(const Tensor& original, const Tensor& noise, std::size_t i) const {
@@ -1061,10 +1074,15 @@ class SigmaRunT : public RunBase<Derived> {
   }
 
  protected:
+  // The VE noise level of the sample the model sees at entry g.
+  virtual double model_sigma(int64_t g) const { return this->sigmas_[g]; }
   void scale_input(Vec& x, int64_t g) const override {
-    double sigma = this->sigmas_[g];
+    double sigma = model_sigma(g);
     double d = std::sqrt(sigma * sigma + 1);
     for (double& v : x) v = v / d;
+  }
+  Vec do_denoised(const Vec& m, int64_t g, const Vec& x) const override {
+    return x0_from_sigma(this->config().prediction_type, m, x, model_sigma(g));
   }
   void do_add_noise(Vec& x0, const Vec& z, int64_t g) const override {
     double sigma = this->sigmas_[g];
@@ -1081,6 +1099,12 @@ class VPSigmaRunT : public SigmaRunT<Derived> {
 
  protected:
   void scale_input(Vec&, int64_t) const override {}
+  Vec do_denoised(const Vec& m, int64_t g, const Vec& x) const override {
+    double alpha_t = vp(this->sigmas_[g]).first;
+    Vec x0;
+    x0_and_eps(this->config().prediction_type, m, x, alpha_t * alpha_t, &x0, nullptr);
+    return x0;
+  }
   void do_add_noise(Vec& x0, const Vec& z, int64_t g) const override {
     auto [alpha_t, sigma_t] = vp(this->sigmas_[g]);
     for (std::size_t i = 0; i < x0.size(); ++i) x0[i] = alpha_t * x0[i] + sigma_t * z[i];
@@ -1771,11 +1795,7 @@ class DPMSDERun : public TwoStageRunT<DPMSDERun> {
 
  protected:
   bool step_draws_noise(int64_t g) const override { return sigmas_[g + 1] > 0; }  // all but the last (Euler) call
-  void scale_input(Vec& x, int64_t g) const override {
-    double sigma = g % 2 == 0 ? sigmas_[g] : mids_[g / 2];
-    double d = std::sqrt(sigma * sigma + 1);
-    for (double& v : x) v = v / d;
-  }
+  double model_sigma(int64_t g) const override { return g % 2 == 0 ? sigmas_[g] : mids_[g / 2]; }  // midpoints: m_j
   static Vec ancestral(const Vec& x, const Vec& x0, double s, double s_to, const Draw& draw) {
     auto [sigma_down, sigma_up] = ancestral_split(s, s_to);
     double r = sigma_down / s;

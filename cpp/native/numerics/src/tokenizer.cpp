@@ -848,6 +848,17 @@ TokenizedPrompts PromptTokenizer::encode(const std::vector<std::string>& prompts
   return r;
 }
 
+std::vector<std::vector<int64_t>> PromptTokenizer::token_ids(const std::vector<std::string>& texts) const {
+  std::vector<std::vector<int64_t>> out;
+  for (const std::string& text : texts) {
+    std::vector<int64_t> ids;
+    std::vector<std::pair<uint32_t, uint32_t>> spans;
+    impl_->encode_one(text, ids, spans);
+    out.push_back(std::move(ids));
+  }
+  return out;
+}
+
 std::vector<std::string> PromptTokenizer::warnings(const std::vector<std::string>& prompts, const TokenizedPrompts& result,
                                                    std::string_view what) const {
   std::vector<std::string> out;

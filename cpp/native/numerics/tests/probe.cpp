@@ -9,11 +9,15 @@
 //   probe schedule CONFIG_JSON NAME STEPS [STRENGTH]   timesteps, sigmas, init_noise_sigma, noise_steps
 //   probe loop CONFIG_JSON NAME STEPS SEED SHAPE_JSON [STRENGTH]  the golden formula loop with a real generator
 //   probe batch JOBS_JSON                    many `schedule` + `loop` jobs in one process (see cmd_batch)
+//   probe denoised JOBS_JSON                 SchedulerRun::denoised on given samples and model outputs (see cmd_denoised)
 //   probe threads TOKENIZER_JSON N          one tokenizer and one scheduler per name shared by N threads:
 //                                            each thread's ids and latents equal the single-threaded ones
 //   probe guidance-embedding GUIDANCE DIM ROWS   LCM's timestep_cond embedding (bits)
 //   probe usable CONFIG_JSON                 usable_schedulers: names and refusals
 //   probe tokenize TOKENIZER_JSON < PROMPTS_JSON   ids, dropped, unknown, warnings per prompt
+//   probe prompt-weights TOKENIZER_JSON CHUNKS < PROMPTS_JSON   per prompt its fragments (weights as float64
+//                                            bits) or the error; then tokenize_weighted's chunks, weights, warnings
+//   probe emphasize SEED SHAPE_JSON BATCH WEIGHTS_JSON   emphasize(default_rng(SEED) normals of SHAPE, weights) bits
 //   probe json FILE                          parse: prints the compact dump, or the error (exit 2)
 //   probe config CONFIG_JSON                 SchedulerConfig::from_json: "ok" or the error (exit 2)
 #include <algorithm>
@@ -26,6 +30,7 @@
 #include <thread>
 
 #include "ldm_rt/native/json.hpp"
+#include "ldm_rt/native/prompt_weights.hpp"
 #include "ldm_rt/native/rng.hpp"
 #include "ldm_rt/native/scheduler.hpp"
 #include "ldm_rt/native/tokenizer.hpp"
@@ -225,6 +230,38 @@ int cmd_batch(const std::string& path) {
   return 0;
 }
 
+// JOBS_JSON: [{"config": {...}, "name": "ddim", "steps": 4, "strength": null|0.6, "option": null|value, "shape": [...],
+//              "samples": [[...] per step], "outputs": [[...] per step]}]
+// -> per job {"error": message} or {"denoised": [bits of denoised(outputs[i], i, samples[i]) per step]}.
+int cmd_denoised(const std::string& path) {
+  Json jobs = parse_json(read_bounded(path, std::size_t{64} << 20, "jobs file", "fix the test"), JsonLimits{std::size_t{64} << 20, 64}, path);
+  std::cout << "[";
+  for (std::size_t j = 0; j < jobs.size(); ++j) {
+    const Json& job = jobs[j];
+    std::cout << (j ? ",\n" : "");
+    try {
+      const Json* option = job.find("option");
+      auto sched = Scheduler::make(job.at("name").as_string(), SchedulerConfig::from_json(job.at("config")),
+                                   option && !option->is_null() ? std::optional<double>(option->as_double()) : std::nullopt);
+      auto run = sched->set_timesteps(job.at("steps").as_int());
+      if (const Json& strength = job.at("strength"); !strength.is_null()) run = run->with_strength(strength.as_double());
+      std::vector<int64_t> shape = shape_of(job.at("shape"));
+      std::vector<int64_t> out_shape = job.find("output_shape") ? shape_of(job.at("output_shape")) : shape;
+      const Json &samples = job.at("samples"), &outputs = job.at("outputs");
+      std::string steps;
+      for (std::size_t i = 0; i < samples.size(); ++i) {
+        Tensor d = run->denoised(tensor_of(outputs[i], out_shape), i, tensor_of(samples[i], shape));
+        steps += (i ? "," : "") + tensor_bits(d);
+      }
+      std::cout << "{\"denoised\":[" << steps << "]}";
+    } catch (const std::invalid_argument& e) {
+      std::cout << "{\"error\":" << json_quote(e.what()) << "}";
+    }
+  }
+  std::cout << "]\n";
+  return 0;
+}
+
 // Everything one request computes from shared immutable objects: ids of a few prompts, then the formula loop
 // of every scheduler with its own generator. Returned as text so threads' results compare exactly.
 std::string one_request(const PromptTokenizer& tok, const UsableSchedulers& scheds, uint64_t seed) {
@@ -311,6 +348,78 @@ int cmd_tokenize(const std::string& path) {
   return 0;
 }
 
+std::string bits64(double d) {
+  uint64_t u;
+  std::memcpy(&u, &d, 8);
+  char b[24];
+  std::snprintf(b, sizeof b, "\"%016" PRIx64 "\"", u);
+  return b;
+}
+
+int cmd_prompt_weights(const std::string& path, int64_t chunks) {
+  PromptTokenizer tok = PromptTokenizer::from_file(path);
+  Json prompts_json = parse_json(read_all(std::cin), JsonLimits{std::size_t{64} << 20, 16}, "stdin");
+  std::vector<std::string> prompts;
+  for (const Json& p : prompts_json.as_array()) prompts.push_back(p.as_string());
+  std::cout << "{\"parsed\":[";
+  bool ok = true;
+  for (std::size_t i = 0; i < prompts.size(); ++i) {
+    std::cout << (i ? "," : "");
+    try {
+      auto segments = parse_prompt_weights(prompts[i]);
+      std::cout << "[";
+      for (std::size_t k = 0; k < segments.size(); ++k) {
+        std::cout << (k ? "," : "") << "[";
+        for (std::size_t j = 0; j < segments[k].size(); ++j)
+          std::cout << (j ? "," : "") << "[" << json_quote(segments[k][j].text) << "," << bits64(segments[k][j].weight) << "]";
+        std::cout << "]";
+      }
+      std::cout << "]";
+    } catch (const PromptWeightError& e) {
+      std::cout << "{\"error\":" << json_quote(e.what()) << "}";
+      ok = false;
+    }
+  }
+  std::cout << "]";
+  if (ok) {
+    TokenizedPrompts r = tokenize_weighted(tok, prompts, chunks);
+    std::cout << ",\"chunks\":[";
+    for (std::size_t b = 0; b < prompts.size(); ++b) {
+      std::cout << (b ? "," : "") << "[";
+      for (std::size_t k = 0; k < r.chunks[b].data.size(); ++k) std::cout << (k ? "," : "") << r.chunks[b].data[k];
+      std::cout << "]";
+    }
+    std::cout << "],\"weights\":[";
+    for (std::size_t b = 0; b < prompts.size(); ++b) std::cout << (b ? "," : "") << tensor_bits(r.weights[b]);
+    std::cout << "],\"ids\":[";
+    for (std::size_t k = 0; k < r.ids.data.size(); ++k) std::cout << (k ? "," : "") << r.ids.data[k];
+    std::cout << "],\"dropped\":[";
+    for (std::size_t b = 0; b < prompts.size(); ++b) std::cout << (b ? "," : "") << r.dropped[b];
+    std::cout << "],\"warnings\":[";
+    std::vector<std::string> warnings = weighted_warnings(tok, prompts, r);
+    for (std::size_t k = 0; k < warnings.size(); ++k) std::cout << (k ? "," : "") << json_quote(warnings[k]);
+    std::cout << "]";
+  }
+  std::cout << "}\n";
+  return 0;
+}
+
+int cmd_emphasize(uint64_t seed, const std::string& shape_json, int64_t batch, const std::string& weights_json) {
+  Generator g(seed);
+  Tensor states = g.standard_normal(shape_of(parse_json(shape_json)));
+  std::vector<Tensor> weights;
+  Json all = parse_json(weights_json);
+  for (const Json& w : all.as_array()) {  // per prompt: [[chunk weights...]...]
+    std::vector<float> values;
+    for (const Json& row : w.as_array())
+      for (const Json& v : row.as_array()) values.push_back(v.as_float());
+    int64_t n = int64_t(w.size());
+    weights.emplace_back(std::vector<int64_t>{n, n ? int64_t(values.size()) / n : 0}, std::move(values));
+  }
+  std::cout << tensor_bits(emphasize(states, weights, batch)) << "\n";
+  return 0;
+}
+
 int run(int argc, char** argv) {
   if (argc < 2) {
     std::cerr << "usage: probe COMMAND ...\n";
@@ -351,8 +460,11 @@ int run(int argc, char** argv) {
   }
   if (cmd == "threads" && argc == 4) return cmd_threads(argv[2], std::atoi(argv[3]));
   if (cmd == "batch" && argc == 3) return cmd_batch(argv[2]);
+  if (cmd == "denoised" && argc == 3) return cmd_denoised(argv[2]);
   if (cmd == "usable" && argc == 3) return cmd_usable(argv[2]);
   if (cmd == "tokenize" && argc == 3) return cmd_tokenize(argv[2]);
+  if (cmd == "prompt-weights" && argc == 4) return cmd_prompt_weights(argv[2], std::atoll(argv[3]));
+  if (cmd == "emphasize" && argc == 6) return cmd_emphasize(std::strtoull(argv[2], nullptr, 10), argv[3], std::atoll(argv[4]), argv[5]);
   if (cmd == "json" && argc == 3) {
     std::string data = read_bounded(argv[2], std::size_t{64} << 20, "JSON file", "fix it");
     std::cout << parse_json(data, {}, argv[2]).dump() << "\n";

@@ -1,7 +1,7 @@
 // An artifacts folder opened for sampling, as runtime/artifacts.py + manifest.py read it: manifest.json
-// (format checked, bounded), tokenizer.json and scheduler_config.json (read once, bounded, hash-checked),
-// and each component's portable ONNX file (confined to the folder, size and sha256 checked before a backend
-// opens it). Every path named by the manifest stays inside the folder (no absolute paths, '..', backslashes
+// (format checked, bounded), tokenizer.json, scheduler_config.json and preview_factors.json (read once, bounded,
+// hash-checked), and each component's portable ONNX file (confined to the folder, size and sha256 checked before a
+// backend opens it). Every path named by the manifest stays inside the folder (no absolute paths, '..', backslashes
 // or symlinks out of it). Errors are ArtifactError with the Python runtime's messages.
 #pragma once
 
@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "ldm_rt/native/previews.hpp"
 #include "ldm_rt/native/scheduler.hpp"
 #include "ldm_rt/native/tokenizer.hpp"
 
@@ -69,6 +70,9 @@ struct Artifacts {
   std::string default_scheduler;  // manifest default_scheduler, the folder's own ("": none named, ddim)
   // (fewest, most) chunks of the text encoder's length a prompt may take (build_engines.py --prompt-chunks).
   std::pair<int64_t, int64_t> prompt_chunks{1, 1};
+  // The fast step previews' latent -> RGB map (preview_factors.json: bounded, hash-checked, read at open); none in
+  // folders built before previews, whose fast previews are full ones (previews.hpp).
+  std::optional<PreviewFactors> preview_factors;
 
   // Reads and checks the folder; component files at `precision` ("fp32" or "fp16") are hash-checked here.
   static Artifacts open(const std::string& dir, const std::string& precision = "fp32");

@@ -19,6 +19,9 @@ Mask resize_lanczos(const Mask& mask, int height, int width);
 // Decoder output (B, 3, H, W) in about [-1, 1] -> B images, as images.to_uint8.
 std::vector<Image> to_uint8(const Tensor& decoded);
 
+// images.grid: B images of one size as one, ceil(sqrt(B)) columns, row-major, black where the grid is not full.
+Image grid(const std::vector<Image>& images);
+
 // (H, W, 3) uint8 -> (1, 3, H, W) float32 in [-1, 1] (images.image_to_model).
 Tensor image_to_model(const Image& image);
 

@@ -31,6 +31,7 @@ struct GenerationParams {
   std::string precision = "fp32";
   bool reduced_precision = false;
   std::string mode = "txt2img";  // "img2img", "inpaint"
+  bool prompt_weighting = false;  // recorded only when on, as Python records it
   // SDXL: the micro-conditioning the UNet read (MicroConditioning::to_json), name -> JSON text.
   std::map<std::string, std::string> micro;
   // More entries, name -> JSON text: the refiner hand-off's (refiner_start, denoising_*, base_model_hash, base_*).

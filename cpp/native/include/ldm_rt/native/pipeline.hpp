@@ -16,6 +16,7 @@
 // first request that encodes an image (img2img, inpainting), once, under a lock; text-to-image never compiles it.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <functional>
 #include <map>
@@ -31,6 +32,7 @@
 #include "ldm_rt/native/micro_conditioning.hpp"
 #include "ldm_rt/native/npy.hpp"
 #include "ldm_rt/native/png_io.hpp"
+#include "ldm_rt/native/previews.hpp"
 #include "ldm_rt/native/scheduler.hpp"
 
 namespace ldm_rt::native {
@@ -56,6 +58,9 @@ struct LoadOptions {
 struct Request {
   std::vector<std::string> prompts{""};
   std::vector<std::string> negative_prompts{""};  // one, or one per prompt
+  // Read A1111's emphasis in the prompts and negative prompts, `(word:1.3)`, `(word)`, `[word]`, BREAK
+  // (prompt_weights.hpp; off: brackets are text); recorded in the parameters when on.
+  bool prompt_weighting = false;
   int64_t steps = 25;
   double guidance = 7.5;
   double guidance_rescale = 0.0;
@@ -73,6 +78,15 @@ struct Request {
   MicroRequest micro;                 // SDXL: sizes, crops, aesthetic scores (defaults: diffusers')
   // After every denoising step: (step index, steps, timestep). Called on the generating thread.
   std::function<void(int64_t, int64_t, double)> callback;
+  // Step previews (previews.hpp; generate's preview=, preview_every=, preview_kind=): `preview` receives the images of
+  // the model's x0 estimate every `preview_every` steps and at the last step, whose preview is the final latents (a
+  // "full" one is the final image, inpainting's paste-back included, with no second decode). "fast": the folder's
+  // fitted latent -> RGB map, repeated to the image size (almost free; a folder built before previews gives full ones,
+  // saying so once); "full": a VAE decode each time. Previews do not change the result and are not recorded in its
+  // parameters; with a refiner, the base's steps are previewed, then the refiner's, each numbered from 0.
+  PreviewCallback preview;
+  int64_t preview_every = 1;
+  std::string preview_kind = "fast";
   // SDXL base -> refiner hand-off (generate's refiner= / refiner_start=, `ldm-rt sample --refiner`): this
   // pipeline runs the schedule up to refiner_start (default kRefinerStart), `refiner` the rest from its latents
   // (no noise added), one generator for both. Not with a mask.
@@ -83,7 +97,7 @@ struct Request {
 struct Result {
   std::vector<Image> images;
   GenerationParams params;
-  std::map<std::string, double> timings;  // seconds: text_encoder(_2), vae_encoder, unet, vae_decoder, total
+  std::map<std::string, double> timings;  // seconds: text_encoder(_2), vae_encoder, unet, vae_decoder, preview, total
                                           // (a hand-off: the refiner's, the base's as base_*, total of both)
   Tensor latents;                         // the final latents (B, C, h, w)
 
@@ -127,7 +141,8 @@ class Pipeline {
   static std::shared_ptr<const Pipeline> open(const LoadOptions& options);
   Result run_request(const Request& request, const Stage& stage) const;
   Result with_refiner(const Request& request) const;
-  // (context (rows, L, D), pooled (rows, P) for SDXL): runtime/pipeline.py _encode_prompts.
+  // (context (rows, L, D), pooled (rows, P) for SDXL): runtime/pipeline.py _encode_prompts; with
+  // p.prompt_weighting, A1111's emphasis on each encoder's states (the pooled output is not weighted).
   std::pair<Tensor, std::optional<Tensor>> encode_prompts(const GenerationParams& p, bool use_cfg,
                                                           std::map<std::string, double>& timings) const;
   Tensor encode_image(const std::vector<float>& image, int64_t h, int64_t w, std::map<std::string, double>& timings) const;
@@ -136,6 +151,9 @@ class Pipeline {
   void warn(const std::string& message) const {
     if (warn_) warn_(message);
   }
+  // The folder's fast-preview map, or null (then "fast" previews are full decodes); the first call says in the log
+  // when there is none or it fits the VAE poorly (pipeline.py Pipeline.preview_factors).
+  const PreviewFactors* fast_preview_factors() const;
 
   Artifacts artifacts_;
   std::map<std::string, std::unique_ptr<Component>> components_;
@@ -148,6 +166,7 @@ class Pipeline {
   bool has_text_ = false;             // SD's text encoder, SDXL's two, or a refiner's second only
   std::optional<int64_t> time_ids_;   // SDXL: the UNet's time ids (6 base, 5 refiner)
   bool is_refiner_ = false;
+  mutable std::atomic<bool> previews_announced_{false};
 };
 
 }  // namespace ldm_rt::native

@@ -50,6 +50,15 @@ std::vector<uint8_t> encode_png(const Image& image, const TextChunks& text);
 // file, else the one-line reason (atomic.check_file_target's wording).
 std::string not_a_file_target(const std::string& path);
 
+// images.written_by_ldm_rt: whether the existing file `path` is an image ldm-rt or ldm-rt-native wrote, by its
+// "Software" text (a PNG tEXt chunk before the image data; JPEG/WebP: in the EXIF UserComment's JSON): the only
+// existing file --out replaces, so a file of the user's own is never overwritten.
+bool written_by_ldm_rt(const std::string& path);
+
+// Whether `path` is a PNG with a text chunk (tEXt, zTXt or iTXt) named `key` before its image data, as Pillow's
+// Image.open(path).info holds them (previews.is_preview_file).
+bool png_has_text_key(const std::string& path, const std::string& key);
+
 // Write every (path, bytes): each to a temp file beside its path, renamed into place only once all are
 // complete; on failure no file is written (temps removed) and an OutputError says why.
 void write_files_all_or_none(const std::vector<std::pair<std::string, std::vector<uint8_t>>>& files);

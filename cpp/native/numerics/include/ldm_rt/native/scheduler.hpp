@@ -163,6 +163,11 @@ class SchedulerRun {
   Tensor step(const Tensor& model_output, std::size_t i, const Tensor& sample, Generator* rng,
               const Tensor* noise = nullptr);
 
+  // The model's estimate of x0 at step i from its output on `sample` (base.py SchedulerRun.denoised: diffusers'
+  // pred_original_sample, k-diffusion's denoised), unclipped, float32. Reads no history, so it may be called beside
+  // step (step previews).
+  Tensor denoised(const Tensor& model_output, std::size_t i, const Tensor& sample) const;
+
   // Forward process to the noise level of timesteps()[i] (img2img, inpainting).
   Tensor add_noise(const Tensor& original, const Tensor& noise, std::size_t i) const;
 
@@ -189,6 +194,10 @@ class SchedulerRun {
                                       const std::vector<int64_t>& shape, const Draw& draw,
                                       const std::vector<double>* pv) = 0;
   virtual bool accepts_learned_variance() const { return false; }
+  // x0 from the model output m on x at global index g (VP at the timestep's alpha_bar: DDIM, DDPM, PNDM, LCM, TCD).
+  virtual std::vector<double> do_denoised(const std::vector<double>& m, int64_t g, const std::vector<double>& x) const;
+  // The model output as float64, its learned-variance channels split off into `pv` (base.py _split_model_output).
+  std::vector<double> prediction(const Tensor& model_output, const Tensor& sample, std::vector<double>* pv) const;
   virtual void do_add_noise(std::vector<double>& x0, const std::vector<double>& z, int64_t g) const;
   std::size_t global_index(std::size_t i, const char* what) const;
 

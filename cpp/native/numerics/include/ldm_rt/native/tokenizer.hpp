@@ -40,6 +40,9 @@ struct TokenizedPrompts {
   // and pad (runtime/tokenizer.py TokenizedPrompts.chunks); `ids` holds each prompt's first.
   std::vector<IdTensor> chunks;
   int64_t chunk_limit = 1;  // the `chunks` encode() was asked for (the truncation warning names it)
+  // Per prompt, (n, max_length) float32: each token's weight in its chunks (tokenize_weighted, prompt_weights.hpp);
+  // empty from encode().
+  std::vector<Tensor> weights;
 };
 
 class PromptTokenizer {
@@ -52,6 +55,10 @@ class PromptTokenizer {
 
   // Thread safe (const; no caches shared between calls).
   TokenizedPrompts encode(const std::vector<std::string>& prompts, int64_t chunks = 1) const;
+
+  // Each text's token ids alone: no bos, eos, padding or truncation (runtime/tokenizer.py token_ids: pieces of a
+  // prompt the caller puts together, prompt_weights.hpp).
+  std::vector<std::vector<int64_t>> token_ids(const std::vector<std::string>& texts) const;
 
   // The warnings runtime/tokenizer.py logs for `result` ("prompt 0 was truncated: 3 token(s) beyond the text
   // encoder's 77 were dropped ('...'...)", "prompt 0: the model does not know 'x' (read as unknown words)");
