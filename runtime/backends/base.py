@@ -284,7 +284,7 @@ def open_components(
     """`loras`: (runtime.lora.LoraFile, scale) pairs the backend applies to the weights as it opens them
     (ONNX Runtime: patched initializers; OpenVINO: replaced constants; TensorRT: refit); backends without a
     `loras` parameter refuse them. `embeddings`: text encoder -> runtime.embeddings.TokenRows, the rows its token
-    table gains (textual inversion; ONNX Runtime and OpenVINO; the others refuse them).
+    table gains (textual inversion; ONNX Runtime, OpenVINO and torch; TensorRT refuses them: bake them at export).
     LAZY_COMPONENTS (the VAE encoder) come back as LazyComponents, opened by the
     backend on their first run, their files hash-checked here (check_unopened)."""
     if precision not in PRECISIONS:
