@@ -106,7 +106,9 @@ def test_an_open_parity_session_holds_what_the_budget_counts(tmp_path, external)
     assert done.returncode == 0, done.stderr[-2000:]
     got = json.loads(done.stdout.strip().splitlines()[-1])
     assert got["counted"] == pytest.approx((2 if external else 3) * exported["weight_bytes"], rel=0.01)
-    assert 0.8 < got["held"] / got["counted"] < 1.05, got  # measured 1.0 (inline) and 1.03 (external)
+    # Measured 0.95-1.04 in most runs; once 0.73 (inline weights, the first ONNX Runtime session under a new cache
+    # home): the budget's safe side is the upper bound, the lower one only says it does not count a whole copy too many.
+    assert 0.7 < got["held"] / got["counted"] < 1.05, got
 
 
 # ---- loading: the checkpoint's tensors become the parameters (no random init, no second copy) -----------------
