@@ -153,15 +153,15 @@ def open_components(
             model = core.read_model(str(path))
         except RuntimeError as e:
             raise ArtifactError(f"{path} cannot be read by OpenVINO {ov.__version__} ({_one_line(e)}); rebuild the artifacts") from None
-        own = config
+        patched = bool(deltas.get(name)) or bool(embeddings and name in embeddings)
         if deltas.get(name):
             replace_constants(ov, model, patched_initializers(path, pe.onnx.file, pe.onnx.sha256, targets, deltas), pe.onnx.file)
             del deltas[name]  # in the model now
-            # Not cached: every LoRA set and scale would leave another compiled copy of the component behind.
-            own = {k: v for k, v in config.items() if k != "CACHE_DIR"}
         if embeddings and name in embeddings:
             replace_constants(ov, model, dict([token_table(path, embeddings[name])]), pe.onnx.file, resized=True)
-            own = {k: v for k, v in config.items() if k != "CACHE_DIR"}  # as with LoRAs: no copy per set of embeddings
+        # A patched model is not cached: every LoRA set and scale, or set of embeddings, would leave another compiled
+        # copy of the component behind.
+        own = {k: v for k, v in config.items() if k != "CACHE_DIR"} if patched else config
         try:
             compiled = core.compile_model(model, DEVICE, own)
         except RuntimeError as e:
