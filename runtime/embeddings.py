@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from .artifacts import Artifacts
-from .files import FileFormatError, read_bounded
+from .files import FileFormatError, file_specs, read_bounded, split_file_arg
 from .lora import _bf16_to_f32, initializer_table, iter_initializers, read_safetensors
 from .tokenizer import PromptTokenizer, TokenizerError
 
@@ -89,29 +89,15 @@ def check_token(token: str, path: Path) -> str:
 
 
 def parse_embedding_arg(text: str) -> EmbeddingSpec:
-    """"FILE[:TOKEN]" -> EmbeddingSpec. The token is what follows the last ':' when the part before it names an
-    embedding file (so a path with ':' in a folder name still works)."""
-    head, sep, tail = text.rpartition(":")
-    if sep and head and Path(head).suffix.lower() in SUFFIXES:
-        return EmbeddingSpec(Path(head), tail)
-    return EmbeddingSpec(Path(text))
+    """"FILE[:TOKEN]" -> EmbeddingSpec (runtime/files.py split_file_arg)."""
+    return EmbeddingSpec(*split_file_arg(text, SUFFIXES))
 
 
 def as_specs(embeddings: Iterable[EmbeddingSpec | tuple[str | Path, str | None] | str | Path] | None) -> list[EmbeddingSpec]:
     """What Pipeline.load(embeddings=...) accepts: EmbeddingSpec, (file, token) pairs, or "FILE[:TOKEN]"."""
-    out = []
-    for item in embeddings or ():
-        if isinstance(item, EmbeddingSpec):
-            out.append(item)
-        elif isinstance(item, tuple) and len(item) == 2:
-            out.append(EmbeddingSpec(Path(item[0]), item[1]))
-        elif isinstance(item, (str, Path)):
-            out.append(parse_embedding_arg(str(item)))
-        else:
-            raise EmbeddingError(f"an embedding is a file, FILE:TOKEN or a (file, token) pair; got {item!r}")
-    if len(out) > MAX_EMBEDDINGS:
-        raise EmbeddingError(f"{len(out)} embeddings given; at most {MAX_EMBEDDINGS} can be loaded at once")
-    return out
+    return file_specs(
+        embeddings, EmbeddingSpec, parse_embedding_arg, error=EmbeddingError, noun="embedding", value="token", limit=MAX_EMBEDDINGS, verb="loaded"
+    )
 
 
 # ---- torch's zip format, restricted ---------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+from collections.abc import Callable, Iterable
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
@@ -109,3 +110,35 @@ def read_json_object(
     """The JSON object in the regular file `path`, read bounded; anything else is one `error` ending in `fix`."""
     path = Path(path)
     return json_object(read_bounded(path, limit, what, error=error, fix=fix), path, error=error, fix=fix)
+
+
+# ---- files named on a command line or in an API call, with a value after a colon -----------------------------------
+def split_file_arg(text: str, suffixes: Iterable[str]) -> tuple[Path, str | None]:
+    """"FILE[:VALUE]" -> (FILE, VALUE or None). VALUE is what follows the last ':' when the part before it names a
+    file with one of `suffixes` (so a path with ':' in a folder name still works)."""
+    head, sep, tail = text.rpartition(":")
+    if sep and head and Path(head).suffix.lower() in tuple(suffixes):
+        return Path(head), tail
+    return Path(text), None
+
+
+def file_specs(
+    items: Iterable[Any] | None, spec: type, parse: Callable[[str], Any], *, error: type[Exception], noun: str, value: str,
+    limit: int, verb: str,
+) -> list[Any]:  # fmt: skip
+    """What Pipeline.load and the build accept for LoRAs or embeddings: `spec` objects, (file, value) pairs or
+    "FILE[:VALUE]" strings (`parse`); at most `limit`. `noun` is "LoRA" or "embedding", as the messages say it."""
+    article = "an" if noun[0].lower() in "aeiou" else "a"
+    out = []
+    for item in items or ():
+        if isinstance(item, spec):
+            out.append(item)
+        elif isinstance(item, tuple) and len(item) == 2:
+            out.append(spec(Path(item[0]), item[1]))
+        elif isinstance(item, (str, Path)):
+            out.append(parse(str(item)))
+        else:
+            raise error(f"{article} {noun} is a file, FILE:{value.upper()} or a (file, {value}) pair; got {item!r}")
+    if len(out) > limit:
+        raise error(f"{len(out)} {noun}s given; at most {limit} can be {verb} at once")
+    return out

@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from .files import FileFormatError, inside, read_bounded, read_json_object
+from .files import FileFormatError, file_specs, inside, read_bounded, read_json_object, split_file_arg
 from .manifest import Manifest
 
 SAFETENSORS_SUFFIX = ".safetensors"
@@ -95,33 +95,20 @@ class LoraSpec:
 
 
 def parse_lora_arg(text: str) -> LoraSpec:
-    """"FILE[:SCALE]" -> LoraSpec. The scale is what follows the last ':' when the part before it names a
-    LoRA file (so a path with ':' in a folder name still works); it must be a number."""
-    head, sep, tail = text.rpartition(":")
-    if sep and head and Path(head).suffix.lower() in (SAFETENSORS_SUFFIX, *PICKLE_SUFFIXES):
-        try:
-            scale = float(tail)
-        except ValueError:
-            raise LoraError(f"--lora {text}: scale {tail!r} is not a number; use FILE or FILE:SCALE, e.g. style.safetensors:0.8") from None
-        return LoraSpec(Path(head), scale)
-    return LoraSpec(Path(text), 1.0)
+    """"FILE[:SCALE]" -> LoraSpec (runtime/files.py split_file_arg); the scale must be a number."""
+    path, tail = split_file_arg(text, (SAFETENSORS_SUFFIX, *PICKLE_SUFFIXES))
+    if tail is None:
+        return LoraSpec(path, 1.0)
+    try:
+        scale = float(tail)
+    except ValueError:
+        raise LoraError(f"--lora {text}: scale {tail!r} is not a number; use FILE or FILE:SCALE, e.g. style.safetensors:0.8") from None
+    return LoraSpec(path, scale)
 
 
 def as_specs(loras: Iterable[LoraSpec | tuple[str | Path, float] | str | Path] | None) -> list[LoraSpec]:
     """What Pipeline.load(loras=...) and the build accept: LoraSpec, (file, scale) pairs, or "FILE[:SCALE]"."""
-    out = []
-    for item in loras or ():
-        if isinstance(item, LoraSpec):
-            out.append(item)
-        elif isinstance(item, tuple) and len(item) == 2:
-            out.append(LoraSpec(Path(item[0]), item[1]))
-        elif isinstance(item, (str, Path)):
-            out.append(parse_lora_arg(str(item)))
-        else:
-            raise LoraError(f"a LoRA is a file, FILE:SCALE or a (file, scale) pair; got {item!r}")
-    if len(out) > MAX_LORAS:
-        raise LoraError(f"{len(out)} LoRAs given; at most {MAX_LORAS} can be applied at once")
-    return out
+    return file_specs(loras, LoraSpec, parse_lora_arg, error=LoraError, noun="LoRA", value="scale", limit=MAX_LORAS, verb="applied")
 
 
 # ---- files ---------------------------------------------------------------------------------------------------

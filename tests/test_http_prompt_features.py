@@ -6,14 +6,11 @@ from __future__ import annotations
 import base64
 import io
 import json
-import re
-import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
-from test_runtime_fixtures import HTTP_APP, http_example, synthetic
+from test_runtime_fixtures import http_example, http_server, synthetic
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
@@ -26,7 +23,6 @@ from ldm_rt.runtime.pipeline import Pipeline  # noqa: E402
 
 http_app = http_example("ldm_rt_http_prompt_features")
 
-LISTENING = re.compile(r"^ldm-rt-http: listening on (http://127\.0\.0\.1:\d+) with model .*\n", re.MULTILINE)
 WIDTH = 8  # the synthetic text encoder's token width
 
 
@@ -114,30 +110,15 @@ def test_embedding_at_start_over_real_http(model_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         http_app.main(["--embedding", str(tmp_path / "e.safetensors:two words")])
     assert e.value.code == 2 and "trigger 'two words' must be 1 to 128 printable characters without spaces" in capsys.readouterr().err
-    stdout = tmp_path / "stdout.txt"
-    with open(stdout, "wb") as out, open(tmp_path / "stderr.txt", "wb") as err:
-        proc = subprocess.Popen([sys.executable, str(HTTP_APP), "--model", str(model_dir), "--port", "0", "--embedding", str(path)], stdout=out, stderr=err)
-    try:
-        deadline = time.monotonic() + 60
-        while not (match := LISTENING.search(stdout.read_text())):
-            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "stderr.txt").read_text()[-2000:]
-            time.sleep(0.1)
-        url = match.group(1)
-        assert [(x["token"], x["vectors"]) for x in httpx.get(f"{url}/health", timeout=10).json()["embeddings"]] == [("zorblat", 2)]
+    with http_server(tmp_path, "--model", str(model_dir), "--embedding", str(path)) as server:
+        assert [(x["token"], x["vectors"]) for x in httpx.get(f"{server.url}/health", timeout=10).json()["embeddings"]] == [("zorblat", 2)]
         body = {"prompt": "a zorblat cube", "steps": 2, "seed": 5}
-        with httpx.stream("POST", f"{url}/generate/stream", json=body, timeout=60) as r:
+        with httpx.stream("POST", f"{server.url}/generate/stream", json=body, timeout=60) as r:
             got = events(r.read().decode())
-        assert [e for e, _ in got] == ["preview", "preview", "image"]
-        image = pixels(base64.b64decode(got[-1][1]["png"]))
-        np.testing.assert_array_equal(image, Pipeline.load(model_dir, embeddings=[path]).generate(**body).images[0])
-        assert not np.array_equal(image, Pipeline.load(model_dir).generate(**body).images[0])
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    assert [e for e, _ in got] == ["preview", "preview", "image"]
+    image = pixels(base64.b64decode(got[-1][1]["png"]))
+    np.testing.assert_array_equal(image, Pipeline.load(model_dir, embeddings=[path]).generate(**body).images[0])
+    assert not np.array_equal(image, Pipeline.load(model_dir).generate(**body).images[0])
 
 
 class SlowPreviews:

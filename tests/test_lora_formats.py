@@ -79,6 +79,10 @@ def test_parse_lora_arg_scales_and_refusals():
     assert as_specs([("a.safetensors", 2), "b.safetensors:0.25"]) == [LoraSpec(Path("a.safetensors"), 2.0), LoraSpec(Path("b.safetensors"), 0.25)]
     with pytest.raises(LoraError, match="finite"):
         as_specs([("a.safetensors", "1")])
+    with pytest.raises(LoraError, match=r"^a LoRA is a file, FILE:SCALE or a \(file, scale\) pair; got 3$"):
+        as_specs([3])
+    with pytest.raises(LoraError, match=r"^33 LoRAs given; at most 32 can be applied at once$"):
+        as_specs(["a.safetensors"] * 33)
 
 
 def test_read_safetensors_widens_bf16_and_keeps_metadata(tmp_path):

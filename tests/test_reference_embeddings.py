@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from test_runtime_fixtures import one_line_error, psnr, run_cli
+from test_textual_inversion import FP32_DB, GUIDANCE, SENSITIVE_DB, SIZE, STEPS, latents, vectors
 
 from ldm_rt.runtime.embeddings import EmbeddingError, read_embedding
 from ldm_rt.runtime.pipeline import Pipeline
@@ -20,25 +21,19 @@ torch = pytest.importorskip("torch")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
-SIZE, STEPS, SEED, GUIDANCE = 16, 4, 3, 7.5
-WIDTH = 32  # the tiny SD's token width
-GAIN = 3.0  # vectors ~3x a token's: the embedding dominates the prompt
-FP32_DB, SENSITIVE_DB = 50.0, 40.0
 BAKED, RUN_TIME = "mytok", "othertok"
 
 
 def write_embedding(folder: Path, token: str, n: int, seed: int) -> Path:
     """A diffusers learned_embeds.safetensors: {token: (n, WIDTH)}."""
     folder.mkdir(parents=True, exist_ok=True)
-    v = torch.randn(n, WIDTH, generator=torch.Generator().manual_seed(seed)) * GAIN
-    safetensors_torch.save_file({token: v.contiguous()}, str(path := folder / "learned_embeds.safetensors"))
+    safetensors_torch.save_file({token: vectors(n, seed=seed)}, str(path := folder / "learned_embeds.safetensors"))
     return path
 
 
 def draw(pipe, prompt: str, **kwargs) -> np.ndarray:
-    latents = np.random.default_rng(SEED).standard_normal((1, 4, SIZE // 2, SIZE // 2), dtype=np.float32)
     return pipe.generate(
-        prompt, negative_prompt="blurry", steps=STEPS, guidance=GUIDANCE, scheduler="ddim", latents=latents, height=SIZE, width=SIZE, **kwargs
+        prompt, negative_prompt="blurry", steps=STEPS, guidance=GUIDANCE, scheduler="ddim", latents=latents(), height=SIZE, width=SIZE, **kwargs
     ).images  # fmt: skip
 
 

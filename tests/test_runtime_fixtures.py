@@ -17,6 +17,11 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -244,6 +249,39 @@ def http_example(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+HTTP_LISTENING = re.compile(r"^ldm-rt-http: listening on (http://127\.0\.0\.1:\d+) with model .*\n", re.MULTILINE)
+
+
+@dataclass
+class HttpServer:
+    url: str
+    start_line: str
+    stdout: Path
+
+
+@contextlib.contextmanager
+def http_server(logs: Path, *args: str) -> Iterator[HttpServer]:
+    """The HTTP example as a user starts it (`app.py ARGS --port 0`: the OS picks the port, the start line says
+    which), its output in `logs`; stopped on exit."""
+    stdout, stderr = logs / "stdout.txt", logs / "stderr.txt"
+    with open(stdout, "wb") as out, open(stderr, "wb") as err:  # files, not pipes: a full pipe would block the server
+        proc = subprocess.Popen([sys.executable, str(HTTP_APP), *args, "--port", "0"], stdout=out, stderr=err)
+    try:
+        deadline = time.monotonic() + 60
+        while not (match := HTTP_LISTENING.search(stdout.read_text())):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"server did not start: {stderr.read_text()[-2000:]}")
+            time.sleep(0.1)
+        yield HttpServer(match.group(1), match.group(0), stdout)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def to_u8(images: np.ndarray) -> np.ndarray:

@@ -4,19 +4,16 @@ end are sent by hand over a socket."""
 from __future__ import annotations
 
 import io
-import re
 import socket
 import subprocess
 import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pytest
-from test_runtime_fixtures import HTTP_APP, http_example, synthetic
+from test_runtime_fixtures import HTTP_APP, http_example, http_server, synthetic
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
@@ -28,16 +25,6 @@ from ldm_rt.runtime.pipeline import Pipeline  # noqa: E402
 
 http_app = http_example("ldm_rt_http_example")
 
-LISTENING = re.compile(r"^ldm-rt-http: listening on (http://127\.0\.0\.1:\d+) with model .*\n", re.MULTILINE)
-
-
-@dataclass
-class Server:
-    url: str
-    start_line: str
-    stdout: Path
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     return synthetic(tmp_path_factory)[0]
@@ -45,26 +32,9 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(model_dir, tmp_path_factory):
-    """The example as a user starts it, on a port the OS picks (--port 0): the start line says which."""
-    logs = tmp_path_factory.mktemp("server")
-    stdout, stderr = logs / "stdout.txt", logs / "stderr.txt"
-    with open(stdout, "wb") as out, open(stderr, "wb") as err:  # files, not pipes: a full pipe would block the server
-        # --max-in-flight: room for test_concurrent_requests_each_get_their_own_image's six at once
-        proc = subprocess.Popen([sys.executable, str(HTTP_APP), "--model", str(model_dir), "--port", "0", "--max-in-flight", "6"], stdout=out, stderr=err)
-    deadline = time.monotonic() + 60
-    while not (match := LISTENING.search(stdout.read_text())):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            proc.wait()
-            pytest.fail(f"server did not start: {stderr.read_text()[-2000:]}")
-        time.sleep(0.1)
-    yield Server(match.group(1), match.group(0), stdout)
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    # --max-in-flight: room for test_concurrent_requests_each_get_their_own_image's six at once
+    with http_server(tmp_path_factory.mktemp("server"), "--model", str(model_dir), "--max-in-flight", "6") as running:
+        yield running
 
 
 def pixels(content: bytes) -> np.ndarray:

@@ -9,6 +9,7 @@ import logging
 
 import numpy as np
 import pytest
+from tiny_models import bytes_to_unicode
 
 from ldm_rt.runtime.tokenizer import PromptTokenizer, TokenizerError
 
@@ -32,19 +33,6 @@ PROMPTS = [
     "hyphen-ated, under_score, slash/ed, at@sign #hash $dollar 100%",
     "portrait of a woman " * 30,  # longer than 77 tokens
 ]
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2 / CLIP byte -> printable character table (openai/CLIP simple_tokenizer.py)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
 
 
 def learn_merges(corpus: str, count: int) -> list[tuple[str, str]]:

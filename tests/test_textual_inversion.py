@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 from test_runtime_fixtures import exported, one_line_error, psnr, run_cli
 
-from ldm_rt.runtime.embeddings import EmbeddingError, TokenRows, parse_embedding_arg, read_embedding
+from ldm_rt.runtime.embeddings import EmbeddingError, TokenRows, as_specs, parse_embedding_arg, read_embedding
 from ldm_rt.runtime.manifest import Manifest
 from ldm_rt.runtime.pipeline import Pipeline
 
@@ -261,6 +261,11 @@ def test_tensorrt_and_plugins_refuse_embeddings_before_opening_anything(artifact
 def test_triggers_arguments_and_restricted_pickles(tmp_path, artifacts):
     assert (parse_embedding_arg("a:b/x.pt:Tok").path, parse_embedding_arg("a:b/x.pt:Tok").token) == (Path("a:b/x.pt"), "Tok")
     assert parse_embedding_arg("dir:1/x.safetensors").token is None
+    assert [(s.path, s.token) for s in as_specs([("x.pt", None), "y.bin:t"])] == [(Path("x.pt"), None), (Path("y.bin"), "t")]
+    with pytest.raises(EmbeddingError, match=r"^an embedding is a file, FILE:TOKEN or a \(file, token\) pair; got 3$"):
+        as_specs([3])
+    with pytest.raises(EmbeddingError, match=r"^65 embeddings given; at most 64 can be loaded at once$"):
+        as_specs(["x.pt"] * 65)
     # Two files with one trigger are refused, and so are triggers CLIP cannot tell apart (it lowercases prompts); a
     # trigger is found in any case, its vectors' ids after the vocabulary in file order.
     a, _, _ = write_file(tmp_path / "a", "a1111.safetensors")

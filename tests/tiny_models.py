@@ -54,7 +54,7 @@ TINY_WORDS = (
 
 
 # ---- tokenizer files -------------------------------------------------------------------------------
-def _bytes_to_unicode() -> dict[int, str]:
+def bytes_to_unicode() -> dict[int, str]:
     """GPT-2 / CLIP's reversible byte -> printable unicode map (the BPE alphabet)."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]
@@ -70,7 +70,7 @@ def _bytes_to_unicode() -> dict[int, str]:
 def tiny_clip_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
     """A CLIP-style BPE vocabulary in CLIP's order: 256 byte symbols, the same with "</w>", the merge
     results of TINY_WORDS, then <|startoftext|> and <|endoftext|> (the last two ids, as in CLIP)."""
-    symbols = list(_bytes_to_unicode().values())
+    symbols = list(bytes_to_unicode().values())
     vocab: dict[str, int] = {}
     for s in symbols + [s + "</w>" for s in symbols]:
         vocab[s] = len(vocab)
