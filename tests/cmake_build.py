@@ -21,7 +21,7 @@ import shutil
 import subprocess
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import pytest
@@ -60,7 +60,9 @@ class CMakeBuild(threading.Thread):
         with self._progress:
             if self.stopped:
                 return False
-            self._proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+            # Niced: started with the session (start_with_session), it compiles on the cores the tests leave idle.
+            nice = ["nice", "-n", "10"] if shutil.which("nice") else []
+            self._proc = subprocess.Popen([*nice, *cmd], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
         output, _ = self._proc.communicate()
         self.log += f"$ {' '.join(cmd)}\n{output}"
         return self._proc.returncode == 0
@@ -164,3 +166,14 @@ def built_probe(build: CMakeBuild) -> Path:
     found = [p for p in (build.out / "native" / "numerics" / NUMERICS_TARGETS[0], build.out / NUMERICS_TARGETS[0]) if p.is_file()]
     assert found, f"no {NUMERICS_TARGETS[0]} in {build.out}"
     return found[0]
+
+
+def start_with_session(modules: Iterable[object], tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Starts, in the background, the builds the session's test modules use (a module that imported native_build or
+    embedding_build), so they compile while the tests before them run instead of when the first test needs them
+    (a session of files that need no C++ starts none)."""
+    wanted = {id(v) for m in modules for v in vars(m).values()}
+    with contextlib.suppress(pytest.skip.Exception):  # no cmake or g++: the tests that need the build skip
+        for build in (native_build, embedding_build):
+            if id(build) in wanted:
+                build(tmp_path_factory)

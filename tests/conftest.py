@@ -31,6 +31,14 @@ def pytest_collection_modifyitems(config, items):
         for item in gpu_items:
             item.add_marker(skip)
 
+@pytest.fixture(scope="session", autouse=True)
+def _cpp_builds_start_with_the_session(request, tmp_path_factory):
+    """The C++ builds this session's tests need, started now in the background (tests/cmake_build.py)."""
+    from cmake_build import start_with_session
+
+    start_with_session({m for item in request.session.items if (m := getattr(item, "module", None)) is not None}, tmp_path_factory)
+
+
 # Session-scoped tiny models (diffusers-layout, single-file, ldm-rt folder) shared by every test file, and the
 # small SDXL base/refiner exports (small_sdxl_base, small_sdxl_refiner) shared by every SDXL end-to-end test file.
 pytest_plugins = ["tiny_models", "sdxl_small_models"]
