@@ -269,14 +269,16 @@ class SchedulerRun:
         """One step at global table index g = begin_index + k; k counts steps taken in this run."""
         raise NotImplementedError
 
+    def _alpha_bar(self, g: int) -> np.float64:
+        """alpha_bar at the run's g-th timestep (VP schedulers: DDIM, DDPM, PNDM, LCM, TCD)."""
+        return np.float64(self.scheduler.alphas_cumprod[int(self.all_timesteps[g])])
+
     def _denoised(self, m: np.ndarray, g: int, x: np.ndarray) -> np.ndarray:
-        # VP sample at the timestep's alpha_bar (DDIM, DDPM, PNDM, LCM, TCD).
-        alpha_prod_t = np.float64(self.scheduler.alphas_cumprod[int(self.all_timesteps[g])])
-        return x0_and_eps(self.config.prediction_type, m, x, alpha_prod_t)[0]
+        return x0_and_eps(self.config.prediction_type, m, x, self._alpha_bar(g))[0]
 
     def _add_noise(self, x0: np.ndarray, noise: np.ndarray, g: int) -> np.ndarray:
         # q(x_t | x_0) = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I), Ho et al. 2020 eq. 4.
-        alpha_prod_t = np.float64(self.scheduler.alphas_cumprod[int(self.all_timesteps[g])])
+        alpha_prod_t = self._alpha_bar(g)
         return np.sqrt(alpha_prod_t) * x0 + np.sqrt(1.0 - alpha_prod_t) * noise
 
     def _tables(self) -> dict[str, Any]:
