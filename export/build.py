@@ -63,7 +63,7 @@ from ldm_rt.export.progress import Phase, phase, say
 from ldm_rt.export.sources import Source, load_source, source_name
 from ldm_rt.export.tensorrt_build import TensorRTInfo, build_engine, engine_spec, probe_tensorrt
 from ldm_rt.export.triton_repo import TRITON_REPOSITORY, is_triton_repository, write_triton_repo
-from ldm_rt.reference.embeddings import bake_embeddings
+from ldm_rt.reference.embeddings import bake_embeddings, token_tables
 from ldm_rt.reference.export_wrappers import export_wrappers
 from ldm_rt.reference.lora import fuse_lora_files, load_lora_files
 from ldm_rt.runtime.artifacts import Artifacts
@@ -406,6 +406,9 @@ def _build_into(out: Path, options: BuildOptions, lora_files: list | None = None
         contracts = build_contracts(source.facts, options.profile, [c.facts for c in controlnets])
     except ContractError as e:
         raise ExportError(f"{e}; choose profile sizes that fit this model") from None
+    if baked:  # the grown token tables: parity then draws the baked tokens' ids too (facts keep the base vocabulary)
+        for name, table in token_tables(source.loaded.model).items():
+            contracts[name] = replace(contracts[name], extra={**contracts[name].extra, "vocab_size": table.num_embeddings})
 
     trt_info: TensorRTInfo | None = None
     trt_error: TensorRTUnavailable | None = None

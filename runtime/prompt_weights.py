@@ -6,10 +6,13 @@ The syntax (A1111's `prompt_parser.parse_prompt_attention`, re-implemented here)
   bracket that closes nothing is text.
 - `\\(`, `\\)`, `\\[`, `\\]`, `\\\\` are the characters themselves; any other backslash is dropped (as A1111).
 - `BREAK` (capitals, a word of its own) ends the current chunk of max_length - 2 tokens: what follows starts the next.
+- A chunk that fills up within COMMA_BACKTRACK tokens after a comma ends at that comma instead: the words after it
+  move to the next chunk whole (A1111's `comma_padding_backtrack`, 20 by default), with or without brackets.
 
 Encoding (A1111's `sd_hijack_clip`): each run of equally weighted text is tokenised alone, the token ids are put
 together with one weight per token, split into chunks of max_length - 2 tokens, each with its own bos, eos and pad
-(weight 1; the chunks of runtime/tokenizer.py's `chunks=`, so a prompt without brackets gives exactly its usual ids),
+(weight 1; the chunks of runtime/tokenizer.py's `chunks=`, so a prompt without brackets gives its usual ids, except
+where a long prompt's chunk ends at a comma as above),
 and each chunk's hidden states are weighted after the text encoder (`emphasize`): z *= w per token, then z is
 rescaled so that its mean over (tokens, channels) is what it was before weighting (A1111's "Original" emphasis).
 """
@@ -28,6 +31,7 @@ from .tokenizer import PromptTokenizer, TokenizedPrompts, warn_dropped
 log = logging.getLogger(__name__)
 
 ROUND = 1.1  # (text); [text] divides by it
+COMMA_BACKTRACK = 20  # A1111's comma_padding_backtrack default: how far back a full chunk looks for a comma
 # One lexeme per match: an escaped character, a lone backslash, a bracket, ":WEIGHT)" (closes a round bracket with
 # that weight), a run of plain text, or a colon that closes nothing. The weight's pattern is A1111's: a match that is
 # not a number ("1.2.3") is refused, not read as text.
@@ -118,15 +122,25 @@ def tokenize(
     texts = [text for segments in parsed for segment in segments for text, _ in segment]
     token_ids = iter(tokenizer.token_ids(texts))  # one call for every fragment of every prompt
     size, length = tokenizer.max_length - 2, tokenizer.max_length
+    comma = tokenizer.token_ids([","])[0]
+    comma_id = comma[0] if len(comma) == 1 else None  # a vocabulary without a comma token never backtracks
     kept_ids, kept_weights, dropped = [], [], []
     for i, segments in enumerate(parsed):
         pieces: list[list[tuple[int, float]]] = []  # chunks of (token, weight), each at most `size` long
         for segment in segments:
             pieces.append([])  # BREAK: a new chunk, even if the one before is not full (A1111)
+            last_comma = -1  # where the current chunk's last comma is
             for _, weight in segment:
                 for token in next(token_ids):
+                    if token == comma_id:
+                        last_comma = len(pieces[-1])
+                    elif len(pieces[-1]) == size and last_comma >= 0 and size - last_comma <= COMMA_BACKTRACK:
+                        pieces[-1], moved = pieces[-1][: last_comma + 1], pieces[-1][last_comma + 1 :]
+                        pieces.append(moved)
+                        last_comma = -1
                     if len(pieces[-1]) == size:
                         pieces.append([])
+                        last_comma = -1
                     pieces[-1].append((token, weight))
         if len(pieces) > 1 and not pieces[-1]:
             pieces.pop()  # a BREAK at the end starts nothing

@@ -82,7 +82,7 @@ def tokenizers(tiny_sd_v1, tmp_path_factory) -> list[tuple[PromptTokenizer, Path
 def test_weighted_tokens_weights_and_warnings_match_python(probe, tokenizers, chunks, caplog):  # noqa: F811
     long = " ".join(test_prompt_weighting.WORDS * 9)
     prompts = ["", "a (red:1.5) car", "a cat BREAK a dog", "BREAK a dog", "a cat BREAK", f"({long}:1.2) BREAK (x)", "(zzqx) [zzqx]"]
-    prompts += [p for p in random_prompts(300, seed=2) if _parses(p)]
+    prompts += [p for p in random_prompts(300, seed=2) if _parses(p)] + test_prompt_weighting.comma_prompts()
     for tokenizer, path in tokenizers:
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="ldm_rt"):

@@ -78,7 +78,7 @@ WORDS = "a photo of a red car parked in front of a small blue house with a green
 
 
 @pytest.mark.parametrize("chunks", [1, 3])
-def test_a_prompt_without_brackets_gives_exactly_its_usual_ids(clip_tokenizer, chunks, tmp_path):
+def test_a_prompt_without_brackets_or_commas_gives_exactly_its_usual_ids(clip_tokenizer, chunks, tmp_path):
     v2 = PromptTokenizer.from_diffusers_folder(write_tiny_clip_tokenizer(tmp_path, pad_token="!"))  # SD v2's pad
     assert v2.pad_id != v2.eos_id
     prompts = ["", "a red car", " ".join(WORDS * 2), " ".join(WORDS * 4), " ".join(WORDS * 9), "wow!! <|endoftext|> é ☃"]
@@ -108,6 +108,72 @@ def test_weights_follow_their_tokens_and_break_starts_a_chunk(clip_tokenizer, ca
     assert any("prompt 0 was truncated" in r.getMessage() for r in caplog.records)
 
 
+# ---- chunks: A1111's comma backtracking ---------------------------------------------------------------------------
+def a1111_chunks(tokenized, weights, comma: int, size: int = 75, backtrack: int = 20) -> list[list[tuple[int, float]]]:
+    """A1111's `FrozenCLIPEmbedderWithCustomWordsBase.tokenize_line` chunking, transcribed for the test: each fragment's
+    tokens (None: BREAK) fill chunks of `size`; a full chunk whose last comma is within `backtrack` tokens ends after
+    that comma and the tokens after it start the next chunk. Returns the chunks' (token, weight) lists."""
+    chunks, chunk, last_comma = [], [], -1
+
+    def next_chunk():
+        nonlocal chunk, last_comma
+        chunks.append(chunk)
+        chunk, last_comma = [], -1
+
+    for tokens, weight in zip(tokenized, weights):
+        if tokens is None:
+            next_chunk()
+            continue
+        for token in tokens:
+            if token == comma:
+                last_comma = len(chunk)
+            elif backtrack != 0 and len(chunk) == size and last_comma != -1 and len(chunk) - last_comma <= backtrack:
+                reloc = chunk[last_comma + 1 :]
+                chunk = chunk[: last_comma + 1]
+                next_chunk()
+                chunk = reloc
+            if len(chunk) == size:
+                next_chunk()
+            chunk.append((token, weight))
+    if chunk or not chunks:
+        next_chunk()
+    return chunks
+
+
+def comma_prompts() -> list[str]:
+    """Long prompts with commas 0..75 tokens before a chunk's end, with weights and BREAK (test_native_prompt_weighting.py
+    runs them on the C++ tokenizer too)."""
+    prompts = []
+    for before_end in (0, 1, 2, 19, 20, 21, 30, 74, 75):
+        words = ["cat"] * 160
+        words[74 - before_end] = "cat,"
+        words[150 - before_end // 2] = "cat,"
+        prompts.append(" ".join(words))
+    return prompts + ["(" + " ".join(["red,"] * 80) + ":1.3)", " ".join(["dog"] * 70) + ", (blue:1.2) " + " ".join(["sky"] * 20) + " BREAK a, b"]
+
+
+def test_a_full_chunk_ends_at_a_comma_within_20_tokens_as_in_a1111(clip_tokenizer):
+    """Long prompts with commas 0..30 tokens before a chunk's end (and at it, and with BREAK and weights): the chunks
+    are A1111's. The comma is one token; the rest are one-token words."""
+    t = clip_tokenizer
+    comma = t.token_ids([","])[0][0]
+    prompts = comma_prompts()
+    for prompt in prompts:
+        segments = parse_prompt_weights(prompt)
+        fragments = [f for k, segment in enumerate(segments) for f in ([None] if k else []) + segment]
+        tokenized = [None if f is None else t.token_ids([f[0]])[0] for f in fragments]
+        expected = a1111_chunks(tokenized, [None if f is None else f[1] for f in fragments], comma)
+        got = tokenize(t, prompt, chunks=4, warn=False)
+        assert len(got.chunks[0]) == min(len(expected), 4), prompt
+        for ids, w, want in zip(got.chunks[0], got.weights[0], expected):
+            n = len(want)
+            assert ids[1 : n + 1].tolist() == [tok for tok, _ in want] and ids[n + 1] == t.eos_id, prompt
+            np.testing.assert_array_equal(w[1 : n + 1], np.float32([wt for _, wt in want]))
+    # The backtrack moved words (not only split at 75) in these prompts: 19 and 20 tokens back, not 21.
+    firsts = [int(np.argmax(tokenize(t, p, chunks=1, warn=False).ids[0, 1:] == t.eos_id)) for p in prompts[3:6]]
+    assert firsts == [57, 56, 75]  # "cat," is two tokens: its comma sits 18 and 19 tokens before the end
+
+
 # ---- images against diffusers, SD ------------------------------------------------------------------------------
 def weighted_embeds(tokenizer, encoder, fragments, chunks: int = 1, hidden_state: int | None = None, rescale: bool = True):
     """A1111's weighted embeddings, written for the test: each (text, weight) fragment tokenised alone, its tokens
@@ -118,15 +184,8 @@ def weighted_embeds(tokenizer, encoder, fragments, chunks: int = 1, hidden_state
     import torch
 
     length = tokenizer.model_max_length
-    pieces: list[list[tuple[int, float]]] = [[]]
-    for fragment in fragments:
-        if fragment is None:
-            pieces.append([])
-            continue
-        for token in tokenizer(fragment[0], add_special_tokens=False, truncation=False).input_ids:
-            if len(pieces[-1]) == length - 2:
-                pieces.append([])
-            pieces[-1].append((token, fragment[1]))
+    tokenized = [None if f is None else tokenizer(f[0], add_special_tokens=False, truncation=False).input_ids for f in fragments]
+    pieces = a1111_chunks(tokenized, [None if f is None else f[1] for f in fragments], tokenizer.convert_tokens_to_ids(",</w>"), length - 2)
     pieces += [[] for _ in range(chunks - len(pieces))]
     rows = [[tokenizer.bos_token_id, *(t for t, _ in p), tokenizer.eos_token_id] + [tokenizer.pad_token_id] * (length - 2 - len(p)) for p in pieces]
     row_weights = [[1.0, *(w for _, w in p)] + [1.0] * (length - 1 - len(p)) for p in pieces]

@@ -15,6 +15,7 @@ from test_runtime_fixtures import one_line_error, psnr, run_cli
 from test_textual_inversion import FP32_DB, GUIDANCE, SENSITIVE_DB, SIZE, STEPS, latents, vectors
 
 from ldm_rt.runtime.embeddings import EmbeddingError, read_embedding
+from ldm_rt.runtime.manifest import Manifest
 from ldm_rt.runtime.pipeline import Pipeline
 
 torch = pytest.importorskip("torch")
@@ -56,6 +57,8 @@ def test_the_torch_backend_draws_the_baked_embedding_as_onnx_runtime_does(baked,
     from ldm_rt.reference.torch_backend import torch_pipeline
 
     root, _ = baked
+    manifest = Manifest.read(root)  # the export's parity drew the 3 baked ids too: the contract has the grown table
+    assert manifest.components["text_encoder"].contract.extra["vocab_size"] == manifest.facts.vocab_size + 3
     extra = write_embedding(tmp_path / "extra", RUN_TIME, 2, seed=5)
     ort, ref = (Pipeline.load(root, backend=b, embeddings=[extra]) for b in ("onnxruntime", "torch"))
     assert [(e["token"], e["applied"]) for e in ref.embeddings] == [(BAKED, "export"), (RUN_TIME, "run time")]

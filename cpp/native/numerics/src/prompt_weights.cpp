@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <clocale>
 #include <cmath>
+#include <cstddef>
 #include <cstdlib>
 #include <optional>
 #include <tuple>
@@ -19,6 +20,7 @@ namespace ldm_rt::native {
 namespace {
 
 constexpr double kRound = 1.1;  // prompt_weights.ROUND: (text); [text] divides by it
+constexpr std::ptrdiff_t kCommaBacktrack = 20;  // prompt_weights.COMMA_BACKTRACK (A1111's comma_padding_backtrack)
 
 std::u32string code_points(std::string_view s) {  // valid UTF-8 (the pipeline checks prompts first)
   std::u32string out;
@@ -231,13 +233,29 @@ TokenizedPrompts tokenize_weighted(const PromptTokenizer& tokenizer, const std::
   r.chunk_limit = std::max<int64_t>(chunks, 1);
   r.ids.shape = {static_cast<int64_t>(prompts.size()), L};
   std::size_t next_text = 0;
+  const std::vector<int64_t> comma = tokenizer.token_ids({","}).front();
+  const std::optional<int64_t> comma_id = comma.size() == 1 ? std::optional<int64_t>(comma.front()) : std::nullopt;
   for (const auto& segments : parsed) {
     std::vector<std::vector<std::pair<int64_t, float>>> pieces;  // chunks of (token, weight), each at most `size`
     for (const auto& segment : segments) {
       pieces.emplace_back();  // BREAK: a new chunk, even if the one before is not full (A1111)
+      std::ptrdiff_t last_comma = -1;  // where the current chunk's last comma is
       for (const Fragment& f : segment) {
         for (int64_t token : token_ids[next_text]) {
-          if (pieces.back().size() == size) pieces.emplace_back();
+          if (comma_id && token == *comma_id) {
+            last_comma = static_cast<std::ptrdiff_t>(pieces.back().size());
+          } else if (pieces.back().size() == size && last_comma >= 0 &&
+                     static_cast<std::ptrdiff_t>(size) - last_comma <= kCommaBacktrack) {
+            // A1111's comma_padding_backtrack: the words after the comma move to the next chunk whole.
+            std::vector<std::pair<int64_t, float>> moved(pieces.back().begin() + last_comma + 1, pieces.back().end());
+            pieces.back().resize(static_cast<std::size_t>(last_comma) + 1);
+            pieces.push_back(std::move(moved));
+            last_comma = -1;
+          }
+          if (pieces.back().size() == size) {
+            pieces.emplace_back();
+            last_comma = -1;
+          }
           pieces.back().emplace_back(token, static_cast<float>(f.weight));
         }
         ++next_text;
