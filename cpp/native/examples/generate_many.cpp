@@ -8,7 +8,9 @@
 // guidance_rescale, scheduler, seed, batch, height, width, init_image, strength, mask, mask_blur, latents (a .npy
 // path); SDXL's original_size, crops_coords_top_left, target_size and their negative_* ([a, b] each),
 // aesthetic_score, negative_aesthetic_score; PNG paths for images; step previews: preview (a name P: each preview is
-// written to P_STEP.png), preview_every, preview_kind.
+// written to P_STEP.png), preview_every, preview_kind; eta, class_labels ([ints]), grid (true: one grid image at out);
+// the hand-off by hand: init_latents (a .npy path), denoising_start, denoising_end, decode (false: the final latents
+// are written to "out" as a float32 .npy instead of images).
 #include <exception>
 #include <fstream>
 #include <iostream>
@@ -63,7 +65,39 @@ native::Request request_from(const native::Json& j) {
   }
   if (auto* v = j.find("preview_every")) r.preview_every = v->as_int();
   if (auto* v = j.find("preview_kind")) r.preview_kind = v->as_string();
+  if (auto* v = j.find("eta")) r.eta = v->as_double();
+  if (auto* v = j.find("class_labels")) {
+    r.class_labels.emplace();
+    for (size_t k = 0; k < v->size(); ++k) r.class_labels->push_back((*v)[k].as_int());
+  }
+  if (auto* v = j.find("init_latents")) r.init_latents = native::read_npy(v->as_string());
+  if (auto* v = j.find("denoising_start")) r.denoising_start = v->as_double();
+  if (auto* v = j.find("denoising_end")) r.denoising_end = v->as_double();
+  if (auto* v = j.find("decode")) r.decode = v->as_bool();
   return r;
+}
+
+// numpy's .npy v1 of a float32 tensor (little-endian hosts), for decode = false.
+std::vector<std::string> save_npy(const native::Tensor& t, const std::string& path) {
+  std::string shape;
+  for (int64_t d : t.shape) shape += std::to_string(d) + ", ";
+  std::string header = "{'descr': '<f4', 'fortran_order': False, 'shape': (" + shape.substr(0, shape.size() - (t.shape.size() > 1 ? 2 : 1)) + "), }";
+  header.append(64 - (10 + header.size() + 1) % 64, ' ').push_back('\n');
+  std::ofstream out(path, std::ios::binary);
+  out.write("\x93NUMPY\x01\x00", 8);
+  uint16_t n = uint16_t(header.size());
+  out.write(reinterpret_cast<const char*>(&n), 2);
+  out << header;
+  out.write(reinterpret_cast<const char*>(t.data.data()), std::streamsize(t.data.size() * sizeof(float)));
+  return {path};
+}
+
+std::vector<std::string> serve(const native::Pipeline& pipe, const native::Json& j) {
+  native::Result result = pipe.generate(request_from(j));
+  const std::string out = j.at("out").as_string();
+  if (result.images.empty()) return save_npy(result.latents, out);
+  const native::Json* grid = j.find("grid");
+  return result.save(out, grid && grid->as_bool());
 }
 
 }  // namespace
@@ -90,7 +124,7 @@ int main(int argc, char** argv) {
     for (size_t k = 0; k < requests.size(); ++k) {
       threads.emplace_back([&, k] {
         try {  // no exception may leave a thread
-          written[k] = pipe->generate(request_from(requests[k])).save(requests[k].at("out").as_string());
+          written[k] = serve(*pipe, requests[k]);
         } catch (const std::exception& e) {
           errors[k] = e.what();
         }

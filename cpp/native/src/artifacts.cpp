@@ -297,6 +297,7 @@ Artifacts Artifacts::open(const std::string& dir, const std::string& precision) 
     f.pooled_dim = defaulted_int_fact(facts, "pooled_dim", mp);
     f.time_ids = defaulted_int_fact(facts, "time_ids", mp);
     f.force_zeros_for_empty_prompt = bool_fact(facts, "force_zeros_for_empty_prompt", false, mp);
+    f.time_cond_proj_dim = defaulted_int_fact(facts, "time_cond_proj_dim", mp);
     if (f.time_ids && (!f.pooled_dim || *f.time_ids < 1)) {
       malformed(mp, "ContractError(\"model facts: time_ids " + std::to_string(*f.time_ids) +
                         " needs pooled_dim (the UNet's text_embeds); the model's config is inconsistent\")");

@@ -36,9 +36,9 @@ struct CliError : Error {
 };
 
 const char* kHelp = R"(usage: ldm-rt-native [-h] [--prompt PROMPT] [--negative-prompt NEGATIVE_PROMPT] [--prompt-weighting]
-                     [--steps STEPS] [--guidance GUIDANCE] [--guidance-rescale GUIDANCE_RESCALE] [--scheduler NAME] [--seed SEED]
-                     [--height HEIGHT] [--width WIDTH] [--batch BATCH] [--latents LATENTS] [--init-image INIT_IMAGE] [--strength STRENGTH]
-                     [--mask MASK] [--mask-blur PX] [--out OUT] [--preview FILE.png] [--preview-every N]
+                     [--steps STEPS] [--guidance GUIDANCE] [--guidance-rescale GUIDANCE_RESCALE] [--scheduler NAME] [--eta ETA]
+                     [--seed SEED] [--height HEIGHT] [--width WIDTH] [--batch BATCH] [--latents LATENTS] [--init-image INIT_IMAGE]
+                     [--strength STRENGTH] [--mask MASK] [--mask-blur PX] [--out OUT] [--grid] [--preview FILE.png] [--preview-every N]
                      [--preview-kind {fast,full}] [--precision {fp32,fp16}] [--threads THREADS] [--bf16]
                      [--no-compile-cache] [--model MODEL] [--original-size H W] [--crops-coords-top-left TOP LEFT]
                      [--target-size H W] [--negative-original-size H W] [--negative-crops-coords-top-left TOP LEFT]
@@ -62,8 +62,10 @@ options:
                         pull the guided prediction back to the conditional one's spread, 0..1 (Lin et al.: 0.7 for
                         zero-SNR models; default 0)
   --scheduler NAME      sampler (default: the model's own, from its folder's scheduler class: euler for SDXL,
-                        euler-a for SDXL-Turbo, ddim for the shipped model): SCHEDULERS; pndm, lms and heun
-                        cannot sample zero-terminal-SNR models such as the default one
+                        euler-a for SDXL-Turbo, lcm for LCM models, ddim for the shipped model): SCHEDULERS; pndm,
+                        lms and heun cannot sample zero-terminal-SNR models such as the default one
+  --eta ETA             the sampler's noise, 0..1 (diffusers' eta): DDIM's eta (default 0), TCD's gamma (default 0.3),
+                        DPM++ 2S a's eta (default 1); other schedulers take none
   --seed SEED           random seed (default: random; written into the image file)
   --height HEIGHT       image height in pixels (default: the artifacts' optimum)
   --width WIDTH         image width in pixels (default: the artifacts' optimum)
@@ -78,6 +80,7 @@ options:
   --out OUT             output image, .png or .jpg/.jpeg (parameters in PNG text chunks, else in EXIF; no
                         .webp); a batch writes NAME_0.png, NAME_1.png, ...; all or none are written (default
                         sample.png)
+  --grid                write a batch as one grid image at --out
   --preview FILE.png    write a preview of the image being sampled here (a batch as a grid), replaced atomically at
                         each previewed step; the file must be new or an earlier preview (a user's file is never
                         overwritten)
@@ -168,7 +171,7 @@ struct Args {
   std::optional<long long> height, width;
   long long batch = 1;
   std::optional<std::string> init_image, mask, model, latents, refiner;
-  std::optional<double> refiner_start;
+  std::optional<double> refiner_start, eta;
   MicroRequest micro;
   std::optional<double> strength, mask_blur;
   std::string out = "sample.png";
@@ -176,7 +179,7 @@ struct Args {
   std::optional<long long> preview_every;
   std::string precision = "fp32";
   std::optional<long long> threads;
-  bool bf16 = false, no_compile_cache = false, verbose = false, help = false, prompt_weighting = false;
+  bool bf16 = false, no_compile_cache = false, verbose = false, help = false, prompt_weighting = false, grid = false;
 };
 
 Args parse(int argc, char** argv) {
@@ -240,7 +243,8 @@ Args parse(int argc, char** argv) {
         throw UsageError("argument --scheduler: invalid choice: " + py_repr(v) + " (choose from " + choices + ")");
       }
       a.scheduler = v;
-    } else if (arg == "--seed") a.seed = integer();
+    } else if (arg == "--eta") a.eta = real();
+    else if (arg == "--seed") a.seed = integer();
     else if (arg == "--height") a.height = integer();
     else if (arg == "--width") a.width = integer();
     else if (arg == "--batch") a.batch = integer();
@@ -260,6 +264,7 @@ Args parse(int argc, char** argv) {
     else if (arg == "--mask") a.mask = next();
     else if (arg == "--mask-blur") a.mask_blur = real();
     else if (arg == "--out") a.out = next();
+    else if (arg == "--grid") flag(a.grid);
     else if (arg == "--preview") a.preview = next();
     else if (arg == "--preview-every") a.preview_every = integer();
     else if (arg == "--preview-kind") {
@@ -349,7 +354,7 @@ std::optional<std::string> preview_target(const Args& a) {
     throw CliError("--preview-every must be at least 1 (a preview every N steps), got " + std::to_string(*a.preview_every));
   }
   std::string path = check_preview_target(*a.preview);
-  for (const auto& out : output_paths(a.out, size_t(std::max(a.batch, 1LL)))) {
+  for (const auto& out : output_paths(a.out, size_t(std::max(a.batch, 1LL)), a.grid)) {
     if (resolved(out) == resolved(path)) {
       throw CliError("--preview " + path + " is also an output image (--out); give the preview its own file name");
     }
@@ -388,7 +393,7 @@ int sample(const Args& a) {
     throw GenerationError(std::to_string(a.batch) + " images (--batch) is over the runtime's limit of " +
                           std::to_string(kMaxImagesPerCall) + "; generate them in several calls");
   }
-  check_writable(a.out, output_paths(a.out, size_t(std::max(a.batch, 1LL))));
+  check_writable(a.out, output_paths(a.out, size_t(std::max(a.batch, 1LL)), a.grid));
   std::optional<std::string> preview = preview_target(a);
   if (a.mask && !a.init_image) throw CliError("--mask needs --init-image: inpainting repaints part of an image");
   if (a.strength && !a.init_image) throw CliError("--strength needs --init-image: it is the fraction of the schedule run from that image");
@@ -438,6 +443,7 @@ int sample(const Args& a) {
   r.steps = a.steps;
   r.guidance = a.guidance;
   r.guidance_rescale = a.guidance_rescale;
+  r.eta = a.eta;
   r.scheduler = a.scheduler;
   if (a.seed) {
     if (*a.seed < 0) throw GenerationError("seed must be >= 0, got " + std::to_string(*a.seed));
@@ -463,7 +469,7 @@ int sample(const Args& a) {
   // The last stage's steps (a hand-off: the refiner's, as its unet timing and ldm-rt sample's line count them).
   r.callback = [&unet_steps](int64_t i, int64_t, double) { unet_steps = i + 1; };
   Result result = pipe->generate(r);
-  for (const auto& path : result.save(a.out)) std::cout << path << "\n";
+  for (const auto& path : result.save(a.out, a.grid)) std::cout << path << "\n";
   std::cout.flush();
   if (a.verbose) std::cerr << format_timings(result.timings, unet_steps) << std::endl;
   return 0;

@@ -1,5 +1,6 @@
 #include "ldm_rt/native/metadata.hpp"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -47,9 +48,27 @@ std::string GenerationParams::to_json() const {
 
 TextChunks GenerationParams::text(std::size_t index, std::size_t count) const {
   size_t prompt = index / size_t(batch);
-  TextChunks t = {
-      {"prompt", prompts.at(prompt)},
-      {"negative_prompt", negative_prompts.at(prompt)},
+  TextChunks t = chunks(prompts.at(prompt), negative_prompts.at(prompt));
+  if (count > 1) t.emplace_back("batch_index", std::to_string(index));
+  t.emplace_back("parameters", to_json());
+  t.emplace_back("Software", "ldm-rt-native");
+  return t;
+}
+
+TextChunks GenerationParams::grid_text() const {
+  auto one = [](const std::vector<std::string>& v) {  // v[0] if len(set(v)) == 1 else json.dumps(list(v))
+    return std::all_of(v.begin(), v.end(), [&v](const std::string& s) { return s == v[0]; }) ? v[0] : list(v);
+  };
+  TextChunks t = chunks(one(prompts), one(negative_prompts));
+  t.emplace_back("parameters", to_json());
+  t.emplace_back("Software", "ldm-rt-native");
+  return t;
+}
+
+TextChunks GenerationParams::chunks(const std::string& prompt, const std::string& negative_prompt) const {
+  return {
+      {"prompt", prompt},
+      {"negative_prompt", negative_prompt},
       {"seed", std::to_string(seed)},
       {"steps", std::to_string(steps)},
       {"scheduler", scheduler},
@@ -57,10 +76,6 @@ TextChunks GenerationParams::text(std::size_t index, std::size_t count) const {
       {"guidance_rescale", py_float_repr(guidance_rescale)},
       {"model_hash", model_hash},
   };
-  if (count > 1) t.emplace_back("batch_index", std::to_string(index));
-  t.emplace_back("parameters", to_json());
-  t.emplace_back("Software", "ldm-rt-native");
-  return t;
 }
 
 }  // namespace ldm_rt::native

@@ -140,11 +140,14 @@ std::vector<T> repeat_rows(const std::vector<T>& x, size_t rows, size_t times) {
   return out;
 }
 
-// pipeline.checked_latents: a float array of the latents' shape, finite, as float32.
-Tensor checked_latents(const LatentsInput& latents, const std::vector<int64_t>& shape) {
-  if (!latents.is_float) throw GenerationError("latents must be a float16/32/64 array of noise, got dtype " + latents.dtype);
+// pipeline.checked_latents: a float array of the latents' shape, finite, as float32 (`what`: latents or init_latents).
+Tensor checked_latents(const LatentsInput& latents, const std::vector<int64_t>& shape, const std::string& what = "latents") {
+  if (!latents.is_float) {
+    throw GenerationError(what + " must be a float16/32/64 array of " + (what == "latents" ? "noise" : "latents") + ", got dtype " +
+                          latents.dtype);
+  }
   if (latents.shape != shape) {
-    throw GenerationError("latents have shape " + shape_str(latents.shape) + ", expected " + shape_str(shape) + " for " +
+    throw GenerationError(what + " have shape " + shape_str(latents.shape) + ", expected " + shape_str(shape) + " for " +
                           std::to_string(shape[0]) + " images with latents of " + std::to_string(shape[2]) + "x" +
                           std::to_string(shape[3]));
   }
@@ -152,12 +155,37 @@ Tensor checked_latents(const LatentsInput& latents, const std::vector<int64_t>& 
   try {
     t = latents.values();
   } catch (const NpyError& e) {
-    throw GenerationError(std::string("cannot read the latents: ") + e.what());
+    throw GenerationError("cannot read the " + what + ": " + e.what());
   }
   for (float v : t.data) {
-    if (!std::isfinite(v)) throw GenerationError("latents contain NaN or Inf");
+    if (!std::isfinite(v)) throw GenerationError(what + " contain NaN or Inf");
   }
   return t;
+}
+
+// JSON's (and Python's repr's) list of ints: [1, 2, 3].
+std::string int_list(const std::vector<int64_t>& values) {
+  std::string out = "[";
+  for (size_t k = 0; k < values.size(); ++k) out += (k ? ", " : "") + std::to_string(values[k]);
+  return out + "]";
+}
+
+// registry.ETA_OPTIONS: the option a request's eta sets, by scheduler (diffusers passes eta to DDIM's and TCD's step,
+// k-diffusion's DPM++ 2S a takes eta); Scheduler::make takes it as the name's one option.
+const std::vector<std::pair<std::string, std::string>> kEtaOptions = {{"ddim", "eta"}, {"tcd", "gamma"}, {"dpmpp-2s-a", "eta"}};
+
+// params.check_eta: none (the scheduler's default), or a number in [0, 1] for a scheduler that takes one.
+std::optional<double> checked_eta(std::optional<double> eta, const std::string& scheduler) {
+  if (!eta) return std::nullopt;
+  if (!(*eta >= 0.0 && *eta <= 1.0)) throw GenerationError("eta must be a number in [0, 1] (0: no noise from the sampler), got " + num(*eta));
+  std::vector<std::string> takes;
+  bool found = false;
+  for (const auto& [name, option] : kEtaOptions) {
+    takes.push_back(option == "eta" ? name : name + " (as its " + option + ")");
+    found = found || name == scheduler;
+  }
+  if (!found) throw GenerationError(scheduler + " takes no eta; eta applies to " + join(takes, ", ") + "; drop it or pick one of those");
+  return eta;
 }
 
 // contracts.controlnet_names: controlnet_0, controlnet_1, ... (a "controlnet_" prefix and a whole number).
@@ -241,8 +269,8 @@ struct Pipeline::Start {
   std::optional<Mask> pixel_mask;      // the mask at the output size
 };
 
-std::vector<std::string> output_paths(const std::string& path, std::size_t count) {
-  if (count == 1) return {path};
+std::vector<std::string> output_paths(const std::string& path, std::size_t count, bool as_grid) {
+  if (count == 1 || as_grid) return {path};
   auto slash = path.rfind('/');
   auto dot = path.rfind('.');
   std::string stem = path, suffix;
@@ -269,11 +297,17 @@ std::string output_format(const std::string& path) {
   throw OutputError(normal_path(path) + ": cannot write " + kind + "; end the name with " + names + why);
 }
 
-std::vector<std::string> Result::save(const std::string& path) const {
-  std::vector<std::string> paths = output_paths(path, images.size());
+std::vector<std::string> Result::save(const std::string& path, bool as_grid) const {
+  if (images.empty()) throw GenerationError("this result holds latents only (generate(decode=False)); nothing to save");
+  std::vector<std::string> paths = output_paths(path, images.size(), as_grid);
   std::vector<std::pair<std::string, std::vector<uint8_t>>> files;
   std::string format = output_format(path);  // before any encoding: a name we cannot write fails first
-  for (size_t k = 0; k < images.size(); ++k) {
+  if (as_grid) {
+    Image all = grid(images);
+    TextChunks text = params.grid_text();
+    files.emplace_back(path, format == "PNG" ? encode_png(all, text) : encode_jpeg(all, text));
+  }
+  for (size_t k = 0; k < images.size() && !as_grid; ++k) {
     TextChunks text = params.text(k, images.size());
     files.emplace_back(paths[k], format == "PNG" ? encode_png(images[k], text) : encode_jpeg(images[k], text));
   }
@@ -322,9 +356,7 @@ Pipeline::Pipeline(Artifacts artifacts, std::map<std::string, std::unique_ptr<Co
   if (!missing.empty()) throw GenerationError("the pipeline needs the components [" + join(missing, ", ") + "]; pass them with the others");
   const ComponentFiles& unet = artifacts_.components.at("unet");
   auto takes = [&unet](const char* input) { return std::find(unet.inputs.begin(), unet.inputs.end(), input) != unet.inputs.end(); };
-  if (takes("class_labels")) {
-    throw GenerationError("this model is class-conditional, which ldm-rt-native does not run; use ldm-rt sample");
-  }
+  if (takes("class_labels")) num_classes_ = artifacts_.facts.num_classes;
   // SDXL: the UNet's pooled text embeds come from text_encoder_2, the time ids from the request.
   if (takes("time_ids")) time_ids_ = artifacts_.facts.time_ids;
   is_refiner_ = time_ids_ == int64_t{5};
@@ -335,7 +367,8 @@ Pipeline::Pipeline(Artifacts artifacts, std::map<std::string, std::unique_ptr<Co
   }
   for (const std::string& input : unet.inputs) {
     bool fed = input == "sample" || input == "timestep" || input == "encoder_hidden_states" ||
-               (time_ids_ && (input == "text_embeds" || input == "time_ids"));
+               (time_ids_ && (input == "text_embeds" || input == "time_ids")) || (num_classes_ && input == "class_labels") ||
+               (artifacts_.facts.time_cond_proj_dim && input == "timestep_cond");
     if (!fed) {
       throw GenerationError("this model's UNet takes " + input + ", which ldm-rt-native does not feed; use ldm-rt sample");
     }
@@ -496,6 +529,18 @@ Tensor Pipeline::encode_image(const std::vector<float>& image, int64_t h, int64_
   return mean;
 }
 
+std::optional<std::vector<int64_t>> Pipeline::class_labels(const std::optional<std::vector<int64_t>>& given) const {
+  if (!num_classes_) {
+    if (given) throw GenerationError("this model is not class-conditional; drop class_labels");
+    return std::nullopt;
+  }
+  std::string range = "[0, " + std::to_string(*num_classes_) + ")";
+  if (!given) throw GenerationError("this model is class-conditional: pass class_labels (ints in " + range + ")");
+  bool bad = given->empty() || std::any_of(given->begin(), given->end(), [this](int64_t c) { return c < 0 || c >= *num_classes_; });
+  if (bad) throw GenerationError("class_labels must be ints in " + range + ", got " + int_list(*given));
+  return given;
+}
+
 const PreviewFactors* Pipeline::fast_preview_factors() const {
   const std::optional<PreviewFactors>& factors = artifacts_.preview_factors;
   if (!previews_announced_.exchange(true)) {
@@ -514,11 +559,18 @@ const PreviewFactors* Pipeline::fast_preview_factors() const {
 
 Result Pipeline::generate(const Request& r) const {
   try {
-    if (r.refiner) return with_refiner(r);
+    if (r.refiner) {
+      if (r.denoising_start || r.denoising_end || r.init_latents || !r.decode) {
+        throw GenerationError("refiner= splits the schedule itself; drop denoising_start, denoising_end, init_latents and decode=False");
+      }
+      return with_refiner(r);
+    }
     if (r.refiner_start) {
       throw GenerationError("refiner_start needs refiner: the pipeline that takes over at that fraction of the schedule");
     }
-    return run_request(r, Stage{});
+    Stage stage;
+    stage.denoising_start = r.denoising_start, stage.denoising_end = r.denoising_end, stage.decode = r.decode;
+    return run_request(r, stage);
   } catch (const Error&) {
     throw;
   } catch (const std::invalid_argument& e) {  // the numerics' errors (scheduler, tokenizer): one type for callers
@@ -592,17 +644,31 @@ Result Pipeline::run_request(const Request& r, const Stage& stage) const {
   auto start_time = Clock::now();
   check_prompts(r.prompts, "prompt");
   check_preview(r.preview_every, r.preview_kind);
+  // Where the run starts from latents: the hand-off's (stage), or the caller's (Request::init_latents).
+  const bool from_latents = stage.init_latents || r.init_latents;
   if (r.mask && !r.init_image) throw GenerationError("mask needs init_image: inpainting repaints part of an image");
-  if (r.strength && !r.init_image) {
+  if (r.strength && !r.init_image && !from_latents) {
     throw GenerationError("strength needs init_image: it is the fraction of the schedule run from that image");
   }
   if (r.mask_blur && *r.mask_blur != 0.0 && !r.mask) {
     throw GenerationError("mask_blur needs mask: it softens the seam of the inpainted region");
   }
   if (inpainting_unet_ && !r.mask) throw GenerationError("this is an inpainting model: pass init_image and mask");
-  if (is_refiner_ && !r.init_image && !stage.init_latents) {
+  if (stage.denoising_start) checked_fraction(*stage.denoising_start, "denoising_start");
+  if (stage.denoising_end) checked_fraction(*stage.denoising_end, "denoising_end");
+  if (is_refiner_ && !r.init_image && !from_latents) {
     throw GenerationError("this model is an SDXL refiner: it continues from an image or latents, it does not start from noise; "
                           "pass init_image (img2img), or use it as the refiner of a base model (refiner=, --refiner)");
+  }
+  if (from_latents && r.init_image) throw GenerationError("pass init_image or init_latents, not both: both are the starting point");
+  if (stage.denoising_start) {
+    if (!from_latents) {
+      throw GenerationError("denoising_start needs init_latents: the latents an earlier pipeline stopped at (denoising_end)");
+    }
+    if (r.strength) throw GenerationError("denoising_start decides where the schedule starts; drop strength");
+    if (stage.denoising_end && *stage.denoising_end <= *stage.denoising_start) {
+      throw GenerationError("denoising_end " + num(*stage.denoising_end) + " must be after denoising_start " + num(*stage.denoising_start));
+    }
   }
   double strength_in = r.strength ? *r.strength : r.mask ? kInpaintStrength : kImg2ImgStrength;
   std::optional<int64_t> height = r.height, width = r.width;
@@ -619,16 +685,24 @@ Result Pipeline::run_request(const Request& r, const Stage& stage) const {
     if (!height) height = im.height;
     if (!width) width = im.width;
   }
+  if (r.init_latents && r.init_latents->shape.size() == 4) {  // the latents' own size, as diffusers' refiner reads it
+    const int64_t lf = artifacts_.facts.latent_factor;
+    if (!height) height = r.init_latents->shape[2] * lf;
+    if (!width) width = r.init_latents->shape[3] * lf;
+  }
+  std::optional<std::vector<int64_t>> labels = class_labels(r.class_labels);
+  std::vector<std::string> prompts = r.prompts;
+  if (labels && prompts.size() == 1 && labels->size() > 1) prompts.assign(labels->size(), prompts[0]);  // one per label
   bool has_text = has_text_;
   if (!has_text) {
-    for (const auto& p : r.prompts) {
+    for (const auto& p : prompts) {
       if (!p.empty()) throw GenerationError("this model has no text encoder and takes no prompt; pass prompt=''");
     }
   }
 
   // ---- params.make_params -----------------------------------------------------------------------------
   GenerationParams p;
-  p.prompts = r.prompts;
+  p.prompts = prompts;
   check_prompts(r.negative_prompts, "negative_prompt");
   p.negative_prompts = r.negative_prompts;
   if (p.negative_prompts.size() == 1) p.negative_prompts.assign(p.prompts.size(), r.negative_prompts[0]);
@@ -697,19 +771,26 @@ Result Pipeline::run_request(const Request& r, const Stage& stage) const {
   p.prompt_weighting = r.prompt_weighting;
   std::optional<MicroConditioning> micro = make_micro_conditioning(time_ids_, p.height, p.width, r.micro);
   if (micro) p.micro = micro->to_json(*time_ids_);
+  if (labels && labels->size() != p.prompts.size()) {
+    throw GenerationError(std::to_string(labels->size()) + " class labels for " + std::to_string(p.prompts.size()) +
+                          " prompts; pass one per prompt");
+  }
 
   const ModelFacts& f = artifacts_.facts;
   std::vector<int64_t> shape = {images, f.latent_channels, p.height / f.latent_factor, p.width / f.latent_factor};
-  std::optional<Tensor> given_noise;
+  std::optional<Tensor> given_noise, given_init;
   if (r.latents) given_noise = checked_latents(*r.latents, shape);
+  if (r.init_latents) given_init = checked_latents(*r.init_latents, shape, "init_latents");
+  const Tensor* init_latents = stage.init_latents ? stage.init_latents : given_init ? &*given_init : nullptr;
 
   // ---- scheduler ----------------------------------------------------------------------------------------
   if (auto it = schedulers_.unusable.find(p.scheduler); it != schedulers_.unusable.end()) {
     throw GenerationError(it->second + "; this model can use " + join(schedulers(), ", "));
   }
+  std::optional<double> eta = checked_eta(r.eta, p.scheduler);
   std::shared_ptr<const Scheduler> scheduler;
   for (const auto& [name, s] : schedulers_.usable) {
-    if (name == p.scheduler) scheduler = s;
+    if (name == p.scheduler) scheduler = eta ? Scheduler::make(name, artifacts_.scheduler_config, eta) : s;
   }
   int64_t fewest = scheduler->fewest_sound_steps();
   if (p.steps < fewest) {
@@ -719,13 +800,19 @@ Result Pipeline::run_request(const Request& r, const Stage& stage) const {
   std::unique_ptr<SchedulerRun> run = scheduler->set_timesteps(p.steps);
   if (stage.denoising_start) {
     run = start_at(std::move(run), *stage.denoising_start, p.scheduler);
-  } else if (r.init_image) {
+  } else if (r.init_image || init_latents) {
     run = run->with_strength(p.strength);
   }
   size_t num_steps = stage.denoising_end ? steps_before(*run, *stage.denoising_end, p.scheduler) : run->size();
 
   std::map<std::string, double> timings;
-  bool use_cfg = has_text && p.guidance > 1.0;  // manifest GUIDANCE: guidance <= 1.0 skips the unconditional half
+  // manifest GUIDANCE: guidance <= 1.0 skips the unconditional half; an LCM-distilled UNet takes guidance as its
+  // timestep_cond input instead, with no unconditional half at all.
+  const std::optional<int64_t> lcm_dim = f.time_cond_proj_dim;
+  bool use_cfg = has_text && p.guidance > 1.0 && !lcm_dim;
+  if (lcm_dim && std::any_of(p.negative_prompts.begin(), p.negative_prompts.end(), [](const std::string& n) { return !n.empty(); })) {
+    warn("this LCM-distilled model takes guidance as an embedding, with no unconditional batch: the negative prompt is not used");
+  }
   std::optional<Tensor> context, pooled;
   if (has_text) std::tie(context, pooled) = encode_prompts(p, use_cfg, timings);
   // SDXL's UNet inputs besides the context: text_embeds (rows, P) and time_ids (rows, N), rows as the context's.
@@ -760,7 +847,10 @@ Result Pipeline::run_request(const Request& r, const Stage& stage) const {
     return x;
   };
   if (stage.denoising_start) {
-    start.x = *stage.init_latents;  // continue where the other pipeline stopped
+    start.x = *init_latents;  // continue where the other pipeline stopped
+  } else if (init_latents) {  // img2img from latents
+    start.image_latents = *init_latents;
+    start.x = run->add_noise(*init_latents, noise, 0);
   } else if (!r.init_image) {
     start.x = scaled_noise();
   } else {
@@ -844,6 +934,12 @@ Result Pipeline::run_request(const Request& r, const Stage& stage) const {
   };
 
   // ---- the loop (Pipeline._denoise) --------------------------------------------------------------------
+  std::vector<int64_t> unet_labels;  // (B or 2B,): each prompt's label `batch` times, [uncond, cond] under guidance
+  if (labels) unet_labels = repeat_rows(*labels, labels->size(), size_t(p.batch));
+  const std::vector<int64_t> recorded_labels = unet_labels;
+  if (use_cfg) unet_labels.insert(unet_labels.end(), recorded_labels.begin(), recorded_labels.end());
+  std::optional<Tensor> timestep_cond;  // (B, time_cond_proj_dim), the same every step
+  if (lcm_dim) timestep_cond = guidance_embedding(p.guidance, *lcm_dim, images);
   Tensor x = start.x;
   size_t n = run->size();
   for (size_t i = 0; i < num_steps; ++i) {
@@ -869,6 +965,8 @@ Result Pipeline::run_request(const Request& r, const Stage& stage) const {
       feeds.push_back({"text_embeds", pooled->shape, pooled->data.data(), nullptr});
       feeds.push_back({"time_ids", time_ids->shape, time_ids->data.data(), nullptr});
     }
+    if (!unet_labels.empty()) feeds.push_back({"class_labels", {int64_t(unet_labels.size())}, nullptr, unet_labels.data()});
+    if (timestep_cond) feeds.push_back({"timestep_cond", timestep_cond->shape, timestep_cond->data.data(), nullptr});
     Tensor out = call("unet", feeds, timings, int64_t(i)).at("out_sample");
     Tensor eps = use_cfg ? combine(out, p.guidance, p.guidance_rescale) : std::move(out);
     // The x0 estimate (before the step overwrites x) for a preview of this step.
@@ -893,11 +991,13 @@ Result Pipeline::run_request(const Request& r, const Stage& stage) const {
     result.images = finish(call("vae_decoder", {latent}, timings).at("image"));
     if (pending) r.preview(*pending, int64_t(num_steps), result.images);
   }
-  if (stage.init_latents) p.mode = "img2img";
+  if (init_latents) p.mode = "img2img";
+  if (eta) p.extra["eta"] = num(*eta);
   if (stage.denoising_start || stage.denoising_end) {
     p.extra["denoising_start"] = stage.denoising_start ? num(*stage.denoising_start) : "null";
     p.extra["denoising_end"] = stage.denoising_end ? num(*stage.denoising_end) : "null";
   }
+  if (labels) p.extra["class_labels"] = int_list(recorded_labels);
   result.latents = std::move(x);
   timings["total"] = seconds_since(start_time);
   result.params = std::move(p);

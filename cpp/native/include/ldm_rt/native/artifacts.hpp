@@ -38,6 +38,8 @@ struct ModelFacts {
   std::optional<int64_t> pooled_dim;
   std::optional<int64_t> time_ids;
   bool force_zeros_for_empty_prompt = false;
+  // LCM-distilled UNet (diffusers' time_cond_proj_dim): guidance as a w-embedding of this width (timestep_cond).
+  std::optional<int64_t> time_cond_proj_dim;
   int64_t pixel_multiple() const { return latent_factor * unet_factor; }
 };
 

@@ -34,7 +34,8 @@ struct GenerationParams {
   bool prompt_weighting = false;  // recorded only when on, as Python records it
   // SDXL: the micro-conditioning the UNet read (MicroConditioning::to_json), name -> JSON text.
   std::map<std::string, std::string> micro;
-  // More entries, name -> JSON text: the refiner hand-off's (refiner_start, denoising_*, base_model_hash, base_*).
+  // More entries, name -> JSON text: the refiner hand-off's (refiner_start, denoising_*, base_model_hash, base_*),
+  // eta and class_labels when given.
   std::map<std::string, std::string> extra;
 
   int64_t images() const { return int64_t(prompts.size()) * batch; }
@@ -42,6 +43,12 @@ struct GenerationParams {
   std::string to_json() const;
   // The text chunks of image `index` of `count` (Result.metadata(index)).
   TextChunks text(std::size_t index, std::size_t count) const;
+  // The text chunks of all images as one grid (Result.metadata(None)): one prompt if they all agree, else the list.
+  TextChunks grid_text() const;
+
+ private:
+  // images.TEXT_KEYS' chunks for these prompts (the rest: parameters and Software follow).
+  TextChunks chunks(const std::string& prompt, const std::string& negative_prompt) const;
 };
 
 

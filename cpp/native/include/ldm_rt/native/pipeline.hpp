@@ -92,25 +92,39 @@ struct Request {
   // (no noise added), one generator for both. Not with a mask.
   std::shared_ptr<const Pipeline> refiner;
   std::optional<double> refiner_start;
+  // The sampler's noise in [0, 1] (generate's eta=, --eta): DDIM's eta, TCD's gamma, DPM++ 2S a's eta; none: the
+  // scheduler's default (0, 0.3, 1). Recorded in the parameters when given; other schedulers refuse it.
+  std::optional<double> eta;
+  // Class-conditional models (generate's class_labels=): one label in [0, num_classes) per prompt (one prompt with
+  // several labels: that prompt once per label); recorded in the parameters, repeated per batch.
+  std::optional<std::vector<int64_t>> class_labels;
+  // The hand-off's halves by hand (generate's init_latents=, denoising_start=, denoising_end=, decode=):
+  // denoising_end with decode = false stops at that fraction of the schedule (Result::latents, no images), and
+  // another call continues from init_latents at denoising_start (no noise added). init_latents without
+  // denoising_start: img2img from scaled latents (B, C, h, w) instead of an image.
+  std::optional<LatentsInput> init_latents;
+  std::optional<double> denoising_start, denoising_end;
+  bool decode = true;
 };
 
 struct Result {
-  std::vector<Image> images;
+  std::vector<Image> images;             // none when the request asked for latents only (decode = false)
   GenerationParams params;
   std::map<std::string, double> timings;  // seconds: text_encoder(_2), vae_encoder, unet, vae_decoder, preview, total
                                           // (a hand-off: the refiner's, the base's as base_*, total of both)
   Tensor latents;                         // the final latents (B, C, h, w)
 
   // Image files with their parameters (PNG: text chunks; JPEG: the EXIF UserComment; by extension): `path`
-  // for one image, NAME_0.png, NAME_1.png, ... for a batch; all are written or none. Returns the paths.
-  std::vector<std::string> save(const std::string& path) const;
+  // for one image, NAME_0.png, NAME_1.png, ... for a batch, or with as_grid one grid image at `path`
+  // (images.grid); all are written or none. Returns the paths.
+  std::vector<std::string> save(const std::string& path, bool as_grid = false) const;
 };
 
 // The format an output name asks for ("PNG" or "JPEG", by extension), else OutputError naming those written.
 std::string output_format(const std::string& path);
 
-// The files a save(path) of `count` images writes (images.output_paths).
-std::vector<std::string> output_paths(const std::string& path, std::size_t count);
+// The files a save(path, as_grid) of `count` images writes (images.output_paths).
+std::vector<std::string> output_paths(const std::string& path, std::size_t count, bool as_grid = false);
 
 class Pipeline {
  public:
@@ -130,8 +144,8 @@ class Pipeline {
 
  private:
   struct Start;
-  // One part of a base -> refiner hand-off (pipeline.py _generate's rng, init_latents, denoising_start / _end,
-  // decode); the default is a whole request.
+  // One part of a split schedule (pipeline.py _generate's rng, init_latents, denoising_start / _end, decode): the
+  // refiner hand-off's, or a request's own (Request::denoising_*); the default is a whole request.
   struct Stage {
     Generator* rng = nullptr;              // continue this generator instead of seeding one
     const Tensor* init_latents = nullptr;  // start from these latents at denoising_start, no noise added
@@ -154,6 +168,8 @@ class Pipeline {
   // The folder's fast-preview map, or null (then "fast" previews are full decodes); the first call says in the log
   // when there is none or it fits the VAE poorly (pipeline.py Pipeline.preview_factors).
   const PreviewFactors* fast_preview_factors() const;
+  // pipeline._class_labels: the request's labels, checked against a class-conditional UNet's classes (none otherwise).
+  std::optional<std::vector<int64_t>> class_labels(const std::optional<std::vector<int64_t>>& given) const;
 
   Artifacts artifacts_;
   std::map<std::string, std::unique_ptr<Component>> components_;
@@ -165,6 +181,7 @@ class Pipeline {
   bool inpainting_unet_ = false;
   bool has_text_ = false;             // SD's text encoder, SDXL's two, or a refiner's second only
   std::optional<int64_t> time_ids_;   // SDXL: the UNet's time ids (6 base, 5 refiner)
+  std::optional<int64_t> num_classes_;  // a class-conditional UNet's (it takes class_labels)
   bool is_refiner_ = false;
   mutable std::atomic<bool> previews_announced_{false};
 };
