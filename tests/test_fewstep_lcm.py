@@ -9,10 +9,12 @@ the oracle itself must tell guidance 8 from 3 by far more than the parity margin
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from fewstep_support import image_uint8, patch_numpy_noise, unit_latents
-from test_runtime_fixtures import exported, psnr
+from test_runtime_fixtures import psnr
 
 from ldm_rt.runtime.pipeline import Pipeline
 from ldm_rt.runtime.schedulers.lcm import guidance_embedding
@@ -50,14 +52,33 @@ def make_tiny_lcm(path, base) -> object:
     return path / "lcm"
 
 
+_LCM: dict[str, tuple[Path, Path]] = {}
+
+
+def tiny_lcm_export(tmp_path_factory, tiny_sd_v1) -> tuple[Path, Path]:
+    """(the tiny LCM folder, its artifacts for one image of SIZE x SIZE), made once per session (test_native_fewstep.py
+    samples the same): the cheapest export that samples it (one static shape, no ONNX Runtime attention variant)."""
+    from ldm_rt.export.build import BuildOptions, build
+    from ldm_rt.runtime.contracts import ShapeProfile
+
+    key = str(tmp_path_factory.getbasetemp())
+    if key not in _LCM:
+        root = tmp_path_factory.mktemp("tiny_lcm")
+        folder = make_tiny_lcm(root, tiny_sd_v1)
+        options = BuildOptions(model=folder, out=root / "artifacts", profile=ShapeProfile.static(1, SIZE, SIZE), onnx_only=True, ort_variant=False, progress=False)
+        build(options)
+        _LCM[key] = (folder, options.out)
+    return _LCM[key]
+
+
 @pytest.fixture(scope="module")
 def lcm_folder(tmp_path_factory, tiny_sd_v1):
-    return make_tiny_lcm(tmp_path_factory.mktemp("tiny_lcm"), tiny_sd_v1)
+    return tiny_lcm_export(tmp_path_factory, tiny_sd_v1)[0]
 
 
 @pytest.fixture(scope="module")
-def lcm_artifacts(tmp_path_factory, lcm_folder):
-    return exported(tmp_path_factory, lcm_folder, fp16=False)
+def lcm_artifacts(tmp_path_factory, tiny_sd_v1):
+    return tiny_lcm_export(tmp_path_factory, tiny_sd_v1)[1]
 
 
 @pytest.fixture(scope="module")

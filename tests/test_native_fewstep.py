@@ -73,18 +73,12 @@ def sd(native, tmp_path_factory, tiny_sd_v1) -> Path:  # noqa: F811
 # ---- LCM-distilled and Turbo ------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def lcm(native, tmp_path_factory, tiny_sd_v1) -> Path:  # noqa: F811
-    """tests/test_fewstep_lcm.py's tiny LCM (w-embedding width 32), exported for one image of SIZE x SIZE (the build API
-    without the ONNX Runtime attention variant: the cheapest export that samples it)."""
-    from test_fewstep_lcm import make_tiny_lcm
+    """tests/test_fewstep_lcm.py's tiny LCM (w-embedding width 32), its session export (one image of 16 x 16)."""
+    from test_fewstep_lcm import SIZE as LCM_SIZE
+    from test_fewstep_lcm import tiny_lcm_export
 
-    from ldm_rt.export.build import BuildOptions, build
-    from ldm_rt.runtime.contracts import ShapeProfile
-
-    folder = tmp_path_factory.mktemp("native_lcm")
-    out = folder / "artifacts"
-    profile = ShapeProfile.static(1, SIZE, SIZE)
-    build(BuildOptions(model=make_tiny_lcm(folder, tiny_sd_v1), out=out, profile=profile, onnx_only=True, ort_variant=False, progress=False))
-    return out
+    assert LCM_SIZE == SIZE
+    return tiny_lcm_export(tmp_path_factory, tiny_sd_v1)[1]
 
 
 def test_lcm_distilled_model_matches_ldm_rt_sample_and_its_w_matters(native, lcm, tmp_path):  # noqa: F811
