@@ -3,11 +3,10 @@
 schedule up to the cutoff and hands its latents over undecoded, the refiner continues with no noise added and
 one generator for both (docs/sampler_spec.md, "Base + refiner"). Images agree to rounding of two engines, both
 fp32 (PSNR >= 45 dB); the oracle tells a wrong split or a base-only image apart (< 30 dB). Also: the same text
-chunks, the same one-line refusals, and ControlNet artifacts refused before anything is compiled."""
+chunks and the same one-line refusals (ControlNet with --refiner: tests/test_native_controlnet.py)."""
 
 from __future__ import annotations
 
-import copy
 import json
 import shutil
 from pathlib import Path
@@ -97,24 +96,6 @@ def test_refiner_bad_input_gets_the_messages_of_ldm_rt_sample(native, base, refi
         done = native.run(*args, "--prompt", PROMPT, "--out", out)
         assert (done.returncode, done.stderr.splitlines()) == (2, [f"ldm-rt-native: error: {expected}"]), args
         assert not out.exists()
-
-
-def test_controlnet_artifacts_are_refused_naming_ldm_rt_sample(native, tmp_path):
-    """A folder whose manifest lists controlnet_0 and controlnet_10 (the UNet would take their residuals): one
-    line naming them in export order and what samples them, exit 2, nothing written, before any compile (no
-    OpenVINO error about the UNet's inputs, and quickly)."""
-    folder = tmp_path / "controlnet"
-    shutil.copytree(default_artifacts_dir(), folder)
-    manifest = json.loads((folder / "manifest.json").read_text())
-    for k in (10, 0):  # the copy of an existing component is enough: the folder is refused before it is read
-        manifest["components"][f"controlnet_{k}"] = copy.deepcopy(manifest["components"]["vae_encoder"])
-    (folder / "manifest.json").write_text(json.dumps(manifest))
-    done = native.run("--model", folder, "--prompt", "x", "--no-compile-cache", "--out", tmp_path / "never.png")
-    assert done.returncode == 2 and done.stderr.splitlines() == [
-        "ldm-rt-native: error: these artifacts have ControlNets (controlnet_0, controlnet_10), which ldm-rt-native does not run; "
-        "sample them with ldm-rt sample --control-image"
-    ], done.stderr
-    assert not (tmp_path / "never.png").exists()
 
 
 def test_without_scheduler_each_samples_with_the_models_own(native, base, refiner, tmp_path):

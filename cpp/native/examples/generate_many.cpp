@@ -10,7 +10,8 @@
 // aesthetic_score, negative_aesthetic_score; PNG paths for images; step previews: preview (a name P: each preview is
 // written to P_STEP.png), preview_every, preview_kind; eta, class_labels ([ints]), grid (true: one grid image at out);
 // the hand-off by hand: init_latents (a .npy path), denoising_start, denoising_end, decode (false: the final latents
-// are written to "out" as a float32 .npy instead of images).
+// are written to "out" as a float32 .npy instead of images); ControlNet: control_images (paths),
+// controlnet_conditioning_scale, control_guidance_start, control_guidance_end (a number or a list each), guess_mode.
 #include <exception>
 #include <fstream>
 #include <iostream>
@@ -20,6 +21,7 @@
 #include <thread>
 #include <vector>
 
+#include "ldm_rt/native/controlnet.hpp"
 #include "ldm_rt/native/json.hpp"
 #include "ldm_rt/native/pipeline.hpp"
 
@@ -27,7 +29,18 @@ namespace native = ldm_rt::native;
 
 namespace {
 
-native::Request request_from(const native::Json& j) {
+// A number, or a list of numbers (one per ControlNet).
+std::vector<double> numbers(const native::Json* v) {
+  std::vector<double> out;
+  if (v && v->is_array()) {
+    for (const native::Json& x : v->as_array()) out.push_back(x.as_double());
+  } else if (v) {
+    out.push_back(v->as_double());
+  }
+  return out;
+}
+
+native::Request request_from(const native::Json& j, size_t controlnets) {
   native::Request r;
   if (auto* v = j.find("prompt")) r.prompts = {v->as_string()};
   if (auto* v = j.find("negative_prompt")) r.negative_prompts = {v->as_string()};
@@ -74,6 +87,16 @@ native::Request request_from(const native::Json& j) {
   if (auto* v = j.find("denoising_start")) r.denoising_start = v->as_double();
   if (auto* v = j.find("denoising_end")) r.denoising_end = v->as_double();
   if (auto* v = j.find("decode")) r.decode = v->as_bool();
+  if (auto* v = j.find("control_images")) {
+    for (size_t k = 0; k < v->size(); ++k) {  // read when there is one per ControlNet (else generate() says the count)
+      r.control_images.push_back(v->size() == controlnets ? native::read_rgb_image((*v)[k].as_string(), native::control_image_what(controlnets, k))
+                                                          : native::Image{});
+    }
+  }
+  r.controlnet_conditioning_scale = numbers(j.find("controlnet_conditioning_scale"));
+  r.control_guidance_start = numbers(j.find("control_guidance_start"));
+  r.control_guidance_end = numbers(j.find("control_guidance_end"));
+  if (auto* v = j.find("guess_mode")) r.guess_mode = v->as_bool();
   return r;
 }
 
@@ -93,7 +116,7 @@ std::vector<std::string> save_npy(const native::Tensor& t, const std::string& pa
 }
 
 std::vector<std::string> serve(const native::Pipeline& pipe, const native::Json& j) {
-  native::Result result = pipe.generate(request_from(j));
+  native::Result result = pipe.generate(request_from(j, pipe.controlnets().size()));
   const std::string out = j.at("out").as_string();
   if (result.images.empty()) return save_npy(result.latents, out);
   const native::Json* grid = j.find("grid");

@@ -208,6 +208,23 @@ std::vector<std::string> tensor_names(const Json& list, const std::string& mp) {
   return names;
 }
 
+// Each tensor's shape in `list` as text (a number's digits or a name), in order.
+std::vector<std::vector<std::string>> tensor_shapes(const Json& list, const std::string& mp) {
+  std::vector<std::vector<std::string>> shapes;
+  for (const Json& t : list.as_array()) {
+    const Json* shape = t.find("shape");
+    std::vector<std::string> dims;
+    if (shape && !shape->is_array()) malformed(mp, "TypeError('a tensor shape must be a JSON array')");
+    for (size_t k = 0; shape && k < shape->size(); ++k) {
+      const Json& d = (*shape)[k];
+      if (!d.is_string() && !d.is_integer()) malformed(mp, "TypeError('a tensor dimension must be an int or a name')");
+      dims.push_back(d.is_string() ? d.as_string() : std::to_string(d.as_int()));
+    }
+    shapes.push_back(std::move(dims));
+  }
+  return shapes;
+}
+
 // (fewest, most) prompt chunks the UNet's context takes (runtime/pipeline.Pipeline.prompt_chunks): its
 // encoder_hidden_states' token axis is a contract dim (a multiple of the encoder's length) in builds made with
 // --prompt-chunks, a fixed size otherwise (1, 1).
@@ -318,6 +335,8 @@ Artifacts Artifacts::open(const std::string& dir, const std::string& precision) 
       ComponentFiles files;
       files.inputs = tensor_names(key(contract, "inputs", mp), mp);
       files.outputs = tensor_names(key(contract, "outputs", mp), mp);
+      files.input_shapes = tensor_shapes(key(contract, "inputs", mp), mp);
+      if (const Json* extra = contract.find("extra"); extra && extra->is_object()) files.extra = *extra;
       const Json& precisions = key(c, "precisions", mp);
       if (!precisions.is_object()) malformed(mp, "TypeError('components." + name + ".precisions must be a JSON object')");
       if (const Json* pe = precisions.find(precision)) {
@@ -361,6 +380,13 @@ Artifacts Artifacts::open(const std::string& dir, const std::string& precision) 
       if (const Json* sha = source->find("sha256")) {
         if (!sha->is_string()) malformed(mp, "TypeError('source.sha256 must be a string, got " + py_repr(sha) + "')");
         source_hash = sha->as_string();
+      }
+      // runtime/pipeline.py: a ControlNet record's sha256 when it is a non-empty string.
+      if (const Json* nets = source->find("controlnets"); nets && nets->is_array()) {
+        for (const Json& net : nets->as_array()) {
+          const Json* sha = net.is_object() ? net.find("sha256") : nullptr;
+          a.controlnet_sha256.push_back(sha && sha->is_string() ? sha->as_string() : "");
+        }
       }
     }
 

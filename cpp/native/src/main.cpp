@@ -15,6 +15,7 @@
 #include <sys/stat.h>
 #include <vector>
 
+#include "ldm_rt/native/controlnet.hpp"
 #include "ldm_rt/native/pipeline.hpp"
 
 using namespace ldm_rt::native;
@@ -43,7 +44,9 @@ const char* kHelp = R"(usage: ldm-rt-native [-h] [--prompt PROMPT] [--negative-p
                      [--no-compile-cache] [--model MODEL] [--original-size H W] [--crops-coords-top-left TOP LEFT]
                      [--target-size H W] [--negative-original-size H W] [--negative-crops-coords-top-left TOP LEFT]
                      [--negative-target-size H W] [--aesthetic-score S] [--negative-aesthetic-score S]
-                     [--refiner DIR] [--refiner-start F] [--verbose]
+                     [--refiner DIR] [--refiner-start F] [--control-image IMG] [--controlnet-scale S]
+                     [--control-guidance-start F [F ...]] [--control-guidance-end F [F ...]] [--guess-mode]
+                     [--verbose]
 
 Generate images from a prompt with the native runtime (no Python): the artifacts folder's tokenizer, scheduler and
 portable ONNX files on OpenVINO's C++ API. The same arguments and seed give the image `ldm-rt sample` gives.
@@ -117,6 +120,22 @@ SDXL:
   --aesthetic-score S   aesthetic_score (refiner; default 6.0)
   --negative-aesthetic-score S
                         negative_aesthetic_score (refiner; default 2.5)
+
+ControlNet:
+  artifacts built with --controlnet: one control image per ControlNet, in export order
+
+  --control-image IMG   control image (canny edges, depth, pose, ...) of the next ControlNet; resized to the output
+                        size; repeatable
+  --controlnet-scale S  conditioning scale of the --control-image before it (default 1.0); give none or one per
+                        --control-image
+  --control-guidance-start F [F ...]
+                        fraction of the steps after which the ControlNets apply: one for all or one per ControlNet
+                        (default 0)
+  --control-guidance-end F [F ...]
+                        fraction of the steps until which the ControlNets apply: one for all or one per ControlNet
+                        (default 1)
+  --guess-mode          ControlNets steer the conditional half only, coarse residuals weighted up (diffusers'
+                        guess_mode; for empty prompts)
 )";
 
 std::string replace(std::string s, const std::string& from, const std::string& to) {
@@ -180,6 +199,10 @@ struct Args {
   std::string precision = "fp32";
   std::optional<long long> threads;
   bool bf16 = false, no_compile_cache = false, verbose = false, help = false, prompt_weighting = false, grid = false;
+  std::vector<std::string> control_images;  // repeatable, export order
+  std::vector<double> controlnet_scales;    // repeatable: one after each --control-image, or none
+  std::optional<std::vector<double>> control_guidance_start, control_guidance_end;  // nargs="+": the last given
+  bool guess_mode = false;
 };
 
 Args parse(int argc, char** argv) {
@@ -227,6 +250,22 @@ Args parse(int argc, char** argv) {
       if (!x) throw UsageError("argument " + arg + ": invalid float value: " + py_repr(v));
       return *x;
     };
+    auto reals = [&]() {  // nargs="+" floats: the arguments up to the next option (a negative number is a value)
+      std::vector<std::string> texts;
+      if (inline_value) texts.push_back(value);
+      while (!inline_value && k + 1 < argc &&
+             !(argv[k + 1][0] == '-' && argv[k + 1][1] != '\0' && !std::isdigit((unsigned char)argv[k + 1][1]) && argv[k + 1][1] != '.')) {
+        texts.push_back(argv[++k]);
+      }
+      if (texts.empty()) throw UsageError("argument " + arg + ": expected at least one argument");
+      std::vector<double> values;
+      for (const std::string& v : texts) {
+        auto x = parse_float(v);
+        if (!x) throw UsageError("argument " + arg + ": invalid float value: " + py_repr(v));
+        values.push_back(*x);
+      }
+      return values;
+    };
     if (arg == "-h" || arg == "--help") a.help = true;
     else if (arg == "--prompt") a.prompt = next();
     else if (arg == "--negative-prompt") a.negative_prompt = next();
@@ -259,6 +298,11 @@ Args parse(int argc, char** argv) {
     else if (arg == "--negative-aesthetic-score") a.micro.negative_aesthetic_score = real();
     else if (arg == "--refiner") a.refiner = next();
     else if (arg == "--refiner-start") a.refiner_start = real();
+    else if (arg == "--control-image") a.control_images.push_back(next());
+    else if (arg == "--controlnet-scale") a.controlnet_scales.push_back(real());
+    else if (arg == "--control-guidance-start") a.control_guidance_start = reals();
+    else if (arg == "--control-guidance-end") a.control_guidance_end = reals();
+    else if (arg == "--guess-mode") flag(a.guess_mode);
     else if (arg == "--init-image") a.init_image = next();
     else if (arg == "--strength") a.strength = real();
     else if (arg == "--mask") a.mask = next();
@@ -370,7 +414,7 @@ std::string fixed3(double v) {
 
 std::string format_timings(const std::map<std::string, double>& t, long long unet_steps) {
   std::vector<std::string> parts;
-  for (const char* stage : {"text_encoder", "text_encoder_2", "vae_encoder", "unet", "vae_decoder", "preview", "total"}) {
+  for (const char* stage : {"text_encoder", "text_encoder_2", "vae_encoder", "controlnet", "unet", "vae_decoder", "preview", "total"}) {
     auto it = t.find(stage);
     if (it == t.end()) continue;
     if (std::string(stage) == "unet") {
@@ -398,6 +442,10 @@ int sample(const Args& a) {
   if (a.mask && !a.init_image) throw CliError("--mask needs --init-image: inpainting repaints part of an image");
   if (a.strength && !a.init_image) throw CliError("--strength needs --init-image: it is the fraction of the schedule run from that image");
   if (a.mask_blur && !a.mask) throw CliError("--mask-blur needs --mask: it softens the seam of the inpainted region");
+  if (!a.controlnet_scales.empty() && a.controlnet_scales.size() != a.control_images.size()) {  // cli.control_arguments
+    throw CliError(std::to_string(a.controlnet_scales.size()) + " --controlnet-scale values for " + std::to_string(a.control_images.size()) +
+                   " --control-image; give one after each --control-image, or none");
+  }
   std::optional<LatentsInput> latents;
   if (a.latents) {  // cli.load_latents: the header now, the values once the pipeline has checked them
     try {
@@ -454,6 +502,16 @@ int sample(const Args& a) {
   r.width = a.width;
   r.latents = latents;
   r.micro = a.micro;
+  // Read only when there is one per ControlNet, as generate() counts them before it opens any (a wrong count, or
+  // control images for a folder without ControlNets, is its one line; the placeholders never reach a network).
+  const size_t nets = pipe->controlnets().size();
+  for (size_t k = 0; k < a.control_images.size(); ++k) {
+    r.control_images.push_back(a.control_images.size() == nets ? read_rgb_image(a.control_images[k], control_image_what(nets, k)) : Image{});
+  }
+  r.controlnet_conditioning_scale = a.controlnet_scales;
+  r.control_guidance_start = a.control_guidance_start.value_or(std::vector<double>{});
+  r.control_guidance_end = a.control_guidance_end.value_or(std::vector<double>{});
+  r.guess_mode = a.guess_mode;
   if (a.init_image) r.init_image = read_rgb_image(*a.init_image, "init image");
   r.strength = a.strength;
   if (a.mask) r.mask = read_mask_image(*a.mask);

@@ -10,6 +10,7 @@
 #include <set>
 #include <tuple>
 
+#include "ldm_rt/native/controlnet.hpp"
 #include "ldm_rt/native/image_ops.hpp"
 #include "ldm_rt/native/jpeg_io.hpp"
 #include "ldm_rt/native/json.hpp"
@@ -188,23 +189,6 @@ std::optional<double> checked_eta(std::optional<double> eta, const std::string& 
   return eta;
 }
 
-// contracts.controlnet_names: controlnet_0, controlnet_1, ... (a "controlnet_" prefix and a whole number).
-void refuse_controlnets(const Artifacts& artifacts) {
-  const std::string prefix = "controlnet_";
-  std::vector<std::string> found;
-  for (const auto& [name, _] : artifacts.components) {
-    std::string index = name.substr(0, prefix.size()) == prefix ? name.substr(prefix.size()) : "";
-    if (!index.empty() && std::all_of(index.begin(), index.end(), [](char c) { return c >= '0' && c <= '9'; })) found.push_back(name);
-  }
-  if (found.empty()) return;
-  std::sort(found.begin(), found.end(), [](const std::string& a, const std::string& b) {  // export order: 2 before 10
-    return std::make_pair(a.size(), a) < std::make_pair(b.size(), b);
-  });
-  // Their UNet takes the ControlNets' residuals, which only the Python runtime computes.
-  throw GenerationError("these artifacts have ControlNets (" + join(found, ", ") +
-                        "), which ldm-rt-native does not run; sample them with ldm-rt sample --control-image");
-}
-
 // params.check_denoising_fraction: strictly inside (0, 1).
 double checked_fraction(double value, const std::string& what) {
   if (!(value > 0.0 && value < 1.0)) {
@@ -331,7 +315,6 @@ std::shared_ptr<const Pipeline> Pipeline::open(const LoadOptions& options) {
   }
   check_host_options(options.host);  // before anything is opened
   Artifacts artifacts = Artifacts::open(options.model_dir, options.precision);
-  refuse_controlnets(artifacts);  // before anything is compiled
   std::shared_ptr<const Backend> backend = open_openvino(options.host);
   std::map<std::string, std::unique_ptr<Component>> components;
   for (const auto& [name, files] : artifacts.components) {
@@ -365,10 +348,15 @@ Pipeline::Pipeline(Artifacts artifacts, std::map<std::string, std::unique_ptr<Co
     throw GenerationError("this UNet takes SDXL's pooled text embeds and time ids, but the model has no text_encoder_2 to make them; "
                           "rebuild the artifacts from a complete SDXL model (both text encoders, or a refiner's second)");
   }
+  controlnets_ = controlnet_names(artifacts_.components);
+  for (const std::string& name : controlnets_) {
+    std::string input = unfed_controlnet_input(artifacts_.components.at(name));
+    if (!input.empty()) throw GenerationError("this model's " + name + " takes " + input + ", which ldm-rt-native does not feed; use ldm-rt sample");
+  }
   for (const std::string& input : unet.inputs) {
     bool fed = input == "sample" || input == "timestep" || input == "encoder_hidden_states" ||
                (time_ids_ && (input == "text_embeds" || input == "time_ids")) || (num_classes_ && input == "class_labels") ||
-               (artifacts_.facts.time_cond_proj_dim && input == "timestep_cond");
+               (artifacts_.facts.time_cond_proj_dim && input == "timestep_cond") || (!controlnets_.empty() && is_controlnet_residual(input));
     if (!fed) {
       throw GenerationError("this model's UNet takes " + input + ", which ldm-rt-native does not feed; use ldm-rt sample");
     }
@@ -559,7 +547,10 @@ const PreviewFactors* Pipeline::fast_preview_factors() const {
 
 Result Pipeline::generate(const Request& r) const {
   try {
+    std::optional<ControlRequest> control = make_control_request(
+        controlnets_.size(), r.control_images, r.controlnet_conditioning_scale, r.control_guidance_start, r.control_guidance_end, r.guess_mode);
     if (r.refiner) {
+      if (control) throw GenerationError("refiner= with ControlNets is not supported; sample the ControlNet artifacts without a refiner");
       if (r.denoising_start || r.denoising_end || r.init_latents || !r.decode) {
         throw GenerationError("refiner= splits the schedule itself; drop denoising_start, denoising_end, init_latents and decode=False");
       }
@@ -570,6 +561,7 @@ Result Pipeline::generate(const Request& r) const {
     }
     Stage stage;
     stage.denoising_start = r.denoising_start, stage.denoising_end = r.denoising_end, stage.decode = r.decode;
+    stage.control = control ? &*control : nullptr;
     return run_request(r, stage);
   } catch (const Error&) {
     throw;
@@ -899,6 +891,10 @@ Result Pipeline::run_request(const Request& r, const Stage& stage) const {
     }
   }
 
+  // ControlNets see the UNet's per-request inputs (guess mode: the conditional half).
+  std::optional<ControlRun> control;
+  if (stage.control) control.emplace(*stage.control, artifacts_, p.height, p.width, images, run->size(), use_cfg, context, pooled, time_ids);
+
   // Decoder output -> the images (previews' too): 8 bits, inpainting's kept pixels pasted back.
   auto finish = [&](const Tensor& decoded) {
     std::vector<Image> images = to_uint8(decoded);
@@ -967,6 +963,16 @@ Result Pipeline::run_request(const Request& r, const Stage& stage) const {
     }
     if (!unet_labels.empty()) feeds.push_back({"class_labels", {int64_t(unet_labels.size())}, nullptr, unet_labels.data()});
     if (timestep_cond) feeds.push_back({"timestep_cond", timestep_cond->shape, timestep_cond->data.data(), nullptr});
+    std::vector<std::pair<std::string, Tensor>> residuals;
+    if (control) {  // the ControlNets' summed residuals for this step (controlnet.hpp), timed together
+      residuals = control->residuals(i, x_in, t, [&](const std::string& name, const std::vector<Feed>& f) {
+        std::map<std::string, double> own;
+        std::map<std::string, Tensor> outs = call(name, f, own, int64_t(i));
+        timings["controlnet"] += own[name];
+        return outs;
+      });
+      for (const auto& [name, value] : residuals) feeds.push_back({name, value.shape, value.data.data(), nullptr});
+    }
     Tensor out = call("unet", feeds, timings, int64_t(i)).at("out_sample");
     Tensor eps = use_cfg ? combine(out, p.guidance, p.guidance_rescale) : std::move(out);
     // The x0 estimate (before the step overwrites x) for a preview of this step.
@@ -993,6 +999,7 @@ Result Pipeline::run_request(const Request& r, const Stage& stage) const {
   }
   if (init_latents) p.mode = "img2img";
   if (eta) p.extra["eta"] = num(*eta);
+  if (stage.control) stage.control->record(p, artifacts_.controlnet_sha256);
   if (stage.denoising_start || stage.denoising_end) {
     p.extra["denoising_start"] = stage.denoising_start ? num(*stage.denoising_start) : "null";
     p.extra["denoising_end"] = stage.denoising_end ? num(*stage.denoising_end) : "null";

@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "ldm_rt/native/json.hpp"
 #include "ldm_rt/native/previews.hpp"
 #include "ldm_rt/native/scheduler.hpp"
 #include "ldm_rt/native/tokenizer.hpp"
@@ -53,6 +54,10 @@ struct ComponentFiles {
   std::string onnx;                       // verified path inside the folder
   std::vector<std::string> inputs;        // the contract's input names
   std::vector<std::string> outputs;       // the contract's output names
+  // Each input's shape as the contract states it, in input order: a number as its digits, an axis name, or
+  // "scale:AXIS:k" / "div:AXIS:k" (contracts.TensorSpec.resolve; controlnet.cpp resolves the residuals').
+  std::vector<std::vector<std::string>> input_shapes;
+  Json extra;                             // the contract's `extra` facts (an object; null when absent)
   // Why these files should not be computed in bf16: their bf16 parity failed at export (export/bf16.py); "" if it
   // passed or was not recorded. Worded as runtime/manifest.Manifest.bf16_failure words it. Measured: OpenVINO's own
   // bf16 failed (refuse bf16), else only the emulation did (warn).
@@ -75,6 +80,8 @@ struct Artifacts {
   // The fast step previews' latent -> RGB map (preview_factors.json: bounded, hash-checked, read at open); none in
   // folders built before previews, whose fast previews are full ones (previews.hpp).
   std::optional<PreviewFactors> preview_factors;
+  // source.controlnets[k].sha256 of each ControlNet in export order ("" where none is recorded): image metadata.
+  std::vector<std::string> controlnet_sha256;
 
   // Reads and checks the folder; component files at `precision` ("fp32" or "fp16") are hash-checked here.
   static Artifacts open(const std::string& dir, const std::string& precision = "fp32");

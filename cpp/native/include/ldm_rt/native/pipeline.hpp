@@ -47,6 +47,7 @@ constexpr double kInpaintStrength = 1.0;
 constexpr double kRefinerStart = 0.8;
 
 class Pipeline;
+struct ControlRequest;
 
 struct LoadOptions {
   std::string model_dir;             // an artifacts folder written by export
@@ -105,12 +106,19 @@ struct Request {
   std::optional<LatentsInput> init_latents;
   std::optional<double> denoising_start, denoising_end;
   bool decode = true;
+  // ControlNet (a folder built with --controlnet; generate's control_image=, controlnet_conditioning_scale=,
+  // control_guidance_start= / _end=, guess_mode=; controlnet.hpp): one control image per ControlNet in export
+  // order, resized to the output size; each number list empty for diffusers' default (1.0, 0.0, 1.0), one value
+  // for all ControlNets, or one per ControlNet; recorded in the parameters with each control image's sha256.
+  std::vector<Image> control_images;
+  std::vector<double> controlnet_conditioning_scale, control_guidance_start, control_guidance_end;
+  bool guess_mode = false;
 };
 
 struct Result {
   std::vector<Image> images;             // none when the request asked for latents only (decode = false)
   GenerationParams params;
-  std::map<std::string, double> timings;  // seconds: text_encoder(_2), vae_encoder, unet, vae_decoder, preview, total
+  std::map<std::string, double> timings;  // seconds: text_encoder(_2), vae_encoder, controlnet, unet, vae_decoder, preview, total
                                           // (a hand-off: the refiner's, the base's as base_*, total of both)
   Tensor latents;                         // the final latents (B, C, h, w)
 
@@ -138,6 +146,8 @@ class Pipeline {
   std::vector<std::string> schedulers() const;
   // What an empty Request::scheduler samples with: the folder's own, else ddim (scheduler_choice.FALLBACK).
   const std::string& default_scheduler() const { return default_scheduler_; }
+  // The folder's ControlNets (controlnet_0, ...), export order: a request passes one control image for each.
+  const std::vector<std::string>& controlnets() const { return controlnets_; }
 
   Pipeline(Artifacts artifacts, std::map<std::string, std::unique_ptr<Component>> components, std::string precision,
            bool reduced_precision, std::function<void(const std::string&)> warn);
@@ -151,6 +161,7 @@ class Pipeline {
     const Tensor* init_latents = nullptr;  // start from these latents at denoising_start, no noise added
     std::optional<double> denoising_start, denoising_end;
     bool decode = true;
+    const ControlRequest* control = nullptr;  // the request's ControlNets, checked (generate's control)
   };
   static std::shared_ptr<const Pipeline> open(const LoadOptions& options);
   Result run_request(const Request& request, const Stage& stage) const;
@@ -183,6 +194,7 @@ class Pipeline {
   std::optional<int64_t> time_ids_;   // SDXL: the UNet's time ids (6 base, 5 refiner)
   std::optional<int64_t> num_classes_;  // a class-conditional UNet's (it takes class_labels)
   bool is_refiner_ = false;
+  std::vector<std::string> controlnets_;  // controlnet_<k>, export order
   mutable std::atomic<bool> previews_announced_{false};
 };
 
