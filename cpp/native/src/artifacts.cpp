@@ -10,6 +10,7 @@
 
 #include "ldm_rt/native/errors.hpp"
 #include "ldm_rt/native/json.hpp"
+#include "ldm_rt/native/metadata.hpp"
 #include "ldm_rt/native/sha256.hpp"
 
 namespace ldm_rt::native {
@@ -36,10 +37,7 @@ std::string py_repr(const Json* v) {
   return v->dump();
 }
 
-struct FileEntry {
-  std::string file, sha256;
-  int64_t bytes = 0;
-};
+using FileEntry = ManifestFile;
 
 // The manifest's structure errors, worded as manifest.Manifest.parse words them.
 [[noreturn]] void malformed(const std::string& manifest_path, const std::string& what) {
@@ -252,6 +250,8 @@ std::pair<int64_t, int64_t> unet_prompt_chunks(const Json& unet_contract, int64_
 
 }  // namespace
 
+std::string verify_manifest_file(const std::string& folder, const ManifestFile& entry) { return verify_file(folder, entry); }
+
 std::string normal_path(const std::string& p) {
   if (p.empty()) return ".";
   bool absolute = p[0] == '/';
@@ -374,6 +374,7 @@ Artifacts Artifacts::open(const std::string& dir, const std::string& precision) 
     FileEntry scheduler = file_entry(key(d, "scheduler", mp), "scheduler", mp);
     std::optional<FileEntry> preview;  // manifest.preview_factors: None in builds made before step previews
     if (const Json* t = d.find("preview_factors"); t && !t->is_null()) preview = file_entry(*t, "preview_factors", mp);
+    if (const Json* t = d.find("lora_targets"); t && !t->is_null()) a.lora_targets = file_entry(*t, "lora_targets", mp);
     std::string source_hash;
     if (const Json* source = d.find("source")) {
       if (!source->is_object()) malformed(mp, "TypeError('source must be a JSON object, got " + std::string(Json::type_name(source->type())) + "')");
@@ -386,6 +387,14 @@ Artifacts Artifacts::open(const std::string& dir, const std::string& precision) 
         for (const Json& net : nets->as_array()) {
           const Json* sha = net.is_object() ? net.find("sha256") : nullptr;
           a.controlnet_sha256.push_back(sha && sha->is_string() ? sha->as_string() : "");
+        }
+      }
+      if (const Json* fused = source->find("loras"); fused && fused->is_array()) {
+        for (const Json& r : fused->as_array()) {
+          if (!r.is_object()) continue;
+          Json::Object record = r.as_object();
+          record.emplace_back("applied", Json::string("export"));
+          a.fused_loras.push_back(json_dumps_sorted(Json::object(std::move(record))));
         }
       }
     }
@@ -438,6 +447,7 @@ Artifacts Artifacts::open(const std::string& dir, const std::string& precision) 
     for (auto& [name, files] : a.components) {
       if (external.count(name)) verify_file(a.root, external[name]);  // read by the backend beside the ONNX file
       files.onnx = verify_file(a.root, onnx[name]);
+      files.onnx_entry = onnx[name];
     }
   } catch (const JsonError& e) {
     malformed(mp, std::string("TypeError('") + e.what() + "')");

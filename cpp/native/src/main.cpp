@@ -41,7 +41,7 @@ const char* kHelp = R"(usage: ldm-rt-native [-h] [--prompt PROMPT] [--negative-p
                      [--seed SEED] [--height HEIGHT] [--width WIDTH] [--batch BATCH] [--latents LATENTS] [--init-image INIT_IMAGE]
                      [--strength STRENGTH] [--mask MASK] [--mask-blur PX] [--out OUT] [--grid] [--preview FILE.png] [--preview-every N]
                      [--preview-kind {fast,full}] [--precision {fp32,fp16}] [--threads THREADS] [--bf16]
-                     [--no-compile-cache] [--model MODEL] [--original-size H W] [--crops-coords-top-left TOP LEFT]
+                     [--no-compile-cache] [--model MODEL] [--lora FILE[:SCALE]] [--original-size H W] [--crops-coords-top-left TOP LEFT]
                      [--target-size H W] [--negative-original-size H W] [--negative-crops-coords-top-left TOP LEFT]
                      [--negative-target-size H W] [--aesthetic-score S] [--negative-aesthetic-score S]
                      [--refiner DIR] [--refiner-start F] [--control-image IMG] [--controlnet-scale S]
@@ -99,6 +99,8 @@ options:
                         images within a few 8-bit levels
   --no-compile-cache    do not keep compiled graphs in ~/.cache/ldm-rt/openvino for the next run
   --model MODEL         artifacts folder (default: DEFAULT_MODEL)
+  --lora FILE[:SCALE]   apply a LoRA (.safetensors, diffusers/PEFT or kohya layout) at SCALE (default 1) as the model
+                        opens; repeatable, scales add up
   --verbose             print per-stage timings
 
 SDXL:
@@ -198,6 +200,7 @@ struct Args {
   std::optional<long long> preview_every;
   std::string precision = "fp32";
   std::optional<long long> threads;
+  std::vector<std::string> loras;  // --lora FILE[:SCALE], repeatable
   bool bf16 = false, no_compile_cache = false, verbose = false, help = false, prompt_weighting = false, grid = false;
   std::vector<std::string> control_images;  // repeatable, export order
   std::vector<double> controlnet_scales;    // repeatable: one after each --control-image, or none
@@ -324,6 +327,7 @@ Args parse(int argc, char** argv) {
     else if (arg == "--bf16") flag(a.bf16);
     else if (arg == "--no-compile-cache") flag(a.no_compile_cache);
     else if (arg == "--model") a.model = next();
+    else if (arg == "--lora") a.loras.push_back(next());
     else if (arg == "--verbose") flag(a.verbose);
     else unrecognized.push_back(argv[k]);
   }
@@ -433,6 +437,8 @@ int sample(const Args& a) {
   if (a.refiner_start && !a.refiner) {
     throw CliError("--refiner-start needs --refiner: the refiner takes over at that fraction of the schedule");
   }
+  std::vector<LoraSpec> loras;  // a scale that is not a number: one line, before any work
+  for (const std::string& text : a.loras) loras.push_back(parse_lora_arg(text));
   if (a.batch > kMaxImagesPerCall) {
     throw GenerationError(std::to_string(a.batch) + " images (--batch) is over the runtime's limit of " +
                           std::to_string(kMaxImagesPerCall) + "; generate them in several calls");
@@ -471,6 +477,7 @@ int sample(const Args& a) {
     }
   }
   options.precision = a.precision;
+  options.loras = loras;  // the base model's, not the refiner's
   options.host.threads = a.threads ? int(std::min<long long>(*a.threads, 1 << 30)) : 0;
   options.host.reduced_precision = a.bf16;
   options.host.compile_cache = a.no_compile_cache ? "" : default_compile_cache();
@@ -481,6 +488,7 @@ int sample(const Args& a) {
   if (a.refiner) {
     LoadOptions refiner_options = options;
     refiner_options.model_dir = *a.refiner;
+    refiner_options.loras.clear();
     refiner = Pipeline::load(refiner_options);
   }
 

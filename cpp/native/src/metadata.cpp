@@ -20,6 +20,28 @@ std::string list(const std::vector<std::string>& items) {
 
 }  // namespace
 
+std::string json_dumps_sorted(const Json& v) {
+  switch (v.type()) {
+    case Json::Type::Null: return "null";
+    case Json::Type::Bool: return v.as_bool() ? "true" : "false";
+    case Json::Type::Number: return v.is_integer() ? v.number_text() : py_float_repr(v.as_double());
+    case Json::Type::String: return json_quote(v.as_string(), true);
+    case Json::Type::Array: {
+      std::string s = "[";
+      for (size_t k = 0; k < v.size(); ++k) s += (k ? ", " : "") + json_dumps_sorted(v[k]);
+      return s + "]";
+    }
+    case Json::Type::Object: {
+      std::map<std::string, const Json*> sorted;  // a repeated key keeps its last value, as json.loads
+      for (const auto& [key, value] : v.as_object()) sorted[key] = &value;
+      std::string s = "{";
+      for (const auto& [key, value] : sorted) s += (s.size() > 1 ? ", " : "") + json_quote(key, true) + ": " + json_dumps_sorted(*value);
+      return s + "}";
+    }
+  }
+  return "null";
+}
+
 std::string GenerationParams::to_json() const {
   std::map<std::string, std::string> entries = micro;  // std::map: keys in sorted order, as sort_keys=True
   entries.insert(extra.begin(), extra.end());

@@ -8,12 +8,15 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <map>
 #include <mutex>
+#include <openvino/op/constant.hpp>
 #include <openvino/openvino.hpp>
 #include <set>
 #include <sstream>
 
 #include "ldm_rt/native/errors.hpp"
+#include "ldm_rt/native/lora.hpp"
 
 namespace ldm_rt::native {
 namespace {
@@ -42,6 +45,106 @@ bool make_dirs(const std::string& path) {
   }
   struct stat st {};
   return ::stat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode);
+}
+
+// numpy's float32 -> float16 (npy_floatbits_to_halfbits): round to nearest even, overflow to inf, NaN kept.
+uint16_t half_bits(float value) {
+  uint32_t f;
+  std::memcpy(&f, &value, 4);
+  uint16_t sign = uint16_t((f & 0x80000000u) >> 16);
+  uint32_t exp = f & 0x7f800000u;
+  if (exp >= 0x47800000u) {
+    uint32_t sig = f & 0x007fffffu;
+    if (exp == 0x7f800000u && sig != 0) {
+      uint16_t nan = uint16_t(0x7c00u + (sig >> 13));
+      return uint16_t(sign + (nan == 0x7c00u ? nan + 1 : nan));
+    }
+    return uint16_t(sign + 0x7c00u);
+  }
+  if (exp <= 0x38000000u) {
+    if (exp < 0x33000000u) return sign;
+    uint32_t sig = 0x00800000u + (f & 0x007fffffu);
+    sig >>= (113 - (exp >> 23));
+    if ((sig & 0x00003fffu) != 0x00001000u || (f & 0x000007ffu)) sig += 0x00001000u;
+    return uint16_t(sign + (sig >> 13));
+  }
+  uint32_t sig = f & 0x007fffffu;
+  if ((sig & 0x00003fffu) != 0x00001000u) sig += 0x00001000u;
+  return uint16_t(sign + ((exp - 0x38000000u) >> 13) + (sig >> 13));
+}
+
+float half_value(uint16_t h) {
+  uint32_t sign = uint32_t(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, sig = h & 0x3ffu, f;
+  if (exp == 0x1fu) {
+    f = sign | 0x7f800000u | (sig << 13);
+  } else if (exp != 0) {
+    f = sign | ((exp + 112) << 23) | (sig << 13);
+  } else if (sig == 0) {
+    f = sign;
+  } else {  // subnormal: normalise
+    int e = -1;
+    do {
+      ++e;
+      sig <<= 1;
+    } while ((sig & 0x400u) == 0);
+    f = sign | uint32_t(112 - e) << 23 | ((sig & 0x3ffu) << 13);
+  }
+  float v;
+  std::memcpy(&v, &f, 4);
+  return v;
+}
+
+// openvino_backend.replace_constants: the ONNX frontend names each weight's Constant after its initializer, so the
+// Constants `patch` names are replaced, before the model compiles, by ones holding the patched values (same type and
+// shape). The base values are the Constant's own: the initializer's bytes, as Python reads them from the file.
+void replace_constants(ov::Model& model, const WeightPatch& patch, const std::string& onnx_path) {
+  std::vector<std::string> wanted = patch.weights();
+  std::set<std::string> names(wanted.begin(), wanted.end());
+  std::map<std::string, std::shared_ptr<ov::op::v0::Constant>> found;
+  for (const auto& op : model.get_ops()) {
+    auto constant = std::dynamic_pointer_cast<ov::op::v0::Constant>(op);
+    if (!constant) continue;
+    const auto& tensor_names = constant->output(0).get_names();
+    std::set<std::string> its(tensor_names.begin(), tensor_names.end());
+    its.insert(constant->get_friendly_name());
+    for (const auto& n : its) {
+      if (names.count(n)) found[n] = constant;
+    }
+  }
+  std::vector<std::string> missing;
+  for (const auto& n : names) {
+    if (!found.count(n)) missing.push_back(n);
+  }
+  if (!missing.empty()) {
+    std::string shown;
+    for (size_t k = 0; k < missing.size() && k < 3; ++k) shown += (k ? ", " : "") + missing[k];
+    throw LoraError(patch.where() + ": OpenVINO's model has no constant " + shown + "; use --backend onnxruntime for this LoRA");
+  }
+  for (const auto& [name, old] : found) {
+    ov::element::Type type = old->get_element_type();
+    if (type != ov::element::f32 && type != ov::element::f16) {
+      throw LoraError(onnx_path + ": initializer " + name + " is not float32/float16; rebuild the artifacts");
+    }
+    ov::Shape shape = old->get_shape();
+    std::vector<int64_t> dims(shape.begin(), shape.end());
+    size_t count = ov::shape_size(shape);
+    std::vector<float> values(count);
+    std::shared_ptr<ov::op::v0::Constant> fresh;
+    if (type == ov::element::f32) {
+      std::memcpy(values.data(), old->get_data_ptr(), count * sizeof(float));
+      patch.apply(name, dims, values);
+      fresh = std::make_shared<ov::op::v0::Constant>(type, shape, values.data());
+    } else {
+      const auto* bits = static_cast<const uint16_t*>(old->get_data_ptr());
+      for (size_t k = 0; k < count; ++k) values[k] = half_value(bits[k]);
+      patch.apply(name, dims, values);
+      std::vector<uint16_t> out(count);
+      for (size_t k = 0; k < count; ++k) out[k] = half_bits(values[k]);
+      fresh = std::make_shared<ov::op::v0::Constant>(type, shape, out.data());
+    }
+    fresh->set_friendly_name(old->get_friendly_name());
+    old->output(0).replace(fresh->output(0));
+  }
 }
 
 class OpenVinoComponent : public Component {
@@ -133,7 +236,7 @@ class OpenVinoBackend : public Backend {
   std::string name() const override { return "openvino"; }
   std::string inference_precision() const override { return precision_ == ov::element::bf16 ? "bf16" : "f32"; }
 
-  std::unique_ptr<Component> open(const std::string&, const ComponentFiles& files) const override {
+  std::unique_ptr<Component> open(const std::string&, const ComponentFiles& files, const WeightPatch* patch) const override {
     if (precision_ == ov::element::bf16 && !files.bf16_failure.empty()) {
       if (files.bf16_failure_measured) throw BackendError(files.bf16_failure + ": run without --bf16 (reduced_precision=False)");
       if (warn_) warn_(files.bf16_failure + ": its images may drift more than a few levels in bf16");
@@ -144,8 +247,11 @@ class OpenVinoBackend : public Backend {
     } catch (const ov::Exception& e) {
       throw ArtifactError(files.onnx + " cannot be read by OpenVINO " + version() + " (" + one_line(e) + "); rebuild the artifacts");
     }
+    if (patch != nullptr) replace_constants(*model, *patch, files.onnx);
     try {
-      ov::CompiledModel compiled = core_.compile_model(model, kDevice, config_);
+      ov::AnyMap config = config_;
+      if (patch != nullptr) config.erase(ov::cache_dir.name());
+      ov::CompiledModel compiled = core_.compile_model(model, kDevice, config);
       return std::make_unique<OpenVinoComponent>(std::move(compiled), files.outputs);
     } catch (const ov::Exception& e) {
       throw BackendError("OpenVINO " + version() + " cannot compile " + files.onnx + " (" + one_line(e) + ")");

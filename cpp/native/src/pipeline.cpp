@@ -315,14 +315,20 @@ std::shared_ptr<const Pipeline> Pipeline::open(const LoadOptions& options) {
   }
   check_host_options(options.host);  // before anything is opened
   Artifacts artifacts = Artifacts::open(options.model_dir, options.precision);
+  Loras loras = Loras::load(artifacts, options.loras);  // every file read and checked before anything is compiled
   std::shared_ptr<const Backend> backend = open_openvino(options.host);
   std::map<std::string, std::unique_ptr<Component>> components;
   for (const auto& [name, files] : artifacts.components) {
-    components.emplace(name, opens_lazily(name) ? std::make_unique<LazyComponent>(backend, name, files) : backend->open(name, files));
+    std::unique_ptr<WeightPatch> patch = loras.patch(name, files);  // LoRAs adapt text encoders and UNets, never lazy ones
+    components.emplace(name, opens_lazily(name) ? std::make_unique<LazyComponent>(backend, name, files)
+                                                : backend->open(name, files, patch.get()));
   }
-  return std::make_shared<const Pipeline>(std::move(artifacts), std::move(components), options.precision,
-                                          backend->inference_precision() == "bf16" || options.host.reduced_precision,
-                                          options.host.warn);
+  auto pipe = std::make_shared<Pipeline>(std::move(artifacts), std::move(components), options.precision,
+                                         backend->inference_precision() == "bf16" || options.host.reduced_precision,
+                                         options.host.warn);
+  pipe->lora_records_ = pipe->artifacts_.fused_loras;  // fused at export first, then those applied now
+  for (std::string& r : loras.records()) pipe->lora_records_.push_back(std::move(r));
+  return pipe;
 }
 
 Pipeline::Pipeline(Artifacts artifacts, std::map<std::string, std::unique_ptr<Component>> components, std::string precision,
@@ -761,6 +767,7 @@ Result Pipeline::run_request(const Request& r, const Stage& stage) const {
   p.reduced_precision = reduced_precision_;
   p.mode = r.mask ? "inpaint" : r.init_image ? "img2img" : "txt2img";
   p.prompt_weighting = r.prompt_weighting;
+  if (!lora_records_.empty()) p.extra["loras"] = "[" + join(lora_records_, ", ") + "]";
   std::optional<MicroConditioning> micro = make_micro_conditioning(time_ids_, p.height, p.width, r.micro);
   if (micro) p.micro = micro->to_json(*time_ids_);
   if (labels && labels->size() != p.prompts.size()) {

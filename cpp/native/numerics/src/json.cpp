@@ -466,10 +466,13 @@ std::string read_bounded(const std::string& path, std::size_t limit, std::string
   if (static_cast<std::size_t>(st.st_size) > limit)
     throw JsonError(path + " is " + std::to_string(st.st_size) + " bytes, more than a " + std::string(what) +
                     " may have (" + std::to_string(limit) + ")" + tail);
+  // Sized for the file as stat saw it (not the limit: a LoRA's is 8 GiB, which resize would zero-fill), grown up to
+  // limit + 1 when the file has grown since the stat.
   std::string data;
-  data.resize(limit + 1);  // the file may have grown since the stat
+  data.resize(static_cast<std::size_t>(st.st_size) + 1);
   std::size_t got = 0;
-  while (got < data.size()) {
+  while (got < limit + 1) {
+    if (got == data.size()) data.resize(std::min(limit + 1, 2 * data.size()));
     ssize_t n = ::read(fd, &data[got], data.size() - got);
     if (n < 0) {
       if (errno == EINTR) continue;

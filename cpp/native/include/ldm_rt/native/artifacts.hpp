@@ -49,9 +49,16 @@ struct ShapeProfile {
   std::array<int64_t, 3> batch{}, height{}, width{};
 };
 
+// A file the manifest lists (manifest.FileEntry): its path relative to the folder, sha256 and size.
+struct ManifestFile {
+  std::string file, sha256;
+  int64_t bytes = 0;
+};
+
 // One component's portable ONNX file at the chosen precision, verified, and its tensor names.
 struct ComponentFiles {
   std::string onnx;                       // verified path inside the folder
+  ManifestFile onnx_entry;                // the manifest's entry for it (lora_targets.json names files by it)
   std::vector<std::string> inputs;        // the contract's input names
   std::vector<std::string> outputs;       // the contract's output names
   // Each input's shape as the contract states it, in input order: a number as its digits, an axis name, or
@@ -82,10 +89,20 @@ struct Artifacts {
   std::optional<PreviewFactors> preview_factors;
   // source.controlnets[k].sha256 of each ControlNet in export order ("" where none is recorded): image metadata.
   std::vector<std::string> controlnet_sha256;
+  // Where each LoRA-adaptable weight sits in the ONNX files (lora_targets.json; read by lora.cpp when LoRAs are
+  // given); none in folders built before LoRA support.
+  std::optional<ManifestFile> lora_targets;
+  // The LoRAs fused into these weights at export (manifest source.loras): the parameters' "loras" entries, as JSON
+  // with sorted keys and "applied": "export" (pipeline.py Pipeline.loras).
+  std::vector<std::string> fused_loras;
 
   // Reads and checks the folder; component files at `precision` ("fp32" or "fp16") are hash-checked here.
   static Artifacts open(const std::string& dir, const std::string& precision = "fp32");
 };
+
+// Manifest.verify_file: the path of `entry` inside `folder` (confined), present, of the manifest's size and sha256;
+// else ArtifactError with Python's message.
+std::string verify_manifest_file(const std::string& folder, const ManifestFile& entry);
 
 // Python's str(Path(p)): '.' parts and repeated or trailing slashes dropped ("" -> ".").
 std::string normal_path(const std::string& p);

@@ -38,14 +38,29 @@ struct HostOptions {
   std::function<void(const std::string&)> warn;  // receives warnings (one line each); may be empty
 };
 
+// New values for some weights of a network, set as it opens (a LoRA's deltas: lora.hpp). The backend finds each named
+// weight (the ONNX initializer's name), hands its values to apply() widened to float32 and stores the result in the
+// weight's own type (float16 rounded as numpy's astype), so the files on disk are never changed.
+class WeightPatch {
+ public:
+  virtual ~WeightPatch() = default;
+  virtual const std::string& where() const = 0;           // the ONNX file as the manifest names it (messages)
+  virtual std::vector<std::string> weights() const = 0;   // the initializers to patch; throws LoraError
+  // `values` (the weight, `shape`) patched in place; throws LoraError naming what does not fit.
+  virtual void apply(const std::string& weight, const std::vector<int64_t>& shape, std::vector<float>& values) const = 0;
+};
+
 class Backend {
  public:
   virtual ~Backend() = default;
   virtual std::string name() const = 0;
   // What the backend computes in: "f32" or "bf16" (after checking what the CPU supports).
   virtual std::string inference_precision() const = 0;
-  // Opens one component from its verified ONNX file; throws ArtifactError / BackendError.
-  virtual std::unique_ptr<Component> open(const std::string& name, const ComponentFiles& files) const = 0;
+  // Opens one component from its verified ONNX file, its weights patched first when `patch` is given (and then not
+  // kept in the compile cache: every LoRA set and scale would leave another compiled copy behind); throws
+  // ArtifactError / BackendError / LoraError.
+  virtual std::unique_ptr<Component> open(const std::string& name, const ComponentFiles& files,
+                                          const WeightPatch* patch = nullptr) const = 0;
 };
 
 // MAX_THREADS_PER_CPU: threads per operator are bounded by 4 per logical CPU (base.HostOptions says why).

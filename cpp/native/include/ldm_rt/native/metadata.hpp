@@ -13,6 +13,12 @@
 
 namespace ldm_rt::native {
 
+class Json;
+
+// json.dumps(value, sort_keys=True) of a value json.loads read from a file (a manifest's records): keys sorted, ASCII
+// only, integers as written, other numbers as Python's float repr.
+std::string json_dumps_sorted(const Json& value);
+
 // What produced the images (runtime/params.py GenerationParams + model hash, backend, precision, mode).
 struct GenerationParams {
   std::vector<std::string> prompts;

@@ -28,6 +28,7 @@
 #include "ldm_rt/native/artifacts.hpp"
 #include "ldm_rt/native/backend.hpp"
 #include "ldm_rt/native/errors.hpp"
+#include "ldm_rt/native/lora.hpp"
 #include "ldm_rt/native/metadata.hpp"
 #include "ldm_rt/native/micro_conditioning.hpp"
 #include "ldm_rt/native/npy.hpp"
@@ -53,6 +54,9 @@ struct LoadOptions {
   std::string model_dir;             // an artifacts folder written by export
   std::string precision = "fp32";    // which built ONNX files: "fp32" or "fp16"
   HostOptions host;                  // threads, bf16, compile cache, warnings
+  // LoRA files applied as the components open (lora.hpp; Pipeline.load(loras=...)): their deltas are added to the
+  // weights they adapt, the files on disk untouched; recorded in every result's parameters (file, sha256, scale).
+  std::vector<LoraSpec> loras;
 };
 
 // One request (Pipeline.generate's arguments).
@@ -195,6 +199,7 @@ class Pipeline {
   std::optional<int64_t> num_classes_;  // a class-conditional UNet's (it takes class_labels)
   bool is_refiner_ = false;
   std::vector<std::string> controlnets_;  // controlnet_<k>, export order
+  std::vector<std::string> lora_records_;  // fused at export and applied at load: the parameters' "loras" entries (JSON)
   mutable std::atomic<bool> previews_announced_{false};
 };
 
