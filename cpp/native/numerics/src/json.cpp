@@ -148,7 +148,7 @@ const Json& Json::at(std::string_view key) const {
 std::string json_quote(std::string_view s, bool ensure_ascii) {
   std::string out = "\"";
   out.reserve(s.size() + 2);
-  char buf[8];
+  char buf[16];  // a backslash, u, 4 hex digits (callers pass cp <= 0xFFFF); room for 8 digits keeps -Wformat-truncation quiet
   auto u = [&](unsigned cp) {
     std::snprintf(buf, sizeof buf, "\\u%04x", cp);
     out += buf;
