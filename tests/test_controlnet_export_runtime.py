@@ -77,16 +77,27 @@ def noise() -> np.ndarray:
     return np.random.default_rng(1).standard_normal((1, 4, SIZE // 2, SIZE // 2), dtype=np.float32)
 
 
+_EXPORTS: dict[str, Path] = {}
+
+
+def two_controlnet_export(tmp_path_factory, tiny_sd_v1, tiny_controlnet_v1, tiny_controlnet_v1_b) -> Path:
+    """One export of the tiny SD with both ControlNets (fp32 parity per component; no ONNX Runtime attention variant:
+    time), made once per session (test_native_controlnet.py samples the same)."""
+    key = str(tmp_path_factory.getbasetemp())
+    if key not in _EXPORTS:
+        out = tmp_path_factory.mktemp("controlnet_artifacts") / "artifacts"
+        profile = ShapeProfile((1, 1, 2), (SIZE,) * 3, (SIZE,) * 3)
+        build(BuildOptions(
+            model=tiny_sd_v1, out=out, profile=profile, onnx_only=True, ort_variant=False, progress=False,
+            controlnets=(tiny_controlnet_v1, tiny_controlnet_v1_b),
+        ))  # fmt: skip
+        _EXPORTS[key] = out
+    return _EXPORTS[key]
+
+
 @pytest.fixture(scope="module")
 def artifacts(tiny_sd_v1, tiny_controlnet_v1, tiny_controlnet_v1_b, tmp_path_factory) -> Path:
-    """One export with both ControlNets (fp32 parity per component; no ONNX Runtime attention variant: time)."""
-    out = tmp_path_factory.mktemp("controlnet_artifacts") / "artifacts"
-    profile = ShapeProfile((1, 1, 2), (SIZE,) * 3, (SIZE,) * 3)
-    build(BuildOptions(
-        model=tiny_sd_v1, out=out, profile=profile, onnx_only=True, ort_variant=False, progress=False,
-        controlnets=(tiny_controlnet_v1, tiny_controlnet_v1_b),
-    ))  # fmt: skip
-    return out
+    return two_controlnet_export(tmp_path_factory, tiny_sd_v1, tiny_controlnet_v1, tiny_controlnet_v1_b)
 
 
 @pytest.fixture(scope="module")

@@ -21,10 +21,8 @@ from cmake_build import native_build
 from test_native_sdxl import cli_error, native  # noqa: F401  (native: the session's built executable, a fixture)
 from test_runtime_fixtures import psnr
 
-from ldm_rt.export.build import BuildOptions, build
 from ldm_rt.runtime.cli import main as ldm_rt_main
 from ldm_rt.runtime.artifacts import default_artifacts_dir
-from ldm_rt.runtime.contracts import ShapeProfile
 from ldm_rt.runtime.manifest import MANIFEST
 from ldm_rt.runtime.params import GenerationError
 from ldm_rt.runtime.pipeline import Pipeline
@@ -40,15 +38,13 @@ COMMON = ["--prompt", "a red circle on the left", "--steps", 4, "--guidance", 5.
 
 @pytest.fixture(scope="module")
 def artifacts(tiny_sd_v1, tiny_controlnet_v1, tiny_controlnet_v1_b, tmp_path_factory) -> Path:
-    """Both ControlNets in one export, made while the session's native build runs (started here if no file did)."""
+    """test_controlnet_export_runtime.py's session export with both ControlNets (the native build runs meanwhile)."""
+    from test_controlnet_export_runtime import SIZE as EXPORT_SIZE
+    from test_controlnet_export_runtime import two_controlnet_export
+
     native_build(tmp_path_factory)
-    out = tmp_path_factory.mktemp("native_controlnet") / "artifacts"
-    profile = ShapeProfile((1, 1, 2), (SIZE,) * 3, (SIZE,) * 3)
-    build(BuildOptions(
-        model=tiny_sd_v1, out=out, profile=profile, onnx_only=True, ort_variant=False, progress=False,
-        controlnets=(tiny_controlnet_v1, tiny_controlnet_v1_b),
-    ))  # fmt: skip
-    return out
+    assert EXPORT_SIZE == SIZE
+    return two_controlnet_export(tmp_path_factory, tiny_sd_v1, tiny_controlnet_v1, tiny_controlnet_v1_b)
 
 
 @pytest.fixture(scope="module")
