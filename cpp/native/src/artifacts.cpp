@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <cctype>
 #include <filesystem>
 #include <sstream>
 #include <tuple>
@@ -266,6 +267,33 @@ std::string normal_path(const std::string& p) {
   return out.empty() ? "." : out;
 }
 
+std::string path_name(const std::string& path) {
+  std::string p = normal_path(path);
+  if (p == "." || p == "/") return "";
+  return p.substr(p.rfind('/') == std::string::npos ? 0 : p.rfind('/') + 1);
+}
+
+namespace {
+// Where Path(p).suffix starts in Path(p).name (pathlib's rules: a leading or trailing dot is no suffix); npos: none.
+std::size_t suffix_at(const std::string& name) {
+  auto dot = name.rfind('.');
+  return dot == std::string::npos || dot == 0 || dot + 1 == name.size() ? std::string::npos : dot;
+}
+}  // namespace
+
+std::string path_suffix(const std::string& path) {
+  std::string name = path_name(path);
+  std::size_t dot = suffix_at(name);
+  std::string s = dot == std::string::npos ? "" : name.substr(dot);
+  for (char& c : s) c = char(std::tolower(static_cast<unsigned char>(c)));
+  return s;
+}
+
+std::string path_stem(const std::string& path) {
+  std::string name = path_name(path);
+  return name.substr(0, suffix_at(name));
+}
+
 Artifacts Artifacts::open(const std::string& dir, const std::string& precision) {
   Artifacts a;
   a.root = normal_path(dir);
@@ -336,6 +364,7 @@ Artifacts Artifacts::open(const std::string& dir, const std::string& precision) 
       files.inputs = tensor_names(key(contract, "inputs", mp), mp);
       files.outputs = tensor_names(key(contract, "outputs", mp), mp);
       files.input_shapes = tensor_shapes(key(contract, "inputs", mp), mp);
+      files.output_shapes = tensor_shapes(key(contract, "outputs", mp), mp);
       if (const Json* extra = contract.find("extra"); extra && extra->is_object()) files.extra = *extra;
       const Json& precisions = key(c, "precisions", mp);
       if (!precisions.is_object()) malformed(mp, "TypeError('components." + name + ".precisions must be a JSON object')");
@@ -395,6 +424,17 @@ Artifacts Artifacts::open(const std::string& dir, const std::string& precision) 
           Json::Object record = r.as_object();
           record.emplace_back("applied", Json::string("export"));
           a.fused_loras.push_back(json_dumps_sorted(Json::object(std::move(record))));
+        }
+      }
+      if (const Json* baked = source->find("embeddings"); baked && baked->is_array()) {
+        for (const Json& r : baked->as_array()) {
+          if (!r.is_object()) continue;
+          Json::Object record;  // {**r, "applied": "export"} without "path"
+          for (const auto& [k, v] : r.as_object()) {
+            if (k != "path" && k != "applied") record.emplace_back(k, v);
+          }
+          record.emplace_back("applied", Json::string("export"));
+          a.baked_embeddings.push_back(json_dumps_sorted(Json::object(std::move(record))));
         }
       }
     }

@@ -12,7 +12,7 @@
 
 #include "ldm_rt/native/json.hpp"
 #include "ldm_rt/native/pyrepr.hpp"
-#include "ldm_rt/native/sha256.hpp"
+#include "ldm_rt/native/safetensors.hpp"
 #include "ldm_rt/native/tensor.hpp"
 
 namespace ldm_rt::native {
@@ -23,7 +23,6 @@ const char* const kPickleSuffixes[] = {".pt", ".pth", ".ckpt", ".bin"};
 constexpr const char* kTargetsFile = "lora_targets.json";
 constexpr const char* kTargetsFormat = "ldm-rt-lora-targets";
 constexpr int64_t kTargetsVersion = 1;
-constexpr const char* kFix = "download the file again or convert it to .safetensors";
 
 // diffusers / kohya prefix -> component (lora.DIFFUSERS_PREFIXES; KOHYA_PREFIXES longest first, as _resolve tries them).
 const std::pair<const char*, const char*> kDiffusersPrefixes[] = {
@@ -43,20 +42,6 @@ bool ends_with(const std::string& s, const std::string& tail) {
 }
 bool starts_with(const std::string& s, const std::string& head) { return s.compare(0, head.size(), head) == 0; }
 
-// Path(p).name and Path(p).suffix.lower() (pathlib's rules: a leading dot is no suffix).
-std::string path_name(const std::string& path) {
-  std::string p = normal_path(path);
-  if (p == "." || p == "/") return "";
-  return p.substr(p.rfind('/') == std::string::npos ? 0 : p.rfind('/') + 1);
-}
-std::string path_suffix(const std::string& path) {
-  std::string name = path_name(path);
-  auto dot = name.rfind('.');
-  if (dot == std::string::npos || dot == 0 || dot + 1 == name.size()) return "";
-  std::string s = name.substr(dot);
-  for (char& c : s) c = char(std::tolower(static_cast<unsigned char>(c)));
-  return s;
-}
 bool is_pickle_suffix(const std::string& suffix) {
   for (const char* p : kPickleSuffixes) {
     if (suffix == p) return true;
@@ -102,15 +87,6 @@ std::string examples(const std::vector<std::string>& keys, size_t n = 3) {
   return shown;
 }
 
-// Python's truthiness of a JSON value (cfg.get("use_dora") and the like).
-bool truthy(const Json* v) {
-  if (v == nullptr || v->is_null()) return false;
-  if (v->is_bool()) return v->as_bool();
-  if (v->is_number()) return v->as_double() != 0.0;
-  if (v->is_string()) return !v->as_string().empty();
-  return v->size() != 0;
-}
-
 int64_t prod(const std::vector<int64_t>& shape, size_t from = 0) {
   int64_t p = 1;
   for (size_t k = from; k < shape.size(); ++k) p *= shape[k];
@@ -126,119 +102,6 @@ struct LoraFile {
   std::string name() const { return path_name(path); }
 };
 
-float bf16_value(uint16_t bits) {
-  uint32_t f = uint32_t(bits) << 16;
-  float v;
-  std::memcpy(&v, &f, 4);
-  return v;
-}
-
-float f16_value(uint16_t h) {  // exact: every float16 is a float32
-  uint32_t sign = uint32_t(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, sig = h & 0x3ffu;
-  float mag = exp == 0x1fu ? (sig ? NAN : INFINITY) : exp ? std::ldexp(float(sig | 0x400u), int(exp) - 25) : std::ldexp(float(sig), -24);
-  uint32_t f;
-  std::memcpy(&f, &mag, 4);
-  f |= sign;
-  std::memcpy(&mag, &f, 4);
-  return mag;
-}
-
-// lora.read_safetensors: every offset and size checked against the file before anything is read.
-LoraFile read_safetensors(const std::string& path) {
-  std::string data;
-  try {
-    data = read_bounded(path, std::size_t(kMaxLoraBytes), "LoRA file", "pass a LoRA .safetensors file");
-  } catch (const JsonError& e) {
-    throw LoraError(e.what());
-  }
-  const std::string where = "LoRA " + path;
-  if (data.size() < 8) throw LoraError(where + " is truncated (" + std::to_string(data.size()) + " bytes); " + kFix);
-  uint64_t size = data.size(), n = 0;
-  for (int k = 7; k >= 0; --k) n = (n << 8) | static_cast<unsigned char>(data[size_t(k)]);
-  if (n > kMaxLoraHeaderBytes || 8 + n > size) {
-    throw LoraError(where + " is truncated or not a safetensors file (header of " + std::to_string(n) + " bytes in a " +
-                    std::to_string(size) + "-byte file); " + kFix);
-  }
-  Json header;
-  try {
-    std::string_view text(data.data() + 8, size_t(n));
-    check_utf8(text, path, kFix);
-    JsonLimits limits;
-    limits.max_bytes = size_t(kMaxLoraHeaderBytes);
-    header = parse_json(text, limits, path);
-  } catch (const JsonError&) {
-    throw LoraError(where + " has a corrupt safetensors header; " + kFix);
-  }
-  if (!header.is_object()) throw LoraError(where + " has a corrupt safetensors header; " + kFix);
-  LoraFile file{path, "", {}, {}};
-  std::map<std::string, size_t> index;  // a repeated key keeps its first place and its last value, as a dict
-  const Json* meta = header.find("__metadata__");
-  if (truthy(meta)) {
-    bool ok = meta->is_object();
-    for (const auto& [k, v] : ok ? meta->as_object() : Json::Object{}) {
-      ok = ok && v.is_string();
-      if (ok) file.metadata[k] = v.as_string();
-    }
-    if (!ok) throw LoraError(where + ": __metadata__ must map strings to strings; " + kFix);
-  }
-  const uint64_t base = 8 + n;
-  for (const auto& [key, info] : header.as_object()) {
-    if (key == "__metadata__") continue;
-    const std::string shown = "tensor " + py_str_repr(key);
-    const Json *dtype = info.find("dtype"), *shape_j = info.find("shape"), *offsets = info.find("data_offsets");
-    bool ok = dtype && shape_j && shape_j->is_array() && offsets && offsets->is_array() && offsets->size() == 2 &&
-              (*offsets)[0].is_integer() && (*offsets)[1].is_integer();
-    std::vector<int64_t> shape;
-    for (size_t k = 0; ok && k < shape_j->size(); ++k) {
-      ok = (*shape_j)[k].is_integer();
-      if (ok) shape.push_back((*shape_j)[k].as_int());
-    }
-    if (!ok) throw LoraError(where + ": " + shown + " has a malformed header entry; " + kFix);
-    std::string type = dtype->is_string() ? dtype->as_string() : dtype->dump();
-    if (type != "F32" && type != "F16" && type != "BF16" && type != "F64") {
-      throw LoraError(where + ": " + shown + " is " + type + "; LoRA tensors must be F32, F16, BF16 or F64");
-    }
-    int64_t itemsize = type == "F64" ? 8 : type == "F32" ? 4 : 2;
-    int64_t start = (*offsets)[0].as_int(), end = (*offsets)[1].as_int();
-    // count * itemsize, saturated: a product past the file's size cannot match its offsets anyway.
-    long double bytes = (long double)itemsize;
-    bool negative = false;
-    for (int64_t d : shape) negative = negative || d < 0, bytes *= (long double)(d < 0 ? 0 : d);
-    if (negative || !(0 <= start && start <= end) || bytes != (long double)(end - start)) {
-      throw LoraError(where + ": " + shown + " has inconsistent offsets; " + kFix);
-    }
-    if (base + uint64_t(end) > size) {
-      throw LoraError(where + " is truncated: " + shown + " ends at byte " + std::to_string(base + uint64_t(end)) + " of " +
-                      std::to_string(size) + "; " + kFix);
-    }
-    const char* raw = data.data() + base + uint64_t(start);
-    size_t count = size_t(end - start) / size_t(itemsize);
-    std::vector<float> values(count);
-    for (size_t k = 0; k < count; ++k) {
-      if (type == "F32") {
-        std::memcpy(&values[k], raw + 4 * k, 4);
-      } else if (type == "F64") {
-        double d;
-        std::memcpy(&d, raw + 8 * k, 8);
-        values[k] = float(d);
-      } else {
-        uint16_t h;
-        std::memcpy(&h, raw + 2 * k, 2);
-        values[k] = type == "BF16" ? bf16_value(h) : f16_value(h);
-      }
-    }
-    Tensor t(shape, std::move(values));
-    if (auto it = index.find(key); it != index.end()) {
-      file.tensors[it->second].second = std::move(t);
-    } else {
-      index[key] = file.tensors.size();
-      file.tensors.emplace_back(key, std::move(t));
-    }
-  }
-  file.sha256 = sha256_hex(data);
-  return file;
-}
-
 // lora.read_lora: a .safetensors file (pickles are refused, not opened).
 LoraFile read_lora(const std::string& given) {
   std::string path = normal_path(given), suffix = path_suffix(path);
@@ -250,7 +113,8 @@ LoraFile read_lora(const std::string& given) {
   if (suffix != kSafetensors) {
     throw LoraError("LoRA " + path + ": unknown file type " + py_str_repr(suffix) + "; pass a .safetensors file");
   }
-  LoraFile file = read_safetensors(path);
+  SafetensorsFile read = read_safetensors_as<LoraError>(path, kMaxLoraBytes, "LoRA");
+  LoraFile file{path, read.sha256, std::move(read.tensors), std::move(read.metadata)};
   if (file.tensors.empty()) throw LoraError("LoRA " + path + " holds no tensors");
   return file;
 }
@@ -367,13 +231,13 @@ std::pair<std::vector<Layer>, std::vector<std::string>> split_layers(const LoraF
       auto it = cfg->find(name);
       return it == cfg->end() ? nullptr : &it->second;
     };
-    if (truthy(get("use_dora"))) throw LoraError("LoRA " + lora.path + " is a DoRA adapter (use_dora), which ldm-rt does not apply");
+    if (py_truthy(get("use_dora"))) throw LoraError("LoRA " + lora.path + " is a DoRA adapter (use_dora), which ldm-rt does not apply");
     const Json* patterns = get("alpha_pattern");
-    const Json* alpha = truthy(patterns) ? pattern_value(*patterns, module) : nullptr;
+    const Json* alpha = py_truthy(patterns) ? pattern_value(*patterns, module) : nullptr;
     if (alpha == nullptr || alpha->is_null()) alpha = get("lora_alpha");
     if (alpha != nullptr && !alpha->is_null()) {
       double a = alpha_number(*alpha, lora);
-      if (truthy(get("use_rslora"))) a = a * std::sqrt(double(layer.rank()));  // rsLoRA: alpha / sqrt(rank) = alpha' / rank
+      if (py_truthy(get("use_rslora"))) a = a * std::sqrt(double(layer.rank()));  // rsLoRA: alpha / sqrt(rank) = alpha' / rank
       layer.alpha = a;
     }
   }
@@ -643,13 +507,13 @@ class LoraPatch : public WeightPatch {
 
   const std::string& where() const override { return rel_; }
 
-  std::vector<std::string> weights() const override {
+  std::vector<std::string> weights(const std::vector<HeldWeight>&) const override {
     std::vector<std::string> out;
     for (const std::string& m : wanted_) out.push_back(entry_->targets.at(m).initializer);
     return out;
   }
 
-  void apply(const std::string& weight, const std::vector<int64_t>& shape, std::vector<float>& values) const override {
+  void apply(const std::string& weight, std::vector<int64_t>& shape, std::vector<float>& values) const override {
     std::string module;
     for (const std::string& m : wanted_) {
       if (entry_->targets.at(m).initializer == weight) module = m;

@@ -41,8 +41,9 @@ const char* kHelp = R"(usage: ldm-rt-native [-h] [--prompt PROMPT] [--negative-p
                      [--seed SEED] [--height HEIGHT] [--width WIDTH] [--batch BATCH] [--latents LATENTS] [--init-image INIT_IMAGE]
                      [--strength STRENGTH] [--mask MASK] [--mask-blur PX] [--out OUT] [--grid] [--preview FILE.png] [--preview-every N]
                      [--preview-kind {fast,full}] [--precision {fp32,fp16}] [--threads THREADS] [--bf16]
-                     [--no-compile-cache] [--model MODEL] [--lora FILE[:SCALE]] [--original-size H W] [--crops-coords-top-left TOP LEFT]
-                     [--target-size H W] [--negative-original-size H W] [--negative-crops-coords-top-left TOP LEFT]
+                     [--no-compile-cache] [--model MODEL] [--lora FILE[:SCALE]] [--embedding FILE[:TOKEN]]
+                     [--original-size H W] [--crops-coords-top-left TOP LEFT] [--target-size H W]
+                     [--negative-original-size H W] [--negative-crops-coords-top-left TOP LEFT]
                      [--negative-target-size H W] [--aesthetic-score S] [--negative-aesthetic-score S]
                      [--refiner DIR] [--refiner-start F] [--control-image IMG] [--controlnet-scale S]
                      [--control-guidance-start F [F ...]] [--control-guidance-end F [F ...]] [--guess-mode]
@@ -101,6 +102,10 @@ options:
   --model MODEL         artifacts folder (default: DEFAULT_MODEL)
   --lora FILE[:SCALE]   apply a LoRA (.safetensors, diffusers/PEFT or kohya layout) at SCALE (default 1) as the model
                         opens; repeatable, scales add up
+  --embedding FILE[:TOKEN]
+                        a textual-inversion embedding (.safetensors: diffusers, A1111 or SDXL clip_l/clip_g; torch .pt
+                        and .bin files are refused with the conversion) whose trigger word TOKEN (default: the file's
+                        own, else its name) then works in both prompts; repeatable
   --verbose             print per-stage timings
 
 SDXL:
@@ -201,6 +206,7 @@ struct Args {
   std::string precision = "fp32";
   std::optional<long long> threads;
   std::vector<std::string> loras;  // --lora FILE[:SCALE], repeatable
+  std::vector<std::string> embeddings;  // --embedding FILE[:TOKEN], repeatable
   bool bf16 = false, no_compile_cache = false, verbose = false, help = false, prompt_weighting = false, grid = false;
   std::vector<std::string> control_images;  // repeatable, export order
   std::vector<double> controlnet_scales;    // repeatable: one after each --control-image, or none
@@ -328,6 +334,7 @@ Args parse(int argc, char** argv) {
     else if (arg == "--no-compile-cache") flag(a.no_compile_cache);
     else if (arg == "--model") a.model = next();
     else if (arg == "--lora") a.loras.push_back(next());
+    else if (arg == "--embedding") a.embeddings.push_back(next());
     else if (arg == "--verbose") flag(a.verbose);
     else unrecognized.push_back(argv[k]);
   }
@@ -439,6 +446,8 @@ int sample(const Args& a) {
   }
   std::vector<LoraSpec> loras;  // a scale that is not a number: one line, before any work
   for (const std::string& text : a.loras) loras.push_back(parse_lora_arg(text));
+  std::vector<EmbeddingSpec> embeddings;
+  for (const std::string& text : a.embeddings) embeddings.push_back(parse_embedding_arg(text));
   if (a.batch > kMaxImagesPerCall) {
     throw GenerationError(std::to_string(a.batch) + " images (--batch) is over the runtime's limit of " +
                           std::to_string(kMaxImagesPerCall) + "; generate them in several calls");
@@ -478,6 +487,7 @@ int sample(const Args& a) {
   }
   options.precision = a.precision;
   options.loras = loras;  // the base model's, not the refiner's
+  options.embeddings = embeddings;  // in both (the refiner reads the same prompts)
   options.host.threads = a.threads ? int(std::min<long long>(*a.threads, 1 << 30)) : 0;
   options.host.reduced_precision = a.bf16;
   options.host.compile_cache = a.no_compile_cache ? "" : default_compile_cache();

@@ -95,15 +95,29 @@ float half_value(uint16_t h) {
 }
 
 // openvino_backend.replace_constants: the ONNX frontend names each weight's Constant after its initializer, so the
-// Constants `patch` names are replaced, before the model compiles, by ones holding the patched values (same type and
-// shape). The base values are the Constant's own: the initializer's bytes, as Python reads them from the file.
+// Constants `patch` names are replaced, before the model compiles, by ones holding the patched values (same type; same
+// shape, or a grown token table, after which the model's shapes are inferred again). The base values are the
+// Constant's own: the initializer's bytes, as Python reads them from the file.
 void replace_constants(ov::Model& model, const WeightPatch& patch, const std::string& onnx_path) {
-  std::vector<std::string> wanted = patch.weights();
-  std::set<std::string> names(wanted.begin(), wanted.end());
-  std::map<std::string, std::shared_ptr<ov::op::v0::Constant>> found;
+  std::vector<std::shared_ptr<ov::op::v0::Constant>> constants;
+  std::vector<HeldWeight> held;
   for (const auto& op : model.get_ops()) {
     auto constant = std::dynamic_pointer_cast<ov::op::v0::Constant>(op);
     if (!constant) continue;
+    constants.push_back(constant);
+    ov::element::Type type = constant->get_element_type();
+    if (type != ov::element::f32 && type != ov::element::f16) continue;
+    HeldWeight w{{constant->get_friendly_name()}, {}};
+    for (const auto& n : constant->output(0).get_names()) {
+      if (n != w.names[0]) w.names.push_back(n);
+    }
+    for (auto d : constant->get_shape()) w.shape.push_back(int64_t(d));
+    held.push_back(std::move(w));
+  }
+  std::vector<std::string> wanted = patch.weights(held);
+  std::set<std::string> names(wanted.begin(), wanted.end());
+  std::map<std::string, std::shared_ptr<ov::op::v0::Constant>> found;
+  for (const auto& constant : constants) {
     const auto& tensor_names = constant->output(0).get_names();
     std::set<std::string> its(tensor_names.begin(), tensor_names.end());
     its.insert(constant->get_friendly_name());
@@ -120,6 +134,7 @@ void replace_constants(ov::Model& model, const WeightPatch& patch, const std::st
     for (size_t k = 0; k < missing.size() && k < 3; ++k) shown += (k ? ", " : "") + missing[k];
     throw LoraError(patch.where() + ": OpenVINO's model has no constant " + shown + "; use --backend onnxruntime for this LoRA");
   }
+  bool resized = false;
   for (const auto& [name, old] : found) {
     ov::element::Type type = old->get_element_type();
     if (type != ov::element::f32 && type != ov::element::f16) {
@@ -129,22 +144,27 @@ void replace_constants(ov::Model& model, const WeightPatch& patch, const std::st
     std::vector<int64_t> dims(shape.begin(), shape.end());
     size_t count = ov::shape_size(shape);
     std::vector<float> values(count);
-    std::shared_ptr<ov::op::v0::Constant> fresh;
     if (type == ov::element::f32) {
       std::memcpy(values.data(), old->get_data_ptr(), count * sizeof(float));
-      patch.apply(name, dims, values);
-      fresh = std::make_shared<ov::op::v0::Constant>(type, shape, values.data());
     } else {
       const auto* bits = static_cast<const uint16_t*>(old->get_data_ptr());
       for (size_t k = 0; k < count; ++k) values[k] = half_value(bits[k]);
-      patch.apply(name, dims, values);
-      std::vector<uint16_t> out(count);
-      for (size_t k = 0; k < count; ++k) out[k] = half_bits(values[k]);
-      fresh = std::make_shared<ov::op::v0::Constant>(type, shape, out.data());
+    }
+    patch.apply(name, dims, values);
+    ov::Shape patched(dims.begin(), dims.end());
+    resized = resized || patched != shape;
+    std::shared_ptr<ov::op::v0::Constant> fresh;
+    if (type == ov::element::f32) {
+      fresh = std::make_shared<ov::op::v0::Constant>(type, patched, values.data());
+    } else {
+      std::vector<uint16_t> out(values.size());
+      for (size_t k = 0; k < values.size(); ++k) out[k] = half_bits(values[k]);
+      fresh = std::make_shared<ov::op::v0::Constant>(type, patched, out.data());
     }
     fresh->set_friendly_name(old->get_friendly_name());
     old->output(0).replace(fresh->output(0));
   }
+  if (resized) model.validate_nodes_and_infer_types();
 }
 
 class OpenVinoComponent : public Component {
@@ -236,7 +256,8 @@ class OpenVinoBackend : public Backend {
   std::string name() const override { return "openvino"; }
   std::string inference_precision() const override { return precision_ == ov::element::bf16 ? "bf16" : "f32"; }
 
-  std::unique_ptr<Component> open(const std::string&, const ComponentFiles& files, const WeightPatch* patch) const override {
+  std::unique_ptr<Component> open(const std::string&, const ComponentFiles& files,
+                                  const std::vector<const WeightPatch*>& patches) const override {
     if (precision_ == ov::element::bf16 && !files.bf16_failure.empty()) {
       if (files.bf16_failure_measured) throw BackendError(files.bf16_failure + ": run without --bf16 (reduced_precision=False)");
       if (warn_) warn_(files.bf16_failure + ": its images may drift more than a few levels in bf16");
@@ -247,10 +268,10 @@ class OpenVinoBackend : public Backend {
     } catch (const ov::Exception& e) {
       throw ArtifactError(files.onnx + " cannot be read by OpenVINO " + version() + " (" + one_line(e) + "); rebuild the artifacts");
     }
-    if (patch != nullptr) replace_constants(*model, *patch, files.onnx);
+    for (const WeightPatch* patch : patches) replace_constants(*model, *patch, files.onnx);
     try {
       ov::AnyMap config = config_;
-      if (patch != nullptr) config.erase(ov::cache_dir.name());
+      if (!patches.empty()) config.erase(ov::cache_dir.name());
       ov::CompiledModel compiled = core_.compile_model(model, kDevice, config);
       return std::make_unique<OpenVinoComponent>(std::move(compiled), files.outputs);
     } catch (const ov::Exception& e) {

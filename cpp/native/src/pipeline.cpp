@@ -11,6 +11,7 @@
 #include <tuple>
 
 #include "ldm_rt/native/controlnet.hpp"
+#include "ldm_rt/native/embeddings.hpp"
 #include "ldm_rt/native/image_ops.hpp"
 #include "ldm_rt/native/jpeg_io.hpp"
 #include "ldm_rt/native/json.hpp"
@@ -316,18 +317,26 @@ std::shared_ptr<const Pipeline> Pipeline::open(const LoadOptions& options) {
   check_host_options(options.host);  // before anything is opened
   Artifacts artifacts = Artifacts::open(options.model_dir, options.precision);
   Loras loras = Loras::load(artifacts, options.loras);  // every file read and checked before anything is compiled
+  Embeddings embeddings = Embeddings::load(artifacts, options.embeddings);  // the tokenizers learn the triggers here
   std::shared_ptr<const Backend> backend = open_openvino(options.host);
   std::map<std::string, std::unique_ptr<Component>> components;
   for (const auto& [name, files] : artifacts.components) {
-    std::unique_ptr<WeightPatch> patch = loras.patch(name, files);  // LoRAs adapt text encoders and UNets, never lazy ones
+    // LoRAs adapt text encoders and UNets, embeddings grow text encoders' tables: never lazy components.
+    std::unique_ptr<WeightPatch> lora = loras.patch(name, files), table = embeddings.patch(name, files);
+    std::vector<const WeightPatch*> patches;
+    for (const WeightPatch* p : {lora.get(), table.get()}) {
+      if (p != nullptr) patches.push_back(p);
+    }
     components.emplace(name, opens_lazily(name) ? std::make_unique<LazyComponent>(backend, name, files)
-                                                : backend->open(name, files, patch.get()));
+                                                : backend->open(name, files, patches));
   }
   auto pipe = std::make_shared<Pipeline>(std::move(artifacts), std::move(components), options.precision,
                                          backend->inference_precision() == "bf16" || options.host.reduced_precision,
                                          options.host.warn);
   pipe->lora_records_ = pipe->artifacts_.fused_loras;  // fused at export first, then those applied now
   for (std::string& r : loras.records()) pipe->lora_records_.push_back(std::move(r));
+  pipe->embedding_records_ = pipe->artifacts_.baked_embeddings;  // baked at export first, then those added now
+  for (std::string& r : embeddings.records()) pipe->embedding_records_.push_back(std::move(r));
   return pipe;
 }
 
@@ -768,6 +777,7 @@ Result Pipeline::run_request(const Request& r, const Stage& stage) const {
   p.mode = r.mask ? "inpaint" : r.init_image ? "img2img" : "txt2img";
   p.prompt_weighting = r.prompt_weighting;
   if (!lora_records_.empty()) p.extra["loras"] = "[" + join(lora_records_, ", ") + "]";
+  if (!embedding_records_.empty()) p.extra["embeddings"] = "[" + join(embedding_records_, ", ") + "]";
   std::optional<MicroConditioning> micro = make_micro_conditioning(time_ids_, p.height, p.width, r.micro);
   if (micro) p.micro = micro->to_json(*time_ids_);
   if (labels && labels->size() != p.prompts.size()) {

@@ -538,3 +538,15 @@ Json read_json_object(const std::string& path, std::string_view fix, std::size_t
 }
 
 }  // namespace ldm_rt::native
+
+namespace ldm_rt::native {
+
+bool py_truthy(const Json* v) {
+  if (v == nullptr || v->is_null()) return false;
+  if (v->is_bool()) return v->as_bool();
+  if (v->is_number()) return v->as_double() != 0.0;
+  if (v->is_string()) return !v->as_string().empty();
+  return v->size() != 0;
+}
+
+}  // namespace ldm_rt::native

@@ -886,6 +886,54 @@ std::vector<std::string> PromptTokenizer::warnings(const std::vector<std::string
   return out;
 }
 
+std::optional<int64_t> PromptTokenizer::token_id(const std::string& token) const {
+  std::u32string content = u32(token);
+  for (const auto& a : impl_->added) {
+    if (a.content == content) return a.id;
+  }
+  auto it = impl_->vocab.find(token);
+  if (it != impl_->vocab.end()) return it->second;
+  return std::nullopt;
+}
+
+std::pair<PromptTokenizer, std::vector<std::vector<int64_t>>> PromptTokenizer::with_added_tokens(
+    const std::vector<std::pair<std::string, int64_t>>& words) const {
+  constexpr char32_t kPrivateUse = 0xF0000;  // runtime/tokenizer.py PRIVATE_USE
+  auto impl = std::make_shared<Impl>(*impl_);
+  int64_t next_id = impl->vocab_size;
+  char32_t next_char = kPrivateUse;
+  for (const auto& a : impl->added) {
+    if (a.content.size() == 1 && a.content[0] >= kPrivateUse) ++next_char;
+  }
+  std::vector<std::vector<int64_t>> ids;
+  std::vector<std::pair<std::u32string, std::u32string>> replaces;  // normalised word -> its tokens' characters
+  for (const auto& [word, n] : words) {
+    std::u32string key = impl_->normalize(decode(word)).cps;
+    bool twin = false;
+    for (const auto& r : replaces) twin = twin || r.first == key;
+    if (key.empty() || twin) {
+      throw TokenizerError(py_str_repr(word) + " is empty or another word's twin to this tokenizer (it normalises to " +
+                           py_str_repr(to_utf8(key)) + "); pick another");
+    }
+    std::vector<int64_t> group;
+    std::u32string chars;
+    for (int64_t k = 0; k < n; ++k) {
+      group.push_back(next_id + k);
+      chars += static_cast<char32_t>(next_char + char32_t(k));
+      impl->added.push_back(AddedToken{std::u32string(1, static_cast<char32_t>(next_char + char32_t(k))), next_id + k, true});
+    }
+    ids.push_back(std::move(group));
+    replaces.emplace_back(key, chars);
+    next_id += n;
+    next_char += char32_t(n);
+  }
+  impl->vocab_size = next_id;
+  // sorted(key=len, reverse=True): longest first, ties in the order given (Python's sort is stable).
+  std::stable_sort(replaces.begin(), replaces.end(), [](const auto& a, const auto& b) { return a.first.size() > b.first.size(); });
+  for (const auto& [key, chars] : replaces) impl->normalizers.push_back({NormStep::ReplaceStr, key, chars});
+  return {PromptTokenizer(impl), ids};
+}
+
 int64_t PromptTokenizer::max_length() const { return impl_->max_length; }
 int64_t PromptTokenizer::vocab_size() const { return impl_->vocab_size; }
 int64_t PromptTokenizer::bos_id() const { return impl_->bos; }

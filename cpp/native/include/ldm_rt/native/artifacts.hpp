@@ -61,6 +61,7 @@ struct ComponentFiles {
   ManifestFile onnx_entry;                // the manifest's entry for it (lora_targets.json names files by it)
   std::vector<std::string> inputs;        // the contract's input names
   std::vector<std::string> outputs;       // the contract's output names
+  std::vector<std::vector<std::string>> output_shapes;  // each output's shape, as input_shapes
   // Each input's shape as the contract states it, in input order: a number as its digits, an axis name, or
   // "scale:AXIS:k" / "div:AXIS:k" (contracts.TensorSpec.resolve; controlnet.cpp resolves the residuals').
   std::vector<std::vector<std::string>> input_shapes;
@@ -95,6 +96,9 @@ struct Artifacts {
   // The LoRAs fused into these weights at export (manifest source.loras): the parameters' "loras" entries, as JSON
   // with sorted keys and "applied": "export" (pipeline.py Pipeline.loras).
   std::vector<std::string> fused_loras;
+  // The textual-inversion embeddings baked in at export (manifest source.embeddings): the parameters' "embeddings"
+  // entries, as JSON with sorted keys, without "path", with "applied": "export" (pipeline.py Pipeline.embeddings).
+  std::vector<std::string> baked_embeddings;
 
   // Reads and checks the folder; component files at `precision` ("fp32" or "fp16") are hash-checked here.
   static Artifacts open(const std::string& dir, const std::string& precision = "fp32");
@@ -106,5 +110,9 @@ std::string verify_manifest_file(const std::string& folder, const ManifestFile& 
 
 // Python's str(Path(p)): '.' parts and repeated or trailing slashes dropped ("" -> ".").
 std::string normal_path(const std::string& p);
+// Path(p).name, Path(p).suffix.lower() and Path(p).stem (pathlib's rules: a leading dot is no suffix).
+std::string path_name(const std::string& path);
+std::string path_suffix(const std::string& path);
+std::string path_stem(const std::string& path);
 
 }  // namespace ldm_rt::native

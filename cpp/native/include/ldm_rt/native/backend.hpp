@@ -38,16 +38,25 @@ struct HostOptions {
   std::function<void(const std::string&)> warn;  // receives warnings (one line each); may be empty
 };
 
-// New values for some weights of a network, set as it opens (a LoRA's deltas: lora.hpp). The backend finds each named
-// weight (the ONNX initializer's name), hands its values to apply() widened to float32 and stores the result in the
-// weight's own type (float16 rounded as numpy's astype), so the files on disk are never changed.
+// A float weight a network holds (an ONNX initializer, as the backend sees it): its names and shape.
+struct HeldWeight {
+  std::vector<std::string> names;  // the initializer's name first, then any other name the backend gives it
+  std::vector<int64_t> shape;
+};
+
+// New values for some weights of a network, set as it opens (a LoRA's deltas: lora.hpp; a token table grown by
+// textual-inversion rows: embeddings.hpp). The backend finds each named weight (the ONNX initializer's name), hands
+// its values to apply() widened to float32 and stores the result in the weight's own type (float16 rounded as numpy's
+// astype), so the files on disk are never changed.
 class WeightPatch {
  public:
   virtual ~WeightPatch() = default;
-  virtual const std::string& where() const = 0;           // the ONNX file as the manifest names it (messages)
-  virtual std::vector<std::string> weights() const = 0;   // the initializers to patch; throws LoraError
-  // `values` (the weight, `shape`) patched in place; throws LoraError naming what does not fit.
-  virtual void apply(const std::string& weight, const std::vector<int64_t>& shape, std::vector<float>& values) const = 0;
+  virtual const std::string& where() const = 0;  // the ONNX file as the manifest names it (messages)
+  // The initializers to patch, chosen by name or among `held` (the network's float weights); throws Error.
+  virtual std::vector<std::string> weights(const std::vector<HeldWeight>& held) const = 0;
+  // `values` (the weight, `shape`) patched in place, or replaced by a larger tensor with `shape` updated (a token
+  // table with rows added); throws Error naming what does not fit.
+  virtual void apply(const std::string& weight, std::vector<int64_t>& shape, std::vector<float>& values) const = 0;
 };
 
 class Backend {
@@ -56,11 +65,11 @@ class Backend {
   virtual std::string name() const = 0;
   // What the backend computes in: "f32" or "bf16" (after checking what the CPU supports).
   virtual std::string inference_precision() const = 0;
-  // Opens one component from its verified ONNX file, its weights patched first when `patch` is given (and then not
-  // kept in the compile cache: every LoRA set and scale would leave another compiled copy behind); throws
-  // ArtifactError / BackendError / LoraError.
+  // Opens one component from its verified ONNX file, its weights patched first by `patches` in order (and then not
+  // kept in the compile cache: every LoRA set and scale, or set of embeddings, would leave another compiled copy
+  // behind); throws ArtifactError / BackendError / LoraError / EmbeddingError.
   virtual std::unique_ptr<Component> open(const std::string& name, const ComponentFiles& files,
-                                          const WeightPatch* patch = nullptr) const = 0;
+                                          const std::vector<const WeightPatch*>& patches = {}) const = 0;
 };
 
 // MAX_THREADS_PER_CPU: threads per operator are bounded by 4 per logical CPU (base.HostOptions says why).

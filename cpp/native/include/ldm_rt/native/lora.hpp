@@ -23,7 +23,6 @@ namespace ldm_rt::native {
 
 // runtime/lora.py's bounds, same values.
 constexpr uint64_t kMaxLoraBytes = uint64_t{8} << 30;
-constexpr uint64_t kMaxLoraHeaderBytes = uint64_t{64} << 20;
 constexpr std::size_t kMaxLoras = 32;  // per pipeline; each costs a pass over the targeted weights
 constexpr double kMaxLoraScale = 1e3;  // beyond this a scale is a typo
 constexpr std::size_t kMaxLoraTargetsBytes = std::size_t{64} << 20;

@@ -28,6 +28,7 @@
 #include "ldm_rt/native/artifacts.hpp"
 #include "ldm_rt/native/backend.hpp"
 #include "ldm_rt/native/errors.hpp"
+#include "ldm_rt/native/embeddings.hpp"
 #include "ldm_rt/native/lora.hpp"
 #include "ldm_rt/native/metadata.hpp"
 #include "ldm_rt/native/micro_conditioning.hpp"
@@ -57,6 +58,9 @@ struct LoadOptions {
   // LoRA files applied as the components open (lora.hpp; Pipeline.load(loras=...)): their deltas are added to the
   // weights they adapt, the files on disk untouched; recorded in every result's parameters (file, sha256, scale).
   std::vector<LoraSpec> loras;
+  // Textual-inversion files (embeddings.hpp; Pipeline.load(embeddings=...)): their triggers become tokens of the
+  // tokenizers and their vectors rows of the text encoders' token tables; recorded in every result's parameters.
+  std::vector<EmbeddingSpec> embeddings;
 };
 
 // One request (Pipeline.generate's arguments).
@@ -200,6 +204,7 @@ class Pipeline {
   bool is_refiner_ = false;
   std::vector<std::string> controlnets_;  // controlnet_<k>, export order
   std::vector<std::string> lora_records_;  // fused at export and applied at load: the parameters' "loras" entries (JSON)
+  std::vector<std::string> embedding_records_;  // baked at export, then added at load: the "embeddings" entries (JSON)
   mutable std::atomic<bool> previews_announced_{false};
 };
 

@@ -96,4 +96,7 @@ Json read_json_object(const std::string& path, std::string_view fix, std::size_t
 // default the UTF-8 text is kept; with ensure_ascii every code point past ASCII is a \u escape.
 std::string json_quote(std::string_view s, bool ensure_ascii = false);
 
+// Python's truthiness of a JSON value (`cfg.get("use_dora")`, `header.pop("__metadata__", None) or {}`); null: false.
+bool py_truthy(const Json* v);
+
 }  // namespace ldm_rt::native

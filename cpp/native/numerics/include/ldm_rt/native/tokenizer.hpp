@@ -11,6 +11,8 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
+#include <utility>
 #include <stdexcept>
 #include <string>
 #include <string_view>
@@ -65,6 +67,18 @@ class PromptTokenizer {
   // `what` is "prompt" or "negative prompt".
   std::vector<std::string> warnings(const std::vector<std::string>& prompts, const TokenizedPrompts& result,
                                     std::string_view what = "prompt") const;
+
+  // The id of `token` (an added token or a vocabulary entry, as written), none if it is neither (tokenizers'
+  // token_to_id).
+  std::optional<int64_t> token_id(const std::string& token) const;
+
+  // A copy in which each (word, n) of `words` reads as n new tokens, and their ids (after the vocabulary, in order):
+  // textual inversion, as runtime/tokenizer.py with_added_tokens builds it. Each new token is one private-use
+  // character (U+F0000 on, after those the file already has) and a literal Replace normalizer after the model's own
+  // turns the normalised word into them (longest words first). Throws TokenizerError for an empty word or two words
+  // that normalise alike, with Python's message.
+  std::pair<PromptTokenizer, std::vector<std::vector<int64_t>>> with_added_tokens(
+      const std::vector<std::pair<std::string, int64_t>>& words) const;
 
   int64_t max_length() const;
   int64_t vocab_size() const;  // with added tokens
