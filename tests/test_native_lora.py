@@ -222,7 +222,8 @@ def bad(artifacts, tmp_path_factory) -> dict[str, str | list[str]]:
         "scale not a number": f"{foreign}:lots",
         "scale out of range": f"{foreign}:5e3",
         "scale not finite": f"{foreign}:-inf",
-        "not safetensors": str(folder / "style.txt"),
+        "not safetensors": str(folder / "style.TXT"),  # the suffix as written, in both runtimes
+        "pickle, capitals": str(folder / "style.CKPT"),
     }
 
 

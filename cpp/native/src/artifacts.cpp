@@ -281,11 +281,11 @@ std::size_t suffix_at(const std::string& name) {
 }
 }  // namespace
 
-std::string path_suffix(const std::string& path) {
+std::string path_suffix(const std::string& path, bool lower) {
   std::string name = path_name(path);
   std::size_t dot = suffix_at(name);
   std::string s = dot == std::string::npos ? "" : name.substr(dot);
-  for (char& c : s) c = char(std::tolower(static_cast<unsigned char>(c)));
+  if (lower) for (char& c : s) c = char(std::tolower(static_cast<unsigned char>(c)));
   return s;
 }
 

@@ -149,13 +149,12 @@ EmbeddingFile read_embedding(const std::string& given, const std::optional<std::
     }
     // Python reads these through a restricted unpickler; the native runtime reads no pickles at all. The conversion
     // below uses that restricted reader, so it is as safe as `ldm-rt sample --embedding` itself.
-    throw EmbeddingError("embedding " + path + " is a torch file (" + suffix + "), which ldm-rt-native does not read; " + kConvert +
+    throw EmbeddingError("embedding " + path + " is a torch file (" + path_suffix(path, false) + "), which ldm-rt-native does not read; " + kConvert +
                          " with ldm-rt's restricted reader: python -c \"import sys; from safetensors.numpy import save_file; "
                          "from ldm_rt.runtime.embeddings import read_embedding; e = read_embedding(sys.argv[1]); "
                          "save_file({k or 'emb_params': v for k, v in e.vectors.items()}, e.token + '.safetensors')\" " + path);
   } else {
-    std::string name = path_name(path);
-    throw EmbeddingError("embedding " + path + ": unknown file type " + py_str_repr(name.substr(path_stem(path).size())) +
+    throw EmbeddingError("embedding " + path + ": unknown file type " + py_str_repr(path_suffix(path, false)) +
                          "; pass a .safetensors, .pt or .bin textual-inversion file");
   }
   auto [vectors, named] = layout(file.tensors, path);

@@ -106,12 +106,12 @@ struct LoraFile {
 LoraFile read_lora(const std::string& given) {
   std::string path = normal_path(given), suffix = path_suffix(path);
   if (is_pickle_suffix(suffix)) {
-    throw LoraError("LoRA " + path + " is a pickle (" + suffix +
+    throw LoraError("LoRA " + path + " is a pickle (" + path_suffix(path, false) +
                     "), which the runtime never loads; convert it to .safetensors (python -c \"import torch, "
                     "safetensors.torch as s; s.save_file(torch.load('IN', weights_only=True), 'OUT.safetensors')\")");
   }
   if (suffix != kSafetensors) {
-    throw LoraError("LoRA " + path + ": unknown file type " + py_str_repr(suffix) + "; pass a .safetensors file");
+    throw LoraError("LoRA " + path + ": unknown file type " + py_str_repr(path_suffix(path, false)) + "; pass a .safetensors file");
   }
   SafetensorsFile read = read_safetensors_as<LoraError>(path, kMaxLoraBytes, "LoRA");
   LoraFile file{path, read.sha256, std::move(read.tensors), std::move(read.metadata)};

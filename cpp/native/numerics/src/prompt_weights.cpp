@@ -234,7 +234,7 @@ TokenizedPrompts tokenize_weighted(const PromptTokenizer& tokenizer, const std::
   r.ids.shape = {static_cast<int64_t>(prompts.size()), L};
   std::size_t next_text = 0;
   const std::vector<int64_t> comma = tokenizer.token_ids({","}).front();
-  const std::optional<int64_t> comma_id = comma.size() == 1 ? std::optional<int64_t>(comma.front()) : std::nullopt;
+  const int64_t comma_id = comma.size() == 1 ? comma.front() : -1;  // -1: a vocabulary without a comma token never backtracks
   for (const auto& segments : parsed) {
     std::vector<std::vector<std::pair<int64_t, float>>> pieces;  // chunks of (token, weight), each at most `size`
     for (const auto& segment : segments) {
@@ -242,7 +242,7 @@ TokenizedPrompts tokenize_weighted(const PromptTokenizer& tokenizer, const std::
       std::ptrdiff_t last_comma = -1;  // where the current chunk's last comma is
       for (const Fragment& f : segment) {
         for (int64_t token : token_ids[next_text]) {
-          if (comma_id && token == *comma_id) {
+          if (token == comma_id) {
             last_comma = static_cast<std::ptrdiff_t>(pieces.back().size());
           } else if (pieces.back().size() == size && last_comma >= 0 &&
                      static_cast<std::ptrdiff_t>(size) - last_comma <= kCommaBacktrack) {

@@ -112,7 +112,7 @@ std::string verify_manifest_file(const std::string& folder, const ManifestFile& 
 std::string normal_path(const std::string& p);
 // Path(p).name, Path(p).suffix.lower() and Path(p).stem (pathlib's rules: a leading dot is no suffix).
 std::string path_name(const std::string& path);
-std::string path_suffix(const std::string& path);
+std::string path_suffix(const std::string& path, bool lower = true);  // lower = false: Path(p).suffix as written
 std::string path_stem(const std::string& path);
 
 }  // namespace ldm_rt::native
