@@ -16,11 +16,9 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 from sdxl_small_models import SIZE as SDXL_SIZE
-from test_native_sdxl import native  # noqa: F401  (the session's native build)
+from test_native_sdxl import native, native_sample, python_sample  # noqa: F401  (native: the session's native build)
 from test_runtime_fixtures import exported, one_line_error, psnr, run_cli
 from test_textual_inversion import vectors, write_file
 from tiny_models import TINY_SDXL_TEXT_2_DIM, TINY_SDXL_TEXT_DIM
@@ -54,24 +52,6 @@ def made(tmp_path_factory) -> dict[str, tuple[Path, str]]:
         path, token, _ = write_file(folder / name, fmt, seed=len(made))
         made[name] = (path, token)
     return made
-
-
-def read_png(path: Path) -> tuple[np.ndarray, str]:
-    """The image and its `parameters` text (compared as text: the JSON must be Python's to the byte)."""
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB")), im.text["parameters"]
-
-
-def python_sample(model: Path, out: Path, *args) -> tuple[np.ndarray, str]:
-    code, _, err = run_cli(ldm_rt_main, ["sample", "--backend", "openvino", "--model", str(model), *map(str, args), "--out", str(out)])
-    assert code == 0, err
-    return read_png(out)
-
-
-def native_sample(native, model: Path, out: Path, *args) -> tuple[np.ndarray, str]:  # noqa: F811
-    done = native.run("--model", model, *args, "--out", out)
-    assert done.returncode == 0, done.stderr
-    return read_png(out)
 
 
 def compare(native, model: Path, folder: Path, args: list[str], embedding_args: list[str]) -> tuple[float, float, str]:  # noqa: F811

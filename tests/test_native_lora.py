@@ -18,11 +18,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 from test_lora_fixtures import make_kohya_lora, make_peft_lora
 from sdxl_small_models import SIZE as SDXL_SIZE
 from test_lora_formats import write_safetensors
-from test_native_sdxl import native  # noqa: F401  (the session's native build)
+from test_native_sdxl import native, native_sample, python_sample  # noqa: F401  (native: the session's native build)
 from test_runtime_fixtures import exported, one_line_error, psnr, run_cli
 
 from ldm_rt.runtime.cli import main as ldm_rt_main
@@ -83,24 +82,6 @@ def fused(artifacts, tmp_path_factory) -> Path:
 def plain(native, artifacts, tmp_path_factory) -> np.ndarray:  # noqa: F811
     """Native's image without a LoRA (the effect of each LoRA is measured against it)."""
     return native_sample(native, artifacts, tmp_path_factory.mktemp("native_plain") / "plain.png", *COMMON)[0]
-
-
-def read_png(path: Path) -> tuple[np.ndarray, str]:
-    """The image and its `parameters` text (compared as text: the JSON must be Python's to the byte)."""
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB")), im.text["parameters"]
-
-
-def python_sample(model: Path, out: Path, *args) -> tuple[np.ndarray, str]:
-    code, _, err = run_cli(ldm_rt_main, ["sample", "--backend", "openvino", "--model", str(model), *map(str, args), "--out", str(out)])
-    assert code == 0, err
-    return read_png(out)
-
-
-def native_sample(native, model: Path, out: Path, *args) -> tuple[np.ndarray, str]:  # noqa: F811
-    done = native.run("--model", model, *args, "--out", out)
-    assert done.returncode == 0, done.stderr
-    return read_png(out)
 
 
 def lora_args(made: dict[str, Path], case: list[tuple[str, str]]) -> list[str]:

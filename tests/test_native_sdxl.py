@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from cmake_build import RUNTIME_TARGETS, native_build
-from test_runtime_fixtures import psnr
+from test_runtime_fixtures import psnr, run_cli
 
 from ldm_rt.runtime.artifacts import default_artifacts_dir
 from ldm_rt.runtime.cli import main as ldm_rt_main
@@ -118,6 +118,24 @@ def test_sdxl_cli_files_and_latents_as_ldm_rt_sample(native, base, tmp_path):
     assert c_params == py_params and py_params["crops_coords_top_left"] == [4, 8]
     assert (c_text.pop("Software"), py_text.pop("Software")) == ("ldm-rt-native", "ldm-rt")
     assert c_text == py_text
+
+
+def read_png(path: Path) -> tuple[np.ndarray, str]:
+    """The image and its `parameters` text (compared as text: the JSON must be Python's to the byte)."""
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB")), im.text["parameters"]
+
+
+def python_sample(model: Path, out: Path, *args) -> tuple[np.ndarray, str]:
+    code, _, err = run_cli(ldm_rt_main, ["sample", "--backend", "openvino", "--model", str(model), *map(str, args), "--out", str(out)])
+    assert code == 0, err
+    return read_png(out)
+
+
+def native_sample(native: Native, model: Path, out: Path, *args) -> tuple[np.ndarray, str]:
+    done = native.run("--model", model, *args, "--out", out)
+    assert done.returncode == 0, done.stderr
+    return read_png(out)
 
 
 def cli_error(*args) -> str:
