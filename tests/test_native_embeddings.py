@@ -18,12 +18,11 @@ from pathlib import Path
 
 import pytest
 from sdxl_small_models import SIZE as SDXL_SIZE
-from test_native_sdxl import native, native_sample, python_sample  # noqa: F401  (native: the session's native build)
-from test_runtime_fixtures import exported, one_line_error, psnr, run_cli
+from test_native_sdxl import cli_errors, native, native_sample, python_sample  # noqa: F401  (native: the session's native build)
+from test_runtime_fixtures import exported, one_line_error, psnr
 from test_textual_inversion import vectors, write_file
 from tiny_models import TINY_SDXL_TEXT_2_DIM, TINY_SDXL_TEXT_DIM
 
-from ldm_rt.runtime.cli import main as ldm_rt_main
 from ldm_rt.runtime.embeddings import TokenRows, read_embedding, token_table
 from ldm_rt.runtime.tokenizer import PromptTokenizer
 
@@ -167,10 +166,7 @@ def test_native_refuses_bad_embeddings_with_pythons_line(native, artifacts, bad,
     for case, values in bad.items():
         out = tmp_path / f"{case}.png"
         args = [a for v in values for a in ("--embedding", v)]
-        code, _, err = run_cli(ldm_rt_main, ["sample", "--backend", "openvino", "--model", str(artifacts), *args, "--out", str(out)])
-        want = one_line_error(code, err, "ldm-rt").removeprefix("ldm-rt: error: ")
-        done = native.run("--model", artifacts, *args, "--out", out)
-        got = one_line_error(done.returncode, done.stderr, "ldm-rt-native").removeprefix("ldm-rt-native: error: ")
+        want, got = cli_errors(native, "--model", artifacts, *args, "--out", out, backend="openvino")
         assert got == want, case
         assert not out.exists()
 

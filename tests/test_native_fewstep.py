@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from test_fewstep_turbo import TURBO_SCHEDULER
-from test_native_sdxl import cli_error, native  # noqa: F401  (native: the session's native build, a fixture)
+from test_native_sdxl import cli_errors, native  # noqa: F401  (native: the session's native build, a fixture)
 from test_runtime_fixtures import exported, psnr, synthetic
 
 from ldm_rt.runtime.cli import main as ldm_rt_main
@@ -54,14 +54,6 @@ def same_text(py_text: dict, c_text: dict) -> None:
     assert (py_text.pop("Software"), c_text.pop("Software")) == ("ldm-rt", "ldm-rt-native")
     assert json.loads(c_text.pop("parameters")) == json.loads(py_text.pop("parameters"))
     assert c_text == py_text
-
-
-def cli_errors(native, *args) -> tuple[str, str]:  # noqa: F811
-    """(Python's one-line message, native's) for the same refused arguments."""
-    done = native.run(*args)
-    lines = done.stderr.splitlines()
-    assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("ldm-rt-native: error: "), done.stderr
-    return cli_error(*args), lines[0].removeprefix("ldm-rt-native: error: ")
 
 
 @pytest.fixture(scope="module")

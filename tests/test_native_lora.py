@@ -21,10 +21,9 @@ import pytest
 from test_lora_fixtures import make_kohya_lora, make_peft_lora
 from sdxl_small_models import SIZE as SDXL_SIZE
 from test_lora_formats import write_safetensors
-from test_native_sdxl import native, native_sample, python_sample  # noqa: F401  (native: the session's native build)
-from test_runtime_fixtures import exported, one_line_error, psnr, run_cli
+from test_native_sdxl import cli_errors, native, native_sample, python_sample  # noqa: F401  (native: the session's native build)
+from test_runtime_fixtures import exported, psnr
 
-from ldm_rt.runtime.cli import main as ldm_rt_main
 from ldm_rt.runtime.lora import LoraTargets
 
 pytest.importorskip("openvino")
@@ -212,9 +211,6 @@ def test_native_refuses_bad_loras_with_pythons_line(native, artifacts, bad, tmp_
     for case, value in bad.items():
         out = tmp_path / f"{case}.png"
         loras = [a for v in ([value] if isinstance(value, str) else value) for a in ("--lora", v)]
-        code, _, err = run_cli(ldm_rt_main, ["sample", "--backend", "openvino", "--model", str(artifacts), *loras, "--out", str(out)])
-        want = one_line_error(code, err, "ldm-rt").removeprefix("ldm-rt: error: ")
-        done = native.run("--model", artifacts, *loras, "--out", out)
-        got = one_line_error(done.returncode, done.stderr, "ldm-rt-native").removeprefix("ldm-rt-native: error: ")
+        want, got = cli_errors(native, "--model", artifacts, *loras, "--out", out, backend="openvino")
         assert got == want, case
         assert not out.exists()

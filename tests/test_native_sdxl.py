@@ -150,6 +150,15 @@ def cli_error(*args) -> str:
     return lines[0].removeprefix("ldm-rt: error: ")
 
 
+def cli_errors(native: Native, *args, backend: str | None = None) -> tuple[str, str]:
+    """(Python's one-line message, native's) for the same refused arguments; `backend`: Python's --backend (native
+    runs OpenVINO)."""
+    done = native.run(*args)
+    lines = done.stderr.splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("ldm-rt-native: error: "), done.stderr
+    return cli_error(*(["--backend", backend] if backend else []), *args), lines[0].removeprefix("ldm-rt-native: error: ")
+
+
 def test_sdxl_and_latents_bad_input_gets_the_messages_of_the_python_runtime(native, base, pipe, tmp_path):
     np.save(tmp_path / "small.npy", np.zeros((1, 4, 8, 8), np.float32))
     np.save(tmp_path / "ints.npy", np.zeros((1, 4, 16, 16), np.int64))
