@@ -24,6 +24,7 @@
 #include <cinttypes>
 #include <cstdio>
 #include <cstring>
+#include <functional>
 #include <iostream>
 #include <sstream>
 #include <string>
@@ -184,44 +185,15 @@ int cmd_loop(int argc, char** argv) {
   return 0;
 }
 
-// JOBS_JSON: [{"config": {...}, "name": "ddim", "steps": 4, "seed": 0, "shape": [1,4,4,4], "strength": null|0.6,
-//              "option": null|eta|gamma}]
-// -> per job {"error": message} or {"timesteps", "sigmas", "init_noise_sigma", "noise_steps", "final"}.
-int cmd_batch(const std::string& path) {
+// Each job of the JSON list at `path` answered by `answer` (a JSON object's text), or by {"error": message} where the
+// numerics refuse it; printed as one JSON list.
+int answer_jobs(const std::string& path, const std::function<std::string(const Json&)>& answer) {
   Json jobs = parse_json(read_bounded(path, std::size_t{64} << 20, "jobs file", "fix the test"), JsonLimits{std::size_t{64} << 20, 64}, path);
   std::cout << "[";
   for (std::size_t j = 0; j < jobs.size(); ++j) {
-    const Json& job = jobs[j];
     std::cout << (j ? ",\n" : "");
     try {
-      SchedulerConfig config = SchedulerConfig::from_json(job.at("config"));
-      const Json* option = job.find("option");
-      auto sched = Scheduler::make(job.at("name").as_string(), config,
-                                   option && !option->is_null() ? std::optional<double>(option->as_double()) : std::nullopt);
-      auto run = sched->set_timesteps(job.at("steps").as_int());
-      const Json& strength = job.at("strength");
-      if (!strength.is_null()) run = run->with_strength(strength.as_double());
-      std::vector<int64_t> shape = shape_of(job.at("shape"));
-      Generator rng(static_cast<uint64_t>(job.at("seed").as_int()));
-      Tensor noise = rng.standard_normal(shape);
-      Tensor x;
-      if (!strength.is_null()) {
-        x = run->add_noise(Tensor(shape, 0.5f), noise, 0);
-      } else {
-        x = noise;
-        float ins = static_cast<float>(run->init_noise_sigma());
-        for (float& v : x.data) v = v * ins;
-      }
-      for (std::size_t i = 0; i < run->size(); ++i) {
-        Tensor x_in = run->scale_model_input(x, i);
-        x = run->step(model_output(x_in, run->timesteps()[i]), i, x, &rng);
-      }
-      std::string ns = "[";
-      auto steps = run->noise_steps();
-      for (std::size_t i = 0; i < steps.size(); ++i) ns += (i ? "," : "") + std::to_string(steps[i]);
-      std::cout << "{\"timesteps\":" << vec_json(run->timesteps()) << ",\"sigmas\":" << vec_json(run->sigmas())
-                << ",\"init_noise_sigma\":" << f64(run->init_noise_sigma()) << ",\"noise_steps\":" << ns
-                << "],\"final\":" << tensor_bits(x) << "}";
+      std::cout << answer(jobs[j]);
     } catch (const std::invalid_argument& e) {
       std::cout << "{\"error\":" << json_quote(e.what()) << "}";
     }
@@ -230,36 +202,64 @@ int cmd_batch(const std::string& path) {
   return 0;
 }
 
+// A job's run: Scheduler::make(name, config, option), set_timesteps(steps), then with_strength(strength) unless null.
+std::unique_ptr<SchedulerRun> job_run(const Json& job) {
+  const Json* option = job.find("option");
+  auto sched = Scheduler::make(job.at("name").as_string(), SchedulerConfig::from_json(job.at("config")),
+                               option && !option->is_null() ? std::optional<double>(option->as_double()) : std::nullopt);
+  auto run = sched->set_timesteps(job.at("steps").as_int());
+  if (const Json& strength = job.at("strength"); !strength.is_null()) run = run->with_strength(strength.as_double());
+  return run;
+}
+
+// JOBS_JSON: [{"config": {...}, "name": "ddim", "steps": 4, "seed": 0, "shape": [1,4,4,4], "strength": null|0.6,
+//              "option": null|eta|gamma}]
+// -> per job {"error": message} or {"timesteps", "sigmas", "init_noise_sigma", "noise_steps", "final"}.
+int cmd_batch(const std::string& path) {
+  return answer_jobs(path, [](const Json& job) {
+    auto run = job_run(job);
+    std::vector<int64_t> shape = shape_of(job.at("shape"));
+    Generator rng(static_cast<uint64_t>(job.at("seed").as_int()));
+    Tensor noise = rng.standard_normal(shape);
+    Tensor x;
+    if (!job.at("strength").is_null()) {
+      x = run->add_noise(Tensor(shape, 0.5f), noise, 0);
+    } else {
+      x = noise;
+      float ins = static_cast<float>(run->init_noise_sigma());
+      for (float& v : x.data) v = v * ins;
+    }
+    for (std::size_t i = 0; i < run->size(); ++i) {
+      Tensor x_in = run->scale_model_input(x, i);
+      x = run->step(model_output(x_in, run->timesteps()[i]), i, x, &rng);
+    }
+    std::string ns = "[";
+    auto steps = run->noise_steps();
+    for (std::size_t i = 0; i < steps.size(); ++i) ns += (i ? "," : "") + std::to_string(steps[i]);
+    std::ostringstream out;
+    out << "{\"timesteps\":" << vec_json(run->timesteps()) << ",\"sigmas\":" << vec_json(run->sigmas())
+        << ",\"init_noise_sigma\":" << f64(run->init_noise_sigma()) << ",\"noise_steps\":" << ns
+        << "],\"final\":" << tensor_bits(x) << "}";
+    return out.str();
+  });
+}
+
 // JOBS_JSON: [{"config": {...}, "name": "ddim", "steps": 4, "strength": null|0.6, "option": null|value, "shape": [...],
 //              "samples": [[...] per step], "outputs": [[...] per step]}]
 // -> per job {"error": message} or {"denoised": [bits of denoised(outputs[i], i, samples[i]) per step]}.
 int cmd_denoised(const std::string& path) {
-  Json jobs = parse_json(read_bounded(path, std::size_t{64} << 20, "jobs file", "fix the test"), JsonLimits{std::size_t{64} << 20, 64}, path);
-  std::cout << "[";
-  for (std::size_t j = 0; j < jobs.size(); ++j) {
-    const Json& job = jobs[j];
-    std::cout << (j ? ",\n" : "");
-    try {
-      const Json* option = job.find("option");
-      auto sched = Scheduler::make(job.at("name").as_string(), SchedulerConfig::from_json(job.at("config")),
-                                   option && !option->is_null() ? std::optional<double>(option->as_double()) : std::nullopt);
-      auto run = sched->set_timesteps(job.at("steps").as_int());
-      if (const Json& strength = job.at("strength"); !strength.is_null()) run = run->with_strength(strength.as_double());
-      std::vector<int64_t> shape = shape_of(job.at("shape"));
-      std::vector<int64_t> out_shape = job.find("output_shape") ? shape_of(job.at("output_shape")) : shape;
-      const Json &samples = job.at("samples"), &outputs = job.at("outputs");
-      std::string steps;
-      for (std::size_t i = 0; i < samples.size(); ++i) {
-        Tensor d = run->denoised(tensor_of(outputs[i], out_shape), i, tensor_of(samples[i], shape));
-        steps += (i ? "," : "") + tensor_bits(d);
-      }
-      std::cout << "{\"denoised\":[" << steps << "]}";
-    } catch (const std::invalid_argument& e) {
-      std::cout << "{\"error\":" << json_quote(e.what()) << "}";
+  return answer_jobs(path, [](const Json& job) {
+    auto run = job_run(job);
+    std::vector<int64_t> shape = shape_of(job.at("shape"));
+    std::vector<int64_t> out_shape = job.find("output_shape") ? shape_of(job.at("output_shape")) : shape;
+    const Json &samples = job.at("samples"), &outputs = job.at("outputs");
+    std::string steps;
+    for (std::size_t i = 0; i < samples.size(); ++i) {
+      Tensor d = run->denoised(tensor_of(outputs[i], out_shape), i, tensor_of(samples[i], shape));
+      steps += (i ? "," : "") + tensor_bits(d);
     }
-  }
-  std::cout << "]\n";
-  return 0;
+    return "{\"denoised\":[" + steps + "]}";
+  });
 }
 
 // Everything one request computes from shared immutable objects: ids of a few prompts, then the formula loop
