@@ -16,6 +16,7 @@
 #include <sstream>
 
 #include "ldm_rt/native/errors.hpp"
+#include "ldm_rt/native/half.hpp"
 #include "ldm_rt/native/lora.hpp"
 
 namespace ldm_rt::native {
@@ -47,52 +48,6 @@ bool make_dirs(const std::string& path) {
   return ::stat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode);
 }
 
-// numpy's float32 -> float16 (npy_floatbits_to_halfbits): round to nearest even, overflow to inf, NaN kept.
-uint16_t half_bits(float value) {
-  uint32_t f;
-  std::memcpy(&f, &value, 4);
-  uint16_t sign = uint16_t((f & 0x80000000u) >> 16);
-  uint32_t exp = f & 0x7f800000u;
-  if (exp >= 0x47800000u) {
-    uint32_t sig = f & 0x007fffffu;
-    if (exp == 0x7f800000u && sig != 0) {
-      uint16_t nan = uint16_t(0x7c00u + (sig >> 13));
-      return uint16_t(sign + (nan == 0x7c00u ? nan + 1 : nan));
-    }
-    return uint16_t(sign + 0x7c00u);
-  }
-  if (exp <= 0x38000000u) {
-    if (exp < 0x33000000u) return sign;
-    uint32_t sig = 0x00800000u + (f & 0x007fffffu);
-    sig >>= (113 - (exp >> 23));
-    if ((sig & 0x00003fffu) != 0x00001000u || (f & 0x000007ffu)) sig += 0x00001000u;
-    return uint16_t(sign + (sig >> 13));
-  }
-  uint32_t sig = f & 0x007fffffu;
-  if ((sig & 0x00003fffu) != 0x00001000u) sig += 0x00001000u;
-  return uint16_t(sign + ((exp - 0x38000000u) >> 13) + (sig >> 13));
-}
-
-float half_value(uint16_t h) {
-  uint32_t sign = uint32_t(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, sig = h & 0x3ffu, f;
-  if (exp == 0x1fu) {
-    f = sign | 0x7f800000u | (sig << 13);
-  } else if (exp != 0) {
-    f = sign | ((exp + 112) << 23) | (sig << 13);
-  } else if (sig == 0) {
-    f = sign;
-  } else {  // subnormal: normalise
-    int e = -1;
-    do {
-      ++e;
-      sig <<= 1;
-    } while ((sig & 0x400u) == 0);
-    f = sign | uint32_t(112 - e) << 23 | ((sig & 0x3ffu) << 13);
-  }
-  float v;
-  std::memcpy(&v, &f, 4);
-  return v;
-}
 
 // openvino_backend.replace_constants: the ONNX frontend names each weight's Constant after its initializer, so the
 // Constants `patch` names are replaced, before the model compiles, by ones holding the patched values (same type; same
@@ -148,7 +103,7 @@ void replace_constants(ov::Model& model, const WeightPatch& patch, const std::st
       std::memcpy(values.data(), old->get_data_ptr(), count * sizeof(float));
     } else {
       const auto* bits = static_cast<const uint16_t*>(old->get_data_ptr());
-      for (size_t k = 0; k < count; ++k) values[k] = half_value(bits[k]);
+      for (size_t k = 0; k < count; ++k) values[k] = half_to_float(bits[k]);
     }
     patch.apply(name, dims, values);
     ov::Shape patched(dims.begin(), dims.end());
@@ -158,7 +113,7 @@ void replace_constants(ov::Model& model, const WeightPatch& patch, const std::st
       fresh = std::make_shared<ov::op::v0::Constant>(type, patched, values.data());
     } else {
       std::vector<uint16_t> out(values.size());
-      for (size_t k = 0; k < values.size(); ++k) out[k] = half_bits(values[k]);
+      for (size_t k = 0; k < values.size(); ++k) out[k] = float_to_half(values[k]);
       fresh = std::make_shared<ov::op::v0::Constant>(type, patched, out.data());
     }
     fresh->set_friendly_name(old->get_friendly_name());

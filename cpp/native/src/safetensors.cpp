@@ -1,9 +1,9 @@
 #include "ldm_rt/native/safetensors.hpp"
 
-#include <cmath>
 #include <cstring>
 #include <map>
 
+#include "ldm_rt/native/half.hpp"
 #include "ldm_rt/native/json.hpp"
 #include "ldm_rt/native/pyrepr.hpp"
 #include "ldm_rt/native/sha256.hpp"
@@ -14,23 +14,6 @@ namespace {
 constexpr const char* kFix = "download the file again or convert it to .safetensors";
 
 }  // namespace
-
-float bf16_value(uint16_t bits) {
-  uint32_t f = uint32_t(bits) << 16;
-  float v;
-  std::memcpy(&v, &f, 4);
-  return v;
-}
-
-float f16_value(uint16_t h) {  // exact: every float16 is a float32
-  uint32_t sign = uint32_t(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, sig = h & 0x3ffu;
-  float mag = exp == 0x1fu ? (sig ? NAN : INFINITY) : exp ? std::ldexp(float(sig | 0x400u), int(exp) - 25) : std::ldexp(float(sig), -24);
-  uint32_t f;
-  std::memcpy(&f, &mag, 4);
-  f |= sign;
-  std::memcpy(&mag, &f, 4);
-  return mag;
-}
 
 // runtime/lora.py read_safetensors: every offset and size checked against the file before anything is read.
 SafetensorsFile read_safetensors(const std::string& path, uint64_t limit, const std::string& kind) {
@@ -114,7 +97,7 @@ SafetensorsFile read_safetensors(const std::string& path, uint64_t limit, const 
       } else {
         uint16_t h;
         std::memcpy(&h, raw + 2 * k, 2);
-        values[k] = type == "BF16" ? bf16_value(h) : f16_value(h);
+        values[k] = type == "BF16" ? bf16_to_float(h) : half_to_float(h);
       }
     }
     Tensor t(shape, std::move(values));

@@ -42,8 +42,4 @@ SafetensorsFile read_safetensors_as(const std::string& path, uint64_t limit, con
   }
 }
 
-// float16 and bfloat16 bits -> float32 (exact).
-float f16_value(uint16_t h);
-float bf16_value(uint16_t bits);
-
 }  // namespace ldm_rt::native
