@@ -203,29 +203,35 @@ def test_footprint_of_the_runtime_install_has_no_torch():
     assert "torch" in machine._requirement_names(importlib.metadata.distribution("ldm-rt"), ("torch",))
 
 
-@pytest.mark.slow  # two PyTorch processes started one after the other: about 30-40 s on 2 shared cores
+def torch_peer_images(process: harness.Peer, in_process: str, in_process_model: Path, spec: dict, tmp_path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The images of two torch peers for one spec: `process` run as the benchmark runs it (its own process, the line
+    protocol, a warm-up and a timed call; its numbers checked) and the worker `in_process` (reference or diffusers)
+    prepared and called in this process, which has torch already. The SD test runs the diffusers worker as a process
+    and the reference in-process, the SDXL test the other way round: each worker runs both ways, one torch start per test."""
+    from test_benchmarks_peers import worker_module
+
+    specs = {process.name: {**spec, **process.extra, "model": process.model, "image_out": str(tmp_path / f"{process.name}.npy")}}
+    raw = harness.run_peers([process], specs, {process.name: tmp_path / "peer.log"}, warmup=1, runs=1, timeout=600)[process.name]
+    assert raw["status"] == "ok", (tmp_path / "peer.log").read_text()[-2000:]
+    assert raw["peak_rss_mb"] > 50 and raw["cold_start_s"] > raw["first_image_s"]
+    assert [len(r["unet"]) for r in raw["runs"]] == [spec["steps"]] and raw["runs"][0]["text_encoder"] > 0 and raw["runs"][0]["vae_decoder"] > 0
+    generate, clock, info = worker_module(f"{in_process}_worker").prepare({**spec, "model": str(in_process_model)})
+    clock.reset()
+    here = np.asarray(generate())
+    assert len(clock.times["unet"]) == spec["steps"] and clock.times["text_encoder"] > 0 and info["load_s"] > 0
+    return np.load(tmp_path / f"{process.name}.npy"), here
+
+
 def test_torch_peers_compute_the_same_images(tiny_ldm_rt_model, tmp_path):
     """The default-model path: an ldm-rt model folder converted to diffusers' layout (benchmarks/diffusers_layout.py);
-    the reference worker on the original and the diffusers worker on the conversion, with the same noise and
-    DDIM, must draw the same image."""
+    the diffusers worker on the conversion and the reference worker on the original, with the same noise and DDIM,
+    must draw the same image."""
     from benchmarks.diffusers_layout import ldm_rt_to_diffusers
 
     converted = ldm_rt_to_diffusers(tiny_ldm_rt_model, tmp_path / "diffusers")
-    steps = 2
-    noise = np.random.default_rng(0).standard_normal((1, 4, 16, 16), dtype=np.float32)
-    np.save(tmp_path / "noise.npy", noise)
-    spec = {**harness.RunSpec(32, 32, steps=steps, runs=1, prompt="a red cat").to_dict(), "threads": 2, "noise_file": str(tmp_path / "noise.npy")}
-
-    peers = [harness.Peer("reference", harness.worker_argv("reference"), str(tiny_ldm_rt_model)),
-             harness.Peer("diffusers", harness.worker_argv("diffusers"), str(converted))]
-    specs = {p.name: {**spec, "model": p.model, "image_out": str(tmp_path / f"{p.name}.npy")} for p in peers}
-    results = harness.run_peers(peers, specs, {p.name: tmp_path / f"{p.name}.log" for p in peers}, warmup=1, runs=1, timeout=300)
-    images = {}
-    for name, raw in results.items():
-        assert raw["status"] == "ok", (tmp_path / f"{name}.log").read_text()[-2000:]
-        assert raw["peak_rss_mb"] > 50 and raw["cold_start_s"] > raw["first_image_s"]
-        assert [len(r["unet"]) for r in raw["runs"]] == [steps] and raw["runs"][0]["text_encoder"] > 0 and raw["runs"][0]["vae_decoder"] > 0
-        images[name] = np.load(tmp_path / f"{name}.npy")
-    assert images["reference"].shape == (1, 32, 32, 3)
-    diff = np.abs(images["reference"].astype(int) - images["diffusers"].astype(int))
-    assert diff.max() <= 2 and images["reference"].std() > 5  # the same non-trivial image
+    np.save(tmp_path / "noise.npy", np.random.default_rng(0).standard_normal((1, 4, 16, 16), dtype=np.float32))
+    spec = {**harness.RunSpec(32, 32, steps=2, runs=1, prompt="a red cat").to_dict(), "threads": 2, "noise_file": str(tmp_path / "noise.npy")}
+    peer = harness.Peer("diffusers", harness.worker_argv("diffusers"), str(converted))
+    diffusers, reference = torch_peer_images(peer, "reference", tiny_ldm_rt_model, spec, tmp_path)
+    assert reference.shape == (1, 32, 32, 3)
+    assert np.abs(reference.astype(int) - diffusers.astype(int)).max() <= 2 and reference.std() > 5  # the same non-trivial image

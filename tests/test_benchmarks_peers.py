@@ -63,7 +63,7 @@ def test_single_file_never_overwrites(tiny_folder, tmp_path):
 
 
 # ---- the workers' pieces that run without their venvs ----------------------------------------------------------
-def _worker_module(name: str):
+def worker_module(name: str):
     """A peer worker imported as its process does (peers/ on sys.path: worker_common is a sibling module)."""
     import importlib
 
@@ -75,7 +75,7 @@ def _worker_module(name: str):
 
 
 def test_openvino_genai_precision_properties():
-    worker = _worker_module("openvino_genai_worker")
+    worker = worker_module("openvino_genai_worker")
     assert worker.plugin_config("default") == {}  # what a user gets: the CPU plugin's own choice
     assert worker.plugin_config("f32") == {"INFERENCE_PRECISION_HINT": "f32"}
     with pytest.raises(ValueError, match="precision"):
@@ -84,7 +84,7 @@ def test_openvino_genai_precision_properties():
 
 
 def test_sdcpp_records_sampling_steps_only():
-    worker = _worker_module("sdcpp_worker")
+    worker = worker_module("sdcpp_worker")
     from worker_common import StageClock
 
     clock = StageClock()

@@ -96,25 +96,18 @@ def test_sdxl_peers_run_sdxl_pipelines_and_say_so():
         harness.pipeline_extra("StableDiffusion3Pipeline")
 
 
-@pytest.mark.slow  # two PyTorch processes: 12 s on an idle 2-core machine, over a minute on a busy one
 def test_torch_peers_draw_the_same_sdxl_image(folder, tmp_path):
     """The reference worker and the diffusers worker (told to run StableDiffusionXLPipeline) on the SDXL-shaped
     folder, same noise and DDIM: the same non-trivial image, with both encoders timed as the text stage."""
     import numpy as np
+    from test_benchmarks_harness import torch_peer_images
 
-    steps = 2
     np.save(tmp_path / "noise.npy", np.random.default_rng(0).standard_normal((1, 4, 8, 8), dtype=np.float32))
-    spec = {**harness.RunSpec(64, 64, steps=steps, runs=1).to_dict(), "threads": 2, "noise_file": str(tmp_path / "noise.npy")}
-    peers = [harness.Peer("reference", harness.worker_argv("reference"), str(folder)),
-             harness.Peer("diffusers", harness.worker_argv("diffusers"), str(folder), extra=harness.pipeline_extra(harness.SDXL_PIPELINE))]
-    specs = {p.name: {**spec, **p.extra, "model": p.model, "image_out": str(tmp_path / f"{p.name}.npy")} for p in peers}
-    results = harness.run_peers(peers, specs, {p.name: tmp_path / f"{p.name}.log" for p in peers}, warmup=1, runs=1, timeout=600)
-    for name, raw in results.items():
-        assert raw["status"] == "ok", (tmp_path / f"{name}.log").read_text()[-2000:]
-        assert [len(r["unet"]) for r in raw["runs"]] == [steps] and raw["runs"][0]["text_encoder"] > 0
-    reference, diffusers = (np.load(tmp_path / f"{n}.npy").astype(int) for n in ("reference", "diffusers"))
+    spec = {**harness.RunSpec(64, 64, steps=2, runs=1).to_dict(), "threads": 2, "noise_file": str(tmp_path / "noise.npy"),
+            **harness.pipeline_extra(harness.SDXL_PIPELINE)}  # fmt: skip
+    reference, diffusers = torch_peer_images(harness.Peer("reference", harness.worker_argv("reference"), str(folder)), "diffusers", folder, spec, tmp_path)
     assert reference.shape == (1, 64, 64, 3) and reference.std() > 5
-    assert np.abs(reference - diffusers).max() <= 2
+    assert np.abs(reference.astype(int) - diffusers.astype(int)).max() <= 2
 
 
 def test_openvino_genai_export_converts_both_sdxl_tokenizers(folder, tmp_path, monkeypatch):

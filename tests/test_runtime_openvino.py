@@ -6,12 +6,13 @@ calls are safe; without the package, or asked for as an onnxruntime provider, on
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from test_runtime_fixtures import synthetic
+from test_runtime_fixtures import build_synthetic_artifacts, synthetic
 
 from ldm_rt.runtime.backends import base, openvino_backend
 from ldm_rt.runtime.backends.base import BackendError, unwrap
@@ -52,8 +53,8 @@ def test_the_default_model_on_openvino_matches_the_cpu_provider_at_every_size(cp
     assert properties(pipe, "INFERENCE_PRECISION_HINT") == {ov.Type.f32}
     assert properties(pipe, "LOADED_FROM_CACHE") == {False}
     cache = tmp_path / "openvino"
-    blobs = {p.name: p.stat().st_mtime_ns for p in cache.iterdir()}
-    assert len(blobs) == len(pipe.components)  # one compiled graph per component
+    blobs = {p.relative_to(cache): p.stat().st_mtime_ns for p in cache.rglob("*") if p.is_file()}
+    assert len(blobs) == len(list(cache.iterdir())) == len(pipe.components)  # one folder per file, one compiled graph in each
     # One compiled model serves every size of the profile (dynamic shapes), each the CPU provider's image:
     # measured identical here (AMD EPYC, AVX-512); other kernels may round a pixel by a level.
     drawn = {}
@@ -66,8 +67,24 @@ def test_the_default_model_on_openvino_matches_the_cpu_provider_at_every_size(cp
     # The next process reads the compiled graphs back: nothing is compiled or written again, same images.
     again = Pipeline.load(backend="openvino", threads=1, compile_cache=tmp_path)
     assert properties(again, "LOADED_FROM_CACHE") == {True}
-    assert {p.name: p.stat().st_mtime_ns for p in cache.iterdir()} == blobs
+    assert {p.relative_to(cache): p.stat().st_mtime_ns for p in cache.rglob("*") if p.is_file()} == blobs
     np.testing.assert_array_equal(again.generate(PROMPTS, **ARGS).images, drawn[64])
+
+
+@needs_openvino
+def test_a_model_rebuilt_at_the_same_path_is_compiled_afresh(tmp_path):
+    """OpenVINO keys a cached graph compiled from a path on the path and the settings, not on the file's bytes: the
+    backend's cache folder per file, named after its manifest hash, keeps a model rebuilt in place (same contracts,
+    other weights) from running the old model's compiled graphs."""
+    folder, cache = tmp_path / "artifacts", tmp_path / "cache"
+    request = dict(prompt="a red cube", steps=2, seed=1, height=16, width=16)
+    drawn = []
+    for seed in (0, 1):
+        shutil.rmtree(folder, ignore_errors=True)
+        build_synthetic_artifacts(folder, seed=seed)
+        drawn.append(Pipeline.load(folder, backend="openvino", compile_cache=cache).generate(**request).images)
+        np.testing.assert_array_equal(drawn[-1], Pipeline.load(folder, backend="openvino", compile_cache=False).generate(**request).images)
+    assert np.abs(drawn[0].astype(int) - drawn[1].astype(int)).max() > 10
 
 
 @needs_openvino
