@@ -1,11 +1,14 @@
 #include "ldm_rt/native/artifacts.hpp"
 
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cstdio>
+#include <cstdlib>
 #include <cctype>
 #include <filesystem>
+#include <memory>
 #include <sstream>
 #include <tuple>
 
@@ -182,6 +185,22 @@ std::string verify_file(const std::string& folder, const FileEntry& entry) {
   return path;
 }
 
+// base.verified_file's stamp of the file at `path` (stat `st`), or "" when its real path cannot be had.
+std::string verified_stamp(const std::string& path, const struct stat& st, const std::string& sha256) {
+  std::unique_ptr<char, void (*)(void*)> real(::realpath(path.c_str(), nullptr), &std::free);
+  if (!real) return "";
+  // Python's stamp has os.fsdecode's surrogates for a path that is not UTF-8: such a path gets no record (hashed each time).
+  try {
+    check_utf8(real.get(), path, kRebuild);
+  } catch (const JsonError&) {
+    return "";
+  }
+  auto ns = [](const struct timespec& t) { return std::to_string(int64_t(t.tv_sec) * 1000000000 + int64_t(t.tv_nsec)); };
+  return "[" + json_quote(real.get(), true) + ", " + std::to_string(static_cast<unsigned long long>(st.st_dev)) + ", " +
+         std::to_string(static_cast<unsigned long long>(st.st_ino)) + ", " + std::to_string(int64_t(st.st_size)) + ", " +
+         ns(st.st_mtim) + ", " + ns(st.st_ctim) + ", " + json_quote(sha256, true) + "]";
+}
+
 // Manifest.read_file: a small side file's bytes, bounded and checked against the manifest's size and hash.
 std::string read_side_file(const std::string& folder, const FileEntry& entry, std::size_t limit, const std::string& what) {
   std::string path = confined(folder, entry.file);
@@ -253,6 +272,31 @@ std::pair<int64_t, int64_t> unet_prompt_chunks(const Json& unet_contract, int64_
 
 std::string verify_manifest_file(const std::string& folder, const ManifestFile& entry) { return verify_file(folder, entry); }
 
+std::string verified_manifest_file(const std::string& folder, const ManifestFile& entry, const std::string& compile_cache) {
+  if (compile_cache.empty() || entry.bytes < kVerifiedFromBytes) return verify_file(folder, entry);
+  std::string path = confined(folder, entry.file);
+  struct stat st {};
+  std::string stamp = ::stat(path.c_str(), &st) == 0 ? verified_stamp(path, st, entry.sha256) : "";
+  if (stamp.empty()) return verify_file(folder, entry);  // gone or unreachable: verify_file says which
+  std::error_code ec;
+  fs::path records = fs::path(compile_cache) / "verified";
+  fs::create_directories(records, ec);
+  std::string record = fs::is_directory(records, ec) ? (records / sha256_hex(stamp).substr(0, 32)).string() : "";
+  struct stat seen {};
+  if (!record.empty() && ::stat(record.c_str(), &seen) == 0 && S_ISREG(seen.st_mode) && S_ISREG(st.st_mode) &&
+      int64_t(st.st_size) == entry.bytes) {
+    return path;  // verified before, unchanged since
+  }
+  std::string verified = verify_file(folder, entry);
+  if (!record.empty()) {  // written whole or not at all (a partial record would vouch all the same); errors ignored
+    std::string part = record + "." + std::to_string(::getpid()) + ".part", text = stamp + "\n";
+    std::unique_ptr<FILE, int (*)(FILE*)> f(std::fopen(part.c_str(), "wb"), &std::fclose);
+    bool written = f && std::fwrite(text.data(), 1, text.size(), f.get()) == text.size() && std::fclose(f.release()) == 0;
+    if (!written || std::rename(part.c_str(), record.c_str()) != 0) std::remove(part.c_str());
+  }
+  return verified;
+}
+
 std::string normal_path(const std::string& p) {
   if (p.empty()) return ".";
   bool absolute = p[0] == '/';
@@ -294,7 +338,7 @@ std::string path_stem(const std::string& path) {
   return name.substr(0, suffix_at(name));
 }
 
-Artifacts Artifacts::open(const std::string& dir, const std::string& precision) {
+Artifacts Artifacts::open(const std::string& dir, const std::string& precision, const std::string& compile_cache) {
   Artifacts a;
   a.root = normal_path(dir);
   struct stat st {};
@@ -485,8 +529,11 @@ Artifacts Artifacts::open(const std::string& dir, const std::string& precision) 
     }
     a.model_hash = source_hash.empty() ? sha256_hex(manifest_bytes) : source_hash;
     for (auto& [name, files] : a.components) {
-      if (external.count(name)) verify_file(a.root, external[name]);  // read by the backend beside the ONNX file
-      files.onnx = verify_file(a.root, onnx[name]);
+      if (external.count(name)) {  // read by the backend beside the ONNX file
+        verified_manifest_file(a.root, external[name], compile_cache);
+        files.external_data_entry = external[name];
+      }
+      files.onnx = verified_manifest_file(a.root, onnx[name], compile_cache);
       files.onnx_entry = onnx[name];
     }
   } catch (const JsonError& e) {

@@ -18,6 +18,7 @@
 #include "ldm_rt/native/errors.hpp"
 #include "ldm_rt/native/half.hpp"
 #include "ldm_rt/native/lora.hpp"
+#include "ldm_rt/native/sha256.hpp"
 
 namespace ldm_rt::native {
 namespace {
@@ -198,7 +199,7 @@ class OpenVinoBackend : public Backend {
       if (!host.compile_cache.empty()) {
         std::string folder = host.compile_cache + "/openvino";
         if (make_dirs(folder)) {
-          config_.emplace(ov::cache_dir(folder));
+          cache_ = folder;  // each file's folder inside it is set as it opens
         } else if (host.warn) {
           host.warn("no compile cache: cannot create " + folder + " (" + std::strerror(errno) + "); pass --no-compile-cache to silence this");
         }
@@ -217,30 +218,53 @@ class OpenVinoBackend : public Backend {
       if (files.bf16_failure_measured) throw BackendError(files.bf16_failure + ": run without --bf16 (reduced_precision=False)");
       if (warn_) warn_(files.bf16_failure + ": its images may drift more than a few levels in bf16");
     }
-    std::shared_ptr<ov::Model> model;
-    try {
-      model = core_.read_model(files.onnx);
-    } catch (const ov::Exception& e) {
-      throw ArtifactError(files.onnx + " cannot be read by OpenVINO " + version() + " (" + one_line(e) + "); rebuild the artifacts");
+    ov::AnyMap config = config_;
+    if (!cache_.empty() && patches.empty()) {
+      // Compiled from its path: OpenVINO keys the cache entry on the path and the settings alone and, when the entry
+      // exists, neither parses the ONNX file nor reads or hashes its weights (compiling a read model hashes every
+      // weight for the key, and the first call reads them again from the blob). As the key ignores what the file
+      // holds, each file has a cache folder of its own named after its manifest hash (checked at Artifacts::open),
+      // so a model rebuilt in place compiles afresh: openvino_backend.py's key, to the character.
+      std::string hashes = files.onnx_entry.sha256 + (files.external_data_entry ? " " + files.external_data_entry->sha256 : "");
+      config.emplace(ov::cache_dir(cache_ + "/" + sha256_hex(hashes).substr(0, 24)));
+      try {
+        return std::make_unique<OpenVinoComponent>(core_.compile_model(files.onnx, kDevice, config), files.outputs);
+      } catch (const ov::Exception& e) {
+        read(files.onnx);  // an unreadable file is the artifacts' fault, said as such
+        throw cannot_compile(files.onnx, e);
+      }
     }
+    // Patched (or no cache): read, patched, compiled without the cache.
+    std::shared_ptr<ov::Model> model = read(files.onnx);
     for (const WeightPatch* patch : patches) replace_constants(*model, *patch, files.onnx);
     try {
-      ov::AnyMap config = config_;
-      if (!patches.empty()) config.erase(ov::cache_dir.name());
       ov::CompiledModel compiled = core_.compile_model(model, kDevice, config);
       return std::make_unique<OpenVinoComponent>(std::move(compiled), files.outputs);
     } catch (const ov::Exception& e) {
-      throw BackendError("OpenVINO " + version() + " cannot compile " + files.onnx + " (" + one_line(e) + ")");
+      throw cannot_compile(files.onnx, e);
     }
   }
 
  private:
   static std::string version() { return ov::get_openvino_version().buildNumber; }
 
+  std::shared_ptr<ov::Model> read(const std::string& onnx) const {
+    try {
+      return core_.read_model(onnx);
+    } catch (const ov::Exception& e) {
+      throw ArtifactError(onnx + " cannot be read by OpenVINO " + version() + " (" + one_line(e) + "); rebuild the artifacts");
+    }
+  }
+
+  static BackendError cannot_compile(const std::string& onnx, const ov::Exception& e) {
+    return BackendError("OpenVINO " + version() + " cannot compile " + onnx + " (" + one_line(e) + ")");
+  }
+
   mutable ov::Core core_;  // read_model / compile_model are thread safe: at load, and for the VAE encoder on first use
   std::function<void(const std::string&)> warn_;  // HostOptions::warn
   ov::element::Type precision_;
-  ov::AnyMap config_;
+  ov::AnyMap config_;  // threads and precision; open() adds each file's CACHE_DIR
+  std::string cache_;  // <compile_cache>/openvino ("": no cache)
 };
 
 }  // namespace

@@ -315,7 +315,7 @@ std::shared_ptr<const Pipeline> Pipeline::open(const LoadOptions& options) {
     throw BackendError("precision must be one of fp32, fp16, got '" + options.precision + "'");
   }
   check_host_options(options.host);  // before anything is opened
-  Artifacts artifacts = Artifacts::open(options.model_dir, options.precision);
+  Artifacts artifacts = Artifacts::open(options.model_dir, options.precision, options.host.compile_cache);
   Loras loras = Loras::load(artifacts, options.loras);  // every file read and checked before anything is compiled
   Embeddings embeddings = Embeddings::load(artifacts, options.embeddings);  // the tokenizers learn the triggers here
   std::shared_ptr<const Backend> backend = open_openvino(options.host);

@@ -1,8 +1,9 @@
 // An artifacts folder opened for sampling, as runtime/artifacts.py + manifest.py read it: manifest.json
 // (format checked, bounded), tokenizer.json, scheduler_config.json and preview_factors.json (read once, bounded,
 // hash-checked), and each component's portable ONNX file (confined to the folder, size and sha256 checked before a
-// backend opens it). Every path named by the manifest stays inside the folder (no absolute paths, '..', backslashes
-// or symlinks out of it). Errors are ArtifactError with the Python runtime's messages.
+// backend opens it; a large one once per compile cache: verified_manifest_file). Every path named by the manifest
+// stays inside the folder (no absolute paths, '..', backslashes or symlinks out of it). Errors are ArtifactError with
+// the Python runtime's messages.
 #pragma once
 
 #include <array>
@@ -59,6 +60,7 @@ struct ManifestFile {
 struct ComponentFiles {
   std::string onnx;                       // verified path inside the folder
   ManifestFile onnx_entry;                // the manifest's entry for it (lora_targets.json names files by it)
+  std::optional<ManifestFile> external_data_entry;  // its external-data file's entry (read beside it), if any
   std::vector<std::string> inputs;        // the contract's input names
   std::vector<std::string> outputs;       // the contract's output names
   std::vector<std::vector<std::string>> output_shapes;  // each output's shape, as input_shapes
@@ -100,13 +102,24 @@ struct Artifacts {
   // entries, as JSON with sorted keys, without "path", with "applied": "export" (pipeline.py Pipeline.embeddings).
   std::vector<std::string> baked_embeddings;
 
-  // Reads and checks the folder; component files at `precision` ("fp32" or "fp16") are hash-checked here.
-  static Artifacts open(const std::string& dir, const std::string& precision = "fp32");
+  // Reads and checks the folder; component files at `precision` ("fp32" or "fp16") are hash-checked here, the large
+  // ones once per `compile_cache` ("": every time; verified_manifest_file).
+  static Artifacts open(const std::string& dir, const std::string& precision = "fp32", const std::string& compile_cache = "");
 };
 
 // Manifest.verify_file: the path of `entry` inside `folder` (confined), present, of the manifest's size and sha256;
 // else ArtifactError with Python's message.
 std::string verify_manifest_file(const std::string& folder, const ManifestFile& entry);
+
+// Files the manifest lists at least this large are hashed once per compile cache (base.VERIFIED_FROM_BYTES).
+constexpr int64_t kVerifiedFromBytes = int64_t{64} << 20;
+// base.verified_file: verify_manifest_file, without hashing again a file of at least kVerifiedFromBytes that this
+// compile cache saw verified and that is unchanged since. The record is <compile_cache>/verified/<the first 32 hex of
+// sha256(stamp)> holding stamp + "\n", stamp = Python's json.dumps([realpath, st_dev, st_ino, st_size, st_mtime_ns,
+// st_ctime_ns, entry.sha256]) to the byte, so the Python runtime and this one share records. Written after a
+// successful hash (write errors ignored: the next start hashes again). Without a compile cache ("") or for smaller
+// files, the file is hashed every time. Errors: verify_manifest_file's.
+std::string verified_manifest_file(const std::string& folder, const ManifestFile& entry, const std::string& compile_cache);
 
 // Python's str(Path(p)): '.' parts and repeated or trailing slashes dropped ("" -> ".").
 std::string normal_path(const std::string& p);
