@@ -162,25 +162,30 @@ int cmd_schedule(int argc, char** argv) {
   return 0;
 }
 
+// The probe's sampling loop over `run` with the closed-form model_output: noise drawn from `rng`, scaled by
+// init_noise_sigma, or (`img2img`) added at the run's first step to a fixed "image latent" (0.5 everywhere).
+Tensor sample_loop(SchedulerRun& run, const std::vector<int64_t>& shape, Generator& rng, bool img2img) {
+  Tensor noise = rng.standard_normal(shape);
+  Tensor x;
+  if (img2img) {
+    x = run.add_noise(Tensor(shape, 0.5f), noise, 0);
+  } else {
+    x = noise;
+    float ins = static_cast<float>(run.init_noise_sigma());
+    for (float& v : x.data) v = v * ins;
+  }
+  for (std::size_t i = 0; i < run.size(); ++i) {
+    Tensor x_in = run.scale_model_input(x, i);
+    x = run.step(model_output(x_in, run.timesteps()[i]), i, x, &rng);
+  }
+  return x;
+}
+
 int cmd_loop(int argc, char** argv) {
   auto run = make_run(argv[2], argv[3], std::atoll(argv[4]), argc > 7 ? argv[7] : nullptr);
   Generator rng(std::strtoull(argv[5], nullptr, 10));
   std::vector<int64_t> shape = shape_of(parse_json(argv[6]));
-  Tensor noise = rng.standard_normal(shape);
-  Tensor x;
-  if (argc > 7) {
-    // img2img from a fixed "image latent" (0.5 everywhere): add_noise at the run's first step
-    Tensor x0(shape, 0.5f);
-    x = run->add_noise(x0, noise, 0);
-  } else {
-    x = noise;
-    float ins = static_cast<float>(run->init_noise_sigma());
-    for (float& v : x.data) v = v * ins;
-  }
-  for (std::size_t i = 0; i < run->size(); ++i) {
-    Tensor x_in = run->scale_model_input(x, i);
-    x = run->step(model_output(x_in, run->timesteps()[i]), i, x, &rng);
-  }
+  Tensor x = sample_loop(*run, shape, rng, argc > 7);
   std::cout << "{\"final\":" << tensor_bits(x) << "}\n";
   return 0;
 }
@@ -220,19 +225,7 @@ int cmd_batch(const std::string& path) {
     auto run = job_run(job);
     std::vector<int64_t> shape = shape_of(job.at("shape"));
     Generator rng(static_cast<uint64_t>(job.at("seed").as_int()));
-    Tensor noise = rng.standard_normal(shape);
-    Tensor x;
-    if (!job.at("strength").is_null()) {
-      x = run->add_noise(Tensor(shape, 0.5f), noise, 0);
-    } else {
-      x = noise;
-      float ins = static_cast<float>(run->init_noise_sigma());
-      for (float& v : x.data) v = v * ins;
-    }
-    for (std::size_t i = 0; i < run->size(); ++i) {
-      Tensor x_in = run->scale_model_input(x, i);
-      x = run->step(model_output(x_in, run->timesteps()[i]), i, x, &rng);
-    }
+    Tensor x = sample_loop(*run, shape, rng, !job.at("strength").is_null());
     std::string ns = "[";
     auto steps = run->noise_steps();
     for (std::size_t i = 0; i < steps.size(); ++i) ns += (i ? "," : "") + std::to_string(steps[i]);
